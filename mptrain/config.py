@@ -1,0 +1,237 @@
+"""Structured-config schemas: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Hydra checks types and unknown keys when it composes (a wrong type or key fails with Hydra's own
+message). Value ranges are checked by each schema's ``__post_init__``, which runs when
+:func:`validate` turns the composed config into objects, before any work is done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster")
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCALING_KINDS = ("auto", "none", "static", "dynamic")
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {need}")
+
+
+@dataclass
+class LossScaleConfig:
+    """Loss scaler settings, one schema for static and dynamic scaling (defaults = torch.amp.GradScaler)."""
+
+    kind: str = "auto"  # auto: dynamic when the compute dtype is float16, else none
+    init: float = 2.0**16  # initial scale S (the static scale for kind=static)
+    growth_factor: float = 2.0  # multiply S after growth_interval clean steps in a row
+    backoff_factor: float = 0.5  # multiply S on an overflow (after `hysteresis` overflows in a row)
+    growth_interval: int = 2000  # clean steps in a row before S grows
+    hysteresis: int = 1  # consecutive overflows tolerated before backing off (1 = back off at once)
+    min: float = 1.0  # S never goes below this
+    max: float = math.inf  # S never grows above this
+    on_min: str = "raise"  # overflow while S is at `min`: raise (stop the run) | clamp (keep skipping)
+
+    def __post_init__(self) -> None:
+        p = "precision.loss_scale"
+        _check(self.kind in SCALING_KINDS, f"{p}.kind", self.kind, f"choose one of {', '.join(SCALING_KINDS)}")
+        _check(self.init > 0, f"{p}.init", self.init, "must be > 0")
+        _check(self.growth_factor >= 1, f"{p}.growth_factor", self.growth_factor, "must be >= 1")
+        _check(0 < self.backoff_factor < 1, f"{p}.backoff_factor", self.backoff_factor, "must be in (0, 1)")
+        _check(self.growth_interval >= 1, f"{p}.growth_interval", self.growth_interval, "must be >= 1")
+        _check(self.hysteresis >= 1, f"{p}.hysteresis", self.hysteresis, "must be >= 1")
+        _check(0 < self.min <= self.max, f"{p}.min", self.min, "need 0 < min <= max")
+        _check(self.min <= self.init <= self.max, f"{p}.init", self.init, "must lie in [min, max]")
+        _check(self.on_min in ("raise", "clamp"), f"{p}.on_min", self.on_min, "choose raise or clamp")
+
+
+@dataclass
+class PrecisionConfig:
+    """How the model computes and how its gradients are protected. See docs/precision.md."""
+
+    mode: str = MISSING  # one of PRECISION_MODES
+    dtype: str = "auto"  # compute dtype; auto = float16 on CUDA, bfloat16 where float16 is emulated (CPU)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    # master/nomaster: keep normalization layers in float32 (apex O2's keep_batchnorm_fp32)
+    keep_norm_fp32: bool = True
+    # forbid reduced-precision reductions inside fp16/bf16 matmuls (the paper's FP32 accumulation)
+    fp32_accumulation: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")
+        _check(self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    eps: float = 1e-8  # adamw only
+    # "auto": foreach on CPU, fused where PyTorch has a fused kernel for the device (CUDA)
+    implementation: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("sgd", "adamw"), "optimizer.name", self.name, "choose sgd or adamw")
+        _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
+        _check(not (self.nesterov and self.momentum == 0), "optimizer.nesterov", self.nesterov, "needs momentum > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas", self.betas, "two values in [0, 1)")
+        _check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0")
+        _check(self.implementation in ("auto", "foreach", "fused", "loop"), "optimizer.implementation",
+               self.implementation, "choose auto, foreach, fused or loop")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"  # none | cosine | step
+    warmup_steps: int = 0  # linear warm-up from warmup_start_factor * lr (cosine and step)
+    warmup_start_factor: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak lr
+    step_size: int = 1000  # step: multiply lr by gamma every step_size applied steps
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("none", "cosine", "step"), "scheduler.name", self.name, "choose none, cosine or step")
+        _check(self.warmup_steps >= 0, "scheduler.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 < self.warmup_start_factor <= 1, "scheduler.warmup_start_factor", self.warmup_start_factor, "must be in (0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.step_size >= 1, "scheduler.step_size", self.step_size, "must be >= 1")
+        _check(0 < self.gamma <= 1, "scheduler.gamma", self.gamma, "must be in (0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int | None = None  # optimizer steps (skipped ones count); null = run max_epochs
+    max_epochs: int = 10
+    batch_size: int = 64
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float | None = None  # clip the unscaled gradients to this total norm
+    log_every: int = 10  # steps between metrics rows (the loss is read from the device only then)
+    eval_every: int | None = None  # steps between validations; null = at the end of every epoch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0
+    seed: int = "${seed}"  # type: ignore[assignment]  # follows the top-level seed unless set
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run
+    channels_last: bool = False
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
+        _check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "must be >= 1")
+        _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
+        _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "must be >= 1")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm", self.clip_grad_norm, "must be > 0 or null")
+        _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1 or null")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
+        _check(self.num_workers >= 0, "trainer.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class CNNModelConfig:
+    """The small default CNN (mptrain.models.SmallCNN)."""
+
+    _target_: str = "mptrain.models.SmallCNN"
+    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
+    width: int = 32
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, "model.width", self.width, "must be >= 1")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class TorchvisionModelConfig:
+    """Any torchvision classification model by name, randomly initialised (weights: null)."""
+
+    _target_: str = "mptrain.models.torchvision_model"
+    name: str = MISSING
+    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
+    weights: str | None = None
+    small_input: bool = False  # 3x3 stem without max-pool, for images of 32x32 or less
+
+
+@dataclass
+class DigitsDatasetConfig:
+    """scikit-learn's bundled 8x8 handwritten digits: 1797 real images, offline."""
+
+    _target_: str = "mptrain.data.digits"
+    name: str = "digits"
+    num_classes: int = 10
+    channels: int = 1
+    image_size: int = 8  # upsampled (bilinear) when larger than 8, e.g. 32 for torchvision models
+    val_fraction: float = 0.2  # fixed split, the same for every run
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
+        _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclass
+class SyntheticDatasetConfig:
+    """Random images with a weak class signal, generated on the fly: for speed work."""
+
+    _target_: str = "mptrain.data.synthetic"
+    name: str = "synthetic"
+    num_classes: int = 10
+    channels: int = 3
+    image_size: int = 32
+    train_size: int = 2048
+    val_size: int = 512
+    pool_size: int = 256  # distinct images held in memory; samples cycle through them
+
+    def __post_init__(self) -> None:
+        for key in ("num_classes", "channels", "image_size", "train_size", "val_size", "pool_size"):
+            _check(getattr(self, key) >= 1, f"dataset.{key}", getattr(self, key), "must be >= 1")
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    dataset: Any = MISSING
+    precision: PrecisionConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    experiment: Any = None
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas. Group entries in conf/ name theirs in their defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="mptrain_schema", node=Config)
+    cs.store(group="precision", name="precision_schema", node=PrecisionConfig)
+    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
+    cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="model", name="cnn_schema", node=CNNModelConfig)
+    cs.store(group="model", name="torchvision_schema", node=TorchvisionModelConfig)
+    cs.store(group="dataset", name="digits_schema", node=DigitsDatasetConfig)
+    cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Run every schema's range checks. Raises ConfigError naming the key and the fix."""
+    for key in ("precision", "optimizer", "scheduler", "trainer", "model", "dataset"):
+        node = cfg.get(key)
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+            OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs

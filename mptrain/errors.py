@@ -1,0 +1,21 @@
+"""Errors a user can fix. The CLI prints these as one line (no traceback) and exits non-zero."""
+
+
+class MptrainError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(MptrainError, ValueError):
+    """A config value is invalid or contradicts another."""
+
+
+class HardwareError(MptrainError, RuntimeError):
+    """The requested device or dtype is not available here."""
+
+
+class TrainingFailed(MptrainError, RuntimeError):
+    """The run cannot go on (e.g. non-finite loss, loss scale at its minimum)."""
+
+    exit_code = 1

@@ -1,0 +1,81 @@
+"""Model builders. Each is a `_target_` of a `model=` config entry and takes only that entry's keys."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import ConfigError
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (conv-BN-ReLU x2, pooling), global average pooling, dropout, a linear head.
+
+    Small enough to train on digits in seconds on a CPU; big enough to reach ~98% there.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, dropout: float = 0.1):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.block1 = block(in_channels, width)
+        self.pool1 = nn.MaxPool2d(2)
+        self.block2 = block(width, 2 * width)
+        self.pool2 = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool2(self.block2(self.pool1(self.block1(x)))))
+
+
+def torchvision_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    weights: str | None = None,
+    small_input: bool = False,
+) -> nn.Module:
+    """Build torchvision's classification model `name` with a head of `num_classes` outputs.
+
+    `weights` other than null would need a download, which mptrain never does behind a user's back.
+    `small_input` swaps a ResNet-style stem for a 3x3 stride-1 conv without max-pool (for 32x32 images).
+    """
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ConfigError(f"model.name={name!r} is not a torchvision classification model; try one of: "
+                         f"{', '.join(sorted(m for m in available if m.startswith(('resnet', 'mobilenet', 'vgg'))))}, ...")
+    if weights is not None:
+        raise ConfigError("model.weights must be null: pretrained weights need a download; load them yourself "
+                         "and pass a checkpoint instead")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3 or small_input:
+        _adapt_stem(model, in_channels, small_input)
+    return model
+
+
+def _adapt_stem(model: nn.Module, in_channels: int, small_input: bool) -> None:
+    """Replace the first conv to take `in_channels`; for small inputs also drop its stride and max-pool."""
+    parent, attr, conv = _first_conv(model)
+    stride, kernel, padding = (1, 3, 1) if small_input else (conv.stride, conv.kernel_size, conv.padding)
+    new = nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None)
+    setattr(parent, attr, new)
+    if small_input and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name), attr, module
+    raise ConfigError("model has no Conv2d layer to adapt to the input channels")

@@ -1,0 +1,99 @@
+"""The run directory's files (DESIGN.md's contract): metrics.jsonl, summary.json, tensorboard/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: non-finite floats become null (JSON has no inf/NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: _plain(v) for k, v in data.items()}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunWriter:
+    """Appends metric rows to metrics.jsonl and TensorBoard; writes summary.json."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._metrics = open(self.metrics_path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        """One row: `step` plus metrics. Keys like `val/acc` go to TensorBoard as they are,
+        bare keys (`loss`, `lr`) under `train/`."""
+        self._metrics.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            step = row["step"]
+            for key, value in row.items():
+                if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.run_dir / "summary.json", summary)
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
+    """The composed config as a rich tree, one branch per group."""
+    console = console or Console()
+    tree = Tree("config", guide_style="dim")
+    for key, node in cfg.items():
+        branch = tree.add(f"[bold]{key}[/bold]")
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    console.print(tree)
+
+
+SUMMARY_ROWS = ("status", "precision", "compute_dtype", "steps", "epochs", "skipped_steps", "final_loss_scale",
+                "train_loss", "val/loss", "val/acc", "samples_per_s", "peak_memory_mb", "wall_s")
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="mptrain summary", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key in SUMMARY_ROWS:
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)

@@ -1,0 +1,172 @@
+"""The training recipe: set up from the config, train, write the summary, clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from . import __version__
+from .data import as_datasets, make_loader
+from .errors import ConfigError, MptrainError
+from .loop import Loop, fit
+from .optim import build_optimizer, build_scheduler
+from .outputs import RunWriter
+from .precision import SHORT_DTYPE, Precision, resolve_device
+from .state import TrainState
+
+log = logging.getLogger("mptrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms for this run only (Hydra multirun shares the process)."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+
+
+def _instantiate(node: DictConfig, group: str):
+    """hydra.utils.instantiate, with our own errors surfacing as themselves."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MptrainError):
+            raise cause from None
+        raise ConfigError(f"{group}: {e}".splitlines()[0]) from e
+
+
+def build(cfg: DictConfig, run_dir: Path, writer: RunWriter) -> Loop:
+    """Every object the loop needs, each builder taking only its own sub-config."""
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    seed_everything(t.seed)
+    precision = Precision(cfg.precision, device)
+    log.info(precision.describe())
+
+    datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
+    pin = device.type == "cuda"
+    train_loader = make_loader(datasets.train, t.batch_size, train=True, seed=t.seed, num_workers=t.num_workers, pin_memory=pin)
+    val_loader = None
+    if datasets.val is not None:
+        val_loader = make_loader(datasets.val, t.batch_size, train=False, seed=t.seed, num_workers=t.num_workers, pin_memory=pin)
+    steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
+    if steps_per_epoch == 0:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
+                          f"exceeds the {len(datasets.train)} training samples; lower the batch size")
+
+    model = _instantiate(cfg.model, "model").to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision.prepare_model(model)
+    optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
+    scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(model).__name__, n_params / 1e6,
+             total_steps, steps_per_epoch, device)
+    return Loop(
+        model=model, precision=precision, optimizer=optimizer, scheduler=scheduler,
+        train_loader=train_loader, val_loader=val_loader, device=device, writer=writer, state=TrainState(),
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
+        clip_grad_norm=t.clip_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
+        channels_last=t.channels_last, progress_bar=t.progress_bar,
+    )
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, error: str | None = None) -> dict:
+    summary: dict = {
+        "status": status,
+        "precision": cfg.precision.mode,
+        "task": "classification",
+        "model": cfg.model.get("name") or cfg.model.get("_target_"),
+        "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
+        "seed": cfg.trainer.seed,
+        "wall_s": round(wall_s, 3),
+        "mptrain_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    if loop is not None:
+        s, p = loop.state, loop.precision
+        mem, mem_kind = peak_memory_mb(loop.device)
+        summary.update({
+            "compute_dtype": SHORT_DTYPE[p.compute_dtype],
+            "device": str(loop.device),
+            "steps": s.step,
+            "epochs": round(s.epoch + s.step_in_epoch / loop.steps_per_epoch, 4),
+            "skipped_steps": p.scaler.skipped if p.scaler is not None else 0,
+            "final_loss_scale": p.loss_scale,
+            "train_loss": loop.train_loss,
+            **{k: v for k, v in loop.last_val.items() if k != "step"},
+            "samples": s.samples,
+            "samples_per_s": round(s.samples / loop.train_time, 2) if loop.train_time > 0 else None,
+            "peak_memory_mb": round(mem, 1),
+            "peak_memory_kind": mem_kind,
+        })
+    if error is not None:
+        summary["error"] = error
+    return summary
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as the config says, recording everything in run_dir. Returns the summary.
+
+    summary.json is written whatever happens: completed, interrupted (Ctrl-C) or failed.
+    """
+    start = time.perf_counter()
+    writer = RunWriter(run_dir, tensorboard=cfg.trainer.tensorboard)
+    loop = None
+    try:
+        loop = build(cfg, run_dir, writer)
+        if loop.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(loop.device)
+        with loop.precision.backend_flags(), deterministic_mode(cfg.trainer.deterministic):
+            fit(loop)
+        summary = summarize(cfg, loop, "completed", time.perf_counter() - start)
+    except KeyboardInterrupt:
+        writer.write_summary(summarize(cfg, loop, "interrupted", time.perf_counter() - start))
+        writer.close()
+        log.error("interrupted at step %s", loop.state.step if loop else 0)
+        sys.exit(130)
+    except MptrainError as e:
+        writer.write_summary(summarize(cfg, loop, "failed", time.perf_counter() - start, error=str(e)))
+        writer.close()
+        raise
+    except BaseException as e:
+        writer.write_summary(summarize(cfg, loop, "failed", time.perf_counter() - start, error=repr(e)))
+        writer.close()
+        raise
+    writer.write_summary(summary)
+    writer.close()
+    return summary
