@@ -48,7 +48,6 @@ def _app(cfg: DictConfig) -> float | None:
         log.info("run directory: %s", run_dir)
         summary = run(cfg, run_dir)
     except MptrainError as e:
-        log.error("%s", e)
         print(f"mptrain: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     print_summary(summary)

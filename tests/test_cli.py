@@ -1,0 +1,127 @@
+"""The `mptrain` command end to end: run directory contract, custom models, installed package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import REPO, read_jsonl, run_cli, train
+
+SUMMARY_KEYS = {"status", "precision", "compute_dtype", "steps", "epochs", "skipped_steps", "final_loss_scale",
+                "train_loss", "val/acc", "val/loss", "samples_per_s", "peak_memory_mb", "wall_s"}
+
+
+def test_cli_run_writes_the_run_directory_contract(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["trainer.max_steps=12", "trainer.log_every=3", "trainer.eval_every=6", "trainer.device=cpu",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        assert (run_dir / ".hydra" / name).is_file()
+    assert "model SmallCNN" in (run_dir / "train.log").read_text()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [3, 6, 9, 12]
+    for r in train_rows:
+        assert {"step", "epoch", "loss", "lr", "loss_scale", "skipped"} <= r.keys()
+    val_rows = [r for r in rows if "val/acc" in r]
+    assert [r["step"] for r in val_rows] == [6, 12]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    assert summary["val/acc"] == val_rows[-1]["val/acc"]
+    assert 0.0 <= summary["val/acc"] <= 1.0
+
+
+def test_two_runs_in_the_same_second_get_different_directories(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-m", "mptrain", "trainer.max_steps=1", "trainer.device=cpu",
+                               "trainer.tensorboard=false"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 2
+    assert all((r / "summary.json").is_file() for r in runs)
+
+
+def test_custom_target_model_from_an_outside_config_dir(tmp_path):
+    """A user's own model class: a YAML with _target_ in their config dir, their module on PYTHONPATH."""
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class TinyMLP(nn.Module):
+            def __init__(self, num_classes, in_channels, hidden, image_pixels):
+                super().__init__()
+                self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_pixels, hidden),
+                                         nn.ReLU(), nn.Linear(hidden, num_classes))
+                self.hidden = hidden
+
+            def forward(self, x):
+                return self.net(x)
+    """))
+    (tmp_path / "myconf" / "model").mkdir(parents=True)
+    (tmp_path / "myconf" / "model" / "tiny_mlp.yaml").write_text(textwrap.dedent("""
+        _target_: mymodels.TinyMLP
+        num_classes: ${dataset.num_classes}
+        in_channels: ${dataset.channels}
+        hidden: 17
+        image_pixels: 64
+    """))
+    run_dir = tmp_path / "run"
+    proc = run_cli(["--config-dir", str(tmp_path / "myconf"), "model=tiny_mlp", "trainer.max_steps=20",
+                    "trainer.device=cpu", "trainer.tensorboard=false", f"hydra.run.dir={run_dir}"],
+                   cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "TinyMLP" in (run_dir / "train.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["model"] == "mymodels.TinyMLP"
+    assert summary["val/acc"] > 0.5  # an MLP on digits learns well within 20 steps
+
+
+@pytest.mark.parametrize("mode", ["fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster"])
+def test_two_step_smoke_run_per_precision(tmp_path, mode):
+    summary, run_dir = train(tmp_path, [f"precision={mode}", "trainer.max_steps=2", "trainer.log_every=1",
+                                        "model.width=8"])
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 2 and summary["precision"] == mode
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_default_run_reaches_95_percent_on_digits(tmp_path):
+    """`mptrain` with no overrides: small CNN, digits, precision=amp (bf16 on this CPU)."""
+    summary, _ = train(tmp_path, [])
+    assert summary["status"] == "completed" and summary["precision"] == "amp"
+    assert summary["val/acc"] >= 0.95
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
+    """A plain (non-editable) install ships conf/ inside the package: run it from an unrelated cwd."""
+    target = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                            "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    assert (target / "mptrain" / "conf" / "config.yaml").is_file()
+    assert (target / "mptrain" / "conf" / "precision" / "amp.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-c", "import mptrain.cli as c; print(c.__file__); c.main()",
+                           "trainer.max_steps=5", "trainer.device=cpu"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert str(target) in proc.stdout  # the installed copy ran, not the source tree
+    summaries = list((elsewhere / "outputs").glob("*/*/summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 5
