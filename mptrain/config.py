@@ -143,6 +143,26 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When checkpoints are written (see docs/checkpoints.md). A stop signal and the end of the run
+    always write last.pt."""
+
+    enabled: bool = True
+    every_steps: int | None = None  # also write every N optimizer steps
+    every_epochs: int | None = 1  # write at the end of every N-th epoch
+    keep_last: int = 2  # step_<N>.pt files kept beside last.pt (0: none)
+    monitor: str | None = "val/acc"  # best.pt tracks this validation metric (null: no best.pt)
+    mode: str = "max"  # max | min
+    save_best: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, "must be >= 1 or null")
+        _check(self.every_epochs is None or self.every_epochs >= 1, "checkpoint.every_epochs", self.every_epochs, "must be >= 1 or null")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "must be >= 0")
+        _check(self.mode in ("max", "min"), "checkpoint.mode", self.mode, "choose max or min")
+
+
+@dataclass
 class CNNModelConfig:
     """The small default CNN (mptrain.models.SmallCNN)."""
 
@@ -211,8 +231,10 @@ class Config:
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    checkpoint: CheckpointConfig = MISSING
     experiment: Any = None
     seed: int = 0
+    resume: str | None = None  # null: fresh run | auto: newest checkpoint in this run dir | a checkpoint path
 
 
 def register_configs() -> None:
@@ -223,6 +245,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
     cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
     cs.store(group="model", name="cnn_schema", node=CNNModelConfig)
     cs.store(group="model", name="torchvision_schema", node=TorchvisionModelConfig)
     cs.store(group="dataset", name="digits_schema", node=DigitsDatasetConfig)
@@ -231,7 +254,7 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ConfigError naming the key and the fix."""
-    for key in ("precision", "optimizer", "scheduler", "trainer", "model", "dataset"):
+    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "model", "dataset"):
         node = cfg.get(key)
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs

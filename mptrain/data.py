@@ -159,4 +159,6 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # its own generator: starting an iterator must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -33,7 +33,7 @@ class Loop:
     train_loader: DataLoader
     val_loader: DataLoader | None
     device: torch.device
-    writer: RunWriter
+    writer: RunWriter | None
     state: TrainState
     total_steps: int
     steps_per_epoch: int
@@ -45,8 +45,26 @@ class Loop:
     progress_bar: bool = True
     after_step: list[Callable[[Loop], None]] = field(default_factory=list)  # e.g. checkpointing
     last_val: dict = field(default_factory=dict)
-    train_loss: float = math.nan
+    train_loss: float = math.nan  # mean loss of the last logged window
     train_time: float = 0.0  # seconds spent in training steps (validation excluded)
+    # the current logging window, summed on the device
+    window_loss: torch.Tensor | None = None
+    window_applied: int = 0
+    window_skipped: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_loss is None:
+            self.window_loss = torch.zeros((), device=self.device)
+
+    def progress_state(self) -> dict:
+        """What a checkpoint needs beyond TrainState to continue the metrics rows exactly."""
+        return {"window_loss": self.window_loss.detach().cpu().clone(), "window_applied": self.window_applied,
+                "window_skipped": self.window_skipped, "train_loss": self.train_loss, "last_val": dict(self.last_val)}
+
+    def load_progress_state(self, state: dict) -> None:
+        self.window_loss = state["window_loss"].to(self.device)
+        self.window_applied, self.window_skipped = state["window_applied"], state["window_skipped"]
+        self.train_loss, self.last_val = state["train_loss"], dict(state["last_val"])
 
 
 def to_device(batch: tuple[torch.Tensor, torch.Tensor], loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,18 +96,17 @@ def validate(loop: Loop) -> dict:
 
 
 def fit(loop: Loop) -> None:
-    """Train until loop.total_steps optimizer steps have been taken."""
+    """Train until loop.total_steps optimizer steps have been taken (continuing from loop.state)."""
     s, p = loop.state, loop.precision
     loop.model.train()
-    window_loss = torch.zeros((), device=loop.device)  # summed on the device, read every log_every steps
-    window_applied = window_skipped = 0
     bar = tqdm(total=loop.total_steps, initial=s.step, disable=not loop.progress_bar, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
     while s.step < loop.total_steps:
-        sampler = loop.train_loader.sampler
-        sampler.set_epoch(s.epoch, start=s.step_in_epoch * loop.accumulate * loop.train_loader.batch_size)
+        # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
+        loop.train_loader.sampler.set_epoch(s.epoch, start=s.step_in_epoch * loop.accumulate * loop.train_loader.batch_size)
         batches = iter(loop.train_loader)
-        while s.step_in_epoch < loop.steps_per_epoch and s.step < loop.total_steps:
+        epoch = s.epoch
+        while s.epoch == epoch and s.step < loop.total_steps:
             step_loss = torch.zeros((), device=loop.device)
             for _ in range(loop.accumulate):
                 x, y = to_device(next(batches), loop)
@@ -102,41 +119,42 @@ def fit(loop: Loop) -> None:
             result = p.step(loop.optimizer, loop.clip_grad_norm)
             if result.applied:
                 loop.scheduler.step()  # only applied steps advance the schedule
-                window_loss += step_loss / loop.accumulate
-                window_applied += 1
+                loop.window_loss += step_loss / loop.accumulate
+                loop.window_applied += 1
             else:
-                window_skipped += 1
+                loop.window_skipped += 1
             s.step += 1
             s.step_in_epoch += 1
+            epoch_end = s.step_in_epoch == loop.steps_per_epoch
+            if epoch_end:
+                s.epoch += 1
+                s.step_in_epoch = 0
             bar.update(1)
             if s.step % loop.log_every == 0 or s.step == loop.total_steps:
-                mean = window_loss.item() / window_applied if window_applied else math.nan  # host sync
-                _log_row(loop, mean, window_skipped, bar)
-                window_loss.zero_()
-                window_applied = window_skipped = 0
-            if loop.eval_every is not None and s.step % loop.eval_every == 0 and loop.val_loader is not None:
+                _log_row(loop, bar)
+            if loop.val_loader is not None and (
+                epoch_end if loop.eval_every is None else s.step % loop.eval_every == 0
+            ):
                 loop.train_time += time.perf_counter() - t0
                 _validate(loop)
                 t0 = time.perf_counter()
+            if s.step == loop.total_steps and loop.val_loader is not None and loop.last_val.get("step") != s.step:
+                _validate(loop)  # always end with a validation of the final weights
             for hook in loop.after_step:
                 hook(loop)
-        if s.step_in_epoch >= loop.steps_per_epoch:  # the epoch is complete
-            s.epoch += 1
-            s.step_in_epoch = 0
-            if loop.eval_every is None and loop.val_loader is not None:
-                loop.train_time += time.perf_counter() - t0
-                _validate(loop)
-                t0 = time.perf_counter()
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
     loop.train_time += time.perf_counter() - t0
     bar.close()
-    if loop.val_loader is not None and loop.last_val.get("step") != s.step:
-        _validate(loop)
 
 
-def _log_row(loop: Loop, mean_loss: float, skipped: int, bar: tqdm) -> None:
+def _log_row(loop: Loop, bar: tqdm) -> None:
     s, p = loop.state, loop.precision
+    # the one read of the accumulated loss per log_every steps (a host sync)
+    mean_loss = loop.window_loss.item() / loop.window_applied if loop.window_applied else math.nan
+    skipped = loop.window_skipped
+    loop.window_loss.zero_()
+    loop.window_applied = loop.window_skipped = 0
     if not math.isfinite(mean_loss) and p.scaler is None:
         # Without a loss scaler nothing skips bad steps: stop before the weights are poisoned further.
         raise TrainingFailed(

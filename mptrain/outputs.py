@@ -40,16 +40,25 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class RunWriter:
     """Appends metric rows to metrics.jsonl and TensorBoard; writes summary.json."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: continuing from a checkpoint of that step, drop the rows logged after it
+        (the resumed run writes them again), so metrics.jsonl never holds a step twice."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and self.metrics_path.is_file():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
         self._metrics = open(self.metrics_path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # TensorBoard drops the replayed steps
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict) -> None:
         """One row: `step` plus metrics. Keys like `val/acc` go to TensorBoard as they are,

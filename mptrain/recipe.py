@@ -6,7 +6,6 @@ import contextlib
 import logging
 import random
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from . import __version__
+from .checkpoint import (
+    Checkpointer,
+    Interrupted,
+    StopSignals,
+    apply_checkpoint,
+    config_container,
+    resolve_resume,
+)
 from .data import as_datasets, make_loader
 from .errors import ConfigError, MptrainError
 from .loop import Loop, fit
@@ -60,7 +67,7 @@ def _instantiate(node: DictConfig, group: str):
         raise ConfigError(f"{group}: {e}".splitlines()[0]) from e
 
 
-def build(cfg: DictConfig, run_dir: Path, writer: RunWriter) -> Loop:
+def build(cfg: DictConfig) -> Loop:
     """Every object the loop needs, each builder taking only its own sub-config."""
     t = cfg.trainer
     device = resolve_device(t.device)
@@ -91,7 +98,7 @@ def build(cfg: DictConfig, run_dir: Path, writer: RunWriter) -> Loop:
              total_steps, steps_per_epoch, device)
     return Loop(
         model=model, precision=precision, optimizer=optimizer, scheduler=scheduler,
-        train_loader=train_loader, val_loader=val_loader, device=device, writer=writer, state=TrainState(),
+        train_loader=train_loader, val_loader=val_loader, device=device, writer=None, state=TrainState(),
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
         clip_grad_norm=t.clip_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
         channels_last=t.channels_last, progress_bar=t.progress_bar,
@@ -115,7 +122,7 @@ def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, er
         "seed": cfg.trainer.seed,
         "wall_s": round(wall_s, 3),
         "mptrain_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     if loop is not None:
         s, p = loop.state, loop.precision
@@ -142,31 +149,43 @@ def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, er
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as the config says, recording everything in run_dir. Returns the summary.
 
-    summary.json is written whatever happens: completed, interrupted (Ctrl-C) or failed.
+    Nothing in run_dir is touched until the config, the checkpoint to resume from and the model have
+    all been checked. From then on summary.json is written whatever happens: completed, interrupted
+    (a stop signal, after a checkpoint) or failed.
     """
     start = time.perf_counter()
-    writer = RunWriter(run_dir, tensorboard=cfg.trainer.tensorboard)
-    loop = None
-    try:
-        loop = build(cfg, run_dir, writer)
-        if loop.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(loop.device)
-        with loop.precision.backend_flags(), deterministic_mode(cfg.trainer.deterministic):
-            fit(loop)
-        summary = summarize(cfg, loop, "completed", time.perf_counter() - start)
-    except KeyboardInterrupt:
-        writer.write_summary(summarize(cfg, loop, "interrupted", time.perf_counter() - start))
-        writer.close()
-        log.error("interrupted at step %s", loop.state.step if loop else 0)
-        sys.exit(130)
-    except MptrainError as e:
-        writer.write_summary(summarize(cfg, loop, "failed", time.perf_counter() - start, error=str(e)))
-        writer.close()
-        raise
-    except BaseException as e:
-        writer.write_summary(summarize(cfg, loop, "failed", time.perf_counter() - start, error=repr(e)))
-        writer.close()
-        raise
-    writer.write_summary(summary)
-    writer.close()
+    config = config_container(cfg)
+    resume = resolve_resume(cfg.resume, run_dir)
+    loop = build(cfg)
+    if resume is not None:
+        apply_checkpoint(loop, resume[1], resume[0], config)
+    loop.writer = RunWriter(run_dir, tensorboard=cfg.trainer.tensorboard,
+                            resume_step=loop.state.step if resume is not None else None)
+    if loop.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loop.device)
+    status, error = "failed", None
+    with StopSignals() as signals:
+        loop.after_step.append(Checkpointer(cfg.checkpoint, run_dir, config, signals))
+        try:
+            with loop.precision.backend_flags(), deterministic_mode(cfg.trainer.deterministic):
+                fit(loop)
+            status = "completed"
+        except Interrupted as e:
+            status, error = "interrupted", str(e)
+            raise
+        except KeyboardInterrupt:
+            status, error = "interrupted", "KeyboardInterrupt (no checkpoint: interrupted twice)"
+            raise
+        except MptrainError as e:
+            error = str(e)
+            raise
+        except BaseException as e:
+            error = repr(e)
+            raise
+        finally:
+            summary = summarize(cfg, loop, status, time.perf_counter() - start, error)
+            loop.writer.write_summary(summary)
+            loop.writer.close()
+            if status == "interrupted":
+                signals.forward()
     return summary

@@ -380,5 +380,5 @@ def test_mixed_precision_modes_match_fp32_on_digits(tmp_path):
         summary, _ = train(tmp_path / mode, [f"precision={mode}", "trainer.max_steps=44", "scheduler.warmup_steps=5"])
         acc[mode] = summary["val/acc"]
     assert acc["fp32"] > 0.95
-    for mode, value in acc.items():
+    for value in acc.values():
         assert abs(value - acc["fp32"]) <= 0.015, acc
