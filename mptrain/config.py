@@ -119,6 +119,9 @@ class TrainerConfig:
     batch_size: int = 64
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None  # clip the unscaled gradients to this total norm
+    # multiply the training loss by this (a small-weighted loss term has small gradients: the case
+    # loss scaling exists for); logged losses stay unweighted
+    loss_weight: float = 1.0
     log_every: int = 10  # steps between metrics rows (the loss is read from the device only then)
     eval_every: int | None = None  # steps between validations; null = at the end of every epoch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -135,6 +138,7 @@ class TrainerConfig:
         _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
         _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "must be >= 1")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm", self.clip_grad_norm, "must be > 0 or null")
+        _check(self.loss_weight > 0, "trainer.loss_weight", self.loss_weight, "must be > 0")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1 or null")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -163,6 +167,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Precision diagnostics (docs/diagnostics.md). Off: no hooks, no extra work at all."""
+
+    enabled: bool = True
+    every: int = 100  # sample every N-th optimizer step ...
+    first_steps: int = 3  # ... and the first few
+    activation_layers: list[str] | None = None  # modules whose output gradients are histogrammed; null: top-level children
+    trace_after: int | None = 20  # consecutive skipped steps before the overflowing batch is traced (null: never)
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "diagnostics.every", self.every, "must be >= 1")
+        _check(self.first_steps >= 0, "diagnostics.first_steps", self.first_steps, "must be >= 0")
+        _check(self.trace_after is None or self.trace_after >= 1, "diagnostics.trace_after", self.trace_after, "must be >= 1 or null")
+
+
+@dataclass
 class CNNModelConfig:
     """The small default CNN (mptrain.models.SmallCNN)."""
 
@@ -175,6 +195,24 @@ class CNNModelConfig:
     def __post_init__(self) -> None:
         _check(self.width >= 1, "model.width", self.width, "must be >= 1")
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class MLPModelConfig:
+    """A tanh MLP on flattened images (mptrain.models.MLP)."""
+
+    _target_: str = "mptrain.models.MLP"
+    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
+    image_size: int = "${dataset.image_size}"  # type: ignore[assignment]
+    width: int = 64
+    depth: int = 4
+    init_gain: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, "model.width", self.width, "must be >= 1")
+        _check(self.depth >= 1, "model.depth", self.depth, "must be >= 1")
+        _check(self.init_gain > 0, "model.init_gain", self.init_gain, "must be > 0")
 
 
 @dataclass
@@ -232,6 +270,7 @@ class Config:
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = MISSING
     checkpoint: CheckpointConfig = MISSING
+    diagnostics: DiagnosticsConfig = MISSING
     experiment: Any = None
     seed: int = 0
     resume: str | None = None  # null: fresh run | auto: newest checkpoint in this run dir | a checkpoint path
@@ -246,15 +285,17 @@ def register_configs() -> None:
     cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
+    cs.store(group="diagnostics", name="diagnostics_schema", node=DiagnosticsConfig)
     cs.store(group="model", name="cnn_schema", node=CNNModelConfig)
     cs.store(group="model", name="torchvision_schema", node=TorchvisionModelConfig)
+    cs.store(group="model", name="mlp_schema", node=MLPModelConfig)
     cs.store(group="dataset", name="digits_schema", node=DigitsDatasetConfig)
     cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
 
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ConfigError naming the key and the fix."""
-    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "model", "dataset"):
+    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics", "model", "dataset"):
         node = cfg.get(key)
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs

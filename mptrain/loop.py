@@ -14,9 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .diagnostics import Diagnostics
 from .errors import TrainingFailed
 from .outputs import RunWriter
-from .precision import Precision
+from .precision import LossScalingError, Precision
 from .state import TrainState
 
 log = logging.getLogger("mptrain")
@@ -39,11 +40,13 @@ class Loop:
     steps_per_epoch: int
     accumulate: int = 1
     clip_grad_norm: float | None = None
+    loss_weight: float = 1.0
     log_every: int = 10
     eval_every: int | None = None
     channels_last: bool = False
     progress_bar: bool = True
     after_step: list[Callable[[Loop], None]] = field(default_factory=list)  # e.g. checkpointing
+    diagnostics: Diagnostics | None = None
     last_val: dict = field(default_factory=dict)
     train_loss: float = math.nan  # mean loss of the last logged window
     train_time: float = 0.0  # seconds spent in training steps (validation excluded)
@@ -107,16 +110,28 @@ def fit(loop: Loop) -> None:
         batches = iter(loop.train_loader)
         epoch = s.epoch
         while s.epoch == epoch and s.step < loop.total_steps:
+            step_no, diag = s.step + 1, loop.diagnostics
+            if diag is not None and diag.sampled(step_no):
+                diag.begin_step()  # hooks only on sampled steps
             step_loss = torch.zeros((), device=loop.device)
             for _ in range(loop.accumulate):
                 x, y = to_device(next(batches), loop)
                 with p.autocast():
                     logits = loop.model(x)
                 loss = F.cross_entropy(logits.float(), y)  # the loss in fp32, whatever the compute dtype
-                p.backward(loss / loop.accumulate)
+                p.backward(loss * (loop.loss_weight / loop.accumulate))
                 step_loss += loss.detach()
                 s.samples += y.numel()
-            result = p.step(loop.optimizer, loop.clip_grad_norm)
+            try:
+                result = p.step(loop.optimizer, loop.clip_grad_norm, diag.hooks_for(step_no) if diag else None)
+            except LossScalingError:
+                if diag is not None:
+                    _trace(loop, x, y, step_no, "loss scale reached its minimum")
+                raise
+            if diag is not None:
+                diag.end_step(step_no, result.applied, p.optimizer_params())
+                if diag.should_trace():
+                    _trace(loop, x, y, step_no, f"{diag.consecutive_skips} consecutive skipped steps")
             if result.applied:
                 loop.scheduler.step()  # only applied steps advance the schedule
                 loop.window_loss += step_loss / loop.accumulate
@@ -146,6 +161,18 @@ def fit(loop: Loop) -> None:
         torch.cuda.synchronize(loop.device)
     loop.train_time += time.perf_counter() - t0
     bar.close()
+
+
+def _trace(loop: Loop, x: torch.Tensor, y: torch.Tensor, step: int, reason: str) -> None:
+    """Re-run the last micro-batch with hooks to name the module where the overflow starts."""
+    p = loop.precision
+
+    def run_batch() -> torch.Tensor:
+        with p.autocast():
+            return F.cross_entropy(loop.model(x).float(), y) * loop.loss_weight
+
+    loop.diagnostics.run_trace(step, run_batch, p.backward, reason)
+    loop.optimizer.zero_grad(set_to_none=True)
 
 
 def _log_row(loop: Loop, bar: tqdm) -> None:

@@ -38,6 +38,28 @@ class SmallCNN(nn.Module):
         return self.head(self.pool2(self.block2(self.pool1(self.block1(x)))))
 
 
+class MLP(nn.Module):
+    """A tanh MLP on flattened images: `depth` hidden layers of `width`. fp16 matmuls run fast on
+    CPUs with AVX512-FP16/AMX, so this is the model for fp16 experiments on a CPU. A small
+    `init_gain` makes gradients shrink by about that factor per layer on the way back."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, width: int = 64,
+                 depth: int = 4, init_gain: float = 1.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        sizes = [in_channels * image_size * image_size] + [width] * depth
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            linear = nn.Linear(a, b)
+            nn.init.normal_(linear.weight, std=(1.0 if i == 0 else init_gain) / a**0.5)
+            nn.init.zeros_(linear.bias)
+            layers += [linear, nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
 def torchvision_model(
     name: str,
     num_classes: int,

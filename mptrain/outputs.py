@@ -53,32 +53,32 @@ class RunWriter:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         self._metrics = open(self.metrics_path, "a")
-        self._tb = None
+        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1  # TensorBoard drops the replayed steps
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict) -> None:
         """One row: `step` plus metrics. Keys like `val/acc` go to TensorBoard as they are,
         bare keys (`loss`, `lr`) under `train/`."""
         self._metrics.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
         self._metrics.flush()
-        if self._tb is not None:
+        if self.tb is not None:
             step = row["step"]
             for key, value in row.items():
                 if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
-                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.run_dir / "summary.json", summary)
 
     def close(self) -> None:
         self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:

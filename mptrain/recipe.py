@@ -26,6 +26,7 @@ from .checkpoint import (
     resolve_resume,
 )
 from .data import as_datasets, make_loader
+from .diagnostics import Diagnostics
 from .errors import ConfigError, MptrainError
 from .loop import Loop, fit
 from .optim import build_optimizer, build_scheduler
@@ -100,7 +101,7 @@ def build(cfg: DictConfig) -> Loop:
         model=model, precision=precision, optimizer=optimizer, scheduler=scheduler,
         train_loader=train_loader, val_loader=val_loader, device=device, writer=None, state=TrainState(),
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
-        clip_grad_norm=t.clip_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
+        clip_grad_norm=t.clip_grad_norm, loss_weight=t.loss_weight, log_every=t.log_every, eval_every=t.eval_every,
         channels_last=t.channels_last, progress_bar=t.progress_bar,
     )
 
@@ -141,6 +142,8 @@ def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, er
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
         })
+        if loop.diagnostics is not None:
+            summary.update(loop.diagnostics.summary())
     if error is not None:
         summary["error"] = error
     return summary
@@ -161,6 +164,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         apply_checkpoint(loop, resume[1], resume[0], config)
     loop.writer = RunWriter(run_dir, tensorboard=cfg.trainer.tensorboard,
                             resume_step=loop.state.step if resume is not None else None)
+    if cfg.diagnostics.enabled:
+        loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, run_dir, tb=loop.writer.tb)
     if loop.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loop.device)
     status, error = "failed", None
@@ -186,6 +191,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             summary = summarize(cfg, loop, status, time.perf_counter() - start, error)
             loop.writer.write_summary(summary)
             loop.writer.close()
+            if loop.diagnostics is not None:
+                loop.diagnostics.close()
             if status == "interrupted":
                 signals.forward()
     return summary

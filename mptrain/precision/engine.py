@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -152,14 +152,20 @@ class Precision:
     def loss_scale(self) -> float:
         return self.scaler.scale if self.scaler is not None else 1.0
 
-    def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> StepResult:
-        """Unscale once, check overflow, clip, step or skip, update the scale, copy masters back."""
+    def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None,
+             inspect: Callable[[list[torch.Tensor], bool, float], None] | None = None) -> StepResult:
+        """Unscale once, check overflow, clip, step or skip, update the scale, copy masters back.
+
+        `inspect(params, overflow, scale)` (diagnostics) sees the unscaled gradients before clipping.
+        """
         grads = self.master.grads_to_master() if self.master is not None else [p.grad for p in self._params if p.grad is not None]
         overflow = False
         if self.scaler is not None:
             found_inf = self.scaler.unscale_(grads)
             # The one host synchronisation of the step: the skip decision needs the flag.
             overflow = found_inf is not None and bool(found_inf.item())
+        if inspect is not None:
+            inspect(self._params, overflow, self.loss_scale)
         grad_norm = None
         if not overflow:
             if clip_grad_norm is not None:

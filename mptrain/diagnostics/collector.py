@@ -1,0 +1,235 @@
+"""Diagnostics during training: sampled gradient statistics, update underflow, activation-gradient
+histograms, and overflow provenance. Writes diagnostics.jsonl and TensorBoard.
+
+Cost model: on steps that are not sampled nothing happens here (no hooks are registered, nothing is
+read from the device). On a sampled step the statistics take a few kernels and one host copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .stats import BIN_LABELS, EXPONENTS, N_BINS, ZERO, bin_index, range_stats, update_underflow
+from .trace import trace_overflow
+
+log = logging.getLogger("mptrain")
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class Diagnostics:
+    """Owned by the loop; one per run."""
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, precision, run_dir: Path, tb=None):
+        self.cfg, self.model, self.precision, self.tb = cfg, model, precision, tb
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
+        modules = dict(model.named_modules())
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"diagnostics.activation_layers: no module named {', '.join(missing)}; "
+                              f"top-level modules are {', '.join(n for n, _ in model.named_children())}")
+        self.layers = {n: modules[n] for n in layers}
+        self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
+        self.path = Path(run_dir) / "diagnostics.jsonl"
+        self._file = open(self.path, "a")
+        if self.path.stat().st_size == 0:
+            self._write({"event": "meta", "bins": BIN_LABELS, "exponents": EXPONENTS,
+                         "fp16_view": "hypothetical" if self.hypothetical else "actual",
+                         "note": ("statistics show what fp16 would do to these values at the current loss scale"
+                                  if self.hypothetical else "statistics of the fp16 values this run computes"),
+                         "activation_layers": list(self.layers)})
+        self._handles: list = []
+        self._act: dict[str, list[torch.Tensor]] = {}
+        self._row: dict | None = None
+        self._before: list[torch.Tensor] | None = None
+        self.consecutive_skips = 0
+        self.traced = False
+        self.trace: dict | None = None
+        self.totals: dict[str, float] = {}
+        self.samples = 0
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def sampled(self, step: int) -> bool:
+        """Is optimizer step `step` (1-based) sampled? The first few, then every `every`."""
+        return step <= self.cfg.first_steps or step % self.cfg.every == 0
+
+    def begin_step(self) -> None:
+        """Before the forward of a sampled step: hook the chosen layers' output gradients."""
+        self._act = {name: [] for name in self.layers}
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def forward_hook(module, args, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                # counts stay on the device: one bincount per layer per micro-batch, read at the end
+                output.register_hook(lambda g: self._act[name].append(_device_hist(g)))
+        return forward_hook
+
+    def inspect(self, params: list[torch.Tensor], overflow: bool, scale: float) -> None:
+        """Called by the precision step after unscaling, before clipping and the update."""
+        if self._row is None and not overflow:
+            return  # not sampled: nothing to do
+        pairs = [(n, p) for n, p in zip(self.names, params) if p.grad is not None]
+        if self._row is not None and pairs:
+            stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale)
+            self._row["loss_scale"] = scale
+            self._row["grads"] = {"overall": stats.overall, "params": stats.per_tensor()}
+            if not overflow:
+                self._before = [p.detach().clone() for _, p in pairs]
+                self._before_names = [n for n, _ in pairs]
+        if overflow:
+            bad = [n for n, p in pairs if not bool(torch.isfinite(p.grad).all())]
+            self._write({"event": "overflow", "step": self._step, "loss_scale": scale, "nonfinite_params": bad})
+
+    # ---- the loop's calls ------------------------------------------------------------------------
+    def hooks_for(self, step: int):
+        """What the loop passes to precision.step for this step (None: nothing to do)."""
+        self._step = step
+        self._row = {"event": "sample", "step": step} if self.sampled(step) else None
+        return self.inspect
+
+    def end_step(self, step: int, applied: bool, params: list[torch.Tensor]) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+        if self._row is None:
+            return
+        row = self._row
+        if self._before is not None and applied:
+            lookup = dict(zip(self.names, params))
+            per, overall = update_underflow(self._before, [lookup[n] for n in self._before_names])
+            row["update_underflow"] = {"overall": overall, "params": dict(zip(self._before_names, per))}
+        row["applied"] = applied
+        row["activations"] = {}
+        for name, hists in self._act.items():
+            if hists:
+                h = torch.stack(hists).sum(0).cpu()
+                row["activations"][name] = _hist_fractions(h)
+        self._write(row)
+        self._to_tensorboard(row)
+        self._accumulate(row)
+        self._row, self._before, self._act = None, None, {}
+
+    def should_trace(self) -> bool:
+        return not self.traced and self.cfg.trace_after is not None and self.consecutive_skips >= self.cfg.trace_after
+
+    def run_trace(self, step: int, run_batch, backward, reason: str) -> dict:
+        self.traced = True
+        result = trace_overflow(self.model, run_batch, backward)
+        result.update(step=step, reason=reason)
+        self.trace = result
+        self._write({"event": "trace", **result})
+        fwd, bwd = result["forward"], result["backward"]
+        log.warning("overflow trace (%s): forward: %s; backward: %s", reason,
+                    f"{fwd['module']} ({fwd['type']}) {fwd['where']}" if fwd else "no overflow",
+                    f"{bwd['module']} ({bwd['type']}) {bwd['where']}" if bwd else "no overflow")
+        return result
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    def _write(self, row: dict) -> None:
+        self._file.write(json.dumps(_json_safe(row)) + "\n")
+        self._file.flush()
+
+    def _to_tensorboard(self, row: dict) -> None:
+        if self.tb is None or "grads" not in row:
+            return
+        step, overall = row["step"], row["grads"]["overall"]
+        for key in ("zero", "underflow", "subnormal", "overflow"):
+            self.tb.add_scalar(f"diag/grad_{key}", overall[key], step)
+        if math.isfinite(overall["headroom"]):
+            self.tb.add_scalar("diag/headroom_log2", overall["headroom"], step)
+        if "update_underflow" in row:
+            self.tb.add_scalar("diag/update_underflow", row["update_underflow"]["overall"], step)
+        _tb_exponent_histogram(self.tb, "diag/grad_log2_exponent", overall["hist"], step)
+        for name, act in row["activations"].items():
+            _tb_exponent_histogram(self.tb, f"diag/activation_grad_log2/{name}", act["hist"], step)
+
+    def _accumulate(self, row: dict) -> None:
+        if "grads" not in row:
+            return
+        self.samples += 1
+        overall = row["grads"]["overall"]
+        for key in ("zero", "underflow", "subnormal", "overflow"):
+            self.totals[key] = self.totals.get(key, 0.0) + overall[key]
+        self.totals["headroom_min"] = min(self.totals.get("headroom_min", math.inf), overall["headroom"])
+        if "update_underflow" in row:
+            self.totals["update_underflow"] = self.totals.get("update_underflow", 0.0) + row["update_underflow"]["overall"]
+            self.totals["update_samples"] = self.totals.get("update_samples", 0) + 1
+
+    def summary(self) -> dict:
+        """Overall figures for summary.json: means over sampled steps (headroom: the minimum)."""
+        out: dict = {"diag/fp16_view": "hypothetical" if self.hypothetical else "actual", "diag/samples": self.samples}
+        if self.samples:
+            for key in ("zero", "underflow", "subnormal", "overflow"):
+                out[f"diag/grad_{key}"] = self.totals[key] / self.samples
+            out["diag/headroom_min_log2"] = self.totals["headroom_min"]
+        if self.totals.get("update_samples"):
+            out["diag/update_underflow"] = self.totals["update_underflow"] / self.totals["update_samples"]
+        if self.trace is not None:
+            out["overflow_trace"] = {k: self.trace[k] for k in ("step", "reason", "forward", "backward")}
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._file.close()
+
+
+def _device_hist(g: torch.Tensor) -> torch.Tensor:
+    """Histogram counts (N_BINS) plus the overflow count and the max finite |g|, on the device."""
+    a = g.detach().reshape(-1).float().abs()
+    counts = torch.bincount(bin_index(a), minlength=N_BINS).float()
+    over = (a > 65504.0).sum().float().reshape(1)
+    peak = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device)).amax().reshape(1) if a.numel() else over * 0
+    return torch.cat([counts, over, peak])
+
+
+def _hist_fractions(h: torch.Tensor) -> dict:
+    counts, over, peak = h[:N_BINS], h[N_BINS].item(), h[N_BINS + 1].item()
+    n = max(counts.sum().item(), 1.0)
+    under_hi, normal_lo = (-24) - EXPONENTS[0] + 1, (-14) - EXPONENTS[0] + 1
+    return {
+        "hist": [int(c) for c in counts.tolist()],
+        "count": int(counts.sum().item()),
+        "zero": counts[ZERO].item() / n,
+        "underflow": counts[:under_hi].sum().item() / n,
+        "subnormal": counts[under_hi:normal_lo].sum().item() / n,
+        "overflow": over / n,
+        "headroom": math.log2(65504.0 / peak) if peak > 0 else math.inf,
+    }
+
+
+def _tb_exponent_histogram(tb, tag: str, hist: list[int], step: int) -> None:
+    """A TensorBoard histogram over log2 exponents (zero/inf/nan bins left out)."""
+    counts = hist[1 : len(EXPONENTS) + 1]
+    total = sum(counts)
+    if total == 0:
+        return
+    limits = [float(e + 1) for e in EXPONENTS]
+    mids = [e + 0.5 for e in EXPONENTS]
+    s = sum(c * m for c, m in zip(counts, mids))
+    ss = sum(c * m * m for c, m in zip(counts, mids))
+    nonzero = [e for e, c in zip(EXPONENTS, counts) if c]
+    tb.add_histogram_raw(tag, min=float(nonzero[0]), max=float(nonzero[-1] + 1), num=total, sum=s, sum_squares=ss,
+                         bucket_limits=limits, bucket_counts=counts, global_step=step)
