@@ -188,13 +188,13 @@ def report_config_changes(saved: dict, current: dict) -> None:
 # ---- signals -------------------------------------------------------------------------------------
 
 class StopSignals:
-    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step, checkpoints and stops.
+    """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 set a flag; the loop finishes its step, checkpoints and stops.
 
     A second SIGINT (Ctrl-C twice) stops at once. The previous handlers come back on exit, so
     Hydra multirun jobs in the same process do not inherit them.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit on SLURM
 
     def __init__(self) -> None:
         self.received: int | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import register_configs, validate
@@ -49,6 +50,8 @@ def _app(cfg: DictConfig) -> float | None:
         summary = run(cfg, run_dir)
     except MptrainError as e:
         print(f"mptrain: error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # let the sweep run its other jobs; Hydra reports the failure at the end
         sys.exit(e.exit_code)
     print_summary(summary)
     return summary.get("val/acc")

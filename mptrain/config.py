@@ -128,7 +128,10 @@ class TrainerConfig:
     num_workers: int = 0
     seed: int = "${seed}"  # type: ignore[assignment]  # follows the top-level seed unless set
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
+    compile: bool = False  # torch.compile the model (checkpoints still hold the plain model)
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (fixed shapes)
+    allow_tf32: bool = False  # TF32 for fp32 matmuls/convolutions on Ampere+ (explicit: off keeps fp32 exact)
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -228,6 +231,113 @@ class TorchvisionModelConfig:
 
 
 @dataclass
+class RecurrentLMConfig:
+    """LSTM or GRU language model (mptrain.language_models.RecurrentLM)."""
+
+    _target_: str = "mptrain.language_models.RecurrentLM"
+    vocab_size: int | None = "${oc.select:dataset.vocab_size,null}"  # type: ignore[assignment]  # null: from the data
+    cell: str = "lstm"  # lstm | gru
+    embed_dim: int = 128
+    hidden_dim: int = 256
+    num_layers: int = 2
+    dropout: float = 0.1
+    tie_weights: bool = False  # share the embedding and output matrices (needs embed_dim == hidden_dim)
+
+    def __post_init__(self) -> None:
+        _check(self.cell in ("lstm", "gru"), "model.cell", self.cell, "choose lstm or gru")
+        for key in ("embed_dim", "hidden_dim", "num_layers"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class GPTConfig:
+    """A GPT-style decoder (mptrain.language_models.GPT)."""
+
+    _target_: str = "mptrain.language_models.GPT"
+    vocab_size: int | None = "${oc.select:dataset.vocab_size,null}"  # type: ignore[assignment]
+    seq_len: int = "${oc.select:dataset.seq_len,64}"  # type: ignore[assignment]
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "layers", "heads", "seq_len"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        _check(self.dim % self.heads == 0, "model.dim", self.dim, f"must be divisible by model.heads={self.heads}")
+
+
+@dataclass
+class DCGANConfig:
+    """DCGAN generator + discriminator (mptrain.gan.DCGAN), trained by the gan task."""
+
+    _target_: str = "mptrain.gan.DCGAN"
+    channels: int = "${dataset.channels}"  # type: ignore[assignment]
+    image_size: int = "${dataset.image_size}"  # type: ignore[assignment]
+    latent_dim: int = 64
+    width: int = 32
+
+
+@dataclass
+class TorchvisionDatasetConfig:
+    """MNIST, Fashion-MNIST, CIFAR-10/100 from dataset.root (downloaded only with download=true)."""
+
+    _target_: str = "mptrain.vision_data.torchvision_dataset"
+    name: str = MISSING
+    root: str = "data"
+    download: bool = False
+    augment: bool = True  # CIFAR: random crop and flip
+    num_classes: int = 10
+    channels: int = 1
+    image_size: int = 28
+
+
+@dataclass
+class ImageFolderConfig:
+    """ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg."""
+
+    _target_: str = "mptrain.vision_data.imagefolder"
+    name: str = "imagefolder"
+    root: str = "data/imagenet"
+    image_size: int = 224
+    num_classes: int = 1000
+    channels: int = 3
+
+
+@dataclass
+class TextDatasetConfig:
+    """A local UTF-8 text file as byte, char or word tokens."""
+
+    _target_: str = "mptrain.text_data.text"
+    name: str = "text"
+    path: str | None = None
+    level: str = "char"  # byte | char | word
+    seq_len: int = 64
+    val_fraction: float = 0.1
+    max_vocab: int = 10000  # word level: the most frequent words, the rest <unk>
+    vocab_size: int | None = None  # null: as many as the file has (byte: 256)
+
+    def __post_init__(self) -> None:
+        _check(self.path is not None, "dataset.path", self.path, "dataset=text needs dataset.path=<a UTF-8 text file>")
+        _check(self.level in ("byte", "char", "word"), "dataset.level", self.level, "choose byte, char or word")
+        _check(self.seq_len >= 1, "dataset.seq_len", self.seq_len, "must be >= 1")
+        _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclass
+class SyntheticTokensConfig:
+    """A learnable synthetic token stream."""
+
+    _target_: str = "mptrain.text_data.synthetic_tokens"
+    name: str = "synthetic_tokens"
+    vocab_size: int = 64
+    seq_len: int = 64
+    train_tokens: int = 200_000
+    val_tokens: int = 20_000
+
+
+@dataclass
 class DigitsDatasetConfig:
     """scikit-learn's bundled 8x8 handwritten digits: 1797 real images, offline."""
 
@@ -291,6 +401,13 @@ def register_configs() -> None:
     cs.store(group="model", name="mlp_schema", node=MLPModelConfig)
     cs.store(group="dataset", name="digits_schema", node=DigitsDatasetConfig)
     cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
+    cs.store(group="dataset", name="torchvision_schema", node=TorchvisionDatasetConfig)
+    cs.store(group="dataset", name="imagefolder_schema", node=ImageFolderConfig)
+    cs.store(group="dataset", name="text_schema", node=TextDatasetConfig)
+    cs.store(group="dataset", name="synthetic_tokens_schema", node=SyntheticTokensConfig)
+    cs.store(group="model", name="recurrent_lm_schema", node=RecurrentLMConfig)
+    cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="model", name="dcgan_schema", node=DCGANConfig)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -7,7 +7,7 @@ A dataset builder is the `_target_` of a `dataset=` entry. It returns a :class:`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 class Datasets:
     train: Dataset
     val: Dataset | None = None
-    task: str = "classification"
+    task: str = "classification"  # which task the batches serve: classification | language_modeling
+    facts: dict = field(default_factory=dict)  # known only after reading the data, e.g. vocab_size
 
 
 def as_datasets(obj: object) -> Datasets:

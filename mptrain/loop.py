@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -17,8 +16,9 @@ from tqdm import tqdm
 from .diagnostics import Diagnostics
 from .errors import TrainingFailed
 from .outputs import RunWriter
-from .precision import LossScalingError, Precision
+from .precision import Precision
 from .state import TrainState
+from .tasks import Task
 
 log = logging.getLogger("mptrain")
 
@@ -55,9 +55,36 @@ class Loop:
     window_applied: int = 0
     window_skipped: int = 0
 
+    task: Task = field(default_factory=Task)
+    rank: int = 0
+    world_size: int = 1
+
     def __post_init__(self) -> None:
         if self.window_loss is None:
             self.window_loss = torch.zeros((), device=self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def to_device(self, batch: tuple) -> tuple:
+        """Move a batch to the device (non-blocking from pinned memory), in the model's input dtype."""
+        x, *rest = batch
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self.precision.cast_inputs(x), *(t.to(self.device, non_blocking=True) for t in rest))
+
+    def reduce_sums(self, a: torch.Tensor, b: torch.Tensor | None, count: int) -> tuple[float, float]:
+        """(a / count, b / count) over every rank's validation shard: one all-reduce, one host read."""
+        packed = torch.stack([a.float(), (b if b is not None else torch.zeros_like(a)).float(),
+                              torch.tensor(float(count), device=a.device)])
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(packed)
+        a_sum, b_sum, n = packed.tolist()
+        return a_sum / max(n, 1), b_sum / max(n, 1)
 
     def progress_state(self) -> dict:
         """What a checkpoint needs beyond TrainState to continue the metrics rows exactly."""
@@ -68,34 +95,6 @@ class Loop:
         self.window_loss = state["window_loss"].to(self.device)
         self.window_applied, self.window_skipped = state["window_applied"], state["window_skipped"]
         self.train_loss, self.last_val = state["train_loss"], dict(state["last_val"])
-
-
-def to_device(batch: tuple[torch.Tensor, torch.Tensor], loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch
-    x = x.to(loop.device, non_blocking=True)
-    if loop.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return loop.precision.cast_inputs(x), y.to(loop.device, non_blocking=True)
-
-
-@torch.no_grad()
-def validate(loop: Loop) -> dict:
-    """Mean loss and accuracy over the validation loader (summed on the device, read once)."""
-    model, precision = loop.model, loop.precision
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=loop.device)
-    correct = torch.zeros((), device=loop.device, dtype=torch.long)
-    count = 0
-    for batch in loop.val_loader:
-        x, y = to_device(batch, loop)
-        with precision.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(dim=1) == y).sum()
-        count += y.numel()
-    model.train(was_training)
-    return {"val/loss": loss_sum.item() / max(count, 1), "val/acc": correct.item() / max(count, 1)}
 
 
 def fit(loop: Loop) -> None:
@@ -110,31 +109,11 @@ def fit(loop: Loop) -> None:
         batches = iter(loop.train_loader)
         epoch = s.epoch
         while s.epoch == epoch and s.step < loop.total_steps:
-            step_no, diag = s.step + 1, loop.diagnostics
-            if diag is not None and diag.sampled(step_no):
-                diag.begin_step()  # hooks only on sampled steps
-            step_loss = torch.zeros((), device=loop.device)
-            for _ in range(loop.accumulate):
-                x, y = to_device(next(batches), loop)
-                with p.autocast():
-                    logits = loop.model(x)
-                loss = F.cross_entropy(logits.float(), y)  # the loss in fp32, whatever the compute dtype
-                p.backward(loss * (loop.loss_weight / loop.accumulate))
-                step_loss += loss.detach()
-                s.samples += y.numel()
-            try:
-                result = p.step(loop.optimizer, loop.clip_grad_norm, diag.hooks_for(step_no) if diag else None)
-            except LossScalingError:
-                if diag is not None:
-                    _trace(loop, x, y, step_no, "loss scale reached its minimum")
-                raise
-            if diag is not None:
-                diag.end_step(step_no, result.applied, p.optimizer_params())
-                if diag.should_trace():
-                    _trace(loop, x, y, step_no, f"{diag.consecutive_skips} consecutive skipped steps")
-            if result.applied:
+            out = loop.task.train_step(loop, batches, s.step + 1)
+            s.samples += out.samples
+            if out.applied:
                 loop.scheduler.step()  # only applied steps advance the schedule
-                loop.window_loss += step_loss / loop.accumulate
+                loop.window_loss += out.loss
                 loop.window_applied += 1
             else:
                 loop.window_skipped += 1
@@ -163,18 +142,6 @@ def fit(loop: Loop) -> None:
     bar.close()
 
 
-def _trace(loop: Loop, x: torch.Tensor, y: torch.Tensor, step: int, reason: str) -> None:
-    """Re-run the last micro-batch with hooks to name the module where the overflow starts."""
-    p = loop.precision
-
-    def run_batch() -> torch.Tensor:
-        with p.autocast():
-            return F.cross_entropy(loop.model(x).float(), y) * loop.loss_weight
-
-    loop.diagnostics.run_trace(step, run_batch, p.backward, reason)
-    loop.optimizer.zero_grad(set_to_none=True)
-
-
 def _log_row(loop: Loop, bar: tqdm) -> None:
     s, p = loop.state, loop.precision
     # the one read of the accumulated loss per log_every steps (a host sync)
@@ -199,7 +166,8 @@ def _log_row(loop: Loop, bar: tqdm) -> None:
 
 
 def _validate(loop: Loop) -> None:
-    metrics = validate(loop)
+    metrics = loop.task.evaluate(loop)
+    loop.model.train()
     loop.last_val = {"step": loop.state.step, **metrics}
     loop.writer.log({"step": loop.state.step, "epoch": loop.state.epoch, **metrics})
     log.info("step %d  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), loop.state.step)

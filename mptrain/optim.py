@@ -13,12 +13,22 @@ from omegaconf import DictConfig, OmegaConf
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """SGD or AdamW over `params` (the FP32 master copies in `master` mode)."""
     params = list(params)
-    impl = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[cfg.implementation]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, **impl)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, **impl)
+
+    def make(**impl) -> torch.optim.Optimizer:
+        if cfg.name == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay, **impl)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, **impl)
+
+    if cfg.implementation == "auto":
+        # fused kernels (one per step, CPU and CUDA) are ~3x faster than the per-tensor loop on a CPU;
+        # fall back to PyTorch's own choice where a device or dtype has none
+        try:
+            return make(fused=True)
+        except (RuntimeError, ValueError):
+            return make()
+    return make(**{"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[cfg.implementation])
 
 
 def lr_factor(cfg: DictConfig, step: int, total_steps: int) -> float:
@@ -40,3 +50,45 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_ste
     """A LambdaLR stepped once per *applied* optimizer step (skipped steps do not advance it)."""
     cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True))  # plain copy: fast, frozen
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_steps))
+
+
+class MultiOptimizer:
+    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two).
+    `params[name]` are the tensors each one updates (the precision step needs them)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        self.params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {k: o.state_dict() for k, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"checkpoint has optimizers {sorted(state)}, this run has {sorted(self.optimizers)}")
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state[k])
+
+
+class MultiScheduler:
+    def __init__(self, schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers.values():
+            s.step()
+
+    def state_dict(self) -> dict:
+        return {k: s.state_dict() for k, s in self.schedulers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state[k])

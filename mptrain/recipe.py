@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 from . import __version__
@@ -29,10 +29,11 @@ from .data import as_datasets, make_loader
 from .diagnostics import Diagnostics
 from .errors import ConfigError, MptrainError
 from .loop import Loop, fit
-from .optim import build_optimizer, build_scheduler
+from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
 from .outputs import RunWriter
 from .precision import SHORT_DTYPE, Precision, resolve_device
 from .state import TrainState
+from .tasks import task_for
 
 log = logging.getLogger("mptrain")
 
@@ -44,23 +45,25 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def deterministic_mode(enabled: bool) -> Iterator[None]:
-    """torch.use_deterministic_algorithms for this run only (Hydra multirun shares the process)."""
-    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    if enabled:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
+def backend_settings(t: DictConfig) -> Iterator[None]:
+    """Determinism, cuDNN autotuning and TF32 for this run only (Hydra multirun shares the process)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
+    cudnn.allow_tf32 = matmul.allow_tf32 = t.allow_tf32
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0])
-        torch.backends.cudnn.benchmark = saved[1]
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[1:]
 
 
-def _instantiate(node: DictConfig, group: str):
+def _instantiate(node: DictConfig, group: str, **kwargs):
     """hydra.utils.instantiate, with our own errors surfacing as themselves."""
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, MptrainError):
@@ -87,13 +90,31 @@ def build(cfg: DictConfig) -> Loop:
         raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
                           f"exceeds the {len(datasets.train)} training samples; lower the batch size")
 
-    model = _instantiate(cfg.model, "model").to(device)
+    # facts only the data know (a text file's vocabulary) fill model keys left null
+    facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
+    try:
+        target = get_object(cfg.model._target_)
+    except Exception as e:
+        raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
+                          "put its module on PYTHONPATH") from None
+    task = task_for(target, datasets.task)  # before building a model that cannot fit the data
+    model = _instantiate(cfg.model, "model", **facts).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision.prepare_model(model)
-    optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+    if task.name == "gan":  # one optimizer per network, one loss scaler for both
+        parts = ("discriminator", "generator")
+        optimizer = MultiOptimizer({k: build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, k)))
+                                    for k in parts})
+    else:
+        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+    if t.compile:
+        model = torch.compile(model)  # shares the parameters; checkpoints unwrap it (_orig_mod)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
-    scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    if isinstance(optimizer, MultiOptimizer):
+        scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
+    else:
+        scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(model).__name__, n_params / 1e6,
              total_steps, steps_per_epoch, device)
@@ -102,7 +123,7 @@ def build(cfg: DictConfig) -> Loop:
         train_loader=train_loader, val_loader=val_loader, device=device, writer=None, state=TrainState(),
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
         clip_grad_norm=t.clip_grad_norm, loss_weight=t.loss_weight, log_every=t.log_every, eval_every=t.eval_every,
-        channels_last=t.channels_last, progress_bar=t.progress_bar,
+        channels_last=t.channels_last, progress_bar=t.progress_bar, task=task,
     )
 
 
@@ -117,7 +138,7 @@ def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, er
     summary: dict = {
         "status": status,
         "precision": cfg.precision.mode,
-        "task": "classification",
+        "task": loop.task.name if loop is not None else None,
         "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
         "seed": cfg.trainer.seed,
@@ -172,7 +193,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with StopSignals() as signals:
         loop.after_step.append(Checkpointer(cfg.checkpoint, run_dir, config, signals))
         try:
-            with loop.precision.backend_flags(), deterministic_mode(cfg.trainer.deterministic):
+            with loop.precision.backend_flags(), backend_settings(cfg.trainer):
                 fit(loop)
             status = "completed"
         except Interrupted as e:

@@ -59,10 +59,12 @@ def _restore_torch_globals():
     """Tests share a process, like Hydra multirun jobs: nothing global may leak between them."""
     m = torch.backends.cuda.matmul
     before = (torch.are_deterministic_algorithms_enabled(), m.allow_fp16_reduced_precision_reduction,
-              m.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.benchmark)
+              m.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.benchmark, m.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
     yield
     after = (torch.are_deterministic_algorithms_enabled(), m.allow_fp16_reduced_precision_reduction,
-             m.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.benchmark)
+             m.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.benchmark, m.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
     assert after == before, "a run leaked a global torch setting"
 
 

@@ -196,3 +196,36 @@ def test_unsampled_steps_do_no_statistics(tmp_path, monkeypatch):
     monkeypatch.setattr(collector, "range_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     train(tmp_path, ["trainer.max_steps=10", "diagnostics.every=5", "diagnostics.first_steps=0"])
     assert len(calls) == 2  # steps 5 and 10 only
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+def test_report_renders_pngs_and_a_risk_table_from_a_real_run(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    _, run_dir = train(tmp_path, ["model=mlp", "precision=noscale", "trainer.max_steps=20", "diagnostics.every=5",
+                                  "trainer.loss_weight=6.103515625e-05", "optimizer.lr=819.2", "optimizer.weight_decay=0"])
+    proc = subprocess.run([sys.executable, "-m", "mptrain.diagnostics.report", str(run_dir)], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Layers at most risk" in proc.stdout and "body.1.weight" in proc.stdout
+    for name in ("activation_gradients", "loss_scale", "underflow_heatmap", "update_underflow"):
+        path = run_dir / "report" / f"{name}.png"
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("L"), dtype=float)
+        assert img.size[0] > 500 and pixels.std() > 10, name  # not a blank canvas
+
+
+def test_report_on_a_directory_that_is_not_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mptrain.diagnostics.report", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "is not an mptrain run directory" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,7 +16,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .stats import BIN_LABELS, EXPONENTS, N_BINS, ZERO, bin_index, range_stats, update_underflow
+from .stats import (
+    BIN_LABELS,
+    EXPONENTS,
+    N_BINS,
+    bin_index,
+    fold_counts,
+    fractions,
+    range_stats,
+    update_underflow,
+)
 from .trace import trace_overflow
 
 log = logging.getLogger("mptrain")
@@ -36,6 +45,7 @@ class Diagnostics:
     """Owned by the loop; one per run."""
 
     def __init__(self, cfg: DictConfig, model: nn.Module, precision, run_dir: Path, tb=None):
+        model = getattr(model, "_orig_mod", model)  # hooks go on the plain modules under torch.compile
         self.cfg, self.model, self.precision, self.tb = cfg, model, precision, tb
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
@@ -57,6 +67,7 @@ class Diagnostics:
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
                          "activation_layers": list(self.layers)})
         self._handles: list = []
+        self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}
         self._row: dict | None = None
         self._before: list[torch.Tensor] | None = None
@@ -90,7 +101,7 @@ class Diagnostics:
             return  # not sampled: nothing to do
         pairs = [(n, p) for n, p in zip(self.names, params) if p.grad is not None]
         if self._row is not None and pairs:
-            stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale)
+            stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale, segments=self._segments)
             self._row["loss_scale"] = scale
             self._row["grads"] = {"overall": stats.overall, "params": stats.per_tensor()}
             if not overflow:
@@ -197,27 +208,19 @@ class Diagnostics:
 
 
 def _device_hist(g: torch.Tensor) -> torch.Tensor:
-    """Histogram counts (N_BINS) plus the overflow count and the max finite |g|, on the device."""
+    """Raw bin counts (N_BINS + 1, see stats.bin_index) plus the max finite |g|, on the device."""
     a = g.detach().reshape(-1).float().abs()
-    counts = torch.bincount(bin_index(a), minlength=N_BINS).float()
-    over = (a > 65504.0).sum().float().reshape(1)
-    peak = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device)).amax().reshape(1) if a.numel() else over * 0
-    return torch.cat([counts, over, peak])
+    counts = torch.bincount(bin_index(a), minlength=N_BINS + 1).float()
+    peak = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device)).amax().reshape(1)
+    return torch.cat([counts, peak])
 
 
 def _hist_fractions(h: torch.Tensor) -> dict:
-    counts, over, peak = h[:N_BINS], h[N_BINS].item(), h[N_BINS + 1].item()
-    n = max(counts.sum().item(), 1.0)
-    under_hi, normal_lo = (-24) - EXPONENTS[0] + 1, (-14) - EXPONENTS[0] + 1
-    return {
-        "hist": [int(c) for c in counts.tolist()],
-        "count": int(counts.sum().item()),
-        "zero": counts[ZERO].item() / n,
-        "underflow": counts[:under_hi].sum().item() / n,
-        "subnormal": counts[under_hi:normal_lo].sum().item() / n,
-        "overflow": over / n,
-        "headroom": math.log2(65504.0 / peak) if peak > 0 else math.inf,
-    }
+    hist, over = fold_counts(h[: N_BINS + 1])
+    hist_l = [int(c) for c in hist.tolist()]
+    out = {"hist": hist_l, "count": sum(hist_l)}
+    out.update(fractions(hist_l, over.item(), h[N_BINS + 1].item()))
+    return out
 
 
 def _tb_exponent_histogram(tb, tag: str, hist: list[int], step: int) -> None:

@@ -52,52 +52,92 @@ class RangeStats:
         return {name: self.row(i) for i, name in enumerate(self.names)}
 
 
+# float32 bit patterns (for non-negative floats the integer order is the numeric order)
+_INF_BITS = 0x7F800000
+_FP16_MAX_BITS = 0x477FE000  # 65504.0
+_TWO16_BITS = 0x47800000  # 65536.0
+_JUST_OVER = N_BINS  # a hidden bin: (65504, 65536), merged into 2^15 after counting overflow
+
+
 def bin_index(a: torch.Tensor) -> torch.Tensor:
-    """The histogram bin of each |x| (a: float32, non-negative or inf/nan)."""
-    _, exp = torch.frexp(a)  # a = m * 2^exp with m in [0.5, 1): floor(log2 a) = exp - 1
-    binade = (exp - 1).clamp(LOW_EXP - 1, HIGH_EXP) - (LOW_EXP - 1)  # 0 = below, ..., ABOVE = >= 2^16
-    idx = torch.where(a == 0, ZERO, binade)
-    idx = torch.where(torch.isinf(a), INF, idx)
-    return torch.where(torch.isnan(a), NAN, idx)
+    """The histogram bin of each |x| (a: float32 >= 0, or inf/nan), from the float's exponent bits.
+
+    int32 arithmetic only: floor(log2 a) of a normal float32 is its biased exponent minus 127;
+    zero and float32 subnormals (< 2^-126) have exponent bits 0 and land in "zero" / "below".
+    Values in (65504, 65536) get the hidden bin _JUST_OVER so that overflow can be counted."""
+    bits = a.view(torch.int32)
+    idx = ((bits >> 23) - 127).clamp_(LOW_EXP - 1, HIGH_EXP).sub_(LOW_EXP - 1)
+    idx.masked_fill_(bits == 0, ZERO)
+    idx.masked_fill_((bits > _FP16_MAX_BITS) & (bits < _TWO16_BITS), _JUST_OVER)
+    idx.masked_fill_(bits == _INF_BITS, INF)
+    idx.masked_fill_(bits > _INF_BITS, NAN)
+    return idx
 
 
-def range_stats(tensors: list[torch.Tensor], names: list[str], scale: float = 1.0) -> RangeStats:
-    """Histogram and fractions of |x| * scale for each tensor and for all of them together."""
+def fold_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., N_BINS + 1) raw counts -> (histogram with (65504, 65536) back in 2^15, overflow count)."""
+    hist = counts[..., :N_BINS].clone()
+    just_over = counts[..., _JUST_OVER]
+    hist[..., ABOVE - 1] += just_over
+    overflow = just_over + counts[..., ABOVE] + counts[..., INF]
+    return hist, overflow
+
+
+def fractions(hist: list[int], overflow: float, max_value: float) -> dict:
+    """The range fractions of one histogram (hist: N_BINS counts)."""
+    count = max(sum(hist), 1)
+    under_hi = (-24) - LOW_EXP + 1  # bin index of [2^-24, 2^-23)
+    normal_lo = (-14) - LOW_EXP + 1  # bin index of [2^-14, 2^-13)
+    return {
+        "zero": hist[ZERO] / count,
+        "underflow": sum(hist[:under_hi]) / count,
+        "subnormal": sum(hist[under_hi:normal_lo]) / count,
+        "overflow": overflow / count,
+        "nonfinite": (hist[INF] + hist[NAN]) / count,
+        "headroom": math.log2(FP16_MAX / max_value) if max_value > 0 else math.inf,
+    }
+
+
+def max_finite_abs(tensors: list[torch.Tensor]) -> list[float]:
+    """Largest finite |x| of each tensor: one foreach kernel; a slower pass only for tensors with inf/nan."""
+    peaks = torch.stack(torch._foreach_norm([t.detach() for t in tensors], ord=math.inf)).float().cpu().tolist()
+    for i, p in enumerate(peaks):
+        if not math.isfinite(p):
+            t = tensors[i].detach().float().abs()
+            finite = t[torch.isfinite(t)]
+            peaks[i] = finite.max().item() if finite.numel() else 0.0
+    return peaks
+
+
+def range_stats(tensors: list[torch.Tensor], names: list[str], scale: float = 1.0,
+                segments: dict | None = None) -> RangeStats:
+    """Histogram and fractions of |x| * scale for each tensor and for all of them together.
+
+    `segments`: a dict the caller keeps between calls, caching the per-element tensor index."""
     device = tensors[0].device
-    sizes = torch.tensor([t.numel() for t in tensors], device=device)
+    n = len(tensors)
+    sizes = [t.numel() for t in tensors]
     a = torch.cat([t.detach().reshape(-1).float() for t in tensors]).abs_()
     if scale != 1.0:
         a.mul_(scale)
-    n = len(tensors)
-    seg = torch.repeat_interleave(torch.arange(n, device=device), sizes)
-    idx = bin_index(a)
-    hist = torch.bincount(seg * N_BINS + idx, minlength=n * N_BINS).view(n, N_BINS)
-    over = torch.zeros(n, device=device).index_add_(0, seg, (a > FP16_MAX).float())
-    finite = torch.where(torch.isfinite(a), a, torch.zeros((), device=device))
-    peak = torch.zeros(n, device=device).scatter_reduce_(0, seg, finite, "amax")
-    # one copy to the host for everything
-    hist_h, over_h, peak_h = hist.cpu(), over.cpu(), peak.cpu()
-
-    def fractions(h: torch.Tensor, count: float, over_count: float, max_value: float) -> dict:
-        count = max(count, 1.0)
-        # underflow: binades below 2^-24 (bin of 2^-25 and lower, and "below")
-        under_hi = (-24) - LOW_EXP + 1  # bin index of 2^-24
-        normal_lo = (-14) - LOW_EXP + 1  # bin index of 2^-14
-        return {
-            "zero": h[ZERO].item() / count,
-            "underflow": h[:under_hi].sum().item() / count,
-            "subnormal": h[under_hi:normal_lo].sum().item() / count,
-            "overflow": over_count / count,
-            "nonfinite": (h[INF] + h[NAN]).item() / count,
-            "headroom": math.log2(FP16_MAX / max_value) if max_value > 0 else math.inf,
-        }
-
-    rows = [fractions(hist_h[i], float(sizes[i]), over_h[i].item(), peak_h[i].item()) for i in range(n)]
-    total = hist_h.sum(0)
-    overall = fractions(total, float(a.numel()), over_h.sum().item(), peak_h.max().item())
-    overall.update(hist=total.tolist(), count=int(a.numel()))
+    key = (tuple(sizes), str(device))
+    offsets = segments.get(key) if segments is not None else None
+    if offsets is None:
+        base = torch.arange(n, device=device, dtype=torch.int32) * (N_BINS + 1)
+        offsets = torch.repeat_interleave(base, torch.tensor(sizes, device=device))
+        if segments is not None:
+            segments.clear()
+            segments[key] = offsets
+    raw = torch.bincount(bin_index(a).add_(offsets), minlength=n * (N_BINS + 1)).view(n, N_BINS + 1)
+    hist, over = fold_counts(raw.cpu())  # the one copy to the host
+    peaks = [p * scale for p in max_finite_abs(tensors)]
+    hist_l, over_l = hist.tolist(), over.tolist()
+    rows = [fractions(hist_l[i], over_l[i], peaks[i]) for i in range(n)]
+    total = hist.sum(0).tolist()
+    overall = fractions(total, sum(over_l), max(peaks))
+    overall.update(hist=total, count=int(sum(sizes)))
     return RangeStats(
-        names=list(names), hist=hist_h.tolist(), count=[int(s) for s in sizes.tolist()],
+        names=list(names), hist=hist_l, count=sizes,
         zero=[r["zero"] for r in rows], underflow=[r["underflow"] for r in rows],
         subnormal=[r["subnormal"] for r in rows], overflow=[r["overflow"] for r in rows],
         nonfinite=[r["nonfinite"] for r in rows], headroom=[r["headroom"] for r in rows], overall=overall,

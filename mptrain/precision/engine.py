@@ -115,9 +115,14 @@ class Precision:
         self._model = model
         return model
 
-    def optimizer_params(self) -> list[torch.Tensor]:
-        """The tensors the optimizer updates: FP32 masters in `master` mode, else the model's own."""
-        return self._params
+    def optimizer_params(self, module: nn.Module | None = None) -> list[torch.Tensor]:
+        """The tensors an optimizer updates (of `module`, default the whole model): FP32 masters in
+        `master` mode, else the model's own parameters."""
+        if module is None:
+            return self._params
+        if self.master is not None:
+            return self.master.params_for(module)
+        return [p for p in module.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:
@@ -153,32 +158,39 @@ class Precision:
         return self.scaler.scale if self.scaler is not None else 1.0
 
     def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None,
-             inspect: Callable[[list[torch.Tensor], bool, float], None] | None = None) -> StepResult:
+             inspect: Callable[[list[torch.Tensor], bool, float], None] | None = None,
+             params: list[torch.Tensor] | None = None, update: bool = True) -> StepResult:
         """Unscale once, check overflow, clip, step or skip, update the scale, copy masters back.
 
         `inspect(params, overflow, scale)` (diagnostics) sees the unscaled gradients before clipping.
+        Several optimizers (a GAN): pass each one's `params` and `update=False`, then call
+        `update_scale` once for the iteration (PyTorch's recipe: one scaler, a step per optimizer).
         """
-        grads = self.master.grads_to_master() if self.master is not None else [p.grad for p in self._params if p.grad is not None]
+        params = self._params if params is None else params
+        grads = self.master.grads_to_master(params) if self.master is not None else [p.grad for p in params if p.grad is not None]
         overflow = False
         if self.scaler is not None:
             found_inf = self.scaler.unscale_(grads)
             # The one host synchronisation of the step: the skip decision needs the flag.
             overflow = found_inf is not None and bool(found_inf.item())
         if inspect is not None:
-            inspect(self._params, overflow, self.loss_scale)
+            inspect(params, overflow, self.loss_scale)
         grad_norm = None
         if not overflow:
             if clip_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self._params if p.grad is not None], clip_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_grad_norm)
             optimizer.step()
             if self.master is not None:
-                self.master.master_to_model()
+                self.master.master_to_model(params)
         optimizer.zero_grad(set_to_none=True)
-        if self.master is not None:
-            self._model.zero_grad(set_to_none=True)
+        self._model.zero_grad(set_to_none=True)  # also gradients other optimizers' losses left (GAN)
+        if update:
+            self.update_scale(overflow)
+        return StepResult(applied=not overflow, grad_norm=grad_norm)
+
+    def update_scale(self, overflow: bool) -> None:
         if self.scaler is not None:
             self.scaler.update(overflow)  # may raise LossScalingError (on_min=raise)
-        return StepResult(applied=not overflow, grad_norm=grad_norm)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -33,6 +33,8 @@ class MasterWeights:
         self.model_params: list[nn.Parameter] = []  # low-precision params that have a separate master
         self.masters: list[torch.Tensor] = []
         self.params: list[torch.Tensor] = []  # what the optimizer sees, in model order
+        self._master_of: dict[int, torch.Tensor] = {}
+        self._model_of: dict[int, nn.Parameter] = {}
         for p in model.parameters():
             if not p.requires_grad:
                 continue
@@ -43,18 +45,28 @@ class MasterWeights:
             self.model_params.append(p)
             self.masters.append(master)
             self.params.append(master)
+            self._master_of[id(p)], self._model_of[id(master)] = master, p
 
-    def grads_to_master(self) -> list[torch.Tensor]:
-        """Give each master the float32 copy of its model gradient; return all gradients to unscale."""
-        for p, m in zip(self.model_params, self.masters):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None  # the float16 gradient is no longer needed: free it now
-        return [q.grad for q in self.params if q.grad is not None]
+    def params_for(self, module: nn.Module) -> list[torch.Tensor]:
+        """The optimizer-side tensors of `module`'s parameters (masters where they exist)."""
+        return [self._master_of.get(id(p), p) for p in module.parameters() if p.requires_grad]
+
+    def grads_to_master(self, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Give each master (of `params`, default all) the float32 copy of its model gradient;
+        return the gradients to unscale."""
+        params = self.params if params is None else params
+        for m in params:
+            p = self._model_of.get(id(m))
+            if p is not None:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None  # the float16 gradient is no longer needed: free it now
+        return [q.grad for q in params if q.grad is not None]
 
     @torch.no_grad()
-    def master_to_model(self) -> None:
-        if self.masters:
-            torch._foreach_copy_(self.model_params, self.masters)
+    def master_to_model(self, params: list[torch.Tensor] | None = None) -> None:
+        pairs = [(self._model_of[id(m)], m) for m in (self.masters if params is None else params) if id(m) in self._model_of]
+        if pairs:
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
 
     def state_dict(self) -> dict:
         return {"masters": [m.detach().clone() for m in self.masters]}

@@ -1,0 +1,234 @@
+"""`mptrain-compare SWEEP_DIR | RUN_DIR...`: the paper's side-by-side table for a sweep.
+
+Jobs are grouped by every override except the seed (`seed=` or `trainer.seed=`). Per group: the
+monitored metric's mean ± std across seeds, its difference to the matching fp32 group, skipped-step %,
+final loss scale, the fraction of gradients fp16 loses (zero or underflowing), samples/s and peak
+memory relative to fp32. Writes comparison.md, comparison.csv and comparison.png beside the jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+SEED_KEYS = ("seed", "trainer.seed")
+
+
+@dataclass
+class Job:
+    path: Path
+    overrides: list[str]
+    summary: dict | None
+    status: str
+
+    @property
+    def seed(self) -> str:
+        for o in self.overrides:
+            k, _, v = o.partition("=")
+            if k.lstrip("+~") in SEED_KEYS:
+                return v
+        return str((self.summary or {}).get("seed", "?"))
+
+
+@dataclass
+class Group:
+    key: tuple[str, ...]
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.key) or "(no overrides)"
+
+    def values(self, name: str) -> list[float]:
+        out = []
+        for j in self.jobs:
+            v = (j.summary or {}).get(name) if j.status == "completed" else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def mean(self, name: str) -> float:
+        v = self.values(name)
+        return statistics.fmean(v) if v else math.nan
+
+    def std(self, name: str) -> float:
+        v = self.values(name)
+        return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
+
+
+def find_jobs(paths: list[Path]) -> list[Job]:
+    """Every job directory (one holding .hydra/overrides.yaml) under the given paths."""
+    dirs: list[Path] = []
+    for p in paths:
+        if (p / ".hydra" / "overrides.yaml").is_file():
+            dirs.append(p)
+        elif p.is_dir():
+            dirs += sorted((d.parent.parent for d in p.glob("**/.hydra/overrides.yaml")),
+                           key=lambda d: (len(d.parts), int(d.name) if d.name.isdigit() else 0, str(d)))
+    if not dirs:
+        raise SystemExit(f"mptrain-compare: error: no runs under {', '.join(map(str, paths))} "
+                         "(a run holds .hydra/overrides.yaml); pass a multirun directory or run directories")
+    jobs = []
+    for d in dirs:
+        overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []
+        summary_path = d / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        status = summary.get("status", "unknown") if summary else "unfinished"
+        jobs.append(Job(d, [str(o) for o in overrides], summary, status))
+    return jobs
+
+
+def group_jobs(jobs: list[Job]) -> list[Group]:
+    groups: dict[tuple[str, ...], Group] = {}
+    for j in jobs:
+        key = tuple(o for o in j.overrides if o.partition("=")[0].lstrip("+~") not in SEED_KEYS
+                    and not o.startswith(("hydra.", "resume=")))
+        groups.setdefault(key, Group(key)).jobs.append(j)
+    return list(groups.values())
+
+
+def precision_of(group: Group) -> str:
+    for o in group.key:
+        k, _, v = o.partition("=")
+        if k == "precision":
+            return v
+    modes = {(j.summary or {}).get("precision") for j in group.jobs} - {None}
+    return modes.pop() if len(modes) == 1 else "?"
+
+
+def baseline_for(group: Group, groups: list[Group]) -> Group | None:
+    """The fp32 group with the same overrides apart from the precision ones."""
+    rest = tuple(o for o in group.key if not o.startswith("precision"))
+    for g in groups:
+        if precision_of(g) == "fp32" and tuple(o for o in g.key if not o.startswith("precision")) == rest:
+            return g
+    fp32 = [g for g in groups if precision_of(g) == "fp32"]
+    return fp32[0] if len(fp32) == 1 else None
+
+
+def lost_fraction(g: Group) -> float:
+    zero, under = g.mean("diag/grad_zero"), g.mean("diag/grad_underflow")
+    return zero + under if math.isfinite(zero) and math.isfinite(under) else math.nan
+
+
+def rows(groups: list[Group], metric: str) -> list[dict]:
+    out = []
+    for g in groups:
+        base = baseline_for(g, groups)
+        steps = g.values("steps")
+        skipped = g.values("skipped_steps")
+        statuses = [j.status for j in g.jobs]
+        row = {
+            "group": g.label,
+            "precision": precision_of(g),
+            "seeds": ",".join(j.seed for j in g.jobs),
+            "completed": f"{statuses.count('completed')}/{len(statuses)}",
+            "status": ", ".join(sorted({f"{s} ({j.path.name})" for s, j in zip(statuses, g.jobs) if s != "completed"})) or "ok",
+            f"{metric} mean": g.mean(metric),
+            f"{metric} std": g.std(metric),
+            "diff vs fp32": g.mean(metric) - base.mean(metric) if base else math.nan,
+            "skipped %": 100 * sum(skipped) / sum(steps) if steps and sum(steps) else math.nan,
+            "final loss scale": g.mean("final_loss_scale"),
+            "fp16-lost grads %": 100 * lost_fraction(g),
+            "samples/s vs fp32": g.mean("samples_per_s") / base.mean("samples_per_s") if base else math.nan,
+            "peak memory vs fp32": g.mean("peak_memory_mb") / base.mean("peak_memory_mb") if base else math.nan,
+            "samples/s": g.mean("samples_per_s"),
+        }
+        out.append(row)
+    return out
+
+
+def fmt(v: object, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def write_outputs(out_dir: Path, table_rows: list[dict], groups: list[Group], metric: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = list(table_rows[0].keys())
+    with open(out_dir / "comparison.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(table_rows)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table_rows:
+        md.append("| " + " | ".join(fmt(r[c]) for c in cols) + " |")
+    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
+    plot(out_dir / "comparison.png", groups, table_rows, metric)
+    return [out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "comparison.png"]
+
+
+def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.3]})
+    labels = [r["group"] for r in table_rows]
+    means = [r[f"{metric} mean"] for r in table_rows]
+    stds = [r[f"{metric} std"] for r in table_rows]
+    ax1.barh(range(len(labels)), means, xerr=stds, color="tab:blue", alpha=0.7, capsize=3)
+    ax1.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax1.invert_yaxis()
+    ax1.set_xlabel(f"{metric} (mean ± std over seeds)")
+    finite = [m for m in means if math.isfinite(m)]
+    if finite:
+        lo, hi = min(m - s for m, s in zip(means, stds) if math.isfinite(m)), max(finite)
+        ax1.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 1e-9)), hi + 0.1 * (hi - lo + 1e-9))
+    for i, g in enumerate(groups):
+        color = plt.cm.tab10(i % 10)
+        for k, j in enumerate(g.jobs):
+            metrics = j.path / "metrics.jsonl"
+            if not metrics.is_file():
+                continue
+            rows_ = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            pts = [(r["step"], r["loss"]) for r in rows_ if r.get("loss") is not None]
+            if pts:
+                ax2.plot(*zip(*pts), color=color, lw=1, alpha=0.8, label=g.label if k == 0 else None)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("train loss")
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mptrain-compare", description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="a multirun directory, or run directories")
+    ap.add_argument("--metric", default=None, help="the metric to compare (default: val/acc, else val/ppl, else val/loss)")
+    ap.add_argument("--out", type=Path, default=None, help="where to write comparison.* (default: the sweep directory)")
+    args = ap.parse_args(argv)
+    jobs = find_jobs(args.paths)
+    groups = group_jobs(jobs)
+    metric = args.metric or next((m for m in ("val/acc", "val/ppl", "val/loss")
+                                  if any(m in (j.summary or {}) for j in jobs)), "val/loss")
+    table_rows = rows(groups, metric)
+    out_dir = args.out or (args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else Path.cwd())
+    console = Console()
+    table = Table(title=f"mptrain-compare: {metric} over seeds, {len(jobs)} jobs in {len(groups)} groups")
+    shown = ["group", "completed", f"{metric} mean", f"{metric} std", "diff vs fp32", "skipped %", "final loss scale",
+             "fp16-lost grads %", "samples/s vs fp32", "peak memory vs fp32", "status"]
+    for c in shown:
+        table.add_column(c, overflow="fold")
+    for r in table_rows:
+        table.add_row(*(fmt(r[c]) for c in shown))
+    console.print(table)
+    for p in write_outputs(out_dir, table_rows, groups, metric):
+        console.print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

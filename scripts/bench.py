@@ -1,0 +1,254 @@
+"""mptrain's loop against a handwritten PyTorch loop, side by side in one process.
+
+For each precision recipe: the same model initialisation, data and batch, runs alternating between
+(a) a plain loop written the way the PyTorch docs write it and (b) mptrain's own loop (the real
+`mptrain.loop.fit`, built from the config). Steady-state steps/s = median over repeats of the
+steps after warm-up. Also: diagnostics at the default interval, bf16 vs fp32, and activation memory
+(bytes autograd saves for backward, per training step; max_memory_allocated on CUDA).
+
+    python scripts/bench.py                     # CPU defaults: resnet18, 64x64 synthetic images, batch 64
+    python scripts/bench.py --device cuda --image-size 224 --batch-size 256 --model resnet50 --fp16
+    python scripts/bench.py --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from mptrain.cli import config_dir
+from mptrain.config import validate
+from mptrain.precision import cast_model
+from mptrain.recipe import build, seed_everything
+
+# ---- (a) the handwritten loops ---------------------------------------------------------------------
+
+def plain_steps(model, loader, device, recipe: str, dtype: torch.dtype, lr: float, n: int, on_step,
+                channels_last: bool = False) -> None:
+    """The textbook loop for each recipe (PyTorch AMP docs; apex O2 for master weights)."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if recipe == "master":
+        cast_model(model, dtype)
+        masters = [p.detach().clone().float().requires_grad_() if p.dtype != torch.float32 else p for p in model.parameters()]
+        pairs = [(p, m) for p, m in zip(model.parameters(), masters) if p is not m]
+        opt = torch.optim.SGD(masters, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and recipe == "amp"))
+    autocast = recipe == "amp" and dtype != torch.float32
+    it = iter(loader)
+    for _ in range(n):
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if recipe == "master":
+            x = x.to(dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        if recipe == "master":
+            (loss * 1024.0).backward()  # a static scale: the cheapest correct master recipe
+            for p, m in pairs:
+                m.grad = p.grad.float().mul_(1 / 1024.0)
+                p.grad = None
+            if all(torch.isfinite(m.grad).all() for m in masters if m.grad is not None):
+                opt.step()
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+            opt.zero_grad(set_to_none=True)
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        on_step()
+
+
+# ---- (b) mptrain's loop ----------------------------------------------------------------------------
+
+def mptrain_loop(overrides: list[str], n: int):
+    cfg = compose("config", overrides=[*overrides, f"trainer.max_steps={n}"])
+    validate(cfg)
+    loop = build(cfg)
+    return cfg, loop
+
+
+class StepTimer:
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, *_):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def rate(self, warmup: int) -> float:
+        t = self.times[warmup:]
+        return (len(t) - 1) / (t[-1] - t[0])
+
+
+def run_mptrain(overrides, n, warmup, diagnostics: bool, tmp: Path) -> float:
+    from mptrain.diagnostics import Diagnostics
+    from mptrain.outputs import RunWriter
+
+    cfg, loop = mptrain_loop(overrides + ([] if diagnostics else ["diagnostics=off"]), n)
+    loop.writer = RunWriter(tmp, tensorboard=False)
+    if diagnostics:
+        loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, tmp)
+    timer = StepTimer()
+    loop.after_step.append(timer)
+    from mptrain.loop import fit
+
+    with loop.precision.backend_flags():
+        fit(loop)
+    loop.writer.close()
+    return timer.rate(warmup)
+
+
+def run_plain(overrides, n, warmup, recipe, dtype) -> float:
+    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)  # same init, same data, same order
+    model = loop.model
+    if recipe == "master":  # build() cast it already; start again from an fp32 copy with the same init
+        seed_everything(cfg.trainer.seed)
+        from hydra.utils import instantiate
+
+        model = instantiate(cfg.model).to(loop.device)
+    timer = StepTimer()
+    model.train()
+    loop.train_loader.sampler.set_epoch(0)
+    plain_steps(model, loop.train_loader, loop.device, recipe, dtype, cfg.optimizer.lr, n, timer,
+                channels_last=cfg.trainer.channels_last)
+    return timer.rate(warmup)
+
+
+# ---- activation memory -----------------------------------------------------------------------------
+
+def activation_bytes(overrides: list[str]) -> int:
+    """Bytes autograd keeps for backward in one training forward (each storage counted once)."""
+    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], 1)
+    x, y = next(iter(loop.train_loader))
+    x = loop.precision.cast_inputs(x.to(loop.device))
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        # autocast's low-precision copies of the weights are weights, not activations
+        fn = t.grad_fn if isinstance(t, torch.Tensor) else None
+        is_weight_cast = fn is not None and type(fn).__name__ == "ToCopyBackward0" and any(
+            nxt is not None and type(nxt).__name__ == "AccumulateGrad" for nxt, _ in fn.next_functions)
+        if isinstance(t, torch.Tensor) and not is_weight_cast:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), loop.precision.autocast():
+        loss = F.cross_entropy(loop.model(x).float(), y.to(loop.device))
+    params = {p.untyped_storage().data_ptr() for p in loop.model.parameters()}
+    if loop.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+        loss.backward()
+        return peak
+    loss.backward()
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per run, after warm-up")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fp16", action="store_true", help="fp16 recipes (amp=fp16, master=fp16): for CUDA")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (both loops)")
+    ap.add_argument("--write", type=Path, help="append the markdown tables to this file")
+    args = ap.parse_args()
+
+    low = "float16" if args.fp16 else "bfloat16"
+    base = [f"model={args.model}", "dataset=synthetic", f"dataset.image_size={args.image_size}",
+            f"trainer.batch_size={args.batch_size}", f"trainer.device={args.device}", "trainer.progress_bar=false",
+            "trainer.tensorboard=false", "checkpoint.enabled=false", "scheduler=none", "trainer.log_every=1000000",
+            f"dataset.train_size={args.batch_size * (args.steps + args.warmup + 2)}", "dataset.val_size=1",
+            "trainer.eval_every=1000000", f"trainer.channels_last={args.channels_last}"]
+    n = args.steps + args.warmup
+    # (label, mptrain overrides, plain recipe, plain dtype)
+    recipes = [
+        ("fp32", ["precision=fp32"], "amp", torch.float32),
+        ("bf16", ["precision=bf16"], "amp", torch.bfloat16),
+        ("amp", ["precision=amp", f"precision.dtype={low}"], "amp", getattr(torch, low)),
+        ("master", ["precision=master", f"precision.dtype={low}", "precision.loss_scale.kind=static",
+                    "precision.loss_scale.init=1024"], "master", getattr(torch, low)),
+    ]
+    import tempfile
+
+    results = {}
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+        for label, ov, recipe, dtype in recipes:
+            plain, ours, diag = [], [], []
+            for r in range(args.repeats):  # alternate, so drift hits both alike
+                plain.append(run_plain(base + ov, n, args.warmup, recipe, dtype))
+                ours.append(run_mptrain(base + ov, n, args.warmup, False, Path(tmp) / f"{label}{r}"))
+                if label == "amp":
+                    # sample every step here and scale the cost to the default interval (1 in 100) below
+                    diag.append(run_mptrain(base + ov + ["diagnostics.every=1", "diagnostics.first_steps=0"], n,
+                                            args.warmup, True, Path(tmp) / f"d{label}{r}"))
+            results[label] = {"plain": statistics.median(plain), "mptrain": statistics.median(ours)}
+            if diag:
+                results[label]["diag_every_step"] = statistics.median(diag)
+            print(label, {k: round(v, 3) for k, v in results[label].items()}, file=sys.stderr)
+        mem = {label: activation_bytes(base + ov) for label, ov, _, _ in recipes}
+
+    lines = [f"Machine: {machine()}.",
+             f"Workload: {args.model}, synthetic {args.image_size}x{args.image_size} images, batch {args.batch_size}, "
+             f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats} alternating repeats"
+             f"{', channels_last' if args.channels_last else ''}.", "",
+             "| recipe | plain loop steps/s | mptrain steps/s | mptrain / plain | vs fp32 (mptrain) | activation memory MB | vs fp32 |",
+             "|---|---|---|---|---|---|---|"]
+    for label in results:
+        r = results[label]
+        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['mptrain'] / r['plain']:.3f} | "
+                     f"{r['mptrain'] / results['fp32']['mptrain']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |")
+    every = results["amp"]["diag_every_step"]
+    step_cost = 1 / every - 1 / results["amp"]["mptrain"]  # extra seconds of one sampled step
+    default_overhead = step_cost / 100 / (1 / results["amp"]["mptrain"])
+    lines += ["", f"Diagnostics on `amp`: sampling every step runs at {every:.3f} steps/s "
+              f"({every / results['amp']['mptrain']:.2f}x); one sampled step costs {1000 * step_cost:.0f} ms extra, "
+              f"so the default interval (1 step in 100) costs {100 * default_overhead:.2f}% of steps/s.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
