@@ -248,16 +248,21 @@ class Checkpointer:
     def __call__(self, loop: Any) -> None:
         s, c = loop.state, self.cfg
         improved = self._update_best(loop)
-        if self.signals.received is not None:
+        stop = self.signals.received is not None
+        if loop.world_size > 1:  # every rank stops after the same step (a tiny all-reduce per step)
+            from .distributed import DistInfo, any_rank
+
+            stop = any_rank(stop, DistInfo(loop.rank, 0, loop.world_size), loop.device)
+        if stop:
             self.save(loop)
-            raise Interrupted(self.signals.received, s.step)
+            raise Interrupted(self.signals.received or signal.SIGTERM, s.step)
         if not c.enabled:
             return
         due = c.every_steps is not None and s.step % c.every_steps == 0
         epoch_end = c.every_epochs is not None and s.step_in_epoch == 0 and s.epoch % c.every_epochs == 0
         if due or epoch_end or s.step == loop.total_steps:
             self.save(loop)
-        if improved and c.save_best:
+        if improved and c.save_best and loop.is_main:
             save_atomic(self.contents(loop), self.dir / "best.pt")
 
     def _update_best(self, loop: Any) -> bool:
@@ -288,6 +293,8 @@ class Checkpointer:
         }
 
     def save(self, loop: Any) -> None:
+        if not loop.is_main:  # the replicas are identical: rank 0 writes
+            return
         step = loop.state.step
         keep = self.cfg.keep_last
         save_atomic(self.contents(loop), self.dir / "last.pt", also=self.dir / f"step_{step}.pt" if keep > 0 else None)

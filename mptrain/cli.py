@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -27,14 +28,24 @@ def config_dir() -> str:
     raise RuntimeError(f"mptrain's conf/ was not found next to {here}; reinstall mptrain")
 
 
-def run_suffix() -> str:
-    """Keeps two runs started in the same second apart. Under torchrun every rank must agree on one
-    directory, so the launcher's run id wins over the process id there."""
-    return os.environ.get("TORCHELASTIC_RUN_ID") if "TORCHELASTIC_RUN_ID" in os.environ else str(os.getpid())
+def run_name() -> str:
+    """The run directory's name: <time>-<pid>, which keeps two runs started in the same second apart.
+    Under torchrun every rank must agree on one directory (and ranks may start in different seconds),
+    so the launcher's run id names it there: torchrun-<run id>."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id:
+        return f"torchrun-{run_id[:13]}"
+    return f"{datetime.now():%H-%M-%S}-{os.getpid()}"
+
+
+def output_subdir() -> str | None:
+    """Hydra's .hydra records: written by rank 0 only under torchrun (None tells Hydra to skip them)."""
+    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
 
 
 register_configs()
-OmegaConf.register_new_resolver("mptrain_run_suffix", run_suffix, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("mptrain_run_name", run_name, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("mptrain_output_subdir", output_subdir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -42,10 +53,16 @@ def _app(cfg: DictConfig) -> float | None:
     from .outputs import print_config_tree, print_summary
     from .recipe import run
 
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if not main_rank:  # only rank 0 writes train.log and the console
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
         validate(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        print_config_tree(cfg)
+        if main_rank:
+            print_config_tree(cfg)
         log.info("run directory: %s", run_dir)
         summary = run(cfg, run_dir)
     except MptrainError as e:
@@ -53,8 +70,9 @@ def _app(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # let the sweep run its other jobs; Hydra reports the failure at the end
         sys.exit(e.exit_code)
-    print_summary(summary)
-    return summary.get("val/acc")
+    if main_rank:
+        print_summary(summary)
+    return summary.get("val/acc", summary.get("val/loss"))
 
 
 def main() -> None:

@@ -134,6 +134,9 @@ class TrainerConfig:
     allow_tf32: bool = False  # TF32 for fp32 matmuls/convolutions on Ampere+ (explicit: off keeps fp32 exact)
     tensorboard: bool = True
     progress_bar: bool = True
+    # data parallel under torchrun (docs/distributed.md)
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    grad_compression: str = "none"  # none | fp16 | bf16: compress DDP's gradient all-reduce
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
@@ -147,6 +150,9 @@ class TrainerConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
         _check(self.num_workers >= 0, "trainer.num_workers", self.num_workers, "must be >= 0")
+        _check(self.dist_backend in ("auto", "gloo", "nccl"), "trainer.dist_backend", self.dist_backend, "choose auto, gloo or nccl")
+        _check(self.grad_compression in ("none", "fp16", "bf16"), "trainer.grad_compression", self.grad_compression,
+               "choose none, fp16 or bf16")
 
 
 @dataclass

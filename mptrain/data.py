@@ -113,8 +113,8 @@ class EpochSampler(Sampler[int]):
     rank takes every world_size-th index of the same permutation (padded to equal length).
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, pad: bool = True):
+        self.size, self.seed, self.shuffle, self.pad = size, seed, shuffle, pad
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
@@ -128,15 +128,18 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        per_rank = -(-self.size // self.world_size)
-        order += order[: per_rank * self.world_size - self.size]  # pad so every rank gets as many
+        if self.pad:  # every rank gets as many indices (equal step counts); validation does not pad
+            per_rank = -(-self.size // self.world_size)
+            order += order[: per_rank * self.world_size - self.size]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices()[self.start :])
 
     def __len__(self) -> int:
-        return -(-self.size // self.world_size) - self.start
+        if self.pad:
+            return -(-self.size // self.world_size) - self.start
+        return len(range(self.rank, self.size, self.world_size)) - self.start
 
 
 def make_loader(
@@ -151,7 +154,7 @@ def make_loader(
     world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader whose order depends only on the seed and the epoch (see EpochSampler)."""
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size)
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size, pad=train)
     return DataLoader(
         dataset,
         batch_size=batch_size,

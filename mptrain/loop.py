@@ -99,7 +99,7 @@ class Loop:
 
 def fit(loop: Loop) -> None:
     """Train until loop.total_steps optimizer steps have been taken (continuing from loop.state)."""
-    s, p = loop.state, loop.precision
+    s = loop.state
     loop.model.train()
     bar = tqdm(total=loop.total_steps, initial=s.step, disable=not loop.progress_bar, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()

@@ -40,10 +40,13 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class RunWriter:
     """Appends metric rows to metrics.jsonl and TensorBoard; writes summary.json."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True):
         """`resume_step`: continuing from a checkpoint of that step, drop the rows logged after it
-        (the resumed run writes them again), so metrics.jsonl never holds a step twice."""
-        self.run_dir = Path(run_dir)
+        (the resumed run writes them again), so metrics.jsonl never holds a step twice.
+        `enabled=False` (ranks other than 0): write nothing."""
+        self.run_dir, self.enabled, self.tb = Path(run_dir), enabled, None
+        if not enabled:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.metrics_path.is_file():
@@ -53,7 +56,6 @@ class RunWriter:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         self._metrics = open(self.metrics_path, "a")
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -63,6 +65,8 @@ class RunWriter:
     def log(self, row: dict) -> None:
         """One row: `step` plus metrics. Keys like `val/acc` go to TensorBoard as they are,
         bare keys (`loss`, `lr`) under `train/`."""
+        if not self.enabled:
+            return
         self._metrics.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
         self._metrics.flush()
         if self.tb is not None:
@@ -73,9 +77,12 @@ class RunWriter:
                 self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
     def write_summary(self, summary: dict) -> None:
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.enabled:
+            write_json_atomic(self.run_dir / "summary.json", summary)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._metrics.close()
         if self.tb is not None:
             self.tb.close()

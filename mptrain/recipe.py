@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import (
     Checkpointer,
     Interrupted,
@@ -74,17 +74,21 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
 def build(cfg: DictConfig) -> Loop:
     """Every object the loop needs, each builder taking only its own sub-config."""
     t = cfg.trainer
-    device = resolve_device(t.device)
+    info = distributed.env_info()
+    device = resolve_device(distributed.device_for(t.device, info))
+    info = distributed.setup(t, device)
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
     log.info(precision.describe())
 
     datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
     pin = device.type == "cuda"
-    train_loader = make_loader(datasets.train, t.batch_size, train=True, seed=t.seed, num_workers=t.num_workers, pin_memory=pin)
+    batch = t.batch_size // info.world_size  # trainer.batch_size is the global batch
+    shard = {"rank": info.rank, "world_size": info.world_size, "num_workers": t.num_workers, "pin_memory": pin}
+    train_loader = make_loader(datasets.train, batch, train=True, seed=t.seed, **shard)
     val_loader = None
     if datasets.val is not None:
-        val_loader = make_loader(datasets.val, t.batch_size, train=False, seed=t.seed, num_workers=t.num_workers, pin_memory=pin)
+        val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, **shard)
     steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
     if steps_per_epoch == 0:
         raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
@@ -108,6 +112,8 @@ def build(cfg: DictConfig) -> Loop:
                                     for k in parts})
     else:
         optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+    base_model = model
+    model = distributed.wrap(model, t, info, device)  # DDP under torchrun
     if t.compile:
         model = torch.compile(model)  # shares the parameters; checkpoints unwrap it (_orig_mod)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
@@ -116,14 +122,15 @@ def build(cfg: DictConfig) -> Loop:
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(model).__name__, n_params / 1e6,
+    log.info("model %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__, n_params / 1e6,
              total_steps, steps_per_epoch, device)
     return Loop(
         model=model, precision=precision, optimizer=optimizer, scheduler=scheduler,
         train_loader=train_loader, val_loader=val_loader, device=device, writer=None, state=TrainState(),
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
         clip_grad_norm=t.clip_grad_norm, loss_weight=t.loss_weight, log_every=t.log_every, eval_every=t.eval_every,
-        channels_last=t.channels_last, progress_bar=t.progress_bar, task=task,
+        channels_last=t.channels_last, progress_bar=t.progress_bar and info.is_main, task=task,
+        rank=info.rank, world_size=info.world_size,
     )
 
 
@@ -181,11 +188,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     config = config_container(cfg)
     resume = resolve_resume(cfg.resume, run_dir)
     loop = build(cfg)
+    try:
+        return _run(cfg, run_dir, config, resume, loop, start)
+    finally:
+        distributed.teardown(distributed.DistInfo(loop.rank, 0, loop.world_size))
+        if cfg.trainer.compile:
+            torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
+
+
+def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, loop: Loop, start: float) -> dict:
+    info = distributed.DistInfo(loop.rank, 0, loop.world_size)
+    distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, info)
     if resume is not None:
         apply_checkpoint(loop, resume[1], resume[0], config)
+    # only rank 0 writes the run directory
     loop.writer = RunWriter(run_dir, tensorboard=cfg.trainer.tensorboard,
-                            resume_step=loop.state.step if resume is not None else None)
-    if cfg.diagnostics.enabled:
+                            resume_step=loop.state.step if resume is not None else None, enabled=info.is_main)
+    if cfg.diagnostics.enabled and info.is_main:
         loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, run_dir, tb=loop.writer.tb)
     if loop.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loop.device)

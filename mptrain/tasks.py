@@ -10,6 +10,7 @@ task its batches serve (`Datasets.task`). Losses are always computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +50,13 @@ class Task:
             diag.begin_step()  # hooks only on sampled steps
         total = torch.zeros((), device=loop.device)
         samples = 0
-        for _ in range(loop.accumulate):
+        for i in range(loop.accumulate):
             batch = loop.to_device(next(batches))
-            loss = self.loss(loop, batch)
-            p.backward(loss * (loop.loss_weight / loop.accumulate))
+            # DDP: all-reduce gradients only on the last micro-batch
+            sync = i == loop.accumulate - 1 or not hasattr(loop.model, "no_sync")
+            with contextlib.nullcontext() if sync else loop.model.no_sync():
+                loss = self.loss(loop, batch)
+                p.backward(loss * (loop.loss_weight / loop.accumulate))
             total += loss.detach()
             samples += batch[-1].shape[0]
         try:
@@ -142,6 +146,9 @@ class Adversarial(Task):
         return self._losses_d(loop, batch[0])
 
     def train_step(self, loop: Loop, batches, step_no: int) -> StepOutput:
+        if loop.world_size > 1:
+            raise ConfigError("model=dcgan under torchrun is not supported yet: its two networks step separately "
+                              "and would bypass DDP's gradient all-reduce; train it in one process")
         p, opts = loop.precision, loop.optimizer.optimizers
         real = loop.to_device(next(batches))[0]
         loss_d = self._losses_d(loop, real)

@@ -46,6 +46,7 @@ class Diagnostics:
 
     def __init__(self, cfg: DictConfig, model: nn.Module, precision, run_dir: Path, tb=None):
         model = getattr(model, "_orig_mod", model)  # hooks go on the plain modules under torch.compile
+        model = getattr(model, "module", model)  # and under DDP (a trace must not trigger its all-reduce)
         self.cfg, self.model, self.precision, self.tb = cfg, model, precision, tb
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]

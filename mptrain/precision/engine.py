@@ -171,8 +171,16 @@ class Precision:
         overflow = False
         if self.scaler is not None:
             found_inf = self.scaler.unscale_(grads)
+            if found_inf is None:
+                found_inf = torch.zeros((), device=self.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank must take the same skip decision (shards see different gradients)
+                flag = found_inf.reshape(1).float()
+                flag = flag.cpu() if torch.distributed.get_backend() == "gloo" else flag
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                found_inf = flag
             # The one host synchronisation of the step: the skip decision needs the flag.
-            overflow = found_inf is not None and bool(found_inf.item())
+            overflow = bool(found_inf.item())
         if inspect is not None:
             inspect(params, overflow, self.loss_scale)
         grad_norm = None
