@@ -8,7 +8,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint clean
+.PHONY: help install train test test-slow test-all lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,11 +25,14 @@ install: $(STAMP) ## create .venv with the pinned torch and mptrain (editable) p
 train: $(STAMP) ## run the default training job (small CNN on digits, precision=amp), offline, CPU or GPU
 	$(VENV)/bin/mptrain
 
-test: $(STAMP) ## run the whole test suite (slow tests included)
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-fast: $(STAMP) ## run the tests not marked slow
+test: $(STAMP) ## run the test suite (about 4 minutes on 2 cores; slow tests excluded)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## run only the tests marked slow (signals, launchers, wheel install, accuracy parity)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## run every test
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check mptrain tests scripts

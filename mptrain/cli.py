@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sysconfig
 from datetime import datetime
 from pathlib import Path
 
@@ -43,9 +44,15 @@ def output_subdir() -> str | None:
     return ".hydra" if os.environ.get("RANK", "0") == "0" else None
 
 
+def python_stdlib(name: str) -> str:
+    """A file of this Python's standard library (e.g. LICENSE.txt): real text present on every machine."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / name)
+
+
 register_configs()
 OmegaConf.register_new_resolver("mptrain_run_name", run_name, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("mptrain_output_subdir", output_subdir, replace=True)
+OmegaConf.register_new_resolver("python_stdlib", python_stdlib, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -88,10 +88,15 @@ def find_jobs(paths: list[Path]) -> list[Job]:
 
 
 def group_jobs(jobs: list[Job]) -> list[Group]:
+    """Group by every override except the seed; overrides shared by every job are left out of the key."""
+    def relevant(j: Job) -> list[str]:
+        return [o for o in j.overrides if o.partition("=")[0].lstrip("+~") not in SEED_KEYS
+                and not o.startswith(("hydra.", "resume="))]
+
+    common = set.intersection(*(set(relevant(j)) for j in jobs)) if len(jobs) > 1 else set()
     groups: dict[tuple[str, ...], Group] = {}
     for j in jobs:
-        key = tuple(o for o in j.overrides if o.partition("=")[0].lstrip("+~") not in SEED_KEYS
-                    and not o.startswith(("hydra.", "resume=")))
+        key = tuple(o for o in relevant(j) if o not in common)
         groups.setdefault(key, Group(key)).jobs.append(j)
     return list(groups.values())
 

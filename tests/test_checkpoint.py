@@ -234,7 +234,11 @@ def reference_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [
+    signal.SIGTERM,
+    pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+    pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+])
 def test_signal_checkpoints_and_resume_matches_uninterrupted(tmp_path, reference_run, signum):
     run_dir = tmp_path / "run"
     proc = start(run_dir, tmp_path)
@@ -253,6 +257,7 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted(tmp_path, reference
     assert stripped_rows(reference_run) == stripped_rows(run_dir)
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, reference_run):
     """Save every step (so kills land inside saves too), kill -9 three times, resume each time."""
     run_dir = tmp_path / "run"
@@ -270,6 +275,7 @@ def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, reference_run):
     assert stripped_rows(reference_run) == stripped_rows(run_dir)
 
 
+@pytest.mark.slow
 def test_hydra_records_of_every_attempt_are_kept(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli([*CLI, "trainer.max_steps=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)

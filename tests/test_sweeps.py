@@ -39,7 +39,7 @@ def test_multirun_gives_one_directory_per_job_and_reports_the_failures(sweep):
     assert len(s) == 8
     statuses = {tuple(yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())): v["status"] for d, v in s.items()}
     for overrides, status in statuses.items():
-        assert status == ("failed" if "optimizer.lr=1e30" in overrides else "completed"), overrides
+        assert status == ("failed" if "optimizer.lr=1e+30" in overrides else "completed"), overrides
     assert proc.returncode != 0  # Hydra reports the failed jobs at the end, after running every job
     assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
 
@@ -50,14 +50,15 @@ def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "250"})
     assert proc.returncode == 0, proc.stderr
     rows = {r["group"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
+    # overrides shared by every job (the QUICK settings) are left out of the group names
     assert set(rows) == {"precision=fp32 optimizer.lr=0.05", "precision=bf16 optimizer.lr=0.05",
-                         "precision=fp32 optimizer.lr=1e30", "precision=bf16 optimizer.lr=1e30"}
+                         "precision=fp32 optimizer.lr=1e+30", "precision=bf16 optimizer.lr=1e+30"}
 
     def acc(prec: str, lr: str) -> list[float]:
         out = []
         for d, v in summaries(sweep_dir).items():
             ov = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())
-            if f"precision={prec}" in ov and f"optimizer.lr={lr}" in ov:
+            if f"precision={prec}" in ov and f"optimizer.lr={lr}" in ov:  # noqa: B023
                 out.append(v["val/acc"])
         return out
 
@@ -68,7 +69,7 @@ def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
     assert float(r["val/acc std"]) == pytest.approx(statistics.stdev(bf16))
     assert float(r["diff vs fp32"]) == pytest.approx(statistics.fmean(bf16) - statistics.fmean(fp32))
     assert r["seeds"] == "0,1" and r["completed"] == "2/2"
-    failed = rows["precision=bf16 optimizer.lr=1e30"]
+    failed = rows["precision=bf16 optimizer.lr=1e+30"]
     assert failed["completed"] == "0/2" and "failed" in failed["status"]
     assert math.isnan(float(failed["val/acc mean"]))
     assert "failed" in proc.stdout
@@ -94,15 +95,19 @@ def test_compare_on_a_directory_without_runs(tmp_path):
     assert proc.returncode != 0 and "no runs under" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("preset", ["paper_parity", "loss_scale_ablation", "master_weights_ablation"])
+@pytest.mark.parametrize("preset", ["paper_parity", "loss_scale_ablation", "master_weights_ablation", "lm_parity"])
 def test_presets_compose_and_declare_their_sweeps(preset):
     cfg = compose_config([f"experiment={preset}"])
     from omegaconf import OmegaConf
 
+    OmegaConf.to_container(cfg, resolve=True)
     raw = OmegaConf.load(Path(__file__).parent.parent / "conf" / "experiment" / f"{preset}.yaml")
     params = raw.hydra.sweeper.params
     assert "seed" in params and len(str(params.seed).split(",")) == 3
-    assert cfg.model._target_ == "mptrain.models.MLP"
+    if preset == "lm_parity":
+        assert cfg.model._target_.endswith("RecurrentLM") and Path(cfg.dataset.path).is_file()
+    else:
+        assert cfg.model._target_ == "mptrain.models.MLP"
 
 
 @pytest.mark.parametrize("arm", ["fp32", "noscale", "static_1", "static_8", "static_128", "static_1024", "static_32768", "dynamic"])
