@@ -8,6 +8,8 @@ autocast to float32.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,15 @@ class RecurrentLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.embedding(tokens))
-        out, _ = self.rnn(x)
+        # oneDNN's CPU LSTM/GRU has no float16 kernel: under fp16 autocast on a CPU use PyTorch's own
+        fp16_on_cpu = (tokens.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                       and torch.get_autocast_dtype("cpu") == torch.float16)
+        if fp16_on_cpu:
+            with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+                warnings.simplefilter("ignore")  # a note about Intel GPUs' TF32 that does not apply
+                out, _ = self.rnn(x)
+        else:
+            out, _ = self.rnn(x)
         return self.head(self.drop(out))
 
 

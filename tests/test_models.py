@@ -54,6 +54,7 @@ def fixed_batch_losses(overrides: list[str], steps: int) -> tuple[list[float], o
 
 
 CASES = [(f, m) for f in ("cnn", "lstm", "gru", "gpt") for m in ("fp32", "amp", "master")]
+CASES += [("lstm", "dynamic"), ("gru", "dynamic")]  # fp16 autocast: oneDNN has no fp16 RNN on CPU
 CASES += [("resnet18", "fp32"), ("resnet18", "amp")]  # fp16 convolutions are emulated on a CPU: the CNN covers master
 
 
