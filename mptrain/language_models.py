@@ -44,9 +44,10 @@ class RecurrentLM(nn.Module):
         fp16_on_cpu = (tokens.device.type == "cpu" and torch.is_autocast_enabled("cpu")
                        and torch.get_autocast_dtype("cpu") == torch.float16)
         if fp16_on_cpu:
-            with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a note about Intel GPUs' TF32 that does not apply
-                out, _ = self.rnn(x)
+                with torch.backends.mkldnn.flags(enabled=False):
+                    out, _ = self.rnn(x)
         else:
             out, _ = self.rnn(x)
         return self.head(self.drop(out))

@@ -165,8 +165,9 @@ def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, er
             "final_loss_scale": p.loss_scale,
             "train_loss": loop.train_loss,
             **{k: v for k, v in loop.last_val.items() if k != "step"},
-            "samples": s.samples,
-            "samples_per_s": round(s.samples / loop.train_time, 2) if loop.train_time > 0 else None,
+            "samples": s.samples * loop.world_size,  # every rank trains on as many samples
+            "samples_per_s": round(s.samples * loop.world_size / loop.train_time, 2) if loop.train_time > 0 else None,
+            "world_size": loop.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
         })
