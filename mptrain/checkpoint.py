@@ -262,7 +262,7 @@ class Checkpointer:
         epoch_end = c.every_epochs is not None and s.step_in_epoch == 0 and s.epoch % c.every_epochs == 0
         if due or epoch_end or s.step == loop.total_steps:
             self.save(loop)
-        if improved and c.save_best and loop.is_main:
+        if improved and c.save_best and loop.is_main and loop.strategy != "fsdp":
             save_atomic(self.contents(loop), self.dir / "best.pt")
 
     def _update_best(self, loop: Any) -> bool:
@@ -275,24 +275,33 @@ class Checkpointer:
             return True
         return False
 
-    def contents(self, loop: Any) -> dict:
-        model = getattr(loop.model, "_orig_mod", loop.model)  # unwrapped, uncompiled
-        model = getattr(model, "module", model)  # DDP
-        return {
+    def contents(self, loop: Any, weights: bool = True) -> dict:
+        """Everything a resume needs; `weights=False` leaves out model and optimizer (FSDP saves those sharded)."""
+        out = {
             "format_version": FORMAT_VERSION,
             "mptrain_version": __version__,
             "torch_version": str(torch.__version__),
-            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "precision": loop.precision.state_dict(),
-            "optimizer": loop.optimizer.state_dict(),
             "scheduler": loop.scheduler.state_dict(),
             "train_state": loop.state.state_dict(),
             "loop": loop.progress_state(),
             "rng": capture_rng(),
             "config": self.config,
         }
+        if weights:
+            model = getattr(loop.model, "_orig_mod", loop.model)  # unwrapped, uncompiled
+            model = getattr(model, "module", model)  # DDP
+            out["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            out["optimizer"] = loop.optimizer.state_dict()
+        return out
 
     def save(self, loop: Any) -> None:
+        if loop.strategy == "fsdp":  # every rank writes its shards
+            from . import fsdp
+
+            path = fsdp.save(loop, self.contents(loop, weights=False), self.dir, self.cfg.keep_last)
+            log.info("sharded checkpoint saved at step %d: %s", loop.state.step, path)
+            return
         if not loop.is_main:  # the replicas are identical: rank 0 writes
             return
         step = loop.state.step
@@ -303,14 +312,25 @@ class Checkpointer:
         log.info("checkpoint saved at step %d: %s", step, self.dir / "last.pt")
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict] | None:
-    """What to resume from: None (fresh), `auto` (newest readable in this run) or a file path."""
+def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
+    """What to resume from: None (fresh), `auto` (newest readable in this run) or a file path.
+    Sharded (FSDP) checkpoints are directories; their weights load once the model is sharded (ckpt None)."""
+    from . import fsdp
+
     ckpt_dir = Path(run_dir) / "checkpoints"
     if resume is None:
-        if candidates(ckpt_dir):
+        if candidates(ckpt_dir) or fsdp.complete(ckpt_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
                                   "or choose a new hydra.run.dir (nothing was overwritten)")
         return None
+    if sharded:
+        found_dirs = fsdp.complete(ckpt_dir) if resume == "auto" else [Path(resume)]
+        if not found_dirs:
+            log.info("resume=auto: no sharded checkpoint in %s, starting fresh", ckpt_dir)
+            return None
+        if not (found_dirs[0] / ".metadata").is_file():
+            raise CheckpointError(f"{found_dirs[0]} is not a complete sharded checkpoint (no .metadata)")
+        return found_dirs[0], None
     if resume == "auto":
         found = find_resumable(ckpt_dir)
         if found is None:
@@ -320,8 +340,15 @@ def resolve_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict] | Non
     return path, load_file(path)
 
 
-def apply_checkpoint(loop: Any, ckpt: dict, path: Path, config: dict) -> None:
+def apply_checkpoint(loop: Any, ckpt: dict | None, path: Path, config: dict) -> None:
     """Load every piece of state into the freshly built objects, after checking that it fits."""
+    if ckpt is None:  # sharded: weights and optimizer through torch.distributed.checkpoint
+        from . import fsdp
+
+        ckpt = fsdp.load(loop, path)
+        report_config_changes(ckpt["config"], config)
+        _apply_rest(loop, ckpt, path)
+        return
     report_config_changes(ckpt["config"], config)
     model = getattr(loop.model, "_orig_mod", loop.model)
     model = getattr(model, "module", model)
@@ -333,6 +360,12 @@ def apply_checkpoint(loop: Any, ckpt: dict, path: Path, config: dict) -> None:
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
                               "resume with the checkpoint's optimizer settings") from None
+    _apply_rest(loop, ckpt, path)
+
+
+def _apply_rest(loop: Any, ckpt: dict, path: Path) -> None:
+    if "model" not in ckpt:  # a sharded checkpoint's precision state has no master tensors
+        loop.precision.load_state_dict({k: v for k, v in ckpt["precision"].items() if k != "master"})
     loop.scheduler.load_state_dict(ckpt["scheduler"])
     loop.state.load_state_dict(ckpt["train_state"])
     loop.load_progress_state(ckpt["loop"])

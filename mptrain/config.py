@@ -135,6 +135,7 @@ class TrainerConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     # data parallel under torchrun (docs/distributed.md)
+    strategy: str = "ddp"  # ddp (replicated) | fsdp (FSDP2: sharded params, grads, optimizer state)
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     grad_compression: str = "none"  # none | fp16 | bf16: compress DDP's gradient all-reduce
 
@@ -150,6 +151,7 @@ class TrainerConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
         _check(self.num_workers >= 0, "trainer.num_workers", self.num_workers, "must be >= 0")
+        _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy", self.strategy, "choose ddp or fsdp")
         _check(self.dist_backend in ("auto", "gloo", "nccl"), "trainer.dist_backend", self.dist_backend, "choose auto, gloo or nccl")
         _check(self.grad_compression in ("none", "fp16", "bf16"), "trainer.grad_compression", self.grad_compression,
                "choose none, fp16 or bf16")

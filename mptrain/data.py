@@ -152,9 +152,12 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    pad: bool | None = None,
 ) -> DataLoader:
-    """A DataLoader whose order depends only on the seed and the epoch (see EpochSampler)."""
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size, pad=train)
+    """A DataLoader whose order depends only on the seed and the epoch (see EpochSampler).
+    `pad` (default: train) gives every rank as many batches: FSDP's collectives need it in validation too."""
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size,
+                           pad=train if pad is None else pad)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -58,6 +58,7 @@ class Loop:
     task: Task = field(default_factory=Task)
     rank: int = 0
     world_size: int = 1
+    strategy: str = "single"  # single | ddp | fsdp
 
     def __post_init__(self) -> None:
         if self.window_loss is None:

@@ -21,6 +21,8 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, **impl)
 
+    if cfg.implementation == "auto" and any(hasattr(p, "device_mesh") for p in params):
+        return make(foreach=True)  # FSDP2's DTensor parameters have no fused kernels
     if cfg.implementation == "auto":
         # fused kernels (one per step, CPU and CUDA) are ~3x faster than the per-tensor loop on a CPU;
         # fall back to PyTorch's own choice where a device or dtype has none

@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
-from . import __version__, distributed
+from . import __version__, distributed, fsdp
 from .checkpoint import (
     Checkpointer,
     Interrupted,
@@ -88,7 +88,7 @@ def build(cfg: DictConfig) -> Loop:
     train_loader = make_loader(datasets.train, batch, train=True, seed=t.seed, **shard)
     val_loader = None
     if datasets.val is not None:
-        val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, **shard)
+        val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, pad=t.strategy == "fsdp", **shard)
     steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
     if steps_per_epoch == 0:
         raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
@@ -106,6 +106,14 @@ def build(cfg: DictConfig) -> Loop:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision.prepare_model(model)
+    if t.strategy == "fsdp":
+        if not info.enabled:
+            raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
+                              "--nproc_per_node=N (N > 1)")
+        if task.name == "gan":
+            raise ConfigError("model=dcgan with trainer.strategy=fsdp is not supported; train it in one process")
+        model = fsdp.shard(model, precision)
+        precision.prepare_model(model)  # the optimizer must see the sharded parameters
     if task.name == "gan":  # one optimizer per network, one loss scaler for both
         parts = ("discriminator", "generator")
         optimizer = MultiOptimizer({k: build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, k)))
@@ -113,7 +121,8 @@ def build(cfg: DictConfig) -> Loop:
     else:
         optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
     base_model = model
-    model = distributed.wrap(model, t, info, device)  # DDP under torchrun
+    if t.strategy == "ddp":
+        model = distributed.wrap(model, t, info, device)  # DDP under torchrun
     if t.compile:
         model = torch.compile(model)  # shares the parameters; checkpoints unwrap it (_orig_mod)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
@@ -130,7 +139,7 @@ def build(cfg: DictConfig) -> Loop:
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
         clip_grad_norm=t.clip_grad_norm, loss_weight=t.loss_weight, log_every=t.log_every, eval_every=t.eval_every,
         channels_last=t.channels_last, progress_bar=t.progress_bar and info.is_main, task=task,
-        rank=info.rank, world_size=info.world_size,
+        rank=info.rank, world_size=info.world_size, strategy=t.strategy if info.enabled else "single",
     )
 
 
@@ -187,7 +196,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """
     start = time.perf_counter()
     config = config_container(cfg)
-    resume = resolve_resume(cfg.resume, run_dir)
+    resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
     loop = build(cfg)
     try:
         return _run(cfg, run_dir, config, resume, loop, start)

@@ -170,7 +170,8 @@ class Precision:
         grads = self.master.grads_to_master(params) if self.master is not None else [p.grad for p in params if p.grad is not None]
         overflow = False
         if self.scaler is not None:
-            found_inf = self.scaler.unscale_(grads)
+            # FSDP2: gradients are DTensors; unscale each rank's local shard in place
+            found_inf = self.scaler.unscale_([g.to_local() if hasattr(g, "to_local") else g for g in grads])
             if found_inf is None:
                 found_inf = torch.zeros((), device=self.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
