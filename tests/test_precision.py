@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -382,3 +383,16 @@ def test_mixed_precision_modes_match_fp32_on_digits(tmp_path):
     assert acc["fp32"] > 0.95
     for value in acc.values():
         assert abs(value - acc["fp32"]) <= 0.015, acc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster"])
+def test_torch_compile_works_in_every_precision_mode(tmp_path, mode):
+    """trainer.compile=true: the compiled run trains, and its checkpoint holds the plain (uncompiled) model."""
+    summary, run_dir = train(tmp_path, [f"precision={mode}", "model=mlp", "trainer.compile=true", "trainer.max_steps=4",
+                                        "trainer.log_every=1"])
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert all(np.isfinite(losses))
