@@ -49,8 +49,7 @@ class DCGAN(nn.Module):
 
     task = "gan"
 
-    def __init__(self, channels: int = 1, image_size: int = 8, latent_dim: int = 64, width: int = 32,
-                 num_classes: int | None = None):
+    def __init__(self, channels: int = 1, image_size: int = 8, latent_dim: int = 64, width: int = 32):
         super().__init__()
         if image_size < 8 or image_size & (image_size - 1):
             raise ConfigError(f"model=dcgan needs a power-of-two dataset.image_size >= 8, not {image_size}")

@@ -67,7 +67,3 @@ def _restore_torch_globals():
              torch.backends.cudnn.allow_tf32)
     assert after == before, "a run leaked a global torch setting"
 
-
-@pytest.fixture(scope="session")
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
