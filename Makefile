@@ -25,7 +25,7 @@ install: $(STAMP) ## create .venv with the pinned torch and mptrain (editable) p
 train: $(STAMP) ## run the default training job (small CNN on digits, precision=amp), offline, CPU or GPU
 	$(VENV)/bin/mptrain
 
-test: $(STAMP) ## run the test suite (about 5 minutes on 2 cores; slow tests excluded)
+test: $(STAMP) ## run the test suite (about 6 minutes on 2 cores; slow tests excluded)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## run only the tests marked slow (signals, launchers, wheel install, accuracy parity)
