@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -133,6 +134,48 @@ def run_plain(overrides, n, warmup, recipe, dtype) -> float:
     return timer.rate(warmup)
 
 
+# ---- (c) a peer: PyTorch Lightning's Trainer on the same work, where it is installed -----------------
+
+def run_lightning(overrides, n, warmup, recipe, dtype) -> float | None:
+    """Lightning's Trainer with the same model init, data, optimizer and precision (None if not installed
+    or no Lightning equivalent: Lightning 2 has no fp32-master-weights mode like apex O2)."""
+    try:
+        import pytorch_lightning as pl
+    except ImportError:
+        return None
+    if recipe == "master":
+        return None
+    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
+    channels_last, lr = cfg.trainer.channels_last, cfg.optimizer.lr
+    net = loop.model
+    timer = StepTimer()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, _):
+            x, y = batch
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return F.cross_entropy(self.net(x).float(), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+
+        def on_train_batch_end(self, *args):
+            timer()
+
+    precision = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[dtype]
+    trainer = pl.Trainer(max_steps=n, accelerator="gpu" if loop.device.type == "cuda" else "cpu", devices=1,
+                         precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    loop.train_loader.sampler.set_epoch(0)
+    trainer.fit(Module(), train_dataloaders=loop.train_loader)
+    return timer.rate(warmup)
+
+
 # ---- activation memory -----------------------------------------------------------------------------
 
 def activation_bytes(overrides: list[str]) -> int:
@@ -213,15 +256,19 @@ def main() -> None:
     results = {}
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for label, ov, recipe, dtype in recipes:
-            plain, ours, diag = [], [], []
+            plain, ours, diag, peer = [], [], [], []
             for r in range(args.repeats):  # alternate, so drift hits both alike
                 plain.append(run_plain(base + ov, n, args.warmup, recipe, dtype))
                 ours.append(run_mptrain(base + ov, n, args.warmup, False, Path(tmp) / f"{label}{r}"))
+                lightning = run_lightning(base + ov, n, args.warmup, recipe, dtype)
+                if lightning is not None:
+                    peer.append(lightning)
                 if label == "amp":
                     # sample every step here and scale the cost to the default interval (1 in 100) below
                     diag.append(run_mptrain(base + ov + ["diagnostics.every=1", "diagnostics.first_steps=0"], n,
                                             args.warmup, True, Path(tmp) / f"d{label}{r}"))
-            results[label] = {"plain": statistics.median(plain), "mptrain": statistics.median(ours)}
+            results[label] = {"plain": statistics.median(plain), "mptrain": statistics.median(ours),
+                              "lightning": statistics.median(peer) if peer else math.nan}
             if diag:
                 results[label]["diag_every_step"] = statistics.median(diag)
             print(label, {k: round(v, 3) for k, v in results[label].items()}, file=sys.stderr)
@@ -231,11 +278,13 @@ def main() -> None:
              f"Workload: {args.model}, synthetic {args.image_size}x{args.image_size} images, batch {args.batch_size}, "
              f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats} alternating repeats"
              f"{', channels_last' if args.channels_last else ''}.", "",
-             "| recipe | plain loop steps/s | mptrain steps/s | mptrain / plain | vs fp32 (mptrain) | activation memory MB | vs fp32 |",
-             "|---|---|---|---|---|---|---|"]
+             "| recipe | plain loop steps/s | mptrain steps/s | mptrain / plain | Lightning steps/s | mptrain / Lightning | vs fp32 (mptrain) | activation memory MB | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label in results:
         r = results[label]
-        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['mptrain'] / r['plain']:.3f} | "
+        peer_cells = ("n/a | n/a" if math.isnan(r["lightning"])
+                      else f"{r['lightning']:.3f} | {r['mptrain'] / r['lightning']:.3f}")
+        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['mptrain'] / r['plain']:.3f} | {peer_cells} | "
                      f"{r['mptrain'] / results['fp32']['mptrain']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |")
     every = results["amp"]["diag_every_step"]
     step_cost = 1 / every - 1 / results["amp"]["mptrain"]  # extra seconds of one sampled step
