@@ -250,9 +250,9 @@ class Checkpointer:
         improved = self._update_best(loop)
         stop = self.signals.received is not None
         if loop.world_size > 1:  # every rank stops after the same step (a tiny all-reduce per step)
-            from .distributed import DistInfo, any_rank
+            from .distributed import any_rank
 
-            stop = any_rank(stop, DistInfo(loop.rank, 0, loop.world_size), loop.device)
+            stop = any_rank(stop, loop.dist, loop.device)
         if stop:
             self.save(loop)
             raise Interrupted(self.signals.received or signal.SIGTERM, s.step)

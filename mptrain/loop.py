@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .diagnostics import Diagnostics
+from .distributed import DistInfo
 from .errors import TrainingFailed
 from .outputs import RunWriter
 from .precision import Precision
@@ -67,6 +68,10 @@ class Loop:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dist(self) -> DistInfo:
+        return DistInfo(self.rank, 0, self.world_size)
 
     def to_device(self, batch: tuple) -> tuple:
         """Move a batch to the device (non-blocking from pinned memory), in the model's input dtype."""
@@ -127,14 +132,11 @@ def fit(loop: Loop) -> None:
             bar.update(1)
             if s.step % loop.log_every == 0 or s.step == loop.total_steps:
                 _log_row(loop, bar)
-            if loop.val_loader is not None and (
-                epoch_end if loop.eval_every is None else s.step % loop.eval_every == 0
-            ):
-                loop.train_time += time.perf_counter() - t0
+            scheduled = epoch_end if loop.eval_every is None else s.step % loop.eval_every == 0
+            if loop.val_loader is not None and (scheduled or s.step == loop.total_steps):  # always validate the end
+                loop.train_time += time.perf_counter() - t0  # validation is not training time
                 _validate(loop)
                 t0 = time.perf_counter()
-            if s.step == loop.total_steps and loop.val_loader is not None and loop.last_val.get("step") != s.step:
-                _validate(loop)  # always end with a validation of the final weights
             for hook in loop.after_step:
                 hook(loop)
     if loop.device.type == "cuda":

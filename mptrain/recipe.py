@@ -201,13 +201,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         return _run(cfg, run_dir, config, resume, loop, start)
     finally:
-        distributed.teardown(distributed.DistInfo(loop.rank, 0, loop.world_size))
+        distributed.teardown(loop.dist)
         if cfg.trainer.compile:
             torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
 
 
 def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, loop: Loop, start: float) -> dict:
-    info = distributed.DistInfo(loop.rank, 0, loop.world_size)
+    info = loop.dist
     distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, info)
     if resume is not None:
         apply_checkpoint(loop, resume[1], resume[0], config)
