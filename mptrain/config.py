@@ -132,6 +132,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (checkpoints still hold the plain model)
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (fixed shapes)
     allow_tf32: bool = False  # TF32 for fp32 matmuls/convolutions on Ampere+ (explicit: off keeps fp32 exact)
+    # CPU only: weight gradients of small-map convolutions as a forward convolution, where oneDNN's own
+    # kernel is slow (mptrain/conv_wgrad.py): auto (where measured faster) | forward (always) | native (never)
+    conv_wgrad: str = "auto"
     tensorboard: bool = True
     progress_bar: bool = True
     # data parallel under torchrun (docs/distributed.md)
@@ -151,6 +154,8 @@ class TrainerConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
         _check(self.num_workers >= 0, "trainer.num_workers", self.num_workers, "must be >= 0")
+        _check(self.conv_wgrad in ("auto", "native", "forward"), "trainer.conv_wgrad", self.conv_wgrad,
+               "choose auto, native or forward")
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy", self.strategy, "choose ddp or fsdp")
         _check(self.dist_backend in ("auto", "gloo", "nccl"), "trainer.dist_backend", self.dist_backend, "choose auto, gloo or nccl")
         _check(self.grad_compression in ("none", "fp16", "bf16"), "trainer.grad_compression", self.grad_compression,

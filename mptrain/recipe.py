@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
-from . import __version__, distributed, fsdp
+from . import __version__, conv_wgrad, distributed, fsdp
 from .checkpoint import (
     Checkpointer,
     Interrupted,
@@ -103,6 +103,11 @@ def build(cfg: DictConfig) -> Loop:
                           "put its module on PYTHONPATH") from None
     task = task_for(target, datasets.task)  # before building a model that cannot fit the data
     model = _instantiate(cfg.model, "model", **facts).to(device)
+    if device.type == "cpu":
+        switched = conv_wgrad.apply(model, t.conv_wgrad)
+        if switched:
+            log.debug("trainer.conv_wgrad=%s: %d convolutions may take the forward-form weight gradient",
+                      t.conv_wgrad, switched)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision.prepare_model(model)

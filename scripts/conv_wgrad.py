@@ -1,0 +1,66 @@
+"""Where does the forward-form weight gradient beat oneDNN's own on this CPU? (mptrain/conv_wgrad.py)
+
+Times, for 3x3 stride-1 convolutions of ResNet shapes, the native weight gradient
+(aten::convolution_backward for the weight only) against the forward form, in fp32 and bf16, and prints
+the largest map size up to which the forward form wins at every width: compare with
+mptrain.conv_wgrad.AUTO_MAX_PIXELS.
+
+    python scripts/conv_wgrad.py [--batch-size 64] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    n = args.batch_size
+    shapes = [(512, 2), (256, 2), (512, 4), (256, 4), (128, 4), (256, 8), (128, 8), (64, 8), (128, 16), (64, 16)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, 3x3 stride 1, channels_last\n")
+    print("| dtype | channels | map | native wgrad ms | forward form ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    wins: dict[torch.dtype, dict[int, bool]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for c, h in shapes:
+            cl = torch.channels_last
+            x = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=cl)
+            w = torch.randn(c, c, 3, 3).to(dtype).contiguous(memory_format=cl)
+            dy = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=cl)
+            native = median_ms(lambda: torch.ops.aten.convolution_backward(
+                dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), args.repeats)
+            forward = median_ms(lambda: F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, 1), args.repeats)
+            won = wins.setdefault(dtype, {})
+            won[h * h] = won.get(h * h, True) and forward < native
+            print(f"| {str(dtype).removeprefix('torch.')} | {c} | {h}x{h} | {native:.2f} | {forward:.2f} | {native / forward:.2f}x |")
+    print()
+    for dtype, won in wins.items():
+        limit = 0
+        for pixels in sorted(won):
+            if not won[pixels]:
+                break
+            limit = pixels
+        print(f"{str(dtype).removeprefix('torch.')}: the forward form wins at every width up to {limit} pixels")
+
+
+if __name__ == "__main__":
+    main()
