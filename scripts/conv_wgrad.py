@@ -29,6 +29,14 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def time_both(x, w, dy, repeats: int) -> tuple[float, float]:
+    """(native, forward form) weight-gradient milliseconds for a 3x3, stride 1, padding 1 convolution."""
+    native = median_ms(lambda: torch.ops.aten.convolution_backward(
+        dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), repeats)
+    forward = median_ms(lambda: F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, 1), repeats)
+    return native, forward
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=64)
@@ -46,9 +54,7 @@ def main() -> None:
             x = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=cl)
             w = torch.randn(c, c, 3, 3).to(dtype).contiguous(memory_format=cl)
             dy = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=cl)
-            native = median_ms(lambda: torch.ops.aten.convolution_backward(
-                dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), args.repeats)
-            forward = median_ms(lambda: F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, 1), args.repeats)
+            native, forward = time_both(x, w, dy, args.repeats)
             won = wins.setdefault(dtype, {})
             won[h * h] = won.get(h * h, True) and forward < native
             print(f"| {str(dtype).removeprefix('torch.')} | {c} | {h}x{h} | {native:.2f} | {forward:.2f} | {native / forward:.2f}x |")
