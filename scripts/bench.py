@@ -2,9 +2,12 @@
 
 For each precision recipe: the same model initialisation, data and batch, runs alternating between
 (a) a plain loop written the way the PyTorch docs write it and (b) mptrain's own loop (the real
-`mptrain.loop.fit`, built from the config). Steady-state steps/s = median over repeats of the
-steps after warm-up. Also: diagnostics at the default interval, bf16 vs fp32, and activation memory
-(bytes autograd saves for backward, per training step; max_memory_allocated on CUDA).
+`mptrain.loop.fit`, built from the config) running the same kernels (trainer.conv_wgrad=native), then
+(c) mptrain as it runs by default (on CPU: trainer.conv_wgrad=auto) and (d) Lightning where installed.
+Steady-state speed = 1 / median step time after warm-up; mptrain / plain is the median over repeats of
+the ratio within each repeat (the two runs sit next to each other, so slow drift of a shared machine
+cancels). Also: diagnostics at the default interval, bf16 vs fp32, and activation memory (bytes autograd
+saves for backward, per training step; max_memory_allocated on CUDA).
 
     python scripts/bench.py                     # CPU defaults: resnet18, 64x64 synthetic images, batch 64
     python scripts/bench.py --device cuda --image-size 224 --batch-size 256 --model resnet50 --fp16
@@ -96,8 +99,10 @@ class StepTimer:
         self.times.append(time.perf_counter())
 
     def rate(self, warmup: int) -> float:
-        t = self.times[warmup:]
-        return (len(t) - 1) / (t[-1] - t[0])
+        """Steps/s from the median step time after warm-up: one step slowed by a neighbour on a shared
+        machine does not move it."""
+        steps = [b - a for a, b in zip(self.times, self.times[1:])][warmup:]
+        return 1 / statistics.median(steps)
 
 
 def run_mptrain(overrides, n, warmup, diagnostics: bool, tmp: Path) -> float:
@@ -228,9 +233,9 @@ def main() -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per run, after warm-up")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per run, after warm-up")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fp16", action="store_true", help="fp16 recipes (amp=fp16, master=fp16): for CUDA")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (both loops)")
     ap.add_argument("--write", type=Path, help="append the markdown tables to this file")
@@ -253,45 +258,55 @@ def main() -> None:
     ]
     import tempfile
 
+    same = ["trainer.conv_wgrad=native"]  # the plain loop and Lightning run PyTorch's own kernels
+    default_differs = args.device == "cpu"  # conv_wgrad only acts on CPU
     results = {}
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for label, ov, recipe, dtype in recipes:
-            plain, ours, diag, peer = [], [], [], []
-            for r in range(args.repeats):  # alternate, so drift hits both alike
-                plain.append(run_plain(base + ov, n, args.warmup, recipe, dtype))
-                ours.append(run_mptrain(base + ov, n, args.warmup, False, Path(tmp) / f"{label}{r}"))
-                lightning = run_lightning(base + ov, n, args.warmup, recipe, dtype)
+            runs: dict[str, list[float]] = {"plain": [], "mptrain": [], "default": [], "lightning": [], "diag": []}
+            for r in range(args.repeats):  # alternate, so drift hits all alike
+                runs["plain"].append(run_plain(base + ov + same, n, args.warmup, recipe, dtype))
+                runs["mptrain"].append(run_mptrain(base + ov + same, n, args.warmup, False, Path(tmp) / f"{label}{r}"))
+                if default_differs:
+                    runs["default"].append(run_mptrain(base + ov, n, args.warmup, False, Path(tmp) / f"a{label}{r}"))
+                lightning = run_lightning(base + ov + same, n, args.warmup, recipe, dtype)
                 if lightning is not None:
-                    peer.append(lightning)
+                    runs["lightning"].append(lightning)
                 if label == "amp":
                     # sample every step here and scale the cost to the default interval (1 in 100) below
-                    diag.append(run_mptrain(base + ov + ["diagnostics.every=1", "diagnostics.first_steps=0"], n,
-                                            args.warmup, True, Path(tmp) / f"d{label}{r}"))
-            results[label] = {"plain": statistics.median(plain), "mptrain": statistics.median(ours),
-                              "lightning": statistics.median(peer) if peer else math.nan}
-            if diag:
-                results[label]["diag_every_step"] = statistics.median(diag)
-            print(label, {k: round(v, 3) for k, v in results[label].items()}, file=sys.stderr)
+                    runs["diag"].append(run_mptrain(base + ov + same + ["diagnostics.every=1", "diagnostics.first_steps=0"],
+                                                    n, args.warmup, True, Path(tmp) / f"d{label}{r}"))
+            if not default_differs:
+                runs["default"] = runs["mptrain"]
+            paired = [m / p for m, p in zip(runs["mptrain"], runs["plain"])]
+            res = {k: statistics.median(v) if v else math.nan for k, v in runs.items()}
+            res.update(ratio=statistics.median(paired), ratio_lo=min(paired), ratio_hi=max(paired))
+            if runs["lightning"]:
+                res["vs_lightning"] = statistics.median([m / p for m, p in zip(runs["mptrain"], runs["lightning"])])
+            results[label] = res
+            print(label, {k: round(v, 3) for k, v in res.items()}, file=sys.stderr)
         mem = {label: activation_bytes(base + ov) for label, ov, _, _ in recipes}
 
+    fp32 = results["fp32"]
     lines = [f"Machine: {machine()}.",
              f"Workload: {args.model}, synthetic {args.image_size}x{args.image_size} images, batch {args.batch_size}, "
-             f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats} alternating repeats"
-             f"{', channels_last' if args.channels_last else ''}.", "",
-             "| recipe | plain loop steps/s | mptrain steps/s | mptrain / plain | Lightning steps/s | mptrain / Lightning | vs fp32 (mptrain) | activation memory MB | vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for label in results:
-        r = results[label]
-        peer_cells = ("n/a | n/a" if math.isnan(r["lightning"])
-                      else f"{r['lightning']:.3f} | {r['mptrain'] / r['lightning']:.3f}")
-        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['mptrain'] / r['plain']:.3f} | {peer_cells} | "
-                     f"{r['mptrain'] / results['fp32']['mptrain']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |")
-    every = results["amp"]["diag_every_step"]
-    step_cost = 1 / every - 1 / results["amp"]["mptrain"]  # extra seconds of one sampled step
-    default_overhead = step_cost / 100 / (1 / results["amp"]["mptrain"])
-    lines += ["", f"Diagnostics on `amp`: sampling every step runs at {every:.3f} steps/s "
-              f"({every / results['amp']['mptrain']:.2f}x); one sampled step costs {1000 * step_cost:.0f} ms extra, "
-              f"so the default interval (1 step in 100) costs {100 * default_overhead:.2f}% of steps/s.", ""]
+             f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} alternating repeats"
+             f"{', channels_last' if args.channels_last else ''}. Steps/s = 1 / median step time, median over repeats; "
+             "mptrain / plain = median of the per-repeat ratios [lowest, highest].", "",
+             "| recipe | plain loop steps/s | mptrain, same kernels | mptrain / plain | Lightning steps/s | mptrain / Lightning "
+             "| mptrain default steps/s | vs fp32: plain | vs fp32: mptrain default | activation MB | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        peer_cells = ("n/a | n/a" if math.isnan(r["lightning"]) else f"{r['lightning']:.3f} | {r['vs_lightning']:.3f}")
+        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | **{r['ratio']:.3f}** [{r['ratio_lo']:.3f}, "
+                     f"{r['ratio_hi']:.3f}] | {peer_cells} | {r['default']:.3f} | {r['plain'] / fp32['plain']:.2f}x | "
+                     f"{r['default'] / fp32['default']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |")
+    every, amp = results["amp"]["diag"], results["amp"]["mptrain"]
+    step_cost = 1 / every - 1 / amp  # extra seconds of one sampled step
+    default_overhead = step_cost / 100 / (1 / amp)
+    lines += ["", f"Diagnostics on `amp`: sampling every step runs at {every:.3f} steps/s ({every / amp:.2f}x); one "
+              f"sampled step costs {1000 * step_cost:.0f} ms extra, so the default interval (1 step in 100) costs "
+              f"{100 * default_overhead:.2f}% of steps/s.", ""]
     text = "\n".join(lines)
     print(text)
     if args.write:
