@@ -26,14 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+# what `import mptrain` does, done before torch allocates anything so both loops run with it
+# (mptrain/__init__.py); THP_MEM_ALLOC_ENABLE=0 python scripts/bench.py measures without
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from mptrain.cli import config_dir
-from mptrain.config import validate
-from mptrain.precision import cast_model
-from mptrain.recipe import build, seed_everything
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from mptrain.cli import config_dir  # noqa: E402
+from mptrain.config import validate  # noqa: E402
+from mptrain.precision import cast_model  # noqa: E402
+from mptrain.recipe import build, seed_everything  # noqa: E402
 
 # ---- (a) the handwritten loops ---------------------------------------------------------------------
 
@@ -224,7 +228,9 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
+    thp = "on" if os.environ.get("THP_MEM_ALLOC_ENABLE") not in (None, "0") else "off"
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}; "
+            f"huge pages for CPU tensors (THP_MEM_ALLOC_ENABLE) {thp}")
 
 
 def main() -> None:
