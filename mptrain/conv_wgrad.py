@@ -5,18 +5,18 @@ Xeon this project is developed on (oneDNN 3.12), the bf16 weight gradient of a 5
 on a 2x2 map takes ~17 ms while the forward convolution takes ~5 ms, and in fp32 ~23 ms; ResNets on
 small images spend most of their backward pass there (docs/benchmarks.md has the profile).
 
-The same numbers come out of a *forward* convolution, which oneDNN does fast. For stride 1, dilation 1
-and one group,
+The same numbers come out of a *forward* convolution, which oneDNN does fast. For dilation 1 and one
+group, with stride s,
 
-    dW[o, i, a, b] = sum_{n, h, w} dY[n, o, h, w] * Xpad[n, i, h + a, w + b]
+    dW[o, i, a, b] = sum_{n, h, w} dY[n, o, h, w] * Xpad[n, i, s*h + a, s*w + b]
 
 which is conv2d(X with batch and channels swapped, kernel = dY with batch and channels swapped, same
-padding): a "batch" of C_in images with N channels, filtered by C_out kernels of the map's size. The
-output is exactly kh x kw because the forward output is H + 2p - kh + 1 high. Accumulation happens
-inside oneDNN in fp32 either way; results agree with the native kernel to rounding.
+padding, dilation s): a "batch" of C_in images with N channels, filtered by C_out kernels of the output
+map's size. Its output is at least kh x kw (exactly, for stride 1); the first kh x kw are dW. Accumulation
+happens inside oneDNN in fp32 either way; results agree with the native kernel to rounding.
 
 `trainer.conv_wgrad`: `native` leaves every convolution alone; `forward` uses the forward form for every
-eligible convolution (stride 1, dilation 1, groups 1, zero padding given as numbers, CPU, training);
+eligible convolution (dilation 1, groups 1, zero padding given as numbers, CPU, training);
 `auto` (the default) uses it only where it measured faster here: output maps of at most
 AUTO_MAX_PIXELS pixels for the compute dtype. `python scripts/conv_wgrad.py` re-measures the crossover
 on another machine.
@@ -37,7 +37,7 @@ AUTO_MAX_PIXELS = {torch.bfloat16: 16, torch.float32: 4}
 
 
 class _ConvWgradByForward(torch.autograd.Function):
-    """conv2d with stride 1 / dilation 1 / groups 1 whose weight gradient is a forward convolution."""
+    """conv2d (dilation 1, one group) whose weight gradient is a forward convolution."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):

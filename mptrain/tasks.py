@@ -48,7 +48,8 @@ class Task:
         p, diag = loop.precision, loop.diagnostics
         if diag is not None and diag.sampled(step_no):
             diag.begin_step()  # hooks only on sampled steps
-        total = torch.zeros((), device=loop.device)
+        weight = loop.loss_weight / loop.accumulate
+        total = None
         samples = 0
         for i in range(loop.accumulate):
             batch = loop.to_device(next(batches))
@@ -56,8 +57,8 @@ class Task:
             sync = i == loop.accumulate - 1 or not hasattr(loop.model, "no_sync")
             with contextlib.nullcontext() if sync else loop.model.no_sync():
                 loss = self.loss(loop, batch)
-                p.backward(loss * (loop.loss_weight / loop.accumulate))
-            total += loss.detach()
+                p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
+            total = loss.detach() if total is None else total + loss.detach()
             samples += batch[-1].shape[0]
         try:
             result = p.step(loop.optimizer, loop.clip_grad_norm, diag.hooks_for(step_no) if diag else None)
@@ -69,7 +70,7 @@ class Task:
             diag.end_step(step_no, result.applied, p.optimizer_params())
             if diag.should_trace():
                 self.trace(loop, batch, step_no, f"{diag.consecutive_skips} consecutive skipped steps")
-        return StepOutput(result.applied, total / loop.accumulate, samples)
+        return StepOutput(result.applied, total / loop.accumulate if loop.accumulate > 1 else total, samples)
 
     def trace(self, loop: Loop, batch: tuple, step: int, reason: str) -> None:
         """Re-run the last micro-batch with hooks to name the module where the overflow starts."""

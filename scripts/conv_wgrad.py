@@ -1,6 +1,7 @@
 """Where does the forward-form weight gradient beat oneDNN's own on this CPU? (mptrain/conv_wgrad.py)
 
-Times, for 3x3 stride-1 convolutions of ResNet shapes, the native weight gradient
+Times, for the 3x3 convolutions of ResNet shapes (stride 1, and the stride-2 ones that halve the map), the
+native weight gradient
 (aten::convolution_backward for the weight only) against the forward form, in fp32 and bf16, and prints
 the largest map size up to which the forward form wins at every width: compare with
 mptrain.conv_wgrad.AUTO_MAX_PIXELS.
@@ -29,11 +30,12 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def time_both(x, w, dy, repeats: int) -> tuple[float, float]:
-    """(native, forward form) weight-gradient milliseconds for a 3x3, stride 1, padding 1 convolution."""
+def time_both(x, w, dy, stride: int, repeats: int) -> tuple[float, float]:
+    """(native, forward form) weight-gradient milliseconds for a 3x3, padding 1 convolution."""
     native = median_ms(lambda: torch.ops.aten.convolution_backward(
-        dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), repeats)
-    forward = median_ms(lambda: F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, 1), repeats)
+        dy, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), repeats)
+    forward = median_ms(lambda: F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, 1, stride)[:, :, :3, :3],
+                        repeats)
     return native, forward
 
 
@@ -43,21 +45,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     n = args.batch_size
-    shapes = [(512, 2), (256, 2), (512, 4), (256, 4), (128, 4), (256, 8), (128, 8), (64, 8), (128, 16), (64, 16)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, 3x3 stride 1, channels_last\n")
-    print("| dtype | channels | map | native wgrad ms | forward form ms | speed-up |")
-    print("|---|---|---|---|---|---|")
+    # (input channels, output channels, output map side, stride)
+    shapes = [(512, 512, 2, 1), (256, 256, 2, 1), (256, 512, 2, 2), (512, 512, 4, 1), (256, 256, 4, 1),
+              (128, 128, 4, 1), (128, 256, 4, 2), (256, 256, 8, 1), (128, 128, 8, 1), (64, 64, 8, 1),
+              (64, 128, 8, 2), (128, 128, 16, 1), (64, 64, 16, 1)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, 3x3 padding 1, channels_last\n")
+    print("| dtype | channels in -> out | stride | output map | native wgrad ms | forward form ms | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     wins: dict[torch.dtype, dict[int, bool]] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for c, h in shapes:
+        for c_in, c_out, h, stride in shapes:
             cl = torch.channels_last
-            x = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=cl)
-            w = torch.randn(c, c, 3, 3).to(dtype).contiguous(memory_format=cl)
-            dy = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=cl)
-            native, forward = time_both(x, w, dy, args.repeats)
+            x = torch.randn(n, c_in, h * stride, h * stride).to(dtype).contiguous(memory_format=cl)
+            w = torch.randn(c_out, c_in, 3, 3).to(dtype).contiguous(memory_format=cl)
+            dy = torch.randn(n, c_out, h, h).to(dtype).contiguous(memory_format=cl)
+            native, forward = time_both(x, w, dy, stride, args.repeats)
             won = wins.setdefault(dtype, {})
             won[h * h] = won.get(h * h, True) and forward < native
-            print(f"| {str(dtype).removeprefix('torch.')} | {c} | {h}x{h} | {native:.2f} | {forward:.2f} | {native / forward:.2f}x |")
+            print(f"| {str(dtype).removeprefix('torch.')} | {c_in} -> {c_out} | {stride} | {h}x{h} | {native:.2f} | "
+                  f"{forward:.2f} | {native / forward:.2f}x |")
     print()
     for dtype, won in wins.items():
         limit = 0
@@ -65,7 +71,8 @@ def main() -> None:
             if not won[pixels]:
                 break
             limit = pixels
-        print(f"{str(dtype).removeprefix('torch.')}: the forward form wins at every width up to {limit} pixels")
+        print(f"{str(dtype).removeprefix('torch.')}: the forward form wins at every width and stride up to {limit} "
+              "output pixels")
 
 
 if __name__ == "__main__":
