@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,13 @@ from mptrain.recipe import build, seed_everything  # noqa: E402
 def plain_steps(model, loader, device, recipe: str, dtype: torch.dtype, lr: float, n: int, on_step,
                 channels_last: bool = False) -> None:
     """The textbook loop for each recipe (PyTorch AMP docs; apex O2 for master weights)."""
+    for _ in plain_stepper(model, loader, device, recipe, dtype, lr, n, channels_last):
+        on_step()
+
+
+def plain_stepper(model, loader, device, recipe: str, dtype: torch.dtype, lr: float, n: int,
+                  channels_last: bool = False):
+    """plain_steps' loop, one step per next()."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if recipe == "master":
@@ -81,7 +89,7 @@ def plain_steps(model, loader, device, recipe: str, dtype: torch.dtype, lr: floa
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-        on_step()
+        yield
 
 
 # ---- (b) mptrain's loop ----------------------------------------------------------------------------
@@ -141,6 +149,47 @@ def run_plain(overrides, n, warmup, recipe, dtype) -> float:
     plain_steps(model, loop.train_loader, loop.device, recipe, dtype, cfg.optimizer.lr, n, timer,
                 channels_last=cfg.trainer.channels_last)
     return timer.rate(warmup)
+
+
+# ---- (a) and (b) in lockstep: one plain step inside each of mptrain's steps ----------------------------
+
+def run_lockstep(overrides, n, warmup, recipe, dtype) -> tuple[float, float]:
+    """(plain steps/s, mptrain steps/s) with the two loops taking turns step by step.
+
+    mptrain's real fit() runs; its after_step hook runs one step of the plain loop (its own model with
+    the same init, its own loader). The time between hooks is mptrain's step, the time inside is the
+    plain step: a neighbour on a shared machine slows both alike, and medians ignore single slow steps."""
+    cfg, plain_loop = mptrain_loop(overrides + ["diagnostics=off"], n)
+    model = plain_loop.model
+    if recipe == "master":  # build() cast it already; start again from an fp32 copy with the same init
+        seed_everything(cfg.trainer.seed)
+        from hydra.utils import instantiate
+
+        model = instantiate(cfg.model).to(plain_loop.device)
+    model.train()
+    plain_loop.train_loader.sampler.set_epoch(0)
+    stepper = plain_stepper(model, plain_loop.train_loader, plain_loop.device, recipe, dtype, cfg.optimizer.lr, n,
+                            channels_last=cfg.trainer.channels_last)
+    _, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
+    from mptrain.loop import fit
+    from mptrain.outputs import RunWriter
+
+    plain_times, ours_times, last = [], [], [time.perf_counter()]
+
+    def turn(_loop):
+        start = time.perf_counter()
+        ours_times.append(start - last[0])
+        next(stepper)
+        last[0] = time.perf_counter()
+        plain_times.append(last[0] - start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loop.writer = RunWriter(Path(tmp), tensorboard=False)
+        loop.after_step.append(turn)
+        with loop.precision.backend_flags():
+            fit(loop)
+        loop.writer.close()
+    return 1 / statistics.median(plain_times[warmup:]), 1 / statistics.median(ours_times[warmup:])
 
 
 # ---- (c) a peer: PyTorch Lightning's Trainer on the same work, where it is installed -----------------
@@ -271,7 +320,8 @@ def main() -> None:
     ap.add_argument("--fp16", action="store_true", help="fp16 recipes (amp=fp16, master=fp16): for CUDA")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (both loops)")
     ap.add_argument("--overhead-repeats", type=int, default=7, help="alternating runs of the tiny-model loop-cost test")
-    ap.add_argument("--only-overhead", action="store_true", help="run only the tiny-model loop-cost test")
+    ap.add_argument("--lockstep-repeats", type=int, default=3, help="runs of the two loops taking turns step by step")
+    ap.add_argument("--only", choices=("lockstep", "overhead"), help="run only this part")
     ap.add_argument("--write", type=Path, help="append the markdown tables to this file")
     args = ap.parse_args()
 
@@ -290,16 +340,23 @@ def main() -> None:
         ("master", ["precision=master", f"precision.dtype={low}", "precision.loss_scale.kind=static",
                     "precision.loss_scale.init=1024"], "master", getattr(torch, low)),
     ]
-    import tempfile
-
     same = ["trainer.conv_wgrad=native"]  # the plain loop and Lightning run PyTorch's own kernels
     default_differs = args.device == "cpu"  # conv_wgrad only acts on CPU
     results = {}
-    if args.only_overhead:
+    if args.only == "overhead":
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
             for label, (p_us, m_us, diff, worst) in loop_overhead(args, recipes, Path(tmp)).items():
                 print(f"{label}: plain {p_us:.0f} us/step, mptrain {m_us:.0f} us/step, difference {diff:+.0f} "
                       f"(largest {worst:+.0f})")
+        return
+    if args.only == "lockstep":
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            for label, ov, recipe, dtype in recipes:
+                pairs = [run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)]
+                ratios = [m / p for p, m in pairs]
+                print(f"{label}: plain {statistics.median(p for p, _ in pairs):.3f} steps/s, mptrain "
+                      f"{statistics.median(m for _, m in pairs):.3f}, mptrain / plain {statistics.median(ratios):.3f} "
+                      f"[{min(ratios):.3f}, {max(ratios):.3f}]")
         return
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for label, ov, recipe, dtype in recipes:
@@ -318,9 +375,12 @@ def main() -> None:
                                                     n, args.warmup, True, Path(tmp) / f"d{label}{r}"))
             if not default_differs:
                 runs["default"] = runs["mptrain"]
+            lockstep = [run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)]
+            lock_ratios = [m / p for p, m in lockstep]
             paired = [m / p for m, p in zip(runs["mptrain"], runs["plain"])]
             res = {k: statistics.median(v) if v else math.nan for k, v in runs.items()}
-            res.update(ratio=statistics.median(paired), ratio_lo=min(paired), ratio_hi=max(paired))
+            res.update(ratio=statistics.median(paired), ratio_lo=min(paired), ratio_hi=max(paired),
+                       lock=statistics.median(lock_ratios), lock_lo=min(lock_ratios), lock_hi=max(lock_ratios))
             if runs["lightning"]:
                 res["vs_lightning"] = statistics.median([m / p for m, p in zip(runs["mptrain"], runs["lightning"])])
             results[label] = res
@@ -333,14 +393,16 @@ def main() -> None:
              f"Workload: {args.model}, synthetic {args.image_size}x{args.image_size} images, batch {args.batch_size}, "
              f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} alternating repeats"
              f"{', channels_last' if args.channels_last else ''}. Steps/s = 1 / median step time, median over repeats; "
-             "mptrain / plain = median of the per-repeat ratios [lowest, highest].", "",
-             "| recipe | plain loop steps/s | mptrain, same kernels | mptrain / plain | Lightning steps/s | mptrain / Lightning "
-             "| mptrain default steps/s | vs fp32: plain | vs fp32: mptrain default | activation MB | vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mptrain / plain = median of the per-repeat ratios [lowest, highest]; lockstep = the two loops taking "
+             f"turns step by step inside one run, median of {args.lockstep_repeats} runs [lowest, highest].", "",
+             "| recipe | plain loop steps/s | mptrain, same kernels | mptrain / plain | mptrain / plain, lockstep "
+             "| Lightning steps/s | mptrain / Lightning | mptrain default steps/s | vs fp32: plain | vs fp32: mptrain default "
+             "| activation MB | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         peer_cells = ("n/a | n/a" if math.isnan(r["lightning"]) else f"{r['lightning']:.3f} | {r['vs_lightning']:.3f}")
-        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | **{r['ratio']:.3f}** [{r['ratio_lo']:.3f}, "
-                     f"{r['ratio_hi']:.3f}] | {peer_cells} | {r['default']:.3f} | {r['plain'] / fp32['plain']:.2f}x | "
+        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['ratio']:.3f} [{r['ratio_lo']:.3f}, "
+                     f"{r['ratio_hi']:.3f}] | **{r['lock']:.3f}** [{r['lock_lo']:.3f}, {r['lock_hi']:.3f}] | {peer_cells} | {r['default']:.3f} | {r['plain'] / fp32['plain']:.2f}x | "
                      f"{r['default'] / fp32['default']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |")
     lines += ["", "The loop's own cost per step, on a 48->16->10 MLP at batch 8 (a step is framework overhead and "
               f"little else; {args.overhead_repeats} alternating runs of 300 steps each; the median and the largest of the "
