@@ -192,6 +192,43 @@ def run_lockstep(overrides, n, warmup, recipe, dtype) -> tuple[float, float]:
     return 1 / statistics.median(plain_times[warmup:]), 1 / statistics.median(ours_times[warmup:])
 
 
+def mptrain_stepper(loop):
+    """mptrain's step (the task's train_step and the scheduler), one step per next(): to pace another fit()."""
+    loop.model.train()
+    loop.train_loader.sampler.set_epoch(0)
+    batches = iter(loop.train_loader)
+    for step in range(1, loop.total_steps + 1):
+        if loop.task.train_step(loop, batches, step).applied:
+            loop.scheduler.step()
+        yield
+
+
+def run_lockstep_precisions(overrides, low: list[str], n, warmup) -> float:
+    """mptrain in precision `low` against mptrain in fp32, taking turns step by step: low / fp32 speed."""
+    _, fp32_loop = mptrain_loop(overrides + ["precision=fp32", "diagnostics=off"], n)
+    stepper = mptrain_stepper(fp32_loop)
+    _, loop = mptrain_loop(overrides + low + ["diagnostics=off"], n)
+    from mptrain.loop import fit
+    from mptrain.outputs import RunWriter
+
+    fp32_times, low_times, last = [], [], [time.perf_counter()]
+
+    def turn(_loop):
+        start = time.perf_counter()
+        low_times.append(start - last[0])
+        next(stepper)
+        last[0] = time.perf_counter()
+        fp32_times.append(last[0] - start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loop.writer = RunWriter(Path(tmp), tensorboard=False)
+        loop.after_step.append(turn)
+        with loop.precision.backend_flags():
+            fit(loop)
+        loop.writer.close()
+    return statistics.median(fp32_times[warmup:]) / statistics.median(low_times[warmup:])
+
+
 # ---- (c) a peer: PyTorch Lightning's Trainer on the same work, where it is installed -----------------
 
 def run_lightning(overrides, n, warmup, recipe, dtype) -> float | None:
@@ -321,7 +358,7 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (both loops)")
     ap.add_argument("--overhead-repeats", type=int, default=7, help="alternating runs of the tiny-model loop-cost test")
     ap.add_argument("--lockstep-repeats", type=int, default=3, help="runs of the two loops taking turns step by step")
-    ap.add_argument("--only", choices=("lockstep", "overhead"), help="run only this part")
+    ap.add_argument("--only", choices=("lockstep", "overhead", "speedup"), help="run only this part")
     ap.add_argument("--write", type=Path, help="append the markdown tables to this file")
     args = ap.parse_args()
 
@@ -341,6 +378,9 @@ def main() -> None:
                     "precision.loss_scale.init=1024"], "master", getattr(torch, low)),
     ]
     same = ["trainer.conv_wgrad=native"]  # the plain loop and Lightning run PyTorch's own kernels
+    # low precision against fp32, both mptrain, taking turns step by step: (label, [precision, other overrides])
+    speedup_arms = [("bf16 (mptrain default)", ["precision=bf16"]),
+                    ("bf16 (conv_wgrad=native)", ["precision=bf16", "trainer.conv_wgrad=native"])]
     default_differs = args.device == "cpu"  # conv_wgrad only acts on CPU
     results = {}
     if args.only == "overhead":
@@ -348,6 +388,12 @@ def main() -> None:
             for label, (p_us, m_us, diff, worst) in loop_overhead(args, recipes, Path(tmp)).items():
                 print(f"{label}: plain {p_us:.0f} us/step, mptrain {m_us:.0f} us/step, difference {diff:+.0f} "
                       f"(largest {worst:+.0f})")
+        return
+    if args.only == "speedup":
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            for label, ov in speedup_arms:
+                r = [run_lockstep_precisions(base + ov[1:], ov[:1], n, args.warmup) for _ in range(args.lockstep_repeats)]
+                print(f"{label} vs fp32, lockstep: {statistics.median(r):.2f}x [{min(r):.2f}, {max(r):.2f}]")
         return
     if args.only == "lockstep":
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -387,6 +433,11 @@ def main() -> None:
             print(label, {k: round(v, 3) for k, v in res.items()}, file=sys.stderr)
         mem = {label: activation_bytes(base + ov) for label, ov, _, _ in recipes}
         overhead = loop_overhead(args, recipes, Path(tmp))
+        speedups = {}
+        for label, ov in speedup_arms:
+            r = [run_lockstep_precisions(base + ov[1:], ov[:1], n, args.warmup) for _ in range(args.lockstep_repeats)]
+            speedups[label] = (statistics.median(r), min(r), max(r))
+            print("speedup", label, speedups[label], file=sys.stderr)
 
     fp32 = results["fp32"]
     lines = [f"Machine: {machine()}.",
@@ -413,6 +464,11 @@ def main() -> None:
         big_step_us = 1e6 / results[label]["mptrain"]
         lines.append(f"| `{label}` | {p_us:.0f} | {m_us:.0f} | {diff:+.0f} us | {worst:+.0f} us | "
                      f"{100 * worst / big_step_us:+.3f}% |")
+    lines += ["", "Low precision against fp32, both mptrain, taking turns step by step (lockstep; the fp32 arm uses the "
+              "same conv_wgrad setting): median of "
+              f"{args.lockstep_repeats} runs [lowest, highest].", "", "| recipe | speed vs fp32 |", "|---|---|"]
+    for label, (mid, lo, hi) in speedups.items():
+        lines.append(f"| `{label}` | **{mid:.2f}x** [{lo:.2f}, {hi:.2f}] |")
     every, amp = results["amp"]["diag"], results["amp"]["mptrain"]
     step_cost = 1 / every - 1 / amp  # extra seconds of one sampled step
     default_overhead = step_cost / 100 / (1 / amp)

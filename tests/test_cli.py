@@ -125,3 +125,15 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
     assert str(target) in proc.stdout  # the installed copy ran, not the source tree
     summaries = list((elsewhere / "outputs").glob("*/*/summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
+def test_import_turns_on_huge_pages_for_cpu_tensors_unless_told_not_to(tmp_path, given, expected):
+    # PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at its first allocation: importing mptrain first sets it
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, mptrain; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
