@@ -59,6 +59,9 @@ class _ConvWgradByForward(torch.autograd.Function):
             kh, kw = weight.shape[-2:]
             grad_w = F.conv2d(x.transpose(0, 1), grad_out.transpose(0, 1), None, 1, ctx.padding, ctx.stride)
             grad_w = grad_w[:, :, :kh, :kw].transpose(0, 1)
+            # in the weight's own layout, while still 16-bit: otherwise the cast back to fp32 keeps the
+            # transposed strides and the parameter's gradient is re-laid out at full size
+            grad_w = torch.empty_like(weight).copy_(grad_w)  # empty_like keeps the weight's strides
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
