@@ -72,32 +72,29 @@ class Conv2d(nn.Conv2d):
 
     conv_wgrad: str = "auto"
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled("cpu"):
-            return torch.get_autocast_dtype("cpu")
-        return self.weight.dtype
-
-    def _use_forward_form(self, x: torch.Tensor) -> bool:
+    def _forward_form_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype to run the forward form in, or None where the plain convolution runs."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu" and x.dim() == 4):
-            return False
+            return None
         if self.dilation != (1, 1) or self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return False
-        dtype = self._compute_dtype(x)
-        if not torch.is_autocast_enabled("cpu") and x.dtype != dtype:
-            return False  # let the native path raise its dtype-mismatch error
+            return None
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else self.weight.dtype
+        if not autocast and x.dtype != dtype:
+            return None  # let the native path raise its dtype-mismatch error
         if self.conv_wgrad == "forward":
-            return dtype in (torch.float32, torch.bfloat16, torch.float16)
+            return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else None
         limit = AUTO_MAX_PIXELS.get(dtype)
         if limit is None:
-            return False
+            return None
         out_h = (x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         out_w = (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-        return out_h * out_w <= limit
+        return dtype if out_h * out_w <= limit else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._use_forward_form(x):
+        dtype = self._forward_form_dtype(x)
+        if dtype is None:
             return super().forward(x)
-        dtype = self._compute_dtype(x)
         # what autocast would do for conv2d, done here because the Function runs with autocast off
         weight, bias = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):

@@ -42,16 +42,9 @@ from mptrain.recipe import build, seed_everything  # noqa: E402
 
 # ---- (a) the handwritten loops ---------------------------------------------------------------------
 
-def plain_steps(model, loader, device, recipe: str, dtype: torch.dtype, lr: float, n: int, on_step,
-                channels_last: bool = False) -> None:
-    """The textbook loop for each recipe (PyTorch AMP docs; apex O2 for master weights)."""
-    for _ in plain_stepper(model, loader, device, recipe, dtype, lr, n, channels_last):
-        on_step()
-
-
 def plain_stepper(model, loader, device, recipe: str, dtype: torch.dtype, lr: float, n: int,
                   channels_last: bool = False):
-    """plain_steps' loop, one step per next()."""
+    """The textbook loop for each recipe (PyTorch AMP docs; apex O2 for master weights), one step per next()."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if recipe == "master":
@@ -101,14 +94,19 @@ def mptrain_loop(overrides: list[str], n: int):
     return cfg, loop
 
 
+def now() -> float:
+    """A timestamp after the device's queued work has finished."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class StepTimer:
     def __init__(self):
         self.times: list[float] = []
 
     def __call__(self, *_):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        self.times.append(now())
 
     def rate(self, warmup: int) -> float:
         """Steps/s from the median step time after warm-up: one step slowed by a neighbour on a shared
@@ -117,79 +115,80 @@ class StepTimer:
         return 1 / statistics.median(steps)
 
 
-def run_mptrain(overrides, n, warmup, diagnostics: bool, tmp: Path) -> float:
-    from mptrain.diagnostics import Diagnostics
+def fit_in(loop, run_dir: Path, hook) -> None:
+    """mptrain's real fit() writing into run_dir, with `hook` after every step."""
+    from mptrain.loop import fit
     from mptrain.outputs import RunWriter
 
-    cfg, loop = mptrain_loop(overrides + ([] if diagnostics else ["diagnostics=off"]), n)
-    loop.writer = RunWriter(tmp, tensorboard=False)
-    if diagnostics:
-        loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, tmp)
-    timer = StepTimer()
-    loop.after_step.append(timer)
-    from mptrain.loop import fit
-
+    loop.writer = RunWriter(run_dir, tensorboard=False)
+    loop.after_step.append(hook)
     with loop.precision.backend_flags():
         fit(loop)
     loop.writer.close()
+
+
+def run_mptrain(overrides, n, warmup, diagnostics: bool, tmp: Path) -> float:
+    from mptrain.diagnostics import Diagnostics
+
+    cfg, loop = mptrain_loop(overrides + ([] if diagnostics else ["diagnostics=off"]), n)
+    if diagnostics:
+        tmp.mkdir(parents=True, exist_ok=True)
+        loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, tmp)
+    timer = StepTimer()
+    fit_in(loop, tmp, timer)
     return timer.rate(warmup)
 
 
-def run_plain(overrides, n, warmup, recipe, dtype) -> float:
-    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)  # same init, same data, same order
+def plain_loop(overrides, n, recipe, dtype):
+    """The handwritten loop as a stepper, on a model and loader built like mptrain's (same init, same data)."""
+    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
     model = loop.model
     if recipe == "master":  # build() cast it already; start again from an fp32 copy with the same init
         seed_everything(cfg.trainer.seed)
         from hydra.utils import instantiate
 
         model = instantiate(cfg.model).to(loop.device)
-    timer = StepTimer()
     model.train()
     loop.train_loader.sampler.set_epoch(0)
-    plain_steps(model, loop.train_loader, loop.device, recipe, dtype, cfg.optimizer.lr, n, timer,
-                channels_last=cfg.trainer.channels_last)
+    return plain_stepper(model, loop.train_loader, loop.device, recipe, dtype, cfg.optimizer.lr, n,
+                         channels_last=cfg.trainer.channels_last)
+
+
+def run_plain(overrides, n, warmup, recipe, dtype) -> float:
+    timer = StepTimer()
+    for _ in plain_loop(overrides, n, recipe, dtype):
+        timer()
     return timer.rate(warmup)
 
 
-# ---- (a) and (b) in lockstep: one plain step inside each of mptrain's steps ----------------------------
+# ---- in lockstep: another loop's step inside each of mptrain's steps -----------------------------------
 
-def run_lockstep(overrides, n, warmup, recipe, dtype) -> tuple[float, float]:
-    """(plain steps/s, mptrain steps/s) with the two loops taking turns step by step.
+def take_turns(loop, stepper, warmup: int) -> tuple[float, float]:
+    """(mptrain's, the stepper's) median step seconds, the two taking turns step by step.
 
-    mptrain's real fit() runs; its after_step hook runs one step of the plain loop (its own model with
-    the same init, its own loader). The time between hooks is mptrain's step, the time inside is the
-    plain step: a neighbour on a shared machine slows both alike, and medians ignore single slow steps."""
-    cfg, plain_loop = mptrain_loop(overrides + ["diagnostics=off"], n)
-    model = plain_loop.model
-    if recipe == "master":  # build() cast it already; start again from an fp32 copy with the same init
-        seed_everything(cfg.trainer.seed)
-        from hydra.utils import instantiate
-
-        model = instantiate(cfg.model).to(plain_loop.device)
-    model.train()
-    plain_loop.train_loader.sampler.set_epoch(0)
-    stepper = plain_stepper(model, plain_loop.train_loader, plain_loop.device, recipe, dtype, cfg.optimizer.lr, n,
-                            channels_last=cfg.trainer.channels_last)
-    _, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
-    from mptrain.loop import fit
-    from mptrain.outputs import RunWriter
-
-    plain_times, ours_times, last = [], [], [time.perf_counter()]
+    mptrain's real fit() runs; its after_step hook runs one step of `stepper` (its own model and
+    loader). The time between hooks is mptrain's step, the time inside is the other's: a neighbour on
+    a shared machine slows both alike, and medians ignore single slow steps."""
+    ours, theirs, last = [], [], [now()]
 
     def turn(_loop):
-        start = time.perf_counter()
-        ours_times.append(start - last[0])
+        start = now()
+        ours.append(start - last[0])
         next(stepper)
-        last[0] = time.perf_counter()
-        plain_times.append(last[0] - start)
+        last[0] = now()
+        theirs.append(last[0] - start)
 
     with tempfile.TemporaryDirectory() as tmp:
-        loop.writer = RunWriter(Path(tmp), tensorboard=False)
-        loop.after_step.append(turn)
-        with loop.precision.backend_flags():
-            fit(loop)
-        loop.writer.close()
-    return 1 / statistics.median(plain_times[warmup:]), 1 / statistics.median(ours_times[warmup:])
+        fit_in(loop, Path(tmp), turn)
+    return statistics.median(ours[warmup:]), statistics.median(theirs[warmup:])
+
+
+def run_lockstep(overrides, n, warmup, recipe, dtype) -> tuple[float, float]:
+    """(plain steps/s, mptrain steps/s), the handwritten loop and mptrain's taking turns."""
+    stepper = plain_loop(overrides, n, recipe, dtype)
+    _, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
+    ours, plain = take_turns(loop, stepper, warmup)
+    return 1 / plain, 1 / ours
 
 
 def mptrain_stepper(loop):
@@ -206,27 +205,9 @@ def mptrain_stepper(loop):
 def run_lockstep_precisions(overrides, low: list[str], n, warmup) -> float:
     """mptrain in precision `low` against mptrain in fp32, taking turns step by step: low / fp32 speed."""
     _, fp32_loop = mptrain_loop(overrides + ["precision=fp32", "diagnostics=off"], n)
-    stepper = mptrain_stepper(fp32_loop)
     _, loop = mptrain_loop(overrides + low + ["diagnostics=off"], n)
-    from mptrain.loop import fit
-    from mptrain.outputs import RunWriter
-
-    fp32_times, low_times, last = [], [], [time.perf_counter()]
-
-    def turn(_loop):
-        start = time.perf_counter()
-        low_times.append(start - last[0])
-        next(stepper)
-        last[0] = time.perf_counter()
-        fp32_times.append(last[0] - start)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        loop.writer = RunWriter(Path(tmp), tensorboard=False)
-        loop.after_step.append(turn)
-        with loop.precision.backend_flags():
-            fit(loop)
-        loop.writer.close()
-    return statistics.median(fp32_times[warmup:]) / statistics.median(low_times[warmup:])
+    low_s, fp32_s = take_turns(loop, mptrain_stepper(fp32_loop), warmup)
+    return fp32_s / low_s
 
 
 # ---- (c) a peer: PyTorch Lightning's Trainer on the same work, where it is installed -----------------
