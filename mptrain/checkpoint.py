@@ -249,10 +249,12 @@ class Checkpointer:
         s, c = loop.state, self.cfg
         improved = self._update_best(loop)
         stop = self.signals.received is not None
-        if loop.world_size > 1:  # every rank stops after the same step (a tiny all-reduce per step)
+        if loop.world_size > 1:
+            # every rank must stop after the same step; asking the others is an all-reduce and a host sync,
+            # so it happens only every log_every steps (where the loop reads the loss anyway)
             from .distributed import any_rank
 
-            stop = any_rank(stop, loop.dist, loop.device)
+            stop = s.step % loop.log_every == 0 and any_rank(stop, loop.dist, loop.device)
         if stop:
             self.save(loop)
             raise Interrupted(self.signals.received or signal.SIGTERM, s.step)

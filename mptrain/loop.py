@@ -57,8 +57,7 @@ class Loop:
     window_skipped: int = 0
 
     task: Task = field(default_factory=Task)
-    rank: int = 0
-    world_size: int = 1
+    dist: DistInfo = field(default_factory=DistInfo)  # this process's place under torchrun
     strategy: str = "single"  # single | ddp | fsdp
 
     def __post_init__(self) -> None:
@@ -66,12 +65,12 @@ class Loop:
             self.window_loss = torch.zeros((), device=self.device)
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def world_size(self) -> int:
+        return self.dist.world_size
 
     @property
-    def dist(self) -> DistInfo:
-        return DistInfo(self.rank, 0, self.world_size)
+    def is_main(self) -> bool:
+        return self.dist.is_main
 
     def to_device(self, batch: tuple) -> tuple:
         """Move a batch to the device (non-blocking from pinned memory), in the model's input dtype."""

@@ -144,7 +144,7 @@ def build(cfg: DictConfig) -> Loop:
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
         clip_grad_norm=t.clip_grad_norm, loss_weight=t.loss_weight, log_every=t.log_every, eval_every=t.eval_every,
         channels_last=t.channels_last, progress_bar=t.progress_bar and info.is_main, task=task,
-        rank=info.rank, world_size=info.world_size, strategy=t.strategy if info.enabled else "single",
+        dist=info, strategy=t.strategy if info.enabled else "single",
     )
 
 

@@ -171,11 +171,13 @@ class Precision:
         overflow = False
         if self.scaler is not None:
             # FSDP2: gradients are DTensors; unscale each rank's local shard in place
+            sharded = any(hasattr(g, "to_local") for g in grads)
             found_inf = self.scaler.unscale_([g.to_local() if hasattr(g, "to_local") else g for g in grads])
             if found_inf is None:
                 found_inf = torch.zeros((), device=self.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # every rank must take the same skip decision (shards see different gradients)
+            if sharded:
+                # every rank must take the same skip decision, and each sees only its shard's gradients
+                # (DDP needs no such all-reduce: its gradients, infs included, are already all-reduced)
                 flag = found_inf.reshape(1).float()
                 flag = flag.cpu() if torch.distributed.get_backend() == "gloo" else flag
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
