@@ -8,6 +8,7 @@ the old one, so a crash or `kill -9` at any moment leaves the previous checkpoin
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import random
@@ -22,7 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
+from .distributed import any_rank
 from .errors import MptrainError
+from .loop import Callback
 
 log = logging.getLogger("mptrain")
 
@@ -235,80 +238,91 @@ class Interrupted(MptrainError):
                          "continue with resume=auto in the same run directory")
 
 
-# ---- the hook the loop calls after every step -------------------------------------------------------
+# ---- the callback that writes checkpoints ----------------------------------------------------------
 
-class Checkpointer:
+SHARDED_DIR = "sharded"
+STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+def sharded_complete(ckpt_dir: Path) -> list[Path]:
+    """Committed sharded (FSDP) checkpoints (those with DCP's .metadata), newest first."""
+    root = ckpt_dir / SHARDED_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+class Checkpointer(Callback):
     """Saves last.pt (+ step_<N>.pt) every `every_steps` steps, every `every_epochs` epochs, at the end
-    of the run and on a stop signal; best.pt whenever the monitored validation metric improves."""
+    of the run and on a stop signal; best.pt whenever the monitored validation metric improves.
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, signals: StopSignals):
-        self.cfg, self.config, self.signals = cfg, config, signals
+    `save_sharded(c, extra, ckpt_dir, keep)` (FSDP): every rank writes its shards; given by the recipe."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, signals: StopSignals, log_every: int = 1,
+                 save_sharded=None):
+        self.cfg, self.config, self.signals, self.log_every = cfg, config, signals, log_every
+        self.save_sharded = save_sharded
         self.dir = Path(run_dir) / "checkpoints"
 
-    def __call__(self, loop: Any) -> None:
-        s, c = loop.state, self.cfg
-        improved = self._update_best(loop)
+    def on_step_end(self, c: Any, state: Any, out: Any = None) -> None:
+        cfg = self.cfg
+        improved = self._update_best(state)
         stop = self.signals.received is not None
-        if loop.world_size > 1:
+        if c.world_size > 1:
             # every rank must stop after the same step; asking the others is an all-reduce and a host sync,
             # so it happens only every log_every steps (where the loop reads the loss anyway)
-            from .distributed import any_rank
-
-            stop = s.step % loop.log_every == 0 and any_rank(stop, loop.dist, loop.device)
+            stop = state.step % self.log_every == 0 and any_rank(stop, c.dist, c.device)
+        due = cfg.enabled and (
+            (cfg.every_steps is not None and state.step % cfg.every_steps == 0)
+            or (cfg.every_epochs is not None and state.step_in_epoch == 0 and state.epoch % cfg.every_epochs == 0)
+            or state.step == c.total_steps)
+        if stop or due:
+            self.save(c, state)
+        if improved and cfg.enabled and cfg.save_best and c.is_main and self.save_sharded is None:
+            save_atomic(self.contents(c, state), self.dir / "best.pt")
         if stop:
-            self.save(loop)
-            raise Interrupted(self.signals.received or signal.SIGTERM, s.step)
-        if not c.enabled:
-            return
-        due = c.every_steps is not None and s.step % c.every_steps == 0
-        epoch_end = c.every_epochs is not None and s.step_in_epoch == 0 and s.epoch % c.every_epochs == 0
-        if due or epoch_end or s.step == loop.total_steps:
-            self.save(loop)
-        if improved and c.save_best and loop.is_main and loop.strategy != "fsdp":
-            save_atomic(self.contents(loop), self.dir / "best.pt")
+            raise Interrupted(self.signals.received or signal.SIGTERM, state.step)
 
-    def _update_best(self, loop: Any) -> bool:
-        monitor, val = self.cfg.monitor, loop.last_val
-        if monitor is None or val.get("step") != loop.state.step or monitor not in val:
+    def _update_best(self, state: Any) -> bool:
+        monitor, val = self.cfg.monitor, state.last_val
+        if monitor is None or val.get("step") != state.step or monitor not in val:
             return False
-        value, best = val[monitor], loop.state.best_metric
+        value, best = val[monitor], state.best_metric
+        if not math.isfinite(value):
+            return False  # a diverged validation is never "best"
         if best is None or (value > best if self.cfg.mode == "max" else value < best):
-            loop.state.best_metric = value
+            state.best_metric = value
             return True
         return False
 
-    def contents(self, loop: Any, weights: bool = True) -> dict:
-        """Everything a resume needs; `weights=False` leaves out model and optimizer (FSDP saves those sharded)."""
+    def contents(self, c: Any, state: Any, weights: bool = True) -> dict:
+        """Everything a resume needs, as state_dict()s; `weights=False` leaves out model and optimizer
+        (FSDP saves those sharded)."""
         out = {
             "format_version": FORMAT_VERSION,
             "mptrain_version": __version__,
             "torch_version": str(torch.__version__),
-            "precision": loop.precision.state_dict(),
-            "scheduler": loop.scheduler.state_dict(),
-            "train_state": loop.state.state_dict(),
-            "loop": loop.progress_state(),
+            "precision": c.precision.state_dict(),
+            "scheduler": c.scheduler.state_dict(),
+            "train_state": state.state_dict(),
             "rng": capture_rng(),
             "config": self.config,
         }
         if weights:
-            model = getattr(loop.model, "_orig_mod", loop.model)  # unwrapped, uncompiled
-            model = getattr(model, "module", model)  # DDP
-            out["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            out["optimizer"] = loop.optimizer.state_dict()
+            out["model"] = {k: v.detach().clone() for k, v in c.base_model.state_dict().items()}
+            out["optimizer"] = c.optimizer.state_dict()
         return out
 
-    def save(self, loop: Any) -> None:
-        if loop.strategy == "fsdp":  # every rank writes its shards
-            from . import fsdp
-
-            path = fsdp.save(loop, self.contents(loop, weights=False), self.dir, self.cfg.keep_last)
-            log.info("sharded checkpoint saved at step %d: %s", loop.state.step, path)
+    def save(self, c: Any, state: Any) -> None:
+        if self.save_sharded is not None:  # every rank writes its shards
+            path = self.save_sharded(c, self.contents(c, state, weights=False), self.dir, self.cfg.keep_last)
+            log.info("sharded checkpoint saved at step %d: %s", state.step, path)
             return
-        if not loop.is_main:  # the replicas are identical: rank 0 writes
+        if not c.is_main:  # the replicas are identical: rank 0 writes
             return
-        step = loop.state.step
-        keep = self.cfg.keep_last
-        save_atomic(self.contents(loop), self.dir / "last.pt", also=self.dir / f"step_{step}.pt" if keep > 0 else None)
+        step, keep = state.step, self.cfg.keep_last
+        save_atomic(self.contents(c, state), self.dir / "last.pt", also=self.dir / f"step_{step}.pt" if keep > 0 else None)
         for old in [p for p in candidates(self.dir) if STEP_FILE.match(p.name)][keep:]:
             old.unlink(missing_ok=True)
         log.info("checkpoint saved at step %d: %s", step, self.dir / "last.pt")
@@ -317,16 +331,14 @@ class Checkpointer:
 def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
     """What to resume from: None (fresh), `auto` (newest readable in this run) or a file path.
     Sharded (FSDP) checkpoints are directories; their weights load once the model is sharded (ckpt None)."""
-    from . import fsdp
-
     ckpt_dir = Path(run_dir) / "checkpoints"
     if resume is None:
-        if candidates(ckpt_dir) or fsdp.complete(ckpt_dir):
+        if candidates(ckpt_dir) or sharded_complete(ckpt_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
                                   "or choose a new hydra.run.dir (nothing was overwritten)")
         return None
     if sharded:
-        found_dirs = fsdp.complete(ckpt_dir) if resume == "auto" else [Path(resume)]
+        found_dirs = sharded_complete(ckpt_dir) if resume == "auto" else [Path(resume)]
         if not found_dirs:
             log.info("resume=auto: no sharded checkpoint in %s, starting fresh", ckpt_dir)
             return None
@@ -342,37 +354,26 @@ def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> 
     return path, load_file(path)
 
 
-def apply_checkpoint(loop: Any, ckpt: dict | None, path: Path, config: dict) -> None:
-    """Load every piece of state into the freshly built objects, after checking that it fits."""
-    if ckpt is None:  # sharded: weights and optimizer through torch.distributed.checkpoint
-        from . import fsdp
-
-        ckpt = fsdp.load(loop, path)
-        report_config_changes(ckpt["config"], config)
-        _apply_rest(loop, ckpt, path)
-        return
+def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -> None:
+    """Load every piece of state into the freshly built components and train state, after checking that
+    it fits. A sharded checkpoint's weights and optimizer are already loaded (fsdp.load); its `ckpt` has
+    neither."""
     report_config_changes(ckpt["config"], config)
-    model = getattr(loop.model, "_orig_mod", loop.model)
-    model = getattr(model, "module", model)
-    check_model_fits(ckpt["model"], model, path)
-    model.load_state_dict(ckpt["model"])
-    loop.precision.load_state_dict(ckpt["precision"])
-    try:
-        loop.optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
-                              "resume with the checkpoint's optimizer settings") from None
-    _apply_rest(loop, ckpt, path)
-
-
-def _apply_rest(loop: Any, ckpt: dict, path: Path) -> None:
-    if "model" not in ckpt:  # a sharded checkpoint's precision state has no master tensors
-        loop.precision.load_state_dict({k: v for k, v in ckpt["precision"].items() if k != "master"})
-    loop.scheduler.load_state_dict(ckpt["scheduler"])
-    loop.state.load_state_dict(ckpt["train_state"])
-    loop.load_progress_state(ckpt["loop"])
+    if "model" in ckpt:
+        check_model_fits(ckpt["model"], c.base_model, path)
+        c.base_model.load_state_dict(ckpt["model"])
+        c.precision.load_state_dict(ckpt["precision"])
+        try:
+            c.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
+                                  "resume with the checkpoint's optimizer settings") from None
+    else:  # a sharded checkpoint's precision state has no master tensors
+        c.precision.load_state_dict({k: v for k, v in ckpt["precision"].items() if k != "master"})
+    c.scheduler.load_state_dict(ckpt["scheduler"])
+    state.load_state_dict({**ckpt.get("loop", {}), **ckpt["train_state"]})  # "loop": format of mptrain <= 0.1.0
     restore_rng(ckpt["rng"])
-    log.info("resumed from %s at step %d (epoch %d)", path, loop.state.step, loop.state.epoch)
+    log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 
 def config_container(cfg: DictConfig) -> dict:

@@ -395,6 +395,7 @@ class Config:
     checkpoint: CheckpointConfig = MISSING
     diagnostics: DiagnosticsConfig = MISSING
     experiment: Any = None
+    task: Any = None  # null: the model's own task (classification unless the model declares another)
     seed: int = 0
     resume: str | None = None  # null: fresh run | auto: newest checkpoint in this run dir | a checkpoint path
 

@@ -113,6 +113,22 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def max_across_ranks(flag: torch.Tensor) -> torch.Tensor:
+    """The largest value of a 0-dim flag over every rank (the FSDP overflow agreement): one all-reduce."""
+    t = flag.reshape(1).float()
+    t = t.cpu() if dist.get_backend() == "gloo" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def sum_across_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise sum over every rank (validation sums); the tensor itself in one process."""
+    if info.enabled:
+        t = t.cpu() if dist.get_backend() == "gloo" else t
+        dist.all_reduce(t)
+    return t
+
+
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()

@@ -10,7 +10,6 @@ all-reduced (precision engine), so every rank skips together.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import load_file, save_atomic, sharded_complete
+from .distributed import max_across_ranks
 from .errors import ConfigError
 
 log = logging.getLogger("mptrain")
-
-SHARDED_DIR = "sharded"
-STEP_DIR = re.compile(r"step_(\d+)$")
-
 
 def shard(model: nn.Module, precision: Any) -> nn.Module:
     """fully_shard every top-level child that holds parameters, then the root."""
@@ -40,6 +37,8 @@ def shard(model: nn.Module, precision: Any) -> nn.Module:
         if any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    # each rank unscales only its gradient shard: every rank must take the same skip decision
+    precision.agree_on_overflow = max_across_ranks
     return model
 
 
@@ -50,45 +49,32 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------
 
-def save(loop: Any, extra: dict, ckpt_dir: Path, keep: int) -> Path:
+def save(c: Any, extra: dict, ckpt_dir: Path, keep: int) -> Path:
     """Every rank writes its shards to <ckpt_dir>/sharded/step_<N>/; DCP writes `.metadata` last, so a
     directory without it is an interrupted save and is ignored on resume."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .checkpoint import save_atomic
-
-    model_sd, optim_sd = get_state_dict(loop.model, loop.optimizer)
-    target = ckpt_dir / SHARDED_DIR / f"step_{loop.state.step}"
-    if loop.is_main:  # the plain-container part (train state, scaler, RNG, config), before the commit marker
+    model_sd, optim_sd = get_state_dict(c.model, c.optimizer)
+    target = ckpt_dir / "sharded" / f"step_{extra['train_state']['step']}"
+    if c.is_main:  # the plain-container part (train state, scaler, RNG, config), before the commit marker
         save_atomic(extra, target / "extra.pt")
     dist.barrier()
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(target))
     dist.barrier()
-    if loop.is_main:
-        for old in complete(ckpt_dir)[max(keep, 1):]:
+    if c.is_main:
+        for old in sharded_complete(ckpt_dir)[max(keep, 1):]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def complete(ckpt_dir: Path) -> list[Path]:
-    """Committed sharded checkpoints (those with DCP's .metadata), newest first."""
-    root = ckpt_dir / SHARDED_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
-
-
-def load(loop: Any, path: Path) -> dict:
+def load(c: Any, path: Path) -> dict:
     """Load the shards into the already sharded model and optimizer; return the plain-container state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from .checkpoint import load_file
-
-    model_sd, optim_sd = get_state_dict(loop.model, loop.optimizer)
+    model_sd, optim_sd = get_state_dict(c.model, c.optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(loop.model, loop.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(c.model, c.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return load_file(path / "extra.pt")

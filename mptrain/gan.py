@@ -1,13 +1,17 @@
-"""DCGAN (Radford et al.): a transposed-conv generator and a conv discriminator, sized to the images."""
+"""DCGAN (Radford et al.): a transposed-conv generator and a conv discriminator, sized to the images,
+and the adversarial task that trains them (a discriminator step, then a generator step)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .tasks import Task
 
 
 class Generator(nn.Module):
@@ -59,3 +63,57 @@ class DCGAN(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
+
+
+class Adversarial(Task):
+    """DCGAN training: the discriminator's loss and step, then the generator's, with one loss scaler for
+    both (PyTorch's recipe for several models, losses and optimizers: scale each loss, step each
+    optimizer, update the scale once per iteration). Validation: val/loss_d, val/loss_g, a PNG grid."""
+
+    datasets = ("classification",)  # any image dataset; the labels are ignored
+    parts = ("discriminator", "generator")
+
+    @property
+    def name(self) -> str:
+        return "gan"
+
+    @staticmethod
+    def _noise(gan: DCGAN, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(n, gan.latent_dim, device=like.device)
+
+    def loss_d(self, gan: DCGAN, real: torch.Tensor) -> torch.Tensor:
+        fake = gan.generator(self._noise(gan, real.shape[0], real)).detach()
+        d_real, d_fake = gan.discriminator(real).float(), gan.discriminator(fake).float()
+        return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+
+    def loss_g(self, gan: DCGAN, real: torch.Tensor) -> torch.Tensor:
+        d_fake = gan.discriminator(gan.generator(self._noise(gan, real.shape[0], real))).float()
+        return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+    def loss(self, model: nn.Module, batch, part: str = "discriminator") -> torch.Tensor:
+        real = batch[0]
+        return self.loss_d(model, real) if part == "discriminator" else self.loss_g(model, real)
+
+    def validation_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        real = batch[0]
+        return {"loss_d": self.loss_d(model, real), "loss_g": self.loss_g(model, real), "count": 1}
+
+    def validation_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        n = max(totals["count"], 1.0)
+        loss_d, loss_g = totals["loss_d"] / n, totals["loss_g"] / n
+        return {"val/loss_d": loss_d, "val/loss_g": loss_g, "val/loss": loss_d + loss_g}
+
+    @torch.no_grad()
+    def after_validation(self, model: nn.Module, run_dir: Path | None, step: int) -> None:
+        """A grid of 64 samples from fixed noise (its own generator: the global RNG is not touched)."""
+        if run_dir is None:
+            return
+        import torchvision
+
+        device = next(model.parameters()).device
+        z = torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(1234)).to(device)
+        images = model.generator(z).float().cpu()
+        out = Path(run_dir) / "samples"
+        out.mkdir(exist_ok=True)
+        torchvision.utils.save_image(images, out / f"step_{step}.png", nrow=8, normalize=True)

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from . import __version__, conv_wgrad, distributed, fsdp
+from .callbacks import Console, MetricsLogger
 from .checkpoint import (
     Checkpointer,
     Interrupted,
@@ -25,15 +27,16 @@ from .checkpoint import (
     config_container,
     resolve_resume,
 )
+from .components import Components, Part
 from .data import as_datasets, make_loader
 from .diagnostics import Diagnostics
 from .errors import ConfigError, MptrainError
-from .loop import Loop, fit
+from .loop import fit
 from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
 from .outputs import RunWriter
 from .precision import SHORT_DTYPE, Precision, resolve_device
 from .state import TrainState
-from .tasks import task_for
+from .tasks import BUILTIN, Task, check_task
 
 log = logging.getLogger("mptrain")
 
@@ -68,11 +71,26 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
         cause = e.__cause__
         if isinstance(cause, MptrainError):
             raise cause from None
-        raise ConfigError(f"{group}: {e}".splitlines()[0]) from e
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+        raise ConfigError(f"{group}._target_={target} failed: {why}".splitlines()[0]) from e
 
 
-def build(cfg: DictConfig) -> Loop:
-    """Every object the loop needs, each builder taking only its own sub-config."""
+def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task:
+    """`task=` when given, else the task the model declares (`task = "gan"` on its class; default
+    classification); checked against what the dataset serves before any model is built."""
+    node = cfg.get("task")
+    if node is None:
+        name = getattr(model_target, "task", "classification")
+        if name not in BUILTIN:
+            raise ConfigError(f"the model declares task {name!r}, which mptrain does not ship; add task=<yours> "
+                              f"(built in: {', '.join(BUILTIN)}; docs/tasks.md)")
+        node = OmegaConf.create({"_target_": BUILTIN[name]})
+    return check_task(_instantiate(node, "task"), dataset_task)
+
+
+def build(cfg: DictConfig) -> Components:
+    """Every component of the run, each builder taking only its own sub-config."""
     t = cfg.trainer
     info = distributed.env_info()
     device = resolve_device(distributed.device_for(t.device, info))
@@ -101,8 +119,20 @@ def build(cfg: DictConfig) -> Loop:
     except Exception as e:
         raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
                           "put its module on PYTHONPATH") from None
-    task = task_for(target, datasets.task)  # before building a model that cannot fit the data
-    model = _instantiate(cfg.model, "model", **facts).to(device)
+    task = build_task(cfg, target, datasets.task)  # before building a model that cannot fit the data
+    several = len(task.parts) > 1
+    if several and info.enabled:
+        raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
+                          "gradient all-reduce; train it in one process (no torchrun)")
+    model = _instantiate(cfg.model, "model", **facts)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
+                          "torch.nn.Module; point it at a module class or a function returning one")
+    missing = [n for n in task.parts if several and not isinstance(getattr(model, n, None), nn.Module)]
+    if missing:
+        raise ConfigError(f"task {task.name} trains the submodules {', '.join(task.parts)} but the model has no "
+                          f"{', '.join(missing)}")
+    model = model.to(device)
     if device.type == "cpu":
         switched = conv_wgrad.apply(model, t.conv_wgrad)
         if switched:
@@ -111,20 +141,19 @@ def build(cfg: DictConfig) -> Loop:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision.prepare_model(model)
-    if t.strategy == "fsdp":
-        if not info.enabled:
-            raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
-                              "--nproc_per_node=N (N > 1)")
-        if task.name == "gan":
-            raise ConfigError("model=dcgan with trainer.strategy=fsdp is not supported; train it in one process")
+    if t.strategy == "fsdp" and info.enabled:
         model = fsdp.shard(model, precision)
         precision.prepare_model(model)  # the optimizer must see the sharded parameters
-    if task.name == "gan":  # one optimizer per network, one loss scaler for both
-        parts = ("discriminator", "generator")
-        optimizer = MultiOptimizer({k: build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, k)))
-                                    for k in parts})
+    elif t.strategy == "fsdp":
+        raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
+                          "--nproc_per_node=N (N > 1)")
+    if several:  # one optimizer per network, one loss scaler for all
+        parts = [Part(n, build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n))),
+                      precision.optimizer_params(getattr(model, n))) for n in task.parts]
+        optimizer = MultiOptimizer({part.name: part.optimizer for part in parts})
     else:
         optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+        parts = [Part("model", optimizer, precision.optimizer_params())]
     base_model = model
     if t.strategy == "ddp":
         model = distributed.wrap(model, t, info, device)  # DDP under torchrun
@@ -136,15 +165,14 @@ def build(cfg: DictConfig) -> Loop:
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__, n_params / 1e6,
-             total_steps, steps_per_epoch, device)
-    return Loop(
-        model=model, precision=precision, optimizer=optimizer, scheduler=scheduler,
-        train_loader=train_loader, val_loader=val_loader, device=device, writer=None, state=TrainState(),
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches,
-        clip_grad_norm=t.clip_grad_norm, loss_weight=t.loss_weight, log_every=t.log_every, eval_every=t.eval_every,
-        channels_last=t.channels_last, progress_bar=t.progress_bar and info.is_main, task=task,
-        dist=info, strategy=t.strategy if info.enabled else "single",
+    log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
+             task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    return Components(
+        model=model, task=task, precision=precision, optimizer=optimizer, scheduler=scheduler, parts=parts,
+        train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
+        loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
+        strategy=t.strategy if info.enabled else "single",
     )
 
 
@@ -155,11 +183,12 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
-def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, error: str | None = None) -> dict:
+def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, status: str, wall_s: float,
+              diagnostics: Diagnostics | None = None, error: str | None = None) -> dict:
     summary: dict = {
         "status": status,
         "precision": cfg.precision.mode,
-        "task": loop.task.name if loop is not None else None,
+        "task": c.task.name if c is not None else None,
         "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
         "seed": cfg.trainer.seed,
@@ -167,26 +196,30 @@ def summarize(cfg: DictConfig, loop: Loop | None, status: str, wall_s: float, er
         "mptrain_version": __version__,
         "torch_version": str(torch.__version__),
     }
-    if loop is not None:
-        s, p = loop.state, loop.precision
-        mem, mem_kind = peak_memory_mb(loop.device)
+    if c is not None and state is not None:
+        p = c.precision
+        mem, mem_kind = peak_memory_mb(c.device)
         summary.update({
             "compute_dtype": SHORT_DTYPE[p.compute_dtype],
-            "device": str(loop.device),
-            "steps": s.step,
-            "epochs": round(s.epoch + s.step_in_epoch / loop.steps_per_epoch, 4),
+            "device": str(c.device),
+            "steps": state.step,
+            "epochs": round(state.epoch + state.step_in_epoch / c.steps_per_epoch, 4),
             "skipped_steps": p.scaler.skipped if p.scaler is not None else 0,
             "final_loss_scale": p.loss_scale,
-            "train_loss": loop.train_loss,
-            **{k: v for k, v in loop.last_val.items() if k != "step"},
-            "samples": s.samples * loop.world_size,  # every rank trains on as many samples
-            "samples_per_s": round(s.samples * loop.world_size / loop.train_time, 2) if loop.train_time > 0 else None,
-            "world_size": loop.world_size,
+            "train_loss": state.train_loss,
+            **{k: v for k, v in state.last_val.items() if k != "step"},
+            "samples": state.samples * c.world_size,  # every rank trains on as many samples
+            # this attempt's throughput: the samples of this attempt over its training time
+            "samples_per_s": (round(state.attempt_samples * c.world_size / state.train_time, 2)
+                              if state.train_time > 0 else None),
+            "world_size": c.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
         })
-        if loop.diagnostics is not None:
-            summary.update(loop.diagnostics.summary())
+        if state.events:
+            summary["events"] = list(state.events)
+        if diagnostics is not None:
+            summary.update(diagnostics.summary())
     if error is not None:
         summary["error"] = error
     return summary
@@ -202,33 +235,41 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     config = config_container(cfg)
     resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
-    loop = build(cfg)
+    c = build(cfg)
     try:
-        return _run(cfg, run_dir, config, resume, loop, start)
+        return _run(cfg, run_dir, config, resume, c, start)
     finally:
-        distributed.teardown(loop.dist)
+        distributed.teardown(c.dist)
         if cfg.trainer.compile:
             torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
 
 
-def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, loop: Loop, start: float) -> dict:
-    info = loop.dist
-    distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, info)
+def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, start: float) -> dict:
+    t = cfg.trainer
+    distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, c.dist)
+    state = TrainState().to(c.device)
     if resume is not None:
-        apply_checkpoint(loop, resume[1], resume[0], config)
+        path, ckpt = resume
+        if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
+            ckpt = fsdp.load(c, path)
+        apply_checkpoint(c, state, ckpt, path, config)
     # only rank 0 writes the run directory
-    loop.writer = RunWriter(run_dir, tensorboard=cfg.trainer.tensorboard,
-                            resume_step=loop.state.step if resume is not None else None, enabled=info.is_main)
-    if cfg.diagnostics.enabled and info.is_main:
-        loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, run_dir, tb=loop.writer.tb)
-    if loop.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loop.device)
+    writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
+                       enabled=c.is_main)
+    diagnostics = None
+    if cfg.diagnostics.enabled and c.is_main:
+        diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
+    if c.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(c.device)
+    console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
     status, error = "failed", None
     with StopSignals() as signals:
-        loop.after_step.append(Checkpointer(cfg.checkpoint, run_dir, config, signals))
+        callbacks = [console, MetricsLogger(writer, t.log_every, console),
+                     Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
+                                  save_sharded=fsdp.save if c.strategy == "fsdp" else None)]
         try:
-            with loop.precision.backend_flags(), backend_settings(cfg.trainer):
-                fit(loop)
+            with c.precision.backend_flags(), backend_settings(t), console.logging_above():
+                fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
             status = "completed"
         except Interrupted as e:
             status, error = "interrupted", str(e)
@@ -243,11 +284,12 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, loop: Loop, start
             error = repr(e)
             raise
         finally:
-            summary = summarize(cfg, loop, status, time.perf_counter() - start, error)
-            loop.writer.write_summary(summary)
-            loop.writer.close()
-            if loop.diagnostics is not None:
-                loop.diagnostics.close()
+            console.close()
+            summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
+            writer.write_summary(summary)
+            writer.close()
+            if diagnostics is not None:
+                diagnostics.close()
             if status == "interrupted":
                 signals.forward()
     return summary

@@ -1,8 +1,15 @@
-"""The training state: counters the loop advances and a checkpoint restores."""
+"""The training state: everything that changes during a run, with one state_dict() for checkpoints.
+
+Components (model, precision, optimizers, loaders) are built once and hold none of this; a resume
+rebuilds them from the config and loads this state back.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -10,12 +17,55 @@ class TrainState:
     step: int = 0  # optimizer steps taken (skipped ones count)
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps taken in the current epoch
-    samples: int = 0  # training samples seen
-    best_metric: float | None = None
+    samples: int = 0  # training samples seen (this rank)
+    best_metric: float | None = None  # the best value of checkpoint.monitor so far
+    train_loss: float = math.nan  # mean loss of the last logged window
+    # seconds spent in training steps in this attempt (validation excluded), and the samples they saw:
+    # wall time, so not part of the checkpointed state (a resumed run must equal a straight one bit for bit)
+    train_time: float = 0.0
+    attempt_samples: int = 0
+    last_val: dict = field(default_factory=dict)  # the newest validation metrics, with their "step"
+    events: list = field(default_factory=list)  # things that changed the run's course (e.g. a switch to bf16)
+    # the current logging window: the loss is summed on the device and read once per log_every steps
+    window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    window_applied: int = 0
+    window_skipped: int = 0
+
+    def to(self, device: torch.device) -> TrainState:
+        self.window_loss = self.window_loss.to(device)
+        return self
+
+    def record_step(self, applied: bool, loss: torch.Tensor, samples: int, steps_per_epoch: int) -> bool:
+        """Advance the counters after one optimizer step; True when it ended an epoch."""
+        self.samples += samples
+        self.attempt_samples += samples
+        if applied:
+            self.window_loss += loss
+            self.window_applied += 1
+        else:
+            self.window_skipped += 1
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            return True
+        return False
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "samples": self.samples,
+            "best_metric": self.best_metric, "train_loss": self.train_loss,
+            "last_val": dict(self.last_val), "events": [dict(e) for e in self.events],
+            "window_loss": self.window_loss.detach().cpu().clone(), "window_applied": self.window_applied,
+            "window_skipped": self.window_skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        device = self.window_loss.device
         for key, value in state.items():
-            setattr(self, key, value)
+            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples"):
+                setattr(self, key, value)
+        self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)
+        self.last_val = dict(self.last_val)
+        self.events = [dict(e) for e in self.events]

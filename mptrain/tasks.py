@@ -1,207 +1,143 @@
-"""Tasks: what one training step and one evaluation mean, so that the loop stays one loop.
+"""Tasks: what the loss of one micro-batch is, and which validation metrics to sum (docs/tasks.md).
 
-classification       (images, labels)  -> cross-entropy; val/loss, val/acc
-language_modeling    (tokens, next tokens) -> cross-entropy per token; val/loss, val/ppl
-gan                  (images, _)        -> discriminator and generator steps; val/loss_d, val/loss_g, a PNG grid
+A task is a config group entry (`task=classification|language_modeling|gan|<yours>`, each a `_target_`).
+The contract is small:
 
-The model says which task it is for (`model.task`, default classification); the dataset says which
-task its batches serve (`Datasets.task`). Losses are always computed in float32.
+    loss(model, batch) -> float32 scalar           required: the training loss of one micro-batch
+    validation_sums(model, batch) -> {name: sum}    optional: per-batch sums (plus "count"), reduced over
+                                                    the validation set and every rank
+    validation_metrics(totals) -> {"val/...": x}    optional: metrics from the reduced sums
+
+mptrain calls both under the precision's autocast, with the batch already on the device; everything
+else (precision, accumulation, clipping, diagnostics, checkpoints, DDP/FSDP) is mptrain's, the same for
+built-in and user tasks. A task that trains several networks with their own optimizers (a GAN) names
+them in `parts` and takes `loss(model, batch, part)`; mptrain steps each part in that order, with one
+loss scaler for all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import ConfigError
-from .precision import LossScalingError
-
-if TYPE_CHECKING:
-    from .loop import Loop
-
-
-@dataclass
-class StepOutput:
-    applied: bool
-    loss: torch.Tensor  # the step's mean training loss, on the device (not read here)
-    samples: int
 
 
 class Task:
-    name = "classification"
-    datasets = ("classification",)  # dataset tasks whose batches this task can train on
+    """The base class. Subclass it and define `loss`; the rest has working defaults."""
 
-    def loss(self, loop: Loop, batch: tuple) -> torch.Tensor:
+    # dataset kinds (Datasets.task) whose batches this task trains on; None: any
+    datasets: tuple[str, ...] | None = None
+    # submodules of the model trained by optimizers of their own, stepped in this order; ("model",): one
+    # optimizer over the whole model
+    parts: tuple[str, ...] = ("model",)
+    # the metric checkpoint.monitor defaults to and `mptrain -m` sweeps return (None: val/loss)
+    primary_metric: str | None = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def loss(self, model: nn.Module, batch, *part) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define loss(model, batch)")
+
+    def validation_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        """Default: the training loss summed over the batch (its mean times the batch size)."""
+        n = batch_size(batch)
+        return {"loss": self.loss(model, batch).float() * n, "count": n}
+
+    def validation_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Default: every sum divided by "count", named val/<name>."""
+        count = max(totals.get("count", 0.0), 1.0)
+        return {f"val/{k}": v / count for k, v in totals.items() if k != "count"}
+
+    def after_validation(self, model: nn.Module, run_dir: Path | None, step: int) -> None:
+        """Optional: write artefacts of a validation (the GAN writes sample images)."""
+
+
+def batch_size(batch) -> int:
+    """Samples in a batch: the length of its first tensor."""
+    first = batch
+    while isinstance(first, (tuple, list)):
+        first = first[0]
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return int(first.shape[0])
+
+
+class Classification(Task):
+    """(images, labels) -> cross-entropy; val/loss, val/acc."""
+
+    datasets = ("classification",)
+    primary_metric = "val/acc"
+
+    @property
+    def name(self) -> str:
+        return "classification"
+
+    def logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ConfigError(f"the model's output {shape} does not fit labels of shape {tuple(y.shape)}: a "
+                              "classification model must return (batch, num_classes) logits; check model.num_classes "
+                              "and the task (task=...)")
+        return logits.float()
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        with loop.precision.autocast():
-            logits = loop.model(x)
-        return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(self.logits(model, x, y), y)
 
-    def train_step(self, loop: Loop, batches, step_no: int) -> StepOutput:
-        """Forward and scaled backward for each micro-batch, then one precision step."""
-        p, diag = loop.precision, loop.diagnostics
-        if diag is not None and diag.sampled(step_no):
-            diag.begin_step()  # hooks only on sampled steps
-        weight = loop.loss_weight / loop.accumulate
-        total = None
-        samples = 0
-        for i in range(loop.accumulate):
-            batch = loop.to_device(next(batches))
-            # DDP: all-reduce gradients only on the last micro-batch
-            sync = i == loop.accumulate - 1 or not hasattr(loop.model, "no_sync")
-            with contextlib.nullcontext() if sync else loop.model.no_sync():
-                loss = self.loss(loop, batch)
-                p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
-            total = loss.detach() if total is None else total + loss.detach()
-            samples += batch[-1].shape[0]
-        try:
-            result = p.step(loop.optimizer, loop.clip_grad_norm, diag.hooks_for(step_no) if diag else None)
-        except LossScalingError:
-            if diag is not None:
-                self.trace(loop, batch, step_no, "loss scale reached its minimum")
-            raise
-        if diag is not None:
-            diag.end_step(step_no, result.applied, p.optimizer_params())
-            if diag.should_trace():
-                self.trace(loop, batch, step_no, f"{diag.consecutive_skips} consecutive skipped steps")
-        return StepOutput(result.applied, total / loop.accumulate if loop.accumulate > 1 else total, samples)
-
-    def trace(self, loop: Loop, batch: tuple, step: int, reason: str) -> None:
-        """Re-run the last micro-batch with hooks to name the module where the overflow starts."""
-        loop.diagnostics.run_trace(step, lambda: self.loss(loop, batch) * loop.loss_weight,
-                                   loop.precision.backward, reason)
-        loop.optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def evaluate(self, loop: Loop) -> dict:
-        """Mean loss and accuracy over the validation loader (summed on the device, read once)."""
-        loss_sum = torch.zeros((), device=loop.device)
-        correct = torch.zeros((), device=loop.device, dtype=torch.long)
-        count = 0
-        for batch in loop.val_loader:
-            x, y = loop.to_device(batch)
-            with loop.precision.autocast():
-                logits = loop.model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
-            count += y.numel()
-        loss, acc = loop.reduce_sums(loss_sum, correct.float(), count)
-        return {"val/loss": loss, "val/acc": acc}
+    def validation_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self.logits(model, x, y)
+        return {"loss": F.cross_entropy(logits, y, reduction="sum"), "acc": (logits.argmax(dim=1) == y).sum(),
+                "count": y.numel()}
 
 
 class LanguageModeling(Task):
-    name = "language_modeling"
+    """(tokens, next tokens) -> cross-entropy per token; val/loss, val/ppl."""
+
     datasets = ("language_modeling",)
 
-    def loss(self, loop: Loop, batch: tuple) -> torch.Tensor:
-        x, y = batch
-        with loop.precision.autocast():
-            logits = loop.model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    @property
+    def name(self) -> str:
+        return "language_modeling"
 
-    @torch.no_grad()
-    def evaluate(self, loop: Loop) -> dict:
-        loss_sum = torch.zeros((), device=loop.device)
-        count = 0
-        for batch in loop.val_loader:
-            x, y = loop.to_device(batch)
-            with loop.precision.autocast():
-                logits = loop.model(x)
-            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            count += y.numel()
-        loss, _ = loop.reduce_sums(loss_sum, None, count)
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+
+    def validation_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+        return {"loss": loss, "count": y.numel()}
+
+    def validation_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        loss = totals["loss"] / max(totals["count"], 1.0)
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
 
 
-class Adversarial(Task):
-    """DCGAN training: a discriminator step, then a generator step, one loss scaler for both
-    (PyTorch's recipe for several models, losses and optimizers: scale each loss, step each optimizer,
-    update the scale once per iteration)."""
+# what a model that declares its task (`task = "gan"` on its class) trains with when no task= is given
+BUILTIN = {"classification": "mptrain.tasks.Classification",
+           "language_modeling": "mptrain.tasks.LanguageModeling",
+           "gan": "mptrain.gan.Adversarial"}
 
-    name = "gan"
-    datasets = ("classification",)  # any image dataset; the labels are ignored
-
-    def _losses_d(self, loop: Loop, real: torch.Tensor) -> torch.Tensor:
-        gan = loop.model
-        z = torch.randn(real.shape[0], gan.latent_dim, device=loop.device)
-        with loop.precision.autocast():
-            fake = gan.generator(loop.precision.cast_inputs(z)).detach()
-            d_real, d_fake = gan.discriminator(real), gan.discriminator(fake)
-        ones, zeros = torch.ones_like(d_real, dtype=torch.float32), torch.zeros_like(d_fake, dtype=torch.float32)
-        return F.binary_cross_entropy_with_logits(d_real.float(), ones) + F.binary_cross_entropy_with_logits(d_fake.float(), zeros)
-
-    def _loss_g(self, loop: Loop, n: int) -> torch.Tensor:
-        gan = loop.model
-        z = torch.randn(n, gan.latent_dim, device=loop.device)
-        with loop.precision.autocast():
-            d_fake = gan.discriminator(gan.generator(loop.precision.cast_inputs(z)))
-        return F.binary_cross_entropy_with_logits(d_fake.float(), torch.ones_like(d_fake, dtype=torch.float32))
-
-    def loss(self, loop: Loop, batch: tuple) -> torch.Tensor:
-        return self._losses_d(loop, batch[0])
-
-    def train_step(self, loop: Loop, batches, step_no: int) -> StepOutput:
-        if loop.world_size > 1:
-            raise ConfigError("model=dcgan under torchrun is not supported yet: its two networks step separately "
-                              "and would bypass DDP's gradient all-reduce; train it in one process")
-        p, opts = loop.precision, loop.optimizer.optimizers
-        real = loop.to_device(next(batches))[0]
-        loss_d = self._losses_d(loop, real)
-        p.backward(loss_d * loop.loss_weight)
-        r_d = p.step(opts["discriminator"], loop.clip_grad_norm, params=loop.optimizer.params["discriminator"], update=False)
-        loss_g = self._loss_g(loop, real.shape[0])
-        p.backward(loss_g * loop.loss_weight)
-        r_g = p.step(opts["generator"], loop.clip_grad_norm, params=loop.optimizer.params["generator"], update=False)
-        p.update_scale(not (r_d.applied and r_g.applied))  # once per iteration
-        return StepOutput(r_d.applied and r_g.applied, (loss_d.detach() + loss_g.detach()) / 2, real.shape[0])
-
-    @torch.no_grad()
-    def evaluate(self, loop: Loop) -> dict:
-        sum_d = torch.zeros((), device=loop.device)
-        sum_g = torch.zeros((), device=loop.device)
-        batches = 0
-        gen = torch.Generator(device="cpu").manual_seed(1234)  # the same noise every time, and no global RNG
-        rng_state = torch.get_rng_state()
-        for batch in loop.val_loader:
-            real = loop.to_device(batch)[0]
-            sum_d += self._losses_d(loop, real)
-            sum_g += self._loss_g(loop, real.shape[0])
-            batches += 1
-        torch.set_rng_state(rng_state)
-        loss_d, loss_g = loop.reduce_sums(sum_d, sum_g, batches)
-        self.save_samples(loop, torch.randn(64, loop.model.latent_dim, generator=gen).to(loop.device))
-        return {"val/loss_d": loss_d, "val/loss_g": loss_g, "val/loss": loss_d + loss_g}
-
-    def save_samples(self, loop: Loop, z: torch.Tensor) -> None:
-        if loop.writer is None or not loop.is_main:
-            return
-        import torchvision
-
-        with loop.precision.autocast():
-            images = loop.model.generator(loop.precision.cast_inputs(z)).float().cpu()
-        out = Path(loop.writer.run_dir) / "samples"
-        out.mkdir(exist_ok=True)
-        torchvision.utils.save_image(images, out / f"step_{loop.state.step}.png", nrow=8, normalize=True)
-
-
-TASKS = {t.name: t for t in (Task, LanguageModeling, Adversarial)}
-
-
-def task_for(model_target: object, dataset_task: str) -> Task:
-    """The model (its class or builder, `task` attribute) decides the task; the dataset must serve it."""
-    name = getattr(model_target, "task", "classification")
-    if name not in TASKS:
-        raise ConfigError(f"model declares task {name!r}; mptrain knows {', '.join(TASKS)}")
-    task = TASKS[name]()
-    if dataset_task not in task.datasets:
-        hint = {"language_modeling": "a token dataset (dataset=text or dataset=synthetic_tokens)",
+DATASET_HINT = {"language_modeling": "a token dataset (dataset=text or dataset=synthetic_tokens)",
                 "classification": "an image dataset (dataset=digits, mnist, cifar10, imagefolder, synthetic)"}
-        raise ConfigError(f"the model trains a {name} task but the dataset serves {dataset_task}; "
-                          f"use {hint[task.datasets[0]]}")
+
+
+def check_task(task: object, dataset_task: str) -> Task:
+    """The task must be a Task-like object whose data the dataset serves."""
+    if not callable(getattr(task, "loss", None)):
+        raise ConfigError(f"task._target_ built a {type(task).__name__}, which has no loss(model, batch) method; "
+                          "a task subclasses mptrain.tasks.Task (docs/tasks.md)")
+    accepted = getattr(task, "datasets", None)
+    if accepted is not None and dataset_task not in accepted:
+        raise ConfigError(f"the model trains a {getattr(task, 'name', type(task).__name__)} task but the dataset serves "
+                          f"{dataset_task}; use {DATASET_HINT.get(accepted[0], 'a matching dataset')}")
     return task

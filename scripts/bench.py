@@ -35,10 +35,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from mptrain.callbacks import MetricsLogger  # noqa: E402
 from mptrain.cli import config_dir  # noqa: E402
 from mptrain.config import validate  # noqa: E402
+from mptrain.loop import Callback, fit  # noqa: E402
+from mptrain.outputs import RunWriter  # noqa: E402
 from mptrain.precision import cast_model  # noqa: E402
-from mptrain.recipe import build, seed_everything  # noqa: E402
+from mptrain.recipe import backend_settings, build, seed_everything  # noqa: E402
+from mptrain.state import TrainState  # noqa: E402
+from mptrain.step import train_step  # noqa: E402
 
 # ---- (a) the handwritten loops ---------------------------------------------------------------------
 
@@ -115,27 +120,38 @@ class StepTimer:
         return 1 / statistics.median(steps)
 
 
-def fit_in(loop, run_dir: Path, hook) -> None:
-    """mptrain's real fit() writing into run_dir, with `hook` after every step."""
-    from mptrain.loop import fit
-    from mptrain.outputs import RunWriter
+class Hook(Callback):
+    """Calls `fn(components)` after every step of fit()."""
 
-    loop.writer = RunWriter(run_dir, tensorboard=False)
-    loop.after_step.append(hook)
-    with loop.precision.backend_flags():
-        fit(loop)
-    loop.writer.close()
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step_end(self, c, state, out) -> None:
+        self.fn(c)
+
+
+def fit_in(cfg, loop, run_dir: Path, hook, diagnostics=None) -> None:
+    """mptrain's real fit() writing its metric rows into run_dir, under the same backend settings a run
+    applies (recipe.backend_settings), with `hook` after every step."""
+    writer = RunWriter(run_dir, tensorboard=False)
+    state = TrainState().to(loop.device)
+    t = cfg.trainer
+    with loop.precision.backend_flags(), backend_settings(t):
+        fit(loop, state, [MetricsLogger(writer, t.log_every), Hook(hook)], diagnostics, log_every=t.log_every,
+            eval_every=t.eval_every)
+    writer.close()
 
 
 def run_mptrain(overrides, n, warmup, diagnostics: bool, tmp: Path) -> float:
     from mptrain.diagnostics import Diagnostics
 
     cfg, loop = mptrain_loop(overrides + ([] if diagnostics else ["diagnostics=off"]), n)
+    diag = None
     if diagnostics:
         tmp.mkdir(parents=True, exist_ok=True)
-        loop.diagnostics = Diagnostics(cfg.diagnostics, loop.model, loop.precision, tmp)
+        diag = Diagnostics(cfg.diagnostics, loop.base_model, loop.precision, tmp)
     timer = StepTimer()
-    fit_in(loop, tmp, timer)
+    fit_in(cfg, loop, tmp, timer, diag)
     return timer.rate(warmup)
 
 
@@ -163,7 +179,7 @@ def run_plain(overrides, n, warmup, recipe, dtype) -> float:
 
 # ---- in lockstep: another loop's step inside each of mptrain's steps -----------------------------------
 
-def take_turns(loop, stepper, warmup: int) -> tuple[float, float]:
+def take_turns(cfg, loop, stepper, warmup: int) -> tuple[float, float]:
     """(mptrain's, the stepper's) median step seconds, the two taking turns step by step.
 
     mptrain's real fit() runs; its after_step hook runs one step of `stepper` (its own model and
@@ -171,7 +187,7 @@ def take_turns(loop, stepper, warmup: int) -> tuple[float, float]:
     a shared machine slows both alike, and medians ignore single slow steps."""
     ours, theirs, last = [], [], [now()]
 
-    def turn(_loop):
+    def turn(_c):
         start = now()
         ours.append(start - last[0])
         next(stepper)
@@ -179,25 +195,26 @@ def take_turns(loop, stepper, warmup: int) -> tuple[float, float]:
         theirs.append(last[0] - start)
 
     with tempfile.TemporaryDirectory() as tmp:
-        fit_in(loop, Path(tmp), turn)
+        fit_in(cfg, loop, Path(tmp), turn)
     return statistics.median(ours[warmup:]), statistics.median(theirs[warmup:])
 
 
 def run_lockstep(overrides, n, warmup, recipe, dtype) -> tuple[float, float]:
     """(plain steps/s, mptrain steps/s), the handwritten loop and mptrain's taking turns."""
     stepper = plain_loop(overrides, n, recipe, dtype)
-    _, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
-    ours, plain = take_turns(loop, stepper, warmup)
+    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
+    ours, plain = take_turns(cfg, loop, stepper, warmup)
     return 1 / plain, 1 / ours
 
 
 def mptrain_stepper(loop):
-    """mptrain's step (the task's train_step and the scheduler), one step per next(): to pace another fit()."""
+    """mptrain's step (the one train_step every caller uses, and the scheduler), one step per next():
+    to pace another fit()."""
     loop.model.train()
     loop.train_loader.sampler.set_epoch(0)
     batches = iter(loop.train_loader)
     for step in range(1, loop.total_steps + 1):
-        if loop.task.train_step(loop, batches, step).applied:
+        if train_step(loop, batches, step).applied:
             loop.scheduler.step()
         yield
 
@@ -205,8 +222,8 @@ def mptrain_stepper(loop):
 def run_lockstep_precisions(overrides, low: list[str], n, warmup) -> float:
     """mptrain in precision `low` against mptrain in fp32, taking turns step by step: low / fp32 speed."""
     _, fp32_loop = mptrain_loop(overrides + ["precision=fp32", "diagnostics=off"], n)
-    _, loop = mptrain_loop(overrides + low + ["diagnostics=off"], n)
-    low_s, fp32_s = take_turns(loop, mptrain_stepper(fp32_loop), warmup)
+    cfg, loop = mptrain_loop(overrides + low + ["diagnostics=off"], n)
+    low_s, fp32_s = take_turns(cfg, loop, mptrain_stepper(fp32_loop), warmup)
     return fp32_s / low_s
 
 

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from mptrain.callbacks import MetricsLogger
 from mptrain.cli import config_dir
 from mptrain.config import validate
-from mptrain.loop import fit
+from mptrain.loop import Callback, fit
 from mptrain.outputs import RunWriter
 from mptrain.recipe import backend_settings, build
+from mptrain.state import TrainState
 
 RECIPES = [
     ("fp32 (TF32 off)", ["precision=fp32", "trainer.allow_tf32=false"]),
@@ -34,18 +36,19 @@ def measure(overrides: list[str], steps: int, warmup: int, tmp: Path) -> dict:
     cfg = compose("config", overrides=[*overrides, f"trainer.max_steps={steps + warmup}"])
     validate(cfg)
     loop = build(cfg)
-    loop.writer = RunWriter(tmp, tensorboard=False)
     times: list[float] = []
 
-    def timer(_loop) -> None:
-        torch.cuda.synchronize()
-        times.append(time.perf_counter())
+    class Timer(Callback):
+        def on_step_end(self, c, state, out) -> None:
+            torch.cuda.synchronize()
+            times.append(time.perf_counter())
 
-    loop.after_step.append(timer)
     torch.cuda.reset_peak_memory_stats()
+    writer = RunWriter(tmp, tensorboard=False)
     with loop.precision.backend_flags(), backend_settings(cfg.trainer):
-        fit(loop)
-    loop.writer.close()
+        fit(loop, TrainState().to(loop.device), [MetricsLogger(writer, cfg.trainer.log_every), Timer()],
+            log_every=cfg.trainer.log_every)
+    writer.close()
     t = times[warmup:]
     return {"images_per_s": (len(t) - 1) * cfg.trainer.batch_size / (t[-1] - t[0]),
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30,

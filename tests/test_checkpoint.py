@@ -23,14 +23,14 @@ SMALL = ["model.width=4", "trainer.log_every=1"]
 
 def stop_at(monkeypatch, step: int) -> None:
     """Deliver a real SIGTERM to this process right after optimizer step `step`."""
-    original = Checkpointer.__call__
+    original = Checkpointer.on_step_end
 
-    def hook(self, loop):
-        if loop.state.step == step:
+    def hook(self, c, state, out=None):
+        if state.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
-        original(self, loop)
+        original(self, c, state, out)
 
-    monkeypatch.setattr(Checkpointer, "__call__", hook)
+    monkeypatch.setattr(Checkpointer, "on_step_end", hook)
 
 
 def assert_same_tensors(a, b, path="") -> None:

@@ -14,6 +14,7 @@ import torch
 from mptrain.config import validate
 from mptrain.errors import ConfigError
 from mptrain.recipe import build
+from mptrain.step import train_step
 
 from .conftest import TINY, compose_config, run_cli, train
 
@@ -46,7 +47,7 @@ def fixed_batch_losses(overrides: list[str], steps: int) -> tuple[list[float], o
     losses = []
     it = same_batch()
     for i in range(steps):
-        out = loop.task.train_step(loop, it, i + 1)
+        out = train_step(loop, it, i + 1)  # the step the CLI's loop runs
         if out.applied:
             loop.scheduler.step()
         losses.append(out.loss.item())

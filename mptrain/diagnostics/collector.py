@@ -23,6 +23,7 @@ from .stats import (
     bin_index,
     fold_counts,
     fractions,
+    merge_overall,
     range_stats,
     update_underflow,
 )
@@ -48,7 +49,10 @@ class Diagnostics:
         model = getattr(model, "_orig_mod", model)  # hooks go on the plain modules under torch.compile
         model = getattr(model, "module", model)  # and under DDP (a trace must not trigger its all-reduce)
         self.cfg, self.model, self.precision, self.tb = cfg, model, precision, tb
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        # what the optimizer updates (FP32 masters in master mode), in model order: name them by identity so
+        # that a step over a subset (one part of a GAN) is named right
+        self.name_of = {id(t): n for n, t in zip(names, precision.optimizer_params())}
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules]
@@ -71,7 +75,7 @@ class Diagnostics:
         self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}
         self._row: dict | None = None
-        self._before: list[torch.Tensor] | None = None
+        self._before: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, param, its value before the update)
         self.consecutive_skips = 0
         self.traced = False
         self.trace: dict | None = None
@@ -83,11 +87,17 @@ class Diagnostics:
         """Is optimizer step `step` (1-based) sampled? The first few, then every `every`."""
         return step <= self.cfg.first_steps or step % self.cfg.every == 0
 
-    def begin_step(self) -> None:
-        """Before the forward of a sampled step: hook the chosen layers' output gradients."""
-        self._act = {name: [] for name in self.layers}
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+    def begin_step(self, step: int):
+        """Before the forward of step `step`: on sampled steps hook the chosen layers' output gradients.
+        Returns what the precision step calls after unscaling (overflow events are recorded on any step)."""
+        self._step = step
+        self._row = None
+        if self.sampled(step):
+            self._row = {"event": "sample", "step": step}
+            self._act = {name: [] for name in self.layers}
+            for name, module in self.layers.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self.inspect
 
     def _make_hook(self, name: str):
         def forward_hook(module, args, output):
@@ -97,29 +107,23 @@ class Diagnostics:
         return forward_hook
 
     def inspect(self, params: list[torch.Tensor], overflow: bool, scale: float) -> None:
-        """Called by the precision step after unscaling, before clipping and the update."""
+        """Called by the precision step after unscaling, before clipping and the update (once per part)."""
         if self._row is None and not overflow:
             return  # not sampled: nothing to do
-        pairs = [(n, p) for n, p in zip(self.names, params) if p.grad is not None]
+        pairs = [(self.name_of.get(id(p), f"param{i}"), p) for i, p in enumerate(params) if p.grad is not None]
         if self._row is not None and pairs:
             stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale, segments=self._segments)
             self._row["loss_scale"] = scale
-            self._row["grads"] = {"overall": stats.overall, "params": stats.per_tensor()}
+            grads = self._row.setdefault("grads", {"params": {}})
+            grads["params"].update(stats.per_tensor())
+            grads["overall"] = merge_overall(grads.get("overall"), stats.overall)
             if not overflow:
-                self._before = [p.detach().clone() for _, p in pairs]
-                self._before_names = [n for n, _ in pairs]
+                self._before += [(n, p, p.detach().clone()) for n, p in pairs]
         if overflow:
             bad = [n for n, p in pairs if not bool(torch.isfinite(p.grad).all())]
             self._write({"event": "overflow", "step": self._step, "loss_scale": scale, "nonfinite_params": bad})
 
-    # ---- the loop's calls ------------------------------------------------------------------------
-    def hooks_for(self, step: int):
-        """What the loop passes to precision.step for this step (None: nothing to do)."""
-        self._step = step
-        self._row = {"event": "sample", "step": step} if self.sampled(step) else None
-        return self.inspect
-
-    def end_step(self, step: int, applied: bool, params: list[torch.Tensor]) -> None:
+    def end_step(self, step: int, applied: bool) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -127,10 +131,10 @@ class Diagnostics:
         if self._row is None:
             return
         row = self._row
-        if self._before is not None and applied:
-            lookup = dict(zip(self.names, params))
-            per, overall = update_underflow(self._before, [lookup[n] for n in self._before_names])
-            row["update_underflow"] = {"overall": overall, "params": dict(zip(self._before_names, per))}
+        if self._before and applied:
+            names = [n for n, _, _ in self._before]
+            per, overall = update_underflow([b for _, _, b in self._before], [p for _, p, _ in self._before])
+            row["update_underflow"] = {"overall": overall, "params": dict(zip(names, per))}
         row["applied"] = applied
         row["activations"] = {}
         for name, hists in self._act.items():
@@ -140,7 +144,7 @@ class Diagnostics:
         self._write(row)
         self._to_tensorboard(row)
         self._accumulate(row)
-        self._row, self._before, self._act = None, None, {}
+        self._row, self._before, self._act = None, [], {}
 
     def should_trace(self) -> bool:
         return not self.traced and self.cfg.trace_after is not None and self.consecutive_skips >= self.cfg.trace_after

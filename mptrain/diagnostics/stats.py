@@ -155,3 +155,16 @@ def update_underflow(before: list[torch.Tensor], after: list[torch.Tensor]) -> t
     counts = torch.stack(small).cpu().tolist()
     per = [c / max(s, 1) for c, s in zip(counts, sizes)]
     return per, sum(counts) / max(sum(sizes), 1)
+
+
+def merge_overall(a: dict | None, b: dict) -> dict:
+    """The overall row of two tensor sets together (a GAN step inspects its two networks in turn)."""
+    if a is None:
+        return b
+    hist = [x + y for x, y in zip(a["hist"], b["hist"])]
+    overflow = a["overflow"] * max(sum(a["hist"]), 1) + b["overflow"] * max(sum(b["hist"]), 1)
+    headroom = min(a["headroom"], b["headroom"])
+    peak = FP16_MAX / 2.0**headroom if math.isfinite(headroom) else 0.0
+    out = fractions(hist, overflow, peak)
+    out.update(hist=hist, count=a["count"] + b["count"])
+    return out

@@ -95,6 +95,10 @@ class Precision:
                                      ls.hysteresis, ls.min, ls.max, ls.on_min)
         self.master: MasterWeights | None = None
         self._params: list[torch.Tensor] = []
+        self._input_hooks: list = []
+        # FSDP: each rank sees only its gradient shard, so every rank must agree on a skip; the distributed
+        # code sets this to an all-reduce (max) of the overflow flag (DDP's gradients are already all-reduced)
+        self.agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -107,6 +111,11 @@ class Precision:
         """Cast the model for master/nomaster (call before building the optimizer)."""
         if self.low_precision_params:
             cast_model(model, self.compute_dtype, self.keep_norm_fp32)
+            if not self._input_hooks:  # once: FSDP calls prepare_model again on the sharded model
+                # float32 inputs reach the low-precision model (and its top-level parts, which a task may call
+                # directly, e.g. a GAN's generator) in its own dtype
+                for module in (model, *model.children()):
+                    self._input_hooks.append(module.register_forward_pre_hook(self._cast_args))
         if self.use_master:
             self.master = MasterWeights(model)
             self._params = self.master.params
@@ -145,9 +154,12 @@ class Precision:
 
     def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """master/nomaster models take inputs in their own dtype."""
-        if self.low_precision_params and x.is_floating_point():
+        if self.low_precision_params and x.is_floating_point() and x.dtype == torch.float32:
             return x.to(self.compute_dtype)
         return x
+
+    def _cast_args(self, module: nn.Module, args: tuple) -> tuple:
+        return tuple(self.cast_inputs(a) if isinstance(a, torch.Tensor) else a for a in args)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Scaled backward. `loss` is float32 (compute losses on float32 logits)."""
@@ -159,29 +171,25 @@ class Precision:
 
     def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None,
              inspect: Callable[[list[torch.Tensor], bool, float], None] | None = None,
-             params: list[torch.Tensor] | None = None, update: bool = True) -> StepResult:
+             params: list[torch.Tensor] | None = None, update: bool = True, measure_norm: bool = False) -> StepResult:
         """Unscale once, check overflow, clip, step or skip, update the scale, copy masters back.
 
         `inspect(params, overflow, scale)` (diagnostics) sees the unscaled gradients before clipping.
         Several optimizers (a GAN): pass each one's `params` and `update=False`, then call
         `update_scale` once for the iteration (PyTorch's recipe: one scaler, a step per optimizer).
+        `measure_norm`: return the total norm of the unscaled gradients even without clipping (a device
+        tensor, not read here); clipping always returns it.
         """
         params = self._params if params is None else params
         grads = self.master.grads_to_master(params) if self.master is not None else [p.grad for p in params if p.grad is not None]
         overflow = False
         if self.scaler is not None:
             # FSDP2: gradients are DTensors; unscale each rank's local shard in place
-            sharded = any(hasattr(g, "to_local") for g in grads)
             found_inf = self.scaler.unscale_([g.to_local() if hasattr(g, "to_local") else g for g in grads])
             if found_inf is None:
                 found_inf = torch.zeros((), device=self.device)
-            if sharded:
-                # every rank must take the same skip decision, and each sees only its shard's gradients
-                # (DDP needs no such all-reduce: its gradients, infs included, are already all-reduced)
-                flag = found_inf.reshape(1).float()
-                flag = flag.cpu() if torch.distributed.get_backend() == "gloo" else flag
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                found_inf = flag
+            if self.agree_on_overflow is not None:
+                found_inf = self.agree_on_overflow(found_inf)
             # The one host synchronisation of the step: the skip decision needs the flag.
             overflow = bool(found_inf.item())
         if inspect is not None:
@@ -190,6 +198,8 @@ class Precision:
         if not overflow:
             if clip_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_grad_norm)
+            elif measure_norm:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             optimizer.step()
             if self.master is not None:
                 self.master.master_to_model(params)
