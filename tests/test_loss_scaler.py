@@ -402,3 +402,51 @@ def test_cli_refuses_on_min_bf16_with_master_in_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mptrain: error:")]
     assert len(errors) == 1 and "on_min=bf16" in errors[0]
+
+
+def test_engine_resume_in_the_middle_of_a_hysteresis_run_is_bitwise():
+    """Precision + model + optimizer saved where one of three tolerated overflows is spent, restored into
+    fresh objects: the scale and the weights continue exactly as in the uninterrupted run."""
+    overrides = ("precision.loss_scale.init=1024", "precision.loss_scale.hysteresis=3",
+                 "precision.loss_scale.growth_interval=4")
+    flags = [bool(x) for x in np.random.default_rng(5).random(40) < 0.35]
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        p = Precision(compose_config(["precision=dynamic", *overrides]).precision, CPU)
+        p.prepare_model(model)
+        return model, p, sgd(p.optimizer_params())
+
+    def step(model, p, opt, overflow):
+        with p.autocast():
+            out = model(x)
+        p.backward(nn.functional.cross_entropy(out.float(), y))
+        if overflow:
+            model.bias.grad[1] = float("inf")
+        p.step(opt)
+        return p.loss_scale
+
+    model, p, opt = build()
+    whole = [step(model, p, opt, f) for f in flags]
+    final = [t.detach().clone() for t in model.parameters()]
+
+    model, p, opt = build()
+    cut = None
+    resumed = []
+    for i, f in enumerate(flags):
+        resumed.append(step(model, p, opt, f))
+        if i > 5 and p.scaler.hysteresis_tracker in (1, 2):
+            cut = i + 1
+            break
+    assert cut is not None
+    state = scaler_state_roundtrip({"model": model.state_dict(), "opt": opt.state_dict(),
+                                    "precision": p.state_dict()})
+    model, p, opt = build()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    p.load_state_dict(state["precision"])
+    resumed += [step(model, p, opt, f) for f in flags[cut:]]
+    assert resumed == whole and len(set(whole)) > 2
+    assert all(torch.equal(a, b) for a, b in zip(final, model.parameters()))
