@@ -33,12 +33,19 @@ class LossScaleConfig:
     kind: str = "auto"  # auto: dynamic when the compute dtype is float16, else none
     init: float = 2.0**16  # initial scale S (the static scale for kind=static)
     growth_factor: float = 2.0  # multiply S after growth_interval clean steps in a row
-    backoff_factor: float = 0.5  # multiply S on an overflow (after `hysteresis` overflows in a row)
+    backoff_factor: float = 0.5  # multiply S on an overflow (once the hysteresis count is spent)
     growth_interval: int = 2000  # clean steps in a row before S grows
-    hysteresis: int = 1  # consecutive overflows tolerated before backing off (1 = back off at once)
+    hysteresis: int = 1  # overflows tolerated before backing off (1 = back off at once, GradScaler)
+    # false: the hysteresis count is refilled only when S grows (a full growth_interval of clean steps):
+    #   Megatron-LM's --hysteresis and DeepSpeed's default (fp16.consecutive_hysteresis: false);
+    # true: refilled by every clean step, so only `hysteresis` overflows in a row back off
+    #   (DeepSpeed's fp16.consecutive_hysteresis: true)
+    consecutive_hysteresis: bool = False
     min: float = 1.0  # S never goes below this
     max: float = math.inf  # S never grows above this
-    on_min: str = "raise"  # overflow while S is at `min`: raise (stop the run) | clamp (keep skipping)
+    # a back-off due while S is at `min`: raise (stop the run) | clamp (keep skipping) |
+    # bf16 (continue the run in bfloat16 autocast, without loss scaling)
+    on_min: str = "raise"
 
     def __post_init__(self) -> None:
         p = "precision.loss_scale"
@@ -50,7 +57,7 @@ class LossScaleConfig:
         _check(self.hysteresis >= 1, f"{p}.hysteresis", self.hysteresis, "must be >= 1")
         _check(0 < self.min <= self.max, f"{p}.min", self.min, "need 0 < min <= max")
         _check(self.min <= self.init <= self.max, f"{p}.init", self.init, "must lie in [min, max]")
-        _check(self.on_min in ("raise", "clamp"), f"{p}.on_min", self.on_min, "choose raise or clamp")
+        _check(self.on_min in ("raise", "clamp", "bf16"), f"{p}.on_min", self.on_min, "choose raise, clamp or bf16")
 
 
 @dataclass

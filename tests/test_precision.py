@@ -98,8 +98,14 @@ def run_scaler(scaler: LossScaler, pattern: str) -> list[float]:
 
 
 def test_hysteresis_tolerates_consecutive_overflows_by_hand():
+    # default (Megatron-LM): the count refills only at the growth after CCC, so the O after
+    # "OC" finds it spent and backs off
     s = LossScaler("dynamic", init=8, growth_interval=3, hysteresis=2, min=1, max=1024)
     #                       O  O  O  C  C  C  O  C  O  O
+    assert run_scaler(s, "OOOCCCOCOO") == [8, 4, 2, 2, 2, 4, 4, 4, 2, 1]
+    assert s.skipped == 6
+    # consecutive_hysteresis (DeepSpeed's option): the C refills it, so "OCO" is tolerated
+    s = LossScaler("dynamic", init=8, growth_interval=3, hysteresis=2, min=1, max=1024, consecutive_hysteresis=True)
     assert run_scaler(s, "OOOCCCOCOO") == [8, 4, 2, 2, 2, 4, 4, 4, 4, 2]
     assert s.skipped == 6
 

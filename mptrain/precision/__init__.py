@@ -3,9 +3,9 @@
 from ..errors import HardwareError
 from .engine import MODES, SHORT_DTYPE, Precision, StepResult, resolve_device, resolve_dtype
 from .master import MasterWeights, cast_model
-from .scaler import LossScaler, LossScalingError
+from .scaler import LossScaler, LossScalingError, SwitchToBF16
 
 __all__ = [
     "MODES", "SHORT_DTYPE", "HardwareError", "LossScaler", "LossScalingError", "MasterWeights", "Precision", "StepResult",
-    "cast_model", "resolve_device", "resolve_dtype",
+    "SwitchToBF16", "cast_model", "resolve_device", "resolve_dtype",
 ]

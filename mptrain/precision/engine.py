@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError, HardwareError
 from .master import MasterWeights, cast_model
-from .scaler import LossScaler
+from .scaler import LossScaler, SwitchToBF16
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,30 @@ def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dt
     return chosen, why
 
 
+def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse `precision.loss_scale.on_min=bf16` at start where the switch could not apply.
+
+    `kind` is the resolved scaler kind (static | dynamic; with none there is nothing to switch)."""
+    key = "precision.loss_scale.on_min=bf16"
+    if compute_dtype == torch.float32:
+        raise ConfigError(f"{key} switches float16 compute to bfloat16, but precision={mode} computes in float32: "
+                          "a switch would lower its precision (use on_min=raise or on_min=clamp)")
+    if MODES[mode][1]:
+        raise ConfigError(f"{key} needs float32 parameters, but precision={mode} holds them in float16: "
+                          "use precision=dynamic (or amp) to keep the bf16 fallback, or on_min=raise|clamp")
+    if kind == "static":
+        raise ConfigError(f"{key} cannot apply with precision.loss_scale.kind=static: a static scale never backs "
+                          "off, so it never reaches min and the switch would never happen (use kind=dynamic)")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{key} needs bfloat16, which {torch.cuda.get_device_name(device)} lacks (pre-Ampere): "
+                          "use on_min=raise or on_min=clamp")
+
+
 @dataclass
 class StepResult:
     applied: bool  # False when the step was skipped for non-finite gradients
     grad_norm: torch.Tensor | None  # total norm of the unscaled gradients, when clipping
+    switched_to_bf16: bool = False  # on_min=bf16: this step's overflow at min scale switched the run to bf16
 
 
 class Precision:
@@ -89,10 +109,15 @@ class Precision:
         kind = ls.kind
         if kind == "auto":
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
+        if ls.on_min == "bf16" and kind != "none":
+            check_bf16_fallback(self.mode, kind, self.compute_dtype, device)
         self.scaler: LossScaler | None = None
         if kind != "none":
             self.scaler = LossScaler(kind, ls.init, ls.growth_factor, ls.backoff_factor, ls.growth_interval,
-                                     ls.hysteresis, ls.min, ls.max, ls.on_min)
+                                     ls.hysteresis, ls.min, ls.max, ls.on_min,
+                                     consecutive_hysteresis=ls.get("consecutive_hysteresis", False))
+        # on_min=bf16: the facts of the switch once it happened (None before), kept in state_dict()
+        self.bf16_switch: dict | None = None
         self.master: MasterWeights | None = None
         self._params: list[torch.Tensor] = []
         self._input_hooks: list = []
@@ -205,24 +230,68 @@ class Precision:
                 self.master.master_to_model(params)
         optimizer.zero_grad(set_to_none=True)
         self._model.zero_grad(set_to_none=True)  # also gradients other optimizers' losses left (GAN)
-        if update:
-            self.update_scale(overflow)
-        return StepResult(applied=not overflow, grad_norm=grad_norm)
+        switched = self.update_scale(overflow) if update else False
+        return StepResult(applied=not overflow, grad_norm=grad_norm, switched_to_bf16=switched)
 
-    def update_scale(self, overflow: bool) -> None:
-        if self.scaler is not None:
+    def update_scale(self, overflow: bool) -> bool:
+        """Advance the loss scale; True when it switched the run to bfloat16 (on_min=bf16)."""
+        if self.scaler is None:
+            return False
+        try:
             self.scaler.update(overflow)  # may raise LossScalingError (on_min=raise)
+        except SwitchToBF16 as switch:
+            log.warning("%s: switching to bfloat16 autocast, without loss scaling, for the rest of the run "
+                        "(precision.loss_scale.on_min=bf16)", switch)
+            self.switch_to_bf16(switch.facts)
+            return True
+        return False
+
+    def switch_to_bf16(self, facts: dict | None = None) -> None:
+        """Compute in bfloat16 autocast from now on, without loss scaling; all else stays.
+
+        `facts` (plain numbers) describe why; they are kept in `bf16_switch` and the state_dict."""
+        if self.low_precision_params:
+            raise ConfigError(f"precision={self.mode} holds float16 parameters: it cannot switch to bfloat16")
+        record = {"from_dtype": SHORT_DTYPE[self.compute_dtype], **(facts or {})}
+        if self.scaler is not None:
+            record.update(self.scaler.stats(), skipped=self.scaler.skipped)
+        self.bf16_switch = record
+        self.compute_dtype, self.dtype_reason = torch.bfloat16, "switched from float16 by loss_scale.on_min=bf16"
+        self.use_autocast = True
+        self.scaler = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for overflow over the run (also those before a switch to bf16)."""
+        if self.scaler is not None:
+            return self.scaler.skipped
+        return int(self.bf16_switch["skipped"]) if self.bf16_switch is not None else 0
+
+    def scaler_stats(self) -> dict:
+        """The loss scaler's statistics for summary.json ({} without a scaler); after a switch to bf16,
+        their values at the switch."""
+        if self.scaler is not None:
+            return self.scaler.stats()
+        if self.bf16_switch is not None:
+            return {k: self.bf16_switch[k] for k in ("loss_scale_min", "loss_scale_max", "loss_scale_backoffs")
+                    if k in self.bf16_switch}
+        return {}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state: dict = {"mode": self.mode}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.bf16_switch is not None:
+            state["bf16_switch"] = dict(self.bf16_switch)
         if self.master is not None:
             state["master"] = self.master.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("bf16_switch") is not None:  # the run had switched to bf16: continue in bf16
+            self.switch_to_bf16()
+            self.bf16_switch = dict(state["bf16_switch"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.master is not None and "master" in state:
