@@ -68,6 +68,8 @@ class MetricsLogger(Callback):
         self.writer, self.log_every, self.console = writer, log_every, console
 
     def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
+        if out.event is not None:
+            self.writer.log({"step": state.step, "epoch": state.epoch, **out.event})
         if state.step % self.log_every and state.step != c.total_steps:
             return
         p = c.precision
@@ -77,7 +79,7 @@ class MetricsLogger(Callback):
         state.window_loss.zero_()
         state.window_applied = state.window_skipped = 0
         mean_loss = window_loss / applied if applied else math.nan
-        if not math.isfinite(mean_loss) and p.scaler is None:
+        if applied and not math.isfinite(mean_loss) and p.scaler is None:
             raise TrainingFailed(
                 f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
                 "Try a lower optimizer.lr, trainer.clip_grad_norm=1.0, or a loss-scaled mode (precision=dynamic); "
@@ -86,7 +88,7 @@ class MetricsLogger(Callback):
             state.train_loss = mean_loss
         row = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": c.optimizer.param_groups[0]["lr"],
                "loss_scale": p.loss_scale, "skipped": skipped,
-               "skipped_total": p.scaler.skipped if p.scaler is not None else 0,
+               "skipped_total": p.skipped_steps,
                "grad_norm": grad_norm if out.applied and math.isfinite(grad_norm) else None}
         self.writer.log(row)
         if self.console is not None:

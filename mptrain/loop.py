@@ -46,6 +46,8 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
             if out.applied:
                 c.scheduler.step()  # only applied steps advance the schedule
             epoch_end = state.record_step(out.applied, out.loss, out.samples, c.steps_per_epoch)
+            if out.event is not None:
+                state.events.append({"step": state.step, **out.event})
             scheduled = epoch_end if eval_every is None else state.step % eval_every == 0
             if c.val_loader is not None and (scheduled or state.step == c.total_steps):  # always validate the end
                 state.train_time += time.perf_counter() - t0  # validation is not training time

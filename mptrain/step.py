@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from .components import Components
-from .precision import LossScalingError
 from .tasks import batch_size
 
 
@@ -29,6 +28,7 @@ class StepOutput:
     loss: torch.Tensor  # the step's mean training loss over micro-batches and parts, on the device
     samples: int
     grad_norm: torch.Tensor | None  # total norm of the unscaled gradients over every part, on the device
+    event: dict | None = None  # something that changed the run's course (on_min=bf16's switch)
 
 
 def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
@@ -57,19 +57,21 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
         if result.grad_norm is not None:  # FSDP: a DTensor norm over the shards, made whole (a collective)
             norm = result.grad_norm
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    try:
-        p.update_scale(not applied)  # once per iteration, whatever the number of parts
-    except LossScalingError:
-        if diagnostics is not None:
-            trace(c, micro[-1], step_no, diagnostics, "loss scale reached its minimum")
-        raise
+    if (not applied and diagnostics is not None and not diagnostics.traced and p.scaler is not None
+            and p.scaler.scale <= p.scaler.min):
+        # an overflow at the minimum scale stops the run (on_min=raise) or switches it to bf16: name its source
+        # first, while the run still computes as it did
+        trace(c, micro[-1], step_no, diagnostics, "overflow at the minimum loss scale")
+    event = None
+    if p.update_scale(not applied):  # once per iteration, whatever the number of parts; may raise LossScalingError
+        event = {"event": "switch_to_bf16", **p.bf16_switch}
     if diagnostics is not None:
         diagnostics.end_step(step_no, applied)
         if diagnostics.should_trace():
             trace(c, micro[-1], step_no, diagnostics, f"{diagnostics.consecutive_skips} consecutive skipped steps")
     n = len(micro) * len(c.parts)
     grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).norm() if norms else None
-    return StepOutput(applied, total / n if n > 1 else total, sum(batch_size(b) for b in micro), grad_norm)
+    return StepOutput(applied, total / n if n > 1 else total, sum(batch_size(b) for b in micro), grad_norm, event)
 
 
 def trace(c: Components, batch, step_no: int, diagnostics, reason: str) -> None:

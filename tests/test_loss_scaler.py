@@ -450,3 +450,30 @@ def test_engine_resume_in_the_middle_of_a_hysteresis_run_is_bitwise():
     resumed += [step(model, p, opt, f) for f in flags[cut:]]
     assert resumed == whole and len(set(whole)) > 2
     assert all(torch.equal(a, b) for a, b in zip(final, model.parameters()))
+
+
+def test_on_min_bf16_switches_a_run_and_records_it(tmp_path):
+    """Gradients that overflow fp16 at the minimum scale (S = 1): the run checkpoints, traces the overflow,
+    continues in bf16 and completes; the event is in metrics.jsonl and summary.json."""
+    import json
+
+    from .conftest import read_jsonl, train
+
+    summary, run_dir = train(tmp_path, [
+        "model=mlp", "model.width=16", "model.depth=2", "precision=dynamic", "precision.loss_scale.init=1",
+        "precision.loss_scale.min=1", "precision.loss_scale.on_min=bf16", "trainer.loss_weight=1e6",
+        "trainer.clip_grad_norm=1.0", "trainer.max_steps=6", "trainer.log_every=1", "trainer.batch_size=32"])
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert summary["compute_dtype"] == "bf16" and summary["skipped_steps"] == 1
+    (event,) = summary["events"]
+    assert event["event"] == "switch_to_bf16" and event["step"] == 1 and event["from_dtype"] == "fp16"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("event") == "switch_to_bf16"] == [1]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["skipped"] for r in train_rows] == [1, 0, 0, 0, 0, 0]
+    assert all(r["loss_scale"] == 1.0 for r in train_rows)
+    ckpt = torch.load(run_dir / "checkpoints" / "step_1.pt", weights_only=True)
+    assert ckpt["precision"]["bf16_switch"]["from_dtype"] == "fp16"
+    traces = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "trace"]
+    assert len(traces) == 1 and traces[0]["step"] == 1
+    assert json.loads((run_dir / "summary.json").read_text())["events"][0]["step"] == 1
