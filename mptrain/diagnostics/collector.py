@@ -24,6 +24,7 @@ from .stats import (
     fold_counts,
     fractions,
     range_stats,
+    update_ratio_hist,
     update_underflow,
 )
 from .trace import trace_overflow
@@ -131,6 +132,7 @@ class Diagnostics:
             lookup = dict(zip(self.names, params))
             per, overall = update_underflow(self._before, [lookup[n] for n in self._before_names])
             row["update_underflow"] = {"overall": overall, "params": dict(zip(self._before_names, per))}
+            row["update_ratio_hist"] = update_ratio_hist(self._before, [lookup[n] for n in self._before_names])
         row["applied"] = applied
         row["activations"] = {}
         for name, hists in self._act.items():
