@@ -330,6 +330,9 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     if p["fp16_view"] == "actual":
         lines.append("  note: this run computed in fp16, so gradients it flushed to zero are not seen; "
                      "an fp32 or bf16 probe sees them all")
+        if p["overflow_events"]:
+            lines.append("  note: gradients that overflowed were inf and are not seen either: the top of the "
+                         "range is an upper estimate")
     lines.append("fp16 loss scale")
     lines.append(f"  largest |g| observed: {f['largest_abs']:.3g}; without scaling (S=1) {f['underflow_at_1']:.2%} "
                  f"of the nonzero gradients underflow (< 2^-24)")
