@@ -255,7 +255,8 @@ def _at_risk(per: dict[str, float], top: int = 3) -> list[list]:
 def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
     overall, tensors, ratio = gather(samples)
     if not overall.nonzero:
-        raise NoDiagnostics("every recorded gradient is zero or non-finite: nothing to base a scale on")
+        raise NoDiagnostics("every recorded gradient is zero or non-finite, nothing to base a scale on; probe with "
+                            "precision=fp32 trainer.max_steps=50 diagnostics.every=1")
     fp16 = FORMATS["fp16"]
     plan = scale_plan(overall, fp16, overflow_cap(events))
     formats = {}
