@@ -25,6 +25,7 @@ from .stats import (
     fractions,
     merge_overall,
     range_stats,
+    update_ratio_hist,
     update_underflow,
 )
 from .trace import trace_overflow
@@ -133,8 +134,10 @@ class Diagnostics:
         row = self._row
         if self._before and applied:
             names = [n for n, _, _ in self._before]
-            per, overall = update_underflow([b for _, _, b in self._before], [p for _, p, _ in self._before])
+            before, after = [b for _, _, b in self._before], [p for _, p, _ in self._before]
+            per, overall = update_underflow(before, after)
             row["update_underflow"] = {"overall": overall, "params": dict(zip(names, per))}
+            row["update_ratio_hist"] = update_ratio_hist(before, after)
         row["applied"] = applied
         row["activations"] = {}
         for name, hists in self._act.items():

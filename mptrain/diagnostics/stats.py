@@ -168,3 +168,14 @@ def merge_overall(a: dict | None, b: dict) -> dict:
     out = fractions(hist, overflow, peak)
     out.update(hist=hist, count=a["count"] + b["count"])
     return out
+
+
+def update_ratio_hist(before: list[torch.Tensor], after: list[torch.Tensor]) -> list[int]:
+    """Histogram (BIN_LABELS' bins) of |w1 - w0| / |w0| over every element of the applied update.
+
+    A 16-bit weight keeps an update only if the ratio reaches its resolution: 2^-11 for fp16 (10 mantissa
+    bits), 2^-8 for bf16 (7). "zero" = no update; "inf" = an update of a weight that was 0 (always kept)."""
+    ratios = torch.cat([((w1.detach().float() - w0.float()).abs_() / w0.float().abs()).reshape(-1)
+                        for w0, w1 in zip(before, after)])
+    hist, _ = fold_counts(torch.bincount(bin_index(ratios), minlength=N_BINS + 1).cpu())
+    return hist.tolist()

@@ -1,0 +1,168 @@
+"""mptrain-advise: the scale rule on hand-made histograms, and the advice on real runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mptrain.advise import (
+    FORMATS,
+    advise_run,
+    from_recorded,
+    overflow,
+    overflow_cap,
+    s_high,
+    scale_plan,
+    underflow,
+    update_fractions,
+)
+from mptrain.diagnostics.stats import range_stats, update_ratio_hist
+
+from .conftest import train
+
+FP16 = FORMATS["fp16"]
+SMALL_GRADS = ["model=mlp", "trainer.loss_weight=7.62939453125e-06", "optimizer.lr=6553.6",  # 2^-17, 0.05 * 2^17
+               "optimizer.weight_decay=0"]
+
+
+def recorded(values: np.ndarray, scale: float = 1.0):
+    """The statistic the collector records for these gradient values at loss scale `scale`, read back raw."""
+    stats = range_stats([torch.from_numpy(values.astype(np.float32))], ["w"], scale=scale)
+    return from_recorded(stats.overall, scale)
+
+
+@pytest.mark.parametrize("run_scale", [1.0, 2.0**10, 2.0**16])
+def test_hand_made_histogram_2_pow_minus_30_to_minus_10(run_scale):
+    """Values only at 2^-30 .. 2^-10: the bulk clears 2^-23 from S = 2^7; 2^-10 * 2^25 = 32768 <= 65504 < 2^16,
+    so S <= 2^25; the pick is the middle, 2^16. The same whatever scale the run recorded them at."""
+    values = np.exp2(np.arange(-30, -9, dtype=np.float64)).repeat(10)
+    h = recorded(values, run_scale)
+    plan = scale_plan(h, FP16)
+    assert (plan["s_lo"], plan["s_hi"], plan["s"]) == (7, 25, 16)
+    assert plan["workable"] and plan["underflow"] == 0.0 and plan["overflow"] == 0.0
+    # without scaling, the binades 2^-30 .. 2^-25 (6 of 21) are below 2^-24
+    assert underflow(h, FP16, 0) == pytest.approx(6 / 21)
+
+
+def test_tail_below_the_bulk_is_ignored_up_to_0_1_percent():
+    bulk = np.exp2(np.arange(-30, -9, dtype=np.float64)).repeat(100)  # 2100 values
+    assert scale_plan(recorded(np.concatenate([bulk, [2.0**-36] * 2])), FP16)["s_lo"] == 7  # 0.095%: tail
+    assert scale_plan(recorded(np.concatenate([bulk, [2.0**-36] * 30])), FP16)["s_lo"] == 13  # 1.4%: bulk
+
+
+def test_fractions_and_top_scale_match_numpy_on_random_values():
+    rng = np.random.default_rng(0)
+    g = (np.exp2(rng.uniform(-42, 5, 20000)) * rng.choice([-1, 1], 20000)).astype(np.float32)
+    h = recorded(g, 2.0**3)  # recorded from 2^-43 up: every value in a binade of its own
+    a = np.abs(g.astype(np.float64))
+    for name, fmt in FORMATS.items():
+        for s in (-8, 0, 7, 20):
+            assert underflow(h, fmt, s) == pytest.approx(np.mean(a * 2.0**s < fmt.min_subnormal), abs=1e-12), name
+        top = 2.0 ** np.floor(np.log2(fmt.max) + 1)  # binade resolution: wholly above the largest value
+        assert overflow(h, fmt, 7) == pytest.approx(np.mean(a * 2.0**7 >= top), abs=1e-12), name
+        s_hi = s_high(h.max_abs, fmt)
+        assert a.max() * 2.0**s_hi <= fmt.max < a.max() * 2.0 ** (s_hi + 1), name
+
+
+def test_empty_range_picks_the_largest_scale_without_overflow():
+    """2^-40 .. 2^4 spans more binades than fp16 holds: no S keeps the bulk, the best is the top, 2^11."""
+    h = recorded(np.exp2(np.arange(-40, 5, dtype=np.float64)).repeat(10))
+    plan = scale_plan(h, FP16)
+    assert not plan["workable"] and plan["s"] == plan["s_hi"] == 11
+    assert plan["underflow"] == pytest.approx(5 / 45)  # 2^-40 .. 2^-36 land below 2^-24 at S = 2^11
+    assert overflow_cap([{"loss_scale": 2.0**16}, {"loss_scale": 2.0**14}]) == 13
+
+
+def test_update_ratio_fractions_match_numpy():
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal(5000).astype(np.float32)
+    w0[:50] = 0.0  # updates of zero weights: always kept
+    w1 = (w0 - w0 * np.exp2(rng.uniform(-16, -4, 5000)) - (w0 == 0) * 1e-3).astype(np.float32)
+    w1[50:100] = w0[50:100]  # no update at all: not counted
+    f = update_fractions(update_ratio_hist([torch.from_numpy(w0)], [torch.from_numpy(w1)]))
+    d, w = np.abs(w1.astype(np.float64) - w0), np.abs(w0.astype(np.float64))
+    moved = d > 0
+    assert f["updates"] == moved.sum() == 4950
+    assert f["fp16"] == pytest.approx(np.mean((d < w * 2.0**-11)[moved]), abs=1e-3)
+    assert f["bf16"] == pytest.approx(np.mean((d < w * 2.0**-8)[moved]), abs=1e-3)
+    assert 0.2 < f["fp16"] < f["bf16"] < 0.9
+
+
+# ---- real runs ----------------------------------------------------------------------------------------------
+
+def advise_cli(run_dir):
+    return subprocess.run([sys.executable, "-m", "mptrain.advise", str(run_dir)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped(tmp_path):
+    _, run_dir = train(tmp_path, ["model=mlp", "precision=fp32", "trainer.max_steps=6", "diagnostics.every=1"])
+    with open(run_dir / "diagnostics.jsonl", "a") as f:
+        f.write('{"event": "sample", "step": 7, "grads": {"ove')  # an interrupted write
+    proc = advise_cli(run_dir)
+    assert proc.returncode == 0, proc.stderr
+    advice = json.loads((run_dir / "advice.json").read_text())
+    assert advice["probe"]["samples"] == 6
+    assert advice["verdict"] == "fp16 is safe with dynamic loss scaling"
+    assert advice["recommended_overrides"][0] == "precision=dynamic"
+    fp16 = advice["fp16"]
+    assert fp16["s_lo"] <= 0 and fp16["underflow_at_1"] < 1e-3  # S = 1 already holds the bulk
+    assert 1.0 <= fp16["S"] <= 2.0**16  # no extreme scale
+    lines = proc.stdout.splitlines()
+    assert lines[lines.index("recommended overrides:") + 1] == "precision=dynamic"
+    # the master-weight figures are the update statistics of the recorded samples
+    rows = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()[:-1]]
+    samples = [r for r in rows if r["event"] == "sample"]
+    assert advice["master_weights"]["updates"] == sum(
+        sum(r["update_ratio_hist"]) - r["update_ratio_hist"][-3] - r["update_ratio_hist"][-1] for r in samples)
+
+
+def test_directory_without_diagnostics_is_one_line_and_exit_2(tmp_path):
+    proc = advise_cli(tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("mptrain-advise: error:")
+    assert not (tmp_path / "advice.json").exists()
+
+
+@pytest.mark.slow
+def test_advised_static_scale_matches_fp32_where_scale_1_fails(tmp_path):
+    """Gradients 2^17 below their usual size: the advice from a 20-step fp32 probe trains static fp16 to
+    fp32's accuracy within a point; S = 1 loses most gradients and fails."""
+    _, probe = train(tmp_path / "probe", SMALL_GRADS + ["precision=fp32", "trainer.max_steps=20", "diagnostics.every=1"])
+    advice, lines = advise_run(probe)
+    assert advice["verdict"].startswith("fp16 needs a loss scale")
+    overrides = advice["recommended_overrides"]
+    assert overrides[0] == "precision=static" and all(o in lines for o in overrides)
+    assert advice["fp16"]["S"] >= 2.0**10 and advice["fp16"]["underflow_at_1"] > 0.5
+    runs = {"fp32": ["precision=fp32"], "advised": overrides,
+            "one": ["precision=static", "precision.loss_scale.init=1"]}
+    acc = {}
+    for name, extra in runs.items():
+        summary, _ = train(tmp_path / name, SMALL_GRADS + ["trainer.max_steps=44", "diagnostics=off",
+                                                            "checkpoint.enabled=false", *extra])
+        assert summary["skipped_steps"] == 0
+        acc[name] = summary["val/acc"]
+    assert acc["fp32"] > 0.9, acc
+    assert abs(acc["advised"] - acc["fp32"]) <= 0.01, acc
+    assert acc["one"] < acc["fp32"] - 0.2, acc
+
+
+def test_from_a_run_that_skips_every_step_to_one_that_skips_none(tmp_path):
+    """fp16 at S = 2^30 overflows on every step; the advice, read from that run alone, caps S below the
+    scales that skipped, and its overrides train without a skipped step."""
+    scale = ["precision=dynamic", "precision.loss_scale.init=1073741824", "precision.loss_scale.max=1073741824"]
+    summary, run_dir = train(tmp_path / "bad", ["model=mlp", "trainer.max_steps=6", "diagnostics.every=1", *scale])
+    assert summary["skipped_steps"] == 6
+    advice, lines = advise_run(run_dir)
+    events = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    smallest_skipped = min(e["loss_scale"] for e in events if e["event"] == "overflow")
+    assert advice["fp16"]["S_hi"] <= smallest_skipped / 2
+    assert advice["fp16"]["S"] <= advice["fp16"]["S_hi"]
+    summary, _ = train(tmp_path / "good", ["model=mlp", "trainer.max_steps=4", "diagnostics=off",
+                                           *advice["recommended_overrides"]])
+    assert summary["skipped_steps"] == 0 and summary["status"] == "completed"
