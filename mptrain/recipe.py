@@ -121,10 +121,11 @@ def build(cfg: DictConfig) -> Loop:
         precision.prepare_model(model)  # the optimizer must see the sharded parameters
     if task.name == "gan":  # one optimizer per network, one loss scaler for both
         parts = ("discriminator", "generator")
-        optimizer = MultiOptimizer({k: build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, k)))
+        optimizer = MultiOptimizer({k: build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, k)),
+                                                          **precision.optimizer_options())
                                     for k in parts})
     else:
-        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params(), **precision.optimizer_options())
     base_model = model
     if t.strategy == "ddp":
         model = distributed.wrap(model, t, info, device)  # DDP under torchrun
