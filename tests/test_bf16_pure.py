@@ -336,7 +336,7 @@ def test_master_weights_ablation_arms(arm):
     validate(cfg)
     mode, _, update = arm.partition("_pure_")
     assert cfg.precision.mode == (f"{mode}_pure" if update else mode)
-    assert cfg.precision.update == (update or "nearest")
+    assert cfg.precision["update"] == (update or "nearest")  # (attribute access would find DictConfig.update)
 
 
 @pytest.mark.slow

@@ -91,7 +91,7 @@ class Precision:
         self.compute_dtype, self.dtype_reason = resolve_dtype(cfg.mode, cfg.dtype, device)
         self.keep_norm_fp32 = cfg.keep_norm_fp32
         self.fp32_accumulation = cfg.fp32_accumulation
-        self.update = cfg.get("update", "nearest")  # bf16_pure's rounding rule
+        self.update = cfg.get("update", "nearest")  # bf16_pure's rounding rule (cfg.update is DictConfig.update)
         ls = cfg.loss_scale
         kind = ls.kind
         if kind == "auto":
