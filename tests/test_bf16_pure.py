@@ -352,3 +352,19 @@ def test_digits_ablation_kahan_and_stochastic_match_fp32_nearest_does_not(tmp_pa
     for arm in ("stochastic", "kahan"):
         assert abs(acc[arm] - acc["fp32"]) < 0.03, acc
     assert np.isfinite(list(acc.values())).all()
+
+
+def test_memory_per_param_counts_every_optimizer_of_a_gan():
+    from mptrain.optim import MultiOptimizer
+
+    a, b = nn.Linear(4, 4).bfloat16(), nn.Linear(4, 2, bias=False)  # 20 bf16 + 8 fp32 parameters
+    opt = MultiOptimizer({"d": PureBf16SGD(a.parameters(), lr=0.1, momentum=0.9, update="kahan"),
+                          "g": PureBf16SGD(b.parameters(), lr=0.1, momentum=0.9, update="kahan")})
+    for q in [*a.parameters(), *b.parameters()]:
+        q.grad = torch.ones_like(q)
+    for o in opt.optimizers.values():
+        o.step()
+    mem = memory_per_param([*a.parameters(), *b.parameters()], opt)
+    per = (20 * 2 + 8 * 4) / 28
+    assert mem == pytest.approx({"weights": per, "grads": per, "optimizer_state": per, "master": 0.0,
+                                 "compensation": 20 * 2 / 28, "total": 3 * per + 40 / 28}, abs=1e-3)

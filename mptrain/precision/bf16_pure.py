@@ -240,9 +240,10 @@ def memory_per_param(model_params: list[torch.Tensor], optimizer: torch.optim.Op
     n = sum(p.numel() for p in model_params) or 1
     master = getattr(precision, "master", None)
     masters = master.masters if master is not None else []
-    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    opts = list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]  # MultiOptimizer
+    opt_params = [p for o in opts for g in o.param_groups for p in g["params"]]
     state = comp = 0
-    for s in optimizer.state.values():
+    for s in (s for o in opts for s in o.state.values()):
         for k, v in s.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 if k == "compensation":
