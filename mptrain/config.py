@@ -16,7 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
 
-PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster")
+PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster", "bf16_pure")
+BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCALING_KINDS = ("auto", "none", "static", "dynamic")
 
@@ -71,10 +72,16 @@ class PrecisionConfig:
     keep_norm_fp32: bool = True
     # forbid reduced-precision reductions inside fp16/bf16 matmuls (the paper's FP32 accumulation)
     fp32_accumulation: bool = True
+    # bf16_pure: how an fp32 update is written into a bf16 weight: nearest | stochastic | kahan
+    # (other modes keep fp32 or fp32-master weights, where the rule means nothing: only nearest is accepted)
+    update: str = "nearest"
 
     def __post_init__(self) -> None:
         _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")
         _check(self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}")
+        _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
+        _check(self.update == "nearest" or self.mode == "bf16_pure", "precision.update", self.update,
+               f"applies only to precision=bf16_pure (precision={self.mode} does not round updates to bf16)")
 
 
 @dataclass

@@ -9,10 +9,19 @@ from types import SimpleNamespace
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .precision.bf16_pure import build_pure_bf16_optimizer
 
-def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD or AdamW over `params` (the FP32 master copies in `master` mode)."""
+
+def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], bf16_update: str | None = None,
+                    seed: int | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW over `params` (the FP32 master copies in `master` mode).
+
+    `bf16_update` (precision=bf16_pure, from `Precision.optimizer_options()`): the same rule computed in
+    fp32 from bf16 state and rounded nearest|stochastic|kahan; `seed` seeds its stochastic rounding
+    (default: the run seed)."""
     params = list(params)
+    if bf16_update is not None:
+        return build_pure_bf16_optimizer(cfg, params, bf16_update, seed)
 
     def make(**impl) -> torch.optim.Optimizer:
         if cfg.name == "sgd":

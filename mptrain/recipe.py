@@ -35,6 +35,7 @@ from .loop import fit
 from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
 from .outputs import RunWriter
 from .precision import SHORT_DTYPE, Precision, resolve_device
+from .precision.bf16_pure import memory_per_param
 from .state import TrainState
 from .tasks import BUILTIN, Task, check_task
 
@@ -147,12 +148,13 @@ def build(cfg: DictConfig) -> Components:
     elif t.strategy == "fsdp":
         raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
                           "--nproc_per_node=N (N > 1)")
+    options = precision.optimizer_options()  # bf16_pure: its update rule
     if several:  # one optimizer per network, one loss scaler for all
-        parts = [Part(n, build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n))),
+        parts = [Part(n, build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n)), **options),
                       precision.optimizer_params(getattr(model, n))) for n in task.parts]
         optimizer = MultiOptimizer({part.name: part.optimizer for part in parts})
     else:
-        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params())
+        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params(), **options)
         parts = [Part("model", optimizer, precision.optimizer_params())]
     base_model = model
     if t.strategy == "ddp":
@@ -217,6 +219,8 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
         })
+        if state.step > 0:  # optimizer state exists once a step has run
+            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p)
         if state.events:
             summary["events"] = list(state.events)
         if diagnostics is not None:

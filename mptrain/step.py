@@ -38,6 +38,7 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
     p, task = c.precision, c.task
     micro = [c.to_device(next(batches)) for _ in range(c.accumulate)]
     inspect = diagnostics.begin_step(step_no) if diagnostics is not None else None
+    sampled = diagnostics is not None and diagnostics.sampled(step_no)
     weight = c.loss_weight / c.accumulate
     single = len(c.parts) == 1
     total, applied, norms = None, True, []
@@ -51,8 +52,13 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
                 loss = loss.float()
                 p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
             total = loss.detach() if total is None else total + loss.detach()
+        rounding = sampled and hasattr(part.optimizer, "request_stats")  # bf16_pure: what rounding did
+        if rounding:
+            part.optimizer.request_stats()
         result = p.step(part.optimizer, c.clip_grad_norm, inspect, params=part.params, update=False,
                         measure_norm=measure_norm)
+        if rounding and part.optimizer.last_stats is not None:
+            diagnostics.record("bf16_update", part.optimizer.last_stats)
         applied = applied and result.applied
         if result.grad_norm is not None:  # FSDP: a DTensor norm over the shards, made whole (a collective)
             norm = result.grad_norm

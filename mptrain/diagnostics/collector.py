@@ -124,6 +124,12 @@ class Diagnostics:
             bad = [n for n, p in pairs if not bool(torch.isfinite(p.grad).all())]
             self._write({"event": "overflow", "step": self._step, "loss_scale": scale, "nonfinite_params": bad})
 
+    def record(self, key: str, value: dict) -> None:
+        """Add a figure to the sampled step's row (e.g. bf16_pure's rounding statistics); several parts'
+        figures are kept side by side under their order."""
+        if self._row is not None:
+            self._row[key] = value if key not in self._row else [*_as_list(self._row[key]), value]
+
     def end_step(self, step: int, applied: bool) -> None:
         for h in self._handles:
             h.remove()
@@ -191,6 +197,9 @@ class Diagnostics:
         for key in ("zero", "underflow", "subnormal", "overflow"):
             self.totals[key] = self.totals.get(key, 0.0) + overall[key]
         self.totals["headroom_min"] = min(self.totals.get("headroom_min", math.inf), overall["headroom"])
+        if isinstance(row.get("bf16_update"), dict):
+            self.totals["bf16_lost"] = self.totals.get("bf16_lost", 0.0) + row["bf16_update"]["lost_nearest"]
+            self.totals["bf16_samples"] = self.totals.get("bf16_samples", 0) + 1
         if "update_underflow" in row:
             self.totals["update_underflow"] = self.totals.get("update_underflow", 0.0) + row["update_underflow"]["overall"]
             self.totals["update_samples"] = self.totals.get("update_samples", 0) + 1
@@ -202,6 +211,8 @@ class Diagnostics:
             for key in ("zero", "underflow", "subnormal", "overflow"):
                 out[f"diag/grad_{key}"] = self.totals[key] / self.samples
             out["diag/headroom_min_log2"] = self.totals["headroom_min"]
+        if self.totals.get("bf16_samples"):  # bf16_pure: updates round-to-nearest would have lost
+            out["diag/bf16_lost_nearest"] = self.totals["bf16_lost"] / self.totals["bf16_samples"]
         if self.totals.get("update_samples"):
             out["diag/update_underflow"] = self.totals["update_underflow"] / self.totals["update_samples"]
         if self.trace is not None:
@@ -213,6 +224,10 @@ class Diagnostics:
             h.remove()
         self._handles.clear()
         self._file.close()
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _device_hist(g: torch.Tensor) -> torch.Tensor:

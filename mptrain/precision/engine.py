@@ -38,6 +38,7 @@ MODES = {
     "noscale": (True, False, False),
     "master": (False, True, True),
     "nomaster": (False, True, False),
+    "bf16_pure": (False, True, False),  # bf16 weights, grads and optimizer state (precision/bf16_pure.py)
 }
 
 
@@ -57,6 +58,11 @@ def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dt
             raise ConfigError(f"precision=fp32 computes in float32; precision.dtype={dtype} contradicts it "
                              "(pick precision=amp or precision=bf16 instead)")
         return torch.float32, "fp32 mode"
+    if mode == "bf16_pure" and dtype not in ("auto", "bfloat16"):
+        raise ConfigError(f"precision=bf16_pure holds bfloat16 weights; precision.dtype={dtype} contradicts it "
+                          "(use precision=master or nomaster for float16 weights)")
+    if mode == "bf16_pure":
+        dtype = "bfloat16"
     if dtype != "auto":
         chosen, why = DTYPES[dtype], f"precision.dtype={dtype}"
     elif device.type == "cuda":
@@ -105,6 +111,7 @@ class Precision:
         self.compute_dtype, self.dtype_reason = resolve_dtype(cfg.mode, cfg.dtype, device)
         self.keep_norm_fp32 = cfg.keep_norm_fp32
         self.fp32_accumulation = cfg.fp32_accumulation
+        self.update = cfg.get("update", "nearest")  # bf16_pure's rounding rule (cfg.update is DictConfig.update)
         ls = cfg.loss_scale
         kind = ls.kind
         if kind == "auto":
@@ -130,6 +137,8 @@ class Precision:
         scaling = "no loss scaling" if self.scaler is None else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}"
         params = SHORT_DTYPE[self.compute_dtype] if self.low_precision_params else "fp32"
         master = ", fp32 master weights" if self.use_master else ""
+        if self.mode == "bf16_pure":
+            master = f", bf16 optimizer state, update={self.update}"
         return f"precision={self.mode}: compute {SHORT_DTYPE[self.compute_dtype]} ({self.dtype_reason}), params {params}{master}, {scaling}"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -157,6 +166,10 @@ class Precision:
         if self.master is not None:
             return self.master.params_for(module)
         return [p for p in module.parameters() if p.requires_grad]
+
+    def optimizer_options(self) -> dict:
+        """Keyword arguments for optim.build_optimizer: bf16_pure's update rule, else none."""
+        return {"bf16_update": self.update} if self.mode == "bf16_pure" else {}
 
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:
