@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import Fp8Config
 from ..errors import ConfigError, HardwareError
+from . import fp8
 from .master import MasterWeights, cast_model
 from .scaler import LossScaler
 
@@ -38,6 +40,7 @@ MODES = {
     "noscale": (True, False, False),
     "master": (False, True, True),
     "nomaster": (False, True, False),
+    "fp8": (True, False, False),  # float8 Linear layers (torchao), bf16 autocast around them
 }
 
 
@@ -57,6 +60,11 @@ def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dt
             raise ConfigError(f"precision=fp32 computes in float32; precision.dtype={dtype} contradicts it "
                              "(pick precision=amp or precision=bf16 instead)")
         return torch.float32, "fp32 mode"
+    if mode == "fp8":
+        if dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"precision=fp8 runs the layers it does not convert in bfloat16; precision.dtype={dtype} "
+                              "contradicts it (leave it auto or bfloat16)")
+        dtype = "bfloat16"
     if dtype != "auto":
         chosen, why = DTYPES[dtype], f"precision.dtype={dtype}"
     elif device.type == "cuda":
@@ -95,16 +103,27 @@ class Precision:
                                      ls.hysteresis, ls.min, ls.max, ls.on_min)
         self.master: MasterWeights | None = None
         self._params: list[torch.Tensor] = []
+        self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if self.mode == "fp8" else None
+        self.fp8_layers: list[str] = []
+        if self.fp8_cfg is not None:  # fail before the run directory is touched
+            fp8.require_torchao()
+            self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
 
     # ---- set-up -------------------------------------------------------------------------------
     def describe(self) -> str:
         scaling = "no loss scaling" if self.scaler is None else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}"
         params = SHORT_DTYPE[self.compute_dtype] if self.low_precision_params else "fp32"
         master = ", fp32 master weights" if self.use_master else ""
+        if self.fp8_cfg is not None:
+            master += (f", Linear layers in float8 (e4m3 forward, {'e4m3' if self.fp8_cfg.recipe == 'rowwise' else 'e5m2'} "
+                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
         return f"precision={self.mode}: compute {SHORT_DTYPE[self.compute_dtype]} ({self.dtype_reason}), params {params}{master}, {scaling}"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Cast the model for master/nomaster (call before building the optimizer)."""
+        """Cast the model for master/nomaster, convert Linear layers for fp8 (call before building the optimizer)."""
+        if self.fp8_cfg is not None:
+            _, names, _ = fp8.convert(model, self.fp8_cfg, self.device)
+            self.fp8_layers += names  # FSDP calls this again on the sharded model: nothing new converts then
         if self.low_precision_params:
             cast_model(model, self.compute_dtype, self.keep_norm_fp32)
         if self.use_master:
@@ -202,6 +221,12 @@ class Precision:
     def update_scale(self, overflow: bool) -> None:
         if self.scaler is not None:
             self.scaler.update(overflow)  # may raise LossScalingError (on_min=raise)
+
+    def summary(self) -> dict:
+        """Mode-specific figures for summary.json."""
+        if self.fp8_cfg is None:
+            return {}
+        return {"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe, "fp8_emulated": self.fp8_emulated}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
