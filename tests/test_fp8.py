@@ -263,3 +263,46 @@ def test_fp8_refuses_a_float16_dtype_and_fp8_kernels_on_cpu():
     p = Precision(compose_config(["precision=fp8"]).precision, torch.device("cpu"))
     assert "emulated: cpu has no fp8 kernels" in p.describe() and "e5m2 gradients" in p.describe()
 
+
+
+# ---- mptrain-report and mptrain-compare -------------------------------------------------------------
+
+@needs_torchao
+@pytest.mark.slow  # plots: ~20 s on a quiet 2-core machine
+def test_report_draws_fp8_layers_and_compare_has_fp8_rows(tmp_path):
+    import csv
+    import json
+
+    from mptrain.compare import main as compare_main
+    from mptrain.diagnostics.report import make_report
+    from mptrain.models import MLP as MLPModel
+
+    short = ["trainer.max_steps=4", "diagnostics.first_steps=2", *MLP]
+    runs = {p: train(tmp_path / p, [f"precision={p}", *short]) for p in ("bf16", "fp8")}
+    run_dir = runs["fp8"][1]
+    # the per-layer records the diagnostics collector adds to its sample rows, from the run's own weights
+    model = MLPModel(num_classes=10, in_channels=1, image_size=8)
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"])
+    fp8.convert(model, fp8_cfg(), torch.device("cpu"))
+    stats = fp8.Fp8Stats(model)
+    path = run_dir / "diagnostics.jsonl"
+    rows = read_jsonl(path)
+    for row in rows:
+        if row.get("event") == "sample":
+            stats.begin()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(torch.randn(32, 1, 8, 8))
+            out.float().logsumexp(1).mean().backward()
+            row["fp8"] = stats.end()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = make_report(run_dir)
+    assert (run_dir / "report" / "fp8.png") in paths and (run_dir / "report" / "fp8.png").stat().st_size > 10_000
+
+    for p, (_, d) in runs.items():
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text(f"- precision={p}\n")
+    compare_main([str(d) for _, d in runs.values()] + ["--out", str(tmp_path / "cmp")])
+    table = {r["precision"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "comparison.csv"))}
+    acc = {p: s["val/acc"] for p, (s, _) in runs.items()}
+    assert float(table["fp8"]["diff vs bf16"]) == pytest.approx(acc["fp8"] - acc["bf16"])
+    assert float(table["bf16"]["diff vs bf16"]) == 0.0
