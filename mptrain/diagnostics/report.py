@@ -168,7 +168,7 @@ FP8_ROLES = (("input", "e4m3"), ("weight", "e4m3"), ("grad", "e5m2 (rowwise: e4m
 def _fp8_series(samples: list[dict]) -> tuple[list[str], list[int], dict]:
     """Layer names, sampled steps, and (role, field) -> steps x layers matrix from the rows' "fp8" records."""
     rows = [s for s in samples if s.get("fp8")]
-    names = sorted({n for s in rows for n in s["fp8"]}, key=lambda n: next(i for i, s in enumerate(rows) if n in s["fp8"]))
+    names = list(dict.fromkeys(n for s in rows for n in s["fp8"]))  # model order, as first recorded
     out = {}
     for role, _ in FP8_ROLES:
         for f in ("amax", "scale", "underflow", "underflow_unscaled", "overflow_unscaled"):
