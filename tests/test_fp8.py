@@ -158,7 +158,7 @@ def test_fp8_stats_record_every_converted_layer_on_sampled_steps_only():
 @needs_torchao
 @pytest.mark.parametrize("model", [GPT, MLP], ids=["gpt", "mlp"])
 def test_fp8_trains_within_a_few_percent_of_bf16(tmp_path, model):
-    runs = {p: train(tmp_path / p, [f"precision={p}", "trainer.max_steps=20", "diagnostics=off",
+    runs = {p: train(tmp_path / p, [f"precision={p}", "trainer.max_steps=30", "diagnostics=off",
                                      "checkpoint.enabled=false", *model])[0] for p in ("bf16", "fp8")}
     key = "val/loss"
     first = read_jsonl(tmp_path / "fp8" / "run" / "metrics.jsonl")[0]["loss"]
