@@ -98,6 +98,9 @@ def test_cast_stats_hand_worked():
     assert (amax, smin, smax, n) == (896.0, 0.5, 0.5, 4.0)
     assert (under, sub, over) == (1.0, 0.0, 0.0)
     assert (under_u, over_u) == (1.0, 1.0)  # unscaled: 2^-20 flushes, 896 > 448 overflows
+    # overflow means rounding past the max (448 + half its ulp of 32), not a last-bit excess
+    assert fp8.cast_stats(torch.tensor([460.0, 470.0]), torch.float8_e4m3fn).tolist()[8] == 1.0
+    assert fp8.cast_stats(torch.tensor([61439.0, 61440.0]), torch.float8_e5m2).tolist()[8] == 1.0
     # e5m2: max 57344, smallest subnormal 2^-16; scale 64: 2^-14 is e5m2's smallest normal
     y = torch.tensor([896.0, 2.0**-20, 2.0**-21, 2.0**-30])
     amax, s, _, _, under, sub, over, under_u, _ = fp8.cast_stats(y, torch.float8_e5m2).tolist()

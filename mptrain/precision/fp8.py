@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import math
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ def converted_modules(model: nn.Module) -> dict[str, nn.Module]:
 # ---- diagnostics ----------------------------------------------------------------------------------
 # Per converted layer and role (input, weight, grad = the output gradient), what the fp8 cast does:
 # amax, the scale (min and max over rows for rowwise), and the fractions of values that underflow
-# (non-zero, cast to 0), are subnormal or overflow (beyond the fp8 max, saturated) at that scale, and
+# (non-zero, cast to 0), are subnormal or overflow (round beyond the fp8 max: saturated) at that scale, and
 # the same without scaling: what a plain cast would lose, the case the scale exists for.
 ROLES = ("input", "weight", "grad")
 _FIELDS = ("amax", "scale_min", "scale_max", "count", "underflow", "subnormal", "overflow",
@@ -150,6 +151,8 @@ def cast_stats(x: torch.Tensor, dtype: torch.dtype, rowwise: bool = False, pow2:
     x = x.detach().float()
     info = torch.finfo(dtype)
     fmax, tiny = info.max, info.smallest_normal
+    # overflow: beyond what rounds to the max (max + half its ulp), not a last-bit excess of x * scale
+    limit = fmax + 2.0 ** math.floor(math.log2(fmax)) * info.eps / 2
     amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
     # torchao: scale = fp8 max / amax in float64, amax clamped at 1e-12
     scale = (fmax / amax.double().clamp(min=1e-12)).float()
@@ -159,7 +162,7 @@ def cast_stats(x: torch.Tensor, dtype: torch.dtype, rowwise: bool = False, pow2:
 
     def lost(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = v.clamp(-fmax, fmax).to(dtype).float()
-        return ((q == 0) & nonzero).sum(), ((q.abs() < tiny) & (q != 0)).sum(), (v.abs() > fmax).sum()
+        return ((q == 0) & nonzero).sum(), ((q.abs() < tiny) & (q != 0)).sum(), (v.abs() >= limit).sum()
 
     under, sub, over = lost(x * scale)
     under_u, _, over_u = lost(x)
