@@ -110,14 +110,14 @@ def precision_of(group: Group) -> str:
     return modes.pop() if len(modes) == 1 else "?"
 
 
-def baseline_for(group: Group, groups: list[Group]) -> Group | None:
-    """The fp32 group with the same overrides apart from the precision ones."""
+def baseline_for(group: Group, groups: list[Group], mode: str = "fp32") -> Group | None:
+    """The `mode` (fp32) group with the same overrides apart from the precision ones."""
     rest = tuple(o for o in group.key if not o.startswith("precision"))
     for g in groups:
-        if precision_of(g) == "fp32" and tuple(o for o in g.key if not o.startswith("precision")) == rest:
+        if precision_of(g) == mode and tuple(o for o in g.key if not o.startswith("precision")) == rest:
             return g
-    fp32 = [g for g in groups if precision_of(g) == "fp32"]
-    return fp32[0] if len(fp32) == 1 else None
+    same = [g for g in groups if precision_of(g) == mode]
+    return same[0] if len(same) == 1 else None
 
 
 def lost_fraction(g: Group) -> float:
@@ -148,6 +148,11 @@ def rows(groups: list[Group], metric: str) -> list[dict]:
             "peak memory vs fp32": g.mean("peak_memory_mb") / base.mean("peak_memory_mb") if base else math.nan,
             "samples/s": g.mean("samples_per_s"),
         }
+        if any(precision_of(x) == "fp8" for x in groups):  # fp8 rows: how much ran in float8, what it lost
+            row["fp8 layers"] = g.mean("fp8_layers")
+            row["fp8-lost grads %"] = 100 * g.mean("diag/fp8_grad_underflow")
+            bf16 = baseline_for(g, groups, "bf16")
+            row["diff vs bf16"] = g.mean(metric) - bf16.mean(metric) if bf16 else math.nan
         out.append(row)
     return out
 
@@ -226,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"mptrain-compare: {metric} over seeds, {len(jobs)} jobs in {len(groups)} groups")
     shown = ["group", "completed", f"{metric} mean", f"{metric} std", "diff vs fp32", "skipped %", "final loss scale",
              "fp16-lost grads %", "samples/s vs fp32", "peak memory vs fp32", "status"]
+    if "fp8 layers" in table_rows[0]:
+        shown[5:5] = ["diff vs bf16", "fp8 layers", "fp8-lost grads %"]
     for c in shown:
         table.add_column(c, overflow="fold")
     for r in table_rows:

@@ -16,7 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
 
-PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster", "bf16_pure")
+PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster", "bf16_pure", "fp8")
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCALING_KINDS = ("auto", "none", "static", "dynamic")
@@ -62,6 +62,25 @@ class LossScaleConfig:
 
 
 @dataclass
+class Fp8Config:
+    """precision=fp8 (torchao float8 training): which Linear layers compute in float8 and how they scale.
+    The filter follows torchtitan's converter; see docs/precision.md."""
+
+    recipe: str = "tensorwise"  # tensorwise (one dynamic scale per tensor, e5m2 grads) | rowwise (per row, e4m3)
+    emulate: bool | None = None  # null: real fp8 kernels on CUDA capability >= 8.9, emulated elsewhere
+    skip_first: bool = True  # keep the first Linear (in module order) in bf16
+    skip_last: bool = True  # keep the last Linear (usually the output head) in bf16
+    dim_multiple: int = 16  # convert only layers whose in and out features are multiples of this (fp8 GEMMs need 16)
+    include: list[str] = field(default_factory=list)  # fnmatch patterns: only these layers may convert (empty: all)
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns: these layers never convert
+
+    def __post_init__(self) -> None:
+        p = "precision.fp8"
+        _check(self.recipe in ("tensorwise", "rowwise"), f"{p}.recipe", self.recipe, "choose tensorwise or rowwise")
+        _check(self.dim_multiple >= 1, f"{p}.dim_multiple", self.dim_multiple, "must be >= 1")
+
+
+@dataclass
 class PrecisionConfig:
     """How the model computes and how its gradients are protected. See docs/precision.md."""
 
@@ -75,6 +94,7 @@ class PrecisionConfig:
     # bf16_pure: how an fp32 update is written into a bf16 weight: nearest | stochastic | kahan
     # (other modes keep fp32 or fp32-master weights, where the rule means nothing: only nearest is accepted)
     update: str = "nearest"
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # precision=fp8 only
 
     def __post_init__(self) -> None:
         _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")

@@ -218,6 +218,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             "world_size": c.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
+            **p.summary(),
         })
         if state.step > 0:  # optimizer state exists once a step has run
             summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p)

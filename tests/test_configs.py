@@ -62,7 +62,7 @@ def test_range_checks_name_the_key(override, fragment):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("precision=fp8", "Could not find 'precision/fp8'"),
+        ("precision=fp4", "Could not find 'precision/fp4'"),
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("optimizer.lr=-1", "optimizer.lr=-1.0 is invalid: must be > 0"),
         ("trainer.batch_size=0", "trainer.batch_size=0 is invalid: must be >= 1"),

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ..precision import fp8
 from .stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -82,6 +83,7 @@ class Diagnostics:
         self.trace: dict | None = None
         self.totals: dict[str, float] = {}
         self.samples = 0
+        self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
 
     # ---- sampling -------------------------------------------------------------------------------
     def sampled(self, step: int) -> bool:
@@ -95,6 +97,8 @@ class Diagnostics:
         self._row = None
         if self.sampled(step):
             self._row = {"event": "sample", "step": step}
+            if self.fp8:
+                self.fp8.begin()
             self._act = {name: [] for name in self.layers}
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
@@ -138,6 +142,9 @@ class Diagnostics:
         if self._row is None:
             return
         row = self._row
+        fp8_layers = self.fp8.end() if self.fp8 else {}
+        if fp8_layers:
+            row["fp8"] = fp8_layers
         if self._before and applied:
             names = [n for n, _, _ in self._before]
             before, after = [b for _, _, b in self._before], [p for _, p, _ in self._before]
@@ -215,6 +222,7 @@ class Diagnostics:
             out["diag/bf16_lost_nearest"] = self.totals["bf16_lost"] / self.totals["bf16_samples"]
         if self.totals.get("update_samples"):
             out["diag/update_underflow"] = self.totals["update_underflow"] / self.totals["update_samples"]
+        out.update(self.fp8.summary())
         if self.trace is not None:
             out["overflow_trace"] = {k: self.trace[k] for k in ("step", "reason", "forward", "backward")}
         return out

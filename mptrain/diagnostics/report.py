@@ -4,7 +4,8 @@
 (b) loss_scale.png            loss and loss scale over steps, skipped steps marked
 (c) underflow_heatmap.png     per-layer fraction of gradients that FP16 flushes to zero, over time
 (d) update_underflow.png      per-layer fraction of weight updates too small to change an FP16 weight
-and a table of the layers at most risk.
+(e) fp8.png                   precision=fp8: per converted layer, amax and the fractions fp8 flushes to zero
+and a table of the layers at most risk (and, for fp8, of the converted layers).
 """
 
 from __future__ import annotations
@@ -161,6 +162,64 @@ def risk_table(samples: list[dict], top: int = 10) -> Table:
     return table
 
 
+FP8_ROLES = (("input", "e4m3"), ("weight", "e4m3"), ("grad", "e5m2 (rowwise: e4m3)"))
+
+
+def _fp8_series(samples: list[dict]) -> tuple[list[str], list[int], dict]:
+    """Layer names, sampled steps, and (role, field) -> steps x layers matrix from the rows' "fp8" records."""
+    rows = [s for s in samples if s.get("fp8")]
+    names = list(dict.fromkeys(n for s in rows for n in s["fp8"]))  # model order, as first recorded
+    out = {}
+    for role, _ in FP8_ROLES:
+        for f in ("amax", "scale", "underflow", "underflow_unscaled", "overflow_unscaled"):
+            out[role, f] = np.array([[s["fp8"].get(n, {}).get(role, {}).get(f, np.nan) for n in names] for s in rows],
+                                    dtype=float)
+    return names, [s["step"] for s in rows], out
+
+
+def plot_fp8(samples: list[dict], path: Path) -> None:
+    """Per role: log2 amax of each converted layer over steps (top) and the mean fraction of its non-zero
+    values that fp8 flushes to zero with the dynamic scale vs without any scale (bottom)."""
+    import matplotlib.pyplot as plt
+
+    names, steps, m = _fp8_series(samples)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex="row")
+    for k, (role, fmt_) in enumerate(FP8_ROLES):
+        ax = axes[0, k]
+        for i, n in enumerate(names):
+            ax.plot(steps, np.log2(m[role, "amax"][:, i]), marker=".", lw=1, label=n)
+        ax.set_title(f"{role} ({fmt_}): log2 amax")
+        ax.set_xlabel("step (sampled)")
+        ax = axes[1, k]
+        y = np.arange(len(names))
+        ax.barh(y - 0.2, np.nanmean(m[role, "underflow"], axis=0), height=0.4, color="tab:blue", label="with the scale")
+        ax.barh(y + 0.2, np.nanmean(m[role, "underflow_unscaled"], axis=0), height=0.4, color="tab:red", alpha=0.6,
+                label="unscaled cast")
+        ax.set_yticks(y, names if k == 0 else [""] * len(names), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{role}: fraction flushed to zero in fp8")
+    axes[0, 0].legend(fontsize=6)
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle(f"fp8 casts of {len(names)} converted layers over {len(steps)} sampled steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fp8_table(samples: list[dict]) -> Table:
+    names, _, m = _fp8_series(samples)
+    table = Table(title="fp8 layers (mean over sampled steps; amax: the largest)")
+    for col in ("layer", "input amax", "weight amax", "grad amax", "grad scale", "grad underflow",
+                "grad underflow unscaled", "input overflow unscaled"):
+        table.add_column(col)
+    for i, n in enumerate(names):
+        table.add_row(n, *(f"{np.nanmax(m[r, 'amax'][:, i]):.3g}" for r in ("input", "weight", "grad")),
+                      f"{np.nanmean(m['grad', 'scale'][:, i]):.3g}", f"{np.nanmean(m['grad', 'underflow'][:, i]):.2%}",
+                      f"{np.nanmean(m['grad', 'underflow_unscaled'][:, i]):.2%}",
+                      f"{np.nanmean(m['input', 'overflow_unscaled'][:, i]):.2%}")
+    return table
+
+
 def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     import matplotlib
 
@@ -180,6 +239,10 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     plot_underflow_heatmap(samples, paths[2])
     plot_update_underflow(samples, paths[3])
     console.print(risk_table(samples))
+    if any(s.get("fp8") for s in samples):
+        paths.append(out / "fp8.png")
+        plot_fp8(samples, paths[-1])
+        console.print(fp8_table(samples))
     for trace in (r for r in diag if r.get("event") == "trace"):
         console.print(f"[bold red]overflow trace[/] at step {trace['step']} ({trace['reason']}): "
                       f"forward {trace['forward']}, backward {trace['backward']}")

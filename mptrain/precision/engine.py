@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import Fp8Config
 from ..errors import ConfigError, HardwareError
+from . import fp8
 from .master import MasterWeights, cast_model
 from .scaler import LossScaler, SwitchToBF16
 
@@ -39,6 +41,7 @@ MODES = {
     "master": (False, True, True),
     "nomaster": (False, True, False),
     "bf16_pure": (False, True, False),  # bf16 weights, grads and optimizer state (precision/bf16_pure.py)
+    "fp8": (True, False, False),  # float8 Linear layers (torchao), bf16 autocast around them
 }
 
 
@@ -61,7 +64,10 @@ def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dt
     if mode == "bf16_pure" and dtype not in ("auto", "bfloat16"):
         raise ConfigError(f"precision=bf16_pure holds bfloat16 weights; precision.dtype={dtype} contradicts it "
                           "(use precision=master or nomaster for float16 weights)")
-    if mode == "bf16_pure":
+    if mode == "fp8" and dtype not in ("auto", "bfloat16"):
+        raise ConfigError(f"precision=fp8 runs the layers it does not convert in bfloat16; precision.dtype={dtype} "
+                          "contradicts it (leave it auto or bfloat16)")
+    if mode in ("bf16_pure", "fp8"):
         dtype = "bfloat16"
     if dtype != "auto":
         chosen, why = DTYPES[dtype], f"precision.dtype={dtype}"
@@ -131,6 +137,11 @@ class Precision:
         # FSDP: each rank sees only its gradient shard, so every rank must agree on a skip; the distributed
         # code sets this to an all-reduce (max) of the overflow flag (DDP's gradients are already all-reduced)
         self.agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if self.mode == "fp8" else None
+        self.fp8_layers: list[str] = []
+        if self.fp8_cfg is not None:  # fail before the run directory is touched
+            fp8.require_torchao()
+            self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
 
     # ---- set-up -------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -139,10 +150,16 @@ class Precision:
         master = ", fp32 master weights" if self.use_master else ""
         if self.mode == "bf16_pure":
             master = f", bf16 optimizer state, update={self.update}"
+        if self.fp8_cfg is not None:
+            master += (f", Linear layers in float8 (e4m3 forward, {'e4m3' if self.fp8_cfg.recipe == 'rowwise' else 'e5m2'} "
+                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
         return f"precision={self.mode}: compute {SHORT_DTYPE[self.compute_dtype]} ({self.dtype_reason}), params {params}{master}, {scaling}"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Cast the model for master/nomaster (call before building the optimizer)."""
+        """Cast the model for master/nomaster, convert Linear layers for fp8 (call before building the optimizer)."""
+        if self.fp8_cfg is not None:
+            _, names, _ = fp8.convert(model, self.fp8_cfg, self.device)
+            self.fp8_layers += names  # FSDP calls this again on the sharded model: nothing new converts then
         if self.low_precision_params:
             cast_model(model, self.compute_dtype, self.keep_norm_fp32)
             if not self._input_hooks:  # once: FSDP calls prepare_model again on the sharded model
@@ -289,6 +306,12 @@ class Precision:
             return {k: self.bf16_switch[k] for k in ("loss_scale_min", "loss_scale_max", "loss_scale_backoffs")
                     if k in self.bf16_switch}
         return {}
+
+    def summary(self) -> dict:
+        """Mode-specific figures for summary.json."""
+        if self.fp8_cfg is None:
+            return {}
+        return {"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe, "fp8_emulated": self.fp8_emulated}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
