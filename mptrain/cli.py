@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import sysconfig
@@ -49,10 +50,50 @@ def python_stdlib(name: str) -> str:
     return str(Path(sysconfig.get_paths()["stdlib"]) / name)
 
 
+def sweep_direction(metric: str | None) -> str:
+    """Optuna's direction for a summary metric: losses and perplexities down, the rest (accuracy) up."""
+    return "minimize" if metric and metric.rsplit("/", 1)[-1] in ("loss", "ppl", "train_loss") else "maximize"
+
+
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """The task's return value, which a sweeper (Optuna) optimizes: summary[optimized_metric], else
+    val/acc, else val/loss. A missing or non-finite objective raises, so the trial is marked failed."""
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return summary.get("val/acc", summary.get("val/loss"))
+    value = summary.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MptrainError(f"optimized_metric={metric} is {value!r} in this run's summary, not a finite number "
+                           f"(summary keys: {', '.join(sorted(summary))})")
+    return float(value)
+
+
+def check_sweeper_installed(argv: list[str]) -> None:
+    """`hparams_search=optuna` without the extra: one line instead of Hydra's missing-config message."""
+    if any(a.startswith("hparams_search=") and a != "hparams_search=null" for a in argv):
+        try:
+            import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
+        except ImportError:
+            print("mptrain: error: hparams_search=optuna needs hydra-optuna-sweeper: pip install mptrain[optuna]",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
+def register_sweeper() -> None:
+    """Name our sweeper to Hydra: it finds plugins by scanning hydra_plugins' folders, which misses an
+    editable install's (a setuptools path hook, not a folder)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.mptrain_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
+
+
 register_configs()
 OmegaConf.register_new_resolver("mptrain_run_name", run_name, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("mptrain_output_subdir", output_subdir, replace=True)
 OmegaConf.register_new_resolver("python_stdlib", python_stdlib, replace=True)
+OmegaConf.register_new_resolver("mptrain_direction", sweep_direction, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -72,17 +113,19 @@ def _app(cfg: DictConfig) -> float | None:
             print_config_tree(cfg)
         log.info("run directory: %s", run_dir)
         summary = run(cfg, run_dir)
+        if main_rank:
+            print_summary(summary)
+        return objective(cfg, summary)
     except MptrainError as e:
         print(f"mptrain: error: {e}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # let the sweep run its other jobs; Hydra reports the failure at the end
+            raise  # let the sweep run its other jobs (Optuna marks the trial failed); Hydra reports it at the end
         sys.exit(e.exit_code)
-    if main_rank:
-        print_summary(summary)
-    return summary.get("val/acc", summary.get("val/loss"))
 
 
 def main() -> None:
+    check_sweeper_installed(sys.argv[1:])
+    register_sweeper()
     _app()
 
 

@@ -4,6 +4,8 @@ Jobs are grouped by every override except the seed (`seed=` or `trainer.seed=`).
 monitored metric's mean ± std across seeds, its difference to the matching fp32 group, skipped-step %,
 final loss scale, the fraction of gradients fp16 loses (zero or underflowing), samples/s and peak
 memory relative to fp32. Writes comparison.md, comparison.csv and comparison.png beside the jobs.
+An Optuna sweep (`hparams_search=optuna`, its study in SWEEP_DIR/optuna.db) adds each job's trial
+number, state and objective, best trial first.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from .tracking import log_to_recorded_run
+
 SEED_KEYS = ("seed", "trainer.seed")
 
 
@@ -29,6 +33,7 @@ class Job:
     overrides: list[str]
     summary: dict | None
     status: str
+    trial: dict | None = None  # an Optuna sweep's trial: number, state, value, params
 
     @property
     def seed(self) -> str:
@@ -87,6 +92,42 @@ def find_jobs(paths: list[Path]) -> list[Job]:
     return jobs
 
 
+def optuna_trials(sweep_dir: Path) -> tuple[str, dict[int, dict]] | None:
+    """(direction, {number: trial}) of the Optuna study kept in sweep_dir/optuna.db, if any."""
+    db = sweep_dir / "optuna.db"
+    if not db.is_file():
+        return None
+    try:
+        import optuna
+    except ImportError:
+        print(f"mptrain-compare: {db} is an Optuna study; pip install mptrain[optuna] to read its trials")
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, direction, trials = f"sqlite:///{db.resolve()}", "maximize", {}
+    for s in optuna.study.get_all_study_summaries(storage=storage):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        direction = study.direction.name.lower()
+        for t in study.trials:
+            trials[t.number] = {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params}
+    return direction, trials
+
+
+def attach_trials(jobs: list[Job]) -> str | None:
+    """Give each job of an Optuna sweep its trial (job <n> ran trial <n>; its overrides must hold the
+    trial's parameters). Returns the study's direction, or None when no job belongs to a study."""
+    direction = None
+    for sweep_dir in sorted({j.path.parent for j in jobs}):
+        found = optuna_trials(sweep_dir)
+        if found is None:
+            continue
+        direction, trials = found
+        for j in jobs:
+            t = trials.get(int(j.path.name)) if j.path.parent == sweep_dir and j.path.name.isdigit() else None
+            if t is not None and all(f"{k}={v}" in j.overrides for k, v in t["params"].items()):
+                j.trial = t
+    return direction
+
+
 def group_jobs(jobs: list[Job]) -> list[Group]:
     """Group by every override except the seed; overrides shared by every job are left out of the key."""
     def relevant(j: Job) -> list[str]:
@@ -125,9 +166,10 @@ def lost_fraction(g: Group) -> float:
     return zero + under if math.isfinite(zero) and math.isfinite(under) else math.nan
 
 
-def rows(groups: list[Group], metric: str) -> list[dict]:
+def rows(groups: list[Group], metric: str, trials: bool = False) -> list[dict]:
     out = []
     for g in groups:
+        trial = next((j.trial for j in g.jobs if j.trial is not None), None) if trials else None
         base = baseline_for(g, groups)
         steps = g.values("steps")
         skipped = g.values("skipped_steps")
@@ -153,6 +195,10 @@ def rows(groups: list[Group], metric: str) -> list[dict]:
             row["fp8-lost grads %"] = 100 * g.mean("diag/fp8_grad_underflow")
             bf16 = baseline_for(g, groups, "bf16")
             row["diff vs bf16"] = g.mean(metric) - bf16.mean(metric) if bf16 else math.nan
+        if trials:
+            value = trial["value"] if trial and trial["value"] is not None else math.nan
+            row.update({"trial": trial["number"] if trial else "", "trial state": trial["state"] if trial else "",
+                        "objective": value})
         out.append(row)
     return out
 
@@ -225,7 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     groups = group_jobs(jobs)
     metric = args.metric or next((m for m in ("val/acc", "val/ppl", "val/loss")
                                   if any(m in (j.summary or {}) for j in jobs)), "val/loss")
-    table_rows = rows(groups, metric)
+    direction = attach_trials(jobs)
+    table_rows = rows(groups, metric, trials=direction is not None)
+    if direction is not None:  # best trial first, failed ones last
+        sign = -1 if direction == "maximize" else 1
+        table_rows.sort(key=lambda r: (math.isnan(r["objective"]), sign * r["objective"] if not math.isnan(r["objective"]) else 0))
     out_dir = args.out or (args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else Path.cwd())
     console = Console()
     table = Table(title=f"mptrain-compare: {metric} over seeds, {len(jobs)} jobs in {len(groups)} groups")
@@ -233,13 +283,19 @@ def main(argv: list[str] | None = None) -> None:
              "fp16-lost grads %", "samples/s vs fp32", "peak memory vs fp32", "status"]
     if "fp8 layers" in table_rows[0]:
         shown[5:5] = ["diff vs bf16", "fp8 layers", "fp8-lost grads %"]
+    if direction is not None:
+        shown[1:1] = ["trial", "trial state", "objective"]
     for c in shown:
         table.add_column(c, overflow="fold")
     for r in table_rows:
         table.add_row(*(fmt(r[c]) for c in shown))
     console.print(table)
-    for p in write_outputs(out_dir, table_rows, groups, metric):
+    written = write_outputs(out_dir, table_rows, groups, metric)
+    for p in written:
         console.print(f"wrote {p}")
+    tracked = [j for j in jobs if log_to_recorded_run(j.path, written, "comparison")]
+    if tracked:  # logger=mlflow jobs get the comparison they are part of
+        console.print(f"logged the comparison to {len(tracked)} MLflow runs")
 
 
 if __name__ == "__main__":

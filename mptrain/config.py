@@ -419,6 +419,27 @@ class SyntheticDatasetConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """An experiment tracker beside the run directory (`logger=mlflow`). TensorBoard is separate
+    (`trainer.tensorboard`); both can run together. Only rank 0 logs."""
+
+    name: str = "none"  # none | mlflow
+    # null: $MLFLOW_TRACKING_URI if set, else SQLite in ./mlruns/mlflow.db (MLflow 3 refuses a plain file store)
+    tracking_uri: str | None = None
+    # where a new experiment keeps its artifacts; null: ./mlruns/artifacts beside the local store
+    artifact_location: str | None = None
+    experiment: str = "mptrain"  # MLflow experiment name (created when missing)
+    run_name: str | None = None  # null: the run directory's name
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("none", "mlflow"), "logger.name", self.name, "choose none or mlflow")
+        if self.name == "mlflow":
+            from .tracking import check_available
+
+            check_available()
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     dataset: Any = MISSING
@@ -430,6 +451,9 @@ class Config:
     diagnostics: DiagnosticsConfig = MISSING
     experiment: Any = None
     task: Any = None  # null: the model's own task (classification unless the model declares another)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # the summary key a sweep optimizes (hparams_search=optuna): the value the `mptrain` task returns
+    optimized_metric: str | None = None
     seed: int = 0
     resume: str | None = None  # null: fresh run | auto: newest checkpoint in this run dir | a checkpoint path
 
@@ -444,6 +468,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
     cs.store(group="diagnostics", name="diagnostics_schema", node=DiagnosticsConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="model", name="cnn_schema", node=CNNModelConfig)
     cs.store(group="model", name="torchvision_schema", node=TorchvisionModelConfig)
     cs.store(group="model", name="mlp_schema", node=MLPModelConfig)
@@ -460,7 +485,7 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ConfigError naming the key and the fix."""
-    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics", "model", "dataset"):
+    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics", "model", "dataset", "logger"):
         node = cfg.get(key)
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs

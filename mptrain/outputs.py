@@ -40,11 +40,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class RunWriter:
     """Appends metric rows to metrics.jsonl and TensorBoard; writes summary.json."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True,
+                 sinks: list | None = None):
         """`resume_step`: continuing from a checkpoint of that step, drop the rows logged after it
         (the resumed run writes them again), so metrics.jsonl never holds a step twice.
-        `enabled=False` (ranks other than 0): write nothing."""
+        `enabled=False` (ranks other than 0): write nothing.
+        `sinks`: more writers (e.g. tracking.MLflowLogger) given every row, the summary and close()."""
         self.run_dir, self.enabled, self.tb = Path(run_dir), enabled, None
+        self.sinks = list(sinks or []) if enabled else []
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,10 +78,14 @@ class RunWriter:
                 if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        for sink in self.sinks:
+            sink.log(row)
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
             write_json_atomic(self.run_dir / "summary.json", summary)
+            for sink in self.sinks:
+                sink.write_summary(summary)
 
     def close(self) -> None:
         if not self.enabled:
@@ -86,6 +93,8 @@ class RunWriter:
         self._metrics.close()
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:

@@ -38,6 +38,7 @@ from .precision import SHORT_DTYPE, Precision, resolve_device
 from .precision.bf16_pure import memory_per_param
 from .state import TrainState
 from .tasks import BUILTIN, Task, check_task
+from .tracking import trackers
 
 log = logging.getLogger("mptrain")
 
@@ -261,7 +262,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
         apply_checkpoint(c, state, ckpt, path, config)
     # only rank 0 writes the run directory
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
-                       enabled=c.is_main)
+                       enabled=c.is_main, sinks=trackers(cfg.get("logger"), run_dir, config, resume=resume is not None,
+                                                         enabled=c.is_main))
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)

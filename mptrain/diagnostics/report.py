@@ -20,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..tracking import log_to_recorded_run
 from .stats import EXPONENTS
 
 
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory, e.g. outputs/2026-11-28/12-00-00-1234")
     args = parser.parse_args(argv)
     try:
-        make_report(args.run_dir)
+        paths = make_report(args.run_dir)
+        if log_to_recorded_run(args.run_dir, paths, "report"):  # a logger=mlflow run gets the PNGs too
+            print(f"logged {len(paths)} files to the run's MLflow run")
     except NotARun as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)
         sys.exit(2)
