@@ -150,3 +150,25 @@ def test_anomaly_detection_names_the_op_whose_backward_made_a_nan():
     with anomaly_detection(False):
         assert not torch.is_anomaly_enabled()
         nan_backward()
+
+
+# End to end through the recipe. They need the recipe to call mptrain.data.overfit and ProfileSteps
+# (recipe.py is being rewritten elsewhere): strict xfail until then, so wiring them in turns these red
+# until the markers are removed.
+NOT_WIRED = pytest.mark.xfail(strict=True, reason="recipe.py does not call data.overfit / profiling.ProfileSteps yet")
+
+
+@NOT_WIRED
+def test_mptrain_debug_overfit_drives_the_loss_to_about_zero(tmp_path):
+    summary, run_dir = train(tmp_path, ["debug=overfit", "model=mlp", "trainer.max_steps=60", "trainer.eval_every=60"])
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert losses[0] > 1.0 and losses[-1] < 0.05
+    assert summary["val/acc"] == 1.0 and summary["val/loss"] < 0.05
+
+
+@NOT_WIRED
+def test_mptrain_debug_profile_writes_a_trace_and_a_table(tmp_path):
+    summary, run_dir = train(tmp_path, ["debug=profile", "model.width=8"])
+    assert summary["steps"] == 6
+    assert len(list((run_dir / "profile").glob("*.pt.trace.json"))) == 1
+    assert "aten::" in (run_dir / "profile" / "top_ops.txt").read_text()
