@@ -34,7 +34,7 @@ STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 # config keys that may differ on resume without changing the result of the steps already taken
 SAFE_TO_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.log_every", "trainer.eval_every",
                   "trainer.progress_bar", "trainer.tensorboard", "trainer.device", "trainer.num_workers",
-                  "checkpoint.", "resume", "diagnostics.")
+                  "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly")
 WARN_IF_CHANGED = ("seed", "trainer.seed", "precision.")
 
 

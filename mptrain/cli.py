@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import register_configs, validate
 from .errors import MptrainError
+from .help import config_groups
 
 log = logging.getLogger("mptrain")
 
@@ -94,6 +95,7 @@ OmegaConf.register_new_resolver("mptrain_run_name", run_name, replace=True, use_
 OmegaConf.register_new_resolver("mptrain_output_subdir", output_subdir, replace=True)
 OmegaConf.register_new_resolver("python_stdlib", python_stdlib, replace=True)
 OmegaConf.register_new_resolver("mptrain_direction", sweep_direction, replace=True)
+OmegaConf.register_new_resolver("mptrain_help_groups", config_groups, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -147,6 +147,28 @@ class SchedulerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """debug=profile: torch.profiler over a few steps after warm-up (mptrain/profiling.py)."""
+
+    enabled: bool = False
+    wait: int = 1  # steps not traced first (first-call overheads: allocator, cuDNN autotuning)
+    warmup: int = 1  # steps traced and discarded (the profiler's own start-up)
+    active: int = 3  # steps recorded into <run dir>/profile/ and the top-ops table
+    record_shapes: bool = True
+    profile_memory: bool = False
+    with_stack: bool = False
+    row_limit: int = 15  # rows of the top-ops table written to the log
+    sort_by: str = "auto"  # a key_averages column; auto: self device time on CUDA, self CPU time otherwise
+
+    def __post_init__(self) -> None:
+        p = "trainer.profile"
+        _check(self.wait >= 0, f"{p}.wait", self.wait, "must be >= 0")
+        _check(self.warmup >= 0, f"{p}.warmup", self.warmup, "must be >= 0")
+        _check(self.active >= 1, f"{p}.active", self.active, "must be >= 1")
+        _check(self.row_limit >= 1, f"{p}.row_limit", self.row_limit, "must be >= 1")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps (skipped ones count); null = run max_epochs
     max_epochs: int = 10
@@ -159,7 +181,8 @@ class TrainerConfig:
     log_every: int = 10  # steps between metrics rows (the loss is read from the device only then)
     eval_every: int | None = None  # steps between validations; null = at the end of every epoch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 0
+    # data-loading processes: auto = none for in-memory datasets, else min(8, CPUs per process - 1)
+    num_workers: Any = "auto"
     seed: int = "${seed}"  # type: ignore[assignment]  # follows the top-level seed unless set
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
@@ -175,6 +198,10 @@ class TrainerConfig:
     strategy: str = "ddp"  # ddp (replicated) | fsdp (FSDP2: sharded params, grads, optimizer state)
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     grad_compression: str = "none"  # none | fp16 | bf16: compress DDP's gradient all-reduce
+    # debugging (conf/debug/): train and validate on the first N training batches only (0: off)
+    overfit_batches: int = 0
+    detect_anomaly: bool = False  # autograd anomaly detection: name the op whose backward made a NaN
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
@@ -187,7 +214,9 @@ class TrainerConfig:
         _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1 or null")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
-        _check(self.num_workers >= 0, "trainer.num_workers", self.num_workers, "must be >= 0")
+        _check(self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+               "trainer.num_workers", self.num_workers, "must be auto or an integer >= 0")
+        _check(self.overfit_batches >= 0, "trainer.overfit_batches", self.overfit_batches, "must be >= 0")
         _check(self.conv_wgrad in ("auto", "native", "forward"), "trainer.conv_wgrad", self.conv_wgrad,
                "choose auto, native or forward")
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy", self.strategy, "choose ddp or fsdp")
@@ -237,7 +266,7 @@ class CNNModelConfig:
     """The small default CNN (mptrain.models.SmallCNN)."""
 
     _target_: str = "mptrain.models.SmallCNN"
-    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
     width: int = 32
     dropout: float = 0.1
@@ -252,7 +281,7 @@ class MLPModelConfig:
     """A tanh MLP on flattened images (mptrain.models.MLP)."""
 
     _target_: str = "mptrain.models.MLP"
-    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
     image_size: int = "${dataset.image_size}"  # type: ignore[assignment]
     width: int = 64
@@ -271,10 +300,11 @@ class TorchvisionModelConfig:
 
     _target_: str = "mptrain.models.torchvision_model"
     name: str = MISSING
-    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
     weights: str | None = None
     small_input: bool = False  # 3x3 stem without max-pool, for images of 32x32 or less
+    image_size: int | None = "${oc.select:dataset.image_size,null}"  # type: ignore[assignment]  # for the stem check
 
 
 @dataclass
@@ -348,7 +378,7 @@ class ImageFolderConfig:
     name: str = "imagefolder"
     root: str = "data/imagenet"
     image_size: int = 224
-    num_classes: int = 1000
+    num_classes: int | None = None  # null: one class per folder of train/
     channels: int = 3
 
 

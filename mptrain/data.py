@@ -6,13 +6,14 @@ A dataset builder is the `_target_` of a `dataset=` entry. It returns a :class:`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 
 @dataclass
@@ -73,6 +74,8 @@ class SyntheticImages(Dataset):
     Each image is Gaussian noise plus a per-class offset on channel 0, so a model can learn the labels.
     """
 
+    in_memory = True  # indexing is a tensor lookup: loader worker processes would only add overhead
+
     def __init__(self, size: int, num_classes: int, channels: int, image_size: int, pool_size: int, seed: int):
         g = torch.Generator().manual_seed(seed)
         pool = min(pool_size, size)
@@ -103,6 +106,48 @@ def synthetic(
         train=SyntheticImages(train_size, num_classes, channels, image_size, pool_size, seed=1),
         val=SyntheticImages(val_size, num_classes, channels, image_size, pool_size, seed=2),
     )
+
+
+class RepeatedSamples(Dataset):
+    """The first `count` samples of `dataset`, cycled to `length` (debug=overfit)."""
+
+    def __init__(self, dataset: Dataset, count: int, length: int):
+        self.dataset, self.count, self.length = dataset, count, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % self.count]
+
+
+def overfit(datasets: Datasets, samples: int) -> Datasets:
+    """Train on the first `samples` training samples only, repeated to the training set's length (so an
+    epoch keeps its number of steps), and validate on those same samples: a model that cannot drive their
+    loss to ~0 has a bug (trainer.overfit_batches, debug=overfit)."""
+    n = min(samples, len(datasets.train))
+    train = RepeatedSamples(datasets.train, n, max(len(datasets.train), n))
+    return Datasets(train=train, val=Subset(datasets.train, range(n)), task=datasets.task, facts=datasets.facts)
+
+
+def in_memory(dataset: Dataset) -> bool:
+    """Whether indexing `dataset` is a cheap lookup in tensors already in memory (no decoding, no disk)."""
+    while isinstance(dataset, Subset | RepeatedSamples):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset) or getattr(dataset, "in_memory", False)
+
+
+def resolve_num_workers(num_workers: int | str, dataset: Dataset) -> int:
+    """trainer.num_workers: an integer as given; `auto` = 0 for in-memory datasets (a worker would only
+    copy tensors between processes), else min(8, this process's share of the CPUs - 1), so a GPU is
+    not starved by one process decoding images."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if in_memory(dataset):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share the CPUs
+    return max(0, min(8, per_process - 1))
 
 
 class EpochSampler(Sampler[int]):
@@ -148,14 +193,16 @@ def make_loader(
     *,
     train: bool,
     seed: int,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
     pad: bool | None = None,
 ) -> DataLoader:
     """A DataLoader whose order depends only on the seed and the epoch (see EpochSampler).
-    `pad` (default: train) gives every rank as many batches: FSDP's collectives need it in validation too."""
+    `pad` (default: train) gives every rank as many batches: FSDP's collectives need it in validation too.
+    `num_workers` may be `auto` (see resolve_num_workers); workers persist across epochs."""
+    num_workers = resolve_num_workers(num_workers, dataset)
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size,
                            pad=train if pad is None else pad)
     return DataLoader(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torchvision
 from torch import nn
 
 from .errors import ConfigError
+
+log = logging.getLogger("mptrain")
 
 
 class SmallCNN(nn.Module):
@@ -62,15 +66,17 @@ class MLP(nn.Module):
 
 def torchvision_model(
     name: str,
-    num_classes: int,
+    num_classes: int | None,
     in_channels: int = 3,
     weights: str | None = None,
     small_input: bool = False,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Build torchvision's classification model `name` with a head of `num_classes` outputs.
 
     `weights` other than null would need a download, which mptrain never does behind a user's back.
     `small_input` swaps a ResNet-style stem for a 3x3 stride-1 conv without max-pool (for 32x32 images).
+    `image_size` (the dataset's) lets a warning say when the model would shrink the images to almost nothing.
     """
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
@@ -79,10 +85,51 @@ def torchvision_model(
     if weights is not None:
         raise ConfigError("model.weights must be null: pretrained weights need a download; load them yourself "
                          "and pass a checkpoint instead")
+    if num_classes is None:
+        raise ConfigError("model.num_classes is null and the dataset does not say how many classes it has; "
+                          "set dataset.num_classes")
+    model = _build(name, num_classes, in_channels, small_input)
+    if image_size is not None:
+        final = smallest_feature_map(name, in_channels, small_input, image_size)
+        if final is not None and final < MIN_FEATURE_MAP:
+            fix = ("raise dataset.image_size (e.g. 32)" if small_input else
+                   "set model.small_input=true (3x3 stride-1 stem, no max-pool) or raise dataset.image_size")
+            log.warning("model %s shrinks %dx%d images to %dx%d feature maps%s: %s", name, image_size, image_size,
+                        final, final, " even with model.small_input=true" if small_input else "", fix)
+    return model
+
+
+MIN_FEATURE_MAP = 2  # pixels: below this the last stages see one pixel, i.e. no spatial structure at all
+
+
+def _build(name: str, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3 or small_input:
         _adapt_stem(model, in_channels, small_input)
     return model
+
+
+def smallest_feature_map(name: str, in_channels: int, small_input: bool, image_size: int) -> int | None:
+    """The smallest height/width any convolution or pooling of the model outputs for a square image, found
+    by a forward pass on the meta device (shapes only: no memory, no compute). None if the model cannot
+    run on that size at all (its own error will then say so)."""
+    sizes: list[int] = []
+
+    def record(module: nn.Module, args: tuple, out: object) -> None:
+        # a map that was 1x1 already (squeeze-excitation after global pooling) is not a shrunk image
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and min(args[0].shape[-2:]) > 1:
+            sizes.append(min(out.shape[-2:]))
+
+    with torch.device("meta"):
+        probe = _build(name, 2, in_channels, small_input)
+        for m in probe.modules():
+            if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+                m.register_forward_hook(record)
+        try:
+            probe.eval()(torch.empty(1, in_channels, image_size, image_size))
+        except Exception:  # e.g. a kernel larger than the feature map: the real model fails the same way
+            return None
+    return min(sizes) if sizes else None
 
 
 def _adapt_stem(model: nn.Module, in_channels: int, small_input: bool) -> None:

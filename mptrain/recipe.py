@@ -28,7 +28,7 @@ from .checkpoint import (
     resolve_resume,
 )
 from .components import Components, Part
-from .data import as_datasets, make_loader
+from .data import as_datasets, make_loader, overfit
 from .diagnostics import Diagnostics
 from .errors import ConfigError, MptrainError
 from .loop import fit
@@ -36,6 +36,7 @@ from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_schedu
 from .outputs import RunWriter
 from .precision import SHORT_DTYPE, Precision, resolve_device
 from .precision.bf16_pure import memory_per_param
+from .profiling import ProfileSteps, anomaly_detection
 from .state import TrainState
 from .tasks import BUILTIN, Task, check_task
 from .tracking import trackers
@@ -102,6 +103,8 @@ def build(cfg: DictConfig) -> Components:
     log.info(precision.describe())
 
     datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
+    if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
+        datasets = overfit(datasets, t.overfit_batches * t.batch_size)
     pin = device.type == "cuda"
     batch = t.batch_size // info.world_size  # trainer.batch_size is the global batch
     shard = {"rank": info.rank, "world_size": info.world_size, "num_workers": t.num_workers, "pin_memory": pin}
@@ -275,8 +278,12 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
         callbacks = [console, MetricsLogger(writer, t.log_every, console),
                      Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
                                   save_sharded=fsdp.save if c.strategy == "fsdp" else None)]
+        profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
+        if profiler is not None:  # debug=profile
+            callbacks.append(profiler)
         try:
-            with c.precision.backend_flags(), backend_settings(t), console.logging_above():
+            with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
+                  anomaly_detection(t.detect_anomaly)):
                 fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
             status = "completed"
         except Interrupted as e:
@@ -293,6 +300,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
             raise
         finally:
             console.close()
+            if profiler is not None:
+                profiler.close()
             summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
             writer.write_summary(summary)
             writer.close()

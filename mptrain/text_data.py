@@ -18,6 +18,8 @@ from .errors import ConfigError
 class Contiguous(Dataset):
     """Non-overlapping windows of seq_len + 1 tokens: input = window[:-1], target = window[1:]."""
 
+    in_memory = True  # a slice of one tensor: no loader worker processes needed (trainer.num_workers=auto)
+
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len

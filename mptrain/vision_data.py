@@ -49,9 +49,10 @@ def torchvision_dataset(name: str, root: str, download: bool = False, augment: b
     return Datasets(train=train, val=val)
 
 
-def imagefolder(root: str, image_size: int = 224, num_classes: int = 1000, channels: int = 3,
+def imagefolder(root: str, image_size: int = 224, num_classes: int | None = None, channels: int = 3,
                 name: str = "imagefolder") -> Datasets:
-    """ImageNet layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, standard transforms."""
+    """ImageNet layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, standard transforms.
+    `num_classes` null: one class per folder of train/ (the model's num_classes follows, as a fact of the data)."""
     base = Path(root)
     for split in ("train", "val"):
         if not (base / split).is_dir() or not any(p.is_dir() for p in (base / split).iterdir()):
@@ -62,9 +63,9 @@ def imagefolder(root: str, image_size: int = 224, num_classes: int = 1000, chann
         T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
     val = torchvision.datasets.ImageFolder(base / "val", T.Compose([
         T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]))
-    if len(train.classes) != num_classes:
+    if num_classes is not None and len(train.classes) != num_classes:
         raise ConfigError(f"dataset.num_classes={num_classes} but {base / 'train'} holds {len(train.classes)} class "
                           f"folders; set dataset.num_classes={len(train.classes)}")
     if val.classes != train.classes:
         raise ConfigError(f"{base / 'val'} and {base / 'train'} hold different class folders; they must match")
-    return Datasets(train=train, val=val)
+    return Datasets(train=train, val=val, facts={"num_classes": len(train.classes)})

@@ -125,6 +125,12 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
     assert str(target) in proc.stdout  # the installed copy ran, not the source tree
     summaries = list((elsewhere / "outputs").glob("*/*/summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 5
+    # --help from the wheel: its own template, groups and debug presets, schemas hidden
+    proc = subprocess.run([sys.executable, "-c", "import mptrain.cli as c; c.main()", "--help"], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("mptrain") and "anomaly, fast, overfit, profile" in proc.stdout
+    assert "_schema" not in proc.stdout
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
