@@ -23,6 +23,8 @@ from ..errors import ConfigError, HardwareError
 from .master import MasterWeights, cast_model
 from .scaler import LossScaler
 
+FP16_MAX = 65504.0  # the largest finite float16
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,6 +91,10 @@ class Precision:
         kind = ls.kind
         if kind == "auto":
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
+        if kind == "static" and self.compute_dtype == torch.float16 and ls.init > FP16_MAX:
+            raise ConfigError(f"precision.loss_scale.init={ls.init:g} is above float16's largest value (65504): a "
+                              "static scale that large overflows a float16 gradient of magnitude >= 1 on every step "
+                              "and skips them all; use 32768 or less, or precision.loss_scale.kind=dynamic")
         self.scaler: LossScaler | None = None
         if kind != "none":
             self.scaler = LossScaler(kind, ls.init, ls.growth_factor, ls.backoff_factor, ls.growth_interval,
