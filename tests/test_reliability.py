@@ -151,11 +151,11 @@ def test_fresh_start_sets_earlier_records_aside(tmp_path):
 
 def test_torn_metrics_line_does_not_block_resume_auto(tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli([*QUICK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    first = run_cli([*QUICK, "trainer.log_every=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 0.')
-    again = run_cli([*QUICK, "trainer.max_steps=3", f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)
+    again = run_cli([*QUICK, "trainer.log_every=1", "trainer.max_steps=3", f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
