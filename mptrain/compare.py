@@ -22,6 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from .jsonl import read_jsonl
 from .tracking import log_to_recorded_run
 
 SEED_KEYS = ("seed", "trainer.seed")
@@ -248,7 +249,7 @@ def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -
             metrics = j.path / "metrics.jsonl"
             if not metrics.is_file():
                 continue
-            rows_ = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            rows_ = read_jsonl(metrics)
             pts = [(r["step"], r["loss"]) for r in rows_ if r.get("loss") is not None]
             if pts:
                 ax2.plot(*zip(*pts), color=color, lw=1, alpha=0.8, label=g.label if k == 0 else None)

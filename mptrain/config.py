@@ -7,7 +7,9 @@ message). Value ranges are checked by each schema's ``__post_init__``, which run
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +60,7 @@ class LossScaleConfig:
         _check(self.hysteresis >= 1, f"{p}.hysteresis", self.hysteresis, "must be >= 1")
         _check(0 < self.min <= self.max, f"{p}.min", self.min, "need 0 < min <= max")
         _check(self.min <= self.init <= self.max, f"{p}.init", self.init, "must lie in [min, max]")
+        _check(math.isfinite(self.init), f"{p}.init", self.init, "must be finite (inf skips every step)")
         _check(self.on_min in ("raise", "clamp", "bf16"), f"{p}.on_min", self.on_min, "choose raise, clamp or bf16")
 
 
@@ -118,7 +121,9 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in ("sgd", "adamw"), "optimizer.name", self.name, "choose sgd or adamw")
-        _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        _check(self.lr > 0 and math.isfinite(self.lr), "optimizer.lr", self.lr, "must be finite and > 0")
+        _check(math.isfinite(self.weight_decay), "optimizer.weight_decay", self.weight_decay, "must be finite")
+        _check(math.isfinite(self.eps), "optimizer.eps", self.eps, "must be finite")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
         _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
         _check(not (self.nesterov and self.momentum == 0), "optimizer.nesterov", self.nesterov, "needs momentum > 0")
@@ -209,10 +214,11 @@ class TrainerConfig:
         _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
         _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "must be >= 1")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm", self.clip_grad_norm, "must be > 0 or null")
-        _check(self.loss_weight > 0, "trainer.loss_weight", self.loss_weight, "must be > 0")
+        _check(self.loss_weight > 0 and math.isfinite(self.loss_weight), "trainer.loss_weight", self.loss_weight,
+               "must be finite and > 0")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1 or null")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
         _check(self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
                "trainer.num_workers", self.num_workers, "must be auto or an integer >= 0")
@@ -519,3 +525,22 @@ def validate(cfg: DictConfig) -> None:
         node = cfg.get(key)
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs
+
+
+def check_warmup(sched_cfg: DictConfig, total_steps: int) -> bool:
+    """A warm-up as long as the run never reaches the peak learning rate: say so (a warning, not a refusal:
+    short smoke runs keep the default schedule). Returns False then."""
+    warmup = sched_cfg.get("warmup_steps") or 0
+    if sched_cfg.get("name", "none") != "none" and warmup >= total_steps:
+        logging.getLogger("mptrain").warning(
+            "scheduler.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
+            "optimizer.lr; lower the warm-up (scheduler.warmup_steps=0) or train longer", warmup, total_steps)
+        return False
+    return True
+
+
+def check_monitor(monitor: str | None, metric_names: list[str] | tuple[str, ...]) -> None:
+    """checkpoint.monitor must name a metric the task reports (else best.pt is never written)."""
+    if monitor is not None and monitor not in metric_names:
+        raise ConfigError(f"checkpoint.monitor={monitor!r} is not a metric this task reports "
+                          f"({', '.join(metric_names) or 'none'}); choose one of them or null")

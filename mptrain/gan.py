@@ -72,6 +72,7 @@ class Adversarial(Task):
 
     datasets = ("classification",)  # any image dataset; the labels are ignored
     parts = ("discriminator", "generator")
+    metrics = ("val/loss_d", "val/loss_g", "val/loss")
 
     @property
     def name(self) -> str:

@@ -15,6 +15,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
+from .errors import MptrainError
+from .rundir import commit_run_dir, umask_mode
+
 
 def _plain(value: Any) -> Any:
     """JSON-safe: non-finite floats become null (JSON has no inf/NaN)."""
@@ -24,17 +27,27 @@ def _plain(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temp file in the same directory, then rename: readers never see half a file.
+    A write that fails (disk full, no permission) raises OutputError naming the path and the cause."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w") as f:
             json.dump({k: _plain(v) for k, v in data.items()}, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"could not write {path}: {e.strerror or e}") from None
         raise
+
+
+class OutputError(MptrainError):
+    """A run file cannot be written (disk full, permission denied)."""
 
 
 class RunWriter:
@@ -42,23 +55,21 @@ class RunWriter:
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True,
                  sinks: list | None = None):
-        """`resume_step`: continuing from a checkpoint of that step, drop the rows logged after it
-        (the resumed run writes them again), so metrics.jsonl never holds a step twice.
+        """Opening the writer commits the run directory (rundir.commit_run_dir): construct it only once
+        every check has passed. `resume_step`: continuing from a checkpoint of that step, the rows logged
+        after it are dropped (the resumed run writes them again); None: a fresh start sets earlier records aside.
         `enabled=False` (ranks other than 0): write nothing.
         `sinks`: more writers (e.g. tracking.MLflowLogger) given every row, the summary and close()."""
         self.run_dir, self.enabled, self.tb = Path(run_dir), enabled, None
         self.sinks = list(sinks or []) if enabled else []
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        commit_run_dir(self.run_dir, resume_step)  # every check has passed: the run directory may change now
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        if resume_step is not None and self.metrics_path.is_file():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.metrics_path)
-        self._metrics = open(self.metrics_path, "a")
+        try:
+            self._metrics = open(self.metrics_path, "a")
+        except OSError as e:
+            raise OutputError(f"could not open {self.metrics_path}: {e.strerror}") from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -70,8 +81,11 @@ class RunWriter:
         bare keys (`loss`, `lr`) under `train/`."""
         if not self.enabled:
             return
-        self._metrics.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+            self._metrics.flush()
+        except OSError as e:
+            raise OutputError(f"could not write {self.metrics_path}: {e.strerror}") from None
         if self.tb is not None:
             step = row["step"]
             for key, value in row.items():

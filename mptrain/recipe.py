@@ -28,12 +28,13 @@ from .checkpoint import (
     resolve_resume,
 )
 from .components import Components, Part
+from .config import check_warmup
 from .data import as_datasets, make_loader, overfit
 from .diagnostics import Diagnostics
 from .errors import ConfigError, MptrainError
 from .loop import fit
 from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
-from .outputs import RunWriter
+from .outputs import OutputError, RunWriter
 from .precision import SHORT_DTYPE, Precision, resolve_device
 from .precision.bf16_pure import memory_per_param
 from .profiling import ProfileSteps, anomaly_detection
@@ -170,6 +171,7 @@ def build(cfg: DictConfig) -> Components:
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    check_warmup(cfg.scheduler, total_steps)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
              task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
@@ -263,10 +265,15 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = fsdp.load(c, path)
         apply_checkpoint(c, state, ckpt, path, config)
-    # only rank 0 writes the run directory
+    if cfg.diagnostics.enabled:
+        Diagnostics.check_layers(cfg.diagnostics, c.base_model)
+    signals = StopSignals()  # handlers are installed around fit() only
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
+                                save_sharded=fsdp.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
+    # every check has passed: only now does the run directory change (RunWriter commits it; rank 0 writes)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
-                       enabled=c.is_main, sinks=trackers(cfg.get("logger"), run_dir, config, resume=resume is not None,
-                                                         enabled=c.is_main))
+                       enabled=c.is_main)
+    writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
@@ -274,10 +281,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
         torch.cuda.reset_peak_memory_stats(c.device)
     console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
     status, error = "failed", None
-    with StopSignals() as signals:
-        callbacks = [console, MetricsLogger(writer, t.log_every, console),
-                     Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
-                                  save_sharded=fsdp.save if c.strategy == "fsdp" else None)]
+    with signals:
+        callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
         profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
         if profiler is not None:  # debug=profile
             callbacks.append(profiler)
@@ -303,7 +308,12 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
             if profiler is not None:
                 profiler.close()
             summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
-            writer.write_summary(summary)
+            try:
+                writer.write_summary(summary)
+            except OutputError as e:  # a full disk: say so, without hiding the error that ended the run
+                log.error("%s", e)
+                if status == "completed":
+                    raise
             writer.close()
             if diagnostics is not None:
                 diagnostics.close()

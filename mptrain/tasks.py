@@ -35,8 +35,9 @@ class Task:
     # submodules of the model trained by optimizers of their own, stepped in this order; ("model",): one
     # optimizer over the whole model
     parts: tuple[str, ...] = ("model",)
-    # the metric checkpoint.monitor defaults to and `mptrain -m` sweeps return (None: val/loss)
-    primary_metric: str | None = None
+    # the validation metrics the task reports, when known in advance (checkpoint.monitor is checked at start
+    # against them; None: at the first validation)
+    metrics: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -73,7 +74,7 @@ class Classification(Task):
     """(images, labels) -> cross-entropy; val/loss, val/acc."""
 
     datasets = ("classification",)
-    primary_metric = "val/acc"
+    metrics = ("val/loss", "val/acc")
 
     @property
     def name(self) -> str:
@@ -103,6 +104,7 @@ class LanguageModeling(Task):
     """(tokens, next tokens) -> cross-entropy per token; val/loss, val/ppl."""
 
     datasets = ("language_modeling",)
+    metrics = ("val/loss", "val/ppl")
 
     @property
     def name(self) -> str:

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ..errors import ConfigError
 from ..precision import fp8
 from .stats import (
     BIN_LABELS,
@@ -55,14 +56,8 @@ class Diagnostics:
         # what the optimizer updates (FP32 masters in master mode), in model order: name them by identity so
         # that a step over a subset (one part of a GAN) is named right
         self.name_of = {id(t): n for n, t in zip(names, precision.optimizer_params())}
-        layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
+        layers = self.check_layers(cfg, model)
         modules = dict(model.named_modules())
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"diagnostics.activation_layers: no module named {', '.join(missing)}; "
-                              f"top-level modules are {', '.join(n for n, _ in model.named_children())}")
         self.layers = {n: modules[n] for n in layers}
         self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
         self.path = Path(run_dir) / "diagnostics.jsonl"
@@ -84,6 +79,20 @@ class Diagnostics:
         self.totals: dict[str, float] = {}
         self.samples = 0
         self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
+
+    @staticmethod
+    def check_layers(cfg: DictConfig, model: nn.Module) -> list[str]:
+        """The modules whose output gradients are histogrammed; an unknown name is a one-line error (checked
+        before the run directory changes)."""
+        model = getattr(model, "_orig_mod", model)
+        model = getattr(model, "module", model)
+        layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
+        modules = dict(model.named_modules())
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise ConfigError(f"diagnostics.activation_layers: no module named {', '.join(missing)}; "
+                              f"top-level modules are {', '.join(n for n, _ in model.named_children())}")
+        return layers
 
     # ---- sampling -------------------------------------------------------------------------------
     def sampled(self, step: int) -> bool:

@@ -11,7 +11,6 @@ and a table of the layers at most risk (and, for fp8, of the converted layers).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..jsonl import read_jsonl
 from ..tracking import log_to_recorded_run
 from .stats import EXPONENTS
 
@@ -34,8 +34,7 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
         raise NotARun(f"{run_dir} is not an mptrain run directory (no metrics.jsonl); pass outputs/<date>/<time>-<id>")
     if not diag.is_file():
         raise NotARun(f"{run_dir} has no diagnostics.jsonl: it ran with diagnostics=off; rerun with diagnostics=default")
-    read = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]  # noqa: E731
-    return read(metrics), read(diag)
+    return read_jsonl(metrics), read_jsonl(diag)
 
 
 def _shade_fp16(ax) -> None:

@@ -25,6 +25,8 @@ from . import fp8
 from .master import MasterWeights, cast_model
 from .scaler import LossScaler, SwitchToBF16
 
+FP16_MAX = 65504.0  # the largest finite float16
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,6 +126,10 @@ class Precision:
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
         if ls.on_min == "bf16" and kind != "none":
             check_bf16_fallback(self.mode, kind, self.compute_dtype, device)
+        if kind == "static" and self.compute_dtype == torch.float16 and ls.init > FP16_MAX:
+            log.warning("precision.loss_scale.init=%g is above float16's largest value (65504): unless the gradients "
+                        "are far below 1 (e.g. a small trainer.loss_weight), every step overflows and is skipped; "
+                        "32768 or less, or precision.loss_scale.kind=dynamic, is the usual choice", ls.init)
         self.scaler: LossScaler | None = None
         if kind != "none":
             self.scaler = LossScaler(kind, ls.init, ls.growth_factor, ls.backoff_factor, ls.growth_interval,
