@@ -148,7 +148,7 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
                     raise SweepStopped(outcome.stopped_by)
                 validate(cfg)
                 if main_rank:
-                    print_config_tree(cfg)
+                    print_config_tree(cfg, dict(hc.runtime.choices), list(hc.overrides.task))
                 log.info("run directory: %s", run_dir)
                 summary = run(cfg, run_dir)
             except MptrainError as e:

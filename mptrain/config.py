@@ -121,7 +121,8 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in ("sgd", "adamw"), "optimizer.name", self.name, "choose sgd or adamw")
-        _check(self.lr > 0 and math.isfinite(self.lr), "optimizer.lr", self.lr, "must be finite and > 0")
+        _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        _check(math.isfinite(self.lr), "optimizer.lr", self.lr, "must be finite")
         _check(math.isfinite(self.weight_decay), "optimizer.weight_decay", self.weight_decay, "must be finite")
         _check(math.isfinite(self.eps), "optimizer.eps", self.eps, "must be finite")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")

@@ -9,9 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
-from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
@@ -111,14 +110,19 @@ class RunWriter:
             sink.close()
 
 
-def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
-    """The composed config as a rich tree, one branch per group."""
+def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: list[str] | None = None,
+                      console: Console | None = None) -> None:
+    """The run's config in a few lines: each group's choice and the command-line overrides. The whole
+    composed config is in <run>/.hydra/config.yaml (and `mptrain --cfg job` prints it)."""
     console = console or Console()
-    tree = Tree("config", guide_style="dim")
-    for key, node in cfg.items():
-        branch = tree.add(f"[bold]{key}[/bold]")
-        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
-        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    tree = Tree("[bold]config[/bold] [dim](in full: <run>/.hydra/config.yaml; mptrain --cfg job)[/dim]", guide_style="dim")
+    # Hydra lists the choices last group first: show them in the defaults list's order
+    groups = {k: v for k, v in reversed(list((choices or {}).items()))
+              if v is not None and "/" not in k and not k.startswith("hydra")}
+    if groups:
+        tree.add("  ".join(f"[bold]{k}[/bold]={v}" for k, v in groups.items()))
+    if overrides:
+        tree.add("overrides: " + " ".join(overrides))
     console.print(tree)
 
 

@@ -67,7 +67,7 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
             and p.scaler.scale <= p.scaler.min):
         # an overflow at the minimum scale stops the run (on_min=raise) or switches it to bf16: name its source
         # first, while the run still computes as it did
-        trace(c, micro[-1], step_no, diagnostics, "overflow at the minimum loss scale")
+        trace(c, micro[-1], step_no, diagnostics, "loss scale reached its minimum")
     event = None
     if p.update_scale(not applied):  # once per iteration, whatever the number of parts; may raise LossScalingError
         event = {"event": "switch_to_bf16", **p.bf16_switch}

@@ -1,0 +1,59 @@
+"""The console: on a terminal, one progress bar with log lines above it (never inside it); elsewhere, no
+carriage-return animation and one plain line per metrics row."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+from .conftest import REPO, run_cli
+
+RUN = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "trainer.max_steps=30",
+       "trainer.log_every=10", "trainer.eval_every=15", "trainer.tensorboard=false", "diagnostics=off",
+       "checkpoint.enabled=false"]
+
+
+def test_without_a_terminal_one_plain_line_per_row_and_no_animation(tmp_path):
+    proc = run_cli([*RUN, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr
+    rows = re.findall(r"step (\d+)  loss [\d.]+  lr", proc.stdout)
+    assert rows == ["10", "20", "30"]
+    assert len(re.findall(r"step (\d+)  val/loss", proc.stdout)) == 2
+
+
+def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path):
+    """Run under a pseudo-terminal; after carriage returns are applied, a line holding a log record holds
+    nothing of the bar (`%|`), and the bar itself was drawn."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mptrain", *RUN, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
+                            stdin=child, stdout=child, stderr=child, env=env)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=300) == 0, out.decode(errors="replace")[-3000:]
+    text = out.decode(errors="replace")
+    assert "%|" in text  # the bar was drawn on the terminal
+    logged = [line for line in text.split("\n") if "[mptrain][INFO]" in line]
+    assert any("val/acc" in line for line in logged)
+    for line in logged:
+        visible = [part for part in line.split("\r") if part.strip()]
+        # the record is a part of its own: nothing of the bar before it on the same visible line
+        record = next(part for part in visible if "[mptrain][INFO]" in part)
+        assert "%|" not in record and record.lstrip().startswith("["), repr(line)
