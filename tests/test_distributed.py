@@ -185,3 +185,13 @@ def test_fsdp_with_fp16_loss_scaling_trains(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["compute_dtype"] == "fp16" and summary["final_loss_scale"] == 2.0**16
     assert summary["world_size"] == 2
+
+
+def test_a_task_with_several_networks_is_refused_at_start_under_torchrun(tmp_path):
+    """The GAN steps its two networks separately, which would bypass DDP's all-reduce: one line at start,
+    before the run directory changes."""
+    proc = torchrun(["model=dcgan", "trainer.device=cpu", "trainer.batch_size=32", "trainer.max_steps=2",
+                     f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "task gan steps 2 networks separately" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
