@@ -174,18 +174,22 @@ def save_calls(reference: Path) -> int:
     return saves + len(improving(read_jsonl(reference / "metrics.jsonl")))
 
 
-CASES = [(where, seed) for where in ("save", "validate", "log") for seed in (0, 1, 2)]
+# (moment, seed, of): seed i of `of` draws the call from the i-th of `of` equal spans of the run's calls, so the
+# kills spread over early (before the first checkpoint), middle and late moments
+CASES = [("save", 0, 3), ("save", 1, 3), ("save", 2, 3), ("validate", 0, 2), ("validate", 1, 2), ("log", 0, 2),
+         ("log", 1, 2)]
 
 
-@pytest.mark.parametrize(("where", "seed"), CASES, ids=[f"{w}-{s}" for w, s in CASES])
-def test_kill_at_a_random_moment_then_resume_auto_matches_an_uninterrupted_run(tmp_path, reference, where, seed):
+@pytest.mark.parametrize(("where", "seed", "of"), CASES, ids=[f"{w}-{s}" for w, s, _ in CASES])
+def test_kill_at_a_random_moment_then_resume_auto_matches_an_uninterrupted_run(tmp_path, reference, where, seed, of):
     rows = read_jsonl(reference / "metrics.jsonl")
     calls = {"save": save_calls(reference), "validate": len(val_rows(rows)), "log": len(rows)}[where]
     rng = random.Random(f"{where}-{seed}")
-    k, fraction = rng.randint(1, calls), rng.random()
+    k, fraction = rng.randint(1 + seed * calls // of, (seed + 1) * calls // of), rng.random()
     run_dir = tmp_path / "run"
     killed = run_faulted(run_dir, tmp_path, f"{where}:{k}:{fraction}:SIGKILL")
     assert killed.returncode == -signal.SIGKILL, f"the hook did not fire (call {k} of {calls}): {killed.stderr}"
+    fresh = not any((run_dir / "checkpoints").glob("*.pt"))  # killed before a checkpoint was complete
 
     for _ in range(3):  # resume=auto until the run completes (one attempt should do)
         proc = run_cli([*CLI, f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)
@@ -198,7 +202,9 @@ def test_kill_at_a_random_moment_then_resume_auto_matches_an_uninterrupted_run(t
     assert read_jsonl(run_dir / "diagnostics.jsonl") == read_jsonl(reference / "diagnostics.jsonl")
     assert_same_tensors(final_state(reference), final_state(run_dir))
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
-    assert not [p for p in run_dir.rglob("*.tmp")], "a killed write left its temp file behind"
+    assert not [p for p in run_dir.rglob("*.tmp") if "previous_" not in str(p)], "a killed write left a temp file"
+    if fresh:  # the killed attempt's records were set aside, not appended to
+        assert (run_dir / "previous_1" / "metrics.jsonl").is_file()
 
 
 def test_divergence_stops_naming_the_step_and_a_lower_lr_resume_completes(tmp_path):
