@@ -374,3 +374,17 @@ def test_recipe_warns_of_a_long_warmup_and_refuses_an_unknown_monitor(tmp_path, 
     with pytest.raises(ConfigError, match="checkpoint.monitor='val/ppl'"):
         train(tmp_path / "b", [*RUN, "checkpoint.monitor=val/ppl"])
     assert not (tmp_path / "b" / "run").exists()  # refused before the run directory was made
+
+
+def test_resume_with_another_lr_applies_it_at_the_schedules_position(tmp_path):
+    """The optimizer's state_dict carries its lr: a resume with optimizer.lr changed must not keep the old one.
+    Cosine, no warm-up, over the run's max_steps T: a row's lr (after its step) is lr * 0.5 * (1 + cos(pi * s / T));
+    the first attempt has T = 3, the resumed one T = 6."""
+    sched = ["scheduler=cosine", "scheduler.warmup_steps=0", "trainer.max_steps=6"]
+    train(tmp_path, [*RUN, *sched, "trainer.max_steps=3", "optimizer.lr=0.05"])
+    summary, run_dir = train(tmp_path, [*RUN, *sched, "optimizer.lr=0.2", "resume=auto"])
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
+    expected = {s: 0.05 * 0.5 * (1 + math.cos(math.pi * s / 3)) if s <= 3 else 0.2 * 0.5 * (1 + math.cos(math.pi * s / 6))
+                for s in range(1, 7)}
+    assert {r["step"]: r["lr"] for r in rows} == pytest.approx(expected, rel=1e-12)
+    assert summary["status"] == "completed"
