@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .components import Components
-from .errors import TrainingFailed
+from .errors import Diverged
 from .loop import Callback
 from .outputs import RunWriter
 from .state import TrainState
@@ -62,7 +62,8 @@ class Console(Callback):
 class MetricsLogger(Callback):
     """Writes a metrics row every `log_every` steps and at the end, and a row per validation. The row is
     the one host read of the step's loss (and gradient norm). Without a loss scaler nothing skips bad
-    steps: a non-finite loss stops the run there, before the weights are poisoned further."""
+    steps: a non-finite loss stops the run there, before the weights are poisoned further (the check reads
+    only the row's loss: no extra host synchronisation)."""
 
     def __init__(self, writer: RunWriter, log_every: int, console: Console | None = None):
         self.writer, self.log_every, self.console = writer, log_every, console
@@ -80,12 +81,13 @@ class MetricsLogger(Callback):
         state.window_applied = state.window_skipped = 0
         mean_loss = window_loss / applied if applied else math.nan
         if applied and not math.isfinite(mean_loss) and p.scaler is None:
-            raise TrainingFailed(
+            raise Diverged(
                 f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
                 "Try a lower optimizer.lr, trainer.clip_grad_norm=1.0, or a loss-scaled mode (precision=dynamic); "
                 "resume=auto continues from the last finite checkpoint")
         if math.isfinite(mean_loss):
             state.train_loss = mean_loss
+            state.verified_step = state.step - 1  # every loss of the window was finite: so were the weights before
         row = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": c.optimizer.param_groups[0]["lr"],
                "loss_scale": p.loss_scale, "skipped": skipped,
                "skipped_total": p.skipped_steps,

@@ -112,6 +112,8 @@ def finite_state(model_state: dict, optimizer_state: dict | None = None, **more:
 class NonFiniteCheckpoint(CheckpointError):
     """A checkpoint would hold (or holds) inf or NaN weights or optimizer state."""
 
+    exit_code = 1  # a diverged run, like TrainingFailed
+
 
 def check_finite(ckpt: dict, what: str) -> None:
     """Raise NonFiniteCheckpoint if a checkpoint's model, optimizer or master weights are not finite."""
@@ -436,6 +438,7 @@ class Checkpointer(Callback):
         if metrics is not None:
             self.monitor, self.mode = pick_monitor(self.monitor, self.mode, metrics)
         self.dir = Path(run_dir) / "checkpoints"
+        self.saved: list[int] = []  # the steps of the last.pt this attempt wrote, oldest first
 
     def on_step_end(self, c: Any, state: Any, out: Any = None) -> None:
         cfg = self.cfg
@@ -466,8 +469,8 @@ class Checkpointer(Callback):
         if monitor is None or val.get("step") != state.step or monitor not in val:
             return False
         value, best = val[monitor], state.best_metric
-        if not math.isfinite(value):
-            return False  # a diverged validation is never "best"
+        if not all(math.isfinite(v) for k, v in val.items() if k != "step"):
+            return False  # a diverged validation (any metric inf or NaN, e.g. val/loss beside val/acc) is never "best"
         if best is None or (value > best if self.mode == "max" else value < best):
             state.best_metric = value
             return True
@@ -500,9 +503,33 @@ class Checkpointer(Callback):
             return
         step, keep = state.step, self.cfg.keep_last
         save_atomic(self.contents(c, state), self.dir / "last.pt", also=self.dir / f"step_{step}.pt" if keep > 0 else None)
+        self.saved.append(step)
         for old in [p for p in candidates(self.dir) if STEP_FILE.match(p.name)][keep:]:
             old.unlink(missing_ok=True)
         log.info("checkpoint saved at step %d: %s", step, self.dir / "last.pt")
+
+    def set_aside_unverified(self, verified: int) -> None:
+        """The run diverged: the checkpoints this attempt wrote after step `verified` hold weights whose loss
+        was never seen finite (the step after one of them gave inf/NaN). Move them to checkpoints/diverged/
+        (never deleted) so that resume=auto continues from the newest checkpoint that trained finitely."""
+        bad = [s for s in self.saved if s > verified]
+        if not bad or self.save_sharded is not None:
+            return
+        dest = self.dir / "diverged"
+        dest.mkdir(exist_ok=True)
+        for s in bad:
+            if (self.dir / f"step_{s}.pt").is_file():
+                os.replace(self.dir / f"step_{s}.pt", dest / f"step_{s}.pt")
+        last = self.dir / "last.pt"
+        if last.is_file():
+            if (dest / f"step_{bad[-1]}.pt").is_file():
+                last.unlink()  # a hard link of the step file just moved
+            else:
+                os.replace(last, dest / f"step_{bad[-1]}.pt")
+        found = find_resumable(self.dir)
+        log.warning("checkpoints written after step %d (steps %s) hold weights never seen to give a finite loss: moved to %s; "
+                    "resume=auto continues from %s", verified, ", ".join(map(str, bad)), dest,
+                    f"step {found[1]['train_state']['step']}" if found else "the start (none is left)")
 
 
 def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
@@ -536,6 +563,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     it fits. A sharded checkpoint's weights and optimizer are already loaded (fsdp.load); its `ckpt` has
     neither."""
     report_config_changes(ckpt["config"], config)
+    fresh = settings_of(c.optimizer, c.scheduler)  # what this run's config asks for
     if "model" in ckpt:
         check_model_fits(ckpt["model"], c.base_model, path)
         c.base_model.load_state_dict(ckpt["model"])
@@ -548,9 +576,41 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     else:  # a sharded checkpoint's precision state has no master tensors
         c.precision.load_state_dict({k: v for k, v in ckpt["precision"].items() if k != "master"})
     c.scheduler.load_state_dict(ckpt["scheduler"])
+    if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
+        apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     state.load_state_dict({**ckpt.get("loop", {}), **ckpt["train_state"]})  # "loop": format of mptrain <= 0.1.0
     restore_rng(ckpt["rng"])
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+
+
+def _schedulers(scheduler: Any) -> list:
+    return list(scheduler.schedulers.values()) if hasattr(scheduler, "schedulers") else [scheduler]
+
+
+def settings_of(optimizer: Any, scheduler: Any) -> tuple[list[dict], list[float]]:
+    """The hyperparameters of every param group (all but the tensors) and the schedules' base lrs."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return groups, [lr for s in _schedulers(scheduler) for lr in s.base_lrs]
+
+
+def apply_settings(optimizer: Any, scheduler: Any, fresh: tuple[list[dict], list[float]]) -> None:
+    """Resuming with changed optimizer.* settings: loading the optimizer's state_dict brought back the
+    checkpoint's hyperparameters (lr, momentum, weight decay...); put this run's back. The lr keeps its
+    place in the schedule: lr = new base lr x the schedule's factor at this step."""
+    groups, base_lrs = fresh
+    saved_base = [lr for s in _schedulers(scheduler) for lr in s.base_lrs]
+    for group, new, old_base, new_base in zip(optimizer.param_groups, groups, saved_base, base_lrs):
+        factor = group["lr"] / old_base if old_base else 1.0
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+        group["initial_lr"], group["lr"] = new_base, new_base * factor
+    i = 0
+    for s in _schedulers(scheduler):
+        n = len(s.base_lrs)
+        s.base_lrs = list(base_lrs[i:i + n])
+        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+        i += n
+    log.info("resume: the optimizer runs with this run's optimizer.* settings (lr %.3g from here)",
+             optimizer.param_groups[0]["lr"])
 
 
 def config_container(cfg: DictConfig) -> dict:

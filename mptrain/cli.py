@@ -199,7 +199,27 @@ def check_config_dirs(argv: list[str]) -> None:
                 raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
+def exit_at_once(message: str) -> None:
+    """Exit 130 now, skipping atexit callbacks (DataLoader workers, TensorBoard, logging): a Ctrl-C there
+    would print a traceback from inside them."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    print(f"mptrain: {message}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main() -> None:
+    try:
+        _main()
+    finally:
+        # mptrain's work is done (files written, exit code chosen): a Ctrl-C during the interpreter's
+        # shutdown exits at once instead of raising KeyboardInterrupt inside an atexit callback
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals to the host program
+            signal.signal(signal.SIGINT, lambda *_: exit_at_once("interrupted while exiting; the run's files are complete"))
+
+
+def _main() -> None:
     outcome = SweepOutcome()
 
     def mptrain_job(cfg: DictConfig) -> float | None:
@@ -214,9 +234,7 @@ def main() -> None:
         print(f"mptrain: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, no checkpoint for this step
-        print("mptrain: interrupted twice: stopped without saving a checkpoint; resume=auto continues from "
-              "the last one", file=sys.stderr)
-        os._exit(130)  # skip atexit callbacks (DataLoader workers, TensorBoard): a third traceback otherwise
+        exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the last one")
     if outcome.stopped_by is not None:
         name = signal.Signals(outcome.stopped_by).name
         print(f"mptrain: error: sweep stopped by {name}; unfinished jobs are recorded as interrupted "

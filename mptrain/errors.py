@@ -19,3 +19,7 @@ class TrainingFailed(MptrainError, RuntimeError):
     """The run cannot go on (e.g. non-finite loss, loss scale at its minimum)."""
 
     exit_code = 1
+
+
+class Diverged(TrainingFailed):
+    """The training loss became inf or NaN in a run that has no loss scaler to skip such steps."""

@@ -22,6 +22,7 @@ from .callbacks import Console, MetricsLogger
 from .checkpoint import (
     Checkpointer,
     Interrupted,
+    NonFiniteCheckpoint,
     StopSignals,
     apply_checkpoint,
     config_container,
@@ -31,7 +32,7 @@ from .components import Components, Part
 from .config import check_warmup
 from .data import as_datasets, make_loader, overfit
 from .diagnostics import Diagnostics
-from .errors import ConfigError, MptrainError
+from .errors import ConfigError, Diverged, MptrainError
 from .loop import fit
 from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
 from .outputs import OutputError, RunWriter
@@ -299,6 +300,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
             raise
         except MptrainError as e:
             error = str(e)
+            if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
+                checkpointer.set_aside_unverified(state.verified_step)
             raise
         except BaseException as e:
             error = repr(e)

@@ -150,6 +150,18 @@ def set_aside(run_dir: Path) -> Path | None:
     return dest
 
 
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Remove the temp files of writes a killed attempt never finished (`.<name>.<random>.tmp` beside
+    checkpoints, summary.json and the per-step files). Safe: this run holds the directory's lock."""
+    run_dir = Path(run_dir)
+    stale = [p for name in (*STEP_RECORDS, "summary.json") for p in run_dir.glob(f".{name}.*.tmp")]
+    stale += list((run_dir / "checkpoints").glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temp file(s) left by a write that a killed attempt never finished", len(stale))
+
+
 def prepare_records(run_dir: Path, resume_step: int | None) -> None:
     """Make the per-step files exact for this attempt.
 
@@ -158,6 +170,7 @@ def prepare_records(run_dir: Path, resume_step: int | None) -> None:
     Starting fresh: set an earlier attempt's records aside, so no row is appended to them.
     """
     run_dir = Path(run_dir)
+    remove_stale_temp_files(run_dir)
     if resume_step is None:
         set_aside(run_dir)
         return

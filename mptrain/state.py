@@ -24,6 +24,9 @@ class TrainState:
     # wall time, so not part of the checkpointed state (a resumed run must equal a straight one bit for bit)
     train_time: float = 0.0
     attempt_samples: int = 0
+    # the newest step whose weights were seen to give a finite loss (the next step's, read on a metrics row):
+    # checkpoints after it may hold weights that already diverged. Per attempt, not checkpointed
+    verified_step: int = -1
     last_val: dict = field(default_factory=dict)  # the newest validation metrics, with their "step"
     events: list = field(default_factory=list)  # things that changed the run's course (e.g. a switch to bf16)
     # the current logging window: the loss is summed on the device and read once per log_every steps
@@ -64,8 +67,9 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         device = self.window_loss.device
         for key, value in state.items():
-            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples"):
+            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples", "verified_step"):
                 setattr(self, key, value)
+        self.verified_step = self.step - 1  # the checkpoint's own weights are checked by the next step's loss
         self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)
         self.last_val = dict(self.last_val)
         self.events = [dict(e) for e in self.events]

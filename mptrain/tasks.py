@@ -87,6 +87,13 @@ class Classification(Task):
             raise ConfigError(f"the model's output {shape} does not fit labels of shape {tuple(y.shape)}: a "
                               "classification model must return (batch, num_classes) logits; check model.num_classes "
                               "and the task (task=...)")
+        if not getattr(self, "labels_checked", False):  # once per run: reading the labels is a host sync
+            self.labels_checked = True
+            top = int(y.max()) if y.numel() else -1
+            if top >= logits.shape[1]:
+                raise ConfigError(f"the model's output has {logits.shape[1]} classes but the data have label {top}: "
+                                  "set model.num_classes to the dataset's number of classes (or leave it at "
+                                  "${dataset.num_classes})")
         return logits.float()
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:

@@ -28,11 +28,11 @@ from mptrain.checkpoint import (
 from mptrain.config import check_monitor, check_warmup, validate
 from mptrain.errors import ConfigError
 from mptrain.jsonl import JsonlError, read_jsonl
-from mptrain.outputs import write_json_atomic
+from mptrain.outputs import OutputError, write_json_atomic
 from mptrain.precision import Precision
 from mptrain.rundir import RunDirError, RunLock, prepare_records
 
-from .conftest import compose_config, run_cli
+from .conftest import compose_config, run_cli, train
 
 QUICK = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false", "model.width=4",
          "trainer.max_steps=2", "diagnostics=off"]
@@ -335,3 +335,56 @@ def test_sigterm_stops_a_sweep_and_records_unfinished_jobs(tmp_path):
     assert statuses == {"0": "interrupted", "1": "interrupted", "2": "interrupted"}
     assert (sweep / "0" / "checkpoints" / "last.pt").is_file() and not (sweep / "1" / "checkpoints").exists()
     assert all((sweep / j / ".hydra" / "overrides.yaml").is_file() for j in ("0", "1", "2"))
+
+
+# ---- 12. faults of a user's own pieces and of the run's files (docs/checkpoints.md, "What can go wrong") ----------
+
+RUN = ["model=mlp", "model.width=8", "model.depth=1", "trainer.max_steps=2", "trainer.log_every=1"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model._target_=torch.nn.Linear", "model._target_=torch.nn.Linear failed: TypeError: "),
+    ("model._target_=collections.OrderedDict", "returned a OrderedDict, not a torch.nn.Module"),
+    ("model.num_classes=3", "the model's output has 3 classes but the data have label 9"),
+])
+def test_user_model_faults_are_one_line_config_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError) as info:
+        train(tmp_path, [*RUN, override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unwritable_metrics_or_summary_is_one_line_naming_the_file(tmp_path):
+    _, run_dir = train(tmp_path, RUN)
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").mkdir()  # opening it for appending fails
+    with pytest.raises(OutputError, match=r"could not open .*metrics\.jsonl: Is a directory"):
+        train(tmp_path, [*RUN, "trainer.max_steps=3", "resume=auto"])
+    (run_dir / "metrics.jsonl").rmdir()
+    (run_dir / "summary.json").unlink()
+    (run_dir / "summary.json").mkdir()  # the rename over it fails at the end of a completed run
+    with pytest.raises(OutputError, match=r"could not write .*summary\.json: Is a directory"):
+        train(tmp_path, [*RUN, "trainer.max_steps=4", "resume=auto"])
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["train_state"]["step"] == 4
+
+
+def test_recipe_warns_of_a_long_warmup_and_refuses_an_unknown_monitor(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="mptrain"):
+        train(tmp_path / "a", [*RUN, "scheduler=cosine", "scheduler.warmup_steps=5"])
+    assert "scheduler.warmup_steps=5 is not shorter than the run (2 steps)" in caplog.text
+    with pytest.raises(ConfigError, match="checkpoint.monitor='val/ppl'"):
+        train(tmp_path / "b", [*RUN, "checkpoint.monitor=val/ppl"])
+    assert not (tmp_path / "b" / "run").exists()  # refused before the run directory was made
+
+
+def test_resume_with_another_lr_applies_it_at_the_schedules_position(tmp_path):
+    """The optimizer's state_dict carries its lr: a resume with optimizer.lr changed must not keep the old one.
+    Cosine, no warm-up, over the run's max_steps T: a row's lr (after its step) is lr * 0.5 * (1 + cos(pi * s / T));
+    the first attempt has T = 3, the resumed one T = 6."""
+    sched = ["scheduler=cosine", "scheduler.warmup_steps=0", "trainer.max_steps=6"]
+    train(tmp_path, [*RUN, *sched, "trainer.max_steps=3", "optimizer.lr=0.05"])
+    summary, run_dir = train(tmp_path, [*RUN, *sched, "optimizer.lr=0.2", "resume=auto"])
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
+    expected = {s: 0.05 * 0.5 * (1 + math.cos(math.pi * s / 3)) if s <= 3 else 0.2 * 0.5 * (1 + math.cos(math.pi * s / 6))
+                for s in range(1, 7)}
+    assert {r["step"]: r["lr"] for r in rows} == pytest.approx(expected, rel=1e-12)
+    assert summary["status"] == "completed"
