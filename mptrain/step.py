@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .components import Components
-from .tasks import batch_size
+from .tasks import batch_size, checked_loss
 
 
 @dataclass
@@ -49,7 +49,7 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
             with contextlib.nullcontext() if sync else c.model.no_sync():
                 with p.autocast():
                     loss = task.loss(c.model, batch) if single else task.loss(c.model, batch, part.name)
-                loss = loss.float()
+                loss = checked_loss(loss, task)
                 p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
             total = loss.detach() if total is None else total + loss.detach()
         rounding = sampled and hasattr(part.optimizer, "request_stats")  # bf16_pure: what rounding did
@@ -87,7 +87,7 @@ def trace(c: Components, batch, step_no: int, diagnostics, reason: str) -> None:
     def run_batch() -> torch.Tensor:
         with p.autocast():
             loss = task.loss(c.model, batch) if len(c.parts) == 1 else task.loss(c.model, batch, c.parts[0].name)
-        return loss.float() * c.loss_weight
+        return checked_loss(loss, task) * c.loss_weight
 
     diagnostics.run_trace(step_no, run_batch, p.backward, reason)
     c.optimizer.zero_grad(set_to_none=True)
