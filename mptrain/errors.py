@@ -15,6 +15,10 @@ class HardwareError(MptrainError, RuntimeError):
     """The requested device or dtype is not available here."""
 
 
+class TaskError(MptrainError, TypeError):
+    """A task's method returned something mptrain cannot train on (docs/tasks.md, "The contract")."""
+
+
 class TrainingFailed(MptrainError, RuntimeError):
     """The run cannot go on (e.g. non-finite loss, loss scale at its minimum)."""
 

@@ -15,7 +15,7 @@ from .components import Components
 from .distributed import sum_across_ranks
 from .state import TrainState
 from .step import StepOutput, train_step
-from .tasks import batch_size
+from .tasks import batch_size, checked_sums
 
 
 class Callback:
@@ -69,22 +69,24 @@ def validate(c: Components) -> dict:
     device and are read once. The global RNG is left as it was, so validation never changes training."""
     was_training = c.model.training
     c.model.eval()
-    task, keys, sums, count = c.task, None, None, 0.0
+    task, keys, sums = c.task, None, None
+    count = torch.zeros((), dtype=torch.float64, device=c.device)  # on the device: a tensor "count" needs no read
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None)
     for batch in c.val_loader:
         with c.precision.autocast():
             out = task.validation_sums(c.model, c.to_device(batch))
-        n = out.pop("count", None)
-        count += float(n if n is not None else batch_size(batch))
+        n = out.pop("count", None) if isinstance(out, dict) else None
+        count += torch.as_tensor(n if n is not None else batch_size(batch), device=c.device).double().reshape(())
+        values = checked_sums(out, keys, task, c.device)
         if keys is None:
             keys = list(out)
             sums = torch.zeros(len(keys), dtype=torch.float64, device=c.device)
-        sums += torch.stack([torch.as_tensor(out[k], device=c.device).double() for k in keys])
+        sums += values
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state(rng[1], c.device)
     packed = torch.cat([sums if sums is not None else torch.zeros(0, dtype=torch.float64, device=c.device),
-                        torch.tensor([count], dtype=torch.float64, device=c.device)])
+                        count.reshape(1)])
     values = sum_across_ranks(packed, c.dist).tolist()  # the one host read of the validation
     totals = {**dict(zip(keys or [], values[:-1])), "count": values[-1]}
     metrics = task.validation_metrics(totals)

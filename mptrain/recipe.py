@@ -77,8 +77,13 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
         if isinstance(cause, MptrainError):
             raise cause from None
         target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(cause, ImportError) and str(cause).startswith("Error loading"):
+            # Hydra could not import the target: its reasons follow the first line
+            reason = " ".join(" ".join(str(cause).splitlines()[1:]).split()) or str(cause)
+            raise ConfigError(f"{group}._target_={target} cannot be imported ({reason}); check the name and put "
+                              "its module on PYTHONPATH") from None
         why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
-        raise ConfigError(f"{group}._target_={target} failed: {why}".splitlines()[0]) from e
+        raise ConfigError(" ".join(f"{group}._target_={target} failed: {why}".split())) from e
 
 
 def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task:

@@ -13,13 +13,16 @@ precision step's overflow check, which the skip decision needs.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .components import Components
-from .tasks import batch_size
+from .tasks import batch_size, checked_loss
+
+log = logging.getLogger("mptrain")
 
 
 @dataclass
@@ -49,7 +52,7 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
             with contextlib.nullcontext() if sync else c.model.no_sync():
                 with p.autocast():
                     loss = task.loss(c.model, batch) if single else task.loss(c.model, batch, part.name)
-                loss = loss.float()
+                loss = checked_loss(loss, task)
                 p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
             total = loss.detach() if total is None else total + loss.detach()
         rounding = sampled and hasattr(part.optimizer, "request_stats")  # bf16_pure: what rounding did
@@ -81,14 +84,22 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
 
 
 def trace(c: Components, batch, step_no: int, diagnostics, reason: str) -> None:
-    """Re-run a micro-batch with hooks to name the module where the overflow starts."""
+    """Re-run a micro-batch with hooks to name the module where the overflow starts. Diagnostics live on
+    rank 0 only, so the re-run must not reach the other ranks: under DDP it runs in no_sync (no gradient
+    all-reduce); an FSDP forward needs every rank, so there it is left out."""
     task, p = c.task, c.precision
+    if c.strategy == "fsdp":
+        diagnostics.traced = True  # once: say why there is no trace
+        log.warning("overflow trace (%s) left out: an FSDP forward needs every rank, diagnostics run on rank 0",
+                    reason)
+        return
 
     def run_batch() -> torch.Tensor:
         with p.autocast():
             loss = task.loss(c.model, batch) if len(c.parts) == 1 else task.loss(c.model, batch, c.parts[0].name)
-        return loss.float() * c.loss_weight
+        return checked_loss(loss, task) * c.loss_weight
 
-    diagnostics.run_trace(step_no, run_batch, p.backward, reason)
+    with c.model.no_sync() if hasattr(c.model, "no_sync") else contextlib.nullcontext():
+        diagnostics.run_trace(step_no, run_batch, p.backward, reason)
     c.optimizer.zero_grad(set_to_none=True)
     c.base_model.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, TaskError
 
 
 class Task:
@@ -58,6 +58,40 @@ class Task:
 
     def after_validation(self, model: nn.Module, run_dir: Path | None, step: int) -> None:
         """Optional: write artefacts of a validation (the GAN writes sample images)."""
+
+
+def checked_loss(loss: object, task: object) -> torch.Tensor:
+    """The task's loss as a float32 scalar, or a TaskError naming what is wrong with it. Reads only
+    tensor metadata (no device sync), so it runs on every micro-batch."""
+    name = getattr(task, "name", type(task).__name__)
+    if not isinstance(loss, torch.Tensor):
+        raise TaskError(f"task {name}: loss() returned a {type(loss).__name__}, not a tensor; return a float32 scalar "
+                        "tensor computed from the model's output (docs/tasks.md)")
+    if loss.numel() != 1:
+        raise TaskError(f"task {name}: loss() returned a tensor of shape {tuple(loss.shape)}, not a scalar; reduce it "
+                        "(e.g. .mean()) to the mean loss of the micro-batch")
+    if not loss.requires_grad:
+        raise TaskError(f"task {name}: loss() returned a {str(loss.dtype).removeprefix('torch.')} tensor that does not "
+                        "depend on the model's parameters (no gradient); compute it differentiably from model(...)")
+    return loss.reshape(()).float()
+
+
+def checked_sums(out: object, keys: list[str] | None, task: object, device: torch.device) -> torch.Tensor:
+    """validation_sums' values (without "count") as one float64 vector in the order of `keys`, or a
+    TaskError: each value a number or a one-element tensor, the same names for every batch."""
+    name = getattr(task, "name", type(task).__name__)
+    if not isinstance(out, dict) or (keys is not None and sorted(out) != sorted(keys)):
+        got = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise TaskError(f"task {name}: validation_sums() returned {got}, expected a dict with the same names for "
+                        f"every batch{f' ({sorted(keys)})' if keys else ''}")
+    values = []
+    for k in keys if keys is not None else out:
+        v = torch.as_tensor(out[k], device=device)
+        if v.numel() != 1:
+            raise TaskError(f"task {name}: validation_sums()[{k!r}] has shape {tuple(v.shape)}; each value must be "
+                            "one number (a sum over the batch)")
+        values.append(v.reshape(()).double())
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 def batch_size(batch) -> int:

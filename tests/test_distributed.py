@@ -195,3 +195,15 @@ def test_a_task_with_several_networks_is_refused_at_start_under_torchrun(tmp_pat
     assert proc.returncode != 0
     assert "task gan steps 2 networks separately" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_overflow_trace_on_rank_zero_does_not_reach_the_other_rank(tmp_path):
+    """Diagnostics run on rank 0 only: its overflow trace (a forward and backward) must not start a gradient
+    all-reduce that rank 1 never joins (gloo aborted with a collective mismatch)."""
+    proc = torchrun([*[a for a in BASE if a != "diagnostics=off"], "precision=static", "precision.loss_scale.init=1e38",
+                     "diagnostics.trace_after=2", "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traces = [r for r in read_jsonl(tmp_path / "run" / "diagnostics.jsonl") if r.get("event") == "trace"]
+    assert len(traces) == 1 and traces[0]["step"] == 2 and traces[0]["backward"] is not None
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["skipped"] == 1 for r in rows)

@@ -4,6 +4,7 @@ the GAN goes through the same step (accumulation, diagnostics); one step functio
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -172,3 +173,82 @@ def test_torch_distributed_only_in_the_distributed_code():
     users = sorted(p.name for p in (REPO / "mptrain").rglob("*.py") if "torch.distributed" in p.read_text()
                    and "import torch.distributed" in p.read_text())
     assert set(users) <= {"distributed.py", "fsdp.py"}, users
+
+
+class ElementwiseLoss(Task):
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y, reduction="none")  # forgot the mean
+
+
+class FloatLoss(Task):
+    def loss(self, model, batch):
+        return 1.5
+
+
+class CountLoss(Task):
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x).argmax(1) == y).sum()  # an integer count: no gradient
+
+
+class KeepdimLoss(Task):
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y, reduction="none").mean(0, keepdim=True)  # shape (1,)
+
+
+class MeanLoss(Task):
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y, reduction="none").mean()  # the same number, shape ()
+
+
+@pytest.mark.parametrize("task, message", [
+    ("ElementwiseLoss", r"loss\(\) returned a tensor of shape \(8,\), not a scalar"),
+    ("FloatLoss", r"loss\(\) returned a float, not a tensor"),
+    ("CountLoss", r"loss\(\) returned a int64 tensor that does not depend on the model's parameters"),
+])
+def test_a_task_loss_that_cannot_train_is_one_line(tmp_path, task, message):
+    conf = tmp_path / "myconf" / "task"
+    conf.mkdir(parents=True)
+    (conf / "bad.yaml").write_text(f"_target_: tests.test_tasks.{task}\n")
+    run_dir = tmp_path / "run"
+    r = run_cli(["--config-dir", str(conf.parent), "task=bad", "model=mlp", "model.width=4", "trainer.batch_size=8",
+                 "trainer.max_steps=2", "trainer.device=cpu", "trainer.progress_bar=false", "diagnostics=off",
+                 "trainer.tensorboard=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mptrain: error: task {task}: ") and re.search(message, last), last
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_one_element_loss_trains_like_a_scalar(tmp_path, monkeypatch):
+    """A (1,)-shaped loss is the same number as its scalar: the run matches the scalar task's exactly."""
+    monkeypatch.syspath_prepend(str(REPO))
+    common = ["model=mlp", "model.width=4", "trainer.batch_size=8", "trainer.max_steps=3", "trainer.log_every=1",
+              "precision=fp32", "diagnostics=off"]
+    conf = tmp_path / "myconf" / "task"
+    conf.mkdir(parents=True)
+    (conf / "keepdim.yaml").write_text("_target_: tests.test_tasks.KeepdimLoss\n")
+    (conf / "mean.yaml").write_text("_target_: tests.test_tasks.MeanLoss\n")
+    search = f"hydra.searchpath=[file://{conf.parent}]"
+    ref, ref_dir = train(tmp_path / "ref", [search, "task=mean", *common])
+    mine, my_dir = train(tmp_path / "mine", [search, "task=keepdim", *common])
+    assert mine["status"] == "completed"
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (ref_dir, my_dir)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_a_task_target_that_cannot_be_imported_says_why(tmp_path):
+    conf = tmp_path / "myconf" / "task"
+    conf.mkdir(parents=True)
+    (conf / "nope.yaml").write_text("_target_: no_such_module.Task\n")
+    r = run_cli(["--config-dir", str(conf.parent), "task=nope", "model=mlp", "trainer.device=cpu", "debug=fast",
+                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == ("mptrain: error: task._target_=no_such_module.Task cannot be imported "
+                    "(ModuleNotFoundError(\"No module named 'no_such_module'\") Are you sure that module "
+                    "'no_such_module' is installed?); check the name and put its module on PYTHONPATH"), last
