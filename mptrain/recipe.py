@@ -36,7 +36,7 @@ from .errors import ConfigError, Diverged, MptrainError
 from .loop import fit
 from .optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
 from .outputs import OutputError, RunWriter
-from .precision import SHORT_DTYPE, Precision, resolve_device
+from .precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from .precision.bf16_pure import memory_per_param
 from .profiling import ProfileSteps, anomaly_detection
 from .state import TrainState
@@ -307,6 +307,11 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
             error = str(e)
             if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
                 checkpointer.set_aside_unverified(state.verified_step)
+            if isinstance(e, LossScalingError) and cfg.checkpoint.enabled:
+                # the scale cannot back off further (on_min=raise): the overflowing step was skipped, so the weights
+                # are those of the last applied step; save them to continue with other settings (resume=auto)
+                with contextlib.suppress(MptrainError):
+                    checkpointer.save(c, state)
             raise
         except BaseException as e:
             error = repr(e)

@@ -477,3 +477,30 @@ def test_on_min_bf16_switches_a_run_and_records_it(tmp_path):
     traces = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "trace"]
     assert len(traces) == 1 and traces[0]["step"] == 1
     assert json.loads((run_dir / "summary.json").read_text())["events"][0]["step"] == 1
+
+
+def test_on_min_raise_stops_with_a_checkpoint_summary_and_trace(tmp_path):
+    """Every step overflows until the scale would fall below its minimum: the run stops with the diagnosis,
+    and writes a checkpoint of the last applied weights (unchanged by the skipped steps)."""
+    from mptrain.errors import TrainingFailed
+
+    from .conftest import read_jsonl, train
+
+    overrides = ["model=mlp", "model.width=8", "model.depth=2", "precision=dynamic", "precision.loss_scale.init=1e38",
+                 "precision.loss_scale.min=1e37", "trainer.max_steps=10", "trainer.log_every=1"]
+    with pytest.raises(TrainingFailed, match="minimum"):
+        train(tmp_path, overrides)
+    run_dir = tmp_path / "run"
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "minimum" in summary["error"]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    # 1e38 -> 5e37 -> 2.5e37 -> 1.25e37 -> 1e37 (clamped at min), and the 5th overflow is at min: 4 steps taken
+    assert ckpt["train_state"]["step"] == 4 and ckpt["precision"]["scaler"]["scale"] == 1e37
+    from mptrain.models import MLP
+
+    torch.manual_seed(0)  # the initial weights of the run (seed 0): no step was ever applied
+    fresh = MLP(num_classes=10, in_channels=1, image_size=8, width=8, depth=2)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in ckpt["model"].items())
+    assert [r["event"] for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "trace"] == ["trace"]
