@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import signal
 
 import numpy as np
@@ -383,7 +384,7 @@ def test_memory_per_param_counts_every_optimizer_of_a_gan():
 
 # ---- 5. the grouped (foreach, chunked) update is the per-parameter rule ------------------------------
 
-def grouped_run(name: str, update: str, chunk_numel: int | None, alone: bool = False):
+def grouped_run(name: str, update: str, chunk_numel: int | None, alone: bool = False, compile: bool = False):
     """Six tensors (one fp32) in two param groups, some without a gradient on some steps; `alone`: one
     optimizer per parameter (the per-parameter rule, no grouping at all)."""
     torch.manual_seed(0)
@@ -395,7 +396,8 @@ def grouped_run(name: str, update: str, chunk_numel: int | None, alone: bool = F
         opts = [cls([{"params": [p], "lr": kw["lr"] * (0.5 if i >= 3 else 1)}], update=update, seed=0, **kw)
                 for i, p in enumerate(ps)]
     else:
-        opts = [cls([{"params": ps[:3]}, {"params": ps[3:], "lr": kw["lr"] * 0.5}], update=update, seed=0, **kw)]
+        opts = [cls([{"params": ps[:3]}, {"params": ps[3:], "lr": kw["lr"] * 0.5}], update=update, seed=0,
+                    compile=compile, **kw)]
     for o in opts:
         o.chunk_numel = chunk_numel
     for step in range(6):
@@ -430,3 +432,42 @@ def test_stochastic_noise_is_drawn_per_bf16_tensor_in_parameter_order(name):
             if p.dtype == torch.bfloat16 and not ((step < 2 and i in (0, 4)) or (step == 4 and i == 3)):
                 torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, generator=gen)
     assert torch.equal(opt_a.generator.get_state(), gen.get_state())
+
+
+# ---- 6. compile=True: one compiled function per tensor (bf16_fused.py) -------------------------------
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
+                                    reason="torch.compile on CPU needs a C++ compiler")
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_kahan_accumulates_2_pow_minus_10_exactly():
+    """The compiler must not drop the bf16 rounding that the compensation measures."""
+    w = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = PureBf16SGD([w], lr=1.0, update="kahan", seed=0, compile=True)
+    for k in range(1, 9):
+        sgd_step(w, opt, 2.0**-10)
+        if k == 1:
+            assert w[0].item() == 1.0 and opt.state[w]["compensation"][0].item() == -(2.0**-10)
+        if k % 4 == 0:
+            assert bool((w == 1.0 - k * 2.0**-10).all()) and bool((opt.state[w]["compensation"] == 0).all())
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_compiled_update_matches_the_eager_one(name):
+    for update in UPDATES:
+        a, (opt_a,) = grouped_run(name, update, chunk_numel=None)
+        b, (opt_b,) = grouped_run(name, update, chunk_numel=None, compile=True)
+        assert torch.equal(opt_a.generator.get_state(), opt_b.generator.get_state())  # the same noise
+        # (x, y, scale): a contracted multiply-add may move a bf16 value by one ulp of its scale, rarely; the
+        # compensation holds what the weight's rounding dropped, so it moves by up to one ulp of the weight
+        triples = [(p, q, p) for p, q in zip(a, b)] + [
+            (v, opt_b.state[q][k], p if k == "compensation" else v)
+            for p, q in zip(a, b) for k, v in opt_a.state[p].items() if k != "step"]
+        for x, y, scale in triples:
+            ulp = (scale.float().abs() * 2.0**-7).clamp_min(2.0**-126)
+            assert bool(((x.float() - y.float()).abs() <= ulp).all()), (update, x.shape)
+            assert (x == y).float().mean() > 0.99, update

@@ -22,10 +22,11 @@ import math
 import torch
 
 from ..errors import ConfigError
+from . import bf16_fused
+from .bf16_fused import LOW16 as _LOW16
 
 UPDATES = ("nearest", "stochastic", "kahan")
 BF16_RESOLUTION = 2.0**-8  # an update below |w| * 2^-8 cannot change a bf16 weight
-_LOW16 = -65536  # int32 mask 0xFFFF0000: keeps sign, exponent and bf16's 7 stored mantissa bits
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -113,6 +114,10 @@ class PureBf16Optimizer(torch.optim.Optimizer):
     would apply, in the same order, so the numbers do not depend on the grouping. Temporary memory is
     3 x 4 bytes x min(chunk_numel, the group's size), or x the largest tensor if that is larger.
 
+    `compile=True` updates each bf16 tensor with one torch.compile'd function instead (bf16_fused.py: one
+    pass over memory; needs a working compiler; may differ from the eager update by a bf16 ulp, rarely);
+    steps that compute `last_stats`, and fp32 tensors, still take the eager path.
+
     `seed` (default: the run seed, ``torch.initial_seed()``) seeds the stochastic-rounding generator;
     all data-parallel ranks then draw the same noise, so replicated weights stay identical."""
 
@@ -120,11 +125,13 @@ class PureBf16Optimizer(torch.optim.Optimizer):
     # memory: 4x faster than one 16M chunk per step; on a GPU 16M (192 MB) keeps the launches per step few.
     chunk_numel: int | None = None
 
-    def __init__(self, params, defaults: dict, update: str = "nearest", seed: int | None = None):
+    def __init__(self, params, defaults: dict, update: str = "nearest", seed: int | None = None,
+                 compile: bool = False):
         if update not in UPDATES:
             raise ConfigError(f"precision.update={update!r} is invalid: choose one of {', '.join(UPDATES)}")
         super().__init__(params, defaults)
         self.update = update
+        self.compile = compile
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype not in (torch.bfloat16, torch.float32):
@@ -195,7 +202,21 @@ class PureBf16Optimizer(torch.optim.Optimizer):
         if record is not None:
             tally.add(record[0], record[1], [p.detach() for p in params], comps)
 
+    def _extra(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The compiled write's extra input: fresh noise (stochastic) or the compensation buffer (kahan)."""
+        if self.update == "stochastic":
+            return torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, device=p.device, generator=self.generator)
+        if self.update == "kahan":
+            state = self.state[p]
+            if "compensation" not in state:
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return state["compensation"]
+        return None
+
     def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
+        raise NotImplementedError
+
+    def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -210,7 +231,10 @@ class PureBf16Optimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, _), params in buckets.items():
+            for (device, dtype), params in buckets.items():
+                if self.compile and tally is None and dtype == torch.bfloat16:
+                    self._step_compiled(group, params)
+                    continue
                 chunks = _chunks(params, self.chunk_numel or (1 << 20 if device.type == "cpu" else 1 << 24))
                 size = max(sum(params[i].numel() for i in c) for c in chunks)
                 work = torch.empty(3, size, dtype=torch.float32, device=device)
@@ -227,11 +251,25 @@ class PureBf16SGD(PureBf16Optimizer):
     """torch.optim.SGD's rule (momentum, nesterov, weight decay; dampening 0) computed in fp32."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 update: str = "nearest", seed: int | None = None):
+                 update: str = "nearest", seed: int | None = None, compile: bool = False):
         if nesterov and momentum <= 0:
             raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay},
-                         update, seed)
+                         update, seed, compile)
+
+    def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
+        fn = bf16_fused.compiled("sgd")
+        momentum, decay = group["momentum"], group["weight_decay"] != 0
+        scalars = {first: torch.tensor([group["weight_decay"], momentum, -group["lr"], 0.0 if first else momentum],
+                                       device=params[0].device) for first in (False, True)}
+        for p in params:
+            state = self.state[p]
+            first = momentum != 0 and "momentum_buffer" not in state
+            if first:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"] if momentum != 0 else None
+            p_, g, buf, extra = bf16_fused.flat([p, p.grad, buf, self._extra(p)])
+            fn(p_, g, buf, extra, scalars[first], self.update, decay, group["nesterov"])
 
     def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
         g, p32, buf = bufs
@@ -271,12 +309,12 @@ class PureBf16AdamW(PureBf16Optimizer):
     """torch.optim.AdamW's rule (decoupled weight decay, bias correction; no amsgrad) computed in fp32."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, update: str = "nearest", seed: int | None = None):
+                 weight_decay: float = 0.01, update: str = "nearest", seed: int | None = None, compile: bool = False):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
-                         update, seed)
+                         update, seed, compile)
 
-    def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
-        g, m, v = bufs
+    def _states(self, params: list[torch.Tensor]) -> tuple[list[dict], list[float]]:
+        """Each parameter's state (created on its first step) and its step count after this step."""
         states = [self.state[p] for p in params]
         for s, p in zip(states, params):
             if "step" not in s:
@@ -285,7 +323,23 @@ class PureBf16AdamW(PureBf16Optimizer):
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
-        ts = [t.item() for t in steps]  # CPU tensors: no device sync
+        return states, [t.item() for t in steps]  # CPU tensors: no device sync
+
+    def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
+        fn = bf16_fused.compiled("adamw")
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states, ts = self._states(params)
+        scalars = {}  # one tensor per distinct step count (usually one per step)
+        for p, state, t in zip(params, states, ts):
+            if t not in scalars:
+                scalars[t] = torch.tensor([1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps,
+                                           -lr / (1 - beta1**t), -lr * wd], device=p.device)
+            p_, g, m, v, extra = bf16_fused.flat([p, p.grad, state["exp_avg"], state["exp_avg_sq"], self._extra(p)])
+            fn(p_, g, m, v, extra, scalars[t], self.update, wd != 0)
+
+    def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
+        g, m, v = bufs
+        states, ts = self._states(params)
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         torch._foreach_copy_(_views(g, params), [p.grad for p in params])
@@ -313,13 +367,14 @@ class PureBf16AdamW(PureBf16Optimizer):
         self._write(params, p32, delta, v, tally)
 
 
-def build_pure_bf16_optimizer(cfg, params, update: str, seed: int | None = None) -> PureBf16Optimizer:
+def build_pure_bf16_optimizer(cfg, params, update: str, seed: int | None = None,
+                              compile: bool = False) -> PureBf16Optimizer:
     """The `optimizer=` group's SGD or AdamW for precision=bf16_pure."""
     if cfg.name == "sgd":
         return PureBf16SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, update=update, seed=seed)
+                           weight_decay=cfg.weight_decay, update=update, seed=seed, compile=compile)
     return PureBf16AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         update=update, seed=seed)
+                         update=update, seed=seed, compile=compile)
 
 
 def _nbytes(tensors) -> int:
