@@ -6,7 +6,7 @@ tensors of equal size: PyTorch's fp32 optimizer (foreach and fused) on fp32 copi
 for a step in turn; a ratio is arm time / torch-foreach time within one repeat (neighbours in time, so a
 shared machine's drift cancels), and the table shows the median over repeats and the ratio of the best times.
 
-    python scripts/bench_bf16_pure.py                              # CPU: 1M, 4M, 16M params in 10 and 50 tensors
+    python scripts/bench_bf16_pure.py --compile                    # CPU: 1M, 4M, 16M params in 10 and 50 tensors
     python scripts/bench_bf16_pure.py --device cuda --sizes 16M,64M,256M --tensors 50,500
     PYTHONPATH=/tmp/old python scripts/bench_bf16_pure.py          # another checkout's mptrain (before/after)
 """
@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-def make_arms(name: str, n: int, k: int, device: torch.device) -> dict:
+def make_arms(name: str, n: int, k: int, device: torch.device, compile: bool) -> dict:
     """Optimizers over `k` tensors of n/k elements each, gradients attached. Every arm has its own weights."""
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(n // k, generator=gen) for _ in range(k)]
@@ -52,6 +52,8 @@ def make_arms(name: str, n: int, k: int, device: torch.device) -> dict:
         pass
     for update in UPDATES:
         arms[f"bf16_pure {update}"] = pure_cls(params(torch.bfloat16), update=update, seed=0, **kw)
+    for update in UPDATES if compile else ():
+        arms[f"bf16_pure {update} compiled"] = pure_cls(params(torch.bfloat16), update=update, seed=0, compile=True, **kw)
     return arms
 
 
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps", type=int, default=1, help="steps per arm per repeat")
+    ap.add_argument("--compile", action="store_true", help="also the compile=True optimizers (needs a C++ compiler)")
     args = ap.parse_args()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
@@ -107,7 +110,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for k in (int(t) for t in args.tensors.split(",")):
-            arms = make_arms(args.optimizer, parse_size(size), k, device)
+            arms = make_arms(args.optimizer, parse_size(size), k, device, args.compile)
             for name, (med, best, ratio, ratio_best) in measure(arms, args.repeats, args.steps, device).items():
                 print(f"| {size} | {k} | {name} | {med * 1e3:.1f} | {best * 1e3:.1f} | {1 / best:.1f} | {ratio:.2f} "
                       f"| {ratio_best:.2f} |", flush=True)
