@@ -471,3 +471,24 @@ def test_compiled_update_matches_the_eager_one(name):
             ulp = (scale.float().abs() * 2.0**-7).clamp_min(2.0**-126)
             assert bool(((x.float() - y.float()).abs() <= ulp).all()), (update, x.shape)
             assert (x == y).float().mean() > 0.99, update
+
+
+def test_compile_update_is_refused_outside_bf16_pure():
+    with pytest.raises(ConfigError, match="compile_update.*applies only to precision=bf16_pure"):
+        validate(compose_config(["precision=amp", "precision.compile_update=true"]))
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compile_update_run_matches_the_eager_run(tmp_path):
+    common = ["precision=bf16_pure", "precision.update=kahan", "optimizer=adamw", "model=mlp", "model.width=8",
+              "trainer.batch_size=32", "trainer.max_steps=4"]
+    eager, _ = train(tmp_path / "eager", common)
+    compiled, _ = train(tmp_path / "compiled", [*common, "precision.compile_update=true"])
+    assert compiled["status"] == "completed"
+    a, b = final_state(tmp_path / "eager" / "run"), final_state(tmp_path / "compiled" / "run")
+    for k, v in a["model"].items():
+        if v.is_floating_point():
+            assert v.dtype == b["model"][k].dtype
+            ulp = (v.float().abs() * 2.0**-7).clamp_min(2.0**-126)
+            assert bool(((v.float() - b["model"][k].float()).abs() <= ulp).all()), k
