@@ -97,6 +97,8 @@ class PrecisionConfig:
     # bf16_pure: how an fp32 update is written into a bf16 weight: nearest | stochastic | kahan
     # (other modes keep fp32 or fp32-master weights, where the rule means nothing: only nearest is accepted)
     update: str = "nearest"
+    # bf16_pure: update each bf16 tensor with one torch.compile'd function (needs a C++ compiler on CPU)
+    compile_update: bool = False
     fp8: Fp8Config = field(default_factory=Fp8Config)  # precision=fp8 only
 
     def __post_init__(self) -> None:
@@ -105,6 +107,8 @@ class PrecisionConfig:
         _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
         _check(self.update == "nearest" or self.mode == "bf16_pure", "precision.update", self.update,
                f"applies only to precision=bf16_pure (precision={self.mode} does not round updates to bf16)")
+        _check(not self.compile_update or self.mode == "bf16_pure", "precision.compile_update", self.compile_update,
+               f"applies only to precision=bf16_pure (precision={self.mode} uses PyTorch's optimizers)")
 
 
 @dataclass

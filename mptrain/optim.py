@@ -13,15 +13,15 @@ from .precision.bf16_pure import build_pure_bf16_optimizer
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], bf16_update: str | None = None,
-                    seed: int | None = None) -> torch.optim.Optimizer:
+                    seed: int | None = None, bf16_compile: bool = False) -> torch.optim.Optimizer:
     """SGD or AdamW over `params` (the FP32 master copies in `master` mode).
 
     `bf16_update` (precision=bf16_pure, from `Precision.optimizer_options()`): the same rule computed in
     fp32 from bf16 state and rounded nearest|stochastic|kahan; `seed` seeds its stochastic rounding
-    (default: the run seed)."""
+    (default: the run seed); `bf16_compile` compiles its per-tensor update (precision.compile_update)."""
     params = list(params)
     if bf16_update is not None:
-        return build_pure_bf16_optimizer(cfg, params, bf16_update, seed)
+        return build_pure_bf16_optimizer(cfg, params, bf16_update, seed, compile=bf16_compile)
 
     def make(**impl) -> torch.optim.Optimizer:
         if cfg.name == "sgd":

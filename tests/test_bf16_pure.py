@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import signal
 
 import numpy as np
@@ -379,3 +380,115 @@ def test_memory_per_param_counts_every_optimizer_of_a_gan():
     per = (20 * 2 + 8 * 4) / 28
     assert mem == pytest.approx({"weights": per, "grads": per, "optimizer_state": per, "master": 0.0,
                                  "compensation": 20 * 2 / 28, "total": 3 * per + 40 / 28}, abs=1e-3)
+
+
+# ---- 5. the grouped (foreach, chunked) update is the per-parameter rule ------------------------------
+
+def grouped_run(name: str, update: str, chunk_numel: int | None, alone: bool = False, compile: bool = False):
+    """Six tensors (one fp32) in two param groups, some without a gradient on some steps; `alone`: one
+    optimizer per parameter (the per-parameter rule, no grouping at all)."""
+    torch.manual_seed(0)
+    shapes = [(33, 7), (5,), (8, 3, 3, 3), (1000,), (17,), (4, 4)]
+    ps = [nn.Parameter(torch.randn(s) if i == 1 else torch.randn(s).bfloat16()) for i, s in enumerate(shapes)]
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01) if name == "sgd" else dict(lr=0.01, weight_decay=0.1)
+    cls = PureBf16SGD if name == "sgd" else PureBf16AdamW
+    if alone:
+        opts = [cls([{"params": [p], "lr": kw["lr"] * (0.5 if i >= 3 else 1)}], update=update, seed=0, **kw)
+                for i, p in enumerate(ps)]
+    else:
+        opts = [cls([{"params": ps[:3]}, {"params": ps[3:], "lr": kw["lr"] * 0.5}], update=update, seed=0,
+                    compile=compile, **kw)]
+    for o in opts:
+        o.chunk_numel = chunk_numel
+    for step in range(6):
+        for i, p in enumerate(ps):  # late starters get their own step count / fresh momentum buffer
+            p.grad = None if (step < 2 and i in (0, 4)) or (step == 4 and i == 3) else torch.randn_like(p) * 0.01
+        for o in opts:
+            o.step()
+    return ps, opts
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("update", ["nearest", "kahan"])
+def test_grouped_update_equals_one_optimizer_per_parameter_bitwise(name, update):
+    ps, (opt,) = grouped_run(name, update, chunk_numel=300)  # chunks of one or two tensors
+    ref, ref_opts = grouped_run(name, update, chunk_numel=None, alone=True)
+    for p, q, o in zip(ps, ref, ref_opts):
+        assert torch.equal(p, q) and p.dtype == q.dtype
+        assert opt.state[p].keys() == o.state[q].keys()
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, o.state[q][k]), k
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_stochastic_noise_is_drawn_per_bf16_tensor_in_parameter_order(name):
+    a, (opt_a,) = grouped_run(name, "stochastic", chunk_numel=300)
+    b, (opt_b,) = grouped_run(name, "stochastic", chunk_numel=None)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))  # the chunking does not change the stream
+    # the generator has drawn 16-bit noise for each bf16 tensor with a gradient, step by step, nothing else
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        for i, p in enumerate(a):
+            if p.dtype == torch.bfloat16 and not ((step < 2 and i in (0, 4)) or (step == 4 and i == 3)):
+                torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, generator=gen)
+    assert torch.equal(opt_a.generator.get_state(), gen.get_state())
+
+
+# ---- 6. compile=True: one compiled function per tensor (bf16_fused.py) -------------------------------
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
+                                    reason="torch.compile on CPU needs a C++ compiler")
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_kahan_accumulates_2_pow_minus_10_exactly():
+    """The compiler must not drop the bf16 rounding that the compensation measures."""
+    w = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = PureBf16SGD([w], lr=1.0, update="kahan", seed=0, compile=True)
+    for k in range(1, 9):
+        sgd_step(w, opt, 2.0**-10)
+        if k == 1:
+            assert w[0].item() == 1.0 and opt.state[w]["compensation"][0].item() == -(2.0**-10)
+        if k % 4 == 0:
+            assert bool((w == 1.0 - k * 2.0**-10).all()) and bool((opt.state[w]["compensation"] == 0).all())
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_compiled_update_matches_the_eager_one(name):
+    for update in UPDATES:
+        a, (opt_a,) = grouped_run(name, update, chunk_numel=None)
+        b, (opt_b,) = grouped_run(name, update, chunk_numel=None, compile=True)
+        assert torch.equal(opt_a.generator.get_state(), opt_b.generator.get_state())  # the same noise
+        # (x, y, scale): a contracted multiply-add may move a bf16 value by one ulp of its scale, rarely; the
+        # compensation holds what the weight's rounding dropped, so it moves by up to one ulp of the weight
+        triples = [(p, q, p) for p, q in zip(a, b)] + [
+            (v, opt_b.state[q][k], p if k == "compensation" else v)
+            for p, q in zip(a, b) for k, v in opt_a.state[p].items() if k != "step"]
+        for x, y, scale in triples:
+            ulp = (scale.float().abs() * 2.0**-7).clamp_min(2.0**-126)
+            assert bool(((x.float() - y.float()).abs() <= ulp).all()), (update, x.shape)
+            assert (x == y).float().mean() > 0.99, update
+
+
+def test_compile_update_is_refused_outside_bf16_pure():
+    with pytest.raises(ConfigError, match="compile_update.*applies only to precision=bf16_pure"):
+        validate(compose_config(["precision=amp", "precision.compile_update=true"]))
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compile_update_run_matches_the_eager_run(tmp_path):
+    common = ["precision=bf16_pure", "precision.update=kahan", "optimizer=adamw", "model=mlp", "model.width=8",
+              "trainer.batch_size=32", "trainer.max_steps=4"]
+    eager, _ = train(tmp_path / "eager", common)
+    compiled, _ = train(tmp_path / "compiled", [*common, "precision.compile_update=true"])
+    assert compiled["status"] == "completed"
+    a, b = final_state(tmp_path / "eager" / "run"), final_state(tmp_path / "compiled" / "run")
+    for k, v in a["model"].items():
+        if v.is_floating_point():
+            assert v.dtype == b["model"][k].dtype
+            ulp = (v.float().abs() * 2.0**-7).clamp_min(2.0**-126)
+            assert bool(((v.float() - b["model"][k].float()).abs() <= ulp).all()), k

@@ -22,10 +22,11 @@ import math
 import torch
 
 from ..errors import ConfigError
+from . import bf16_fused
+from .bf16_fused import LOW16 as _LOW16
 
 UPDATES = ("nearest", "stochastic", "kahan")
 BF16_RESOLUTION = 2.0**-8  # an update below |w| * 2^-8 cannot change a bf16 weight
-_LOW16 = -65536  # int32 mask 0xFFFF0000: keeps sign, exponent and bf16's 7 stored mantissa bits
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -39,6 +40,40 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
 
 
+class _RoundingTally:
+    """Running sums behind `update_rounding_stats`, so a step can add its tensors chunk by chunk."""
+
+    def __init__(self, with_compensation: bool):
+        self.lost = self.changed = self.nonzero = self.n = 0
+        self.comp_sum = self.upd_sum = 0.0
+        self.with_compensation = with_compensation
+
+    def add(self, before, intended, after, compensation=None) -> None:
+        for i, (b, d, a) in enumerate(zip(before, intended, after)):
+            if b.dtype != torch.bfloat16:
+                continue
+            b32 = b.float()
+            moving = d != 0
+            nearest = (b32 + d).to(torch.bfloat16)
+            self.lost += int(((nearest == b) & moving).sum())
+            self.nonzero += int(moving.sum())
+            self.changed += int((a != b).sum())
+            self.n += b.numel()
+            self.upd_sum += float(d.abs().sum())
+            if compensation is not None and compensation[i] is not None:
+                self.comp_sum += float(compensation[i].float().abs().sum())
+
+    def result(self) -> dict:
+        out = {
+            "lost_nearest": self.lost / self.nonzero if self.nonzero else 0.0,
+            "changed": self.changed / self.n if self.n else 0.0,
+            "bf16_elements": self.n,
+        }
+        if self.with_compensation:
+            out["compensation_ratio"] = self.comp_sum / self.upd_sum if self.upd_sum > 0 else 0.0
+        return out
+
+
 def update_rounding_stats(before: list[torch.Tensor], intended: list[torch.Tensor], after: list[torch.Tensor],
                           compensation: list[torch.Tensor | None] | None = None) -> dict:
     """What bf16 rounding did to one step's updates (bf16 tensors only; fp32 ones lose nothing).
@@ -47,43 +82,57 @@ def update_rounding_stats(before: list[torch.Tensor], intended: list[torch.Tenso
     Returns the fraction of nonzero intended updates that round-to-nearest would lose (the weight rounds
     back to itself), the fraction of weights that actually changed, and, with `compensation`, the mean
     |compensation| relative to the mean |intended update| (how much the buffer carries)."""
-    lost = changed = nonzero = 0
-    comp_sum = upd_sum = 0.0
-    n = 0
-    for i, (b, d, a) in enumerate(zip(before, intended, after)):
-        if b.dtype != torch.bfloat16:
-            continue
-        b32 = b.float()
-        moving = d != 0
-        nearest = (b32 + d).to(torch.bfloat16)
-        lost += int(((nearest == b) & moving).sum())
-        nonzero += int(moving.sum())
-        changed += int((a != b).sum())
-        n += b.numel()
-        upd_sum += float(d.abs().sum())
-        if compensation is not None and compensation[i] is not None:
-            comp_sum += float(compensation[i].float().abs().sum())
-    out = {
-        "lost_nearest": lost / nonzero if nonzero else 0.0,
-        "changed": changed / n if n else 0.0,
-        "bf16_elements": n,
-    }
-    if compensation is not None:
-        out["compensation_ratio"] = comp_sum / upd_sum if upd_sum > 0 else 0.0
-    return out
+    tally = _RoundingTally(compensation is not None)
+    tally.add(before, intended, after, compensation)
+    return tally.result()
+
+
+def _views(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive slices of `flat`, shaped like `tensors`."""
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _chunks(params: list[torch.Tensor], limit: int) -> list[list[int]]:
+    """Indices of `params` in order, cut where the running element count would pass `limit`."""
+    out, size = [[]], 0
+    for i, p in enumerate(params):
+        if out[-1] and size + p.numel() > limit:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += p.numel()
+    return out if out[0] else []
 
 
 class PureBf16Optimizer(torch.optim.Optimizer):
     """Base: the fp32 update of each subclass is written with the chosen rounding rule.
 
+    The update runs over all parameters of a group at once: grouped by (device, dtype), cut into chunks of
+    at most `chunk_numel` elements, each chunk's gradients, state and weights are copied into three flat
+    fp32 buffers (one `_foreach_copy_` each), the arithmetic is one op per pass over a whole buffer, and
+    the results are copied back (rounded to bf16 by the copy). Every op is the one the per-tensor rule
+    would apply, in the same order, so the numbers do not depend on the grouping. Temporary memory is
+    3 x 4 bytes x min(chunk_numel, the group's size), or x the largest tensor if that is larger.
+
+    `compile=True` updates each bf16 tensor with one torch.compile'd function instead (bf16_fused.py: one
+    pass over memory; needs a working compiler; may differ from the eager update by a bf16 ulp, rarely);
+    steps that compute `last_stats`, and fp32 tensors, still take the eager path.
+
     `seed` (default: the run seed, ``torch.initial_seed()``) seeds the stochastic-rounding generator;
     all data-parallel ranks then draw the same noise, so replicated weights stay identical."""
 
-    def __init__(self, params, defaults: dict, update: str = "nearest", seed: int | None = None):
+    # elements per chunk (None: by device). On a CPU 512K keeps the buffers (6 MB) cache-sized and cheap to
+    # allocate: a 16M chunk was 4x slower, and with mptrain's huge-page allocator a 1M one 2-10x slower on a
+    # busy machine; on a GPU 16M (192 MB) keeps the launches per step few.
+    chunk_numel: int | None = None
+
+    def __init__(self, params, defaults: dict, update: str = "nearest", seed: int | None = None,
+                 compile: bool = False):
         if update not in UPDATES:
             raise ConfigError(f"precision.update={update!r} is invalid: choose one of {', '.join(UPDATES)}")
         super().__init__(params, defaults)
         self.update = update
+        self.compile = compile
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype not in (torch.bfloat16, torch.float32):
@@ -96,6 +145,7 @@ class PureBf16Optimizer(torch.optim.Optimizer):
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self._want_stats = False
         self.last_stats: dict | None = None
+        self._cpu_work: torch.Tensor | None = None  # see _workspace
 
     # ---- diagnostics ----------------------------------------------------------------------------
     def request_stats(self) -> None:
@@ -116,29 +166,71 @@ class PureBf16Optimizer(torch.optim.Optimizer):
             self.generator.set_state(rng.cpu() if self.generator.device.type == "cpu" else rng)
 
     # ---- the write ------------------------------------------------------------------------------
-    def _apply(self, p: torch.Tensor, delta: torch.Tensor, record: list | None) -> None:
-        """p += delta (delta in fp32), rounded to p's dtype by the update rule."""
-        before = p.detach().clone() if record is not None else None
-        comp = None
-        if p.dtype == torch.float32:
-            p.add_(delta)
-        elif self.update == "nearest":
-            p.copy_(p.float() + delta)  # copy_ rounds to nearest even
+    def _write(self, params: list[torch.Tensor], p32: torch.Tensor, delta: torch.Tensor, spare: torch.Tensor,
+               tally: _RoundingTally | None) -> None:
+        """params += delta, rounded to their dtype by the update rule. `p32` holds the weights in fp32,
+        `delta` the fp32 update (flat, in the order of `params`); `spare` is a free buffer of the same size.
+        All three are overwritten."""
+        record = None
+        if tally is not None:
+            record = ([p.detach().clone() for p in params], _views(delta.clone(), params))
+        comps = None
+        if params[0].dtype == torch.float32 or self.update == "nearest":
+            p32.add_(delta)
+            torch._foreach_copy_(params, _views(p32, params))  # copy_ rounds to nearest even (exact for fp32)
         elif self.update == "stochastic":
-            p.copy_(stochastic_round_bf16(p.float() + delta, self.generator))
+            p32.add_(delta)
+            noise = spare.view(torch.int32)
+            for v in _views(noise, params):  # one draw per tensor, in parameter order: the seed fixes the stream
+                v.random_(0, 1 << 16, generator=self.generator)
+            # add 16 random bits below bf16's last bit and truncate (as stochastic_round_bf16; inf, NaN kept)
+            rounded = noise.add_(p32.view(torch.int32)).bitwise_and_(_LOW16).view(torch.float32)
+            torch.where(torch.isfinite(p32), rounded, p32, out=rounded)
+            torch._foreach_copy_(params, _views(rounded, params))
         else:
+            comps = []
+            for p in params:
+                state = self.state[p]
+                if "compensation" not in state:
+                    state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                comps.append(state["compensation"])
+            torch._foreach_copy_(_views(spare, params), comps)
+            delta.add_(spare)  # y: this step's update plus what earlier roundings dropped
+            spare.copy_(p32).add_(delta)
+            torch._foreach_copy_(params, _views(spare, params))
+            torch._foreach_copy_(_views(spare, params), params)
+            delta.sub_(spare.sub_(p32))  # new - old is exact in fp32: y minus it is the part not applied
+            torch._foreach_copy_(comps, _views(delta, params))
+        if record is not None:
+            tally.add(record[0], record[1], [p.detach() for p in params], comps)
+
+    def _extra(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The compiled write's extra input: fresh noise (stochastic) or the compensation buffer (kahan)."""
+        if self.update == "stochastic":
+            return torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, device=p.device, generator=self.generator)
+        if self.update == "kahan":
             state = self.state[p]
             if "compensation" not in state:
                 state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            comp = state["compensation"]
-            y = delta + comp.float()  # this step's update plus what earlier roundings dropped
-            p32 = p.float()
-            p.copy_(p32 + y)
-            comp.copy_(y - (p.float() - p32))  # new - old is exact in fp32: the part not applied
-        if record is not None:
-            record.append((before, delta, p.detach(), comp))
+            return state["compensation"]
+        return None
 
-    def _step_params(self, group: dict, p: torch.Tensor, record: list | None) -> None:
+    def _workspace(self, device: torch.device, size: int, chunk: int) -> torch.Tensor:
+        """Three fp32 rows of at least `size`. On a CPU the buffer (at most a chunk: 6 MB) is kept between
+        steps: a fresh one is freshly page-faulted memory every step, which cost 2-5x on small models."""
+        if device.type != "cpu":
+            return torch.empty(3, size, dtype=torch.float32, device=device)  # the caching allocator reuses it
+        work = self._cpu_work
+        if work is None or work.shape[1] < size:
+            work = torch.empty(3, size, dtype=torch.float32)
+            if size <= chunk:
+                self._cpu_work = work
+        return work
+
+    def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
+        raise NotImplementedError
+
+    def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -147,15 +239,24 @@ class PureBf16Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        record = [] if self._want_stats else None
+        tally = _RoundingTally(self.update == "kahan") if self._want_stats else None
         for group in self.param_groups:
+            buckets: dict = {}  # (device, dtype) -> parameters with a gradient, in group order
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_params(group, p, record)
-        if record is not None:
-            b, d, a, c = zip(*record) if record else ((), (), (), ())
-            self.last_stats = update_rounding_stats(list(b), list(d), list(a),
-                                                    list(c) if self.update == "kahan" else None)
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, dtype), params in buckets.items():
+                if self.compile and tally is None and dtype == torch.bfloat16:
+                    self._step_compiled(group, params)
+                    continue
+                limit = self.chunk_numel or (1 << 19 if device.type == "cpu" else 1 << 24)
+                chunks = _chunks(params, limit)
+                work = self._workspace(device, max(sum(params[i].numel() for i in c) for c in chunks), limit)
+                for c in chunks:
+                    n = sum(params[i].numel() for i in c)
+                    self._step_chunk(group, [params[i] for i in c], tuple(w[:n] for w in work), tally)
+        if tally is not None:
+            self.last_stats = tally.result()
             self._want_stats = False
         return loss
 
@@ -164,67 +265,130 @@ class PureBf16SGD(PureBf16Optimizer):
     """torch.optim.SGD's rule (momentum, nesterov, weight decay; dampening 0) computed in fp32."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 update: str = "nearest", seed: int | None = None):
+                 update: str = "nearest", seed: int | None = None, compile: bool = False):
         if nesterov and momentum <= 0:
             raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay},
-                         update, seed)
+                         update, seed, compile)
 
-    def _step_params(self, group: dict, p: torch.Tensor, record: list | None) -> None:
-        g = p.grad.float()
-        if group["weight_decay"] != 0:
-            g = g.add(p.float(), alpha=group["weight_decay"])
-        momentum = group["momentum"]
-        if momentum != 0:
+    def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
+        fn = bf16_fused.compiled("sgd")
+        momentum, decay = group["momentum"], group["weight_decay"] != 0
+        scalars = {first: torch.tensor([group["weight_decay"], momentum, -group["lr"], 0.0 if first else momentum],
+                                       device=params[0].device) for first in (False, True)}
+        for p in params:
             state = self.state[p]
-            if "momentum_buffer" not in state:
-                buf = g.clone()
-                state["momentum_buffer"] = buf.to(p.dtype)
+            first = momentum != 0 and "momentum_buffer" not in state
+            if first:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"] if momentum != 0 else None
+            p_, g, buf, extra = bf16_fused.flat([p, p.grad, buf, self._extra(p)])
+            fn(p_, g, buf, extra, scalars[first], self.update, decay, group["nesterov"])
+
+    def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
+        g, p32, buf = bufs
+        torch._foreach_copy_(_views(g, params), [p.grad for p in params])
+        torch._foreach_copy_(_views(p32, params), params)
+        if group["weight_decay"] != 0:
+            g.add_(p32, alpha=group["weight_decay"])
+        momentum = group["momentum"]
+        delta, spare = g, buf
+        if momentum != 0:
+            states = [self.state[p] for p in params]
+            fresh = {i for i, s in enumerate(states) if "momentum_buffer" not in s}
+            for i in fresh:  # a parameter's first step: its buffer is its gradient
+                states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+            buffers = [s["momentum_buffer"] for s in states]
+            if not fresh:
+                torch._foreach_copy_(_views(buf, params), buffers)
+                buf.mul_(momentum).add_(g)
+            elif len(fresh) == len(params):
+                buf.copy_(g)
+            else:  # some parameters got their first gradient later than others
+                for i, (b, gi, old) in enumerate(zip(_views(buf, params), _views(g, params), buffers)):
+                    if i in fresh:
+                        b.copy_(gi)
+                    else:
+                        b.copy_(old).mul_(momentum).add_(gi)
+            torch._foreach_copy_(buffers, _views(buf, params))
+            if group["nesterov"]:
+                g.add_(buf, alpha=momentum)
             else:
-                buf = state["momentum_buffer"].float().mul_(momentum).add_(g)
-                state["momentum_buffer"].copy_(buf)
-            g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-        self._apply(p, g * -group["lr"], record)  # out of place: g may be the gradient or the fp32 buffer
+                delta, spare = buf, g
+        delta.mul_(-group["lr"])
+        self._write(params, p32, delta, spare, tally)
 
 
 class PureBf16AdamW(PureBf16Optimizer):
     """torch.optim.AdamW's rule (decoupled weight decay, bias correction; no amsgrad) computed in fp32."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, update: str = "nearest", seed: int | None = None):
+                 weight_decay: float = 0.01, update: str = "nearest", seed: int | None = None, compile: bool = False):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
-                         update, seed)
+                         update, seed, compile)
 
-    def _step_params(self, group: dict, p: torch.Tensor, record: list | None) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = state["step"].item()
+    def _states(self, params: list[torch.Tensor]) -> tuple[list[dict], list[float]]:
+        """Each parameter's state (created on its first step) and its step count after this step."""
+        states = [self.state[p] for p in params]
+        for s, p in zip(states, params):
+            if "step" not in s:
+                s["step"] = torch.tensor(0.0)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        return states, [t.item() for t in steps]  # CPU tensors: no device sync
+
+    def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
+        fn = bf16_fused.compiled("adamw")
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states, ts = self._states(params)
+        scalars = {}  # one tensor per distinct step count (usually one per step)
+        for p, state, t in zip(params, states, ts):
+            if t not in scalars:
+                scalars[t] = torch.tensor([1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps,
+                                           -lr / (1 - beta1**t), -lr * wd], device=p.device)
+            p_, g, m, v, extra = bf16_fused.flat([p, p.grad, state["exp_avg"], state["exp_avg_sq"], self._extra(p)])
+            fn(p_, g, m, v, extra, scalars[t], self.update, wd != 0)
+
+    def _step_chunk(self, group: dict, params: list[torch.Tensor], bufs: tuple, tally) -> None:
+        g, m, v = bufs
+        states, ts = self._states(params)
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        g = p.grad.float()
-        m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-        v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        state["exp_avg"].copy_(m)
-        state["exp_avg_sq"].copy_(v)
-        step_size = lr / (1 - beta1**t)
-        # out of place from here: for fp32 parameters m and v are the state tensors themselves
-        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-        delta = (m / denom).mul_(-step_size)
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_copy_(_views(g, params), [p.grad for p in params])
+        torch._foreach_copy_(_views(m, params), exp_avgs)
+        m.lerp_(g, 1 - beta1)
+        torch._foreach_copy_(_views(v, params), exp_avg_sqs)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        torch._foreach_copy_(exp_avgs, _views(m, params))
+        torch._foreach_copy_(exp_avg_sqs, _views(v, params))
+        denom = v.sqrt_()
+        step_sizes = [lr / (1 - beta1**t) for t in ts]
+        corrections = [math.sqrt(1 - beta2**t) for t in ts]
+        if len(set(ts)) == 1:  # the usual case: one op per pass over the chunk
+            denom.div_(corrections[0]).add_(eps)
+            delta = m.div_(denom).mul_(-step_sizes[0])
+        else:  # parameters that missed steps (no gradient) have their own bias correction
+            torch._foreach_div_(_views(denom, params), corrections)
+            denom.add_(eps)
+            delta = m.div_(denom)
+            torch._foreach_mul_(_views(delta, params), [-s for s in step_sizes])
+        p32 = g  # the gradient is no longer needed
+        torch._foreach_copy_(_views(p32, params), params)
         if group["weight_decay"] != 0:
-            delta.add_(p.float(), alpha=-lr * group["weight_decay"])
-        self._apply(p, delta, record)
+            delta.add_(p32, alpha=-lr * group["weight_decay"])
+        self._write(params, p32, delta, v, tally)
 
 
-def build_pure_bf16_optimizer(cfg, params, update: str, seed: int | None = None) -> PureBf16Optimizer:
+def build_pure_bf16_optimizer(cfg, params, update: str, seed: int | None = None,
+                              compile: bool = False) -> PureBf16Optimizer:
     """The `optimizer=` group's SGD or AdamW for precision=bf16_pure."""
     if cfg.name == "sgd":
         return PureBf16SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, update=update, seed=seed)
+                           weight_decay=cfg.weight_decay, update=update, seed=seed, compile=compile)
     return PureBf16AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         update=update, seed=seed)
+                         update=update, seed=seed, compile=compile)
 
 
 def _nbytes(tensors) -> int:

@@ -120,6 +120,7 @@ class Precision:
         self.keep_norm_fp32 = cfg.keep_norm_fp32
         self.fp32_accumulation = cfg.fp32_accumulation
         self.update = cfg.get("update", "nearest")  # bf16_pure's rounding rule (cfg.update is DictConfig.update)
+        self.compile_update = bool(cfg.get("compile_update", False))  # bf16_pure: compiled per-tensor update
         ls = cfg.loss_scale
         kind = ls.kind
         if kind == "auto":
@@ -191,8 +192,11 @@ class Precision:
         return [p for p in module.parameters() if p.requires_grad]
 
     def optimizer_options(self) -> dict:
-        """Keyword arguments for optim.build_optimizer: bf16_pure's update rule, else none."""
-        return {"bf16_update": self.update} if self.mode == "bf16_pure" else {}
+        """Keyword arguments for optim.build_optimizer: bf16_pure's update rule (and compile_update when set),
+        else none."""
+        if self.mode != "bf16_pure":
+            return {}
+        return {"bf16_update": self.update, **({"bf16_compile": True} if self.compile_update else {})}
 
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:
