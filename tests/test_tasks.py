@@ -41,7 +41,8 @@ REGRESSION = ["task=regression", "model.num_classes=1", "optimizer=adamw", "opti
               "checkpoint.monitor=val/mse", "checkpoint.mode=min", "trainer.batch_size=32"]
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16", "dynamic"])
+@pytest.mark.parametrize("mode", ["fp32", pytest.param("bf16", marks=pytest.mark.slow),
+                                  pytest.param("dynamic", marks=pytest.mark.slow)])
 def test_user_task_trains_from_the_cli(tmp_path, mode):
     conf = user_conf(tmp_path)
     run_dir = tmp_path / "run"
@@ -62,6 +63,7 @@ def test_user_task_trains_from_the_cli(tmp_path, mode):
         assert summary["compute_dtype"] == "fp16" and summary["final_loss_scale"] > 1
 
 
+@pytest.mark.slow
 def test_user_task_resumes_bit_identically(tmp_path, monkeypatch):
     conf = user_conf(tmp_path)
     overrides = [f"hydra.searchpath=[file://{conf}]", *REGRESSION, "precision=dynamic", "trainer.max_steps=12",
@@ -82,6 +84,7 @@ def test_user_task_resumes_bit_identically(tmp_path, monkeypatch):
     assert read_jsonl(ref_dir / "metrics.jsonl") == read_jsonl(cut_dir / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_gan_honours_accumulation_and_records_diagnostics(tmp_path, monkeypatch):
     from mptrain.components import Components
 
