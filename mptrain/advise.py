@@ -32,6 +32,7 @@ import yaml
 
 from .diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN, ZERO
 from .errors import MptrainError
+from .jsonl import json_safe
 
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
@@ -385,16 +386,6 @@ def run_command(run_dir: Path, overrides: list[str]) -> str | None:
     return " ".join(["mptrain", *keep, *overrides])
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
     """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines)."""
     run_dir = Path(run_dir)
@@ -404,7 +395,7 @@ def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
     advice["command"] = run_command(run_dir, advice["recommended_overrides"])
     lines = render(advice, advice["command"])
     tmp = run_dir / "advice.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(advice), indent=1) + "\n")
+    tmp.write_text(json.dumps(json_safe(advice), indent=1) + "\n")
     tmp.replace(run_dir / "advice.json")
     return advice, lines
 

@@ -1,4 +1,4 @@
-"""The one JSONL reader for run files (metrics.jsonl, diagnostics.jsonl).
+"""The one JSONL reader for run files (metrics.jsonl, diagnostics.jsonl), and what makes a record JSON-safe.
 
 A process killed mid-write can leave a torn final line: it is dropped with a warning, since the
 checkpoint that a resume continues from never covers it. A bad line anywhere else means the file
@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from .errors import MptrainError
 
 log = logging.getLogger("mptrain")
+
+
+def json_safe(value):
+    """Non-finite floats become null at any depth (JSON has no inf/NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class JsonlError(MptrainError):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..errors import ConfigError
+from ..jsonl import json_safe
 from ..precision import fp8
 from .stats import (
     BIN_LABELS,
@@ -33,16 +34,6 @@ from .stats import (
 from .trace import trace_overflow
 
 log = logging.getLogger("mptrain")
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class Diagnostics:
@@ -188,7 +179,7 @@ class Diagnostics:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(_json_safe(row)) + "\n")
+        self._file.write(json.dumps(json_safe(row)) + "\n")
         self._file.flush()
 
     def _to_tensorboard(self, row: dict) -> None:
