@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_file, save_atomic, sharded_complete
+from .checkpoint_files import load_file, save_atomic, sharded_complete
 from .distributed import max_across_ranks
 from .errors import ConfigError
 
