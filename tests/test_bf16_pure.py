@@ -324,6 +324,15 @@ def test_bf16_pure_run_holds_bf16_weights_and_state_with_fp32_norm_layers(tmp_pa
     rows = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "sample"]
     assert rows and all(0 <= r["bf16_update"]["lost_nearest"] <= 1 for r in rows)
     assert summary["diag/bf16_lost_nearest"] == pytest.approx(sum(r["bf16_update"]["lost_nearest"] for r in rows) / len(rows))
+    # mptrain-report draws them: the series it plots are the rows' own figures
+    from mptrain.diagnostics.report import bf16_update_series, make_report
+
+    steps, lost, carried = bf16_update_series(rows)
+    assert steps == [r["step"] for r in rows] and lost == [r["bf16_update"]["lost_nearest"] for r in rows]
+    assert carried == [r["bf16_update"]["compensation_ratio"] for r in rows]
+    paths = make_report(run_dir)
+    assert run_dir / "report" / "bf16_update.png" in paths
+    assert (run_dir / "report" / "bf16_update.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(("update", "optimizer"), [("stochastic", "adamw"), ("kahan", "sgd")])

@@ -5,6 +5,7 @@
 (c) underflow_heatmap.png     per-layer fraction of gradients that FP16 flushes to zero, over time
 (d) update_underflow.png      per-layer fraction of weight updates too small to change an FP16 weight
 (e) fp8.png                   precision=fp8: per converted layer, amax and the fractions fp8 flushes to zero
+(f) bf16_update.png           precision=bf16_pure: updates round-to-nearest would lose, what compensation carries
 and a table of the layers at most risk (and, for fp8, of the converted layers).
 """
 
@@ -220,6 +221,37 @@ def fp8_table(samples: list[dict]) -> Table:
     return table
 
 
+def bf16_update_series(samples: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    """(steps, fraction of updates round-to-nearest loses, compensation / update ratio) of bf16_pure's sampled
+    steps (several optimizers' records: their mean)."""
+    steps, lost, carried = [], [], []
+    for s in samples:
+        records = s.get("bf16_update")
+        records = records if isinstance(records, list) else [records] if records else []
+        if records:
+            steps.append(s["step"])
+            lost.append(float(np.mean([r["lost_nearest"] for r in records])))
+            carried.append(float(np.mean([r.get("compensation_ratio", np.nan) for r in records])))
+    return steps, lost, carried
+
+
+def plot_bf16_update(samples: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    steps, lost, carried = bf16_update_series(samples)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(steps, lost, "o-", color="tab:red", label="updates round-to-nearest would lose (|dw| below bf16's 2^-8)")
+    if not np.all(np.isnan(carried)):
+        ax.plot(steps, carried, "s-", color="tab:blue", label="Kahan compensation / update (mean magnitudes)")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("bf16_pure: what rounding the weight update to bfloat16 does")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     import matplotlib
 
@@ -243,6 +275,9 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
         paths.append(out / "fp8.png")
         plot_fp8(samples, paths[-1])
         console.print(fp8_table(samples))
+    if any(s.get("bf16_update") for s in samples):
+        paths.append(out / "bf16_update.png")
+        plot_bf16_update(samples, paths[-1])
     for trace in (r for r in diag if r.get("event") == "trace"):
         console.print(f"[bold red]overflow trace[/] at step {trace['step']} ({trace['reason']}): "
                       f"forward {trace['forward']}, backward {trace['backward']}")
