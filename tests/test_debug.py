@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -119,7 +120,12 @@ def test_profile_records_the_active_steps_writes_a_trace_and_logs_top_ops(tmp_pa
     step_spans = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
     assert len(step_spans) == 3
     assert any(e.get("name") == "aten::addmm" for e in events)  # the Linear layers' forward
-    assert "aten::addmm" in table and len(table.splitlines()) <= 5 + 8  # row_limit rows plus the frame
+    # the table's rows are row_limit ops of the recorded steps (which ones lead depends on the machine's timing)
+    rows = [line.split()[0] for line in table.splitlines()
+            if line.strip() and not line.startswith("-") and not line.lstrip().startswith(("Name", "Self CPU time"))]
+    names = {e.get("name", "") for e in events}
+    names |= {re.sub(r"#\d+$", "*", n) for n in names}  # the table merges ProfilerStep#4..#6 as ProfilerStep*
+    assert 1 <= len(rows) <= 5 and set(rows) <= names, rows
     assert (tmp_path / "profile" / "top_ops.txt").read_text().strip() == table.strip()
     assert "top ops by self_cpu_time_total" in caplog.text
     assert prof.close() is None  # closing twice is harmless
