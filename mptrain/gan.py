@@ -70,13 +70,10 @@ class Adversarial(Task):
     both (PyTorch's recipe for several models, losses and optimizers: scale each loss, step each
     optimizer, update the scale once per iteration). Validation: val/loss_d, val/loss_g, a PNG grid."""
 
+    name = "gan"
     datasets = ("classification",)  # any image dataset; the labels are ignored
     parts = ("discriminator", "generator")
     metrics = ("val/loss_d", "val/loss_g", "val/loss")
-
-    @property
-    def name(self) -> str:
-        return "gan"
 
     @staticmethod
     def _noise(gan: DCGAN, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ class Task:
 
     @property
     def name(self) -> str:
+        """How summary.json and the log name the task (built-in tasks set a plain string instead)."""
         return type(self).__name__
 
     def loss(self, model: nn.Module, batch, *part) -> torch.Tensor:
@@ -107,12 +108,9 @@ def batch_size(batch) -> int:
 class Classification(Task):
     """(images, labels) -> cross-entropy; val/loss, val/acc."""
 
+    name = "classification"
     datasets = ("classification",)
     metrics = ("val/loss", "val/acc")
-
-    @property
-    def name(self) -> str:
-        return "classification"
 
     def logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
@@ -144,12 +142,9 @@ class Classification(Task):
 class LanguageModeling(Task):
     """(tokens, next tokens) -> cross-entropy per token; val/loss, val/ppl."""
 
+    name = "language_modeling"
     datasets = ("language_modeling",)
     metrics = ("val/loss", "val/ppl")
-
-    @property
-    def name(self) -> str:
-        return "language_modeling"
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
