@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError
+from mptrain.errors import ConfigError
 
 PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster", "bf16_pure", "fp8")
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
@@ -274,9 +274,9 @@ class DiagnosticsConfig:
 
 @dataclass
 class CNNModelConfig:
-    """The small default CNN (mptrain.models.SmallCNN)."""
+    """The small default CNN (mptrain.library.models.vision.SmallCNN)."""
 
-    _target_: str = "mptrain.models.SmallCNN"
+    _target_: str = "mptrain.library.models.vision.SmallCNN"
     num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
     width: int = 32
@@ -289,9 +289,9 @@ class CNNModelConfig:
 
 @dataclass
 class MLPModelConfig:
-    """A tanh MLP on flattened images (mptrain.models.MLP)."""
+    """A tanh MLP on flattened images (mptrain.library.models.vision.MLP)."""
 
-    _target_: str = "mptrain.models.MLP"
+    _target_: str = "mptrain.library.models.vision.MLP"
     num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
     image_size: int = "${dataset.image_size}"  # type: ignore[assignment]
@@ -309,7 +309,7 @@ class MLPModelConfig:
 class TorchvisionModelConfig:
     """Any torchvision classification model by name, randomly initialised (weights: null)."""
 
-    _target_: str = "mptrain.models.torchvision_model"
+    _target_: str = "mptrain.library.models.vision.torchvision_model"
     name: str = MISSING
     num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
@@ -320,9 +320,9 @@ class TorchvisionModelConfig:
 
 @dataclass
 class RecurrentLMConfig:
-    """LSTM or GRU language model (mptrain.language_models.RecurrentLM)."""
+    """LSTM or GRU language model (mptrain.library.models.language.RecurrentLM)."""
 
-    _target_: str = "mptrain.language_models.RecurrentLM"
+    _target_: str = "mptrain.library.models.language.RecurrentLM"
     vocab_size: int | None = "${oc.select:dataset.vocab_size,null}"  # type: ignore[assignment]  # null: from the data
     cell: str = "lstm"  # lstm | gru
     embed_dim: int = 128
@@ -340,9 +340,9 @@ class RecurrentLMConfig:
 
 @dataclass
 class GPTConfig:
-    """A GPT-style decoder (mptrain.language_models.GPT)."""
+    """A GPT-style decoder (mptrain.library.models.language.GPT)."""
 
-    _target_: str = "mptrain.language_models.GPT"
+    _target_: str = "mptrain.library.models.language.GPT"
     vocab_size: int | None = "${oc.select:dataset.vocab_size,null}"  # type: ignore[assignment]
     seq_len: int = "${oc.select:dataset.seq_len,64}"  # type: ignore[assignment]
     dim: int = 128
@@ -358,9 +358,9 @@ class GPTConfig:
 
 @dataclass
 class DCGANConfig:
-    """DCGAN generator + discriminator (mptrain.gan.DCGAN), trained by the gan task."""
+    """DCGAN generator + discriminator (mptrain.library.models.gan.DCGAN), trained by the gan task."""
 
-    _target_: str = "mptrain.gan.DCGAN"
+    _target_: str = "mptrain.library.models.gan.DCGAN"
     channels: int = "${dataset.channels}"  # type: ignore[assignment]
     image_size: int = "${dataset.image_size}"  # type: ignore[assignment]
     latent_dim: int = 64
@@ -371,7 +371,7 @@ class DCGANConfig:
 class TorchvisionDatasetConfig:
     """MNIST, Fashion-MNIST, CIFAR-10/100 from dataset.root (downloaded only with download=true)."""
 
-    _target_: str = "mptrain.vision_data.torchvision_dataset"
+    _target_: str = "mptrain.library.data.vision.torchvision_dataset"
     name: str = MISSING
     root: str = "data"
     download: bool = False
@@ -385,7 +385,7 @@ class TorchvisionDatasetConfig:
 class ImageFolderConfig:
     """ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg."""
 
-    _target_: str = "mptrain.vision_data.imagefolder"
+    _target_: str = "mptrain.library.data.vision.imagefolder"
     name: str = "imagefolder"
     root: str = "data/imagenet"
     image_size: int = 224
@@ -397,7 +397,7 @@ class ImageFolderConfig:
 class TextDatasetConfig:
     """A local UTF-8 text file as byte, char or word tokens."""
 
-    _target_: str = "mptrain.text_data.text"
+    _target_: str = "mptrain.library.data.text.text"
     name: str = "text"
     path: str | None = None
     level: str = "char"  # byte | char | word
@@ -417,7 +417,7 @@ class TextDatasetConfig:
 class SyntheticTokensConfig:
     """A learnable synthetic token stream."""
 
-    _target_: str = "mptrain.text_data.synthetic_tokens"
+    _target_: str = "mptrain.library.data.text.synthetic_tokens"
     name: str = "synthetic_tokens"
     vocab_size: int = 64
     seq_len: int = 64
@@ -429,7 +429,7 @@ class SyntheticTokensConfig:
 class DigitsDatasetConfig:
     """scikit-learn's bundled 8x8 handwritten digits: 1797 real images, offline."""
 
-    _target_: str = "mptrain.data.digits"
+    _target_: str = "mptrain.library.data.loading.digits"
     name: str = "digits"
     num_classes: int = 10
     channels: int = 1
@@ -445,7 +445,7 @@ class DigitsDatasetConfig:
 class SyntheticDatasetConfig:
     """Random images with a weak class signal, generated on the fly: for speed work."""
 
-    _target_: str = "mptrain.data.synthetic"
+    _target_: str = "mptrain.library.data.loading.synthetic"
     name: str = "synthetic"
     num_classes: int = 10
     channels: int = 3
@@ -475,7 +475,7 @@ class LoggerConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("none", "mlflow"), "logger.name", self.name, "choose none or mlflow")
         if self.name == "mlflow":
-            from .tracking import check_available
+            from mptrain.run.tracking import check_available
 
             check_available()
 

@@ -2,7 +2,7 @@
 
 For each precision recipe: the same model initialisation, data and batch, runs alternating between
 (a) a plain loop written the way the PyTorch docs write it and (b) mptrain's own loop (the real
-`mptrain.loop.fit`, built from the config) running the same kernels (trainer.conv_wgrad=native), then
+`mptrain.train.loop.fit`, built from the config) running the same kernels (trainer.conv_wgrad=native), then
 (c) mptrain as it runs by default (on CPU: trainer.conv_wgrad=auto) and (d) Lightning where installed.
 Steady-state speed = 1 / median step time after warm-up; mptrain / plain is the median over repeats of
 the ratio within each repeat (the two runs sit next to each other, so slow drift of a shared machine
@@ -35,15 +35,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from mptrain.callbacks import MetricsLogger  # noqa: E402
-from mptrain.cli import config_dir  # noqa: E402
+from mptrain.cli.main import config_dir  # noqa: E402
 from mptrain.config import validate  # noqa: E402
-from mptrain.loop import Callback, fit  # noqa: E402
-from mptrain.outputs import RunWriter  # noqa: E402
 from mptrain.precision import cast_model  # noqa: E402
-from mptrain.recipe import backend_settings, build, seed_everything  # noqa: E402
-from mptrain.state import TrainState  # noqa: E402
-from mptrain.step import train_step  # noqa: E402
+from mptrain.run.writer import RunWriter  # noqa: E402
+from mptrain.train.callbacks.metrics import MetricsLogger  # noqa: E402
+from mptrain.train.loop import Callback, fit  # noqa: E402
+from mptrain.train.recipe import backend_settings, build, seed_everything  # noqa: E402
+from mptrain.train.state import TrainState  # noqa: E402
+from mptrain.train.step import train_step  # noqa: E402
 
 # ---- (a) the handwritten loops ---------------------------------------------------------------------
 

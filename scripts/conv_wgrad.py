@@ -4,7 +4,7 @@ Times, for the 3x3 convolutions of ResNet shapes (stride 1, and the stride-2 one
 native weight gradient
 (aten::convolution_backward for the weight only) against the forward form, in fp32 and bf16, and prints
 the largest map size up to which the forward form wins at every width: compare with
-mptrain.conv_wgrad.AUTO_MAX_PIXELS.
+mptrain.library.models.conv_wgrad.AUTO_MAX_PIXELS.
 
     python scripts/conv_wgrad.py [--batch-size 64] [--repeats 15]
 """

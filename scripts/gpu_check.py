@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from mptrain.callbacks import MetricsLogger
-from mptrain.cli import config_dir
+from mptrain.cli.main import config_dir
 from mptrain.config import validate
-from mptrain.loop import Callback, fit
-from mptrain.outputs import RunWriter
-from mptrain.recipe import backend_settings, build
-from mptrain.state import TrainState
+from mptrain.run.writer import RunWriter
+from mptrain.train.callbacks.metrics import MetricsLogger
+from mptrain.train.loop import Callback, fit
+from mptrain.train.recipe import backend_settings, build
+from mptrain.train.state import TrainState
 
 RECIPES = [
     ("fp32 (TF32 off)", ["precision=fp32", "trainer.allow_tf32=false"]),

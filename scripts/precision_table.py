@@ -13,9 +13,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from mptrain.cli import config_dir
+from mptrain.cli.main import config_dir
 from mptrain.config import validate
-from mptrain.recipe import run
+from mptrain.train.recipe import run
 
 MODES = ["fp32", "amp", "bf16", "dynamic", "static", "master", "noscale", "nomaster"]
 BASE = ["trainer.max_steps=44", "scheduler.warmup_steps=5", "trainer.progress_bar=false", "trainer.tensorboard=false",

@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from mptrain import conv_wgrad  # noqa: E402
+from mptrain.library.models import conv_wgrad  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from mptrain.cli import config_dir  # noqa: F401  (registers the schemas and the resolver)
+from mptrain.cli.main import config_dir  # noqa: F401  (registers the schemas and the resolver)
 
 CONF = Path(config_dir())
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def compose_config(overrides: list[str] | None = None, config_path: Path = CONF)
 def train(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
     """Run the recipe in this process on a composed config; return (summary, run_dir)."""
     from mptrain.config import validate
-    from mptrain.recipe import run
+    from mptrain.train.recipe import run
 
     cfg = compose_config(TINY + overrides)
     validate(cfg)

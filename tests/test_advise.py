@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mptrain.advise import (
+from mptrain.diagnostics.stats import range_stats, update_ratio_hist
+from mptrain.tools.advise import (
     FORMATS,
     advise_run,
     from_recorded,
@@ -21,7 +22,6 @@ from mptrain.advise import (
     underflow,
     update_fractions,
 )
-from mptrain.diagnostics.stats import range_stats, update_ratio_hist
 
 from .conftest import train
 
@@ -96,7 +96,7 @@ def test_update_ratio_fractions_match_numpy():
 # ---- real runs ----------------------------------------------------------------------------------------------
 
 def advise_cli(run_dir):
-    return subprocess.run([sys.executable, "-m", "mptrain.advise", str(run_dir)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mptrain.tools.advise", str(run_dir)], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from mptrain.config import validate
 from mptrain.errors import ConfigError
-from mptrain.models import SmallCNN
-from mptrain.optim import build_optimizer
+from mptrain.library.models.vision import SmallCNN
+from mptrain.library.optim import build_optimizer
 from mptrain.precision import Precision
 from mptrain.precision.bf16_pure import (
     UPDATES,
@@ -325,7 +325,7 @@ def test_bf16_pure_run_holds_bf16_weights_and_state_with_fp32_norm_layers(tmp_pa
     assert rows and all(0 <= r["bf16_update"]["lost_nearest"] <= 1 for r in rows)
     assert summary["diag/bf16_lost_nearest"] == pytest.approx(sum(r["bf16_update"]["lost_nearest"] for r in rows) / len(rows))
     # mptrain-report draws them: the series it plots are the rows' own figures
-    from mptrain.diagnostics.report import bf16_update_series, make_report
+    from mptrain.tools.report import bf16_update_series, make_report
 
     steps, lost, carried = bf16_update_series(rows)
     assert steps == [r["step"] for r in rows] and lost == [r["bf16_update"]["lost_nearest"] for r in rows]
@@ -376,7 +376,7 @@ def test_digits_ablation_kahan_and_stochastic_match_fp32_nearest_does_not(tmp_pa
 
 
 def test_memory_per_param_counts_every_optimizer_of_a_gan():
-    from mptrain.optim import MultiOptimizer
+    from mptrain.library.optim import MultiOptimizer
 
     a, b = nn.Linear(4, 4).bfloat16(), nn.Linear(4, 2, bias=False)  # 20 bf16 + 8 fp32 parameters
     opt = MultiOptimizer({"d": PureBf16SGD(a.parameters(), lr=0.1, momentum=0.9, update="kahan"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mptrain.checkpoint import Checkpointer, CheckpointError, Interrupted
+from mptrain.checkpoint.callback import Checkpointer, CheckpointError, Interrupted
 
 from .conftest import compose_config, read_jsonl, run_cli, train
 
@@ -184,7 +184,7 @@ def test_damaged_last_falls_back_to_newest_step_file(tmp_path):
 
 
 def test_failed_save_stops_cleanly_with_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    import mptrain.checkpoint as ck
+    import mptrain.checkpoint.callback as ck
 
     _, run_dir = train(tmp_path, [*SMALL, "trainer.max_steps=2", "checkpoint.every_steps=1", "scheduler=none"])
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()

@@ -118,7 +118,7 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
-    proc = subprocess.run([sys.executable, "-c", "import mptrain.cli as c; print(c.__file__); c.main()",
+    proc = subprocess.run([sys.executable, "-c", "import mptrain.cli.main as c; print(c.__file__); c.main()",
                            "trainer.max_steps=5", "trainer.device=cpu"], cwd=elsewhere, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -126,7 +126,7 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
     summaries = list((elsewhere / "outputs").glob("*/*/summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 5
     # --help from the wheel: its own template, groups and debug presets, schemas hidden
-    proc = subprocess.run([sys.executable, "-c", "import mptrain.cli as c; c.main()", "--help"], cwd=elsewhere,
+    proc = subprocess.run([sys.executable, "-c", "import mptrain.cli.main as c; c.main()", "--help"], cwd=elsewhere,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("mptrain") and "anomaly, fast, overfit, profile" in proc.stdout

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mptrain import conv_wgrad
 from mptrain.config import validate
 from mptrain.errors import ConfigError
+from mptrain.library.models import conv_wgrad
 
 from .conftest import compose_config, read_jsonl, train
 
@@ -100,7 +100,7 @@ def test_auto_takes_the_forward_form_only_on_small_maps():
 
     small, large = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8, 8)
     forward, native = "_ConvWgradByForwardBackward", "ConvolutionBackward0"
-    # bf16: up to 16 output pixels; fp32: up to 4 (mptrain.conv_wgrad.AUTO_MAX_PIXELS)
+    # bf16: up to 16 output pixels; fp32: up to 4 (mptrain.library.models.conv_wgrad.AUTO_MAX_PIXELS)
     assert conv_wgrad.AUTO_MAX_PIXELS == {torch.bfloat16: 16, torch.float32: 4}
     assert path(conv(), small, torch.bfloat16) == forward
     assert path(conv(), large, torch.bfloat16) == native

@@ -11,10 +11,10 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from mptrain.config import validate
-from mptrain.data import make_loader, resolve_num_workers, synthetic
 from mptrain.errors import ConfigError
-from mptrain.models import torchvision_model
-from mptrain.vision_data import imagefolder
+from mptrain.library.data.loading import make_loader, resolve_num_workers, synthetic
+from mptrain.library.data.vision import imagefolder
+from mptrain.library.models.vision import torchvision_model
 
 from .conftest import compose_config, train
 

@@ -160,7 +160,7 @@ def test_sampled_steps_write_rows_with_every_statistic(tmp_path):
     samples = [r for r in rows if r["event"] == "sample"]
     assert [r["step"] for r in samples] == [1, 4, 8]
     cfg = compose_config([])
-    n_params = sum(1 for p in __import__("mptrain.models", fromlist=["SmallCNN"]).SmallCNN(width=cfg.model.width).parameters())
+    n_params = sum(1 for p in __import__("mptrain.library.models.vision", fromlist=["SmallCNN"]).SmallCNN(width=cfg.model.width).parameters())
     for r in samples:
         assert len(r["grads"]["params"]) == n_params
         assert set(r["activations"]) == {"block1", "pool1", "block2", "pool2", "head"}
@@ -208,7 +208,7 @@ def test_report_renders_pngs_and_a_risk_table_from_a_real_run(tmp_path):
 
     _, run_dir = train(tmp_path, ["model=mlp", "precision=noscale", "trainer.max_steps=20", "diagnostics.every=5",
                                   "trainer.loss_weight=6.103515625e-05", "optimizer.lr=819.2", "optimizer.weight_decay=0"])
-    proc = subprocess.run([sys.executable, "-m", "mptrain.diagnostics.report", str(run_dir)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.report", str(run_dir)], capture_output=True,
                           text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     assert "Layers at most risk" in proc.stdout and "body.1.weight" in proc.stdout
@@ -225,7 +225,7 @@ def test_report_on_a_directory_that_is_not_a_run(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "mptrain.diagnostics.report", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.report", str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "is not an mptrain run directory" in proc.stderr and "Traceback" not in proc.stderr

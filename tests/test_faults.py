@@ -2,7 +2,7 @@
 divergence, SIGTERM during validation and Ctrl-C twice, end to end.
 
 The moment is hit deterministically by HOOK, a wrapper run as `python -c HOOK <overrides>` that patches one
-mptrain function (in the child only) to signal its own process on its k-th call, then runs mptrain.cli.main().
+mptrain function (in the child only) to signal its own process on its k-th call, then runs mptrain.cli.main.main().
 The product code has no test hook.
 """
 
@@ -30,7 +30,7 @@ CLI = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "tr
        "trainer.tensorboard=false", "trainer.progress_bar=false", f"trainer.max_steps={STEPS}"]
 
 # MPTRAIN_FAULT=<where>:<calls>:<fraction>:<signal>[:atexit]
-#   where: save (mptrain.checkpoint.save_atomic), validate (mptrain.loop.validate), log (RunWriter.log)
+#   where: save (mptrain.checkpoint.callback.save_atomic), validate (mptrain.train.loop.validate), log (RunWriter.log)
 #   calls: comma-separated call numbers (1-based) on which to send the signal
 #   fraction: how far into the call: the share of the temp file's bytes written, of the validation
 #             batches run, of the metrics line written
@@ -38,7 +38,7 @@ CLI = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "tr
 HOOK = r"""
 import atexit, io, json, math, os, signal, sys
 import torch
-import mptrain.checkpoint, mptrain.cli, mptrain.loop, mptrain.outputs
+import mptrain.checkpoint.callback, mptrain.cli.main, mptrain.train.loop, mptrain.run.writer
 
 where, calls, fraction, name, *more = os.environ.pop("MPTRAIN_FAULT").split(":")
 calls, fraction, signum = {int(k) for k in calls.split(",")}, float(fraction), getattr(signal, name)
@@ -52,7 +52,7 @@ def send():
     os.kill(os.getpid(), signum)  # SIGKILL never returns; the others run mptrain's handler here
 
 if where == "save":
-    real_save, real_fdopen = mptrain.checkpoint.save_atomic, os.fdopen
+    real_save, real_fdopen = mptrain.checkpoint.callback.save_atomic, os.fdopen
 
     class Torn:
         # the temp file: the signal arrives once `limit` bytes of it are written
@@ -100,9 +100,9 @@ if where == "save":
         finally:
             os.fdopen = real_fdopen
 
-    mptrain.checkpoint.save_atomic = save_atomic
+    mptrain.checkpoint.callback.save_atomic = save_atomic
 elif where == "validate":
-    real_validate = mptrain.loop.validate
+    real_validate = mptrain.train.loop.validate
 
     def validate(c):
         if not due():
@@ -120,22 +120,22 @@ elif where == "validate":
         finally:
             del task.validation_sums
 
-    mptrain.loop.validate = validate
+    mptrain.train.loop.validate = validate
 elif where == "log":
-    real_log = mptrain.outputs.RunWriter.log
+    real_log = mptrain.run.writer.RunWriter.log
 
     def log(self, row):
         if due():  # a torn line: part of the row, then the signal
-            line = json.dumps({k: mptrain.outputs._plain(v) for k, v in row.items()}) + "\n"
+            line = json.dumps({k: mptrain.run.writer._plain(v) for k, v in row.items()}) + "\n"
             self._metrics.write(line[:int(fraction * len(line))]); self._metrics.flush()
             send()
         return real_log(self, row)
 
-    mptrain.outputs.RunWriter.log = log
+    mptrain.run.writer.RunWriter.log = log
 if more == ["atexit"]:
     atexit.register(send)  # registered first, so it runs last: after mptrain's own exit work
 sys.argv = ["mptrain", *sys.argv[1:]]
-mptrain.cli.main()
+mptrain.cli.main.main()
 """
 
 

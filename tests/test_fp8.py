@@ -172,7 +172,7 @@ def test_fp8_trains_within_a_few_percent_of_bf16(tmp_path, model):
 
 @needs_torchao
 def test_checkpoint_is_plain_and_loads_into_the_unconverted_model(tmp_path):
-    from mptrain.language_models import GPT as GPTModel
+    from mptrain.library.models.language import GPT as GPTModel
 
     _, run_dir = train(tmp_path, ["precision=fp8", "trainer.max_steps=4", "diagnostics=off", *GPT])
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
@@ -232,7 +232,7 @@ def test_missing_torchao_is_one_line_and_touches_nothing(tmp_path, monkeypatch):
 
 def test_missing_torchao_from_the_cli(tmp_path):
     code = ("import sys; sys.modules['torchao'] = None; sys.modules['torchao.float8'] = None; "
-            "from mptrain.cli import main; main()")
+            "from mptrain.cli.main import main; main()")
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", code, "precision=fp8", "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -276,9 +276,9 @@ def test_report_draws_fp8_layers_and_compare_has_fp8_rows(tmp_path):
     import csv
     import json
 
-    from mptrain.compare import main as compare_main
-    from mptrain.diagnostics.report import make_report
-    from mptrain.models import MLP as MLPModel
+    from mptrain.library.models.vision import MLP as MLPModel
+    from mptrain.tools.compare import main as compare_main
+    from mptrain.tools.report import make_report
 
     short = ["trainer.max_steps=4", "diagnostics.first_steps=2", *MLP]
     runs = {p: train(tmp_path / p, [f"precision={p}", *short]) for p in ("bf16", "fp8")}

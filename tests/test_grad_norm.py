@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mptrain.config import validate
-from mptrain.recipe import build
+from mptrain.train.recipe import build
 
 from .conftest import TINY, compose_config, read_jsonl, train
 

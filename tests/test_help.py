@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import textwrap
 
-from mptrain.help import PURPOSE
+from mptrain.cli.help import PURPOSE
 
 from .conftest import CONF, run_cli
 

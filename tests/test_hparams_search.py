@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mptrain.cli import sweep_direction
+from mptrain.cli.main import sweep_direction
 
 from .conftest import compose_config, run_cli
 
@@ -34,7 +34,7 @@ def test_preset_composes_on_static_precision():
 
 
 def test_missing_sweeper_plugin_is_one_line(tmp_path):
-    code = ("import sys; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None; from mptrain.cli import main; "
+    code = ("import sys; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None; from mptrain.cli.main import main; "
             "sys.argv = ['mptrain', '-m', 'hparams_search=optuna']; main()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -79,7 +79,7 @@ def test_study_beats_a_bad_learning_rate_and_resumes(tmp_path):
     assert json.loads((sweep / "3" / "summary.json").read_text())["val/acc"] == done[3].value
 
     # mptrain-compare: one row per trial, the study's objective beside the summaries, best first
-    out = subprocess.run([sys.executable, "-m", "mptrain.compare", str(sweep), "--out", str(tmp_path / "cmp")],
+    out = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", str(sweep), "--out", str(tmp_path / "cmp")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     table = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mptrain.errors import ConfigError
-from mptrain.optim import build_optimizer
+from mptrain.library.optim import build_optimizer
 from mptrain.precision import LossScaler, LossScalingError, Precision, SwitchToBF16
 from mptrain.precision.engine import check_bf16_fallback
 
@@ -498,7 +498,7 @@ def test_on_min_raise_stops_with_a_checkpoint_summary_and_trace(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     # 1e38 -> 5e37 -> 2.5e37 -> 1.25e37 -> 1e37 (clamped at min), and the 5th overflow is at min: 4 steps taken
     assert ckpt["train_state"]["step"] == 4 and ckpt["precision"]["scaler"]["scale"] == 1e37
-    from mptrain.models import MLP
+    from mptrain.library.models.vision import MLP
 
     torch.manual_seed(0)  # the initial weights of the run (seed 0): no step was ever applied
     fresh = MLP(num_classes=10, in_channels=1, image_size=8, width=8, depth=2)

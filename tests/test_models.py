@@ -13,8 +13,8 @@ import torch
 
 from mptrain.config import validate
 from mptrain.errors import ConfigError
-from mptrain.recipe import build
-from mptrain.step import train_step
+from mptrain.train.recipe import build
+from mptrain.train.step import train_step
 
 from .conftest import TINY, compose_config, run_cli, train
 
@@ -104,7 +104,7 @@ def test_lstm_on_a_real_text_file(tmp_path):
 
 @pytest.mark.parametrize("level", ["byte", "char", "word"])
 def test_text_tokenisation_levels(tmp_path, level):
-    from mptrain.text_data import text
+    from mptrain.library.data.text import text
 
     data = text(str(PYTHON_LICENSE), level=level, seq_len=8, max_vocab=50)
     x, y = data.train[0]
@@ -115,7 +115,7 @@ def test_text_tokenisation_levels(tmp_path, level):
 
 
 def test_gpt_keeps_softmax_and_norms_in_fp32_under_fp16():
-    from mptrain.language_models import GPT
+    from mptrain.library.models.language import GPT
 
     model = GPT(vocab_size=11, seq_len=8, dim=16, layers=1, heads=2)
     tokens = torch.randint(0, 11, (2, 8))
@@ -216,8 +216,8 @@ def test_model_and_dataset_tasks_must_match(tmp_path):
 
 
 def test_same_seed_same_order_different_seed_different_order():
-    from mptrain.data import make_loader
-    from mptrain.data import synthetic as synth
+    from mptrain.library.data.loading import make_loader
+    from mptrain.library.data.loading import synthetic as synth
 
     ds = synth(train_size=64, val_size=8).train
     order = lambda seed: [y.tolist() for _, y in make_loader(ds, 8, train=True, seed=seed)]  # noqa: E731

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mptrain.optim import build_optimizer
+from mptrain.library.optim import build_optimizer
 from mptrain.precision import LossScaler, LossScalingError, Precision
 
 from .conftest import compose_config, read_jsonl, train

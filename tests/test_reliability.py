@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mptrain.checkpoint import (
+from mptrain.checkpoint.callback import (
     CheckpointError,
     NonFiniteCheckpoint,
     find_resumable,
@@ -27,10 +27,10 @@ from mptrain.checkpoint import (
 )
 from mptrain.config import check_monitor, check_warmup, validate
 from mptrain.errors import ConfigError
-from mptrain.jsonl import JsonlError, read_jsonl
-from mptrain.outputs import OutputError, write_json_atomic
 from mptrain.precision import Precision
-from mptrain.rundir import RunDirError, RunLock, prepare_records
+from mptrain.run.directory import RunDirError, RunLock, prepare_records
+from mptrain.run.layout import JsonlError, read_jsonl
+from mptrain.run.writer import OutputError, write_json_atomic
 
 from .conftest import compose_config, run_cli, train
 
@@ -162,7 +162,7 @@ def test_torn_metrics_line_does_not_block_resume_auto(tmp_path):
 
 # ---- 5. one run per directory -------------------------------------------------------------------------------
 
-HOLD = ("import sys, time; from pathlib import Path; from mptrain.rundir import RunLock; "
+HOLD = ("import sys, time; from pathlib import Path; from mptrain.run.directory import RunLock; "
         "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)")
 
 
@@ -202,7 +202,7 @@ FULL = """
 import resource, signal, sys
 from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
-from mptrain.checkpoint import save_atomic, CheckpointError
+from mptrain.checkpoint.callback import save_atomic, CheckpointError
 from tests.test_reliability import fake_checkpoint
 d = Path(sys.argv[1])
 save_atomic(fake_checkpoint(step=1), d / "last.pt")

@@ -46,7 +46,7 @@ def test_multirun_gives_one_directory_per_job_and_reports_the_failures(sweep):
 
 def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
     sweep_dir, _ = sweep
-    proc = subprocess.run([sys.executable, "-m", "mptrain.compare", str(sweep_dir), "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", str(sweep_dir), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "250"})
     assert proc.returncode == 0, proc.stderr
     rows = {r["group"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
@@ -83,14 +83,14 @@ def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
 def test_compare_accepts_a_list_of_run_directories(sweep, tmp_path):
     sweep_dir, _ = sweep
     dirs = sorted(str(p.parent) for p in sweep_dir.glob("*/summary.json"))[:2]
-    proc = subprocess.run([sys.executable, "-m", "mptrain.compare", *dirs, "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", *dirs, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(list(csv.DictReader(open(tmp_path / "comparison.csv")))) >= 1
 
 
 def test_compare_on_a_directory_without_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mptrain.compare", str(tmp_path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "no runs under" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -107,7 +107,7 @@ def test_presets_compose_and_declare_their_sweeps(preset):
     if preset == "lm_parity":
         assert cfg.model._target_.endswith("RecurrentLM") and Path(cfg.dataset.path).is_file()
     else:
-        assert cfg.model._target_ == "mptrain.models.MLP"
+        assert cfg.model._target_ == "mptrain.library.models.vision.MLP"
 
 
 @pytest.mark.parametrize("arm", ["fp32", "noscale", "static_1", "static_8", "static_128", "static_1024", "static_32768", "dynamic"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from mptrain.checkpoint import Interrupted
-from mptrain.tasks import Task
+from mptrain.checkpoint.callback import Interrupted
+from mptrain.library.tasks import Task
 
 from .conftest import REPO, read_jsonl, run_cli, train
 from .test_checkpoint import assert_same_tensors, final_state, stop_at
@@ -86,7 +86,7 @@ def test_user_task_resumes_bit_identically(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gan_honours_accumulation_and_records_diagnostics(tmp_path, monkeypatch):
-    from mptrain.components import Components
+    from mptrain.train.components import Components
 
     seen: list[bytes] = []
     original = Components.to_device
@@ -116,21 +116,21 @@ def test_gan_honours_accumulation_and_records_diagnostics(tmp_path, monkeypatch)
 def test_cli_loop_and_bench_share_the_step_function():
     import importlib.util
 
-    import mptrain.loop
-    import mptrain.step
+    import mptrain.train.loop
+    import mptrain.train.step
 
     spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert mptrain.loop.train_step is mptrain.step.train_step
-    assert bench.train_step is mptrain.step.train_step
+    assert mptrain.train.loop.train_step is mptrain.train.step.train_step
+    assert bench.train_step is mptrain.train.step.train_step
 
 
 def test_model_declared_task_is_the_default_and_task_overrides(tmp_path):
     from .conftest import compose_config
 
     assert compose_config([]).task is None
-    assert compose_config(["task=gan"]).task._target_ == "mptrain.gan.Adversarial"
+    assert compose_config(["task=gan"]).task._target_ == "mptrain.library.models.gan.Adversarial"
     with pytest.raises(Exception, match="trains a language_modeling task but the dataset serves classification"):
         train(tmp_path, ["task=language_modeling", "trainer.max_steps=1"])
 

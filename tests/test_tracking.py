@@ -9,7 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from mptrain.tracking import MISSING_MESSAGE
+from mptrain.run.tracking import MISSING_MESSAGE
 
 from .conftest import TINY, compose_config, read_jsonl
 
@@ -23,8 +23,8 @@ def test_mlflow_run_holds_the_config_every_metric_row_and_the_summary(tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from mptrain.config import validate
-    from mptrain.diagnostics.report import main as report
-    from mptrain.recipe import run
+    from mptrain.tools.report import main as report
+    from mptrain.train.recipe import run
 
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     (tmp_path / "store").mkdir()
@@ -82,7 +82,7 @@ def test_mlflow_run_holds_the_config_every_metric_row_and_the_summary(tmp_path, 
 def test_tensorboard_and_mlflow_together(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from mptrain.recipe import run
+    from mptrain.train.recipe import run
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = compose_config(TINY + RUN + ["trainer.tensorboard=true", "diagnostics=off", "logger=mlflow",
@@ -95,7 +95,7 @@ def test_tensorboard_and_mlflow_together(tmp_path, monkeypatch):
 
 def test_missing_mlflow_is_one_line_before_anything_is_written(tmp_path):
     # the extra made unimportable, as on an install without mptrain[mlflow]
-    code = ("import sys; sys.modules['mlflow'] = None; from mptrain.cli import main; "
+    code = ("import sys; sys.modules['mlflow'] = None; from mptrain.cli.main import main; "
             f"sys.argv = ['mptrain', 'logger=mlflow', 'hydra.run.dir={tmp_path}/run', *{TINY + RUN!r}]; main()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

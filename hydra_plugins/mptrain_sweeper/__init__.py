@@ -1,7 +1,7 @@
 """mptrain's Hydra sweeper. Hydra instantiates only plugins defined in the hydra_plugins package, so the
 class is named here; its code is mptrain/sweeper.py (which imports Optuna only when the sweeper is used)."""
 
-from mptrain.sweeper import ResumableOptunaSweeper
+from mptrain.cli.sweeper import ResumableOptunaSweeper
 
 
 class OptunaSweeper(ResumableOptunaSweeper):

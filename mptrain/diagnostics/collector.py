@@ -16,10 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..errors import ConfigError
-from ..jsonl import json_safe
-from ..precision import fp8
-from .stats import (
+from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
     N_BINS,
@@ -31,7 +28,10 @@ from .stats import (
     update_ratio_hist,
     update_underflow,
 )
-from .trace import trace_overflow
+from mptrain.diagnostics.trace import trace_overflow
+from mptrain.errors import ConfigError
+from mptrain.precision import fp8
+from mptrain.run.layout import json_safe
 
 log = logging.getLogger("mptrain")
 

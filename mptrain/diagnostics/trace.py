@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .stats import FP16_MAX
+from mptrain.diagnostics.stats import FP16_MAX
 
 
 def is_bad(t: object) -> bool:

@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from ..errors import ConfigError
-from . import bf16_fused
-from .bf16_fused import LOW16 as _LOW16
+from mptrain.errors import ConfigError
+from mptrain.precision import bf16_fused
+from mptrain.precision.bf16_fused import LOW16 as _LOW16
 
 UPDATES = ("nearest", "stochastic", "kahan")
 BF16_RESOLUTION = 2.0**-8  # an update below |w| * 2^-8 cannot change a bf16 weight

@@ -19,11 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import Fp8Config
-from ..errors import ConfigError, HardwareError
-from . import fp8
-from .master import MasterWeights, cast_model
-from .scaler import LossScaler, SwitchToBF16
+from mptrain.config import Fp8Config
+from mptrain.errors import ConfigError, HardwareError
+from mptrain.precision import fp8
+from mptrain.precision.master import MasterWeights, cast_model
+from mptrain.precision.scaler import LossScaler, SwitchToBF16
 
 FP16_MAX = 65504.0  # the largest finite float16
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError, HardwareError
+from mptrain.errors import ConfigError, HardwareError
 
 log = logging.getLogger("mptrain")
 

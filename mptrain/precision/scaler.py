@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from ..errors import TrainingFailed
+from mptrain.errors import TrainingFailed
 
 
 class LossScalingError(TrainingFailed):

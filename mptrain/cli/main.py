@@ -1,0 +1,250 @@
+"""The `mptrain` command (and `python -m mptrain`): Hydra composes conf/, then the recipe runs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mptrain.checkpoint.callback import Interrupted
+from mptrain.cli.help import config_groups
+from mptrain.config import register_configs, validate
+from mptrain.errors import ConfigError, MptrainError
+from mptrain.run.directory import RunDir, committed, write_hydra_records
+
+log = logging.getLogger("mptrain")
+
+
+def config_dir() -> str:
+    """conf/ inside the installed package (wheel), else the repository's top-level conf/ (source tree)."""
+    here = Path(__file__).resolve().parent.parent  # the mptrain package
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"mptrain's conf/ was not found next to {here}; reinstall mptrain")
+
+
+def run_name() -> str:
+    """The run directory's name: <time>-<pid>, which keeps two runs started in the same second apart.
+    Under torchrun every rank must agree on one directory (and ranks may start in different seconds),
+    so the launcher's run id names it there: torchrun-<run id>."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id:
+        return f"torchrun-{run_id[:13]}"
+    return f"{datetime.now():%H-%M-%S}-{os.getpid()}"
+
+
+def python_stdlib(name: str) -> str:
+    """A file of this Python's standard library (e.g. LICENSE.txt): real text present on every machine."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / name)
+
+
+def sweep_direction(metric: str | None) -> str:
+    """Optuna's direction for a summary metric: losses and perplexities down, the rest (accuracy) up."""
+    return "minimize" if metric and metric.rsplit("/", 1)[-1] in ("loss", "ppl", "train_loss") else "maximize"
+
+
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """The task's return value, which a sweeper (Optuna) optimizes: summary[optimized_metric], else
+    val/acc, else val/loss. A missing or non-finite objective raises, so the trial is marked failed."""
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return summary.get("val/acc", summary.get("val/loss"))
+    value = summary.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MptrainError(f"optimized_metric={metric} is {value!r} in this run's summary, not a finite number "
+                           f"(summary keys: {', '.join(sorted(summary))})")
+    return float(value)
+
+
+def check_sweeper_installed(argv: list[str]) -> None:
+    """`hparams_search=optuna` without the extra: one line instead of Hydra's missing-config message."""
+    if any(a.startswith("hparams_search=") and a != "hparams_search=null" for a in argv):
+        try:
+            import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
+        except ImportError:
+            print("mptrain: error: hparams_search=optuna needs hydra-optuna-sweeper: pip install mptrain[optuna]",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
+def register_sweeper() -> None:
+    """Name our sweeper to Hydra: it finds plugins by scanning hydra_plugins' folders, which misses an
+    editable install's (a setuptools path hook, not a folder)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.mptrain_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
+
+
+register_configs()
+OmegaConf.register_new_resolver("mptrain_run_name", run_name, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("python_stdlib", python_stdlib, replace=True)
+OmegaConf.register_new_resolver("mptrain_direction", sweep_direction, replace=True)
+OmegaConf.register_new_resolver("mptrain_help_groups", config_groups, replace=True)
+
+
+@dataclass
+class SweepOutcome:
+    """What the jobs of one `mptrain` invocation tell each other and the exit code (one per process
+    invocation, passed to the task function; not module state)."""
+
+    jobs: int = 0
+    failed: list[str] = field(default_factory=list)
+    exit_code: int = 0
+    stopped_by: int | None = None  # a signal stopped a job: later jobs of the sweep do not run
+
+
+def _minimal_summary(cfg: DictConfig, status: str, error: str) -> dict:
+    def pick(node: str, *keys: str):
+        sub = cfg.get(node)
+        return next((sub.get(k) for k in keys if isinstance(sub, DictConfig) and sub.get(k) is not None), None)
+
+    return {"status": status, "error": error, "precision": pick("precision", "mode"), "steps": 0,
+            "model": pick("model", "name", "_target_"), "dataset": pick("dataset", "name", "_target_"),
+            "seed": pick("trainer", "seed")}
+
+
+def _record_unrun_job(cfg: DictConfig, job: RunDir, status: str, error: str) -> None:
+    """A sweep job that did not train still gets .hydra records and a summary, so mptrain-compare lists it.
+    Only into a directory that held nothing before (a fresh sweep job's): a refused run changes no records."""
+    from mptrain.run.writer import write_json_atomic
+
+    write_hydra_records(job.path, cfg, job.hydra_cfg)
+    write_json_atomic(job.path / "summary.json", _minimal_summary(cfg, status, error))
+
+
+def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
+    from mptrain.run.writer import print_config_tree, print_summary
+    from mptrain.train.recipe import run
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if not main_rank:  # only rank 0 writes train.log and the console
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
+        logging.getLogger().addHandler(logging.NullHandler())
+    run_dir = Path(hc.runtime.output_dir)
+    outcome.jobs += 1
+    try:
+        was_empty = not any(run_dir.iterdir())
+        with RunDir(run_dir, cfg, HydraConfig.instance().cfg) if main_rank else contextlib.nullcontext() as job:
+            try:
+                if outcome.stopped_by is not None:
+                    raise SweepStopped(outcome.stopped_by)
+                validate(cfg)
+                if main_rank:
+                    print_config_tree(cfg, dict(hc.runtime.choices), list(hc.overrides.task))
+                log.info("run directory: %s", run_dir)
+                summary = run(cfg, run_dir)
+            except MptrainError as e:
+                if multirun and job is not None and was_empty and not committed(run_dir):
+                    status = "interrupted" if isinstance(e, (Interrupted, SweepStopped)) else "failed"
+                    _record_unrun_job(cfg, job, status, str(e))
+                raise
+    except MptrainError as e:
+        if not isinstance(e, SweepStopped):
+            print(f"mptrain: error: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(e.exit_code)
+        # a sweep: record the failure and go on; main() exits non-zero at the end
+        outcome.failed.append(f"{run_dir.name}: {e}")
+        outcome.exit_code = outcome.exit_code or e.exit_code
+        if isinstance(e, Interrupted):
+            outcome.stopped_by = e.signum
+        return None
+    if main_rank:
+        print_summary(summary)
+    return objective(cfg, summary)  # what a sweeper (Optuna) optimizes; None above marks a failed trial
+
+
+class SweepStopped(MptrainError):
+    """An earlier job of this sweep was stopped by a signal: this one does not run."""
+
+    def __init__(self, signum: int):
+        self.exit_code = 128 + signum
+        super().__init__(f"not run: the sweep was stopped by {signal.Signals(signum).name} during an earlier job")
+
+
+def check_config_dirs(argv: list[str]) -> None:
+    """A YAML syntax error in a --config-dir becomes one line (Hydra would print a traceback)."""
+    import yaml
+
+    dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
+    dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    for d in dirs:
+        for path in sorted(Path(d).rglob("*.yaml")):
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
+            except OSError as e:
+                raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
+def exit_at_once(message: str) -> None:
+    """Exit 130 now, skipping atexit callbacks (DataLoader workers, TensorBoard, logging): a Ctrl-C there
+    would print a traceback from inside them."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    print(f"mptrain: {message}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def main() -> None:
+    try:
+        _main()
+    finally:
+        # mptrain's work is done (files written, exit code chosen): a Ctrl-C during the interpreter's
+        # shutdown exits at once instead of raising KeyboardInterrupt inside an atexit callback
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals to the host program
+            signal.signal(signal.SIGINT, lambda *_: exit_at_once("interrupted while exiting; the run's files are complete"))
+
+
+def _main() -> None:
+    outcome = SweepOutcome()
+
+    def mptrain_job(cfg: DictConfig) -> float | None:
+        return _job(cfg, outcome)
+
+    check_sweeper_installed(sys.argv[1:])
+    register_sweeper()
+    try:
+        check_config_dirs(sys.argv[1:])
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(mptrain_job)()
+    except MptrainError as e:
+        print(f"mptrain: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, no checkpoint for this step
+        exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the last one")
+    if outcome.stopped_by is not None:
+        name = signal.Signals(outcome.stopped_by).name
+        print(f"mptrain: error: sweep stopped by {name}; unfinished jobs are recorded as interrupted "
+              "(resume=auto continues them)", file=sys.stderr)
+        sys.exit(128 + outcome.stopped_by)
+    if outcome.failed:
+        print(f"mptrain: error: {len(outcome.failed)} of {outcome.jobs} jobs failed: "
+              + "; ".join(outcome.failed[:3]) + (" ..." if len(outcome.failed) > 3 else ""), file=sys.stderr)
+        sys.exit(outcome.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Image datasets read from disk through torchvision: MNIST, Fashion-MNIST, CIFAR-10/100, ImageFolder.
+
+Nothing is downloaded unless `dataset.download=true`. A missing or malformed root fails at start
+with one line naming the layout expected and the download flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torchvision
+from torchvision import transforms as T
+
+from mptrain.errors import ConfigError
+from mptrain.library.data.loading import Datasets
+
+STATS = {  # per-channel mean and std of the training sets
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+LAYOUT = {
+    "mnist": "<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "fashion_mnist": "<root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "cifar10": "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+    "cifar100": "<root>/cifar-100-python/{train,test,meta}",
+}
+CLASSES = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+
+
+def torchvision_dataset(name: str, root: str, download: bool = False, augment: bool = True,
+                        num_classes: int = 10, channels: int = 1, image_size: int = 28) -> Datasets:
+    """`name` in mnist, fashion_mnist, cifar10, cifar100, from `root` in torchvision's own layout."""
+    if name not in CLASSES:
+        raise ConfigError(f"dataset.name={name!r}: choose one of {', '.join(CLASSES)}")
+    mean, std = STATS[name]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = norm
+    if augment and name.startswith("cifar"):
+        train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm]
+    try:
+        train = CLASSES[name](root, train=True, transform=T.Compose(train_tf), download=download)
+        val = CLASSES[name](root, train=False, transform=T.Compose(norm), download=download)
+    except RuntimeError as e:
+        raise ConfigError(f"dataset {name} not found or corrupt under dataset.root={root} ({str(e).splitlines()[0]}); "
+                          f"expected {LAYOUT[name]}, or pass dataset.download=true to fetch it") from None
+    return Datasets(train=train, val=val)
+
+
+def imagefolder(root: str, image_size: int = 224, num_classes: int | None = None, channels: int = 3,
+                name: str = "imagefolder") -> Datasets:
+    """ImageNet layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, standard transforms.
+    `num_classes` null: one class per folder of train/ (the model's num_classes follows, as a fact of the data)."""
+    base = Path(root)
+    for split in ("train", "val"):
+        if not (base / split).is_dir() or not any(p.is_dir() for p in (base / split).iterdir()):
+            raise ConfigError(f"dataset=imagefolder expects {root}/{split}/<class>/<image> (ImageNet layout: "
+                              f"train/ and val/ with one folder per class); {base / split} is missing or empty")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    train = torchvision.datasets.ImageFolder(base / "train", T.Compose([
+        T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
+    val = torchvision.datasets.ImageFolder(base / "val", T.Compose([
+        T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]))
+    if num_classes is not None and len(train.classes) != num_classes:
+        raise ConfigError(f"dataset.num_classes={num_classes} but {base / 'train'} holds {len(train.classes)} class "
+                          f"folders; set dataset.num_classes={len(train.classes)}")
+    if val.classes != train.classes:
+        raise ConfigError(f"{base / 'val'} and {base / 'train'} hold different class folders; they must match")
+    return Datasets(train=train, val=val, facts={"num_classes": len(train.classes)})

@@ -1,0 +1,303 @@
+"""`mptrain-compare SWEEP_DIR | RUN_DIR...`: the paper's side-by-side table for a sweep.
+
+Jobs are grouped by every override except the seed (`seed=` or `trainer.seed=`). Per group: the
+monitored metric's mean ± std across seeds, its difference to the matching fp32 group, skipped-step %,
+final loss scale, the fraction of gradients fp16 loses (zero or underflowing), samples/s and peak
+memory relative to fp32. Writes comparison.md, comparison.csv and comparison.png beside the jobs.
+An Optuna sweep (`hparams_search=optuna`, its study in SWEEP_DIR/optuna.db) adds each job's trial
+number, state and objective, best trial first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from mptrain.run.layout import read_jsonl
+from mptrain.run.tracking import log_to_recorded_run
+
+SEED_KEYS = ("seed", "trainer.seed")
+
+
+@dataclass
+class Job:
+    path: Path
+    overrides: list[str]
+    summary: dict | None
+    status: str
+    trial: dict | None = None  # an Optuna sweep's trial: number, state, value, params
+
+    @property
+    def seed(self) -> str:
+        for o in self.overrides:
+            k, _, v = o.partition("=")
+            if k.lstrip("+~") in SEED_KEYS:
+                return v
+        return str((self.summary or {}).get("seed", "?"))
+
+
+@dataclass
+class Group:
+    key: tuple[str, ...]
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.key) or "(no overrides)"
+
+    def values(self, name: str) -> list[float]:
+        out = []
+        for j in self.jobs:
+            v = (j.summary or {}).get(name) if j.status == "completed" else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def mean(self, name: str) -> float:
+        v = self.values(name)
+        return statistics.fmean(v) if v else math.nan
+
+    def std(self, name: str) -> float:
+        v = self.values(name)
+        return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
+
+
+def find_jobs(paths: list[Path]) -> list[Job]:
+    """Every job directory (one holding .hydra/overrides.yaml) under the given paths."""
+    dirs: list[Path] = []
+    for p in paths:
+        if (p / ".hydra" / "overrides.yaml").is_file():
+            dirs.append(p)
+        elif p.is_dir():
+            dirs += sorted((d.parent.parent for d in p.glob("**/.hydra/overrides.yaml")),
+                           key=lambda d: (len(d.parts), int(d.name) if d.name.isdigit() else 0, str(d)))
+    if not dirs:
+        raise SystemExit(f"mptrain-compare: error: no runs under {', '.join(map(str, paths))} "
+                         "(a run holds .hydra/overrides.yaml); pass a multirun directory or run directories")
+    jobs = []
+    for d in dirs:
+        overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []
+        summary_path = d / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        status = summary.get("status", "unknown") if summary else "unfinished"
+        jobs.append(Job(d, [str(o) for o in overrides], summary, status))
+    return jobs
+
+
+def optuna_trials(sweep_dir: Path) -> tuple[str, dict[int, dict]] | None:
+    """(direction, {number: trial}) of the Optuna study kept in sweep_dir/optuna.db, if any."""
+    db = sweep_dir / "optuna.db"
+    if not db.is_file():
+        return None
+    try:
+        import optuna
+    except ImportError:
+        print(f"mptrain-compare: {db} is an Optuna study; pip install mptrain[optuna] to read its trials")
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, direction, trials = f"sqlite:///{db.resolve()}", "maximize", {}
+    for s in optuna.study.get_all_study_summaries(storage=storage):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        direction = study.direction.name.lower()
+        for t in study.trials:
+            trials[t.number] = {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params}
+    return direction, trials
+
+
+def attach_trials(jobs: list[Job]) -> str | None:
+    """Give each job of an Optuna sweep its trial (job <n> ran trial <n>; its overrides must hold the
+    trial's parameters). Returns the study's direction, or None when no job belongs to a study."""
+    direction = None
+    for sweep_dir in sorted({j.path.parent for j in jobs}):
+        found = optuna_trials(sweep_dir)
+        if found is None:
+            continue
+        direction, trials = found
+        for j in jobs:
+            t = trials.get(int(j.path.name)) if j.path.parent == sweep_dir and j.path.name.isdigit() else None
+            if t is not None and all(f"{k}={v}" in j.overrides for k, v in t["params"].items()):
+                j.trial = t
+    return direction
+
+
+def group_jobs(jobs: list[Job]) -> list[Group]:
+    """Group by every override except the seed; overrides shared by every job are left out of the key."""
+    def relevant(j: Job) -> list[str]:
+        return [o for o in j.overrides if o.partition("=")[0].lstrip("+~") not in SEED_KEYS
+                and not o.startswith(("hydra.", "resume="))]
+
+    common = set.intersection(*(set(relevant(j)) for j in jobs)) if len(jobs) > 1 else set()
+    groups: dict[tuple[str, ...], Group] = {}
+    for j in jobs:
+        key = tuple(o for o in relevant(j) if o not in common)
+        groups.setdefault(key, Group(key)).jobs.append(j)
+    return list(groups.values())
+
+
+def precision_of(group: Group) -> str:
+    for o in group.key:
+        k, _, v = o.partition("=")
+        if k == "precision":
+            return v
+    modes = {(j.summary or {}).get("precision") for j in group.jobs} - {None}
+    return modes.pop() if len(modes) == 1 else "?"
+
+
+def baseline_for(group: Group, groups: list[Group], mode: str = "fp32") -> Group | None:
+    """The `mode` (fp32) group with the same overrides apart from the precision ones."""
+    rest = tuple(o for o in group.key if not o.startswith("precision"))
+    for g in groups:
+        if precision_of(g) == mode and tuple(o for o in g.key if not o.startswith("precision")) == rest:
+            return g
+    same = [g for g in groups if precision_of(g) == mode]
+    return same[0] if len(same) == 1 else None
+
+
+def lost_fraction(g: Group) -> float:
+    zero, under = g.mean("diag/grad_zero"), g.mean("diag/grad_underflow")
+    return zero + under if math.isfinite(zero) and math.isfinite(under) else math.nan
+
+
+def rows(groups: list[Group], metric: str, trials: bool = False) -> list[dict]:
+    out = []
+    for g in groups:
+        trial = next((j.trial for j in g.jobs if j.trial is not None), None) if trials else None
+        base = baseline_for(g, groups)
+        steps = g.values("steps")
+        skipped = g.values("skipped_steps")
+        statuses = [j.status for j in g.jobs]
+        row = {
+            "group": g.label,
+            "precision": precision_of(g),
+            "seeds": ",".join(j.seed for j in g.jobs),
+            "completed": f"{statuses.count('completed')}/{len(statuses)}",
+            "status": ", ".join(sorted({f"{s} ({j.path.name})" for s, j in zip(statuses, g.jobs) if s != "completed"})) or "ok",
+            f"{metric} mean": g.mean(metric),
+            f"{metric} std": g.std(metric),
+            "diff vs fp32": g.mean(metric) - base.mean(metric) if base else math.nan,
+            "skipped %": 100 * sum(skipped) / sum(steps) if steps and sum(steps) else math.nan,
+            "final loss scale": g.mean("final_loss_scale"),
+            "fp16-lost grads %": 100 * lost_fraction(g),
+            "samples/s vs fp32": g.mean("samples_per_s") / base.mean("samples_per_s") if base else math.nan,
+            "peak memory vs fp32": g.mean("peak_memory_mb") / base.mean("peak_memory_mb") if base else math.nan,
+            "samples/s": g.mean("samples_per_s"),
+        }
+        if any(precision_of(x) == "fp8" for x in groups):  # fp8 rows: how much ran in float8, what it lost
+            row["fp8 layers"] = g.mean("fp8_layers")
+            row["fp8-lost grads %"] = 100 * g.mean("diag/fp8_grad_underflow")
+            bf16 = baseline_for(g, groups, "bf16")
+            row["diff vs bf16"] = g.mean(metric) - bf16.mean(metric) if bf16 else math.nan
+        if trials:
+            value = trial["value"] if trial and trial["value"] is not None else math.nan
+            row.update({"trial": trial["number"] if trial else "", "trial state": trial["state"] if trial else "",
+                        "objective": value})
+        out.append(row)
+    return out
+
+
+def fmt(v: object, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def write_outputs(out_dir: Path, table_rows: list[dict], groups: list[Group], metric: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = list(table_rows[0].keys())
+    with open(out_dir / "comparison.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(table_rows)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table_rows:
+        md.append("| " + " | ".join(fmt(r[c]) for c in cols) + " |")
+    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
+    plot(out_dir / "comparison.png", groups, table_rows, metric)
+    return [out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "comparison.png"]
+
+
+def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.3]})
+    labels = [r["group"] for r in table_rows]
+    means = [r[f"{metric} mean"] for r in table_rows]
+    stds = [r[f"{metric} std"] for r in table_rows]
+    ax1.barh(range(len(labels)), means, xerr=stds, color="tab:blue", alpha=0.7, capsize=3)
+    ax1.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax1.invert_yaxis()
+    ax1.set_xlabel(f"{metric} (mean ± std over seeds)")
+    finite = [m for m in means if math.isfinite(m)]
+    if finite:
+        lo, hi = min(m - s for m, s in zip(means, stds) if math.isfinite(m)), max(finite)
+        ax1.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 1e-9)), hi + 0.1 * (hi - lo + 1e-9))
+    for i, g in enumerate(groups):
+        color = plt.cm.tab10(i % 10)
+        for k, j in enumerate(g.jobs):
+            metrics = j.path / "metrics.jsonl"
+            if not metrics.is_file():
+                continue
+            rows_ = read_jsonl(metrics)
+            pts = [(r["step"], r["loss"]) for r in rows_ if r.get("loss") is not None]
+            if pts:
+                ax2.plot(*zip(*pts), color=color, lw=1, alpha=0.8, label=g.label if k == 0 else None)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("train loss")
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mptrain-compare", description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="a multirun directory, or run directories")
+    ap.add_argument("--metric", default=None, help="the metric to compare (default: val/acc, else val/ppl, else val/loss)")
+    ap.add_argument("--out", type=Path, default=None, help="where to write comparison.* (default: the sweep directory)")
+    args = ap.parse_args(argv)
+    jobs = find_jobs(args.paths)
+    groups = group_jobs(jobs)
+    metric = args.metric or next((m for m in ("val/acc", "val/ppl", "val/loss")
+                                  if any(m in (j.summary or {}) for j in jobs)), "val/loss")
+    direction = attach_trials(jobs)
+    table_rows = rows(groups, metric, trials=direction is not None)
+    if direction is not None:  # best trial first, failed ones last
+        sign = -1 if direction == "maximize" else 1
+        table_rows.sort(key=lambda r: (math.isnan(r["objective"]), sign * r["objective"] if not math.isnan(r["objective"]) else 0))
+    out_dir = args.out or (args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else Path.cwd())
+    console = Console()
+    table = Table(title=f"mptrain-compare: {metric} over seeds, {len(jobs)} jobs in {len(groups)} groups")
+    shown = ["group", "completed", f"{metric} mean", f"{metric} std", "diff vs fp32", "skipped %", "final loss scale",
+             "fp16-lost grads %", "samples/s vs fp32", "peak memory vs fp32", "status"]
+    if "fp8 layers" in table_rows[0]:
+        shown[5:5] = ["diff vs bf16", "fp8 layers", "fp8-lost grads %"]
+    if direction is not None:
+        shown[1:1] = ["trial", "trial state", "objective"]
+    for c in shown:
+        table.add_column(c, overflow="fold")
+    for r in table_rows:
+        table.add_row(*(fmt(r[c]) for c in shown))
+    console.print(table)
+    written = write_outputs(out_dir, table_rows, groups, metric)
+    for p in written:
+        console.print(f"wrote {p}")
+    tracked = [j for j in jobs if log_to_recorded_run(j.path, written, "comparison")]
+    if tracked:  # logger=mlflow jobs get the comparison they are part of
+        console.print(f"logged the comparison to {len(tracked)} MLflow runs")
+
+
+if __name__ == "__main__":
+    main()

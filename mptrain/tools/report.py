@@ -1,0 +1,302 @@
+"""`mptrain-report RUN_DIR`: plots of a run's precision diagnostics in RUN_DIR/report/.
+
+(a) activation_gradients.png  activation-gradient exponent histogram with FP16's ranges shaded (paper Fig. 3)
+(b) loss_scale.png            loss and loss scale over steps, skipped steps marked
+(c) underflow_heatmap.png     per-layer fraction of gradients that FP16 flushes to zero, over time
+(d) update_underflow.png      per-layer fraction of weight updates too small to change an FP16 weight
+(e) fp8.png                   precision=fp8: per converted layer, amax and the fractions fp8 flushes to zero
+(f) bf16_update.png           precision=bf16_pure: updates round-to-nearest would lose, what compensation carries
+and a table of the layers at most risk (and, for fp8, of the converted layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mptrain.diagnostics.stats import EXPONENTS
+from mptrain.run.layout import read_jsonl
+from mptrain.run.tracking import log_to_recorded_run
+
+
+class NotARun(Exception):
+    pass
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    metrics, diag = run_dir / "metrics.jsonl", run_dir / "diagnostics.jsonl"
+    if not run_dir.is_dir() or not metrics.is_file():
+        raise NotARun(f"{run_dir} is not an mptrain run directory (no metrics.jsonl); pass outputs/<date>/<time>-<id>")
+    if not diag.is_file():
+        raise NotARun(f"{run_dir} has no diagnostics.jsonl: it ran with diagnostics=off; rerun with diagnostics=default")
+    return read_jsonl(metrics), read_jsonl(diag)
+
+
+def _shade_fp16(ax) -> None:
+    """FP16's ranges on a log2 axis: underflow (< 2^-24), subnormal, normal, overflow (> 65504)."""
+    ax.axvspan(EXPONENTS[0] - 1, -24, color="tab:red", alpha=0.12, label="underflows to 0 in fp16 (< 2^-24)")
+    ax.axvspan(-24, -14, color="tab:orange", alpha=0.15, label="fp16 subnormal [2^-24, 2^-14)")
+    ax.axvspan(-14, math.log2(65504), color="tab:green", alpha=0.08, label="fp16 normal")
+    ax.axvspan(math.log2(65504), EXPONENTS[-1] + 2, color="tab:purple", alpha=0.12, label="overflows (> 65504)")
+
+
+def plot_activation_gradients(samples: list[dict], path: Path, meta: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    _shade_fp16(ax)
+    x = np.array([EXPONENTS[0] - 1] + EXPONENTS + [EXPONENTS[-1] + 1]) + 0.5
+    layers = meta.get("activation_layers", [])
+    total = None
+    zero_all, count_all = 0, 0
+    for layer in layers:
+        hists = [np.array(s["activations"][layer]["hist"][: len(x)]) for s in samples if layer in s.get("activations", {})]
+        if not hists:
+            continue
+        h = np.sum(hists, axis=0)
+        full = np.sum([s["activations"][layer]["hist"] for s in samples if layer in s.get("activations", {})], axis=0)
+        zero_all += full[len(x)]
+        count_all += full.sum()
+        total = h if total is None else total + h
+        ax.plot(x, h / max(full.sum(), 1), marker=".", lw=1, label=layer)
+    if total is not None:
+        ax.bar(x, total / max(count_all, 1), width=0.9, color="0.5", alpha=0.35, label="all chosen layers")
+    ax.set_yscale("log")
+    ax.set_xlabel("log2(|activation gradient|)  (values as they flow in backward, loss scale included)")
+    ax.set_ylabel("fraction of values")
+    zero_frac = zero_all / max(count_all, 1)
+    ax.set_title(f"Activation gradients ({meta.get('fp16_view', '')} fp16 view); exact zeros: {zero_frac:.1%}")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss_scale(metrics: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in metrics if "loss" in r]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.plot(steps, [np.nan if r["loss"] is None else r["loss"] for r in rows], color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.step(steps, [r["loss_scale"] for r in rows], where="post", color="tab:orange", label="loss scale")
+    ax2.set_yscale("log", base=2)
+    ax2.set_ylabel("loss scale", color="tab:orange")
+    skipped = [r for r in rows if r.get("skipped")]
+    if skipped:
+        ax2.scatter([r["step"] for r in skipped], [r["loss_scale"] for r in skipped], marker="x", color="tab:red",
+                    zorder=5, label=f"window with skipped steps ({sum(r['skipped'] for r in skipped)} in all)")
+    ax2.legend(loc="upper right", fontsize=8)
+    ax.set_title("Loss and loss scale")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _layer_matrix(samples: list[dict], key: str, field: str) -> tuple[list[str], list[int], np.ndarray]:
+    rows = [s for s in samples if key in s]
+    names = list(rows[0][key]["params"]) if rows else []
+    matrix = np.array([[s[key]["params"].get(n, {}).get(field, np.nan) if isinstance(s[key]["params"].get(n), dict)
+                        else s[key]["params"].get(n, np.nan) for n in names] for s in rows], dtype=float)
+    return names, [s["step"] for s in rows], matrix
+
+
+def plot_underflow_heatmap(samples: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names, steps, m = _layer_matrix(samples, "grads", "underflow")
+    _, _, zeros = _layer_matrix(samples, "grads", "zero")
+    lost = m + zeros  # what fp16 loses: flushed to zero now, or zero already
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(names) + 1.5)))
+    im = ax.imshow(lost.T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ticks = np.linspace(0, len(steps) - 1, min(len(steps), 10)).astype(int) if steps else []
+    ax.set_xticks(ticks, [steps[i] for i in ticks])
+    ax.set_xlabel("step (sampled)")
+    ax.set_title("Fraction of each parameter's gradients that fp16 holds as zero (zero or < 2^-24 at the loss scale)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_update_underflow(samples: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names, steps, m = _layer_matrix(samples, "update_underflow", "")
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(names) + 1.5)))
+    mean = np.nanmean(m, axis=0) if m.size else np.zeros(len(names))
+    ax.barh(range(len(names)), mean, color="tab:red")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of weight updates with |dw| < |w| * 2^-11 (lost if the weights were fp16)")
+    ax.set_title(f"Update underflow per parameter (mean over {len(steps)} sampled steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def risk_table(samples: list[dict], top: int = 10) -> Table:
+    names, _, under = _layer_matrix(samples, "grads", "underflow")
+    _, _, zero = _layer_matrix(samples, "grads", "zero")
+    _, _, head = _layer_matrix(samples, "grads", "headroom")
+    unames, _, upd = _layer_matrix(samples, "update_underflow", "")
+    upd_mean = dict(zip(unames, np.nanmean(upd, axis=0))) if upd.size else {}
+    lost = np.nanmean(under + zero, axis=0) if under.size else np.zeros(len(names))
+    order = np.argsort(-lost)[:top]
+    table = Table(title="Layers at most risk in fp16 (mean over sampled steps)")
+    for col in ("parameter", "zero or underflow", "overflow headroom (log2, min)", "update underflow"):
+        table.add_column(col)
+    for i in order:
+        h = np.nanmin(np.where(np.isfinite(head[:, i]), head[:, i], np.nan)) if head.size else np.nan
+        table.add_row(names[i], f"{lost[i]:.1%}", "n/a" if np.isnan(h) else f"{h:.1f}", f"{upd_mean.get(names[i], np.nan):.1%}")
+    return table
+
+
+FP8_ROLES = (("input", "e4m3"), ("weight", "e4m3"), ("grad", "e5m2 (rowwise: e4m3)"))
+
+
+def _fp8_series(samples: list[dict]) -> tuple[list[str], list[int], dict]:
+    """Layer names, sampled steps, and (role, field) -> steps x layers matrix from the rows' "fp8" records."""
+    rows = [s for s in samples if s.get("fp8")]
+    names = list(dict.fromkeys(n for s in rows for n in s["fp8"]))  # model order, as first recorded
+    out = {}
+    for role, _ in FP8_ROLES:
+        for f in ("amax", "scale", "underflow", "underflow_unscaled", "overflow_unscaled"):
+            out[role, f] = np.array([[s["fp8"].get(n, {}).get(role, {}).get(f, np.nan) for n in names] for s in rows],
+                                    dtype=float)
+    return names, [s["step"] for s in rows], out
+
+
+def plot_fp8(samples: list[dict], path: Path) -> None:
+    """Per role: log2 amax of each converted layer over steps (top) and the mean fraction of its non-zero
+    values that fp8 flushes to zero with the dynamic scale vs without any scale (bottom)."""
+    import matplotlib.pyplot as plt
+
+    names, steps, m = _fp8_series(samples)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex="row")
+    for k, (role, fmt_) in enumerate(FP8_ROLES):
+        ax = axes[0, k]
+        for i, n in enumerate(names):
+            ax.plot(steps, np.log2(m[role, "amax"][:, i]), marker=".", lw=1, label=n)
+        ax.set_title(f"{role} ({fmt_}): log2 amax")
+        ax.set_xlabel("step (sampled)")
+        ax = axes[1, k]
+        y = np.arange(len(names))
+        ax.barh(y - 0.2, np.nanmean(m[role, "underflow"], axis=0), height=0.4, color="tab:blue", label="with the scale")
+        ax.barh(y + 0.2, np.nanmean(m[role, "underflow_unscaled"], axis=0), height=0.4, color="tab:red", alpha=0.6,
+                label="unscaled cast")
+        ax.set_yticks(y, names if k == 0 else [""] * len(names), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{role}: fraction flushed to zero in fp8")
+    axes[0, 0].legend(fontsize=6)
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle(f"fp8 casts of {len(names)} converted layers over {len(steps)} sampled steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fp8_table(samples: list[dict]) -> Table:
+    names, _, m = _fp8_series(samples)
+    table = Table(title="fp8 layers (mean over sampled steps; amax: the largest)")
+    for col in ("layer", "input amax", "weight amax", "grad amax", "grad scale", "grad underflow",
+                "grad underflow unscaled", "input overflow unscaled"):
+        table.add_column(col)
+    for i, n in enumerate(names):
+        table.add_row(n, *(f"{np.nanmax(m[r, 'amax'][:, i]):.3g}" for r in ("input", "weight", "grad")),
+                      f"{np.nanmean(m['grad', 'scale'][:, i]):.3g}", f"{np.nanmean(m['grad', 'underflow'][:, i]):.2%}",
+                      f"{np.nanmean(m['grad', 'underflow_unscaled'][:, i]):.2%}",
+                      f"{np.nanmean(m['input', 'overflow_unscaled'][:, i]):.2%}")
+    return table
+
+
+def bf16_update_series(samples: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    """(steps, fraction of updates round-to-nearest loses, compensation / update ratio) of bf16_pure's sampled
+    steps (several optimizers' records: their mean)."""
+    steps, lost, carried = [], [], []
+    for s in samples:
+        records = s.get("bf16_update")
+        records = records if isinstance(records, list) else [records] if records else []
+        if records:
+            steps.append(s["step"])
+            lost.append(float(np.mean([r["lost_nearest"] for r in records])))
+            carried.append(float(np.mean([r.get("compensation_ratio", np.nan) for r in records])))
+    return steps, lost, carried
+
+
+def plot_bf16_update(samples: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    steps, lost, carried = bf16_update_series(samples)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(steps, lost, "o-", color="tab:red", label="updates round-to-nearest would lose (|dw| below bf16's 2^-8)")
+    if not np.all(np.isnan(carried)):
+        ax.plot(steps, carried, "s-", color="tab:blue", label="Kahan compensation / update (mean magnitudes)")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("bf16_pure: what rounding the weight update to bfloat16 does")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    console = console or Console()
+    metrics, diag = load_run(run_dir)
+    meta = next((r for r in diag if r.get("event") == "meta"), {})
+    samples = [r for r in diag if r.get("event") == "sample"]
+    if not samples:
+        raise NotARun(f"{run_dir}/diagnostics.jsonl has no sampled steps yet; run longer or lower diagnostics.every")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    paths = [out / "activation_gradients.png", out / "loss_scale.png", out / "underflow_heatmap.png",
+             out / "update_underflow.png"]
+    plot_activation_gradients(samples, paths[0], meta)
+    plot_loss_scale(metrics, paths[1])
+    plot_underflow_heatmap(samples, paths[2])
+    plot_update_underflow(samples, paths[3])
+    console.print(risk_table(samples))
+    if any(s.get("fp8") for s in samples):
+        paths.append(out / "fp8.png")
+        plot_fp8(samples, paths[-1])
+        console.print(fp8_table(samples))
+    if any(s.get("bf16_update") for s in samples):
+        paths.append(out / "bf16_update.png")
+        plot_bf16_update(samples, paths[-1])
+    for trace in (r for r in diag if r.get("event") == "trace"):
+        console.print(f"[bold red]overflow trace[/] at step {trace['step']} ({trace['reason']}): "
+                      f"forward {trace['forward']}, backward {trace['backward']}")
+    console.print(f"plots written to {out}/")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mptrain-report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory, e.g. outputs/2026-11-28/12-00-00-1234")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_report(args.run_dir)
+        if log_to_recorded_run(args.run_dir, paths, "report"):  # a logger=mlflow run gets the PNGs too
+            print(f"logged {len(paths)} files to the run's MLflow run")
+    except NotARun as e:
+        print(f"mptrain-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Callbacks around the step: metric rows (with the divergence check) and the console.
+
+The checkpointer (checkpoint.py) and the stop signals it honours are callbacks too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from mptrain.errors import Diverged
+from mptrain.run.writer import RunWriter
+from mptrain.train.components import Components
+from mptrain.train.loop import Callback
+from mptrain.train.state import TrainState
+from mptrain.train.step import StepOutput
+
+log = logging.getLogger("mptrain")
+
+
+class Console(Callback):
+    """One display: on a terminal, a progress bar with log lines printed above it (never into it); elsewhere
+    (CI, SLURM, `| tee`) no animation, one plain line per metrics row."""
+
+    def __init__(self, enabled: bool = True, total: int = 0, initial: int = 0):
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False, disable=not self.interactive)
+
+    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
+        self.bar.update(1)
+
+    def row(self, row: dict) -> None:
+        """Show a metrics row: in the bar's postfix on a terminal, else as one log line."""
+        if self.interactive:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
+                                 refresh=False)
+        else:
+            norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
+            log.info("step %d  loss %.4f  lr %.3g  scale %g%s", row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
+
+    @contextlib.contextmanager
+    def logging_above(self) -> Iterator[None]:
+        """Route console log lines through tqdm.write while the bar is shown (file handlers untouched)."""
+        if not self.interactive:
+            yield
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            yield
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLogger(Callback):
+    """Writes a metrics row every `log_every` steps and at the end, and a row per validation. The row is
+    the one host read of the step's loss (and gradient norm). Without a loss scaler nothing skips bad
+    steps: a non-finite loss stops the run there, before the weights are poisoned further (the check reads
+    only the row's loss: no extra host synchronisation)."""
+
+    def __init__(self, writer: RunWriter, log_every: int, console: Console | None = None):
+        self.writer, self.log_every, self.console = writer, log_every, console
+
+    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
+        if out.event is not None:
+            self.writer.log({"step": state.step, "epoch": state.epoch, **out.event})
+        if state.step % self.log_every and state.step != c.total_steps:
+            return
+        p = c.precision
+        norm = out.grad_norm if out.grad_norm is not None else torch.full((), math.nan, device=c.device)
+        window_loss, grad_norm = torch.stack([state.window_loss.float(), norm.float().to(c.device)]).tolist()
+        applied, skipped = state.window_applied, state.window_skipped
+        state.window_loss.zero_()
+        state.window_applied = state.window_skipped = 0
+        mean_loss = window_loss / applied if applied else math.nan
+        if applied and not math.isfinite(mean_loss) and p.scaler is None:
+            raise Diverged(
+                f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
+                "Try a lower optimizer.lr, trainer.clip_grad_norm=1.0, or a loss-scaled mode (precision=dynamic); "
+                "resume=auto continues from the last finite checkpoint")
+        if math.isfinite(mean_loss):
+            state.train_loss = mean_loss
+            state.verified_step = state.step - 1  # every loss of the window was finite: so were the weights before
+        row = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": c.optimizer.param_groups[0]["lr"],
+               "loss_scale": p.loss_scale, "skipped": skipped,
+               "skipped_total": p.skipped_steps,
+               "grad_norm": grad_norm if out.applied and math.isfinite(grad_norm) else None}
+        self.writer.log(row)
+        if self.console is not None:
+            self.console.row(row)
+
+    def on_validation_end(self, c: Components, state: TrainState, metrics: dict) -> None:
+        self.writer.log({"step": state.step, "epoch": state.epoch, **metrics})
+        log.info("step %d  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), state.step)
+        run_dir = self.writer.run_dir if self.writer.enabled else None
+        with c.precision.autocast():
+            c.task.after_validation(c.base_model, run_dir, state.step)

@@ -1,0 +1,94 @@
+"""The training loop and validation: free functions over ready-built components and the train state.
+
+What happens around a step (metric rows, checkpoints, stop signals, the console) is done by callbacks,
+each with the small interface of `Callback`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from mptrain.library.tasks import batch_size, checked_sums
+from mptrain.parallel.distributed import sum_across_ranks
+from mptrain.train.components import Components
+from mptrain.train.state import TrainState
+from mptrain.train.step import StepOutput, train_step
+
+
+class Callback:
+    """Called by the loop in the order given; each method may be left out."""
+
+    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
+        """After every optimizer step (counters already advanced)."""
+
+    def on_validation_end(self, c: Components, state: TrainState, metrics: dict) -> None:
+        """After a validation; `state.last_val` already holds `metrics`."""
+
+
+def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), diagnostics=None,
+        log_every: int = 10, eval_every: int | None = None) -> None:
+    """Train until c.total_steps optimizer steps have been taken, continuing from `state`.
+    Validation runs at the end of every epoch (or every `eval_every` steps) and at the end."""
+    c.model.train()
+    t0 = time.perf_counter()
+    while state.step < c.total_steps:
+        # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
+        c.train_loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size)
+        batches = iter(c.train_loader)
+        epoch = state.epoch
+        while state.epoch == epoch and state.step < c.total_steps:
+            step_no = state.step + 1
+            logged = step_no % log_every == 0 or step_no == c.total_steps  # a metrics row reads the grad norm
+            out = train_step(c, batches, step_no, diagnostics, measure_norm=logged)
+            if out.applied:
+                c.scheduler.step()  # only applied steps advance the schedule
+            epoch_end = state.record_step(out.applied, out.loss, out.samples, c.steps_per_epoch)
+            if out.event is not None:
+                state.events.append({"step": state.step, **out.event})
+            scheduled = epoch_end if eval_every is None else state.step % eval_every == 0
+            if c.val_loader is not None and (scheduled or state.step == c.total_steps):  # always validate the end
+                state.train_time += time.perf_counter() - t0  # validation is not training time
+                metrics = validate(c)
+                state.last_val = {"step": state.step, **metrics}
+                for cb in callbacks:
+                    cb.on_validation_end(c, state, metrics)
+                t0 = time.perf_counter()
+            for cb in callbacks:
+                cb.on_step_end(c, state, out)
+    if c.device.type == "cuda":
+        torch.cuda.synchronize(c.device)
+    state.train_time += time.perf_counter() - t0
+
+
+@torch.no_grad()
+def validate(c: Components) -> dict:
+    """The task's validation metrics over the whole validation set (and every rank): sums stay on the
+    device and are read once. The global RNG is left as it was, so validation never changes training."""
+    was_training = c.model.training
+    c.model.eval()
+    task, keys, sums = c.task, None, None
+    count = torch.zeros((), dtype=torch.float64, device=c.device)  # on the device: a tensor "count" needs no read
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None)
+    for batch in c.val_loader:
+        with c.precision.autocast():
+            out = task.validation_sums(c.model, c.to_device(batch))
+        n = out.pop("count", None) if isinstance(out, dict) else None
+        count += torch.as_tensor(n if n is not None else batch_size(batch), device=c.device).double().reshape(())
+        values = checked_sums(out, keys, task, c.device)
+        if keys is None:
+            keys = list(out)
+            sums = torch.zeros(len(keys), dtype=torch.float64, device=c.device)
+        sums += values
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], c.device)
+    packed = torch.cat([sums if sums is not None else torch.zeros(0, dtype=torch.float64, device=c.device),
+                        count.reshape(1)])
+    values = sum_across_ranks(packed, c.dist).tolist()  # the one host read of the validation
+    totals = {**dict(zip(keys or [], values[:-1])), "count": values[-1]}
+    metrics = task.validation_metrics(totals)
+    c.model.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}

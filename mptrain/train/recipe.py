@@ -1,0 +1,337 @@
+"""The training recipe: set up from the config, train, write the summary, clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mptrain import __version__
+from mptrain.checkpoint.callback import (
+    Checkpointer,
+    Interrupted,
+    NonFiniteCheckpoint,
+    StopSignals,
+    apply_checkpoint,
+    config_container,
+    resolve_resume,
+)
+from mptrain.config import check_warmup
+from mptrain.diagnostics import Diagnostics
+from mptrain.errors import ConfigError, Diverged, MptrainError
+from mptrain.library.data.loading import as_datasets, make_loader, overfit
+from mptrain.library.models import conv_wgrad
+from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
+from mptrain.library.tasks import BUILTIN, Task, check_task
+from mptrain.parallel import distributed, fsdp
+from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
+from mptrain.precision.bf16_pure import memory_per_param
+from mptrain.run.tracking import trackers
+from mptrain.run.writer import OutputError, RunWriter
+from mptrain.train.callbacks.metrics import Console, MetricsLogger
+from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
+from mptrain.train.components import Components, Part
+from mptrain.train.loop import fit
+from mptrain.train.state import TrainState
+
+log = logging.getLogger("mptrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextlib.contextmanager
+def backend_settings(t: DictConfig) -> Iterator[None]:
+    """Determinism, cuDNN autotuning and TF32 for this run only (Hydra multirun shares the process)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
+    cudnn.allow_tf32 = matmul.allow_tf32 = t.allow_tf32
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[1:]
+
+
+def _instantiate(node: DictConfig, group: str, **kwargs):
+    """hydra.utils.instantiate, with our own errors surfacing as themselves."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MptrainError):
+            raise cause from None
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(cause, ImportError) and str(cause).startswith("Error loading"):
+            # Hydra could not import the target: its reasons follow the first line
+            reason = " ".join(" ".join(str(cause).splitlines()[1:]).split()) or str(cause)
+            raise ConfigError(f"{group}._target_={target} cannot be imported ({reason}); check the name and put "
+                              "its module on PYTHONPATH") from None
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+        raise ConfigError(" ".join(f"{group}._target_={target} failed: {why}".split())) from e
+
+
+def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task:
+    """`task=` when given, else the task the model declares (`task = "gan"` on its class; default
+    classification); checked against what the dataset serves before any model is built."""
+    node = cfg.get("task")
+    if node is None:
+        name = getattr(model_target, "task", "classification")
+        if name not in BUILTIN:
+            raise ConfigError(f"the model declares task {name!r}, which mptrain does not ship; add task=<yours> "
+                              f"(built in: {', '.join(BUILTIN)}; docs/tasks.md)")
+        node = OmegaConf.create({"_target_": BUILTIN[name]})
+    return check_task(_instantiate(node, "task"), dataset_task)
+
+
+def build(cfg: DictConfig) -> Components:
+    """Every component of the run, each builder taking only its own sub-config."""
+    t = cfg.trainer
+    info = distributed.env_info()
+    device = resolve_device(distributed.device_for(t.device, info))
+    info = distributed.setup(t, device)
+    seed_everything(t.seed)
+    precision = Precision(cfg.precision, device)
+    log.info(precision.describe())
+
+    datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
+    if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
+        datasets = overfit(datasets, t.overfit_batches * t.batch_size)
+    pin = device.type == "cuda"
+    batch = t.batch_size // info.world_size  # trainer.batch_size is the global batch
+    shard = {"rank": info.rank, "world_size": info.world_size, "num_workers": t.num_workers, "pin_memory": pin}
+    train_loader = make_loader(datasets.train, batch, train=True, seed=t.seed, **shard)
+    val_loader = None
+    if datasets.val is not None:
+        val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, pad=t.strategy == "fsdp", **shard)
+    steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
+    if steps_per_epoch == 0:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
+                          f"exceeds the {len(datasets.train)} training samples; lower the batch size")
+
+    # facts only the data know (a text file's vocabulary) fill model keys left null
+    facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
+    try:
+        target = get_object(cfg.model._target_)
+    except Exception as e:
+        raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
+                          "put its module on PYTHONPATH") from None
+    task = build_task(cfg, target, datasets.task)  # before building a model that cannot fit the data
+    several = len(task.parts) > 1
+    if several and info.enabled:
+        raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
+                          "gradient all-reduce; train it in one process (no torchrun)")
+    model = _instantiate(cfg.model, "model", **facts)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
+                          "torch.nn.Module; point it at a module class or a function returning one")
+    missing = [n for n in task.parts if several and not isinstance(getattr(model, n, None), nn.Module)]
+    if missing:
+        raise ConfigError(f"task {task.name} trains the submodules {', '.join(task.parts)} but the model has no "
+                          f"{', '.join(missing)}")
+    model = model.to(device)
+    if device.type == "cpu":
+        switched = conv_wgrad.apply(model, t.conv_wgrad)
+        if switched:
+            log.debug("trainer.conv_wgrad=%s: %d convolutions may take the forward-form weight gradient",
+                      t.conv_wgrad, switched)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision.prepare_model(model)
+    if t.strategy == "fsdp" and info.enabled:
+        model = fsdp.shard(model, precision)
+        precision.prepare_model(model)  # the optimizer must see the sharded parameters
+    elif t.strategy == "fsdp":
+        raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
+                          "--nproc_per_node=N (N > 1)")
+    options = precision.optimizer_options()  # bf16_pure: its update rule
+    if several:  # one optimizer per network, one loss scaler for all
+        parts = [Part(n, build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n)), **options),
+                      precision.optimizer_params(getattr(model, n))) for n in task.parts]
+        optimizer = MultiOptimizer({part.name: part.optimizer for part in parts})
+    else:
+        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params(), **options)
+        parts = [Part("model", optimizer, precision.optimizer_params())]
+    base_model = model
+    if t.strategy == "ddp":
+        model = distributed.wrap(model, t, info, device)  # DDP under torchrun
+    if t.compile:
+        model = torch.compile(model)  # shares the parameters; checkpoints unwrap it (_orig_mod)
+    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
+    if isinstance(optimizer, MultiOptimizer):
+        scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
+    else:
+        scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    check_warmup(cfg.scheduler, total_steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
+             task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    return Components(
+        model=model, task=task, precision=precision, optimizer=optimizer, scheduler=scheduler, parts=parts,
+        train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
+        loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
+        strategy=t.strategy if info.enabled else "single",
+    )
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, status: str, wall_s: float,
+              diagnostics: Diagnostics | None = None, error: str | None = None) -> dict:
+    summary: dict = {
+        "status": status,
+        "precision": cfg.precision.mode,
+        "task": c.task.name if c is not None else None,
+        "model": cfg.model.get("name") or cfg.model.get("_target_"),
+        "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
+        "seed": cfg.trainer.seed,
+        "wall_s": round(wall_s, 3),
+        "mptrain_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+    if c is not None and state is not None:
+        p = c.precision
+        mem, mem_kind = peak_memory_mb(c.device)
+        summary.update({
+            "compute_dtype": SHORT_DTYPE[p.compute_dtype],
+            "device": str(c.device),
+            "steps": state.step,
+            "epochs": round(state.epoch + state.step_in_epoch / c.steps_per_epoch, 4),
+            "skipped_steps": p.skipped_steps,
+            **p.scaler_stats(),
+            "final_loss_scale": p.loss_scale,
+            "train_loss": state.train_loss,
+            **{k: v for k, v in state.last_val.items() if k != "step"},
+            "samples": state.samples * c.world_size,  # every rank trains on as many samples
+            # this attempt's throughput: the samples of this attempt over its training time
+            "samples_per_s": (round(state.attempt_samples * c.world_size / state.train_time, 2)
+                              if state.train_time > 0 else None),
+            "world_size": c.world_size,
+            "peak_memory_mb": round(mem, 1),
+            "peak_memory_kind": mem_kind,
+            **p.summary(),
+        })
+        if state.step > 0:  # optimizer state exists once a step has run
+            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p)
+        if state.events:
+            summary["events"] = list(state.events)
+        if diagnostics is not None:
+            summary.update(diagnostics.summary())
+    if error is not None:
+        summary["error"] = error
+    return summary
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as the config says, recording everything in run_dir. Returns the summary.
+
+    Nothing in run_dir is touched until the config, the checkpoint to resume from and the model have
+    all been checked. From then on summary.json is written whatever happens: completed, interrupted
+    (a stop signal, after a checkpoint) or failed.
+    """
+    start = time.perf_counter()
+    config = config_container(cfg)
+    resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
+    c = build(cfg)
+    try:
+        return _run(cfg, run_dir, config, resume, c, start)
+    finally:
+        distributed.teardown(c.dist)
+        if cfg.trainer.compile:
+            torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
+
+
+def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, start: float) -> dict:
+    t = cfg.trainer
+    distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, c.dist)
+    state = TrainState().to(c.device)
+    if resume is not None:
+        path, ckpt = resume
+        if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
+            ckpt = fsdp.load(c, path)
+        apply_checkpoint(c, state, ckpt, path, config)
+    if cfg.diagnostics.enabled:
+        Diagnostics.check_layers(cfg.diagnostics, c.base_model)
+    signals = StopSignals()  # handlers are installed around fit() only
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
+                                save_sharded=fsdp.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
+    # every check has passed: only now does the run directory change (RunWriter commits it; rank 0 writes)
+    writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
+                       enabled=c.is_main)
+    writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
+    diagnostics = None
+    if cfg.diagnostics.enabled and c.is_main:
+        diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
+    if c.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(c.device)
+    console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
+    status, error = "failed", None
+    with signals:
+        callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
+        profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
+        if profiler is not None:  # debug=profile
+            callbacks.append(profiler)
+        try:
+            with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
+                  anomaly_detection(t.detect_anomaly)):
+                fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
+            status = "completed"
+        except Interrupted as e:
+            status, error = "interrupted", str(e)
+            raise
+        except KeyboardInterrupt:
+            status, error = "interrupted", "KeyboardInterrupt (no checkpoint: interrupted twice)"
+            raise
+        except MptrainError as e:
+            error = str(e)
+            if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
+                checkpointer.set_aside_unverified(state.verified_step)
+            if isinstance(e, LossScalingError) and cfg.checkpoint.enabled:
+                # the scale cannot back off further (on_min=raise): the overflowing step was skipped, so the weights
+                # are those of the last applied step; save them to continue with other settings (resume=auto)
+                with contextlib.suppress(MptrainError):
+                    checkpointer.save(c, state)
+            raise
+        except BaseException as e:
+            error = repr(e)
+            raise
+        finally:
+            console.close()
+            if profiler is not None:
+                profiler.close()
+            summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
+            try:
+                writer.write_summary(summary)
+            except OutputError as e:  # a full disk: say so, without hiding the error that ended the run
+                log.error("%s", e)
+                if status == "completed":
+                    raise
+            writer.close()
+            if diagnostics is not None:
+                diagnostics.close()
+            if status == "interrupted":
+                signals.forward()
+    return summary
