@@ -368,6 +368,55 @@ class DCGANConfig:
 
 
 @dataclass
+class TimmModelConfig:
+    """Any timm architecture by name, built with pretrained=False (mptrain.library.models.timm_models)."""
+
+    _target_: str = "mptrain.library.models.timm_models.timm_model"
+    _convert_: str = "all"  # kwargs reach timm as plain dicts and lists
+    name: str = MISSING  # e.g. convnext_atto, resnet18, vit_tiny_patch16_224 (timm.list_models())
+    num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # null: from the data
+    in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
+    checkpoint_path: str | None = None  # a local .pth/.safetensors state dict (never the hub)
+    drop_path_rate: float = 0.0  # stochastic depth, where the architecture has it
+    kwargs: Any = None  # a dict to the architecture's constructor (depths, dims, ...)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
+
+
+@dataclass
+class HFCausalLMConfig:
+    """A Hugging Face AutoModelForCausalLM from model.config (random weights) or a local model.path."""
+
+    _target_: str = "mptrain.library.models.hf.hf_causal_lm"
+    _convert_: str = "all"
+    config: Any = None  # {model_type: llama, hidden_size: ..., ...} (transformers' names)
+    path: str | None = None  # a local directory with config.json and weights
+    vocab_size: int | None = "${oc.select:dataset.vocab_size,null}"  # type: ignore[assignment]  # null: from the data
+    attn_implementation: str = "sdpa"  # sdpa | eager (| flash_attention_2 where installed)
+
+    def __post_init__(self) -> None:
+        _check((self.config is None) != (self.path is None), "model.config", self.config,
+               "give exactly one of model.config={model_type: ...} or model.path=<local directory>")
+
+
+@dataclass
+class HFImageClassificationConfig:
+    """A Hugging Face AutoModelForImageClassification from model.config or a local model.path."""
+
+    _target_: str = "mptrain.library.models.hf.hf_image_classification"
+    _convert_: str = "all"
+    config: Any = None  # {model_type: vit, image_size: ..., ...}
+    path: str | None = None
+    num_classes: int | None = "${dataset.num_classes}"  # type: ignore[assignment]  # num_labels
+    in_channels: int = "${dataset.channels}"  # type: ignore[assignment]  # num_channels
+
+    def __post_init__(self) -> None:
+        _check((self.config is None) != (self.path is None), "model.config", self.config,
+               "give exactly one of model.config={model_type: ...} or model.path=<local directory>")
+
+
+@dataclass
 class TorchvisionDatasetConfig:
     """MNIST, Fashion-MNIST, CIFAR-10/100 from dataset.root (downloaded only with download=true)."""
 
@@ -522,6 +571,9 @@ def register_configs() -> None:
     cs.store(group="model", name="recurrent_lm_schema", node=RecurrentLMConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
     cs.store(group="model", name="dcgan_schema", node=DCGANConfig)
+    cs.store(group="model", name="timm_schema", node=TimmModelConfig)
+    cs.store(group="model", name="hf_causal_lm_schema", node=HFCausalLMConfig)
+    cs.store(group="model", name="hf_image_classification_schema", node=HFImageClassificationConfig)
 
 
 def validate(cfg: DictConfig) -> None:

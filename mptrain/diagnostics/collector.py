@@ -106,6 +106,10 @@ class Diagnostics:
 
     def _make_hook(self, name: str):
         def forward_hook(module, args, output):
+            if isinstance(output, dict):  # a Hugging Face ModelOutput: its first tensor (hidden states, logits)
+                output = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+            elif isinstance(output, (tuple, list)) and output:
+                output = output[0]
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 # counts stay on the device: one bincount per layer per micro-batch, read at the end
                 output.register_hook(lambda g: self._act[name].append(_device_hist(g)))

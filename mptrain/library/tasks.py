@@ -105,6 +105,18 @@ def batch_size(batch) -> int:
     return int(first.shape[0])
 
 
+def output_logits(out: object) -> object:
+    """The logits of a model's output: a tensor as it is; a Hugging Face ModelOutput (or a dict) by its
+    `logits`; a tuple by its first element (timm and torchvision models with auxiliary heads)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:  # transformers' ModelOutput is an OrderedDict
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
 class Classification(Task):
     """(images, labels) -> cross-entropy; val/loss, val/acc."""
 
@@ -113,7 +125,7 @@ class Classification(Task):
     metrics = ("val/loss", "val/acc")
 
     def logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
+        logits = output_logits(model(x))
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != y.shape[0]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ConfigError(f"the model's output {shape} does not fit labels of shape {tuple(y.shape)}: a "
@@ -148,11 +160,21 @@ class LanguageModeling(Task):
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        return F.cross_entropy(self.logits(model, x), y.flatten())
+
+    @staticmethod
+    def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(batch * seq, vocab) float32 logits."""
+        logits = output_logits(model(x))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ConfigError(f"the model's output {shape} does not fit tokens of shape {tuple(x.shape)}: a language "
+                              "model must return (batch, seq, vocab) logits")
+        return logits.float().flatten(0, 1)
 
     def validation_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         x, y = batch
-        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+        loss = F.cross_entropy(self.logits(model, x), y.flatten(), reduction="sum")
         return {"loss": loss, "count": y.numel()}
 
     def validation_metrics(self, totals: dict[str, float]) -> dict[str, float]:

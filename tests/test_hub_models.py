@@ -1,0 +1,132 @@
+"""timm and Hugging Face models (issue 28): built offline from a config, trained by the built-in tasks in
+fp32, bf16 and fp16 with dynamic scaling, diagnostics on, resumed bitwise; hub names refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mptrain.errors import ConfigError
+
+from .conftest import compose_config, read_jsonl, train
+from .test_checkpoint import assert_same_tensors, final_state
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+# a ConvNeXt (timm's convnext_atto with one block per stage and narrow stages) on small 32x32 images
+CONVNEXT = ["model=timm", "model.name=convnext_atto", "model.kwargs={depths:[1,1,1,1],dims:[8,16,16,16]}",
+            "dataset=synthetic", "dataset.channels=1", "dataset.train_size=256", "dataset.val_size=64",
+            "dataset.pool_size=64", "trainer.conv_wgrad=native", "trainer.batch_size=16", "optimizer=adamw",
+            "optimizer.lr=2e-3"]
+# a two-layer Llama on the synthetic token stream
+LLAMA = ["model=hf_causal_lm", "model.config.hidden_size=32", "model.config.intermediate_size=64",
+         "model.config.num_hidden_layers=2", "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1",
+         "model.config.max_position_embeddings=32", "dataset=synthetic_tokens", "dataset.seq_len=16",
+         "dataset.train_tokens=8000", "dataset.val_tokens=800", "trainer.batch_size=8", "optimizer=adamw",
+         "optimizer.lr=1e-2"]
+VIT = ["model=hf_image_classification", "model.config.image_size=8", "model.config.patch_size=2",
+       "model.config.hidden_size=16", "model.config.num_hidden_layers=1", "model.config.num_attention_heads=2",
+       "model.config.intermediate_size=32", "trainer.batch_size=32", "optimizer=adamw", "optimizer.lr=3e-3"]
+FAMILIES = {"convnext": CONVNEXT, "llama": LLAMA, "vit": VIT}
+SHORT = ["trainer.max_steps=8", "scheduler=none", "trainer.log_every=2", "diagnostics.every=4"]
+
+
+CASES = [pytest.param(f, m, marks=[pytest.mark.slow] * (m == "bf16")) for f in ("convnext", "llama")
+         for m in ("fp32", "bf16", "dynamic")]
+
+
+@pytest.mark.parametrize(("family", "mode"), CASES)
+def test_family_trains_in_each_precision(family, mode, tmp_path):
+    summary, run_dir = train(tmp_path, [*FAMILIES[family], *SHORT, f"precision={mode}", "checkpoint.enabled=false"])
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    assert summary["compute_dtype"] == {"fp32": "fp32", "bf16": "bf16", "dynamic": "fp16"}[mode]
+    assert rows[-1]["loss"] < rows[0]["loss"], rows  # it learns
+    metric = "val/acc" if family == "convnext" else "val/loss"
+    assert metric in summary
+    # the diagnostics saw every parameter tensor of the model and its activation gradients
+    sample = next(r for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "sample")
+    assert len(sample["grads"]["params"]) > 0 and sample.get("activations")
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("convnext", marks=pytest.mark.slow)])
+def test_resume_is_bitwise_under_dynamic_scaling(family, tmp_path):
+    base = [*FAMILIES[family], *SHORT, "precision=dynamic", "checkpoint.every_steps=4", "checkpoint.keep_last=2"]
+    _, ref = train(tmp_path / "ref", base)
+    summary, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_4.pt'}"])
+    assert summary["steps"] == 8
+    assert_same_tensors(final_state(ref), final_state(cut))
+    assert read_jsonl(ref / "metrics.jsonl")[2:] == read_jsonl(cut / "metrics.jsonl")
+
+
+def test_hf_image_classifier_reads_logits_of_its_model_output(tmp_path):
+    summary, _ = train(tmp_path, [*VIT, *SHORT, "precision=fp32", "checkpoint.enabled=false", "diagnostics=off"])
+    assert summary["status"] == "completed" and 0 <= summary["val/acc"] <= 1
+
+
+def test_llama_equals_transformers_own_loss():
+    """The language-modelling task's loss on an HF model is transformers' own shifted loss (labels=input)."""
+    from mptrain.library.models.hf import hf_causal_lm
+    from mptrain.library.tasks import LanguageModeling
+
+    torch.manual_seed(0)
+    model = hf_causal_lm({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "num_key_value_heads": 2}, vocab_size=40)
+    seq = torch.randint(0, 40, (3, 11))
+    ours = LanguageModeling().loss(model, (seq[:, :-1], seq[:, 1:]))
+    theirs = model(seq, labels=seq).loss  # transformers shifts the labels itself
+    logits = model(seq).logits[:, :-1].float()
+    assert torch.allclose(ours, torch.nn.functional.cross_entropy(logits.reshape(-1, 40), seq[:, 1:].reshape(-1)))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_a_local_hf_directory_loads_its_weights(tmp_path):
+    """model.path: config.json + safetensors written by save_pretrained are read back exactly."""
+    from mptrain.library.models.hf import hf_causal_lm
+
+    small = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 32}
+    saved = hf_causal_lm(small, vocab_size=50)
+    saved.save_pretrained(tmp_path / "gpt2-tiny")
+    loaded = hf_causal_lm(path=str(tmp_path / "gpt2-tiny"), vocab_size=50)
+    assert_same_tensors(saved.state_dict(), loaded.state_dict())
+
+
+def test_timm_checkpoint_path_loads_a_local_state_dict(tmp_path):
+    from mptrain.library.models.timm_models import timm_model
+
+    kwargs = {"depths": [1, 1, 1, 1], "dims": [8, 8, 8, 8]}
+    first = timm_model("convnext_atto", num_classes=10, in_channels=1, kwargs=kwargs)
+    torch.save(first.state_dict(), tmp_path / "w.pth")
+    second = timm_model("convnext_atto", num_classes=10, in_channels=1, kwargs=kwargs,
+                        checkpoint_path=str(tmp_path / "w.pth"))
+    assert_same_tensors(first.state_dict(), second.state_dict())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model=hf_causal_lm", "model.config=null", "model.path=meta-llama/Llama-3.2-1B", "dataset=synthetic_tokens"],
+     r"^model.path=meta-llama/Llama-3.2-1B is not a local model directory: .*never downloads; fetch it first"),
+    (["model=timm", "model.name=convnxt_atto"], r"^model.name='convnxt_atto' is not a timm architecture; close names: "
+                                                  r"convnext_atto"),
+    (["model=timm", "model.checkpoint_path=/nonexistent.pth"], r"^model.checkpoint_path=/nonexistent.pth is not a file"),
+    (["model=hf_causal_lm", "model.path=/tmp", "dataset=synthetic_tokens"], r"^model.config=.*give exactly one of"),
+])
+def test_bad_model_settings_fail_in_one_line_before_the_run_dir(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, overrides)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_extra_names_the_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ConfigError, match=r"^model=timm needs timm: pip install mptrain\[timm\]$"):
+        train(tmp_path, ["model=timm"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_architecture_replaces_the_default_config():
+    """The documented way: null the default Llama config, then give the whole new one."""
+    cfg = compose_config(["model=hf_causal_lm", "model.config=null", "model.config={model_type: gpt2, n_embd: 16}"])
+    assert dict(cfg.model.config) == {"model_type": "gpt2", "n_embd": 16}
