@@ -450,6 +450,9 @@ class TextDatasetConfig:
     name: str = "text"
     path: str | None = None
     level: str = "char"  # byte | char | word
+    # null: dataset.level; or bpe:<vocab size> (byte-level BPE trained on the file, needs mptrain[hf]) | the path
+    # of a tokenizers .json file | byte | char | word. Saved in the run directory.
+    tokenizer: str | None = None
     seq_len: int = 64
     val_fraction: float = 0.1
     max_vocab: int = 10000  # word level: the most frequent words, the rest <unk>
@@ -460,6 +463,33 @@ class TextDatasetConfig:
         _check(self.level in ("byte", "char", "word"), "dataset.level", self.level, "choose byte, char or word")
         _check(self.seq_len >= 1, "dataset.seq_len", self.seq_len, "must be >= 1")
         _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclass
+class TokensDatasetConfig:
+    """nanoGPT-style token files: dataset.path=DIR with train.bin (and val.bin), memory-mapped."""
+
+    _target_: str = "mptrain.library.data.tokens.tokens"
+    name: str = "tokens"
+    path: str | None = None  # the directory (mptrain-prepare-text FILE --out DIR writes one)
+    seq_len: int = 256
+    dtype: str | None = None  # uint16 | uint32; null: from DIR/meta.json, else uint16
+    windows: str = "random"  # random (uniform offsets, fixed by the seed) | contiguous (non-overlapping)
+    samples: int | None = None  # random windows per epoch; null: tokens // seq_len
+    val_windows: int | None = None  # validate on this many windows spread over val.bin; null: all of them
+    vocab_size: int | None = None  # null: from DIR/meta.json
+    train_file: str = "train.bin"
+    val_file: str = "val.bin"
+    seed: int = "${trainer.seed}"  # type: ignore[assignment]  # the random windows' seed
+
+    def __post_init__(self) -> None:
+        _check(self.path is not None, "dataset.path", self.path, "dataset=tokens needs dataset.path=<dir with train.bin>")
+        _check(self.seq_len >= 1, "dataset.seq_len", self.seq_len, "must be >= 1")
+        _check(self.windows in ("random", "contiguous"), "dataset.windows", self.windows, "choose random or contiguous")
+        _check(self.dtype in (None, "uint16", "uint32"), "dataset.dtype", self.dtype, "choose uint16 or uint32")
+        _check(self.samples is None or self.samples >= 1, "dataset.samples", self.samples, "must be >= 1 or null")
+        _check(self.val_windows is None or self.val_windows >= 1, "dataset.val_windows", self.val_windows,
+               "must be >= 1 or null")
 
 
 @dataclass
@@ -568,6 +598,7 @@ def register_configs() -> None:
     cs.store(group="dataset", name="imagefolder_schema", node=ImageFolderConfig)
     cs.store(group="dataset", name="text_schema", node=TextDatasetConfig)
     cs.store(group="dataset", name="synthetic_tokens_schema", node=SyntheticTokensConfig)
+    cs.store(group="dataset", name="tokens_schema", node=TokensDatasetConfig)
     cs.store(group="model", name="recurrent_lm_schema", node=RecurrentLMConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
     cs.store(group="model", name="dcgan_schema", node=DCGANConfig)

@@ -188,7 +188,7 @@ def build(cfg: DictConfig) -> Components:
         train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
         loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
-        strategy=t.strategy if info.enabled else "single",
+        strategy=t.strategy if info.enabled else "single", tokenizer=datasets.facts.get("tokenizer"),
     )
 
 
@@ -281,6 +281,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
     # every check has passed: only now does the run directory change (RunWriter commits it; rank 0 writes)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
                        enabled=c.is_main)
+    if c.is_main and hasattr(c.tokenizer, "save"):  # vocab.json or tokenizer.json: what mptrain-sample decodes with
+        c.tokenizer.save(run_dir)
     writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:

@@ -5,7 +5,6 @@ Batches are (tokens, next tokens), each (seq_len,), cut contiguously from the to
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from torch.utils.data import Dataset
 
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
+from mptrain.library.data.tokenize import build_tokenizer
 
 
 class Contiguous(Dataset):
@@ -32,26 +32,11 @@ class Contiguous(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-def tokenize(text: str, level: str, max_vocab: int) -> tuple[torch.Tensor, list[str]]:
-    """Token ids and the vocabulary. byte: 256 ids; char: the file's characters; word: whitespace
-    words, the max_vocab - 1 most frequent plus <unk>."""
-    if level == "byte":
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long), [chr(i) for i in range(256)]
-    if level == "char":
-        vocab = sorted(set(text))
-        index = {c: i for i, c in enumerate(vocab)}
-        return torch.tensor([index[c] for c in text], dtype=torch.long), vocab
-    if level == "word":
-        words = text.split()
-        vocab = ["<unk>"] + [w for w, _ in Counter(words).most_common(max_vocab - 1)]
-        index = {w: i for i, w in enumerate(vocab)}
-        return torch.tensor([index.get(w, 0) for w in words], dtype=torch.long), vocab
-    raise ConfigError(f"dataset.level={level!r} is invalid: choose byte, char or word")
-
-
 def text(path: str, level: str = "char", seq_len: int = 64, val_fraction: float = 0.1, max_vocab: int = 10000,
-         vocab_size: int | None = None, name: str = "text") -> Datasets:
-    """Any local UTF-8 text file; the last val_fraction of it validates."""
+         vocab_size: int | None = None, tokenizer: str | None = None, name: str = "text") -> Datasets:
+    """Any local UTF-8 text file; the last val_fraction of it validates. `tokenizer` (default: `level`):
+    byte | char | word | bpe:<vocab size> | <tokenizers .json> (mptrain.library.data.tokenize); the run saves
+    it in its directory (vocab.json or tokenizer.json)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"dataset.path={path} is not a file; dataset=text reads one local UTF-8 text file")
@@ -59,15 +44,18 @@ def text(path: str, level: str = "char", seq_len: int = 64, val_fraction: float 
         content = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"dataset.path={path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    tokens, vocab = tokenize(content, level, max_vocab)
-    if vocab_size is not None and vocab_size < len(vocab):
-        raise ConfigError(f"dataset.vocab_size={vocab_size} is smaller than the {len(vocab)} {level} tokens of {path}")
+    spec = tokenizer or level
+    tok = build_tokenizer(spec, [content], max_vocab)
+    tokens = torch.from_numpy(tok.encode(content))
+    if vocab_size is not None and vocab_size < tok.vocab_size:
+        raise ConfigError(f"dataset.vocab_size={vocab_size} is smaller than the {tok.vocab_size} {spec} tokens of {path}")
     split = int(len(tokens) * (1 - val_fraction))
     train, val = Contiguous(tokens[:split], seq_len), Contiguous(tokens[split:], seq_len)
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError(f"{path} has {len(tokens)} {level} tokens: too few for dataset.seq_len={seq_len}; "
+        raise ConfigError(f"{path} has {len(tokens)} {spec} tokens: too few for dataset.seq_len={seq_len}; "
                           "use a longer file or a shorter seq_len")
-    return Datasets(train=train, val=val, task="language_modeling", facts={"vocab_size": vocab_size or len(vocab)})
+    return Datasets(train=train, val=val, task="language_modeling",
+                    facts={"vocab_size": vocab_size or tok.vocab_size, "tokenizer": tok})
 
 
 def synthetic_tokens(vocab_size: int = 64, seq_len: int = 64, train_tokens: int = 200_000, val_tokens: int = 20_000,

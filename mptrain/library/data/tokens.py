@@ -1,0 +1,110 @@
+"""nanoGPT-style token files (`dataset=tokens`): train.bin / val.bin, a flat array of uint16 or uint32 token ids,
+read through a memory map. Nothing is copied into memory and start-up is constant time (the length is the
+file size); each window is read from the page cache when it is indexed.
+
+Windows are seq_len + 1 tokens (input = window[:-1], target = window[1:]):
+  contiguous: window i starts at i * seq_len (every token once per epoch, nanoGPT-free ordering by the sampler)
+  random:     window i starts at a uniform offset drawn from (seed, i) alone (nanoGPT's get_batch), so the
+              epoch's windows are fixed by the seed and a resume sees exactly the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mptrain.errors import ConfigError
+from mptrain.library.data.loading import Datasets
+from mptrain.library.data.tokenize import load_saved
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+META = "meta.json"  # vocab_size, dtype and tokenizer of a directory written by mptrain-prepare-text
+
+
+def random_start(seed: int, index: int, high: int) -> int:
+    """The start of random window `index`: uniform in [0, high), from (seed, index) alone."""
+    return int(np.random.default_rng((seed, index)).integers(0, high))
+
+
+class TokenWindows(Dataset):
+    """Windows of a memory-mapped token file. The map opens lazily in each process (a DataLoader worker maps
+    the file itself; pickling a memmap would copy the whole array)."""
+
+    in_memory = False  # page-cache reads: loader workers overlap them with the step (trainer.num_workers=auto)
+
+    def __init__(self, path: Path, dtype: str, seq_len: int, windows: str = "contiguous", samples: int | None = None,
+                 seed: int = 0, stride: int = 1):
+        self.path, self.dtype, self.seq_len, self.windows, self.seed = Path(path), dtype, seq_len, windows, seed
+        itemsize = np.dtype(DTYPES[dtype]).itemsize
+        size = self.path.stat().st_size
+        if size % itemsize:
+            raise ConfigError(f"{self.path} has {size} bytes, not a whole number of {dtype} tokens; check dataset.dtype")
+        self.tokens = size // itemsize
+        if self.tokens < seq_len + 1:
+            raise ConfigError(f"{self.path} holds {self.tokens} tokens: too few for dataset.seq_len={seq_len}")
+        self.stride = stride  # contiguous: take every stride-th window (a validation subset spread over the file)
+        if windows == "contiguous":
+            self.n = ((self.tokens - 1) // seq_len + stride - 1) // stride
+        else:
+            self.n = samples if samples is not None else (self.tokens - 1) // seq_len
+        self._data: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def start(self, i: int) -> int:
+        if self.windows == "contiguous":
+            return i * self.stride * self.seq_len
+        return random_start(self.seed, i, self.tokens - self.seq_len)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=DTYPES[self.dtype], mode="r")
+        s = self.start(i)
+        chunk = torch.from_numpy(self._data[s : s + self.seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def read_meta(directory: Path) -> dict:
+    meta = directory / META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def tokens(path: str, seq_len: int = 256, dtype: str | None = None, windows: str = "random", samples: int | None = None,
+           val_windows: int | None = None, vocab_size: int | None = None, train_file: str = "train.bin",
+           val_file: str = "val.bin", seed: int = 0, name: str = "tokens") -> Datasets:
+    """A directory with train.bin (and val.bin, validated in contiguous windows; `val_windows` spreads that
+    many over the file instead of all). dtype and vocab_size come from its meta.json (mptrain-prepare-text)
+    unless given; a vocabulary is never found by scanning the file (that would read all of it)."""
+    directory = Path(path)
+    if not (directory / train_file).is_file():
+        raise ConfigError(f"dataset.path={path} has no {train_file}; give a directory with nanoGPT-style train.bin/"
+                          "val.bin (mptrain-prepare-text FILE --out DIR writes them)")
+    meta = read_meta(directory)
+    dtype = dtype or meta.get("dtype", "uint16")
+    vocab_size = vocab_size or meta.get("vocab_size")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dataset.dtype={dtype!r} is invalid: choose uint16 or uint32")
+    if vocab_size is None:
+        raise ConfigError(f"dataset.vocab_size is unknown: {directory} has no {META}; set dataset.vocab_size "
+                          "(e.g. 50304 for GPT-2 tokens)")
+    train = TokenWindows(directory / train_file, dtype, seq_len, windows, samples, seed)
+    val = None
+    if (directory / val_file).is_file():
+        full = TokenWindows(directory / val_file, dtype, seq_len, "contiguous")
+        stride = max(1, len(full) // val_windows) if val_windows else 1
+        val = TokenWindows(directory / val_file, dtype, seq_len, "contiguous", stride=stride)
+    facts = {"vocab_size": int(vocab_size)}
+    saved = load_saved(directory)  # copied into the run directory: what decodes the tokens
+    if saved is not None:
+        facts["tokenizer"] = saved
+    return Datasets(train=train, val=val, task="language_modeling", facts=facts)

@@ -1,0 +1,99 @@
+"""mptrain-prepare-text FILE --tokenizer SPEC --out DIR: tokenise a text file once into nanoGPT-style
+train.bin / val.bin (uint16 where the vocabulary fits, else uint32) plus meta.json and the tokenizer, for
+`dataset=tokens dataset.path=DIR`. The file is read in chunks of whole lines, never whole into memory (the
+tokenizer is fitted in one pass, the tokens written in a second)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mptrain.errors import MptrainError
+from mptrain.library.data.tokenize import build_tokenizer
+from mptrain.library.data.tokens import META
+
+CHUNK_BYTES = 16 * 2**20
+
+
+def line_chunks(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """The text of bytes [start, stop) (stop moved to the next line end) in chunks of whole lines."""
+    with open(path, encoding="utf-8", newline="") as f:
+        f.seek(start)
+        pos = start
+        while stop is None or pos < stop:
+            lines = f.readlines(CHUNK_BYTES)
+            if not lines:
+                return
+            if stop is not None:  # cut at the first line that ends past `stop`
+                kept = []
+                for line in lines:
+                    kept.append(line)
+                    pos += len(line.encode("utf-8"))
+                    if pos >= stop:
+                        break
+                lines = kept
+            yield "".join(lines)
+
+
+def split_offset(path: Path, val_fraction: float) -> int:
+    """The byte offset of the first line of the validation part (the last val_fraction of the file)."""
+    size = path.stat().st_size
+    target = int(size * (1 - val_fraction))
+    with open(path, "rb") as f:
+        f.seek(target)
+        if target > 0:
+            f.readline()  # to the start of the next line
+        return f.tell()
+
+
+def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_vocab: int = 10000) -> dict:
+    """Write out/train.bin, out/val.bin, out/meta.json and the tokenizer file. Returns the meta."""
+    if not path.is_file():
+        raise MptrainError(f"{path} is not a file")
+    tok = build_tokenizer(spec, lambda: line_chunks(path), max_vocab)
+    dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+    out.mkdir(parents=True, exist_ok=True)
+    split = split_offset(path, val_fraction)
+    counts = {}
+    for name, (a, b) in {"train": (0, split), "val": (split, None)}.items():
+        n = 0
+        with open(out / f"{name}.bin", "wb") as f:
+            for chunk in line_chunks(path, a, b):
+                ids = tok.encode(chunk).astype(dtype)
+                ids.tofile(f)
+                n += len(ids)
+        counts[f"{name}_tokens"] = n
+    tok.save(out)
+    meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.to_dict()["kind"], "source": str(path),
+            "val_fraction": val_fraction, **counts}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mptrain-prepare-text", description=__doc__.split("\n\n")[0])
+    ap.add_argument("file", type=Path, help="a UTF-8 text file")
+    ap.add_argument("--tokenizer", default="byte", help="byte | char | word | bpe:<vocab size> | <tokenizers .json>")
+    ap.add_argument("--out", type=Path, required=True, help="the directory for train.bin, val.bin, meta.json")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of the file (default 0.1)")
+    ap.add_argument("--max-vocab", type=int, default=10000, help="word tokenizer: vocabulary size")
+    args = ap.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        ap.error("--val-fraction must be in (0, 1)")
+    try:
+        meta = prepare(args.file, args.tokenizer, args.out, args.val_fraction, args.max_vocab)
+    except MptrainError as e:
+        print(f"mptrain-prepare-text: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"{args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens ({meta['dtype']}, "
+          f"vocabulary {meta['vocab_size']}, {meta['tokenizer']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

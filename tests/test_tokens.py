@@ -1,0 +1,148 @@
+"""Token data (issue 28): memory-mapped nanoGPT token files, tokenizers (byte/char/word/BPE/JSON), and
+mptrain-prepare-text. Windows are checked against numpy reading the file itself; tokenizers round-trip."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mptrain.errors import ConfigError
+from mptrain.library.data.tokenize import build_tokenizer, load_saved
+from mptrain.library.data.tokens import TokenWindows, tokens
+from mptrain.tools.prepare import prepare
+
+from .conftest import train
+
+TEXT = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"  # a real ~14 KB English text, always present
+GPT = ["model=gpt", "model.dim=32", "model.layers=1", "model.heads=2", "trainer.batch_size=8", "optimizer=adamw",
+       "scheduler=none", "checkpoint.enabled=false", "diagnostics=off"]
+
+
+def write_bin(path: Path, n: int, dtype, high: int, seed: int = 0) -> np.ndarray:
+    data = np.random.default_rng(seed).integers(0, high, n).astype(dtype)
+    data.tofile(path)
+    return data
+
+
+@pytest.mark.parametrize(("dtype", "high"), [("uint16", 65535), ("uint32", 2**20)])
+def test_contiguous_windows_equal_numpy_slices_of_the_file(tmp_path, dtype, high):
+    write_bin(tmp_path / "train.bin", 1000, dtype, high)
+    ref = np.fromfile(tmp_path / "train.bin", dtype=dtype).astype(np.int64)  # numpy's own read of the bytes
+    ds = TokenWindows(tmp_path / "train.bin", dtype, seq_len=7, windows="contiguous")
+    assert len(ds) == (1000 - 1) // 7
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.dtype == torch.int64
+        np.testing.assert_array_equal(x.numpy(), ref[7 * i : 7 * i + 7])
+        np.testing.assert_array_equal(y.numpy(), ref[7 * i + 1 : 7 * i + 8])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_random_windows_are_nanogpt_offsets_fixed_by_the_seed(tmp_path):
+    ref = write_bin(tmp_path / "train.bin", 5000, np.uint16, 50000).astype(np.int64)
+    ds = TokenWindows(tmp_path / "train.bin", "uint16", seq_len=16, windows="random", samples=300, seed=5)
+    assert len(ds) == 300
+    starts = []
+    for i in range(len(ds)):
+        s = int(np.random.default_rng((5, i)).integers(0, 5000 - 16))  # the documented rule, any process
+        x, y = ds[i]
+        np.testing.assert_array_equal(x.numpy(), ref[s : s + 16])
+        np.testing.assert_array_equal(y.numpy(), ref[s + 1 : s + 17])
+        starts.append(s)
+    assert min(starts) < 500 and max(starts) > 4400  # spread over the file, last window ends inside it
+    other = TokenWindows(tmp_path / "train.bin", "uint16", seq_len=16, windows="random", samples=300, seed=6)
+    assert not torch.equal(other[0][0], ds[0][0])
+
+
+def test_the_file_is_mapped_never_copied(tmp_path):
+    write_bin(tmp_path / "train.bin", 200_000, np.uint16, 1000)
+    ds = TokenWindows(tmp_path / "train.bin", "uint16", seq_len=32)
+    assert len(pickle.dumps(ds)) < 2000  # what a loader worker receives: the path, not the tokens
+    ds[3]
+    assert isinstance(ds._data, np.memmap)
+    assert len(pickle.dumps(ds)) < 2000
+
+
+def test_val_windows_spread_over_the_file(tmp_path):
+    write_bin(tmp_path / "train.bin", 1000, np.uint16, 100)
+    val = write_bin(tmp_path / "val.bin", 1001, np.uint16, 100, seed=1).astype(np.int64)
+    d = tokens(str(tmp_path), seq_len=10, vocab_size=100, val_windows=20)
+    assert len(d.val) == 20 and d.facts["vocab_size"] == 100
+    starts = [5 * 10 * i for i in range(20)]  # 100 windows, every 5th
+    for i, s in enumerate(starts):
+        np.testing.assert_array_equal(d.val[i][0].numpy(), val[s : s + 10])
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda d: None, r"has no train.bin"),
+    (lambda d: write_bin(d / "train.bin", 100, np.uint16, 10), r"^dataset.vocab_size is unknown"),
+    (lambda d: (d / "train.bin").write_bytes(b"abc"), r"3 bytes, not a whole number of uint16 tokens"),
+])
+def test_bad_token_directories_fail_in_one_line(tmp_path, setup, message):
+    setup(tmp_path)
+    vocab = [] if "unknown" in message else ["dataset.vocab_size=10"]
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, ["dataset=tokens", f"dataset.path={tmp_path}", *vocab, *GPT])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spec", ["byte", "char", "bpe:400"])
+def test_prepared_files_decode_back_to_the_text(tmp_path, spec):
+    meta = prepare(TEXT, spec, tmp_path / "data", val_fraction=0.2)
+    text = TEXT.read_text(encoding="utf-8")
+    tok = load_saved(tmp_path / "data")
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / f"{n}.bin", dtype=meta["dtype"]) for n in ("train", "val")])
+    assert tok.decode(ids) == text  # nothing lost or reordered at the train/val cut
+    assert meta["train_tokens"] + meta["val_tokens"] == len(ids)
+    assert 0.1 < meta["val_tokens"] / len(ids) < 0.3
+    if spec == "bpe:400":
+        assert tok.vocab_size == 400 and len(ids) < 0.6 * len(text.encode())  # merges compress the text
+
+
+def test_bpe_round_trips_any_text_and_the_dataset_saves_it(tmp_path):
+    text = TEXT.read_text(encoding="utf-8")
+    tok = build_tokenizer("bpe:300", [text])
+    for sample in (text, "naïve café — 日本語\r\n\ttabs  and  spaces\n", ""):
+        assert tok.decode(tok.encode(sample)) == sample  # bytes outside the training text too
+    summary, run_dir = train(tmp_path, ["dataset=text", f"dataset.path={TEXT}", "dataset.tokenizer=bpe:300",
+                                        "dataset.seq_len=16", "trainer.max_steps=3", *GPT])
+    assert summary["status"] == "completed"
+    saved = load_saved(run_dir)  # the run directory holds what decodes its model's ids
+    np.testing.assert_array_equal(saved.encode(text), tok.encode(text))
+
+
+def test_word_and_char_vocabularies_are_saved_in_the_run(tmp_path):
+    _, run_dir = train(tmp_path, ["dataset=text", f"dataset.path={TEXT}", "dataset.tokenizer=word",
+                                  "dataset.max_vocab=200", "dataset.seq_len=16", "trainer.max_steps=2", *GPT])
+    saved = json.loads((run_dir / "vocab.json").read_text())
+    assert saved["kind"] == "word" and len(saved["vocab"]) == 200 and saved["vocab"][0] == "<unk>"
+
+
+def test_prepare_text_cli_then_train_on_the_token_files(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "shakespeare"
+    p = subprocess.run([sys.executable, "-m", "mptrain.tools.prepare", str(TEXT), "--tokenizer", "char", "--out",
+                        str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (out / "train.bin").is_file() and (out / "val.bin").is_file() and (out / "vocab.json").is_file()
+    meta = json.loads((out / "meta.json").read_text())
+    summary, run_dir = train(tmp_path, ["dataset=tokens", f"dataset.path={out}", "dataset.seq_len=16",
+                                        "dataset.samples=64", "dataset.val_windows=8", "trainer.max_epochs=1", *GPT])
+    assert summary["status"] == "completed" and summary["steps"] == 64 // 8
+    assert (run_dir / "vocab.json").read_text() == (out / "vocab.json").read_text()
+    assert summary["val/loss"] < np.log(meta["vocab_size"]) + 0.5
+
+
+def test_bad_tokenizer_spec_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^dataset.tokenizer='bpe' is invalid: choose byte, char, word, bpe:"):
+        train(tmp_path, ["dataset=text", f"dataset.path={TEXT}", "dataset.tokenizer=bpe", *GPT])
+    assert not (tmp_path / "run").exists()
