@@ -1,6 +1,9 @@
-"""nanoGPT-style token files (`dataset=tokens`): train.bin / val.bin, a flat array of uint16 or uint32 token ids,
-read through a memory map. Nothing is copied into memory and start-up is constant time (the length is the
-file size); each window is read from the page cache when it is indexed.
+"""nanoGPT-style token files (`dataset=tokens`): train.bin / val.bin, a flat array of uint16 or uint32 token ids.
+Nothing is copied into memory and start-up is constant time (the length is the file size): each window is one
+positioned read (pread) of its seq_len + 1 tokens, from the page cache once the file is warm. Not np.memmap as
+nanoGPT does: every page a map touches (plus the kernel's fault-around, ~64 KB per window) stays in the
+process's resident set, so a long run of random windows would show the whole file as its memory
+(scripts/bench_tokens.py measures both).
 
 Windows are seq_len + 1 tokens (input = window[:-1], target = window[1:]):
   contiguous: window i starts at i * seq_len (every token once per epoch, nanoGPT-free ordering by the sampler)
@@ -11,6 +14,7 @@ Windows are seq_len + 1 tokens (input = window[:-1], target = window[1:]):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +35,8 @@ def random_start(seed: int, index: int, high: int) -> int:
 
 
 class TokenWindows(Dataset):
-    """Windows of a memory-mapped token file. The map opens lazily in each process (a DataLoader worker maps
-    the file itself; pickling a memmap would copy the whole array)."""
+    """Windows of a token file. The file opens lazily in each process (a DataLoader worker opens its own;
+    what is pickled to it is the path)."""
 
     in_memory = False  # page-cache reads: loader workers overlap them with the step (trainer.num_workers=auto)
 
@@ -51,10 +55,15 @@ class TokenWindows(Dataset):
             self.n = ((self.tokens - 1) // seq_len + stride - 1) // stride
         else:
             self.n = samples if samples is not None else (self.tokens - 1) // seq_len
-        self._data: np.ndarray | None = None
+        self.itemsize = itemsize
+        self._fd: int | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None}
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __len__(self) -> int:
         return self.n
@@ -67,10 +76,11 @@ class TokenWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=DTYPES[self.dtype], mode="r")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
         s = self.start(i)
-        chunk = torch.from_numpy(self._data[s : s + self.seq_len + 1].astype(np.int64))
+        raw = os.pread(self._fd, (self.seq_len + 1) * self.itemsize, s * self.itemsize)
+        chunk = torch.from_numpy(np.frombuffer(raw, dtype=DTYPES[self.dtype]).astype(np.int64))
         return chunk[:-1], chunk[1:]
 
 
