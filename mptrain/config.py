@@ -111,9 +111,20 @@ class PrecisionConfig:
                f"applies only to precision=bf16_pure (precision={self.mode} uses PyTorch's optimizers)")
 
 
+OPTIMIZERS = ("sgd", "adamw", "adamw8bit", "adamw4bit", "adamwfp8")  # the low-bit three: torchao.optim
+
+
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
+    """The optimizer (mptrain.library.optim, docs/optimizers.md)."""
+
+    name: str = "sgd"  # sgd | adamw | adamw8bit | adamw4bit | adamwfp8 (ignored when _target_ is set)
+    # any optimizer class (torch.optim.RAdam, my_pkg.Lion): built with (param groups, lr, weight_decay, **kwargs)
+    _target_: str | None = None
+    kwargs: Any = None  # a dict of further arguments (_target_'s, or the built-in's, e.g. {amsgrad: true})
+    # weight decay on every tensor (true) or only on tensors of >= 2 dims, none on biases and norm weights
+    # (false; nanoGPT, timm); null: false for AdamW-type optimizers, true for the others
+    decay_all: bool | None = None
     lr: float = 0.1
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
@@ -124,7 +135,8 @@ class OptimizerConfig:
     implementation: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.name in ("sgd", "adamw"), "optimizer.name", self.name, "choose sgd or adamw")
+        _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"choose one of {', '.join(OPTIMIZERS)} (or set "
+               "optimizer._target_ to any optimizer class)")
         _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
         _check(math.isfinite(self.lr), "optimizer.lr", self.lr, "must be finite")
         _check(math.isfinite(self.weight_decay), "optimizer.weight_decay", self.weight_decay, "must be finite")
@@ -140,7 +152,10 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"  # none | cosine | step
+    name: str = "none"  # none | cosine | step (ignored when _target_ is set)
+    # any torch.optim.lr_scheduler class (e.g. torch.optim.lr_scheduler.OneCycleLR), after the warm-up
+    _target_: str | None = None
+    kwargs: Any = None  # its arguments, e.g. {T_max: 1000} (the optimizer is given by mptrain)
     warmup_steps: int = 0  # linear warm-up from warmup_start_factor * lr (cosine and step)
     warmup_start_factor: float = 0.1
     min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak lr
@@ -619,7 +634,8 @@ def check_warmup(sched_cfg: DictConfig, total_steps: int) -> bool:
     """A warm-up as long as the run never reaches the peak learning rate: say so (a warning, not a refusal:
     short smoke runs keep the default schedule). Returns False then."""
     warmup = sched_cfg.get("warmup_steps") or 0
-    if sched_cfg.get("name", "none") != "none" and warmup >= total_steps:
+    active = sched_cfg.get("name", "none") != "none" or sched_cfg.get("_target_")
+    if active and warmup >= total_steps:
         logging.getLogger("mptrain").warning(
             "scheduler.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
             "optimizer.lr; lower the warm-up (scheduler.warmup_steps=0) or train longer", warmup, total_steps)

@@ -1,4 +1,14 @@
-"""Optimizer and learning-rate scheduler builders (`optimizer=` and `scheduler=` groups)."""
+"""Optimizer and learning-rate scheduler builders (`optimizer=` and `scheduler=` groups).
+
+Optimizers: the built-in SGD and AdamW, torchao's low-bit AdamW (adamw8bit | adamw4bit | adamwfp8: the two
+moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer._target_` (taking lr,
+weight_decay and `optimizer.kwargs`). Parameter groups: weight decay only on tensors of two or more
+dimensions (matrices, convolution kernels, embeddings), none on biases and norm weights, as nanoGPT and timm
+do; the default for AdamW-type optimizers (`optimizer.decay_all=null`).
+
+Schedulers: the built-in warm-up + cosine/step, or any torch.optim.lr_scheduler class by `scheduler._target_`
+after the same linear warm-up. Either one is stepped once per *applied* optimizer step.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +17,81 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from mptrain.errors import ConfigError
+from mptrain.library.extras import require
 from mptrain.precision.bf16_pure import build_pure_bf16_optimizer
+
+LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
+
+
+def _target_class(target: str, key: str):
+    try:
+        return get_class(target)
+    except Exception as e:  # Hydra's import errors: one line
+        raise ConfigError(f"{key}._target_={target} cannot be imported ({str(e).splitlines()[0]}); give a class "
+                          "such as torch.optim.RAdam, or put its module on PYTHONPATH") from None
+
+
+def optimizer_name(cfg: DictConfig) -> str:
+    """adamw | sgd | adamw8bit | ... or the class name of optimizer._target_."""
+    target = cfg.get("_target_")
+    return target.rsplit(".", 1)[-1] if target else cfg.name
+
+
+def decoupled(cfg: DictConfig) -> bool:
+    """AdamW-type (decoupled weight decay): its decay belongs on matrices only by default."""
+    return optimizer_name(cfg).lower().startswith("adamw")
+
+
+def param_groups(cfg: DictConfig, params: list[torch.Tensor]) -> list[dict] | list[torch.Tensor]:
+    """One group with weight decay (tensors of >= 2 dims) and one without (biases, norm weights), unless
+    optimizer.decay_all (default: true for SGD and other non-AdamW optimizers, false for AdamW-type)."""
+    decay_all = cfg.get("decay_all")
+    if decay_all is None:
+        decay_all = not decoupled(cfg)
+    if decay_all or cfg.weight_decay == 0:
+        return params
+    decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], bf16_update: str | None = None,
                     seed: int | None = None, bf16_compile: bool = False) -> torch.optim.Optimizer:
-    """SGD or AdamW over `params` (the FP32 master copies in `master` mode).
+    """The `optimizer=` group's optimizer over `params` (the FP32 master copies in `master` mode).
 
     `bf16_update` (precision=bf16_pure, from `Precision.optimizer_options()`): the same rule computed in
     fp32 from bf16 state and rounded nearest|stochastic|kahan; `seed` seeds its stochastic rounding
     (default: the run seed); `bf16_compile` compiles its per-tensor update (precision.compile_update)."""
     params = list(params)
+    target = cfg.get("_target_")
     if bf16_update is not None:
-        return build_pure_bf16_optimizer(cfg, params, bf16_update, seed, compile=bf16_compile)
+        if target or cfg.name in LOW_BIT:
+            raise ConfigError(f"precision=bf16_pure updates bf16 weights with its own SGD/AdamW; optimizer="
+                              f"{optimizer_name(cfg)} cannot round into bf16: use optimizer=adamw|sgd, or another precision")
+        return build_pure_bf16_optimizer(cfg, param_groups(cfg, params), bf16_update, seed, compile=bf16_compile)
+    groups = param_groups(cfg, params)
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") is not None else {}
+    if target:
+        cls = _target_class(target, "optimizer")
+        try:
+            return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"optimizer._target_={target}: {e}; set only arguments it takes in optimizer.kwargs") from None
+    if cfg.name in LOW_BIT:
+        torchao_optim = require("torchao.optim", "fp8", f"optimizer={cfg.name}")
+        cls = getattr(torchao_optim, LOW_BIT[cfg.name])
+        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **kwargs)
 
     def make(**impl) -> torch.optim.Optimizer:
         if cfg.name == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=cfg.weight_decay, **impl)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, **impl)
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay, **impl, **kwargs)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, **impl, **kwargs)
 
     if cfg.implementation == "auto" and any(hasattr(p, "device_mesh") for p in params):
         return make(foreach=True)  # FSDP2's DTensor parameters have no fused kernels
@@ -58,7 +121,25 @@ def lr_factor(cfg: DictConfig, step: int, total_steps: int) -> float:
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A LambdaLR stepped once per *applied* optimizer step (skipped steps do not advance it)."""
+    """A LambdaLR stepped once per *applied* optimizer step (skipped steps do not advance it); with
+    scheduler._target_, that class (its arguments from scheduler.kwargs) after scheduler.warmup_steps of
+    linear warm-up from warmup_start_factor (SequentialLR: the class counts its steps from the warm-up's end)."""
+    lrs = torch.optim.lr_scheduler
+    if cfg.get("_target_"):
+        cls = _target_class(cfg._target_, "scheduler")
+        kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") is not None else {}
+        try:
+            main = cls(optimizer, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"scheduler._target_={cfg._target_}: {e}; give its arguments in scheduler.kwargs") from None
+        if isinstance(main, lrs.ReduceLROnPlateau) or not isinstance(main, lrs.LRScheduler):
+            raise ConfigError(f"scheduler._target_={cfg._target_} is not a step-driven LRScheduler (ReduceLROnPlateau "
+                              "needs a metric); choose one stepped per optimizer step")
+        if not cfg.warmup_steps:
+            return main
+        warmup = lrs.LinearLR(optimizer, start_factor=cfg.warmup_start_factor, end_factor=1.0,
+                              total_iters=cfg.warmup_steps)
+        return lrs.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
     cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True))  # plain copy: fast, frozen
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_steps))
 

@@ -392,7 +392,14 @@ def build_pure_bf16_optimizer(cfg, params, update: str, seed: int | None = None,
 
 
 def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held; a tensor subclass (torchao's low-bit optimizer state) counts its inner tensors."""
+    total = 0
+    for t in tensors:
+        if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+            total += _nbytes(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        else:
+            total += t.numel() * t.element_size()
+    return total
 
 
 def memory_per_param(model_params: list[torch.Tensor], optimizer: torch.optim.Optimizer, precision=None) -> dict:

@@ -11,8 +11,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from mptrain.errors import MptrainError
 from mptrain.library.data.tokenize import build_tokenizer
 from mptrain.library.data.tokens import META

@@ -1,0 +1,202 @@
+"""Optimizers and schedules (issue 28): any class by _target_ equals PyTorch's own loop step for step,
+torchao's low-bit AdamW equals torchao's own loop, parameter groups, schedulers by _target_ after the warm-up."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mptrain.config import SchedulerConfig, validate
+from mptrain.errors import ConfigError
+from mptrain.library.optim import build_scheduler, param_groups
+from mptrain.train.recipe import build
+from mptrain.train.step import train_step
+
+from .conftest import TINY, compose_config, train
+
+MLP = ["model=mlp", "model.width=64", "model.depth=2", "trainer.batch_size=32", "precision=fp32", "scheduler=none",
+       "diagnostics=off", "checkpoint.enabled=false"]
+STEPS = 5
+
+
+def steps_both_ways(overrides: list[str], reference_optimizer) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """mptrain's step (train_step over the run's own components) and a plain PyTorch loop (a copy of the same
+    initial model, the same batches, `reference_optimizer(model)`), STEPS steps each."""
+    cfg = compose_config([*TINY, *MLP, *overrides])
+    validate(cfg)
+    c = build(cfg)
+    plain = copy.deepcopy(c.model)
+    init = [p.detach().clone() for p in plain.parameters()]
+    batches = [b for b, _ in zip(c.train_loader, range(STEPS))]
+    it = iter(batches)
+    for i in range(STEPS):
+        assert train_step(c, it, i + 1).applied
+        c.scheduler.step()
+    opt = reference_optimizer(plain)
+    for x, y in batches:
+        F.cross_entropy(plain(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(not torch.equal(p, q) for p, q in zip(plain.parameters(), init))  # every tensor moved
+    return c.model, plain
+
+
+def nanogpt_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT's configure_optimizers: decay tensors of >= 2 dims only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, exact: bool = True) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+TARGETS = [
+    ("torch.optim.RAdam", None, 0.0, lambda m: torch.optim.RAdam(m.parameters(), lr=3e-3)),
+    ("torch.optim.NAdam", "{momentum_decay: 0.004, betas: [0.8, 0.99]}", 0.01,
+     lambda m: torch.optim.NAdam(m.parameters(), lr=3e-3, weight_decay=0.01, momentum_decay=0.004, betas=(0.8, 0.99))),
+    ("torch.optim.Adagrad", "{lr_decay: 0.01}", 0.0, lambda m: torch.optim.Adagrad(m.parameters(), lr=3e-3, lr_decay=0.01)),
+    # AdamW by _target_ groups like the built-in: no decay on biases (nanoGPT's groups, built here by hand)
+    ("torch.optim.AdamW", None, 0.1, lambda m: torch.optim.AdamW(nanogpt_groups(m, 0.1), lr=3e-3)),
+]
+
+
+@pytest.mark.parametrize(("target", "kwargs", "wd", "reference"), TARGETS, ids=[t[0].rsplit(".")[-1] for t in TARGETS])
+def test_optimizer_by_target_equals_pytorchs_own_loop(target, kwargs, wd, reference):
+    overrides = ["optimizer=torch", f"optimizer._target_={target}", "optimizer.lr=3e-3", f"optimizer.weight_decay={wd}"]
+    if kwargs:
+        overrides.append(f"optimizer.kwargs={kwargs}")
+    ours, theirs = steps_both_ways(overrides, reference)
+    assert_same_params(ours, theirs)
+
+
+def test_builtin_adamw_groups_biases_out_of_weight_decay_and_decay_all_puts_them_back():
+    cfg = OmegaConf.create({"name": "adamw", "weight_decay": 0.1, "decay_all": None})
+    w, b, ln = torch.zeros(4, 3), torch.zeros(4), torch.zeros(4)
+    groups = param_groups(cfg, [w, b, ln])
+    assert [len(g["params"]) for g in groups] == [1, 2] and [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert param_groups(OmegaConf.create({"name": "adamw", "weight_decay": 0.1, "decay_all": True}), [w, b]) == [w, b]
+    assert param_groups(OmegaConf.create({"name": "sgd", "weight_decay": 0.1, "decay_all": None}), [w, b]) == [w, b]
+    # the whole run: biases under AdamW keep their value apart from the gradient step (no decay pull to 0)
+    ours, theirs = steps_both_ways(["optimizer=adamw", "optimizer.lr=3e-3", "optimizer.weight_decay=0.5",
+                                    "optimizer.implementation=foreach"],
+                                   lambda m: torch.optim.AdamW(nanogpt_groups(m, 0.5), lr=3e-3, foreach=True))
+    assert_same_params(ours, theirs)
+
+
+torchao_optim = pytest.importorskip("torchao.optim")
+LOW_BIT = [("adamw8bit", "AdamW8bit"), pytest.param("adamw4bit", "AdamW4bit", marks=pytest.mark.slow),
+           ("adamwfp8", "AdamWFp8")]
+
+
+@pytest.mark.parametrize(("name", "cls"), LOW_BIT)
+def test_low_bit_adamw_equals_torchaos_own_loop(name, cls, tmp_path):
+    ours, theirs = steps_both_ways(
+        [f"optimizer={name}", "optimizer.lr=3e-3"],
+        lambda m: getattr(torchao_optim, cls)(nanogpt_groups(m, 0.01), lr=3e-3, weight_decay=0.01))
+    assert_same_params(ours, theirs, exact=False)  # torch.compile'd updates: the same kernels, not always the same bits
+
+
+@pytest.mark.slow  # torch.compile of torchao's update on a CPU: ~20 s a run
+@pytest.mark.parametrize(("name", "low", "high"), [("adamw8bit", 2.0, 2.3), ("adamwfp8", 2.0, 2.3)])
+def test_low_bit_state_bytes_per_parameter_in_the_summary(name, low, high, tmp_path):
+    """Two moments per parameter: 1 byte each plus one fp32 scale per block of 256 (8-bit, fp8); the small
+    tensors (biases here, 0.4% of the parameters) stay fp32. AdamW's fp32 moments are 8 bytes."""
+    summary, _ = train(tmp_path, [*MLP, "model.width=256", f"optimizer={name}", "trainer.max_steps=2"])
+    state = summary["memory_per_param"]["optimizer_state"]
+    assert low < state < high, summary["memory_per_param"]
+    fp32, _ = train(tmp_path / "fp32", [*MLP, "model.width=256", "optimizer=adamw", "trainer.max_steps=2"])
+    assert fp32["memory_per_param"]["optimizer_state"] == 8.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw8bit", "adamwfp8"])
+def test_low_bit_resume_is_bitwise(name, tmp_path):
+    from .test_checkpoint import assert_same_tensors, final_state
+
+    base = [*MLP, f"optimizer={name}", "trainer.max_steps=6", "checkpoint.enabled=true", "checkpoint.every_steps=3",
+            "trainer.log_every=1"]
+    _, ref = train(tmp_path / "ref", base)
+    _, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_3.pt'}"])
+    assert_same_tensors(final_state(ref)["model"], final_state(cut)["model"])
+
+
+def sched(**kw) -> OmegaConf:
+    return OmegaConf.structured(SchedulerConfig(**kw))
+
+
+def lrs_of(make, steps: int) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    s = make(opt)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return out
+
+
+def test_scheduler_by_target_equals_pytorchs_own():
+    ours = lrs_of(lambda o: build_scheduler(sched(_target_="torch.optim.lr_scheduler.StepLR",
+                                                  kwargs={"step_size": 3, "gamma": 0.5}), o, 20), 12)
+    theirs = lrs_of(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5), 12)
+    assert ours == theirs
+
+
+def test_scheduler_by_target_follows_the_linear_warm_up():
+    ours = lrs_of(lambda o: build_scheduler(sched(_target_="torch.optim.lr_scheduler.ExponentialLR",
+                                                  kwargs={"gamma": 0.9}, warmup_steps=4, warmup_start_factor=0.2),
+                                            o, 20), 10)
+    by_hand = [0.1 * (0.2 + 0.8 * k / 4) for k in range(4)] + [0.1 * 0.9 ** (k - 4) for k in range(4, 10)]
+    assert ours == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_scheduler_by_target_resumes_from_its_state_dict():
+    make = lambda o: build_scheduler(sched(_target_="torch.optim.lr_scheduler.CosineAnnealingLR",  # noqa: E731
+                                           kwargs={"T_max": 10}, warmup_steps=3), o, 20)
+    straight = lrs_of(make, 12)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    first = make(opt)
+    for _ in range(5):
+        opt.step()
+        first.step()
+    state, group_lr = first.state_dict(), opt.param_groups[0]["lr"]
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    second = make(opt2)
+    second.load_state_dict(state)
+    opt2.param_groups[0]["lr"] = group_lr  # the optimizer's own state_dict carries it in a checkpoint
+    rest = []
+    for _ in range(7):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        second.step()
+    assert rest == pytest.approx(straight[5:], rel=1e-12)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optimizer=torch", "optimizer._target_=torch.optim.Nope"], r"^optimizer._target_=torch.optim.Nope cannot be imported"),
+    (["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.kwargs={bogus: 1}"],
+     r"^optimizer._target_=torch.optim.SGD: .*bogus.*optimizer.kwargs"),
+    (["optimizer=adamw8bit", "precision=bf16_pure"], r"^precision=bf16_pure updates bf16 weights with its own"),
+    (["scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau"], r"is not a step-driven LRScheduler"),
+    (["optimizer.name=lion"], r"^optimizer.name='lion' is invalid: choose one of sgd, adamw, adamw8bit"),
+])
+def test_bad_optimizer_settings_fail_before_the_run_dir(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, [*MLP, *overrides])
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_pure_adamw_takes_the_parameter_groups(tmp_path):
+    summary, _ = train(tmp_path, [*MLP, "precision=bf16_pure", "optimizer=adamw", "optimizer.weight_decay=0.1",
+                                  "trainer.max_steps=3"])
+    assert summary["status"] == "completed"
