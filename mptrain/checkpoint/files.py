@@ -67,8 +67,9 @@ def restore_rng(rng: dict) -> None:
 def _float_tensors(tree: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor) and type(tree) is not torch.Tensor and hasattr(tree, "__tensor_flatten__"):
         # a tensor subclass (torchao's low-bit optimizer state): its inner tensors (codes, scales) hold the values
-        return [pair for name in tree.__tensor_flatten__()[0] for pair in _float_tensors(getattr(tree, name),
-                                                                                          f"{prefix}.{name}")]
+        inner = [(name, getattr(tree, name)) for name in tree.__tensor_flatten__()[0]]
+        inner = [(n, t.float() if t.is_floating_point() and t.element_size() == 1 else t) for n, t in inner]  # fp8: no norm
+        return [pair for name, t in inner for pair in _float_tensors(t, f"{prefix}.{name}")]
     if isinstance(tree, torch.Tensor):
         return [(prefix, tree)] if tree.is_floating_point() or tree.is_complex() else []
     if isinstance(tree, dict):
