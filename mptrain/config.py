@@ -194,6 +194,24 @@ class ProfileConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """trainer.early_stopping: stop when the monitored validation metric has not improved by more than
+    min_delta for `patience` validations in a row; the reason goes into summary.json."""
+
+    enabled: bool = False
+    monitor: str | None = None  # null: checkpoint.monitor (val/acc, or val/loss where a task has no accuracy)
+    mode: str | None = None  # min | max; null: checkpoint.mode (with the monitor it follows)
+    patience: int = 3  # validations without improvement before stopping
+    min_delta: float = 0.0  # an improvement must exceed this
+
+    def __post_init__(self) -> None:
+        p = "trainer.early_stopping"
+        _check(self.mode in (None, "min", "max"), f"{p}.mode", self.mode, "choose min or max")
+        _check(self.patience >= 1, f"{p}.patience", self.patience, "must be >= 1")
+        _check(self.min_delta >= 0, f"{p}.min_delta", self.min_delta, "must be >= 0")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps (skipped ones count); null = run max_epochs
     max_epochs: int = 10
@@ -227,6 +245,7 @@ class TrainerConfig:
     overfit_batches: int = 0
     detect_anomaly: bool = False  # autograd anomaly detection: name the op whose backward made a NaN
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")

@@ -182,7 +182,7 @@ class Checkpointer(Callback):
         due = cfg.enabled and (
             (cfg.every_steps is not None and state.step % cfg.every_steps == 0)
             or (cfg.every_epochs is not None and state.step_in_epoch == 0 and state.epoch % cfg.every_epochs == 0)
-            or state.step == c.total_steps)
+            or state.step == c.total_steps or state.stop_reason is not None)
         if stop or due or (cfg.enabled and out is not None and out.event is not None):  # a change of course: save
             self.save(c, state)
         if improved and cfg.enabled and cfg.save_best and c.is_main and self.save_sharded is None:

@@ -34,12 +34,12 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
     Validation runs at the end of every epoch (or every `eval_every` steps) and at the end."""
     c.model.train()
     t0 = time.perf_counter()
-    while state.step < c.total_steps:
+    while state.step < c.total_steps and state.stop_reason is None:
         # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
         c.train_loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size)
         batches = iter(c.train_loader)
         epoch = state.epoch
-        while state.epoch == epoch and state.step < c.total_steps:
+        while state.epoch == epoch and state.step < c.total_steps and state.stop_reason is None:
             step_no = state.step + 1
             logged = step_no % log_every == 0 or step_no == c.total_steps  # a metrics row reads the grad norm
             out = train_step(c, batches, step_no, diagnostics, measure_norm=logged)

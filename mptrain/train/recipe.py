@@ -39,6 +39,7 @@ from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.tracking import trackers
 from mptrain.run.writer import OutputError, RunWriter
+from mptrain.train.callbacks.early_stopping import EarlyStopping
 from mptrain.train.callbacks.metrics import Console, MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
@@ -192,6 +193,17 @@ def build(cfg: DictConfig) -> Components:
     )
 
 
+def early_stopping(cfg: DictConfig, checkpointer: Checkpointer) -> EarlyStopping:
+    """trainer.early_stopping, monitoring checkpoint.monitor (as resolved for the task) unless it names its own."""
+    monitor, mode = cfg.monitor or checkpointer.monitor, cfg.mode or checkpointer.mode
+    if monitor is None:
+        raise ConfigError("trainer.early_stopping needs a metric: set trainer.early_stopping.monitor (e.g. val/loss) "
+                          "or checkpoint.monitor")
+    if cfg.monitor is not None and cfg.mode is None:
+        mode = "max" if monitor.endswith(("acc", "accuracy")) else "min"
+    return EarlyStopping(cfg, monitor, mode)
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -238,6 +250,8 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p)
         if state.events:
             summary["events"] = list(state.events)
+        if state.stop_reason is not None:
+            summary["stop_reason"] = state.stop_reason
         if diagnostics is not None:
             summary.update(diagnostics.summary())
     if error is not None:
@@ -278,6 +292,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
     signals = StopSignals()  # handlers are installed around fit() only
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
                                 save_sharded=fsdp.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
+    stopper = early_stopping(t.early_stopping, checkpointer) if t.early_stopping.enabled else None
     # every check has passed: only now does the run directory change (RunWriter commits it; rank 0 writes)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
                        enabled=c.is_main)
@@ -293,6 +308,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
     status, error = "failed", None
     with signals:
         callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
+        if stopper is not None:  # before the metrics row and the checkpoint of the step it stops at
+            callbacks.insert(1, stopper)
         profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
         if profiler is not None:  # debug=profile
             callbacks.append(profiler)

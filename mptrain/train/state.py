@@ -29,6 +29,8 @@ class TrainState:
     verified_step: int = -1
     last_val: dict = field(default_factory=dict)  # the newest validation metrics, with their "step"
     events: list = field(default_factory=list)  # things that changed the run's course (e.g. a switch to bf16)
+    early_stopping: dict = field(default_factory=dict)  # trainer.early_stopping: best, best_step, bad (validations)
+    stop_reason: str | None = None  # why the run ended before trainer.max_steps (early stopping)
     # the current logging window: the loss is summed on the device and read once per log_every steps
     window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     window_applied: int = 0
@@ -61,7 +63,8 @@ class TrainState:
             "best_metric": self.best_metric, "train_loss": self.train_loss,
             "last_val": dict(self.last_val), "events": [dict(e) for e in self.events],
             "window_loss": self.window_loss.detach().cpu().clone(), "window_applied": self.window_applied,
-            "window_skipped": self.window_skipped,
+            "window_skipped": self.window_skipped, "early_stopping": dict(self.early_stopping),
+            "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -73,3 +76,4 @@ class TrainState:
         self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)
         self.last_val = dict(self.last_val)
         self.events = [dict(e) for e in self.events]
+        self.early_stopping = dict(self.early_stopping)

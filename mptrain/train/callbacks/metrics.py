@@ -71,7 +71,7 @@ class MetricsLogger(Callback):
     def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
         if out.event is not None:
             self.writer.log({"step": state.step, "epoch": state.epoch, **out.event})
-        if state.step % self.log_every and state.step != c.total_steps:
+        if state.step % self.log_every and state.step != c.total_steps and state.stop_reason is None:
             return
         p = c.precision
         norm = out.grad_norm if out.grad_norm is not None else torch.full((), math.nan, device=c.device)

@@ -1,0 +1,62 @@
+"""trainer.early_stopping stops at the step its rule implies (recomputed here from the run's own validation
+rows), records why in summary.json, and a resume stops where the straight run did."""
+
+from __future__ import annotations
+
+import pytest
+
+from mptrain.errors import ConfigError
+
+from .conftest import read_jsonl, train
+
+RUN = ["model=mlp", "model.width=16", "model.depth=1", "trainer.batch_size=64", "optimizer.lr=0.5", "trainer.max_steps=60",
+       "trainer.eval_every=3", "trainer.log_every=3", "diagnostics=off", "scheduler=none"]
+
+
+def expected_stop(values: list[tuple[int, float]], patience: int, min_delta: float, mode: str) -> int | None:
+    """The rule, written out independently: the step of the validation that makes `patience` in a row
+    without an improvement of more than min_delta over the best so far."""
+    best, bad = None, 0
+    for step, v in values:
+        better = best is None or (v < best - min_delta if mode == "min" else v > best + min_delta)
+        if better:
+            best, bad = v, 0
+        else:
+            bad += 1
+            if bad == patience:
+                return step
+    return None
+
+
+@pytest.mark.parametrize(("monitor", "mode", "min_delta"), [("val/loss", "min", 0.02), ("val/acc", "max", 0.01)])
+def test_stops_where_the_rule_says(monitor, mode, min_delta, tmp_path):
+    # the full run's validation curve, then the same run with early stopping
+    _, full = train(tmp_path / "full", [*RUN, "checkpoint.enabled=false"])
+    curve = [(r["step"], r[monitor]) for r in read_jsonl(full / "metrics.jsonl") if monitor in r]
+    stop = expected_stop(curve, 2, min_delta, mode)
+    assert stop is not None and stop < 60, curve  # the case exercises a stop
+    summary, run_dir = train(tmp_path / "es", [*RUN, "trainer.early_stopping.enabled=true",
+                                               f"trainer.early_stopping.monitor={monitor}",
+                                               "trainer.early_stopping.patience=2",
+                                               f"trainer.early_stopping.min_delta={min_delta}"])
+    assert summary["status"] == "completed" and summary["steps"] == stop
+    assert summary["stop_reason"].startswith(f"early_stopping: {monitor} did not improve by more than {min_delta}")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == stop and any("loss" in r and r["step"] == stop for r in rows)
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_resume_before_the_stop_stops_at_the_same_step(tmp_path):
+    es = ["trainer.early_stopping.enabled=true", "trainer.early_stopping.patience=2",
+          "trainer.early_stopping.min_delta=0.02", "trainer.early_stopping.monitor=val/loss", "checkpoint.every_steps=6",
+          "checkpoint.keep_last=20"]
+    straight, ref = train(tmp_path / "ref", [*RUN, *es])
+    assert straight["steps"] > 12
+    resumed, _ = train(tmp_path / "cut", [*RUN, *es, f"resume={ref / 'checkpoints' / 'step_12.pt'}"])
+    assert resumed["steps"] == straight["steps"] and resumed["stop_reason"] == straight["stop_reason"]
+
+
+def test_no_metric_to_monitor_is_refused_before_the_run_dir(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.early_stopping needs a metric"):
+        train(tmp_path, [*RUN, "trainer.early_stopping.enabled=true", "checkpoint.monitor=null"])
+    assert not (tmp_path / "run").exists()
