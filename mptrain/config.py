@@ -246,6 +246,9 @@ class TrainerConfig:
     detect_anomaly: bool = False  # autograd anomaly detection: name the op whose backward made a NaN
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # keep fewer activations, recompute them in backward: none | blocks (each repeated block) | all (one
+    # recomputation of the whole forward); mptrain/library/models/checkpointing.py
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
@@ -264,6 +267,8 @@ class TrainerConfig:
         _check(self.overfit_batches >= 0, "trainer.overfit_batches", self.overfit_batches, "must be >= 0")
         _check(self.conv_wgrad in ("auto", "native", "forward"), "trainer.conv_wgrad", self.conv_wgrad,
                "choose auto, native or forward")
+        _check(self.activation_checkpointing in ("none", "blocks", "all"), "trainer.activation_checkpointing",
+               self.activation_checkpointing, "choose none, blocks or all")
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy", self.strategy, "choose ddp or fsdp")
         _check(self.dist_backend in ("auto", "gloo", "nccl"), "trainer.dist_backend", self.dist_backend, "choose auto, gloo or nccl")
         _check(self.grad_compression in ("none", "fp16", "bf16"), "trainer.grad_compression", self.grad_compression,

@@ -31,7 +31,7 @@ from mptrain.config import check_warmup
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
-from mptrain.library.models import conv_wgrad
+from mptrain.library.models import checkpointing, conv_wgrad
 from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
 from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
@@ -156,6 +156,10 @@ def build(cfg: DictConfig) -> Components:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision.prepare_model(model)
+    wrapped = checkpointing.apply(model, t.activation_checkpointing)
+    if wrapped:
+        log.info("trainer.activation_checkpointing=%s: %d modules recompute their forward in backward",
+                 t.activation_checkpointing, wrapped)
     if t.strategy == "fsdp" and info.enabled:
         model = fsdp.shard(model, precision)
         precision.prepare_model(model)  # the optimizer must see the sharded parameters
