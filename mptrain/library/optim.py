@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from mptrain.errors import ConfigError
 from mptrain.library.extras import require
-from mptrain.precision.bf16_pure import build_pure_bf16_optimizer
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
 
@@ -59,20 +58,18 @@ def param_groups(cfg: DictConfig, params: list[torch.Tensor]) -> list[dict] | li
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], bf16_update: str | None = None,
-                    seed: int | None = None, bf16_compile: bool = False) -> torch.optim.Optimizer:
-    """The `optimizer=` group's optimizer over `params` (the FP32 master copies in `master` mode).
+def check_bf16_pure(cfg: DictConfig) -> None:
+    """precision=bf16_pure rounds into bf16 with its own SGD/AdamW: another optimizer cannot."""
+    if cfg.get("_target_") or cfg.name in LOW_BIT:
+        raise ConfigError(f"precision=bf16_pure updates bf16 weights with its own SGD/AdamW; optimizer="
+                          f"{optimizer_name(cfg)} cannot round into bf16: use optimizer=adamw|sgd, or another precision")
 
-    `bf16_update` (precision=bf16_pure, from `Precision.optimizer_options()`): the same rule computed in
-    fp32 from bf16 state and rounded nearest|stochastic|kahan; `seed` seeds its stochastic rounding
-    (default: the run seed); `bf16_compile` compiles its per-tensor update (precision.compile_update)."""
+
+def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The `optimizer=` group's optimizer over `params` (the FP32 master copies in `master` mode), in
+    param_groups. precision=bf16_pure builds its own (Precision.build_optimizer)."""
     params = list(params)
     target = cfg.get("_target_")
-    if bf16_update is not None:
-        if target or cfg.name in LOW_BIT:
-            raise ConfigError(f"precision=bf16_pure updates bf16 weights with its own SGD/AdamW; optimizer="
-                              f"{optimizer_name(cfg)} cannot round into bf16: use optimizer=adamw|sgd, or another precision")
-        return build_pure_bf16_optimizer(cfg, param_groups(cfg, params), bf16_update, seed, compile=bf16_compile)
     groups = param_groups(cfg, params)
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") is not None else {}
     if target:
@@ -145,12 +142,10 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_ste
 
 
 class MultiOptimizer:
-    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two).
-    `params[name]` are the tensors each one updates (the precision step needs them)."""
+    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two)."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
 
     @property
     def param_groups(self) -> list[dict]:

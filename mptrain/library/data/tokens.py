@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mptrain.config import TokensDatasetConfig as TOKS
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
 from mptrain.library.data.tokenize import load_saved
@@ -89,9 +90,10 @@ def read_meta(directory: Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def tokens(path: str, seq_len: int = 256, dtype: str | None = None, windows: str = "random", samples: int | None = None,
-           val_windows: int | None = None, vocab_size: int | None = None, train_file: str = "train.bin",
-           val_file: str = "val.bin", seed: int = 0, name: str = "tokens") -> Datasets:
+def tokens(path: str, seq_len: int = TOKS.seq_len, dtype: str | None = None, windows: str = TOKS.windows,
+           samples: int | None = None, val_windows: int | None = None, vocab_size: int | None = None,
+           train_file: str = TOKS.train_file, val_file: str = TOKS.val_file, seed: int = 0,
+           name: str = TOKS.name) -> Datasets:
     """A directory with train.bin (and val.bin, validated in contiguous windows; `val_windows` spreads that
     many over the file instead of all). dtype and vocab_size come from its meta.json (mptrain-prepare-text)
     unless given; a vocabulary is never found by scanning the file (that would read all of it)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mptrain.config import HFCausalLMConfig as HFLM
 from mptrain.errors import ConfigError
 from mptrain.library.extras import require
 
@@ -63,7 +64,7 @@ def _build(auto_class: str, config: dict | None, path: str | None, overrides: di
 
 
 def hf_causal_lm(config: dict | None = None, path: str | None = None, vocab_size: int | None = None,
-                 attn_implementation: str = "sdpa") -> nn.Module:
+                 attn_implementation: str = HFLM.attn_implementation) -> nn.Module:
     """AutoModelForCausalLM. `vocab_size` (from the data when null) overrides the config's; the KV cache is
     off (training never reuses it)."""
     overrides = {"vocab_size": vocab_size, "use_cache": False, "_attn_implementation": attn_implementation}

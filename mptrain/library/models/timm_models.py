@@ -8,12 +8,13 @@ from pathlib import Path
 
 from torch import nn
 
+from mptrain.config import TimmModelConfig as TIMM
 from mptrain.errors import ConfigError
 from mptrain.library.extras import require
 
 
 def timm_model(name: str, num_classes: int | None = None, in_channels: int = 3, checkpoint_path: str | None = None,
-               drop_path_rate: float = 0.0, kwargs: dict | None = None) -> nn.Module:
+               drop_path_rate: float = TIMM.drop_path_rate, kwargs: dict | None = None) -> nn.Module:
     """`timm.create_model(name, pretrained=False, ...)`; `checkpoint_path` loads a local state dict (timm's
     own loader: .pth, .pt or .safetensors), never the hub. `kwargs` go to the architecture's constructor
     (e.g. a ConvNeXt's depths and dims)."""
