@@ -48,7 +48,7 @@ def models():
 
 
 @pytest.mark.parametrize("mode", ["blocks", "all"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_same_gradients_fewer_saved_activations(mode, dtype):
     tokens = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(1))
     for name, plain in models():

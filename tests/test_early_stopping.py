@@ -28,7 +28,8 @@ def expected_stop(values: list[tuple[int, float]], patience: int, min_delta: flo
     return None
 
 
-@pytest.mark.parametrize(("monitor", "mode", "min_delta"), [("val/loss", "min", 0.02), ("val/acc", "max", 0.01)])
+@pytest.mark.parametrize(("monitor", "mode", "min_delta"),
+                         [("val/loss", "min", 0.02), pytest.param("val/acc", "max", 0.01, marks=pytest.mark.slow)])
 def test_stops_where_the_rule_says(monitor, mode, min_delta, tmp_path):
     # the full run's validation curve, then the same run with early stopping
     _, full = train(tmp_path / "full", [*RUN, "checkpoint.enabled=false"])
@@ -46,6 +47,7 @@ def test_stops_where_the_rule_says(monitor, mode, min_delta, tmp_path):
     assert (run_dir / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_resume_before_the_stop_stops_at_the_same_step(tmp_path):
     es = ["trainer.early_stopping.enabled=true", "trainer.early_stopping.patience=2",
           "trainer.early_stopping.min_delta=0.02", "trainer.early_stopping.monitor=val/loss", "checkpoint.every_steps=6",
