@@ -211,6 +211,17 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class EmaConfig:
+    """trainer.ema: an fp32 exponential moving average of the weights, validated as val_ema/..."""
+
+    enabled: bool = False
+    decay: float = 0.999  # ema <- decay * ema + (1 - decay) * w after every applied step
+
+    def __post_init__(self) -> None:
+        _check(0 < self.decay < 1, "trainer.ema.decay", self.decay, "must be in (0, 1)")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps (skipped ones count); null = run max_epochs
     max_epochs: int = 10
@@ -245,6 +256,7 @@ class TrainerConfig:
     detect_anomaly: bool = False  # autograd anomaly detection: name the op whose backward made a NaN
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # keep fewer activations, recompute them in backward: none | blocks (each repeated block) | all (one
     # recomputation of the whole forward); mptrain/library/models/checkpointing.py
     activation_checkpointing: str = "none"

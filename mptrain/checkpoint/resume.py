@@ -129,6 +129,12 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
                 raise
             raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
                                   "resume with the checkpoint's optimizer settings") from None
+    if getattr(c, "ema", None) is not None:
+        if "ema" in ckpt:
+            c.ema.load_state_dict(ckpt["ema"])
+        else:  # trainer.ema turned on at this resume: the average starts from the checkpoint's weights
+            c.ema.shadow = type(c.ema)(c.base_model, c.ema.decay).shadow
+            log.warning("resume: %s holds no EMA; trainer.ema starts from its weights", path)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     restore_rng(ckpt["rng"])

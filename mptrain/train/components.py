@@ -43,6 +43,7 @@ class Components:
     loss_weight: float = 1.0
     channels_last: bool = False
     dist: DistInfo = field(default_factory=DistInfo)  # this process's place under torchrun
+    ema: object | None = None  # trainer.ema: the fp32 average of the weights (mptrain/train/ema.py)
     tokenizer: object | None = None  # what decodes a language model's tokens (saved in the run directory)
     strategy: str = "single"  # single | ddp | fsdp
 

@@ -36,6 +36,8 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
             out = train_step(c, batches, step_no, diagnostics, measure_norm=logged)
             if out.applied:
                 c.scheduler.step()  # only applied steps advance the schedule
+                if c.ema is not None:  # trainer.ema: the average follows applied steps too
+                    c.ema.update()
             epoch_end = state.record_step(out.applied, out.loss, out.samples, c.steps_per_epoch)
             if out.event is not None:
                 state.events.append({"step": state.step, **out.event})

@@ -42,6 +42,7 @@ from mptrain.train.callbacks.early_stopping import EarlyStopping
 from mptrain.train.callbacks.metrics import MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
+from mptrain.train.ema import EMA, EmaCallback
 from mptrain.train.loop import fit
 from mptrain.train.state import TrainState
 
@@ -186,8 +187,12 @@ def build(cfg: DictConfig) -> Components:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
              task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    if t.ema.enabled and t.strategy == "fsdp" and info.enabled:
+        raise ConfigError("trainer.ema keeps a whole fp32 copy of the weights on every rank, which FSDP's sharding "
+                          "exists to avoid; use trainer.strategy=ddp or trainer.ema.enabled=false")
+    ema = EMA(base_model, t.ema.decay) if t.ema.enabled else None
     return Components(
-        model=model, task=task, precision=precision, optimizer=optimizer, scheduler=scheduler, parts=parts,
+        model=model, task=task, precision=precision, optimizer=optimizer, scheduler=scheduler, parts=parts, ema=ema,
         train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
         loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
@@ -318,6 +323,8 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
         if stopper is not None:  # before the metrics row and the checkpoint of the step it stops at
             callbacks.insert(1, stopper)
+        if c.ema is not None:  # first: its val_ema/... join the validation's row and the stopping rule's view
+            callbacks.insert(0, EmaCallback(c.ema))
         profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
         if profiler is not None:  # debug=profile
             callbacks.append(profiler)

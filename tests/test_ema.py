@@ -1,0 +1,65 @@
+"""trainer.ema: the fp32 average equals its recomputation from the run's own weights, is validated as
+val_ema/..., stays fp32 under bf16 weights, and resumes bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mptrain.config import validate
+from mptrain.train.recipe import build
+
+from .conftest import TINY, compose_config, read_jsonl, train
+from .test_checkpoint import assert_same_tensors, final_state
+
+RUN = ["model=cnn", "model.width=4", "trainer.batch_size=32", "trainer.max_steps=6", "scheduler=none",
+       "diagnostics=off", "trainer.ema.enabled=true", "trainer.log_every=2", "trainer.eval_every=3"]
+
+LINEAR = "head.2.weight"  # SmallCNN's output layer
+
+
+def test_average_equals_its_recomputation_from_the_weights_of_each_step(tmp_path):
+    overrides = [*RUN, "trainer.ema.decay=0.8", "precision=fp32", "checkpoint.every_steps=1", "checkpoint.keep_last=10"]
+    _, run_dir = train(tmp_path, overrides)
+    cfg = compose_config([*TINY, *overrides])
+    validate(cfg)
+    ema = {k: v.float() for k, v in build(cfg).base_model.state_dict().items()}  # the same seeded initial weights
+    for step in range(1, 7):
+        ckpt = torch.load(run_dir / "checkpoints" / f"step_{step}.pt", weights_only=True)
+        for k, w in ckpt["model"].items():
+            if w.is_floating_point():
+                ema[k] = 0.8 * ema[k] + 0.2 * w.float()
+                torch.testing.assert_close(ckpt["ema"]["shadow"][k], ema[k], rtol=1e-6, atol=1e-7, msg=f"{step} {k}")
+            else:
+                assert torch.equal(ckpt["ema"]["shadow"][k], w)  # num_batches_tracked is copied
+        assert not torch.equal(ckpt["ema"]["shadow"][LINEAR], ckpt["model"][LINEAR])  # an average, not a copy
+
+
+def test_val_ema_is_the_live_validation_when_the_average_is_the_live_weights(tmp_path):
+    summary, run_dir = train(tmp_path, [*RUN, "trainer.ema.decay=1e-9", "precision=fp32", "checkpoint.enabled=false"])
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        assert r["val_ema/acc"] == pytest.approx(r["val/acc"], abs=1e-9)
+        assert r["val_ema/loss"] == pytest.approx(r["val/loss"], rel=1e-5)
+    assert summary["val_ema/acc"] == rows[-1]["val_ema/acc"]
+    slow, _ = train(tmp_path / "slow", [*RUN, "trainer.ema.decay=0.99", "precision=fp32", "checkpoint.enabled=false"])
+    assert slow["val_ema/loss"] != pytest.approx(slow["val/loss"], rel=1e-3)  # a real average differs
+
+
+def test_average_stays_fp32_under_bf16_weights(tmp_path):
+    _, run_dir = train(tmp_path, [*RUN, "precision=bf16_pure", "trainer.ema.decay=0.9"])
+    ckpt = final_state(run_dir) | {"ema": torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["ema"]}
+    assert ckpt["model"][LINEAR].dtype == torch.bfloat16
+    assert ckpt["ema"]["shadow"][LINEAR].dtype == torch.float32
+
+
+def test_resume_is_bitwise(tmp_path):
+    base = [*RUN, "precision=amp", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    _, ref = train(tmp_path / "ref", base)
+    _, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_2.pt'}"])
+    a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert_same_tensors(a["ema"], b["ema"])
+    assert_same_tensors(final_state(ref), final_state(cut))
+    assert read_jsonl(ref / "metrics.jsonl")[1:] == read_jsonl(cut / "metrics.jsonl")
