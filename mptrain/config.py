@@ -543,6 +543,33 @@ class TokensDatasetConfig:
 
 
 @dataclass
+class HFDatasetConfig:
+    """A local Hugging Face datasets directory (save_to_disk) or data files: a text or an image column."""
+
+    _target_: str = "mptrain.library.data.hf.hf"
+    name: str = "hf"
+    path: str | None = None  # a save_to_disk directory, a .parquet/.arrow/.jsonl/.json/.csv file, or a folder of them
+    column: str = "text"  # text (language modelling) or image (classification)
+    label_column: str = "label"  # image datasets
+    split: str = "train"  # of a DatasetDict
+    val_split: str | None = None  # null: validation, valid, val or test if present; a single Dataset: val_fraction
+    val_fraction: float = 0.1
+    tokenizer: str = "byte"  # text: byte | char | word | bpe:<vocab size> | <tokenizers .json>
+    seq_len: int = 64
+    max_vocab: int = 10000
+    vocab_size: int | None = None  # null: the tokenizer's
+    image_size: int = 32
+    channels: int = 3
+    num_classes: int | None = None  # null: the label feature's, else max label + 1
+
+    def __post_init__(self) -> None:
+        _check(self.path is not None, "dataset.path", self.path, "dataset=hf needs dataset.path=<local dataset dir or file>")
+        _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
+        for key in ("seq_len", "image_size", "channels"):
+            _check(getattr(self, key) >= 1, f"dataset.{key}", getattr(self, key), "must be >= 1")
+
+
+@dataclass
 class SyntheticTokensConfig:
     """A learnable synthetic token stream."""
 

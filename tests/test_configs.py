@@ -26,7 +26,7 @@ def test_entry_composes_and_validates(group, name):
     partner = {("model", "lstm"): ["dataset=synthetic_tokens"], ("model", "gru"): ["dataset=synthetic_tokens"],
                ("model", "gpt"): ["dataset=synthetic_tokens"], ("dataset", "text"): ["dataset.path=/etc/hostname", "model=lstm"],
                ("dataset", "synthetic_tokens"): ["model=gpt"], ("model", "hf_causal_lm"): ["dataset=synthetic_tokens"],
-               ("dataset", "tokens"): ["dataset.path=/tmp", "model=gpt"]}.get((group, name), [])
+               ("dataset", "tokens"): ["dataset.path=/tmp", "model=gpt"], ("dataset", "hf"): ["dataset.path=/tmp"]}.get((group, name), [])
     cfg = compose_config([f"{group}={name}", *partner])
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -75,6 +75,7 @@ SCHEMAS = (
     ("dataset", "text_schema", schema.TextDatasetConfig),
     ("dataset", "synthetic_tokens_schema", schema.SyntheticTokensConfig),
     ("dataset", "tokens_schema", schema.TokensDatasetConfig),
+    ("dataset", "hf_schema", schema.HFDatasetConfig),
 )
 
 RESOLVERS = {"mptrain_run_name": run_name, "python_stdlib": python_stdlib, "mptrain_direction": sweep_direction,
