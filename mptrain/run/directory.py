@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mptrain.errors import MptrainError
-from mptrain.run.layout import read_jsonl
+from mptrain.run.layout import VOCAB, read_jsonl
 
 log = logging.getLogger("mptrain")
 
@@ -29,7 +29,7 @@ HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 LOCK_FILE = ".lock"
 # files a run writes step by step: cut back on resume, set aside (previous_<k>/) on a fresh start
 STEP_RECORDS = ("metrics.jsonl", "diagnostics.jsonl")
-SET_ASIDE = (*STEP_RECORDS, "summary.json", "tensorboard", "checkpoints", "report", "advice.json")
+SET_ASIDE = (*STEP_RECORDS, "summary.json", "tensorboard", "checkpoints", "report", "advice.json", VOCAB)
 
 
 class RunDirError(MptrainError):

@@ -54,3 +54,15 @@ def read_jsonl(path: Path) -> list[dict]:
             raise JsonlError(f"{path} line {i + 1} is not a JSON object")
         rows.append(row)
     return rows
+
+
+# ---- the files of a trained run's use (mptrain-eval, mptrain-sample, mptrain-export) ----------------
+
+VOCAB = "vocab.json"  # a text dataset's vocabulary ({"level", "tokens"}): decodes a language model's ids
+SAMPLES_DIR = "samples"  # a GAN's sample grids (step_<N>.png at validation, seed_<S>.png from mptrain-sample)
+EXPORT_DIR = "export"  # mptrain-export's files: model.safetensors, model_config.yaml, model.<format>
+
+
+def eval_file(name: str) -> str:
+    """mptrain-eval's metrics of checkpoint `name` (e.g. best, last-bf16): eval_<name>.json."""
+    return f"eval_{name}.json"

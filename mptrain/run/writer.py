@@ -127,7 +127,16 @@ def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: l
 
 
 SUMMARY_ROWS = ("status", "precision", "compute_dtype", "steps", "epochs", "skipped_steps", "final_loss_scale",
-                "train_loss", "val/loss", "val/acc", "samples_per_s", "peak_memory_mb", "wall_s")
+                "train_loss", "val/", "samples_per_s", "peak_memory_mb", "wall_s")  # "val/": every validation metric
+
+
+def summary_rows(summary: dict) -> list[str]:
+    """The keys the summary table shows, in order: every validation metric the task reports (val/loss,
+    val/acc, val/ppl, a custom task's own) where "val/" stands."""
+    keys: list[str] = []
+    for key in SUMMARY_ROWS:
+        keys += [k for k in summary if k.startswith("val/")] if key == "val/" else [key] * (key in summary)
+    return keys
 
 
 def print_summary(summary: dict, console: Console | None = None) -> None:
@@ -135,7 +144,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     table = Table(title="mptrain summary", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    for key in SUMMARY_ROWS:
+    for key in summary_rows(summary):
         if key in summary:
             value = summary[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

@@ -9,12 +9,14 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
 
 from mptrain.errors import Diverged
+from mptrain.run.directory import DeferredFileHandler
 from mptrain.run.writer import RunWriter
 from mptrain.train.components import Components
 from mptrain.train.loop import Callback
@@ -22,6 +24,9 @@ from mptrain.train.state import TrainState
 from mptrain.train.step import StepOutput
 
 log = logging.getLogger("mptrain")
+
+
+ROW_LINE = "step %d  loss %.4f  lr %.3g  scale %g%s"  # a metrics row in the log (and train.log)
 
 
 class Console(Callback):
@@ -37,12 +42,18 @@ class Console(Callback):
 
     def row(self, row: dict) -> None:
         """Show a metrics row: in the bar's postfix on a terminal, else as one log line."""
-        if self.interactive:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
-                                 refresh=False)
-        else:
-            norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
-            log.info("step %d  loss %.4f  lr %.3g  scale %g%s", row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
+        norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
+        args = (row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
+        if not self.interactive:
+            log.info(ROW_LINE, *args)
+            return
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
+                             refresh=False)
+        # the bar shows the row on the terminal; train.log gets the same line as without a terminal
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, ROW_LINE, args, None)
+        for handler in logging.getLogger().handlers + log.handlers:
+            if isinstance(handler, (logging.FileHandler, DeferredFileHandler)) and record.levelno >= handler.level:
+                handler.handle(record)
 
     @contextlib.contextmanager
     def logging_above(self) -> Iterator[None]:
@@ -57,6 +68,29 @@ class Console(Callback):
 
     def close(self) -> None:
         self.bar.close()
+
+
+def divergence_advice(compute_dtype: torch.dtype) -> str:
+    """What to change after a divergence with no loss scaler. Loss scaling only helps float16 compute
+    (its gradients underflow or overflow); an fp32 or bf16 run diverged through its lr or its gradients."""
+    advice = "Try a lower optimizer.lr or trainer.clip_grad_norm=1.0"
+    if compute_dtype == torch.float16:
+        advice += ", or a loss-scaled mode (precision=dynamic)"
+    return advice
+
+
+class CompileNotice(Callback):
+    """trainer.compile=true: torch.compile compiles at the first step, which then takes seconds to minutes.
+    Say so before it starts, and how long it took once it is done."""
+
+    def __init__(self) -> None:
+        log.info("compiling the model (trainer.compile=true): the first step waits for it...")
+        self.start: float | None = time.perf_counter()
+
+    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
+        if self.start is not None:
+            log.info("compiled: the first step took %.1f s (trainer.compile=true)", time.perf_counter() - self.start)
+            self.start = None
 
 
 class MetricsLogger(Callback):
@@ -83,8 +117,7 @@ class MetricsLogger(Callback):
         if applied and not math.isfinite(mean_loss) and p.scaler is None:
             raise Diverged(
                 f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
-                "Try a lower optimizer.lr, trainer.clip_grad_norm=1.0, or a loss-scaled mode (precision=dynamic); "
-                "resume=auto continues from the last finite checkpoint")
+                f"{divergence_advice(p.compute_dtype)}; resume=auto continues from the last finite checkpoint")
         if math.isfinite(mean_loss):
             state.train_loss = mean_loss
             state.verified_step = state.step - 1  # every loss of the window was finite: so were the weights before
