@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import sysconfig
@@ -22,7 +23,8 @@ from mptrain.checkpoint.callback import Interrupted
 from mptrain.cli.help import config_groups
 from mptrain.config import register_configs, validate
 from mptrain.errors import ConfigError, MptrainError
-from mptrain.run.directory import RunDir, committed, write_hydra_records
+from mptrain.cli.keys import check_override_keys
+from mptrain.run.directory import RunDir, committed, remove_tree_if_empty, write_hydra_records
 
 log = logging.getLogger("mptrain")
 
@@ -140,6 +142,7 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
         logging.getLogger().addHandler(logging.NullHandler())
     run_dir = Path(hc.runtime.output_dir)
     outcome.jobs += 1
+    refused = False
     try:
         was_empty = not any(run_dir.iterdir())
         with RunDir(run_dir, cfg, HydraConfig.instance().cfg) if main_rank else contextlib.nullcontext() as job:
@@ -152,14 +155,19 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
                 log.info("run directory: %s", run_dir)
                 summary = run(cfg, run_dir)
             except MptrainError as e:
-                if multirun and job is not None and was_empty and not committed(run_dir):
+                refused = was_empty and job is not None and not committed(run_dir)
+                if multirun and refused:
                     status = "interrupted" if isinstance(e, (Interrupted, SweepStopped)) else "failed"
                     _record_unrun_job(cfg, job, status, str(e))
                 raise
     except MptrainError as e:
         if not isinstance(e, SweepStopped):
-            print(f"mptrain: error: {e}", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
         if not multirun:
+            if refused:  # Hydra made the directory for this run; it was refused and holds nothing
+                remove_tree_if_empty(run_dir)
+                if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+                    remove_tree_if_empty(run_dir.parent)  # outputs/<date>/, if this was its only run
             sys.exit(e.exit_code)
         # a sweep: record the failure and go on; main() exits non-zero at the end
         outcome.failed.append(f"{run_dir.name}: {e}")
@@ -170,6 +178,11 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
     if main_rank:
         print_summary(summary)
     return objective(cfg, summary)  # what a sweeper (Optuna) optimizes; None above marks a failed trial
+
+
+def error_line(e: MptrainError) -> str:
+    """How the CLI prints an error: a requested stop (Ctrl-C, SIGTERM) is not an error."""
+    return f"mptrain: {'stopped' if isinstance(e, Interrupted) else 'error'}: {e}"
 
 
 class SweepStopped(MptrainError):
@@ -229,15 +242,16 @@ def _main() -> None:
     register_sweeper()
     try:
         check_config_dirs(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
         hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(mptrain_job)()
     except MptrainError as e:
-        print(f"mptrain: error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, no checkpoint for this step
         exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the last one")
     if outcome.stopped_by is not None:
         name = signal.Signals(outcome.stopped_by).name
-        print(f"mptrain: error: sweep stopped by {name}; unfinished jobs are recorded as interrupted "
+        print(f"mptrain: stopped: sweep stopped by {name}; unfinished jobs are recorded as interrupted "
               "(resume=auto continues them)", file=sys.stderr)
         sys.exit(128 + outcome.stopped_by)
     if outcome.failed:

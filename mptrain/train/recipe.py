@@ -182,7 +182,8 @@ def build(cfg: DictConfig) -> Components:
     if several and info.enabled:
         raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
                           "gradient all-reduce; train it in one process (no torchrun)")
-    model = build_model(cfg, task, device, precision, datasets.facts)
+    facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
+    model = build_model(cfg, task, device, precision, facts)
     if t.strategy == "fsdp" and info.enabled:
         model = fsdp.shard(model, precision)
         precision.prepare_model(model)  # the optimizer must see the sharded parameters
@@ -216,7 +217,8 @@ def build(cfg: DictConfig) -> Components:
         train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
         loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
-        strategy=t.strategy if info.enabled else "single", vocab=datasets.vocab,
+        strategy=t.strategy if info.enabled else "single", model_facts=facts,
+        vocab=datasets.vocab,
     )
 
 
