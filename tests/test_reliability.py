@@ -252,10 +252,11 @@ def test_static_scale_above_fp16_max_is_named(caplog):
 
 def test_warmup_longer_than_the_run_is_named_and_unknown_monitor_refused(caplog):
     cfg = compose_config(["scheduler=cosine", "scheduler.warmup_steps=10"])
-    assert check_warmup(cfg.scheduler, total_steps=11) and not caplog.records
+    assert check_warmup(cfg.scheduler, total_steps=20) and not caplog.records  # exactly half: no warning
     with caplog.at_level("WARNING", logger="mptrain"):
-        assert not check_warmup(cfg.scheduler, total_steps=10)
-    assert "warmup_steps=10 is not shorter than the run" in caplog.text
+        assert not check_warmup(cfg.scheduler, total_steps=19)
+    assert "warmup_steps=10 covers more than half of the run (19 steps)" in caplog.text
+    assert len(caplog.records) == 1
     check_monitor("val/acc", ["val/loss", "val/acc"])
     with pytest.raises(ConfigError, match="val/ppl"):
         check_monitor("val/ppl", ["val/loss", "val/acc"])

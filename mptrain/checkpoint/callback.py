@@ -27,6 +27,7 @@ from mptrain.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoi
     check_finite,
     find_resumable,
     finite_state,
+    link_atomic,
     load_file,
     restore_rng,
     save_atomic,
@@ -183,10 +184,14 @@ class Checkpointer(Callback):
             (cfg.every_steps is not None and state.step % cfg.every_steps == 0)
             or (cfg.every_epochs is not None and state.step_in_epoch == 0 and state.epoch % cfg.every_epochs == 0)
             or state.step == c.total_steps)
-        if stop or due or (cfg.enabled and out is not None and out.event is not None):  # a change of course: save
+        saved = stop or due or (cfg.enabled and out is not None and out.event is not None)  # a change of course: save
+        if saved:
             self.save(c, state)
         if improved and cfg.enabled and cfg.save_best and c.is_main and self.save_sharded is None:
-            save_atomic(self.contents(c, state), self.dir / "best.pt")
+            if saved and (self.dir / "last.pt").is_file():  # the same contents: one file, two names
+                link_atomic(self.dir / "last.pt", self.dir / "best.pt")
+            else:
+                save_atomic(self.contents(c, state), self.dir / "best.pt")
         if stop:
             raise Interrupted(self.signals.received or signal.SIGTERM, state.step)
 

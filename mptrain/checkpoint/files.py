@@ -158,6 +158,20 @@ def save_atomic(obj: Any, path: Path, also: Path | None = None, check: bool = Tr
         raise
 
 
+def link_atomic(src: Path, dst: Path) -> None:
+    """Make `dst` a hard link of `src` (best.pt of last.pt when they hold the same step: no second write of
+    the same bytes). Atomic: a link under a temp name renamed over `dst`. A later save of `src` renames a new
+    file over it, so `dst` keeps its own contents."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {dst}: {e.strerror or e}") from None
+
+
 # ---- reading -------------------------------------------------------------------------------------
 
 def load_file(path: Path) -> dict:

@@ -64,8 +64,15 @@ def check_override_keys(args: list[str]) -> None:
             continue  # a group choice (precision=bf16, hydra/launcher=...) or a key Hydra checks itself
         if key in keys:
             continue
-        if "." in key and key.split(".")[0] not in FIXED:
-            continue  # a group of the user's own (--config-dir): Hydra checks it
-        close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+        head, _, rest = key.partition(".")
+        if rest and head not in FIXED:
+            typo = difflib.get_close_matches(head, sorted(FIXED) + list(OPEN), n=1, cutoff=0.75)
+            if not typo:
+                continue  # a group of the user's own (--config-dir): Hydra checks it
+            key_fixed = f"{typo[0]}.{rest}"
+            close = [key_fixed] if typo[0] in OPEN or key_fixed in keys else \
+                difflib.get_close_matches(key_fixed, sorted(keys), n=1, cutoff=0.8)
+        else:
+            close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.8)
         hint = f"did you mean {close[0]}?" if close else "`mptrain --cfg job` lists every key"
         raise ConfigError(f"{key} is not a config key; {hint}")

@@ -212,6 +212,16 @@ def check_config_dirs(argv: list[str]) -> None:
                 raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
+# loggers whose INFO lines say nothing to a user: alembic's "setup plugin ..." when Optuna or MLflow opens
+# its SQLite store (Hydra's logging shows every logger's INFO)
+QUIET_LOGGERS = ("alembic",)
+
+
+def quiet_third_party_logs() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def exit_at_once(message: str) -> None:
     """Exit 130 now, skipping atexit callbacks (DataLoader workers, TensorBoard, logging): a Ctrl-C there
     would print a traceback from inside them."""
@@ -240,6 +250,7 @@ def _main() -> None:
 
     check_sweeper_installed(sys.argv[1:])
     register_sweeper()
+    quiet_third_party_logs()
     try:
         check_config_dirs(sys.argv[1:])
         check_override_keys(sys.argv[1:])

@@ -267,7 +267,8 @@ def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
     ax2.set_ylabel("train loss")
-    ax2.legend(fontsize=6)
+    if ax2.lines:
+        ax2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(*(fmt(r[c]) for c in shown))
     console = Console()
     if not console.is_terminal:  # piped or redirected: every column at its full width, no 80-column squeeze
-        console = Console(width=max(console.width, console.measure(table).maximum))
+        console = Console(width=max(console.width, console.measure(table, options=console.options.update_width(100_000)).maximum))
     console.print(table)
     written = write_outputs(out_dir, table_rows, groups, metric)
     for p in written:

@@ -85,10 +85,11 @@ def sample_text(run_dir: Path, prompt: str, tokens: int = 200, temperature: floa
     if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ConfigError("--tokens and --temperature must be >= 0 and --top-k >= 1")
     vocab = read_vocab(run_dir)
+    prompt_ids = vocab.encode(prompt)  # a prompt outside the vocabulary fails before any building
     model, task, precision = load_model(run_dir, list(overrides or []), checkpoint, {"vocab_size": len(vocab.tokens)})
     if task.name != "language_modeling":
         raise ConfigError(f"{run_dir} trained a {task.name} task; text sampling needs a language model")
-    ids = generate(model, vocab.encode(prompt), tokens, temperature, top_k, seed, precision)
+    ids = generate(model, prompt_ids, tokens, temperature, top_k, seed, precision)
     return vocab.decode(ids)
 
 

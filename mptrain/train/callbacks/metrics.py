@@ -116,7 +116,8 @@ class MetricsLogger(Callback):
         mean_loss = window_loss / applied if applied else math.nan
         if applied and not math.isfinite(mean_loss) and p.scaler is None:
             raise Diverged(
-                f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
+                f"loss is {mean_loss} at step {state.step} with precision={p.mode}"
+                f"{' and no loss scaling' if p.compute_dtype == torch.float16 else ''}: the run diverged. "
                 f"{divergence_advice(p.compute_dtype)}; resume=auto continues from the last finite checkpoint")
         if math.isfinite(mean_loss):
             state.train_loss = mean_loss
