@@ -371,7 +371,7 @@ def test_unwritable_metrics_or_summary_is_one_line_naming_the_file(tmp_path):
 def test_recipe_warns_of_a_long_warmup_and_refuses_an_unknown_monitor(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mptrain"):
         train(tmp_path / "a", [*RUN, "scheduler=cosine", "scheduler.warmup_steps=5"])
-    assert "scheduler.warmup_steps=5 is not shorter than the run (2 steps)" in caplog.text
+    assert "scheduler.warmup_steps=5 covers more than half of the run (2 steps)" in caplog.text
     with pytest.raises(ConfigError, match="checkpoint.monitor='val/ppl'"):
         train(tmp_path / "b", [*RUN, "checkpoint.monitor=val/ppl"])
     assert not (tmp_path / "b" / "run").exists()  # refused before the run directory was made
