@@ -222,3 +222,25 @@ def test_run_config_applies_group_and_key_overrides(digits_run):
     assert cfg.precision.mode == "bf16" and cfg.precision.loss_scale.init == 65536.0  # the group entry, in full
     assert cfg.trainer.batch_size == 32 and cfg.extra.key == 1
     assert cfg.model.num_classes == 10  # interpolations still resolve
+
+
+def test_a_master_weights_run_is_used_through_its_fp32_masters(tmp_path):
+    """precision=master keeps fp16 weights in the model and their fp32 masters in the precision state: a
+    rebuilt fp32 model takes the masters (in MasterWeights' order: the fp16 parameters), not the fp16 copies."""
+    from mptrain.library.models.vision import MLP
+    from mptrain.tools.trained import weights
+
+    run_dir, _ = trained_run(tmp_path, ["model=mlp", "model.width=16", "model.depth=2", "precision=master",
+                                        "optimizer.lr=0.01", "trainer.max_steps=3", "diagnostics=off"])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    masters = ckpt["precision"]["master"]["masters"]
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model = MLP(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"})
+    state = weights(ckpt, model)
+    fp16_names = [n for n, _ in model.named_parameters() if ckpt["model"][n].dtype == torch.float16]
+    assert len(fp16_names) == len(masters) > 0
+    for name, master in zip(fp16_names, masters):
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], master)
+        assert torch.equal(master.half(), ckpt["model"][name])  # the fp16 weights are the masters rounded
+    assert any(not torch.equal(m, m.half().float()) for m in masters)  # and the masters hold more than fp16 does
+    model.load_state_dict(state)
