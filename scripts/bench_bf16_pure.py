@@ -14,15 +14,17 @@ shared machine's drift cancels), and the table shows the median over repeats and
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
 import time
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the mptrain command does, before torch allocates
 
-import mptrain  # noqa: F401  (sets the allocator environment before torch allocates, as a run does)
-from mptrain.precision.bf16_pure import UPDATES, PureBf16AdamW, PureBf16SGD
+import torch  # noqa: E402
+
+from mptrain.precision.bf16_pure import UPDATES, PureBf16AdamW, PureBf16SGD  # noqa: E402
 
 
 def parse_size(text: str) -> int:

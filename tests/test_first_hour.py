@@ -19,11 +19,11 @@ from mptrain.cli.keys import check_override_keys
 from mptrain.cli.main import error_line, quiet_third_party_logs
 from mptrain.errors import ConfigError, Diverged
 from mptrain.precision import Precision
-from mptrain.run.writer import print_summary
 from mptrain.tools.advise import device_note
 from mptrain.tools.compare import bar_limits
 from mptrain.tools.compare import main as compare_main
 from mptrain.tools.report import heat_range
+from mptrain.train.callbacks.console import print_summary
 from mptrain.train.callbacks.metrics import CompileNotice, divergence_advice
 from mptrain.train.recipe import emulated_fp16
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel import distributed
-from mptrain.run.layout import EXPORT_DIR
+from mptrain.run.layout import EXPORT
 from mptrain.tools.trained import checkpoint_path, load_checkpoint, load_weights, run_config, tool_main
 from mptrain.train.recipe import build, build_model
 
@@ -120,7 +120,7 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
         x = example_input(c, c.task.name)
         with torch.no_grad():
             want = model(x)
-        out = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
+        out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
         out.mkdir(parents=True, exist_ok=True)
 
         # the weights, checked by loading them into a freshly built model

@@ -19,7 +19,7 @@ from torch import nn
 from mptrain.errors import ConfigError
 from mptrain.library.data.text import Vocab
 from mptrain.precision import Precision, resolve_device
-from mptrain.run.layout import SAMPLES_DIR, VOCAB
+from mptrain.run.layout import SAMPLES, VOCAB
 from mptrain.tools.trained import checkpoint_path, load_checkpoint, load_weights, run_config, tool_main
 from mptrain.train.recipe import build_model, build_task, model_target
 
@@ -102,7 +102,7 @@ def sample_images(run_dir: Path, seed: int = 0, count: int = 64, checkpoint: str
     if task.name != "gan":
         raise ConfigError(f"{run_dir} trained a {task.name} task; image samples need a GAN run (model=dcgan)")
     with precision.autocast():
-        return sample_grid(model, Path(run_dir) / SAMPLES_DIR / f"seed_{seed}.png", count=count, seed=seed)
+        return sample_grid(model, Path(run_dir) / SAMPLES / f"seed_{seed}.png", count=count, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mptrain.checkpoint.files import check_finite, load_file
-from mptrain.cli.main import config_dir  # also registers the schemas and the resolvers a saved config may use
+from mptrain.cli.register import config_dir, register
 from mptrain.errors import ConfigError, MptrainError
+from mptrain.run.layout import BEST, CHECKPOINTS, CONFIG, LAST
 
 log = logging.getLogger("mptrain")
 
@@ -34,11 +35,12 @@ def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Di
     """The run's composed config (.hydra/config.yaml) with `overrides` applied; one-line errors for a
     directory that is not a run or an override that names nothing."""
     run_dir = Path(run_dir)
-    path = run_dir / ".hydra" / "config.yaml"
+    path = run_dir / CONFIG
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not an mptrain run directory (no .hydra/config.yaml)")
+    register()  # the schemas, and the resolvers a saved config may use (${python_stdlib:...})
     cfg = OmegaConf.load(path)
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -87,14 +89,14 @@ def unknown_key_message(key: str, cfg: DictConfig) -> str:
 
 def checkpoint_path(run_dir: Path, name: str | None) -> Path:
     """checkpoints/<name> (a bare name gets .pt); by default best.pt, else last.pt."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
     if name is not None:
         path = ckpt_dir / (name if name.endswith(".pt") else f"{name}.pt")
         if not path.is_file():
             have = sorted(p.name for p in ckpt_dir.glob("*.pt")) if ckpt_dir.is_dir() else []
-            raise ConfigError(f"{path} does not exist; this run has {', '.join(have) or 'no checkpoints'}")
+            raise ConfigError(f"{path} does not exist; this run has {', '.join(have) or 'no checkpoint files'}")
         return path
-    for default in ("best.pt", "last.pt"):
+    for default in (BEST, LAST):
         if (ckpt_dir / default).is_file():
             return ckpt_dir / default
     raise ConfigError(f"{run_dir} has no checkpoint (checkpoints/best.pt or last.pt): it was trained with "
@@ -134,7 +136,7 @@ def weights(ckpt: dict, model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
-    from mptrain.checkpoint.callback import check_model_fits
+    from mptrain.checkpoint.resume import check_model_fits
 
     check_model_fits(ckpt["model"], model, path)
     model.load_state_dict(weights(ckpt, model))  # copied in the model's own dtypes (as the run's precision casts)
