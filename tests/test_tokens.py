@@ -122,7 +122,7 @@ def test_word_and_char_vocabularies_are_saved_in_the_run(tmp_path):
     _, run_dir = train(tmp_path, ["dataset=text", f"dataset.path={TEXT}", "dataset.tokenizer=word",
                                   "dataset.max_vocab=200", "dataset.seq_len=16", "trainer.max_steps=2", *GPT])
     saved = json.loads((run_dir / "vocab.json").read_text())
-    assert saved["kind"] == "word" and len(saved["vocab"]) == 200 and saved["vocab"][0] == "<unk>"
+    assert saved["level"] == "word" and len(saved["tokens"]) == 200 and saved["tokens"][0] == "<unk>"
 
 
 def test_prepare_text_cli_then_train_on_the_token_files(tmp_path):

@@ -46,6 +46,8 @@ class Components:
     ema: object | None = None  # trainer.ema: the fp32 average of the weights (mptrain/train/ema.py)
     tokenizer: object | None = None  # what decodes a language model's tokens (saved in the run directory)
     strategy: str = "single"  # single | ddp | fsdp
+    model_facts: dict = field(default_factory=dict)  # model keys the data filled in (e.g. vocab_size)
+    vocab: dict | None = None  # a text dataset's vocabulary: written to the run directory as vocab.json
 
     @property
     def base_model(self) -> nn.Module:

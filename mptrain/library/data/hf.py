@@ -16,7 +16,7 @@ from mptrain.config import HFDatasetConfig as HFD
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
 from mptrain.library.data.text import Contiguous
-from mptrain.library.data.tokenize import build_tokenizer
+from mptrain.library.data.tokenize import VocabTokenizer, build_tokenizer
 from mptrain.library.extras import require
 
 FILE_KINDS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -96,5 +96,9 @@ def hf(path: str, column: str = HFD.column, label_column: str = HFD.label_column
     val_ids = torch.from_numpy(tok.encode("\n".join(val[column]))) if val is not None else None
     if vocab_size is not None and vocab_size < tok.vocab_size:
         raise ConfigError(f"dataset.vocab_size={vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    facts = {"vocab_size": vocab_size or tok.vocab_size}
+    vocab = tok.to_dict() if isinstance(tok, VocabTokenizer) else None  # byte/char/word: the run's vocab.json
+    if vocab is None:
+        facts["tokenizer"] = tok  # tokenizer.json in the run directory
     return Datasets(train=Contiguous(train_ids, seq_len), val=Contiguous(val_ids, seq_len) if val_ids is not None else None,
-                    task="language_modeling", facts={"vocab_size": vocab_size or tok.vocab_size, "tokenizer": tok})
+                    task="language_modeling", facts=facts, vocab=vocab)

@@ -14,7 +14,7 @@ from mptrain.config import SyntheticTokensConfig as TOK
 from mptrain.config import TextDatasetConfig as TXT
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
-from mptrain.library.data.tokenize import build_tokenizer
+from mptrain.library.data.tokenize import Vocab, VocabTokenizer, build_tokenizer  # noqa: F401  (Vocab: mptrain-sample)
 
 
 class Contiguous(Dataset):
@@ -57,6 +57,9 @@ def text(path: str, level: str = TXT.level, seq_len: int = TXT.seq_len, val_frac
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"{path} has {len(tokens)} {spec} tokens: too few for dataset.seq_len={seq_len}; "
                           "use a longer file or a shorter seq_len")
+    if isinstance(tok, VocabTokenizer):  # byte/char/word: vocab.json, what mptrain-sample decodes with
+        return Datasets(train=train, val=val, task="language_modeling", facts={"vocab_size": vocab_size or tok.vocab_size},
+                        vocab=tok.to_dict())
     return Datasets(train=train, val=val, task="language_modeling",
                     facts={"vocab_size": vocab_size or tok.vocab_size, "tokenizer": tok})
 

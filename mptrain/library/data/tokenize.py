@@ -12,6 +12,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,40 @@ from mptrain.library.extras import require
 
 LEVELS = ("byte", "char", "word")
 VOCAB_FILE, TOKENIZER_FILE = "vocab.json", "tokenizer.json"
+
+
+@dataclass
+class Vocab:
+    """A text dataset's tokens: id i is tokens[i]. Encodes a prompt and decodes generated ids the way
+    the dataset tokenized its file."""
+
+    level: str  # byte | char | word
+    tokens: list[str]
+
+    def encode(self, text: str) -> list[int]:
+        if self.level == "byte":
+            return list(text.encode("utf-8"))
+        if self.level == "word":
+            index = {w: i for i, w in enumerate(self.tokens)}
+            return [index.get(w, 0) for w in text.split()]  # 0 is <unk>
+        index = {c: i for i, c in enumerate(self.tokens)}
+        unknown = sorted({c for c in text if c not in index})
+        if unknown:
+            raise ConfigError(f"the prompt has characters the training text never had ({''.join(unknown)!r}); "
+                              "use only characters of the training file")
+        return [index[c] for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.level == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return (" " if self.level == "word" else "").join(self.tokens[i] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"level": self.level, "tokens": self.tokens}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocab:
+        return cls(level=data["level"], tokens=list(data["tokens"]))
 
 
 class VocabTokenizer:
@@ -55,12 +90,11 @@ class VocabTokenizer:
         return np.fromiter((self.index.get(w, 0) for w in text.split()), dtype=np.int64)
 
     def decode(self, ids) -> str:
-        if self.level == "byte":
-            return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-        return ("" if self.level == "char" else " ").join(self.vocab[int(i)] for i in ids)
+        return Vocab(self.level, self.vocab).decode([int(i) for i in ids])
 
     def to_dict(self) -> dict:
-        return {"kind": self.level, "vocab": self.vocab}
+        """The run directory's vocab.json (run/layout.VOCAB), what mptrain-sample reads (text.Vocab)."""
+        return Vocab(self.level, self.vocab).to_json()
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / VOCAB_FILE
@@ -108,7 +142,7 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "file": TOKENIZER_FILE}
+        return {"level": self.kind, "file": TOKENIZER_FILE}
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
@@ -148,6 +182,6 @@ def load_saved(directory: Path) -> VocabTokenizer | HFTokenizer | None:
     if (directory / TOKENIZER_FILE).is_file():
         return HFTokenizer.load(str(directory / TOKENIZER_FILE))
     if (directory / VOCAB_FILE).is_file():
-        saved = json.loads((directory / VOCAB_FILE).read_text())
-        return VocabTokenizer(saved["kind"], saved["vocab"])
+        saved = Vocab.from_json(json.loads((directory / VOCAB_FILE).read_text()))
+        return VocabTokenizer(saved.level, saved.tokens)
     return None

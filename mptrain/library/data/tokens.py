@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from mptrain.config import TokensDatasetConfig as TOKS
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
-from mptrain.library.data.tokenize import load_saved
+from mptrain.library.data.tokenize import VocabTokenizer, load_saved
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"  # vocab_size, dtype and tokenizer of a directory written by mptrain-prepare-text
@@ -117,6 +117,8 @@ def tokens(path: str, seq_len: int = TOKS.seq_len, dtype: str | None = None, win
         val = TokenWindows(directory / val_file, dtype, seq_len, "contiguous", stride=stride)
     facts = {"vocab_size": int(vocab_size)}
     saved = load_saved(directory)  # copied into the run directory: what decodes the tokens
+    if isinstance(saved, VocabTokenizer):  # byte/char/word: the run's vocab.json (mptrain-sample reads it)
+        return Datasets(train=train, val=val, task="language_modeling", facts=facts, vocab=saved.to_dict())
     if saved is not None:
         facts["tokenizer"] = saved
     return Datasets(train=train, val=val, task="language_modeling", facts=facts)
