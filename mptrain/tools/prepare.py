@@ -67,7 +67,7 @@ def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_voc
                 n += len(ids)
         counts[f"{name}_tokens"] = n
     tok.save(out)
-    meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.to_dict()["kind"], "source": str(path),
+    meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.to_dict()["level"], "source": str(path),
             "val_fraction": val_fraction, **counts}
     (out / META).write_text(json.dumps(meta, indent=1))
     return meta
