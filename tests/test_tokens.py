@@ -138,7 +138,7 @@ def test_prepare_text_cli_then_train_on_the_token_files(tmp_path):
     summary, run_dir = train(tmp_path, ["dataset=tokens", f"dataset.path={out}", "dataset.seq_len=16",
                                         "dataset.samples=64", "dataset.val_windows=8", "trainer.max_epochs=1", *GPT])
     assert summary["status"] == "completed" and summary["steps"] == 64 // 8
-    assert (run_dir / "vocab.json").read_text() == (out / "vocab.json").read_text()
+    assert json.loads((run_dir / "vocab.json").read_text()) == json.loads((out / "vocab.json").read_text())
     assert summary["val/loss"] < np.log(meta["vocab_size"]) + 0.5
 
 
