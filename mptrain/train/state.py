@@ -20,7 +20,8 @@ class TrainState:
     samples: int = 0  # training samples seen (this rank)
     best_metric: float | None = None  # the best value of checkpoint.monitor so far
     train_loss: float = math.nan  # mean loss of the last logged window
-    # seconds spent in training steps in this attempt (validation excluded), and the samples they saw:
+    # seconds spent in this attempt's timed training steps (its first step and validations excluded: loop.fit),
+    # and the samples those steps saw:
     # wall time, so not part of the checkpointed state (a resumed run must equal a straight one bit for bit)
     train_time: float = 0.0
     attempt_samples: int = 0
