@@ -28,6 +28,8 @@ from mptrain.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoi
     find_resumable,
     finite_state,
     load_file,
+    own_rng,
+    rank_rngs,
     restore_rng,
     save_atomic,
     sharded_complete,
@@ -185,8 +187,10 @@ class Checkpointer(Callback):
             or state.step == c.total_steps)
         if stop or due or (cfg.enabled and out is not None and out.event is not None):  # a change of course: save
             self.save(c, state)
-        if improved and cfg.enabled and cfg.save_best and c.is_main and self.save_sharded is None:
-            save_atomic(self.contents(c, state), self.dir / "best.pt")
+        if improved and cfg.enabled and cfg.save_best and self.save_sharded is None:
+            rngs = rank_rngs(c)  # every rank (the same validation made it improve on every rank)
+            if c.is_main:
+                save_atomic(self.contents(c, state, rngs=rngs), self.dir / "best.pt")
         if stop:
             raise Interrupted(self.signals.received or signal.SIGTERM, state.step)
 
@@ -207,9 +211,10 @@ class Checkpointer(Callback):
             return True
         return False
 
-    def contents(self, c: Any, state: Any, weights: bool = True) -> dict:
+    def contents(self, c: Any, state: Any, weights: bool = True, rngs: list[dict] | None = None) -> dict:
         """Everything a resume needs, as state_dict()s; `weights=False` leaves out model and optimizer
-        (FSDP saves those sharded)."""
+        (FSDP saves those sharded). `rngs`: every rank's generator states (rank_rngs), else this process's."""
+        rngs = rngs if rngs is not None else [capture_rng(c.device)]
         out = {
             "format_version": FORMAT_VERSION,
             "mptrain_version": __version__,
@@ -217,23 +222,26 @@ class Checkpointer(Callback):
             "precision": c.precision.state_dict(),
             "scheduler": c.scheduler.state_dict(),
             "train_state": state.state_dict(),
-            "rng": capture_rng(),
+            "rng": rngs[0],
             "config": self.config,
         }
+        if len(rngs) > 1:  # each rank restores its own (dropout draws differ by rank)
+            out["rng_ranks"] = rngs
         if weights:
             out["model"] = {k: v.detach().clone() for k, v in c.base_model.state_dict().items()}
             out["optimizer"] = c.optimizer.state_dict()
         return out
 
     def save(self, c: Any, state: Any) -> None:
+        rngs = rank_rngs(c)  # a collective: before rank 0 goes on alone
         if self.save_sharded is not None:  # every rank writes its shards
-            path = self.save_sharded(c, self.contents(c, state, weights=False), self.dir, self.cfg.keep_last)
+            path = self.save_sharded(c, self.contents(c, state, weights=False, rngs=rngs), self.dir, self.cfg.keep_last)
             log.info("sharded checkpoint saved at step %d: %s", state.step, path)
             return
         if not c.is_main:  # the replicas are identical: rank 0 writes
             return
         step, keep = state.step, self.cfg.keep_last
-        save_atomic(self.contents(c, state), self.dir / "last.pt", also=self.dir / f"step_{step}.pt" if keep > 0 else None)
+        save_atomic(self.contents(c, state, rngs=rngs), self.dir / "last.pt", also=self.dir / f"step_{step}.pt" if keep > 0 else None)
         self.saved.append(step)
         for old in [p for p in candidates(self.dir) if STEP_FILE.match(p.name)][keep:]:
             old.unlink(missing_ok=True)
@@ -310,7 +318,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     state.load_state_dict({**ckpt.get("loop", {}), **ckpt["train_state"]})  # "loop": format of mptrain <= 0.1.0
-    restore_rng(ckpt["rng"])
+    restore_rng(own_rng(ckpt, c), c.device)
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 

@@ -38,8 +38,8 @@ class CheckpointError(MptrainError):
 
 # ---- RNG -----------------------------------------------------------------------------------------
 
-def capture_rng() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states, as plain containers."""
+def capture_rng(device: torch.device | None = None) -> dict:
+    """Python, numpy, torch CPU and this process's CUDA generator states, as plain containers."""
     version, state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     rng = {
@@ -47,19 +47,47 @@ def capture_rng() -> dict:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)  # the generator this process draws from
+    elif device is None and torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
 
-def restore_rng(rng: dict) -> None:
+def restore_rng(rng: dict, device: torch.device | None = None) -> None:
     version, state, gauss = rng["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    cuda = rng.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, torch.Tensor):  # one device's state
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, device)
+    elif len(cuda) == torch.cuda.device_count():  # every device's (checkpoints of mptrain <= 0.1.0)
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rank_rngs(c: Any) -> list[dict]:
+    """Every rank's generator states, in rank order (a collective: every rank calls it); one process: its own."""
+    mine = capture_rng(c.device)
+    if not c.dist.enabled:
+        return [mine]
+    import torch.distributed as dist
+
+    out: list = [None] * c.dist.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def own_rng(ckpt: dict, c: Any) -> dict:
+    """This rank's generator states from a checkpoint (rank 0's where it was written by another world size)."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == c.dist.world_size:
+        return ranks[c.dist.rank]
+    return ckpt["rng"]
 
 
 # ---- finiteness ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mptrain.checkpoint.callback import Interrupted
 from mptrain.cli.help import config_groups
 from mptrain.config import register_configs, validate
 from mptrain.errors import ConfigError, MptrainError
+from mptrain.parallel import distributed
 from mptrain.run.directory import RunDir, committed, write_hydra_records
 
 log = logging.getLogger("mptrain")
@@ -43,6 +44,8 @@ def run_name() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id:
         return f"torchrun-{run_id[:13]}"
+    if distributed.env_info().enabled and "SLURM_JOB_ID" in os.environ:  # srun without torchrun: the job step
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
     return f"{datetime.now():%H-%M-%S}-{os.getpid()}"
 
 
@@ -133,7 +136,7 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = distributed.env_info().is_main
     if not main_rank:  # only rank 0 writes train.log and the console
         for handler in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import resource
 import time
@@ -58,16 +59,31 @@ def seed_everything(seed: int) -> None:
 def backend_settings(t: DictConfig) -> Iterator[None]:
     """Determinism, cuDNN autotuning and TF32 for this run only (Hydra multirun shares the process)."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
     cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
     cudnn.allow_tf32 = matmul.allow_tf32 = t.allow_tf32
     if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=t.deterministic_warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0])
-        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[1:]
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[2:]
+
+
+# cuBLAS is deterministic only with a fixed workspace (PyTorch raises at the first GEMM without it); it reads
+# the variable when CUDA creates its handles, so it is set before anything touches the device
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def deterministic_cublas(t: DictConfig) -> None:
+    if not t.deterministic or "CUBLAS_WORKSPACE_CONFIG" in os.environ:  # the user's own setting stands
+        return
+    if torch.cuda.is_initialized():  # a multirun's earlier job already made the handles
+        log.warning("trainer.deterministic=true: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG could be set; "
+                    "export CUBLAS_WORKSPACE_CONFIG=%s before starting mptrain", CUBLAS_WORKSPACE)
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
 
 
 def _instantiate(node: DictConfig, group: str, **kwargs):
@@ -104,6 +120,7 @@ def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task
 def build(cfg: DictConfig) -> Components:
     """Every component of the run, each builder taking only its own sub-config."""
     t = cfg.trainer
+    deterministic_cublas(t)  # before CUDA initialises
     info = distributed.env_info()
     device = resolve_device(distributed.device_for(t.device, info))
     info = distributed.setup(t, device)
@@ -174,6 +191,10 @@ def build(cfg: DictConfig) -> Components:
         model = distributed.wrap(model, t, info, device)  # DDP under torchrun
     if t.compile:
         model = torch.compile(model)  # shares the parameters; checkpoints unwrap it (_orig_mod)
+    if info.enabled:
+        # the weights were drawn alike on every rank (FSDP2 shards what each rank built; DDP broadcasts rank 0's);
+        # from here on each rank draws its own dropout masks and noise
+        seed_everything(t.seed + info.rank)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
     if isinstance(optimizer, MultiOptimizer):
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
