@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -205,3 +206,145 @@ def test_each_rank_resumes_its_own_generator(tmp_path):
     assert [d[2:] for d in straight] == resumed  # steps 3 and 4, each rank its own stream
     a, b = model_state(tmp_path / "straight" / "run"), model_state(tmp_path / "resumed" / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- 10. SLURM without torchrun --------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist, host", [("gpu[03-05,09],cpu1", "gpu03"), ("node7", "node7"),
+                                            ("a1,b[2-3]", "a1"), ("n[001-004]", "n001")])
+def test_first_host_of_a_slurm_node_list(nodelist, host):
+    from mptrain.parallel.distributed import first_host
+
+    assert first_host(nodelist) == host
+
+
+def test_slurm_variables_give_rank_world_and_local_rank(monkeypatch):
+    from mptrain.parallel.distributed import env_info
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    info = env_info()
+    assert (info.rank, info.world_size, info.local_rank, info.is_main) == (5, 8, 1, False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job step is one process
+    assert not env_info().enabled
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("RANK", "0")  # torchrun inside an allocation wins
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (env_info().rank, env_info().world_size) == (0, 2)
+
+
+@pytest.mark.slow
+def test_two_srun_tasks_train_as_one_run_equal_to_torchrun(tmp_path):
+    import socket
+
+    from .test_distributed import BASE, model_state, torchrun
+
+    args = [*BASE, "trainer.max_steps=4"]
+    ref = torchrun([*args, f"hydra.run.dir={tmp_path}/torchrun"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    procs = [subprocess.Popen([sys.executable, "-m", "mptrain", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r),
+                                   "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0",
+                                   "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert [p.name for p in runs] == ["slurm-4242.0"]  # one run directory, named by the job step
+    rows = [r for r in read_jsonl(runs[0] / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once, by rank 0
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    a, b = model_state(tmp_path / "torchrun"), model_state(runs[0])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run, bit for bit
+
+
+# ---- 8. host synchronisations in unlogged steps ------------------------------------------------------
+
+# Every read of a tensor's value on the host (item, bool, float, int, tolist, cpu) and every torch.tensor(...,
+# device=...) made during ten unlogged training steps. On a GPU each of these waits for the device, except the
+# reads of tensors kept on the CPU by design, which are named here with why.
+HOST_BY_DESIGN = {
+    "bf16_pure:_states", "bf16_pure:<listcomp>",  # bf16_pure AdamW's step counters: CPU tensors, as in torch.optim
+    "dataloader:__init__", "loading:_indices",  # the loader's seed and the sampler's order: CPU generators
+}
+# the documented counts per step: fp16 with a loss scaler decides on the host whether to skip the step
+SYNCS_PER_STEP = {"dynamic": 1, "static": 1, "master": 1, "amp": 0, "bf16": 0, "bf16_pure": 0, "fp32": 0, "fp8": 0,
+                  "nomaster": 1, "noscale": 0}
+
+
+class HostReads:
+    """Patches the reads; records each one's calling function (file:function)."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self.monkeypatch = monkeypatch
+
+    def where(self) -> str:
+        f = sys._getframe(2)
+        return f"{Path(f.f_code.co_filename).stem}:{f.f_code.co_name}"
+
+    def __enter__(self):
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+
+            def patched(t, *a, _real=real, _name=name, **k):
+                self.calls.append(f"{_name} in {self.where()}")
+                return _real(t, *a, **k)
+            self.monkeypatch.setattr(torch.Tensor, name, patched)
+        real_tensor = torch.tensor
+
+        def tensor(*a, _real=real_tensor, **k):
+            if k.get("device") is not None:
+                self.calls.append(f"torch.tensor(device=) in {self.where()}")
+            return _real(*a, **k)
+        self.monkeypatch.setattr(torch, "tensor", tensor)
+        return self
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+    def counted(self) -> list[str]:
+        return [c for c in self.calls if c.split(" in ")[1] not in HOST_BY_DESIGN]
+
+
+@pytest.mark.parametrize("preset", [p if p in ("dynamic", "bf16_pure") else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in sorted(SYNCS_PER_STEP)])  # about 15 s each on a busy CPU
+def test_unlogged_steps_read_the_device_only_where_documented(tmp_path, monkeypatch, preset):
+    from mptrain.config import validate
+    from mptrain.run.writer import RunWriter
+    from mptrain.train.callbacks.metrics import MetricsLogger
+    from mptrain.train.loop import fit
+    from mptrain.train.recipe import build
+    from mptrain.train.state import TrainState
+
+    from .conftest import TINY, compose_config
+
+    cfg = compose_config([*TINY, *GPT_TINY, f"precision={preset}", "trainer.max_steps=12", "trainer.log_every=1000",
+                          "precision.loss_scale.init=256" if SYNCS_PER_STEP[preset] else "seed=0"])
+    validate(cfg)
+    c = build(cfg)
+    c.val_loader = None  # a validation reads its sums once: not a training step
+    writer = RunWriter(tmp_path / "run", tensorboard=False)
+    callbacks = [MetricsLogger(writer, 1000)]
+    state = TrainState()
+    c.total_steps = 2  # warm-up: first steps create optimizer state
+    fit(c, state, callbacks, log_every=1000)
+    c.total_steps = 12
+    with HostReads(monkeypatch) as reads:
+        fit(c, state, callbacks, log_every=1000)
+    writer.close()
+    assert state.step == 12
+    expected = ["item in engine:step"] * 10 * SYNCS_PER_STEP[preset]  # the skip decision: found_inf.item()
+    expected.append("tolist in metrics:on_step_end")  # the last step is always logged: its row, one read
+    assert sorted(reads.counted()) == sorted(expected), collections.Counter(reads.counted())
