@@ -348,3 +348,98 @@ def test_unlogged_steps_read_the_device_only_where_documented(tmp_path, monkeypa
     expected = ["item in engine:step"] * 10 * SYNCS_PER_STEP[preset]  # the skip decision: found_inf.item()
     expected.append("tolist in metrics:on_step_end")  # the last step is always logged: its row, one read
     assert sorted(reads.counted()) == sorted(expected), collections.Counter(reads.counted())
+
+
+# ---- 6. torch.compile with diagnostics --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compiled_run_writes_the_diagnostics_rows_of_an_uncompiled_one(tmp_path, monkeypatch):
+    """Sampled steps (1, 2, 4, 6) run the modules eagerly, the others compiled: every row has the same layers,
+    counts and fractions as the uncompiled run's, within rounding (compiled steps between round differently),
+    and the hooks of sampled steps cost no recompilation (as many graphs as with diagnostics off)."""
+    from torch._dynamo.utils import counters
+
+    graphs = [counters["stats"]["unique_graphs"]]  # cumulative over the process
+    real_reset = torch._dynamo.reset
+
+    def reset():  # the recipe resets dynamo after a compiled run: read its graph count first
+        graphs.append(counters["stats"]["unique_graphs"])
+        real_reset()
+    monkeypatch.setattr(torch._dynamo, "reset", reset)
+    rows = {}
+    for compiled, diag in ((False, "default"), (True, "default"), (True, "off")):
+        _, run_dir = train(tmp_path / f"{compiled}{diag}", [
+            "model=mlp", "dataset=digits", "precision=fp32", "trainer.batch_size=32", "trainer.max_steps=6",
+            f"diagnostics={diag}", "diagnostics.first_steps=2", "diagnostics.every=2",
+            f"trainer.compile={str(compiled).lower()}", "checkpoint.enabled=false", "scheduler=none"])
+        if diag != "off":
+            rows[compiled] = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "sample"]
+    assert len(graphs) == 3 and graphs[1] - graphs[0] == graphs[2] - graphs[1], graphs
+    eager, comp = rows[False], rows[True]
+    assert [r["step"] for r in comp] == [r["step"] for r in eager] == [1, 2, 4, 6]
+    for a, b in zip(eager, comp):
+        assert set(b["activations"]) == set(a["activations"]) and b["activations"]  # the hooks fired
+        for layer in a["activations"]:
+            assert b["activations"][layer]["count"] == a["activations"][layer]["count"]
+            assert b["activations"][layer]["underflow"] == pytest.approx(a["activations"][layer]["underflow"], abs=1e-3)
+        assert b["grads"]["overall"]["count"] == a["grads"]["overall"]["count"]
+        for key in ("zero", "underflow", "subnormal", "overflow"):
+            assert b["grads"]["overall"][key] == pytest.approx(a["grads"]["overall"][key], abs=1e-3)
+        assert b["grads"]["overall"]["headroom"] == pytest.approx(a["grads"]["overall"]["headroom"], abs=0.05)
+
+
+# ---- 9. fp8 without compile on CUDA -------------------------------------------------------------------
+
+def test_fp8_on_cuda_without_compile_warns_and_only_then():
+    from mptrain.train.recipe import fp8_eager_warning
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert "trainer.compile=true" in fp8_eager_warning("fp8", cuda, compiled=False)
+    assert fp8_eager_warning("fp8", cuda, compiled=True) is None
+    assert fp8_eager_warning("fp8", cpu, compiled=False) is None  # emulated on CPU: no speed to lose
+    assert fp8_eager_warning("bf16", cuda, compiled=False) is None
+
+
+# ---- 2. honest samples_per_s ----------------------------------------------------------------------------
+
+def test_samples_per_s_leaves_out_the_warm_up_step_and_validation(tmp_path, monkeypatch):
+    """A first training call that takes 1.5 s (as a compile or cuDNN autotuning does) and validations of 1.5 s
+    each: neither is training time, so the 3 timed steps of 32 samples take far less than either."""
+    import time
+
+    from mptrain.library.models.vision import MLP
+
+    real, calls = MLP.forward, {"train": 0}
+
+    def slow(self, x):
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 1:
+                time.sleep(1.5)
+        else:
+            time.sleep(1.5)
+        return real(self, x)
+
+    monkeypatch.setattr(MLP, "forward", slow)
+    summary, _ = train(tmp_path, ["model=mlp", "trainer.batch_size=32", "trainer.max_steps=4", "trainer.eval_every=2",
+                                  "diagnostics=off", "checkpoint.enabled=false", "scheduler=none"])
+    timed = 3 * 32 / summary["samples_per_s"]  # seconds the timed steps took
+    assert summary["samples"] == 4 * 32 and timed < 1.0, timed
+    assert summary["wall_s"] > 1.5 + 2 * 1.5  # the slow parts did run
+
+
+def test_peak_memory_separates_training_from_sampled_steps(monkeypatch):
+    """CUDA's allocator counters stand in here (no GPU on CI): sampled steps' peaks go to the diagnostics."""
+    from mptrain.train.state import PeakMemory
+
+    peaks = iter([100, 180, 120, 90])  # allocated peak after each step (MiB)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks) * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 256 * 2**20)
+    m = PeakMemory()
+    assert m.summary() == {}  # off CUDA: the process RSS stays the only figure
+    for sampled in (False, True, False, False):
+        m.before_step(torch.device("cuda"))
+        m.after_step(sampled)
+    assert m.summary() == {"peak_memory_mb": 120.0, "peak_memory_kind": "cuda_max_allocated",
+                           "peak_memory_reserved_mb": 256.0, "diagnostics_memory_mb": 60.0}

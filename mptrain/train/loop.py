@@ -46,7 +46,9 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
         while state.epoch == epoch and state.step < c.total_steps:
             step_no = state.step + 1
             logged = step_no % log_every == 0 or step_no == c.total_steps  # a metrics row reads the grad norm
+            state.memory.before_step(c.device)
             out = train_step(c, batches, step_no, diagnostics, measure_norm=logged)
+            state.memory.after_step(diagnostics is not None and diagnostics.sampled(step_no))
             if out.applied:
                 c.scheduler.step()  # only applied steps advance the schedule
             epoch_end = state.record_step(out.applied, out.loss, out.samples, c.steps_per_epoch)

@@ -86,6 +86,15 @@ def deterministic_cublas(t: DictConfig) -> None:
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
 
 
+def fp8_eager_warning(mode: str, device: torch.device, compiled: bool) -> str | None:
+    """fp8 on a GPU without torch.compile: torchao's casts and scales run as separate eager kernels, each a
+    pass over the activations, which costs more than the fp8 GEMMs save (slower than bf16)."""
+    if mode == "fp8" and device.type == "cuda" and not compiled:
+        return ("precision=fp8 without trainer.compile=true runs torchao's float8 casts eagerly: slower than bf16 "
+                "on a GPU; add trainer.compile=true (the casts fuse into the GEMMs' neighbours)")
+    return None
+
+
 def _instantiate(node: DictConfig, group: str, **kwargs):
     """hydra.utils.instantiate, with our own errors surfacing as themselves."""
     try:
@@ -127,6 +136,9 @@ def build(cfg: DictConfig) -> Components:
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
     log.info(precision.describe())
+    slow = fp8_eager_warning(precision.mode, device, t.compile)
+    if slow:
+        log.warning(slow)
 
     datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
     if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
@@ -253,6 +265,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             "world_size": c.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
+            **state.memory.summary(),  # CUDA: the training peak without the diagnostics' buffers, and theirs
             **p.summary(),
         })
         if state.step > 0:  # optimizer state exists once a step has run
