@@ -207,7 +207,8 @@ def main() -> None:
             bs = 8 if args.cpu else args.batch_size
             size = 32 if args.cpu else 224
             model = "resnet18" if args.cpu else "resnet50"
-            base = [f"model={model}", "dataset=synthetic", f"dataset.image_size={size}", "dataset.num_classes=1000",
+            base = [f"model={model}", *(["model.small_input=true"] if args.cpu else []), "dataset=synthetic",
+                    f"dataset.image_size={size}", "dataset.num_classes=1000",
                     f"dataset.train_size={bs * (args.steps + args.warmup + 1)}", "dataset.val_size=1",
                     "dataset.pool_size=512", f"trainer.batch_size={bs}", f"trainer.device={args.device}",
                     f"trainer.channels_last={not args.cpu}", "trainer.log_every=1000000",

@@ -16,6 +16,7 @@ import torch
 
 from mptrain import __version__
 from mptrain.errors import CheckpointError
+from mptrain.parallel.distributed import all_gather_objects
 
 FORMAT_VERSION = 1
 # the parts saved as their state_dict(), in the order a resume loads them (the model before the precision
@@ -111,14 +112,7 @@ def restore_rng(rng: dict, device: torch.device | None = None) -> None:
 
 def rank_rngs(c: Any) -> list[dict]:
     """Every rank's generator states, in rank order (a collective: every rank calls it); one process: its own."""
-    mine = capture_rng(c.device)
-    if not c.dist.enabled:
-        return [mine]
-    import torch.distributed as dist
-
-    out: list = [None] * c.dist.world_size
-    dist.all_gather_object(out, mine)
-    return out
+    return all_gather_objects(capture_rng(c.device), c.dist)
 
 
 def own_rng(ckpt: dict, c: Any) -> dict:

@@ -153,6 +153,15 @@ def max_across_ranks(flag: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order; a collective. One process: [obj]."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def sum_across_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Element-wise sum over every rank (validation sums); the tensor itself in one process."""
     if info.enabled:
