@@ -237,7 +237,8 @@ class TrainerConfig:
     # data-loading processes: auto = none for in-memory datasets, else min(8, CPUs per process - 1)
     num_workers: Any = "auto"
     seed: int = "${seed}"  # type: ignore[assignment]  # follows the top-level seed unless set
-    deterministic: bool = False  # torch.use_deterministic_algorithms for the run
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run (docs/reproduction.md)
+    deterministic_warn_only: bool = False  # with deterministic: warn, not raise, at ops with no deterministic kernel
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
     compile: bool = False  # torch.compile the model (checkpoints still hold the plain model)
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (fixed shapes)

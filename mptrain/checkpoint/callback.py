@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mptrain.checkpoint.contents import gather
+from mptrain.checkpoint.contents import gather, rank_rngs
 from mptrain.checkpoint.files import candidates, find_resumable, link_atomic, save_atomic
 from mptrain.checkpoint.signals import Interrupted, StopSignals
 from mptrain.config import check_monitor
@@ -71,11 +71,14 @@ class Checkpointer:
         saved = stop or due or (cfg.enabled and out is not None and out.event is not None)  # a change of course: save
         if saved:
             self.save(c, state)
-        if improved and cfg.enabled and cfg.save_best and c.is_main and self.save_sharded is None:
-            if saved and (self.dir / LAST).is_file():  # the same contents: one file, two names
-                link_atomic(self.dir / LAST, self.dir / BEST)
-            else:
-                save_atomic(gather(c, state, self.config), self.dir / BEST)
+        if improved and cfg.enabled and cfg.save_best and self.save_sharded is None:
+            # decided alike on every rank: rank_rngs is a collective (the same validation improved everywhere)
+            rngs = None if saved else rank_rngs(c)
+            if c.is_main:
+                if saved and (self.dir / LAST).is_file():  # the same contents: one file, two names
+                    link_atomic(self.dir / LAST, self.dir / BEST)
+                else:
+                    save_atomic(gather(c, state, self.config, rngs=rngs), self.dir / BEST)
         if stop:
             raise Interrupted(self.signals.received or signal.SIGTERM, state.step)
 
@@ -97,14 +100,16 @@ class Checkpointer:
         return False
 
     def save(self, c: Any, state: Any) -> None:
+        rngs = rank_rngs(c)  # a collective: before rank 0 goes on alone
         if self.save_sharded is not None:  # every rank writes its shards
-            path = self.save_sharded(c, gather(c, state, self.config, weights=False), self.dir, self.cfg.keep_last)
+            path = self.save_sharded(c, gather(c, state, self.config, weights=False, rngs=rngs), self.dir,
+                                     self.cfg.keep_last)
             log.info("sharded checkpoint saved at step %d: %s", state.step, path)
             return
         if not c.is_main:  # the replicas are identical: rank 0 writes
             return
         step, keep = state.step, self.cfg.keep_last
-        save_atomic(gather(c, state, self.config), self.dir / LAST, also=self.dir / STEP_CKPT.format(step) if keep > 0 else None)
+        save_atomic(gather(c, state, self.config, rngs=rngs), self.dir / LAST, also=self.dir / STEP_CKPT.format(step) if keep > 0 else None)
         self.saved.append(step)
         for old in [p for p in candidates(self.dir) if STEP_CKPT_RE.match(p.name)][keep:]:
             old.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import torch
 
 from mptrain import __version__
 from mptrain.errors import CheckpointError
+from mptrain.parallel.distributed import all_gather_objects
 
 FORMAT_VERSION = 1
 # the parts saved as their state_dict(), in the order a resume loads them (the model before the precision
@@ -34,11 +35,15 @@ def stateful(c: Any, state: Any) -> dict[str, Any]:
             "train_state": state}
 
 
-def gather(c: Any, state: Any, config: dict, weights: bool = True) -> dict:
-    """Everything a resume needs; `weights=False` leaves out the model and optimizer (FSDP saves those sharded)."""
+def gather(c: Any, state: Any, config: dict, weights: bool = True, rngs: list[dict] | None = None) -> dict:
+    """Everything a resume needs; `weights=False` leaves out the model and optimizer (FSDP saves those sharded).
+    `rngs`: every rank's generator states (rank_rngs, a collective), else this process's."""
     parts = stateful(c, state)
+    rngs = rngs if rngs is not None else [capture_rng(c.device)]
     out: dict = {"format_version": FORMAT_VERSION, "mptrain_version": __version__,
-                 "torch_version": str(torch.__version__), "rng": capture_rng(), "config": config}
+                 "torch_version": str(torch.__version__), "rng": rngs[0], "config": config}
+    if len(rngs) > 1:  # each rank restores its own (dropout draws differ by rank)
+        out["rng_ranks"] = rngs
     out.update({k: parts[k].state_dict() for k in STATEFUL})
     if getattr(c, "ema", None) is not None:  # trainer.ema
         out["ema"] = c.ema.state_dict()
@@ -75,8 +80,8 @@ def check_structure(ckpt: dict, path: Path) -> None:
 
 # ---- RNG -----------------------------------------------------------------------------------------
 
-def capture_rng() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states, as plain containers."""
+def capture_rng(device: torch.device | None = None) -> dict:
+    """Python, numpy, torch CPU and this process's CUDA generator states, as plain containers."""
     version, state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     rng = {
@@ -84,19 +89,40 @@ def capture_rng() -> dict:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)  # the generator this process draws from
+    elif device is None and torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
 
-def restore_rng(rng: dict) -> None:
+def restore_rng(rng: dict, device: torch.device | None = None) -> None:
     version, state, gauss = rng["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    cuda = rng.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, torch.Tensor):  # one device's state
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, device)
+    elif len(cuda) == torch.cuda.device_count():  # every device's (checkpoints of mptrain <= 0.1.0)
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rank_rngs(c: Any) -> list[dict]:
+    """Every rank's generator states, in rank order (a collective: every rank calls it); one process: its own."""
+    return all_gather_objects(capture_rng(c.device), c.dist)
+
+
+def own_rng(ckpt: dict, c: Any) -> dict:
+    """This rank's generator states from a checkpoint (rank 0's where another world size wrote it)."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == c.dist.world_size:
+        return ranks[c.dist.rank]
+    return ckpt["rng"]
 
 
 # ---- finiteness ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mptrain.checkpoint.contents import PARTS, restore_rng, stateful
+from mptrain.checkpoint.contents import PARTS, own_rng, restore_rng, stateful
 from mptrain.checkpoint.files import (
     CheckpointError,
     candidates,
@@ -137,7 +137,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
             log.warning("resume: %s holds no EMA; trainer.ema starts from its weights", path)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
-    restore_rng(ckpt["rng"])
+    restore_rng(own_rng(ckpt, c), c.device)
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 

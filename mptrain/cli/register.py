@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from mptrain import config as schema
 from mptrain.cli.help import config_groups
+from mptrain.parallel import distributed
 
 CONFIG_NAME = "config"  # conf/config.yaml, the primary config
 
@@ -32,10 +33,12 @@ def config_dir() -> str:
 def run_name() -> str:
     """The run directory's name: <time>-<pid>, which keeps two runs started in the same second apart.
     Under torchrun every rank must agree on one directory (and ranks may start in different seconds),
-    so the launcher's run id names it there: torchrun-<run id>."""
+    so the launcher's run id names it there: torchrun-<run id> (slurm-<job>.<step> under srun without torchrun)."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id:
         return f"torchrun-{run_id[:13]}"
+    if distributed.env_info().enabled and "SLURM_JOB_ID" in os.environ:  # srun without torchrun: the job step
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
     return f"{datetime.now():%H-%M-%S}-{os.getpid()}"
 
 

@@ -21,6 +21,7 @@ from mptrain.diagnostics.stats import (
     EXPONENTS,
     N_BINS,
     bin_index,
+    count_bins,
     fold_counts,
     fractions,
     merge_overall,
@@ -60,7 +61,6 @@ class Diagnostics:
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
                          "activation_layers": list(self.layers)})
         self._handles: list = []
-        self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}
         self._row: dict | None = None
         self._before: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, param, its value before the update)
@@ -121,7 +121,7 @@ class Diagnostics:
             return  # not sampled: nothing to do
         pairs = [(self.name_of.get(id(p), f"param{i}"), p) for i, p in enumerate(params) if p.grad is not None]
         if self._row is not None and pairs:
-            stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale, segments=self._segments)
+            stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale)
             self._row["loss_scale"] = scale
             grads = self._row.setdefault("grads", {"params": {}})
             grads["params"].update(stats.per_tensor())
@@ -245,7 +245,7 @@ def _as_list(value) -> list:
 def _device_hist(g: torch.Tensor) -> torch.Tensor:
     """Raw bin counts (N_BINS + 1, see stats.bin_index) plus the max finite |g|, on the device."""
     a = g.detach().reshape(-1).float().abs()
-    counts = torch.bincount(bin_index(a), minlength=N_BINS + 1).float()
+    counts = count_bins(bin_index(a), torch.zeros(N_BINS + 1, dtype=torch.int64, device=a.device)).float()
     peak = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device)).amax().reshape(1)
     return torch.cat([counts, peak])
 

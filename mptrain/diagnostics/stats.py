@@ -109,26 +109,27 @@ def max_finite_abs(tensors: list[torch.Tensor]) -> list[float]:
     return peaks
 
 
-def range_stats(tensors: list[torch.Tensor], names: list[str], scale: float = 1.0,
-                segments: dict | None = None) -> RangeStats:
+def count_bins(idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Add the histogram of bin indices `idx` into `out` (int64). Unlike torch.bincount, which reads the
+    largest index back to size its output, this never waits for the device."""
+    idx = idx.reshape(-1).long()
+    return out.scatter_add_(0, idx, torch.ones((), dtype=out.dtype, device=out.device).expand(idx.numel()))
+
+
+def range_stats(tensors: list[torch.Tensor], names: list[str], scale: float = 1.0) -> RangeStats:
     """Histogram and fractions of |x| * scale for each tensor and for all of them together.
 
-    `segments`: a dict the caller keeps between calls, caching the per-element tensor index."""
+    Binned tensor by tensor into one (tensors, bins) table: the only temporary is the largest tensor's
+    float32 copy (no concatenation of every gradient, no per-element tensor index kept for the run)."""
     device = tensors[0].device
     n = len(tensors)
     sizes = [t.numel() for t in tensors]
-    a = torch.cat([t.detach().reshape(-1).float() for t in tensors]).abs_()
-    if scale != 1.0:
-        a.mul_(scale)
-    key = (tuple(sizes), str(device))
-    offsets = segments.get(key) if segments is not None else None
-    if offsets is None:
-        base = torch.arange(n, device=device, dtype=torch.int32) * (N_BINS + 1)
-        offsets = torch.repeat_interleave(base, torch.tensor(sizes, device=device))
-        if segments is not None:
-            segments.clear()
-            segments[key] = offsets
-    raw = torch.bincount(bin_index(a).add_(offsets), minlength=n * (N_BINS + 1)).view(n, N_BINS + 1)
+    raw = torch.zeros(n, N_BINS + 1, dtype=torch.int64, device=device)
+    for i, t in enumerate(tensors):
+        a = t.detach().reshape(-1).float().abs()
+        if scale != 1.0:
+            a.mul_(scale)
+        count_bins(bin_index(a), raw[i])
     hist, over = fold_counts(raw.cpu())  # the one copy to the host
     peaks = [p * scale for p in max_finite_abs(tensors)]
     hist_l, over_l = hist.tolist(), over.tolist()
@@ -177,5 +178,6 @@ def update_ratio_hist(before: list[torch.Tensor], after: list[torch.Tensor]) -> 
     bits), 2^-8 for bf16 (7). "zero" = no update; "inf" = an update of a weight that was 0 (always kept)."""
     ratios = torch.cat([((w1.detach().float() - w0.float()).abs_() / w0.float().abs()).reshape(-1)
                         for w0, w1 in zip(before, after)])
-    hist, _ = fold_counts(torch.bincount(bin_index(ratios), minlength=N_BINS + 1).cpu())
+    counts = count_bins(bin_index(ratios), torch.zeros(N_BINS + 1, dtype=torch.int64, device=ratios.device))
+    hist, _ = fold_counts(counts.cpu())
     return hist.tolist()

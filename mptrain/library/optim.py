@@ -91,7 +91,9 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
                                  weight_decay=cfg.weight_decay, **impl, **kwargs)
 
     if cfg.implementation == "auto" and any(hasattr(p, "device_mesh") for p in params):
-        return make(foreach=True)  # FSDP2's DTensor parameters have no fused kernels
+        # FSDP2's DTensor parameters: PyTorch shards the fused Adam/AdamW kernel (one launch per step) but has no
+        # sharding rule for fused SGD (NotImplementedError at the first step), which takes the foreach kernels
+        return make(fused=True) if cfg.name == "adamw" else make(foreach=True)
     if cfg.implementation == "auto":
         # fused kernels (one per step, CPU and CUDA) are ~3x faster than the per-tensor loop on a CPU;
         # fall back to PyTorch's own choice where a device or dtype has none

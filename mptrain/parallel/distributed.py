@@ -1,7 +1,10 @@
-"""Data parallel training under torchrun: process group, DDP wrapping, checks that fail early.
+"""Data parallel training under torchrun or SLURM: process group, DDP wrapping, checks that fail early.
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (and TORCHELASTIC_RUN_ID, which names the shared run
-directory). Every rank runs the same recipe; only rank 0 writes the run directory.
+directory). Without torchrun, SLURM's srun (or the submitit launcher's multi-task jobs) gives SLURM_PROCID,
+SLURM_NTASKS and SLURM_LOCALID, and the rendezvous is MASTER_ADDR:MASTER_PORT, or the first host of
+SLURM_JOB_NODELIST and a port derived from SLURM_JOB_ID. Every rank runs the same recipe; only rank 0 writes
+the run directory.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +42,34 @@ class DistInfo:
 
 
 def env_info() -> DistInfo:
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("WORLD_SIZE", 1)))
+    env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03"."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist.strip()).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def rendezvous_env(info: DistInfo) -> None:
+    """Under SLURM without torchrun: the variables torch.distributed's env:// rendezvous reads."""
+    env = os.environ
+    if "RANK" in env:  # torchrun set them
+        return
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
+    if "MASTER_ADDR" not in env:
+        if "SLURM_JOB_NODELIST" not in env:
+            raise ConfigError("SLURM without torchrun: set MASTER_ADDR (and MASTER_PORT), or run under a SLURM "
+                              "allocation that sets SLURM_JOB_NODELIST")
+        env["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+    # a port per job, so two jobs sharing a node do not meet
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 9500)) % 20000))
 
 
 def setup(t: DictConfig, device: torch.device) -> DistInfo:
@@ -55,17 +85,19 @@ def setup(t: DictConfig, device: torch.device) -> DistInfo:
         raise ConfigError(f"trainer.batch_size={t.batch_size} (the global batch) is not divisible by the "
                           f"{info.world_size} processes; choose a multiple of {info.world_size}")
     if not dist.is_initialized():
+        rendezvous_env(info)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        # device_id binds the process group to this rank's GPU (NCCL connects eagerly; no guessing later)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     log.info("data parallel: rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info
 
 
 def device_for(name: str, info: DistInfo) -> str:
-    """Under torchrun each rank takes its own GPU."""
+    """Under torchrun or SLURM each rank takes its own GPU (ranks beyond the node's GPUs share them in turn)."""
     if info.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{info.local_rank}"
+        return f"cuda:{info.local_rank % torch.cuda.device_count()}"
     return name
 
 
@@ -119,6 +151,15 @@ def max_across_ranks(flag: torch.Tensor) -> torch.Tensor:
     t = t.cpu() if dist.get_backend() == "gloo" else t
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order; a collective. One process: [obj]."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def sum_across_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

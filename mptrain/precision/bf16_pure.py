@@ -273,8 +273,8 @@ class PureBf16SGD(PureBf16Optimizer):
     def _step_compiled(self, group: dict, params: list[torch.Tensor]) -> None:
         fn = bf16_fused.compiled("sgd")
         momentum, decay = group["momentum"], group["weight_decay"] != 0
-        scalars = {first: torch.tensor([group["weight_decay"], momentum, -group["lr"], 0.0 if first else momentum],
-                                       device=params[0].device) for first in (False, True)}
+        scalars = {first: _on_device([group["weight_decay"], momentum, -group["lr"], 0.0 if first else momentum],
+                                     params[0].device) for first in (False, True)}
         for p in params:
             state = self.state[p]
             first = momentum != 0 and "momentum_buffer" not in state
@@ -318,6 +318,14 @@ class PureBf16SGD(PureBf16Optimizer):
         self._write(params, p32, delta, spare, tally)
 
 
+def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """The compiled update's scalars as a device tensor. torch.tensor(..., device=cuda) copies from pageable
+    memory, which waits for the device; a pinned copy goes asynchronously (the host allocator keeps the page
+    until the copy has run)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class PureBf16AdamW(PureBf16Optimizer):
     """torch.optim.AdamW's rule (decoupled weight decay, bias correction; no amsgrad) computed in fp32."""
 
@@ -345,8 +353,8 @@ class PureBf16AdamW(PureBf16Optimizer):
         scalars = {}  # one tensor per distinct step count (usually one per step)
         for p, state, t in zip(params, states, ts):
             if t not in scalars:
-                scalars[t] = torch.tensor([1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps,
-                                           -lr / (1 - beta1**t), -lr * wd], device=p.device)
+                scalars[t] = _on_device([1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps,
+                                         -lr / (1 - beta1**t), -lr * wd], p.device)
             p_, g, m, v, extra = bf16_fused.flat([p, p.grad, state["exp_avg"], state["exp_avg_sq"], self._extra(p)])
             fn(p_, g, m, v, extra, scalars[t], self.update, wd != 0)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mptrain.precision.norms import compute_in_fp32
+
 # Normalization layers keep float32 parameters and statistics (apex's keep_batchnorm_fp32):
-# their reductions are where float16 loses most. PyTorch accepts a float16 input with float32
-# norm parameters and returns float16, so no casts are needed around them.
+# their reductions are where float16 loses most. Layer and group norms also compute in float32
+# (norms.py: the input is upcast, the output cast back; CUDA's LayerNorm refuses the mix).
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -18,6 +20,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype, keep_norm_fp32: bool = True
         for module in model.modules():
             if isinstance(module, NORM_LAYERS):
                 module.float()
+                compute_in_fp32(module)
     return model
 
 

@@ -22,9 +22,13 @@ from mptrain.train.step import train_step
 def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), diagnostics=None,
         log_every: int = 10, eval_every: int | None = None) -> None:
     """Train until c.total_steps optimizer steps have been taken, continuing from `state`.
-    Validation runs at the end of every epoch (or every `eval_every` steps) and at the end."""
+    Validation runs at the end of every epoch (or every `eval_every` steps) and at the end.
+
+    Timing (state.train_time, summary.json's samples_per_s): the clock starts after this attempt's first step
+    (torch.compile, cuDNN autotuning and allocator growth happen there), stops around validations, and the
+    device is synchronised before each reading, so queued kernels count where they ran."""
     c.model.train()
-    t0 = time.perf_counter()
+    t0 = None  # not timing yet: the attempt's first step is warm-up
     while state.step < c.total_steps and state.stop_reason is None:
         # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
         c.train_loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size)
@@ -33,27 +37,38 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
         while state.epoch == epoch and state.step < c.total_steps and state.stop_reason is None:
             step_no = state.step + 1
             logged = step_no % log_every == 0 or step_no == c.total_steps  # a metrics row reads the grad norm
+            state.memory.before_step(c.device)
             out = train_step(c, batches, step_no, diagnostics, measure_norm=logged)
+            state.memory.after_step(diagnostics is not None and diagnostics.sampled(step_no))
             if out.applied:
                 c.scheduler.step()  # only applied steps advance the schedule
                 if c.ema is not None:  # trainer.ema: the average follows applied steps too
                     c.ema.update()
             epoch_end = state.record_step(out.applied, out.loss, out.samples, c.steps_per_epoch)
+            if t0 is None:  # the warm-up step ends here: its samples are not timed
+                state.attempt_samples -= out.samples
+                t0 = _clock(c.device)
             if out.event is not None:
                 state.events.append({"step": state.step, **out.event})
             scheduled = epoch_end if eval_every is None else state.step % eval_every == 0
             if c.val_loader is not None and (scheduled or state.step == c.total_steps):  # always validate the end
-                state.train_time += time.perf_counter() - t0  # validation is not training time
+                state.train_time += _clock(c.device) - t0  # validation is not training time
                 metrics = validate(c)
                 state.last_val = {"step": state.step, **metrics}
                 for cb in callbacks:
                     cb.on_validation_end(c, state, metrics)
-                t0 = time.perf_counter()
+                t0 = _clock(c.device)
             for cb in callbacks:
                 cb.on_step_end(c, state, out)
-    if c.device.type == "cuda":
-        torch.cuda.synchronize(c.device)
-    state.train_time += time.perf_counter() - t0
+    if t0 is not None:
+        state.train_time += _clock(c.device) - t0
+
+
+def _clock(device: torch.device) -> float:
+    """The host clock once the device has finished what was queued (CUDA runs ahead of the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -63,13 +78,19 @@ def validate(c: Components) -> dict:
     was_training = c.model.training
     c.model.eval()
     task, keys, sums = c.task, None, None
-    count = torch.zeros((), dtype=torch.float64, device=c.device)  # on the device: a tensor "count" needs no read
+    # a task's tensor "count" stays on the device; plain numbers add up on the host (no host-to-device copy each)
+    count = torch.zeros((), dtype=torch.float64, device=c.device)
+    host_count = 0
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None)
     for batch in c.val_loader:
         with c.precision.autocast():
             out = task.validation_sums(c.model, c.to_device(batch))
         n = out.pop("count", None) if isinstance(out, dict) else None
-        count += torch.as_tensor(n if n is not None else batch_size(batch), device=c.device).double().reshape(())
+        n = n if n is not None else batch_size(batch)
+        if isinstance(n, torch.Tensor):
+            count += n.to(c.device, torch.float64).reshape(())
+        else:
+            host_count += n
         values = checked_sums(out, keys, task, c.device)
         if keys is None:
             keys = list(out)
@@ -79,7 +100,7 @@ def validate(c: Components) -> dict:
     if rng[1] is not None:
         torch.cuda.set_rng_state(rng[1], c.device)
     packed = torch.cat([sums if sums is not None else torch.zeros(0, dtype=torch.float64, device=c.device),
-                        count.reshape(1)])
+                        (count + host_count).reshape(1)])
     values = sum_across_ranks(packed, c.dist).tolist()  # the one host read of the validation
     totals = {**dict(zip(keys or [], values[:-1])), "count": values[-1]}
     metrics = task.validation_metrics(totals)

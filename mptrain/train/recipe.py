@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import resource
 import time
@@ -59,16 +60,40 @@ def seed_everything(seed: int) -> None:
 def backend_settings(t: DictConfig) -> Iterator[None]:
     """Determinism, cuDNN autotuning and TF32 for this run only (Hydra multirun shares the process)."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
     cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
     cudnn.allow_tf32 = matmul.allow_tf32 = t.allow_tf32
     if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=t.deterministic_warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0])
-        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[1:]
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[2:]
+
+
+# cuBLAS is deterministic only with a fixed workspace (PyTorch raises at the first GEMM without it); it reads
+# the variable when CUDA creates its handles, so it is set before anything touches the device
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def deterministic_cublas(t: DictConfig) -> None:
+    if not t.deterministic or "CUBLAS_WORKSPACE_CONFIG" in os.environ:  # the user's own setting stands
+        return
+    if torch.cuda.is_initialized():  # a multirun's earlier job already made the handles
+        log.warning("trainer.deterministic=true: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG could be set; "
+                    "export CUBLAS_WORKSPACE_CONFIG=%s before starting mptrain", CUBLAS_WORKSPACE)
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+
+
+def fp8_eager_warning(mode: str, device: torch.device, compiled: bool) -> str | None:
+    """fp8 on a GPU without torch.compile: torchao's casts and scales run as separate eager kernels, each a
+    pass over the activations, which costs more than the fp8 GEMMs save (slower than bf16)."""
+    if mode == "fp8" and device.type == "cuda" and not compiled:
+        return ("precision=fp8 without trainer.compile=true runs torchao's float8 casts eagerly: slower than bf16 "
+                "on a GPU; add trainer.compile=true (the casts fuse into the GEMMs' neighbours)")
+    return None
 
 
 def _instantiate(node: DictConfig, group: str, **kwargs):
@@ -155,15 +180,16 @@ def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Pr
 def build(cfg: DictConfig) -> Components:
     """Every component of the run, each builder taking only its own sub-config."""
     t = cfg.trainer
+    deterministic_cublas(t)  # before CUDA initialises
     info = distributed.env_info()
     device = resolve_device(distributed.device_for(t.device, info))
     info = distributed.setup(t, device)
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
     log.info(precision.describe())
-    slow = emulated_fp16(precision, device)
-    if slow:
-        log.warning("%s", slow)
+    for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.mode, device, t.compile)):
+        if slow:
+            log.warning("%s", slow)
 
     datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
     if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
@@ -206,6 +232,10 @@ def build(cfg: DictConfig) -> Components:
         model = distributed.wrap(model, t, info, device)  # DDP under torchrun
     if t.compile:
         model = torch.compile(model)  # shares the parameters; checkpoints unwrap it (_orig_mod)
+    if info.enabled:
+        # the weights were drawn alike on every rank (FSDP2 shards what each rank built; DDP broadcasts rank 0's);
+        # from here on each rank draws its own dropout masks and noise
+        seed_everything(t.seed + info.rank)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
     if isinstance(optimizer, MultiOptimizer):
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
@@ -280,6 +310,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             "world_size": c.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
+            **state.memory.summary(),  # CUDA: the training peak without the diagnostics' buffers, and theirs
             **p.summary(),
         })
         if state.step > 0:  # optimizer state exists once a step has run

@@ -12,6 +12,43 @@ from dataclasses import dataclass, field
 import torch
 
 
+class PeakMemory:
+    """CUDA allocator peaks per kind of step: unsampled steps (training alone) and steps diagnostics sample
+    (their fp32 gradient copies, histograms and parameter clones on top), so that peak_memory_mb compares
+    precision modes and the diagnostics' own cost is reported beside it. Host-side allocator counters: no sync."""
+
+    def __init__(self) -> None:
+        self.train = self.sampled = self.reserved = 0
+        self.device: torch.device | None = None
+
+    def before_step(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self.device = device
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def after_step(self, sampled: bool) -> None:
+        if self.device is None:
+            return
+        peak = torch.cuda.max_memory_allocated(self.device)
+        if sampled:
+            self.sampled = max(self.sampled, peak)
+        else:
+            self.train = max(self.train, peak)
+        self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(self.device))
+
+    def summary(self) -> dict:
+        """summary.json's figures (MiB); empty off CUDA."""
+        if self.device is None:
+            return {}
+        mib = 2.0**20
+        out = {"peak_memory_mb": round((self.train or self.sampled) / mib, 1),
+               "peak_memory_kind": "cuda_max_allocated" if self.train else "cuda_max_allocated_with_diagnostics",
+               "peak_memory_reserved_mb": round(self.reserved / mib, 1)}
+        if self.train and self.sampled:
+            out["diagnostics_memory_mb"] = round(max(self.sampled - self.train, 0) / mib, 1)
+        return out
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken (skipped ones count)
@@ -20,13 +57,15 @@ class TrainState:
     samples: int = 0  # training samples seen (this rank)
     best_metric: float | None = None  # the best value of checkpoint.monitor so far
     train_loss: float = math.nan  # mean loss of the last logged window
-    # seconds spent in training steps in this attempt (validation excluded), and the samples they saw:
+    # seconds spent in this attempt's timed training steps (its first step and validations excluded: loop.fit),
+    # and the samples those steps saw:
     # wall time, so not part of the checkpointed state (a resumed run must equal a straight one bit for bit)
     train_time: float = 0.0
     attempt_samples: int = 0
     # the newest step whose weights were seen to give a finite loss (the next step's, read on a metrics row):
     # checkpoints after it may hold weights that already diverged. Per attempt, not checkpointed
     verified_step: int = -1
+    memory: PeakMemory = field(default_factory=PeakMemory)  # this attempt's CUDA peaks (not checkpointed)
     last_val: dict = field(default_factory=dict)  # the newest validation metrics, with their "step"
     events: list = field(default_factory=list)  # things that changed the run's course (e.g. a switch to bf16)
     early_stopping: dict = field(default_factory=dict)  # trainer.early_stopping: best, best_step, bad (validations)
@@ -70,7 +109,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         device = self.window_loss.device
         for key, value in state.items():
-            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples", "verified_step"):
+            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples", "verified_step", "memory"):
                 setattr(self, key, value)
         self.verified_step = self.step - 1  # the checkpoint's own weights are checked by the next step's loss
         self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)

@@ -44,14 +44,19 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
     sampled = diagnostics is not None and diagnostics.sampled(step_no)
     weight = c.loss_weight / c.accumulate
     single = len(c.parts) == 1
+    model = c.model
+    if sampled and hasattr(model, "_orig_mod"):
+        # torch.compile: the hooks diagnostics add for this step would go stale in (or recompile) the compiled
+        # graph; a sampled step runs the same modules eagerly, so its figures are those of the uncompiled model
+        model = model._orig_mod
     total, applied, norms = None, True, []
     for part in c.parts:
         for i, batch in enumerate(micro):
             # DDP: all-reduce the gradients only on the last micro-batch
-            sync = i == len(micro) - 1 or not hasattr(c.model, "no_sync")
-            with contextlib.nullcontext() if sync else c.model.no_sync():
+            sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
                 with p.autocast():
-                    loss = task.loss(c.model, batch) if single else task.loss(c.model, batch, part.name)
+                    loss = task.loss(model, batch) if single else task.loss(model, batch, part.name)
                 loss = checked_loss(loss, task)
                 p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
             total = loss.detach() if total is None else total + loss.detach()
