@@ -50,7 +50,7 @@ class Diagnostics:
         layers = self.check_layers(cfg, model)
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
-        self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
+        self.hypothetical = precision.compute_dtype != torch.float16
         self.path = Path(run_dir) / "diagnostics.jsonl"
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mptrain.precision.bf16_pure import build_pure_bf16_optimizer
 
-
-def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], bf16_update: str | None = None,
-                    seed: int | None = None, bf16_compile: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], seed: int | None = None,
+                    factory: Callable | None = None) -> torch.optim.Optimizer:
     """SGD or AdamW over `params` (the FP32 master copies in `master` mode).
 
-    `bf16_update` (precision=bf16_pure, from `Precision.optimizer_options()`): the same rule computed in
-    fp32 from bf16 state and rounded nearest|stochastic|kahan; `seed` seeds its stochastic rounding
-    (default: the run seed); `bf16_compile` compiles its per-tensor update (precision.compile_update)."""
+    `factory` (from `Precision.optimizer_options()`): a precision family's own optimizer for the same
+    `optimizer=` settings (bf16_pure: the rule computed in fp32 from bf16 state and rounded), called as
+    `factory(cfg, params, seed)`; `seed` seeds what it randomises (default: the run seed)."""
     params = list(params)
-    if bf16_update is not None:
-        return build_pure_bf16_optimizer(cfg, params, bf16_update, seed, compile=bf16_compile)
+    if factory is not None:
+        return factory(cfg, params, seed)
 
     def make(**impl) -> torch.optim.Optimizer:
         if cfg.name == "sgd":

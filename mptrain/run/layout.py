@@ -16,6 +16,8 @@ from mptrain.errors import MptrainError
 
 log = logging.getLogger("mptrain")
 
+PRECISION_PLAN = "precision_plan.json"  # module -> {format, emulated, kernel, why, ...} (precision/plan.py)
+
 
 def json_safe(value):
     """Non-finite floats become null at any depth (JSON has no inf/NaN)."""

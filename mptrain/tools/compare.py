@@ -191,7 +191,7 @@ def rows(groups: list[Group], metric: str, trials: bool = False) -> list[dict]:
             "peak memory vs fp32": g.mean("peak_memory_mb") / base.mean("peak_memory_mb") if base else math.nan,
             "samples/s": g.mean("samples_per_s"),
         }
-        if any(precision_of(x) == "fp8" for x in groups):  # fp8 rows: how much ran in float8, what it lost
+        if any(x.values("fp8_layers") for x in groups):  # fp8 rows: how much ran in float8, what it lost
             row["fp8 layers"] = g.mean("fp8_layers")
             row["fp8-lost grads %"] = 100 * g.mean("diag/fp8_grad_underflow")
             bf16 = baseline_for(g, groups, "bf16")

@@ -32,11 +32,12 @@ from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
 from mptrain.library.models import conv_wgrad
-from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
+from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
 from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
+from mptrain.run.layout import PRECISION_PLAN
 from mptrain.run.tracking import trackers
 from mptrain.run.writer import OutputError, RunWriter
 from mptrain.train.callbacks.metrics import Console, MetricsLogger
@@ -161,13 +162,12 @@ def build(cfg: DictConfig) -> Components:
     elif t.strategy == "fsdp":
         raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
                           "--nproc_per_node=N (N > 1)")
-    options = precision.optimizer_options()  # bf16_pure: its update rule
-    if several:  # one optimizer per network, one loss scaler for all
-        parts = [Part(n, build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n)), **options),
+    if several:  # one optimizer per network, one loss scaler for all; the precision family builds each
+        parts = [Part(n, precision.build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n))),
                       precision.optimizer_params(getattr(model, n))) for n in task.parts]
         optimizer = MultiOptimizer({part.name: part.optimizer for part in parts})
     else:
-        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params(), **options)
+        optimizer = precision.build_optimizer(cfg.optimizer, precision.optimizer_params())
         parts = [Part("model", optimizer, precision.optimizer_params())]
     base_model = model
     if t.strategy == "ddp":
@@ -282,6 +282,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
                        enabled=c.is_main)
     writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
+    if c.precision.plan is not None:
+        writer.write_json(PRECISION_PLAN, c.precision.plan.records())
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
