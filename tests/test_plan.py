@@ -175,6 +175,24 @@ def test_emulated_nvfp4_run_trains_is_labelled_and_resumes_bitwise(tmp_path, cap
     assert summary["plan_emulated"] == ["body.3", "body.5", "body.7"]
     table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("precision plan"))
     assert "body.3  4,160   nvfp4   emulated" in table and "precision.layers @last" in table
+    # diagnostics name the layers as the plan does, and the offline tools show each layer's planned format
+    diag = read_jsonl(ref / "diagnostics.jsonl")
+    assert next(r for r in diag if r.get("event") == "meta")["plan"] == {n: e["format"] for n, e in plan.items()}
+    grads = next(r for r in diag if r.get("event") == "sample")["grads"]["params"]
+    assert {name.rpartition(".")[0] for name in grads} == set(plan)
+    from rich.console import Console
+
+    from mptrain.tools import compare, report
+
+    console = Console(record=True, width=200)
+    samples = [r for r in diag if r.get("event") == "sample"]
+    console.print(report.plan_table(report.load_plan(ref, {})), report.risk_table(samples, plan=plan))
+    text = console.export_text()
+    assert "│ body.5 │ 4160   │ nvfp4  │ nvfp4     │ emulated │" in text and "│ body.5.weight │ nvfp4" in text
+    (ref / ".hydra").mkdir()
+    (ref / ".hydra" / "overrides.yaml").write_text(f"- precision=bf16\n- '{NVFP4}'\n")
+    row = compare.rows(compare.group_jobs(compare.find_jobs([ref])), "val/acc")[0]
+    assert row["plan"] == "bf16 x2, nvfp4 x3 (3 emulated)" and row["loss scaling"] == "none"
     summary, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_4.pt'}"])
     assert summary["steps"] == 8
     assert_same_tensors(final_state(ref), final_state(cut))

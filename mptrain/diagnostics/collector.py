@@ -58,7 +58,9 @@ class Diagnostics:
                          "fp16_view": "hypothetical" if self.hypothetical else "actual",
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
-                         "activation_layers": list(self.layers)})
+                         "activation_layers": list(self.layers),
+                         # each module's planned format, by the names precision_plan.json and the rows use
+                         "plan": precision.plan.formats() if getattr(precision, "plan", None) is not None else {}})
         self._handles: list = []
         self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}
