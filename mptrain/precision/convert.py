@@ -141,18 +141,19 @@ def apply_plan(model: nn.Module, plan: Plan, device: torch.device, autocast: str
                ) -> list[str]:
     """Convert the modules of `model` in place as `plan` says; returns the names converted to Float8Linear.
     Call once, before the optimizer is built (the parameters stay the same objects)."""
+    if getattr(model, "_mptrain_planned", False):
+        return []  # converted before: FSDP prepares the sharded model again
     modules = dict(model.named_modules())
     float8: list[str] = []
     for name, e in plan.items():
         module = modules[name]
-        if isinstance(module, (EmulatedLinear, EmulatedConv2d)) or type(module).__name__ == "Float8Linear":
-            continue  # converted before (FSDP prepares the sharded model again)
         if e.kernel == "float8":
             float8.append(name)
         elif e.kernel == "emulated":
             fwd, grad = emulation_formats(e.format, fp8_cfg.recipe if fp8_cfg is not None else "tensorwise")
             _replace(model, name, _emulated(module, fwd, grad))
-        elif e.kernel in ("autocast", "fp32") and e.format != (autocast or "fp32"):
+        elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (autocast or "fp32"):
+            # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
             dtype = AUTOCAST_DTYPES.get(e.format)
             module.forward = functools.partial(_own_autocast, module.forward, device.type, dtype)
     if float8:
@@ -161,6 +162,7 @@ def apply_plan(model: nn.Module, plan: Plan, device: torch.device, autocast: str
         chosen = set(float8)
         fp8.require_torchao().convert_to_float8_training(
             model, config=fp8.float8_config(fp8_cfg.recipe, fp8_emulate), module_filter_fn=lambda m, fqn: fqn in chosen)
+    model._mptrain_planned = True
     return float8
 
 

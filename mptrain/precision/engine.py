@@ -183,7 +183,10 @@ class Precision:
         weights for those families (call before building the optimizer)."""
         if self.plan is None:
             self.plan = self.resolve_plan(model)
-            log.info("precision plan (%s):\n%s", self.mode, self.plan.table())
+            emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
+            note = (f"; {len(emulated)} of {len(self.plan)} modules emulated "
+                    f"({', '.join(sorted(set(emulated.values())))})" if emulated else "")
+            log.info("precision plan (%s%s):\n%s", self.mode, note, self.plan.table())
         if self.family.uses_autocast:
             f8 = self.fp8_cfg
             names = apply_plan(model, self.plan, self.device, self.autocast_format, f8,

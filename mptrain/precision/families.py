@@ -80,7 +80,7 @@ class AutocastFamily:
             elif isinstance(m, AUTOCAST_TYPES):
                 out[n] = (name, "autocast", "preset")
             else:
-                out[n] = ("fp32", "fp32", f"autocast runs {type(m).__name__} in fp32")
+                out[n] = ("fp32", "fp32", f"autocast does not lower {type(m).__name__} (fp32 parameters)")
         return out
 
     def prepare(self, model: nn.Module, compute_dtype: torch.dtype, keep_norm_fp32: bool) -> None:

@@ -70,6 +70,7 @@ class Entry:
     kernel: str  # autocast | fp32 | float8 | weights | emulated
     emulated: bool
     why: str
+    by_rule: bool = False  # set by a precision.layers rule (else the preset's own choice)
 
     def record(self) -> dict:
         out = asdict(self)
@@ -146,14 +147,12 @@ def grad_format_of(fmt: str, fp8_recipe: str) -> str:
     return fmt
 
 
-def constraint(fmt: str, module: nn.Module, dim_multiple: int, has_torchao: bool) -> str | None:
+def constraint(fmt: str, module: nn.Module, dim_multiple: int) -> str | None:
     """Why `module` cannot take `fmt` (None: it can)."""
     if fmt in NATIVE:
         return None
     if fmt == RECIPE:
         if isinstance(module, nn.Linear):
-            if not has_torchao:
-                return "fp8 needs torchao (pip install mptrain[fp8])"
             if module.in_features % dim_multiple or module.out_features % dim_multiple:
                 return f"in/out features {module.in_features}x{module.out_features} not multiples of {dim_multiple}"
             return None
@@ -166,8 +165,7 @@ def constraint(fmt: str, module: nn.Module, dim_multiple: int, has_torchao: bool
 
 
 def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list[Rule], *, autocast: str | None,
-            fp8_recipe: str = "tensorwise", dim_multiple: int = 16, has_torchao: bool = True,
-            fp8_emulated: bool = True) -> Plan:
+            fp8_recipe: str = "tensorwise", dim_multiple: int = 16, fp8_emulated: bool = True) -> Plan:
     """One Entry per planned module.
 
     `base[name] = (format, kernel, why)`: what the preset gives each module before any rule (the family knows:
@@ -181,19 +179,21 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
     used: set[Rule] = set()
     for name, module in modules:
         fmt, kernel, why = base[name]
+        by_rule = False
         for rule in rules:
             if not matches(rule, name, firsts):
                 continue
             used.add(rule)
-            blocked = constraint(rule.format, module, dim_multiple, has_torchao)
+            blocked = constraint(rule.format, module, dim_multiple)
             if blocked is not None:
                 why = f"{why}; {rule.why} {rule.pattern}: {rule.format} refused ({blocked})"
                 continue
-            fmt, why = rule.format, f"{rule.why} {rule.pattern}"
+            fmt, why, by_rule = rule.format, f"{rule.why} {rule.pattern}", True
             kernel = kernel_for(fmt, module, autocast)
         emulated = kernel == "emulated" or (kernel == "float8" and fp8_emulated)
         plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in module.parameters(recurse=False)),
-                           fmt, grad_format_of(fmt, fp8_recipe), scaling_of(fmt, fp8_recipe), kernel, emulated, why)
+                           fmt, grad_format_of(fmt, fp8_recipe), scaling_of(fmt, fp8_recipe), kernel, emulated, why,
+                           by_rule)
     unused = [r.pattern for r in rules if r.why == "precision.layers" and r not in used]
     if unused:
         names = ", ".join(n for n, _ in modules[:8]) + (", ..." if len(modules) > 8 else "")
