@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], seed: int | None = None,
-                    factory: Callable | None = None) -> torch.optim.Optimizer:
-    """SGD or AdamW over `params` (the FP32 master copies in `master` mode).
-
-    `factory` (from `Precision.optimizer_options()`): a precision family's own optimizer for the same
-    `optimizer=` settings (bf16_pure: the rule computed in fp32 from bf16 state and rounded), called as
-    `factory(cfg, params, seed)`; `seed` seeds what it randomises (default: the run seed)."""
+def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD or AdamW over `params` (the FP32 master copies in `master` mode). precision=bf16_pure builds its
+    own (Precision.build_optimizer)."""
     params = list(params)
-    if factory is not None:
-        return factory(cfg, params, seed)
 
     def make(**impl) -> torch.optim.Optimizer:
         if cfg.name == "sgd":
@@ -62,12 +56,10 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_ste
 
 
 class MultiOptimizer:
-    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two).
-    `params[name]` are the tensors each one updates (the precision step needs them)."""
+    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two)."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
 
     @property
     def param_groups(self) -> list[dict]:

@@ -224,11 +224,6 @@ class Precision:
             return self.master.params_for(module)
         return [p for p in module.parameters() if p.requires_grad]
 
-    def optimizer_options(self) -> dict:
-        """Keyword arguments for library.optim.build_optimizer: the family's own optimizer factory (bf16_pure's
-        update rule), else none."""
-        return self.family.optimizer_options()
-
     def build_optimizer(self, cfg: DictConfig, params, seed: int | None = None) -> torch.optim.Optimizer:
         """The `optimizer=` group's optimizer as this family needs it (bf16_pure: rounded bf16 updates)."""
         return self.family.build_optimizer(cfg, params, seed)

@@ -89,9 +89,6 @@ class AutocastFamily:
     def build_optimizer(self, cfg, params, seed: int | None = None) -> torch.optim.Optimizer:
         return build_optimizer(cfg, params)
 
-    def optimizer_options(self) -> dict:
-        return {}
-
     def describe(self) -> str:
         return ""
 
@@ -131,10 +128,6 @@ class PureBf16Family(Fp16WeightsFamily):
     def build_optimizer(self, cfg, params, seed: int | None = None) -> torch.optim.Optimizer:
         return build_pure_bf16_optimizer(cfg, list(params), self.cfg.get("update"), seed,
                                          compile=bool(self.cfg.get("compile_update", False)))
-
-    def optimizer_options(self) -> dict:
-        """For library.optim.build_optimizer's callers: the factory of this family's optimizer."""
-        return {"factory": self.build_optimizer}
 
     def describe(self) -> str:
         return f", bf16 optimizer state, update={self.cfg.get('update')}"  # cfg.update is DictConfig.update
