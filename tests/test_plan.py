@@ -197,6 +197,12 @@ def test_emulated_nvfp4_run_trains_is_labelled_and_resumes_bitwise(tmp_path, cap
     assert summary["steps"] == 8
     assert_same_tensors(final_state(ref), final_state(cut))
     assert read_jsonl(ref / "metrics.jsonl")[2:] == read_jsonl(cut / "metrics.jsonl")
+    assert "plan_changed_on_resume" not in summary
+    # resuming into another plan is said in the summary (the run is no longer one plan throughout)
+    other, _ = train(tmp_path / "other", [*base[:1], "precision.layers={body.3: mxfp8}", *base[2:],
+                                           f"resume={ref / 'checkpoints' / 'step_4.pt'}"])
+    assert other["plan_changed_on_resume"] == {"body.3": "nvfp4 -> mxfp8", "body.5": "nvfp4 -> bf16",
+                                               "body.7": "nvfp4 -> bf16"}
     # and the emulation changed the numbers: plain bf16 on the same seed ends elsewhere
     plain, _ = train(tmp_path / "plain", [*base[:1], *base[2:]])
     assert plain["train_loss"] != summary["train_loss"]

@@ -144,6 +144,7 @@ class Precision:
         self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if uses_fp8 else None
         self.fp8_layers: list[str] = []
         self.plan: Plan | None = None
+        self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
         if self.fp8_cfg is not None:  # fail before the run directory is touched
             fp8.require_torchao()
             self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
@@ -367,6 +368,8 @@ class Precision:
             out["loss_scaling"] = f"{self.bf16_switch.get('scaling', 'dynamic')} until the switch to bf16"
         if self.plan is not None:
             out.update(self.plan.summary())
+        if self.plan_changed:
+            out["plan_changed_on_resume"] = dict(self.plan_changed)
         if self.fp8_cfg is not None:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
@@ -381,9 +384,17 @@ class Precision:
             state["bf16_switch"] = dict(self.bf16_switch)
         if self.master is not None:
             state["master"] = self.master.state_dict()
+        if self.plan is not None:
+            state["plan"] = self.plan.formats()  # a resume into another plan is then said, not hidden
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        before = state.get("plan")
+        if before is not None and self.plan is not None and before != self.plan.formats():
+            changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}
+            self.plan_changed = changed
+            log.warning("resuming into another precision plan: %s (summary.json's plan_changed_on_resume)",
+                        ", ".join(f"{n}: {c}" for n, c in changed.items()))
         if state.get("bf16_switch") is not None:  # the run had switched to bf16: continue in bf16
             self.switch_to_bf16()
             self.bf16_switch = dict(state["bf16_switch"])
