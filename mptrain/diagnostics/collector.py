@@ -51,7 +51,7 @@ class Diagnostics:
         layers = self.check_layers(cfg, model)
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
-        self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
+        self.hypothetical = precision.compute_dtype != torch.float16
         self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
@@ -59,7 +59,9 @@ class Diagnostics:
                          "fp16_view": "hypothetical" if self.hypothetical else "actual",
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
-                         "activation_layers": list(self.layers)})
+                         "activation_layers": list(self.layers),
+                         # each module's planned format, by the names precision_plan.json and the rows use
+                         "plan": precision.plan.formats() if getattr(precision, "plan", None) is not None else {}})
         self._handles: list = []
         self._act: dict[str, list[torch.Tensor]] = {}
         self._row: dict | None = None

@@ -49,6 +49,7 @@ TENSORBOARD = "tensorboard"
 PROFILE = "profile"                       # debug=profile's traces and top_ops.txt
 REPORT = "report"                         # mptrain-report's PNGs
 ADVICE = "advice.json"                    # mptrain-advise's verdict
+PRECISION_PLAN = "precision_plan.json"    # module -> {format, emulated, kernel, why, ...} (precision/plan.py)
 MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
 VOCAB = "vocab.json"                      # dataset=text: {"level", "tokens"}, decodes a language model's ids
 SAMPLES = "samples"                       # a GAN's grids: step_<N>.png at validation, seed_<S>.png (mptrain-sample)
