@@ -21,7 +21,7 @@ from mptrain.cli.keys import check_override_keys
 from mptrain.cli.register import CONFIG_NAME, register
 from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
-from mptrain.parallel import distributed
+from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records
 from mptrain.run.layout import SUMMARY, write_json_atomic
 
@@ -87,7 +87,7 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    main_rank = distributed.env_info().is_main  # torchrun's RANK, or SLURM_PROCID under srun
+    main_rank = env_info().is_main  # torchrun's RANK, or SLURM_PROCID under srun
     if not main_rank:  # only rank 0 writes train.log and the console
         for handler in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(handler)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from mptrain import config as schema
 from mptrain.cli.help import config_groups
-from mptrain.parallel import distributed
+from mptrain.parallel.launch import env_info
 
 CONFIG_NAME = "config"  # conf/config.yaml, the primary config
 
@@ -37,7 +37,7 @@ def run_name() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id:
         return f"torchrun-{run_id[:13]}"
-    if distributed.env_info().enabled and "SLURM_JOB_ID" in os.environ:  # srun without torchrun: the job step
+    if env_info().enabled and "SLURM_JOB_ID" in os.environ:  # srun without torchrun: the job step
         return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
     return f"{datetime.now():%H-%M-%S}-{os.getpid()}"
 

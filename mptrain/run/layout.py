@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mptrain.errors import MptrainError
+from mptrain.library.data.tokenize import TOKENIZER_FILE, VOCAB_FILE
 
 log = logging.getLogger("mptrain")
 
@@ -51,7 +52,9 @@ REPORT = "report"                         # mptrain-report's PNGs
 ADVICE = "advice.json"                    # mptrain-advise's verdict
 PRECISION_PLAN = "precision_plan.json"    # module -> {format, emulated, kernel, why, ...} (precision/plan.py)
 MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
-VOCAB = "vocab.json"                      # dataset=text: {"level", "tokens"}, decodes a language model's ids
+# dataset=text's vocab.json ({"level", "tokens"}) or tokenizer.json, what decodes a language model's ids: the
+# tokenizer's own file names (library/data/tokenize.py writes them wherever a tokenizer is saved)
+VOCAB, TOKENIZER = VOCAB_FILE, TOKENIZER_FILE
 SAMPLES = "samples"                       # a GAN's grids: step_<N>.png at validation, seed_<S>.png (mptrain-sample)
 EXPORT = "export"                         # mptrain-export: model.safetensors, model_config.yaml, model.<format>
 EVAL = "eval_{}.json"                     # mptrain-eval's metrics of a checkpoint (eval_file)
