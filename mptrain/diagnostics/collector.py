@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -51,6 +52,8 @@ class Diagnostics:
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
         self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
+        # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
+        weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
         self.path = Path(run_dir) / "diagnostics.jsonl"
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
@@ -58,7 +61,8 @@ class Diagnostics:
                          "fp16_view": "hypothetical" if self.hypothetical else "actual",
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
-                         "activation_layers": list(self.layers)})
+                         "activation_layers": list(self.layers), "precision": precision.mode,
+                         "weights": weights})
         self._handles: list = []
         self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}
@@ -69,6 +73,7 @@ class Diagnostics:
         self.trace: dict | None = None
         self.totals: dict[str, float] = {}
         self.samples = 0
+        self.ranges = ModuleRanges(model)  # every module's largest |input|, |output|, |weight|, |output grad|
         self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
 
     @staticmethod
@@ -100,6 +105,7 @@ class Diagnostics:
             if self.fp8:
                 self.fp8.begin()
             self._act = {name: [] for name in self.layers}
+            self.ranges.begin()
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self.inspect
@@ -142,6 +148,7 @@ class Diagnostics:
         if self._row is None:
             return
         row = self._row
+        row["modules"] = self.ranges.end(row.get("loss_scale", 1.0))
         fp8_layers = self.fp8.end() if self.fp8 else {}
         if fp8_layers:
             row["fp8"] = fp8_layers
@@ -231,6 +238,7 @@ class Diagnostics:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.ranges.remove()
         self._file.close()
 
 

@@ -240,6 +240,36 @@ def gather(samples: list[dict]) -> tuple[Hist, dict[str, Hist], list[int] | None
     return overall, tensors, ratio
 
 
+def module_ranges(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """Every module's largest |input|, |output|, |weight| and |output gradient| (raw) over the samples; a
+    non-finite figure (recorded as null) is inf. Only modules that were recorded (runs since issue 24)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in samples:
+        for name, row in (r.get("modules") or {}).items():
+            peak = out.setdefault(name, {})
+            for key, v in row.items():
+                peak[key] = max(peak.get(key, 0.0), math.inf if v is None else v)
+    return out
+
+
+def fp16_bounds(ranges: dict[str, dict[str, float]]) -> tuple[list[list], int | None, str | None]:
+    """What fp16 holds: (forward offenders, the largest s the backward allows, the module that sets it).
+
+    Forward: any input, output or weight above 65504 overflows whatever the loss scale: fp16 is not viable
+    (each offender is [module, what, value], modules with parameters first, largest first). Backward: every
+    output gradient times S must stay <= 65504."""
+    fmt = FORMATS["fp16"]
+    bad = [[name, key, v] for name, row in ranges.items() for key in ("in", "out", "w")
+           if (v := row.get(key, 0.0)) > fmt.max]
+    bad.sort(key=lambda b: ("w" not in ranges[b[0]] and b[1] != "w", -b[2]))
+    cap, who = None, None
+    for name, row in ranges.items():
+        s = s_high(row.get("grad", 0.0), fmt) if math.isfinite(row.get("grad", 0.0)) else -SPAN
+        if s is not None and (cap is None or s < cap):
+            cap, who = s, name
+    return bad, cap, who
+
+
 def overflow_cap(events: list[dict]) -> int | None:
     """Steps skipped at scale S say S overflows: the cap is one binade below the smallest such S."""
     scales = [e["loss_scale"] for e in events if e.get("loss_scale")]
@@ -259,7 +289,11 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
         raise NoDiagnostics("every recorded gradient is zero or non-finite, nothing to base a scale on; probe with "
                             "precision=fp32 trainer.max_steps=50 diagnostics.every=1")
     fp16 = FORMATS["fp16"]
-    plan = scale_plan(overall, fp16, overflow_cap(events))
+    ranges = module_ranges(samples)
+    forward_bad, act_cap, act_who = fp16_bounds(ranges)
+    event_cap = overflow_cap(events)
+    caps = [c for c in (event_cap, act_cap) if c is not None]
+    plan = scale_plan(overall, fp16, min(caps) if caps else None)
     formats = {}
     for name, fmt in FORMATS.items():
         if fmt.scaling == "per-tensor":
@@ -270,22 +304,48 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
         per = {k: underflow(h, fmt, s) + overflow(h, fmt, s) for k, h in tensors.items()}
         formats[name] = {"scale": 2.0**s, "underflow": underflow(overall, fmt, s),
                          "overflow": overflow(overall, fmt, s), "at_risk": _at_risk(per)}
+    bounds = {"weights": s_high(overall.max_abs, fp16), "activation_gradients": act_cap, "skipped_steps": event_cap}
+    top = min((k for k, v in bounds.items() if v is not None), key=lambda k: bounds[k], default=None)
     fp16_plan = {**plan, "S": 2.0 ** plan["s"], "S_lo": _pow2(plan["s_lo"]), "S_hi": _pow2(plan["s_hi"]),
                  "underflow_at_1": underflow(overall, fp16, 0), "largest_abs": overall.max_abs,
+                 "s_hi_by": bounds, "top_set_by": act_who if top == "activation_gradients" else top,
+                 "largest_activation_grad": max((r.get("grad", 0.0) for r in ranges.values()), default=None),
+                 "forward_overflow": forward_bad[:5], "viable": not forward_bad,
                  "dynamic_start_overflows": plan["s_hi"] is not None and DYNAMIC_START > plan["s_hi"],
                  "dynamic_skips_at_start": max(0, DYNAMIC_START - plan["s_hi"]) if plan["s_hi"] is not None else None}
-    masters = update_fractions(ratio) if ratio else None
-    if masters is None and any("update_underflow" in r for r in samples):
-        fp16_only = [r["update_underflow"]["overall"] for r in samples if "update_underflow" in r]
-        masters = {"updates": None, "fp16": sum(fp16_only) / len(fp16_only), "bf16": None}
+    if forward_bad:
+        fp16_plan["feasible"] = fp16_plan["workable"] = False
+    masters = master_figures(meta, samples, ratio)
     verdict, overrides = decide(fp16_plan, formats)
     return {"probe": {"fp16_view": meta.get("fp16_view"), "samples": len(samples),
                       "steps": [samples[0]["step"], samples[-1]["step"]], "gradients": overall.nonzero,
                       "zero": overall.zero / max(overall.nonzero + overall.zero, 1), "nonfinite": overall.nonfinite,
-                      "overflow_events": len(events)},
+                      "overflow_events": len(events), "precision": meta.get("precision"),
+                      "weights": meta.get("weights")},
             "rule": {"tail": TAIL, "floor_margin_binades": FLOOR_MARGIN, "master_threshold": MASTER_THRESHOLD},
             "fp16": fp16_plan, "master_weights": masters, "formats": formats,
             "verdict": verdict, "recommended_overrides": overrides}
+
+
+def master_figures(meta: dict, samples: list[dict], ratio: list[int] | None) -> dict | None:
+    """What 16-bit weights would lose. From fp32 weights, the histogram of applied updates tells it. From 16-bit
+    weights (nomaster, bf16_pure) that histogram hides the loss: an update that rounded away is an exact zero
+    and drops out. There the figures are the run's own: the mean of update_underflow (the summary's
+    diag/update_underflow) and, for bf16_pure, of bf16_update.lost_nearest (diag/bf16_lost_nearest)."""
+    sixteen = any(w in ("float16", "bfloat16") for w in meta.get("weights") or [])
+    if ratio and not sixteen:
+        return {**update_fractions(ratio), "source": "update_ratio_hist"}
+    fp16_rows = [r["update_underflow"]["overall"] for r in samples if "update_underflow" in r]
+    if not fp16_rows:
+        return None
+    bf16_rows = [b["lost_nearest"] for r in samples for b in _as_list(r.get("bf16_update")) if isinstance(b, dict)]
+    return {"updates": None, "fp16": sum(fp16_rows) / len(fp16_rows),
+            "bf16": sum(bf16_rows) / len(bf16_rows) if bf16_rows else None,
+            "source": "update_underflow (16-bit weights: the run's own losses)"}
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _pow2(s: int | None) -> float | None:
@@ -300,6 +360,15 @@ def scale_value(s: int) -> str:
 def decide(fp16: dict, formats: dict) -> tuple[str, list[str]]:
     """The verdict and the overrides that run it."""
     s = fp16["s"]
+    bf16 = formats["bf16"]
+    bf16_holds = bf16["underflow"] + bf16["overflow"] <= TAIL
+    if not fp16["viable"]:
+        name, what, value = fp16["forward_overflow"][0]
+        why = {"in": "input", "out": "output", "w": "weight"}[what]
+        verdict = f"fp16 is not viable: {name}'s {why} reaches {value:.3g} > 65504 in the forward (no loss scale helps)"
+        if bf16_holds:
+            return verdict + "; train in bf16", ["precision=bf16"]
+        return verdict + "; stay in fp32", ["precision=fp32"]
     if fp16["workable"] and fp16["s_lo"] <= 0:
         overrides = ["precision=dynamic"]
         if fp16["dynamic_start_overflows"]:
@@ -313,8 +382,7 @@ def decide(fp16: dict, formats: dict) -> tuple[str, list[str]]:
         if s < 0:
             overrides.append(f"precision.loss_scale.min={scale_value(s)}")
         return f"fp16 needs a loss scale: static S = 2^{s}{tight}", overrides
-    bf16 = formats["bf16"]
-    if bf16["underflow"] + bf16["overflow"] <= TAIL:
+    if bf16_holds:
         return "fp16 cannot hold these gradients with any one loss scale: train in bf16", ["precision=bf16"]
     return "neither fp16 nor bf16 holds these gradients: stay in fp32", ["precision=fp32"]
 
@@ -341,6 +409,13 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     lines.append(f"  workable S: {_p2(f['S_lo'])} .. {_p2(f['S_hi'])}  (bottom: all but {TAIL:.1%} of gradients "
                  f">= 2^{-24 + FLOOR_MARGIN}; top: largest |g| * S <= 65504"
                  + (", below every scale that skipped a step)" if p["overflow_events"] else ")"))
+    by = f["s_hi_by"]
+    lines.append(f"  top bounds: weight gradients {_p2(_pow2(by['weights']))}, activation gradients "
+                 f"{_p2(_pow2(by['activation_gradients']))}, skipped steps {_p2(_pow2(by['skipped_steps']))}; "
+                 f"set by {f['top_set_by']}")
+    for name, what, value in f["forward_overflow"]:
+        lines.append(f"  forward: {name} {dict(zip(('in', 'out', 'w'), ('input', 'output', 'weight')))[what]} "
+                     f"reaches {value:.3g} > 65504: fp16 overflows whatever the loss scale")
     how = "middle of the range" if f["workable"] else "largest S without overflow; the range is empty"
     lines.append(f"  S = {_p2(f['S'])} = {scale_value(f['s'])} ({how}): {f['underflow']:.3%} would underflow, "
                  f"{f['overflow']:.3%} overflow; headroom {f['s_hi'] - f['s'] if f['s_hi'] is not None else 'n/a'} "

@@ -1,0 +1,124 @@
+"""Issue 24: precision judgement. The advisor's bounds from activations and activation gradients, the shadow
+measurement per format, --verify. Each case has its own small model (tests/judge_nets.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mptrain.diagnostics.ranges import ROOT, ModuleRanges
+from mptrain.tools.advise import MASTER_THRESHOLD, advise_run, gather, read_diagnostics, update_fractions
+
+from .conftest import read_jsonl, train
+
+# Case 1: logistic regression on inputs in units of 2^-15, weights 2^15 larger, SGD lr 0.1 * 2^30
+CASE1 = ["model=mlp", "model._target_=tests.judge_nets.TinyUnits", "optimizer.lr=107374182.4",
+         "optimizer.weight_decay=0", "trainer.batch_size=16", "scheduler.warmup_steps=0"]
+# Case 2: a constant 1e8 channel into mid1 (Adam: the fixed outlier weight gets no update)
+CASE2 = ["model=mlp", "model._target_=tests.judge_nets.Outlier", "optimizer.name=adamw", "optimizer.lr=0.01",
+         "optimizer.weight_decay=0", "scheduler.warmup_steps=0"]
+
+
+def test_module_ranges_match_plain_pytorch():
+    """Largest |input|, |output|, |weight| and |output gradient| of every module (the model too), against
+    retain_grad on the same forward; gradients are divided by the loss scale they were computed at."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(7, 5) * 3
+    ranges = ModuleRanges(model)
+    ranges.begin()
+    out = model(x)
+    (out.square().sum() * 8.0).backward()  # "loss scale" 8
+    got = ranges.end(loss_scale=8.0)
+    h0 = model[0](x)
+    h0.retain_grad()
+    h1 = model[1](h0)
+    h1.retain_grad()
+    y = model[2](h1)
+    y.retain_grad()
+    y.square().sum().backward()
+    expect = {ROOT: (x, y, None, y), "0": (x, h0, model[0].weight, h0), "1": (h0, h1, None, h1),
+              "2": (h1, y, model[2].weight, y)}
+    assert set(got) == set(expect)
+    for name, (i, o, w, g) in expect.items():
+        assert got[name]["in"] == pytest.approx(i.abs().max().item(), rel=1e-6), name
+        assert got[name]["out"] == pytest.approx(o.abs().max().item(), rel=1e-6), name
+        assert got[name]["grad"] == pytest.approx(g.grad.abs().max().item(), rel=1e-5), name
+        if w is not None:
+            assert got[name]["w"] == pytest.approx(max(w.abs().max().item(), model[int(name)].bias.abs().max().item()))
+        else:
+            assert "w" not in got[name]
+    assert not model[0]._forward_hooks  # the hooks are gone after the step
+
+
+def test_case1_scale_is_bounded_by_the_output_gradient_not_only_the_weights(tmp_path):
+    """Weight gradients 2^15 below their usual size, the logits' gradient ordinary. Bounded by the weights
+    alone the range's middle overflows on every step; the advice, bounded by the model's output gradient too,
+    skips none."""
+    _, probe = train(tmp_path / "probe", CASE1 + ["precision=fp32", "trainer.max_steps=12", "diagnostics.every=1"])
+    advice, lines = advise_run(probe)
+    f = advice["fp16"]
+    assert f["viable"] and f["top_set_by"] == ROOT
+    by = f["s_hi_by"]
+    assert by["activation_gradients"] < by["weights"] - 4  # the bound that was missing is far below
+    # the bound is exactly the largest recorded output gradient, from the rows themselves
+    rows = [r for r in read_jsonl(probe / "diagnostics.jsonl") if r["event"] == "sample"]
+    g = max(r["modules"][ROOT]["grad"] for r in rows)
+    assert g * 2.0 ** by["activation_gradients"] <= 65504 < g * 2.0 ** (by["activation_gradients"] + 1)
+    assert 0.01 < g <= 1 / 16  # ordinary: the loss's gradient, at most 1/batch
+    assert f["s"] <= f["s_hi"] == by["activation_gradients"]
+    above = by["activation_gradients"] + 2  # inside the range the weights alone allowed
+    assert f["s_lo"] <= above < by["weights"]
+    assert any("set by (model)" in line for line in lines)
+    runs = {"advised": advice["recommended_overrides"],
+            "above": ["precision=static", f"precision.loss_scale.init={2 ** above}"]}
+    skipped = {}
+    for name, extra in runs.items():
+        summary, _ = train(tmp_path / name, CASE1 + ["trainer.max_steps=4", "diagnostics=off",
+                                                     "checkpoint.enabled=false", *extra])
+        skipped[name] = summary["skipped_steps"]
+    assert skipped == {"advised": 0, "above": 4}
+
+
+def test_case2_massive_channel_rules_out_fp16_and_names_the_layer(tmp_path):
+    """A constant 1e8 channel into mid1: from a bf16 probe the advisor says fp16 is not viable (no loss scale
+    helps a forward overflow), names mid1 and the value, and recommends bf16. fp16 itself confirms it: dynamic
+    scaling backs off to its minimum and stops."""
+    _, probe = train(tmp_path / "probe", CASE2 + ["precision=bf16", "trainer.max_steps=4", "diagnostics.every=1"])
+    advice, lines = advise_run(probe)
+    f = advice["fp16"]
+    assert not f["viable"] and not f["feasible"]
+    name, what, value = f["forward_overflow"][0]
+    assert (name, what) == ("mid1", "in") and value == pytest.approx(1e8, rel=2**-8)  # 1e8 as bf16 holds it
+    assert advice["verdict"].startswith("fp16 is not viable: mid1's input reaches 1e+08")
+    assert advice["recommended_overrides"] == ["precision=bf16"]
+    assert not any(n == "mid2" for n, _, _ in f["forward_overflow"])
+    from mptrain.precision.scaler import LossScalingError
+    with pytest.raises(LossScalingError, match="minimum"):
+        train(tmp_path / "fp16", CASE2 + ["precision=dynamic", "precision.loss_scale.init=8", "trainer.max_steps=8",
+                                          "diagnostics=off", "checkpoint.enabled=false"])
+
+
+@pytest.mark.parametrize("precision", ["bf16_pure", "nomaster"])
+def test_case3_16bit_weights_use_the_runs_own_lost_updates(tmp_path, precision):
+    """With 16-bit weights an update that rounded away is an exact zero: the histogram of applied updates hides
+    it. The advisor reports the summary's own diag/update_underflow and says to keep FP32 master weights."""
+    summary, run = train(tmp_path, ["model=mlp", f"precision={precision}", "optimizer.lr=0.001",
+                                    "scheduler.warmup_steps=0", "trainer.max_steps=3", "diagnostics.every=1"])
+    advice, lines = advise_run(run)
+    m = advice["master_weights"]
+    assert m["fp16"] == pytest.approx(summary["diag/update_underflow"], rel=1e-12)
+    assert m["fp16"] > 0.5 > MASTER_THRESHOLD
+    assert any("keep FP32 master weights" in line for line in lines)
+    _, samples, _ = read_diagnostics(run)
+    _, _, ratio = gather(samples)
+    assert update_fractions(ratio)["fp16"] < 0.1  # what the advisor used to read: the loss hidden
+    if precision == "bf16_pure":
+        assert m["bf16"] == pytest.approx(summary["diag/bf16_lost_nearest"], rel=1e-12)
+    meta = json.loads((run / "diagnostics.jsonl").read_text().splitlines()[0])
+    assert meta["weights"] == ["bfloat16" if precision == "bf16_pure" else "float16"]
+    assert math.isfinite(m["fp16"])
