@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mptrain.diagnostics.ranges import ROOT, ModuleRanges
+from mptrain.diagnostics.shadow import FIELDS, Shadow
 from mptrain.tools.advise import MASTER_THRESHOLD, advise_run, gather, read_diagnostics, update_fractions
 
 from .conftest import read_jsonl, train
@@ -55,11 +56,13 @@ def test_module_ranges_match_plain_pytorch():
     assert not model[0]._forward_hooks  # the hooks are gone after the step
 
 
+@pytest.mark.slow
 def test_case1_scale_is_bounded_by_the_output_gradient_not_only_the_weights(tmp_path):
     """Weight gradients 2^15 below their usual size, the logits' gradient ordinary. Bounded by the weights
     alone the range's middle overflows on every step; the advice, bounded by the model's output gradient too,
     skips none."""
-    _, probe = train(tmp_path / "probe", CASE1 + ["precision=fp32", "trainer.max_steps=12", "diagnostics.every=1"])
+    _, probe = train(tmp_path / "probe", CASE1 + ["precision=fp32", "trainer.max_steps=12", "diagnostics.every=1",
+                                                           "diagnostics.shadow=[]"])
     advice, lines = advise_run(probe)
     f = advice["fp16"]
     assert f["viable"] and f["top_set_by"] == ROOT
@@ -97,6 +100,17 @@ def test_case2_massive_channel_rules_out_fp16_and_names_the_layer(tmp_path):
     assert advice["verdict"].startswith("fp16 is not viable: mid1's input reaches 1e+08")
     assert advice["recommended_overrides"] == ["precision=bf16"]
     assert not any(n == "mid2" for n, _, _ in f["forward_overflow"])
+    # fp8 from measurement: the outlier sets mid1's e4m3 scale (per tensor and per row: each row holds it) and
+    # the other 64 inputs of each row flush; mid2's inputs are ordinary
+    per = advice["per_layer"]
+    for fp8 in ("fp8", "fp8_row"):
+        assert per["mid1"][fp8]["flush"] == pytest.approx(64 / 65) and per["mid1"][fp8]["err"] > 0.9
+        assert not per["mid1"][fp8]["fits"]
+        assert per["mid2"][fp8]["flush"] == 0.0 and per["mid2"][fp8]["err"] < 0.1 and per["mid2"][fp8]["fits"]
+    assert per["mid1"]["fp16"]["err"] == math.inf
+    plan = advice["recommended_plan"]
+    assert plan["mid1"] == "bf16" and plan["mid2"] == "fp8"
+    assert any(line.strip().startswith("mid1: planned bf16") for line in lines)
     from mptrain.precision.scaler import LossScalingError
     with pytest.raises(LossScalingError, match="minimum"):
         train(tmp_path / "fp16", CASE2 + ["precision=dynamic", "precision.loss_scale.init=8", "trainer.max_steps=8",
@@ -108,7 +122,8 @@ def test_case3_16bit_weights_use_the_runs_own_lost_updates(tmp_path, precision):
     """With 16-bit weights an update that rounded away is an exact zero: the histogram of applied updates hides
     it. The advisor reports the summary's own diag/update_underflow and says to keep FP32 master weights."""
     summary, run = train(tmp_path, ["model=mlp", f"precision={precision}", "optimizer.lr=0.001",
-                                    "scheduler.warmup_steps=0", "trainer.max_steps=3", "diagnostics.every=1"])
+                                    "scheduler.warmup_steps=0", "trainer.max_steps=3", "diagnostics.every=1",
+                                    "diagnostics.shadow=[]"])
     advice, lines = advise_run(run)
     m = advice["master_weights"]
     assert m["fp16"] == pytest.approx(summary["diag/update_underflow"], rel=1e-12)
@@ -122,3 +137,86 @@ def test_case3_16bit_weights_use_the_runs_own_lost_updates(tmp_path, precision):
     meta = json.loads((run / "diagnostics.jsonl").read_text().splitlines()[0])
     assert meta["weights"] == ["bfloat16" if precision == "bf16_pure" else "float16"]
     assert math.isfinite(m["fp16"])
+
+
+# ---- shadow measurement ---------------------------------------------------------------------------------------
+
+def shadow_figures_of(module: nn.Module, x: torch.Tensor, formats, grad: torch.Tensor | None = None) -> dict:
+    """{format: {field: value}} for the model itself (ROOT), measured through the collector's hooks."""
+    shadow = Shadow(formats)
+    ranges = ModuleRanges(module, shadow)
+    ranges.begin()
+    y = module(x)
+    if grad is not None:
+        y.backward(grad)
+    ranges.remove()
+    rows = shadow.end()[ROOT]
+    return {f: dict(zip(FIELDS, v)) for f, v in rows.items()}
+
+
+def identity_linear(n: int) -> nn.Linear:
+    lin = nn.Linear(n, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(n))
+    return lin
+
+
+def test_shadow_outlier_flushes_the_rest_under_fp8_and_overflows_fp16():
+    """One row: a 1e8 outlier and 32 ones through an identity Linear. e4m3 per tensor (and per row: one row)
+    scales by 448/1e8, so every 1 becomes 4.5e-6, below e4m3's smallest subnormal 2^-9: 32 of the 33 nonzero
+    inputs flush, and the output keeps only the outlier: relative error sqrt(32)/sqrt(1e16 + 32). fp16 holds
+    the ones but not 1e8 (one of 33 overflows, the output is inf). bf16 rounds 1e8 = 190.7 * 2^19 to 191 * 2^19 (8 significant bits)."""
+    x = torch.ones(1, 33)
+    x[0, 0] = 1e8
+    fig = shadow_figures_of(identity_linear(33), x, ["fp8", "fp8_row", "fp16", "bf16"])
+    for f in ("fp8", "fp8_row"):
+        assert fig[f]["flush"] == pytest.approx(32 / 33) and fig[f]["sat"] == 0.0
+        assert fig[f]["err"] == pytest.approx(math.sqrt(32) / math.sqrt(1e16 + 32), rel=1e-3)
+    assert fig["fp16"]["err"] == "inf" and fig["fp16"]["sat"] == pytest.approx(1 / 33) and fig["fp16"]["flush"] == 0
+    bf16_1e8 = torch.tensor(1e8).bfloat16().item()
+    assert bf16_1e8 == 191 * 2**19
+    assert fig["bf16"]["err"] == pytest.approx(abs(bf16_1e8 - 1e8) / math.sqrt(1e16 + 32), rel=1e-4)
+    assert fig["bf16"]["flush"] == fig["bf16"]["sat"] == 0.0
+
+
+def test_shadow_known_flush_fraction_and_rounding_error():
+    """fp16's smallest subnormal is 2^-24: of 2^-20 .. 2^-29, the values 2^-25 (a tie, to even: 0) and below
+    flush, 5 of 10. 1 + 2^-11 is a tie between fp16's 1 and 1 + 2^-10: to even, 1; relative error
+    2^-11 / (1 + 2^-11) of that output element."""
+    x = torch.exp2(-torch.arange(20, 30, dtype=torch.float32)).reshape(1, 10)
+    assert shadow_figures_of(identity_linear(10), x, ["fp16"])["fp16"]["flush"] == pytest.approx(0.5)
+    y = torch.tensor([[1 + 2.0**-11]])
+    fig = shadow_figures_of(identity_linear(1), y, ["fp16"])["fp16"]
+    assert fig["err"] == pytest.approx(2.0**-11 / (1 + 2.0**-11), rel=1e-6)
+
+
+def test_shadow_gradient_figures_and_mx_saturation():
+    """The output gradient of a Linear: e5m2 per tensor keeps a gradient of ones and one 2^10 outlier exactly
+    (powers of two), so its error is 0. mxfp8: a block whose largest value is 1.9 * 2^3 gets the shared scale
+    2^(3 - 8); 1.9 * 2^8 = 486.4 is past e4m3's 448 and saturates: 1 of the 32."""
+    lin = identity_linear(32)
+    x = torch.full((1, 32), 0.5)
+    x[0, 0] = 1.9 * 8
+    g = torch.ones(1, 32)
+    g[0, 5] = 2.0**10
+    fig = shadow_figures_of(lin, x, ["fp8", "mxfp8"], grad=g)
+    assert fig["fp8"]["gerr"] == 0.0 and fig["fp8"]["gflush"] == 0.0
+    assert fig["mxfp8"]["sat"] == pytest.approx(1 / 32)
+    q = 448 * 2.0**-5
+    assert fig["mxfp8"]["err"] == pytest.approx(abs(q - 1.9 * 8) / math.sqrt((1.9 * 8) ** 2 + 31 * 0.25), rel=1e-4)
+
+
+def test_shadow_does_not_change_training(tmp_path):
+    """The shadow re-runs draw dropout masks from the saved RNG and use copies of the batch-norm statistics:
+    a net with dropout inside attention and batch norm trains bitwise the same with and without it."""
+    runs = {}
+    for name, shadow in (("on", "[bf16,fp8,mxfp8]"), ("off", "[]")):
+        _, run = train(tmp_path / name, ["model=mlp", "model._target_=tests.judge_nets.DropNorm", "precision=fp32", "trainer.max_steps=2",
+                                         "diagnostics.every=1", f"diagnostics.shadow={shadow}", "trainer.log_every=1",
+                                         "checkpoint.enabled=false"])
+        runs[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+        rows = [r for r in read_jsonl(run / "diagnostics.jsonl") if r["event"] == "sample"]
+        assert all(("shadow" in r) == (name == "on") for r in rows)
+        if name == "on":
+            assert set(rows[0]["shadow"]) == {"attn", "norm", "head"}
+    assert runs["on"] == runs["off"] and len(runs["on"]) == 2

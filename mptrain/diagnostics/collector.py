@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mptrain.diagnostics.ranges import ModuleRanges
+from mptrain.diagnostics.shadow import FIELDS as SHADOW_FIELDS
+from mptrain.diagnostics.shadow import Shadow, check_formats
 from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -54,6 +56,7 @@ class Diagnostics:
         self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
         # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
+        self.shadow = Shadow(list(cfg.shadow))  # what each candidate format does to each layer (checked at start)
         self.path = Path(run_dir) / "diagnostics.jsonl"
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
@@ -62,7 +65,7 @@ class Diagnostics:
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
                          "activation_layers": list(self.layers), "precision": precision.mode,
-                         "weights": weights})
+                         "weights": weights, "shadow_formats": self.shadow.names, "shadow_fields": SHADOW_FIELDS})
         self._handles: list = []
         self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}
@@ -73,13 +76,15 @@ class Diagnostics:
         self.trace: dict | None = None
         self.totals: dict[str, float] = {}
         self.samples = 0
-        self.ranges = ModuleRanges(model)  # every module's largest |input|, |output|, |weight|, |output grad|
+        # every module's largest |input|, |output|, |weight|, |output grad|, and the shadow figures
+        self.ranges = ModuleRanges(model, self.shadow)
         self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
 
     @staticmethod
     def check_layers(cfg: DictConfig, model: nn.Module) -> list[str]:
         """The modules whose output gradients are histogrammed; an unknown name is a one-line error (checked
         before the run directory changes)."""
+        check_formats(list(cfg.shadow))
         model = getattr(model, "_orig_mod", model)
         model = getattr(model, "module", model)
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
@@ -149,6 +154,8 @@ class Diagnostics:
             return
         row = self._row
         row["modules"] = self.ranges.end(row.get("loss_scale", 1.0))
+        if self.shadow:
+            row["shadow"] = self.shadow.end()
         fp8_layers = self.fp8.end() if self.fp8 else {}
         if fp8_layers:
             row["fp8"] = fp8_layers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mptrain.diagnostics.shadow import Shadow
 from mptrain.diagnostics.trace import _tensors
 
 ROOT = "(model)"  # the name under which the model itself (its output, its own parameters) is recorded
@@ -32,15 +33,17 @@ def _amax(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 class ModuleRanges:
     """Hooks every module on a sampled step; `end` returns {module: {in, out, w, grad}} (raw, unscaled)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, shadow: Shadow | None = None):
         self.modules = module_names(model)
+        self.shadow = shadow  # also measure each candidate format on the modules that hold parameters
         self._handles: list = []
         self._peak: dict[str, dict[str, torch.Tensor]] = {}
+        self._busy = False  # inside a shadow re-run: its module calls are not the step's
 
     def begin(self) -> None:
         self._peak = {}
         for name, module in self.modules:
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
 
     def _keep(self, name: str, field: str, value: torch.Tensor | None) -> None:
         if value is None:
@@ -49,17 +52,33 @@ class ModuleRanges:
         row[field] = value if field not in row else torch.maximum(row[field], value)  # NaN propagates: kept
 
     def _hook(self, name: str):
-        def forward_hook(module, args, output):
+        def forward_hook(module, args, kwargs, output):
+            if self._busy:
+                return
             self._keep(name, "in", _amax(_tensors(args)))
             outs = _tensors(output)
             self._keep(name, "out", _amax(outs))
             own = list(module.parameters(recurse=False))
             if own:
                 self._keep(name, "w", _amax(own))
-            for t in outs:
+            shadowed = bool(own and self.shadow)
+            if shadowed:
+                self._busy = True
+                try:
+                    self.shadow.forward(module, name, args, kwargs, output)
+                finally:
+                    self._busy = False
+            for i, t in enumerate(outs):
                 if t.requires_grad:
-                    t.register_hook(lambda g: self._keep(name, "grad", _amax([g])))
+                    t.register_hook(self._grad_hook(name, module, shadowed and i == 0))
         return forward_hook
+
+    def _grad_hook(self, name: str, module: nn.Module, shadowed: bool):
+        def hook(g: torch.Tensor) -> None:
+            self._keep(name, "grad", _amax([g]))
+            if shadowed:
+                self.shadow.grad(name, module, g)
+        return hook
 
     def remove(self) -> None:
         for h in self._handles:

@@ -37,6 +37,12 @@ from mptrain.run.layout import json_safe
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
 MASTER_THRESHOLD = 0.01  # more updates than this lost in 16-bit weights -> keep FP32 weights
+# a layer fits a format when its shadow figures (worst over the samples) stay within these:
+ERR_MAX = 0.1  # relative error of the output and of the output gradient
+LOST_MAX = 0.01  # fraction of inputs (gradients) flushed to zero, and fraction saturated or overflowed
+# cheapest first: per-layer plans take the first candidate that fits (bf16 before fp16: no loss scale needed)
+COST_ORDER = ("mxfp4", "nvfp4", "mxfp6_e2m3", "mxfp6_e3m2", "fp8", "fp8_row", "mxfp8", "mxfp8_e5m2", "bf16",
+              "fp16", "fp32")
 DYNAMIC_START = 16  # log2 of the dynamic scaler's default init (torch.amp.GradScaler's 2^16)
 SPAN = 256  # binades -SPAN..SPAN-1 are tracked after removing the run's scale
 
@@ -270,6 +276,40 @@ def fp16_bounds(ranges: dict[str, dict[str, float]]) -> tuple[list[list], int | 
     return bad, cap, who
 
 
+def shadow_figures(meta: dict, samples: list[dict]) -> dict[str, dict[str, dict]]:
+    """module -> format -> the shadow figures, each the worst over the samples ("inf" -> inf; a figure never
+    measured, e.g. the gradient of a layer no backward reached, stays None)."""
+    fields = meta.get("shadow_fields") or ["err", "flush", "sat", "gerr", "gflush", "gsat"]
+    out: dict[str, dict[str, dict]] = {}
+    for r in samples:
+        for module, per in (r.get("shadow") or {}).items():
+            for fmt, values in per.items():
+                row = out.setdefault(module, {}).setdefault(fmt, dict.fromkeys(fields))
+                for key, v in zip(fields, values):
+                    if v is None:
+                        continue
+                    v = math.inf if v == "inf" else v
+                    row[key] = v if row[key] is None else max(row[key], v)
+    return out
+
+
+def fits(fig: dict) -> bool:
+    """Within ERR_MAX and LOST_MAX, forward and backward (a figure not measured does not count against it)."""
+    limits = {"err": ERR_MAX, "gerr": ERR_MAX, "flush": LOST_MAX, "gflush": LOST_MAX, "sat": LOST_MAX,
+              "gsat": LOST_MAX}
+    return all(fig.get(k) is None or fig[k] <= lim for k, lim in limits.items())
+
+
+def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool) -> dict[str, str]:
+    """module -> the cheapest measured format that fits it (fp32 when none does; fp16 only where fp16 is viable
+    for the whole run: one loss scale serves every layer)."""
+    plan = {}
+    for module, per in per_layer.items():
+        ok = [f for f in COST_ORDER if f in per and per[f]["fits"] and (f != "fp16" or fp16_viable)]
+        plan[module] = ok[0] if ok else "fp32"
+    return plan
+
+
 def overflow_cap(events: list[dict]) -> int | None:
     """Steps skipped at scale S say S overflows: the cap is one binade below the smallest such S."""
     scales = [e["loss_scale"] for e in events if e.get("loss_scale")]
@@ -316,6 +356,11 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
     if forward_bad:
         fp16_plan["feasible"] = fp16_plan["workable"] = False
     masters = master_figures(meta, samples, ratio)
+    per_layer = shadow_figures(meta, samples)
+    for per in per_layer.values():
+        for fig in per.values():
+            fig["fits"] = fits(fig)
+    formats = {k: v for k, v in formats.items() if v["scale"] != "per-tensor"}  # fp8/MX: from the shadow rows
     verdict, overrides = decide(fp16_plan, formats)
     return {"probe": {"fp16_view": meta.get("fp16_view"), "samples": len(samples),
                       "steps": [samples[0]["step"], samples[-1]["step"]], "gradients": overall.nonzero,
@@ -324,6 +369,8 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
                       "weights": meta.get("weights")},
             "rule": {"tail": TAIL, "floor_margin_binades": FLOOR_MARGIN, "master_threshold": MASTER_THRESHOLD},
             "fp16": fp16_plan, "master_weights": masters, "formats": formats,
+            "per_layer": per_layer, "recommended_plan": layer_plan(per_layer, fp16_plan["viable"]),
+            "thresholds": {"err": ERR_MAX, "lost": LOST_MAX},
             "verdict": verdict, "recommended_overrides": overrides}
 
 
@@ -393,6 +440,10 @@ def _p2(x: float | None) -> str:
     return "n/a" if x is None else f"2^{round(math.log2(x))}"
 
 
+def _fig(v: float | None) -> str:
+    return "   n/a" if v is None else "   inf" if v == math.inf else f"{v:6.2%}"
+
+
 def render(advice: dict, command: str | None = None) -> list[str]:
     p, f, m = advice["probe"], advice["fp16"], advice["master_weights"]
     lines = [f"probe: {p['samples']} sampled steps ({p['steps'][0]}..{p['steps'][1]}), {p['gradients']} nonzero "
@@ -441,6 +492,15 @@ def render(advice: dict, command: str | None = None) -> list[str]:
         risk = ", ".join(f"{k} {v:.1%}" for k, v in r["at_risk"]) or "-"
         lines.append(f"  {name:<9} scale {scale:<10} underflow {r['underflow']:7.3%}  overflow {r['overflow']:7.3%}  "
                      f"most at risk: {risk}")
+    if advice["per_layer"]:
+        lines.append(f"per layer (shadow execution, worst sample; fits: error <= {ERR_MAX:g}, flushed and saturated "
+                     f"<= {LOST_MAX:.0%}; forward err/flush/sat | gradient err/flush/sat)")
+        for module, per in advice["per_layer"].items():
+            lines.append(f"  {module}: planned {advice['recommended_plan'][module]}")
+            for fmt, fig in per.items():
+                cells = " ".join(_fig(fig[k]) for k in ("err", "flush", "sat")) + " | " + " ".join(
+                    _fig(fig[k]) for k in ("gerr", "gflush", "gsat"))
+                lines.append(f"    {fmt:<10} {cells}  {'fits' if fig['fits'] else 'out'}")
     lines.append(f"verdict: {advice['verdict']}")
     lines.append("recommended overrides:")
     lines.extend(advice["recommended_overrides"])
