@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -220,3 +222,47 @@ def test_shadow_does_not_change_training(tmp_path):
         if name == "on":
             assert set(rows[0]["shadow"]) == {"attn", "norm", "head"}
     assert runs["on"] == runs["off"] and len(runs["on"]) == 2
+
+
+# ---- --verify ---------------------------------------------------------------------------------------------------
+
+def test_verify_needs_the_probes_checkpoint(tmp_path):
+    _, run = train(tmp_path, ["model=mlp", "precision=fp32", "trainer.max_steps=3", "diagnostics.every=1",
+                              "diagnostics.shadow=[]", "checkpoint.enabled=false"])
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.advise", "--verify", str(run)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0
+    assert "no checkpoints/last.pt" in proc.stderr and "checkpoint.enabled=true" in proc.stderr
+    assert not (run / "advice.json").exists() and not (run / "verify").exists()
+
+
+@pytest.mark.slow
+def test_case1_advice_verifies_and_trains_fp16_to_fp32_accuracy_a_too_large_scale_fails(tmp_path):
+    """The issue's test: the case-1 net's advised S trains fp16 to fp32's accuracy within a point and --verify
+    passes; S four times past the activation-gradient bound fails --verify, is not recommended, exits 3."""
+    _, probe = train(tmp_path / "probe", CASE1 + ["precision=fp32", "trainer.max_steps=30", "diagnostics.every=1",
+                                                  "diagnostics.shadow=[]"])
+    advice, lines = advise_run(probe, verify_steps=15)
+    assert advice["verified"] is True, advice["verification"]["reasons"]
+    v = advice["verification"]
+    assert v["advised"]["skipped"] == 0 and v["advised"]["steps"] == v["probe"]["steps"] == 15
+    assert "  VERIFIED" in lines
+    saved = json.loads((probe / "advice.json").read_text())
+    assert saved["verified"] is True and saved["recommended_overrides"] == advice["recommended_overrides"]
+    acc = {}
+    for name, extra in {"fp32": ["precision=fp32"], "advised": advice["recommended_overrides"]}.items():
+        summary, _ = train(tmp_path / name, CASE1 + ["trainer.max_steps=60", "diagnostics=off",
+                                                     "checkpoint.enabled=false", *extra])
+        assert summary["skipped_steps"] == 0
+        acc[name] = summary["val/acc"]
+    assert acc["fp32"] > 0.9 and abs(acc["advised"] - acc["fp32"]) <= 0.01, acc
+    too_large = 2 ** (advice["fp16"]["s_hi"] + 2)
+    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.advise", str(probe), "--steps", "6", "--overrides",
+                           "precision=static", f"precision.loss_scale.init={too_large}"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr
+    assert "  FAILED: 6 of 6 steps skipped (allowed 0)" in proc.stdout
+    failed = json.loads((probe / "advice.json").read_text())
+    assert failed["verified"] is False
+    assert failed["rejected_overrides"] == ["precision=static", f"precision.loss_scale.init={too_large}"]
+    assert failed["rejected_overrides"] != failed["recommended_overrides"]

@@ -504,6 +504,8 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     lines.append(f"verdict: {advice['verdict']}")
     lines.append("recommended overrides:")
     lines.extend(advice["recommended_overrides"])
+    if advice.get("rejected_overrides"):
+        lines.append(f"  not recommended (the verification failed): {' '.join(advice['rejected_overrides'])}")
     if command:
         lines.append("run:")
         lines.append(command)
@@ -521,14 +523,36 @@ def run_command(run_dir: Path, overrides: list[str]) -> str | None:
     return " ".join(["mptrain", *keep, *overrides])
 
 
-def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
-    """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines)."""
+def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[str] | None = None
+               ) -> tuple[dict, list[str]]:
+    """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines).
+
+    `verify_steps`: prove the advised overrides (or `overrides`) by a trial of that many steps from the
+    probe's checkpoint (tools/verify.py); a failure moves them to `rejected_overrides`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NoDiagnostics(f"{run_dir} is not a directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
     advice = advise(*read_diagnostics(run_dir))
-    advice["command"] = run_command(run_dir, advice["recommended_overrides"])
-    lines = render(advice, advice["command"])
+    advice["verified"] = None  # not tried
+    trial_lines: list[str] = []
+    if verify_steps is not None:
+        from mptrain.tools import verify
+
+        tried = list(overrides) if overrides else list(advice["recommended_overrides"])
+        v = verify.verify(run_dir, advice, tried, verify_steps)
+        advice["verification"] = v
+        advice["verified"] = v["verified"]
+        trial_lines = verify.render(v)
+        if not v["verified"]:
+            advice["rejected_overrides"] = tried
+            if tried == advice["recommended_overrides"]:
+                advice["recommended_overrides"] = []
+        elif overrides:
+            advice["recommended_overrides"] = tried
+    advice["command"] = run_command(run_dir, advice["recommended_overrides"]) if advice["recommended_overrides"] else None
+    lines = render(advice, advice["command"]) + trial_lines
+    if advice["verified"] is None:
+        lines.append("not verified: mptrain-advise --verify RUN_DIR trains a short trial of these overrides first")
     tmp = run_dir / "advice.json.tmp"
     tmp.write_text(json.dumps(json_safe(advice), indent=1) + "\n")
     tmp.replace(run_dir / "advice.json")
@@ -538,13 +562,27 @@ def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mptrain-advise", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory with diagnostics.jsonl")
+    parser.add_argument("--verify", action="store_true",
+                        help="train a short trial of the advice from the probe's last checkpoint before recommending it")
+    parser.add_argument("--steps", type=int, default=None, help="steps of the --verify trial (default 50)")
+    parser.add_argument("--overrides", nargs="+", default=None,
+                        help="verify these overrides instead of the advised ones (implies --verify)")
     args = parser.parse_args(argv)
+    steps = None
+    if args.verify or args.overrides or args.steps is not None:
+        from mptrain.tools.verify import DEFAULT_STEPS
+
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS
+        if steps < 1:
+            parser.error("--steps must be >= 1")
     try:
-        _, lines = advise_run(args.run_dir)
+        advice, lines = advise_run(args.run_dir, steps, args.overrides)
     except MptrainError as e:
         print(f"mptrain-advise: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     print("\n".join(lines))
+    if advice["verified"] is False:
+        sys.exit(3)
 
 
 if __name__ == "__main__":
