@@ -34,7 +34,7 @@ from mptrain.diagnostics.stats import (
 from mptrain.diagnostics.trace import trace_overflow
 from mptrain.errors import ConfigError
 from mptrain.precision import fp8
-from mptrain.run.layout import json_safe
+from mptrain.run.layout import DIAGNOSTICS, json_safe
 
 log = logging.getLogger("mptrain")
 
@@ -57,7 +57,7 @@ class Diagnostics:
         # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
         self.shadow = Shadow(list(cfg.shadow))  # what each candidate format does to each layer (checked at start)
-        self.path = Path(run_dir) / "diagnostics.jsonl"
+        self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
             self._write({"event": "meta", "bins": BIN_LABELS, "exponents": EXPONENTS,
