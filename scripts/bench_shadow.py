@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import StepTimer, fit_in, mptrain_loop  # noqa: E402  (the page's own loop runner)
 from hydra import initialize_config_dir  # noqa: E402
 
-from mptrain.cli.main import config_dir  # noqa: E402
+from mptrain.cli.register import register  # noqa: E402
 from mptrain.diagnostics import Diagnostics  # noqa: E402
 
 ARMS = {"off": ["diagnostics=off"], "diag": ["diagnostics.shadow=[]"], "shadow": []}
@@ -67,7 +67,7 @@ def main() -> None:
     print("| precision | step, diagnostics off | sampled step, no shadow | sampled step, shadow | "
           f"shadow's extra per sampled step | at every={args.every}: diagnostics | of which shadow |")
     print("|---|---|---|---|---|---|---|")
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+    with initialize_config_dir(config_dir=register(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for prec in args.precisions.split(","):
             times = {k: [] for k in ARMS}
             for r in range(args.repeats):

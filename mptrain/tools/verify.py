@@ -36,11 +36,11 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from mptrain.cli.main import config_dir
+    from mptrain.cli.register import register
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=register(), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
