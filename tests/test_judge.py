@@ -93,7 +93,8 @@ def test_case2_massive_channel_rules_out_fp16_and_names_the_layer(tmp_path):
     """A constant 1e8 channel into mid1: from a bf16 probe the advisor says fp16 is not viable (no loss scale
     helps a forward overflow), names mid1 and the value, and recommends bf16. fp16 itself confirms it: dynamic
     scaling backs off to its minimum and stops."""
-    _, probe = train(tmp_path / "probe", CASE2 + ["precision=bf16", "trainer.max_steps=4", "diagnostics.every=1"])
+    _, probe = train(tmp_path / "probe", CASE2 + ["precision=bf16", "trainer.max_steps=4", "diagnostics.every=1",
+                                                  "diagnostics.shadow=[bf16,fp16,fp8,fp8_row,mxfp8]"])
     advice, lines = advise_run(probe)
     f = advice["fp16"]
     assert not f["viable"] and not f["feasible"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.shadow import FIELDS as SHADOW_FIELDS
-from mptrain.diagnostics.shadow import Shadow, check_formats
+from mptrain.diagnostics.shadow import Shadow, check_formats, native_formats
 from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -56,7 +56,9 @@ class Diagnostics:
         self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
         # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
-        self.shadow = Shadow(list(cfg.shadow))  # what each candidate format does to each layer (checked at start)
+        # what each candidate format does to each layer (names checked at start)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.shadow = Shadow(native_formats(device) if cfg.shadow is None else list(cfg.shadow))
         self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
@@ -84,7 +86,7 @@ class Diagnostics:
     def check_layers(cfg: DictConfig, model: nn.Module) -> list[str]:
         """The modules whose output gradients are histogrammed; an unknown name is a one-line error (checked
         before the run directory changes)."""
-        check_formats(list(cfg.shadow))
+        check_formats(list(cfg.shadow or []))
         model = getattr(model, "_orig_mod", model)
         model = getattr(model, "module", model)
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]

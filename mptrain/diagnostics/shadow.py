@@ -35,7 +35,17 @@ from mptrain.errors import ConfigError
 from mptrain.precision.formats import FORMATS, Format, get_format
 
 FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")
-DEFAULT_FORMATS = ("bf16", "fp16", "fp8", "fp8_row", "mxfp8")
+
+
+def native_formats(device: torch.device) -> list[str]:
+    """The candidates with real kernels on `device` (diagnostics.shadow: null). Emulated formats cost several
+    plain steps per sampled step on a CPU (docs/benchmarks.md), so they are measured only when listed."""
+    if device.type != "cuda":
+        return ["bf16"]  # fp16 and fp8 are emulated on CPUs
+    formats = ["bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    if torch.cuda.get_device_capability(device) >= (8, 9):  # Ada / Hopper: fp8 tensor cores
+        formats += ["fp8", "fp8_row"]
+    return formats
 
 
 def candidate(name: str) -> tuple[Format, Format]:
