@@ -17,7 +17,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mptrain.errors import ConfigError
 
-PRECISION_MODES = ("fp32", "amp", "dynamic", "static", "bf16", "master", "noscale", "nomaster", "bf16_pure", "fp8")
+# the precision presets (the `precision=` names) and the family that runs each (mptrain/precision/families.py)
+PRESET_FAMILIES = {"fp32": "autocast", "amp": "autocast", "dynamic": "autocast", "static": "autocast",
+                   "bf16": "autocast", "noscale": "autocast", "fp8": "autocast", "master": "fp16_weights",
+                   "nomaster": "fp16_weights", "bf16_pure": "pure_bf16"}
+PRECISION_MODES = tuple(PRESET_FAMILIES)
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCALING_KINDS = ("auto", "none", "static", "dynamic")
@@ -98,15 +102,22 @@ class PrecisionConfig:
     update: str = "nearest"
     # bf16_pure: update each bf16 tensor with one torch.compile'd function (needs a C++ compiler on CPU)
     compile_update: bool = False
-    fp8: Fp8Config = field(default_factory=Fp8Config)  # precision=fp8 only
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # precision=fp8, and layers planned fp8 in any preset
+    # per-layer formats over the preset: {module glob (or @first / @last): format}; the last match wins
+    # (docs/precision.md "Per-layer plans"), e.g. {"*": nvfp4, "@first": bf16, "@last": bf16}; typed Any (null)
+    # so that a command-line mapping replaces it (a typed dict refuses new keys under Hydra's struct mode)
+    layers: Any = None
 
     def __post_init__(self) -> None:
         _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")
         _check(self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}")
         _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
-        _check(self.update == "nearest" or self.mode == "bf16_pure", "precision.update", self.update,
+        _check(self.layers is None or isinstance(self.layers, dict), "precision.layers", self.layers,
+               "must be a mapping {module glob: format}, e.g. 'precision.layers={head: bf16}'")
+        rounds = PRESET_FAMILIES[self.mode] == "pure_bf16"  # the one family that rounds updates to bf16
+        _check(self.update == "nearest" or rounds, "precision.update", self.update,
                f"applies only to precision=bf16_pure (precision={self.mode} does not round updates to bf16)")
-        _check(not self.compile_update or self.mode == "bf16_pure", "precision.compile_update", self.compile_update,
+        _check(not self.compile_update or rounds, "precision.compile_update", self.compile_update,
                f"applies only to precision=bf16_pure (precision={self.mode} uses PyTorch's optimizers)")
 
 

@@ -53,7 +53,7 @@ class Diagnostics:
         layers = self.check_layers(cfg, model)
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
-        self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
+        self.hypothetical = precision.compute_dtype != torch.float16
         # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
         # what each candidate format does to each layer (names checked at start)
@@ -67,7 +67,9 @@ class Diagnostics:
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
                          "activation_layers": list(self.layers), "precision": precision.mode,
-                         "weights": weights, "shadow_formats": self.shadow.names, "shadow_fields": SHADOW_FIELDS})
+                         "weights": weights, "shadow_formats": self.shadow.names, "shadow_fields": SHADOW_FIELDS,
+                         # each module's planned format, by the names precision_plan.json and the rows use
+                         "plan": precision.plan.formats() if getattr(precision, "plan", None) is not None else {}})
         self._handles: list = []
         self._segments: dict = {}  # range_stats' cache of per-element tensor indices
         self._act: dict[str, list[torch.Tensor]] = {}

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mptrain.errors import ConfigError
 from mptrain.parallel.distributed import max_across_ranks
 
 log = logging.getLogger("mptrain")
@@ -26,9 +25,7 @@ def shard(model: nn.Module, precision: Any) -> nn.Module:
     """fully_shard every top-level child that holds parameters, then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if precision.mode in ("master", "nomaster"):
-        raise ConfigError(f"precision={precision.mode} with trainer.strategy=fsdp: FSDP2 already keeps float32 "
-                          "shards as master weights; use precision=dynamic (fp16) or bf16 instead")
+    precision.check_strategy("fsdp")  # master weights: FSDP2 keeps float32 shards itself
     low = precision.compute_dtype if precision.use_autocast else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     for child in model.children():

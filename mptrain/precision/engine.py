@@ -1,7 +1,7 @@
 """The precision object: everything precision-specific, behind one small interface for the loop.
 
-    precision.prepare_model(model)              # cast to fp16 for master/nomaster
-    opt = build_optimizer(cfg, precision.optimizer_params(model))
+    precision.prepare_model(model)              # resolve the plan; convert the model to it
+    opt = precision.build_optimizer(cfg, precision.optimizer_params())
     with precision.autocast():  loss = ...     # forward in the compute dtype
     precision.backward(loss / k)                # scaled backward, once per micro-batch
     applied = precision.step(opt, clip)         # unscale once, overflow check, clip, step|skip,
@@ -21,10 +21,11 @@ from torch import nn
 
 from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
-from mptrain.library.optim import build_optimizer
 from mptrain.precision import fp8
-from mptrain.precision.bf16_pure import build_pure_bf16_optimizer
-from mptrain.precision.master import MasterWeights, cast_model
+from mptrain.precision.convert import apply_plan
+from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
+from mptrain.precision.master import MasterWeights
+from mptrain.precision.plan import RECIPE, Plan, resolve, user_rules
 from mptrain.precision.scaler import LossScaler, SwitchToBF16
 
 FP16_MAX = 65504.0  # the largest finite float16
@@ -33,20 +34,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-# mode -> (uses autocast, parameters held in the compute dtype, FP32 master copy)
-MODES = {
-    "fp32": (False, False, False),
-    "amp": (True, False, False),
-    "dynamic": (True, False, False),
-    "static": (True, False, False),
-    "bf16": (True, False, False),
-    "noscale": (True, False, False),
-    "master": (False, True, True),
-    "nomaster": (False, True, False),
-    "bf16_pure": (False, True, False),  # bf16 weights, grads and optimizer state (precision/bf16_pure.py)
-    "fp8": (True, False, False),  # float8 Linear layers (torchao), bf16 autocast around them
-}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,19 +47,13 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
     """The compute dtype and the reason it was chosen."""
-    if mode == "fp32":
-        if dtype not in ("auto", "float32"):
-            raise ConfigError(f"precision=fp32 computes in float32; precision.dtype={dtype} contradicts it "
-                             "(pick precision=amp or precision=bf16 instead)")
-        return torch.float32, "fp32 mode"
-    if mode == "bf16_pure" and dtype not in ("auto", "bfloat16"):
-        raise ConfigError(f"precision=bf16_pure holds bfloat16 weights; precision.dtype={dtype} contradicts it "
-                          "(use precision=master or nomaster for float16 weights)")
-    if mode == "fp8" and dtype not in ("auto", "bfloat16"):
-        raise ConfigError(f"precision=fp8 runs the layers it does not convert in bfloat16; precision.dtype={dtype} "
-                          "contradicts it (leave it auto or bfloat16)")
-    if mode in ("bf16_pure", "fp8"):
-        dtype = "bfloat16"
+    preset = PRESETS[mode]
+    if preset.fixed_dtype is not None:
+        if dtype not in ("auto", preset.fixed_dtype):
+            raise ConfigError(f"precision={mode} " + preset.dtype_why.format(dtype=dtype))
+        if preset.fixed_dtype == "float32":
+            return torch.float32, f"{mode} mode"
+        dtype = preset.fixed_dtype
     if dtype != "auto":
         chosen, why = DTYPES[dtype], f"precision.dtype={dtype}"
     elif device.type == "cuda":
@@ -93,7 +74,7 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
     if compute_dtype == torch.float32:
         raise ConfigError(f"{key} switches float16 compute to bfloat16, but precision={mode} computes in float32: "
                           "a switch would lower its precision (use on_min=raise or on_min=clamp)")
-    if MODES[mode][1]:
+    if PRESETS[mode].family != "autocast":
         raise ConfigError(f"{key} needs float32 parameters, but precision={mode} holds them in float16: "
                           "use precision=dynamic (or amp) to keep the bf16 fallback, or on_min=raise|clamp")
     if kind == "static":
@@ -112,19 +93,31 @@ class StepResult:
 
 
 class Precision:
-    """Owns the autocast context, the loss scaler and (master/nomaster) the parameter dtypes."""
+    """The run's precision: the preset's family (autocast + loss scaler; fp16 weights + fp32 masters; pure bf16),
+    its loss scaler, and the per-module plan (precision/plan.py) the model is converted to."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.mode = cfg.mode
         self.device = device
-        self.use_autocast, self.low_precision_params, self.use_master = MODES[self.mode]
+        self.preset, self.family = family_for(self.mode, cfg)
+        self.use_autocast = self.family.uses_autocast
+        self.low_precision_params = self.family.low_precision_params
+        self.use_master = self.preset.master
         self.compute_dtype, self.dtype_reason = resolve_dtype(cfg.mode, cfg.dtype, device)
         self.keep_norm_fp32 = cfg.keep_norm_fp32
         self.fp32_accumulation = cfg.fp32_accumulation
         self.update = cfg.get("update", "nearest")  # bf16_pure's rounding rule (cfg.update is DictConfig.update)
-        self.compile_update = bool(cfg.get("compile_update", False))  # bf16_pure: compiled per-tensor update
+        self.rules = user_rules(cfg.get("layers"))  # checked here: an unknown format fails before any work
+        if self.rules and not self.family.takes_layers:
+            raise ConfigError(f"precision.layers with precision={self.mode}: its parameters are held in "
+                              f"{SHORT_DTYPE[self.compute_dtype]}, so per-layer formats need an autocast preset "
+                              "(fp32, amp, bf16, dynamic, static, noscale or fp8)")
         ls = cfg.loss_scale
         kind = ls.kind
+        if self.preset.scaling is not None and kind not in ("auto", self.preset.scaling):
+            raise ConfigError(f"precision={self.mode} means {self.preset.scaling} loss scaling; "
+                              f"precision.loss_scale.kind={kind} contradicts it (use precision=amp "
+                              f"precision.loss_scale.kind={kind}, or precision={kind if kind != 'none' else 'noscale'})")
         if kind == "auto":
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
         if ls.on_min == "bf16" and kind != "none":
@@ -146,8 +139,12 @@ class Precision:
         # FSDP: each rank sees only its gradient shard, so every rank must agree on a skip; the distributed
         # code sets this to an all-reduce (max) of the overflow flag (DDP's gradients are already all-reduced)
         self.agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if self.mode == "fp8" else None
+        self.fp8_preset = self.preset.fp8
+        uses_fp8 = self.fp8_preset or any(r.format == RECIPE for r in self.rules)
+        self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if uses_fp8 else None
         self.fp8_layers: list[str] = []
+        self.plan: Plan | None = None
+        self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
         if self.fp8_cfg is not None:  # fail before the run directory is touched
             fp8.require_torchao()
             self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
@@ -156,21 +153,52 @@ class Precision:
     def describe(self) -> str:
         scaling = "no loss scaling" if self.scaler is None else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}"
         params = SHORT_DTYPE[self.compute_dtype] if self.low_precision_params else "fp32"
-        master = ", fp32 master weights" if self.use_master else ""
-        if self.mode == "bf16_pure":
-            master = f", bf16 optimizer state, update={self.update}"
+        extra = self.family.describe()
         if self.fp8_cfg is not None:
-            master += (f", Linear layers in float8 (e4m3 forward, {'e4m3' if self.fp8_cfg.recipe == 'rowwise' else 'e5m2'} "
-                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
-        return f"precision={self.mode}: compute {SHORT_DTYPE[self.compute_dtype]} ({self.dtype_reason}), params {params}{master}, {scaling}"
+            extra += (f", Linear layers in float8 (e4m3 forward, {'e4m3' if self.fp8_cfg.recipe == 'rowwise' else 'e5m2'} "
+                      f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
+        if self.rules:
+            extra += f", per-layer rules {', '.join(f'{r.pattern}: {r.format}' for r in self.rules)}"
+        return f"precision={self.mode}: compute {SHORT_DTYPE[self.compute_dtype]} ({self.dtype_reason}), params {params}{extra}, {scaling}"
+
+    @property
+    def autocast_format(self) -> str | None:
+        """The run's autocast format (None: no autocast, the model computes in its parameters' dtype)."""
+        if not self.use_autocast or self.compute_dtype == torch.float32:
+            return None
+        return SHORT_DTYPE[self.compute_dtype]
+
+    def resolve_plan(self, model: nn.Module) -> Plan:
+        """The preset's plan for `model` with precision.layers applied (the model is not changed)."""
+        base = self.family.base(model, self.compute_dtype)
+        if self.fp8_preset:
+            for name, why in fp8.plan(model, self.fp8_cfg).items():
+                if name in base:
+                    base[name] = ("fp8", "float8", "preset") if why is None else (base[name][0], base[name][1], why)
+        f8 = self.fp8_cfg or OmegaConf.structured(Fp8Config)
+        return resolve(model, base, self.rules, autocast=self.autocast_format, fp8_recipe=f8.recipe,
+                       dim_multiple=f8.dim_multiple, fp8_emulated=getattr(self, "fp8_emulated", True))
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Cast the model for master/nomaster, convert Linear layers for fp8 (call before building the optimizer)."""
-        if self.fp8_cfg is not None:
-            _, names, _ = fp8.convert(model, self.fp8_cfg, self.device)
+        """Resolve the plan and convert the model to it: float8 / emulated / per-layer autocast modules, fp16 or bf16
+        weights for those families (call before building the optimizer)."""
+        if self.plan is None:
+            self.plan = self.resolve_plan(model)
+            emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
+            note = (f"; {len(emulated)} of {len(self.plan)} modules emulated "
+                    f"({', '.join(sorted(set(emulated.values())))})" if emulated else "")
+            log.info("precision plan (%s%s):\n%s", self.mode, note, self.plan.table())
+        if self.family.uses_autocast:
+            f8 = self.fp8_cfg
+            names = apply_plan(model, self.plan, self.device, self.autocast_format, f8,
+                               getattr(self, "fp8_emulated", True))
             self.fp8_layers += names  # FSDP calls this again on the sharded model: nothing new converts then
+            if self.fp8_preset and names:
+                log.info("fp8: %d Linear layers in float8 (%s)", len(names), f8.recipe)
+            elif self.fp8_preset and not self.fp8_layers:
+                log.warning("precision=fp8 converted no Linear layer: the run computes in bf16 (see precision.fp8.*)")
         if self.low_precision_params:
-            cast_model(model, self.compute_dtype, self.keep_norm_fp32)
+            self.family.prepare(model, self.compute_dtype, self.keep_norm_fp32)
             if not self._input_hooks:  # once: FSDP calls prepare_model again on the sharded model
                 # float32 inputs reach the low-precision model (and its top-level parts, which a task may call
                 # directly, e.g. a GAN's generator) in its own dtype
@@ -184,6 +212,10 @@ class Precision:
         self._model = model
         return model
 
+    def check_strategy(self, strategy: str) -> None:
+        """Refuse a parallel strategy the family cannot run under (master weights under FSDP)."""
+        self.family.check_strategy(strategy, self.mode)
+
     def optimizer_params(self, module: nn.Module | None = None) -> list[torch.Tensor]:
         """The tensors an optimizer updates (of `module`, default the whole model): FP32 masters in
         `master` mode, else the model's own parameters."""
@@ -193,12 +225,22 @@ class Precision:
             return self.master.params_for(module)
         return [p for p in module.parameters() if p.requires_grad]
 
-    def build_optimizer(self, cfg: DictConfig, params: list) -> torch.optim.Optimizer:
-        """The `optimizer=` group's optimizer over `params` (optimizer_params()): PyTorch's, or under bf16_pure
-        the same rule computed in fp32 from bf16 state, rounded by precision.update."""
-        if self.mode != "bf16_pure":
-            return build_optimizer(cfg, params)
-        return build_pure_bf16_optimizer(cfg, list(params), self.update, compile=self.compile_update)
+    def build_optimizer(self, cfg: DictConfig, params, seed: int | None = None) -> torch.optim.Optimizer:
+        """The `optimizer=` group's optimizer as this family needs it (bf16_pure: rounded bf16 updates)."""
+        return self.family.build_optimizer(cfg, params, seed)
+
+    def request_update_stats(self, optimizer) -> bool:
+        """Ask the optimizer to measure what rounding its update does on the next step (bf16_pure); False
+        where it has nothing to measure."""
+        return request_update_stats(optimizer)
+
+    def update_stats(self, optimizer) -> dict | None:
+        return update_stats(optimizer)
+
+    @property
+    def at_min_scale(self) -> bool:
+        """The loss scale has reached its minimum (an overflow now stops or switches the run)."""
+        return self.scaler is not None and self.scaler.scale <= self.scaler.min
 
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:
@@ -296,7 +338,7 @@ class Precision:
             raise ConfigError(f"precision={self.mode} holds float16 parameters: it cannot switch to bfloat16")
         record = {"from_dtype": SHORT_DTYPE[self.compute_dtype], **(facts or {})}
         if self.scaler is not None:
-            record.update(self.scaler.stats(), skipped=self.scaler.skipped)
+            record.update(self.scaler.stats(), skipped=self.scaler.skipped, scaling=self.scaler.kind)
         self.bf16_switch = record
         self.compute_dtype, self.dtype_reason = torch.bfloat16, "switched from float16 by loss_scale.on_min=bf16"
         self.use_autocast = True
@@ -320,10 +362,18 @@ class Precision:
         return {}
 
     def summary(self) -> dict:
-        """Mode-specific figures for summary.json."""
-        if self.fp8_cfg is None:
-            return {}
-        return {"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe, "fp8_emulated": self.fp8_emulated}
+        """What ran, for summary.json: the loss scaling, the plan's formats, fp8's figures."""
+        out: dict = {"loss_scaling": self.scaler.kind if self.scaler is not None else "none"}
+        if self.bf16_switch is not None:
+            out["loss_scaling"] = f"{self.bf16_switch.get('scaling', 'dynamic')} until the switch to bf16"
+        if self.plan is not None:
+            out.update(self.plan.summary())
+        if self.plan_changed:
+            out["plan_changed_on_resume"] = dict(self.plan_changed)
+        if self.fp8_cfg is not None:
+            out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
+                        "fp8_emulated": self.fp8_emulated})
+        return out
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -334,9 +384,17 @@ class Precision:
             state["bf16_switch"] = dict(self.bf16_switch)
         if self.master is not None:
             state["master"] = self.master.state_dict()
+        if self.plan is not None:
+            state["plan"] = self.plan.formats()  # a resume into another plan is then said, not hidden
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        before = state.get("plan")
+        if before is not None and self.plan is not None and before != self.plan.formats():
+            changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}
+            self.plan_changed = changed
+            log.warning("resuming into another precision plan: %s (summary.json's plan_changed_on_resume)",
+                        ", ".join(f"{n}: {c}" for n, c in changed.items()))
         if state.get("bf16_switch") is not None:  # the run had switched to bf16: continue in bf16
             self.switch_to_bf16()
             self.bf16_switch = dict(state["bf16_switch"])

@@ -48,6 +48,7 @@ TENSORBOARD = "tensorboard"
 PROFILE = "profile"                       # debug=profile's traces and top_ops.txt
 REPORT = "report"                         # mptrain-report's PNGs
 ADVICE = "advice.json"                    # mptrain-advise's verdict
+PRECISION_PLAN = "precision_plan.json"    # module -> {format, emulated, kernel, why, ...} (precision/plan.py)
 MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
 PREVIOUS = "previous_{}"                  # an earlier attempt's records, set aside by a fresh start
 ATTEMPT = "attempt_{}"                    # .hydra/attempt_<k>/: what an earlier attempt ran with

@@ -51,6 +51,11 @@ class RunWriter:
         for sink in self.sinks:
             sink.log(row)
 
+    def write_json(self, name: str, data: dict) -> None:
+        """A JSON file of the run directory (e.g. layout.PRECISION_PLAN), written atomically."""
+        if self.enabled:
+            write_json_atomic(self.run_dir / name, data)
+
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
             write_json_atomic(self.run_dir / SUMMARY, summary)

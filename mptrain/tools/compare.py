@@ -170,6 +170,23 @@ def baseline_for(group: Group, groups: list[Group], mode: str = "fp32") -> Group
     return same[0] if len(same) == 1 else None
 
 
+def plan_of(g: Group) -> str:
+    """The formats the group's layers ran in, from summary.json's plan ("bf16 x2, nvfp4 x3 (3 emulated)");
+    jobs that disagree are listed apart."""
+    seen = []
+    for j in g.jobs:
+        s = j.summary or {}
+        counts = s.get("plan_modules")
+        if not counts:
+            continue
+        text = ", ".join(f"{f} x{n}" for f, n in counts.items())
+        emulated = len(s.get("plan_emulated") or [])
+        text += f" ({emulated} emulated)" if emulated else ""
+        if text not in seen:
+            seen.append(text)
+    return " | ".join(seen) or "–"
+
+
 def lost_fraction(g: Group) -> float:
     zero, under = g.mean("diag/grad_zero"), g.mean("diag/grad_underflow")
     return zero + under if math.isfinite(zero) and math.isfinite(under) else math.nan
@@ -198,8 +215,11 @@ def rows(groups: list[Group], metric: str, trials: bool = False) -> list[dict]:
             "samples/s vs fp32": g.mean("samples_per_s") / base.mean("samples_per_s") if base else math.nan,
             "peak memory vs fp32": g.mean("peak_memory_mb") / base.mean("peak_memory_mb") if base else math.nan,
             "samples/s": g.mean("samples_per_s"),
+            "loss scaling": " | ".join(dict.fromkeys(str((j.summary or {}).get("loss_scaling")) for j in g.jobs
+                                                     if (j.summary or {}).get("loss_scaling"))) or "–",
+            "plan": plan_of(g),
         }
-        if any(precision_of(x) == "fp8" for x in groups):  # fp8 rows: how much ran in float8, what it lost
+        if any(x.values("fp8_layers") for x in groups):  # fp8 rows: how much ran in float8, what it lost
             row["fp8 layers"] = g.mean("fp8_layers")
             row["fp8-lost grads %"] = 100 * g.mean("diag/fp8_grad_underflow")
             bf16 = baseline_for(g, groups, "bf16")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mptrain.diagnostics.stats import EXPONENTS
-from mptrain.run.layout import DIAGNOSTICS, METRICS, REPORT, REPORT_ARTIFACTS, read_jsonl
+from mptrain.run.layout import DIAGNOSTICS, METRICS, PRECISION_PLAN, REPORT, REPORT_ARTIFACTS, read_jsonl
 from mptrain.run.tracking import log_to_recorded_run
 
 
@@ -146,7 +146,35 @@ def plot_update_underflow(samples: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def risk_table(samples: list[dict], top: int = 10) -> Table:
+def load_plan(run_dir: Path, meta: dict) -> dict[str, dict]:
+    """precision_plan.json (module -> {format, emulated, ...}); runs from before the plan: the meta row's formats."""
+    import json
+
+    path = run_dir / PRECISION_PLAN
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {m: {"format": f} for m, f in (meta.get("plan") or {}).items()}
+
+
+def module_of(param: str, plan: dict) -> str | None:
+    """The plan entry a parameter belongs to (`body.3.weight` -> `body.3`)."""
+    module = param.rpartition(".")[0]
+    return module if module in plan else None
+
+
+def plan_table(plan: dict[str, dict]) -> Table:
+    table = Table(title="Precision plan (precision_plan.json)")
+    for col in ("module", "params", "format", "gradients", "kernel", "why"):
+        table.add_column(col)
+    for name, e in plan.items():
+        kernel = e.get("kernel", "")
+        if e.get("emulated") and kernel != "emulated":
+            kernel += " (emulated)"
+        table.add_row(name, f"{e.get('params', '')}", e["format"], e.get("grad_format", ""), kernel, e.get("why", ""))
+    return table
+
+
+def risk_table(samples: list[dict], top: int = 10, plan: dict | None = None) -> Table:
     names, _, under = _layer_matrix(samples, "grads", "underflow")
     _, _, zero = _layer_matrix(samples, "grads", "zero")
     _, _, head = _layer_matrix(samples, "grads", "headroom")
@@ -155,11 +183,14 @@ def risk_table(samples: list[dict], top: int = 10) -> Table:
     lost = np.nanmean(under + zero, axis=0) if under.size else np.zeros(len(names))
     order = np.argsort(-lost)[:top]
     table = Table(title="Layers at most risk in fp16 (mean over sampled steps)")
-    for col in ("parameter", "zero or underflow", "overflow headroom (log2, min)", "update underflow"):
+    plan = plan or {}
+    for col in ("parameter", "planned format", "zero or underflow", "overflow headroom (log2, min)", "update underflow"):
         table.add_column(col)
     for i in order:
         h = np.nanmin(np.where(np.isfinite(head[:, i]), head[:, i], np.nan)) if head.size else np.nan
-        table.add_row(names[i], f"{lost[i]:.1%}", "n/a" if np.isnan(h) else f"{h:.1f}", f"{upd_mean.get(names[i], np.nan):.1%}")
+        module = module_of(names[i], plan)
+        table.add_row(names[i], plan[module]["format"] if module else "–", f"{lost[i]:.1%}",
+                      "n/a" if np.isnan(h) else f"{h:.1f}", f"{upd_mean.get(names[i], np.nan):.1%}")
     return table
 
 
@@ -270,7 +301,10 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     plot_loss_scale(metrics, paths[1])
     plot_underflow_heatmap(samples, paths[2])
     plot_update_underflow(samples, paths[3])
-    console.print(risk_table(samples))
+    plan = load_plan(run_dir, meta)
+    if plan:
+        console.print(plan_table(plan))
+    console.print(risk_table(samples, plan=plan))
     if any(s.get("fp8") for s in samples):
         paths.append(out / "fp8.png")
         plot_fp8(samples, paths[-1])

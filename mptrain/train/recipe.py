@@ -34,7 +34,7 @@ from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.directory import RunDir
-from mptrain.run.layout import OutputError
+from mptrain.run.layout import PRECISION_PLAN, OutputError
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.callbacks.console import Console
@@ -160,7 +160,7 @@ def build(cfg: DictConfig) -> Components:
     elif t.strategy == "fsdp":
         raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
                           "--nproc_per_node=N (N > 1)")
-    if several:  # one optimizer per network, one loss scaler for all
+    if several:  # one optimizer per network, one loss scaler for all; the precision family builds each
         parts = [Part(n, precision.build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n))),
                       precision.optimizer_params(getattr(model, n))) for n in task.parts]
         optimizer = MultiOptimizer({part.name: part.optimizer for part in parts})
@@ -286,6 +286,8 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         job.commit(resume_step)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=resume_step, enabled=c.is_main)
     writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
+    if c.precision.plan is not None:
+        writer.write_json(PRECISION_PLAN, c.precision.plan.records())
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)

@@ -55,19 +55,17 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
                 loss = checked_loss(loss, task)
                 p.backward(loss * weight if weight != 1.0 else loss)  # no extra op (and autograd node) when 1
             total = loss.detach() if total is None else total + loss.detach()
-        rounding = sampled and hasattr(part.optimizer, "request_stats")  # bf16_pure: what rounding did
-        if rounding:
-            part.optimizer.request_stats()
+        rounding = sampled and p.request_update_stats(part.optimizer)  # bf16_pure: what rounding did
         result = p.step(part.optimizer, c.clip_grad_norm, inspect, params=part.params, update=False,
                         measure_norm=measure_norm)
-        if rounding and part.optimizer.last_stats is not None:
-            diagnostics.record("bf16_update", part.optimizer.last_stats)
+        stats = p.update_stats(part.optimizer) if rounding else None
+        if stats is not None:
+            diagnostics.record("bf16_update", stats)
         applied = applied and result.applied
         if result.grad_norm is not None:  # FSDP: a DTensor norm over the shards, made whole (a collective)
             norm = result.grad_norm
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if (not applied and diagnostics is not None and not diagnostics.traced and p.scaler is not None
-            and p.scaler.scale <= p.scaler.min):
+    if not applied and diagnostics is not None and not diagnostics.traced and p.at_min_scale:
         # an overflow at the minimum scale stops the run (on_min=raise) or switches it to bf16: name its source
         # first, while the run still computes as it did
         trace(c, micro[-1], step_no, diagnostics, "loss scale reached its minimum")

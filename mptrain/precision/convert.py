@@ -1,0 +1,172 @@
+"""Module converters: make each module compute as its plan entry says.
+
+- `emulated`: nn.Linear / nn.Conv2d become EmulatedLinear / EmulatedConv2d (the same parameter objects, no
+  buffers, so state_dicts stay the plain model's). Their forward quantizes the input and the weight to the
+  format (blocks along the reduction dimension: a Linear's in_features, a Conv2d's input channels) and the
+  backward quantizes the output gradient, straight-through; the matmul runs in float32 with autocast off, as an
+  accumulator in hardware would.
+- `float8`: torchao's Float8Linear (precision/fp8.py), for the Linear layers planned `fp8`.
+- a native format other than the run's: the module's forward runs under its own autocast (or with autocast off
+  on float32 inputs for `fp32`), its floating outputs returned in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mptrain.precision.formats import Format, get_format
+from mptrain.precision.plan import RECIPE, Plan
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _QuantizeGrad(torch.autograd.Function):
+    """Identity forward; the gradient flowing back is quantized to `fmt` (the output-gradient cast)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: Format, channel_dim: int) -> torch.Tensor:
+        ctx.fmt, ctx.channel_dim = fmt, channel_dim
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return fake_quantize(grad, ctx.fmt, ctx.channel_dim), None, None
+
+
+def fake_quantize(x: torch.Tensor, fmt: Format, channel_dim: int = -1) -> torch.Tensor:
+    """`fmt.quantize` with the blocks (rows) along `channel_dim`; float32 out."""
+    if channel_dim in (-1, x.dim() - 1):
+        return fmt.quantize(x)
+    return fmt.quantize(x.movedim(channel_dim, -1)).movedim(-1, channel_dim)
+
+
+class _Quantize(torch.autograd.Function):
+    """x quantized in the forward, its gradient passed straight through (exactly the quantized values: the
+    usual x + (q - x).detach() rounds twice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: Format, channel_dim: int) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return fake_quantize(x, fmt, channel_dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None, None
+
+
+def _ste(x: torch.Tensor, fmt: Format, channel_dim: int = -1) -> torch.Tensor:
+    return _Quantize.apply(x, fmt, channel_dim)
+
+
+def emulation_formats(name: str, fp8_recipe: str) -> tuple[Format, Format]:
+    """(compute, gradient) formats for an emulated entry. `fp8` emulates torchao's recipe: dynamic e4m3 scales per
+    tensor forward and e5m2 gradients (tensorwise), or per row and e4m3 throughout (rowwise)."""
+    if name != RECIPE:
+        fmt = get_format(name)
+        return fmt, fmt
+    scaling = "row" if fp8_recipe == "rowwise" else "tensor"
+    fwd = dataclasses.replace(get_format("fp8_e4m3"), name=f"fp8_e4m3_{scaling}", scaling=scaling)
+    grad = fwd if fp8_recipe == "rowwise" else dataclasses.replace(get_format("fp8_e5m2"), name="fp8_e5m2_tensor",
+                                                                    scaling=scaling)
+    return fwd, grad
+
+
+class EmulatedLinear(nn.Linear):
+    """nn.Linear computing in an emulated format (see the module docstring)."""
+
+    fmt: Format
+    grad_fmt: Format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            w = _ste(self.weight, self.fmt)
+            b = self.bias.float() if self.bias is not None else None
+            y = F.linear(_ste(x, self.fmt), w, b)
+        return _QuantizeGrad.apply(y, self.grad_fmt, -1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.fmt.name} (emulated)"
+
+
+class EmulatedConv2d(nn.Conv2d):
+    """nn.Conv2d computing in an emulated format: blocks along the input channels of the activation and of
+    each filter (the reduction dimension), and along the output channels of the gradient."""
+
+    fmt: Format
+    grad_fmt: Format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            w = _ste(self.weight, self.fmt, 1)
+            b = self.bias.float() if self.bias is not None else None
+            y = self._conv_forward(_ste(x, self.fmt, 1), w, b)
+        return _QuantizeGrad.apply(y, self.grad_fmt, 1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.fmt.name} (emulated)"
+
+
+def _emulated(module: nn.Module, fwd: Format, grad: Format) -> nn.Module:
+    cls = EmulatedLinear if isinstance(module, nn.Linear) else EmulatedConv2d
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)  # the same parameters, hooks and settings: nothing is copied
+    new.fmt, new.grad_fmt = fwd, grad
+    return new
+
+
+def _floats_to_fp32(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return tuple(_floats_to_fp32(o) for o in out)
+    return out
+
+
+def _own_autocast(forward, device_type: str, dtype: torch.dtype | None, *args, **kwargs):
+    """The module's forward under its own autocast dtype, or (dtype None) with autocast off on float32 inputs."""
+    if dtype is None:
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        with torch.autocast(device_type, enabled=False):
+            return _floats_to_fp32(forward(*args, **kwargs))
+    with torch.autocast(device_type, dtype=dtype):
+        return _floats_to_fp32(forward(*args, **kwargs))
+
+
+def apply_plan(model: nn.Module, plan: Plan, device: torch.device, autocast: str | None, fp8_cfg, fp8_emulate: bool
+               ) -> list[str]:
+    """Convert the modules of `model` in place as `plan` says; returns the names converted to Float8Linear.
+    Call once, before the optimizer is built (the parameters stay the same objects)."""
+    if getattr(model, "_mptrain_planned", False):
+        return []  # converted before: FSDP prepares the sharded model again
+    modules = dict(model.named_modules())
+    float8: list[str] = []
+    for name, e in plan.items():
+        module = modules[name]
+        if e.kernel == "float8":
+            float8.append(name)
+        elif e.kernel == "emulated":
+            fwd, grad = emulation_formats(e.format, fp8_cfg.recipe if fp8_cfg is not None else "tensorwise")
+            _replace(model, name, _emulated(module, fwd, grad))
+        elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (autocast or "fp32"):
+            # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
+            dtype = AUTOCAST_DTYPES.get(e.format)
+            module.forward = functools.partial(_own_autocast, module.forward, device.type, dtype)
+    if float8:
+        from mptrain.precision import fp8
+
+        chosen = set(float8)
+        fp8.require_torchao().convert_to_float8_training(
+            model, config=fp8.float8_config(fp8_cfg.recipe, fp8_emulate), module_filter_fn=lambda m, fqn: fqn in chosen)
+    model._mptrain_planned = True
+    return float8
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

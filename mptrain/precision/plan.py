@@ -1,0 +1,212 @@
+"""The precision plan: an ordered list of rules (module-name glob -> format), resolved against the model into
+one entry per module that holds parameters.
+
+    rules = preset_rules(preset, ...) + user_rules(cfg.layers)     # the preset first, then precision.layers
+    plan = resolve(model, rules, ...)                             # the last matching rule wins
+    plan["body.3"].format, .grad_format, .scaling, .kernel, .emulated, .why
+
+A rule's pattern is an fnmatch glob over module names (`blocks.3.*`, `head`, `*`), or `@first` / `@last`: the
+first and last Linear or Conv layer in module order (Megatron's --first-last-layers-bf16). A rule the module
+cannot take is not applied and the entry says why (a constraint: "in/out features not multiples of 16",
+"emulation covers Linear and Conv2d").
+
+Kernels: `autocast` (PyTorch's bf16/fp16 kernels), `fp32` (float32; inside an autocast run with autocast off),
+`float8` (torchao's Float8Linear), `weights` (the module's parameters are held in the format: master, nomaster,
+bf16_pure), `emulated` (every other format: input and weight quantized in the forward, the output gradient in
+the backward, straight-through; formats.py's quantize).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from mptrain.errors import ConfigError
+from mptrain.precision.formats import FORMATS, get_format
+
+NATIVE = ("fp32", "bf16", "fp16")  # formats PyTorch computes in directly (autocast, or float32)
+RECIPE = "fp8"  # torchao's float8 training: e4m3 forward, e5m2 (tensorwise) or e4m3 (rowwise) gradients
+EMULATED_TYPES = (nn.Linear, nn.Conv2d)
+# autocast runs these in its low-precision dtype; everything else (norms, embeddings, losses) in fp32
+AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
+COMPUTE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what @first / @last count
+
+
+def plan_format_names() -> list[str]:
+    """Every name a rule may map to: the formats table, plus `fp8` (torchao's recipe)."""
+    return [*FORMATS, RECIPE]
+
+
+def check_format(name: str, key: str) -> str:
+    """The canonical format name for `name` (aliases allowed), or a one-line ConfigError naming `key`."""
+    if name == RECIPE:
+        return name
+    try:
+        return get_format(name).name
+    except ConfigError:
+        raise ConfigError(f"{key}: unknown format {name!r}; choose one of {', '.join(plan_format_names())}") from None
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    format: str
+    why: str  # "preset fp8", "precision.layers", ...
+
+
+@dataclass
+class Entry:
+    """What one module computes in."""
+
+    module: str
+    type: str
+    params: int
+    format: str  # of its compute: inputs and weights
+    grad_format: str  # of its output gradients
+    scaling: str  # none | tensor | row | block-N (+ the block scale's format)
+    kernel: str  # autocast | fp32 | float8 | weights | emulated
+    emulated: bool
+    why: str
+    by_rule: bool = False  # set by a precision.layers rule (else the preset's own choice)
+
+    def record(self) -> dict:
+        out = asdict(self)
+        del out["module"]
+        return out
+
+
+class Plan(dict):
+    """module name -> Entry, in module order."""
+
+    def records(self) -> dict[str, dict]:
+        """precision_plan.json: {module: {format, grad_format, scaling, kernel, emulated, why, ...}}."""
+        return {name: e.record() for name, e in self.items()}
+
+    def formats(self) -> dict[str, str]:
+        return {name: e.format for name, e in self.items()}
+
+    def summary(self) -> dict:
+        """For summary.json: how many modules (and parameters) each format got, and whether any is emulated."""
+        counts: dict[str, int] = {}
+        params: dict[str, int] = {}
+        for e in self.values():
+            counts[e.format] = counts.get(e.format, 0) + 1
+            params[e.format] = params.get(e.format, 0) + e.params
+        return {"plan_modules": counts, "plan_params": params,
+                "plan_emulated": sorted(n for n, e in self.items() if e.emulated)}
+
+    def table(self) -> str:
+        """The compact log table: module, parameters, format (compute/gradients), kernel, why."""
+        rows = [("module", "params", "format", "kernel", "why")]
+        for name, e in self.items():
+            fmt = e.format if e.grad_format == e.format else f"{e.format}/{e.grad_format}"
+            kernel = f"{e.kernel} (emulated)" if e.emulated and e.kernel != "emulated" else e.kernel
+            rows.append((name, f"{e.params:,}", fmt, kernel, e.why))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def user_rules(layers) -> list[Rule]:
+    """precision.layers ({glob: format}, in the order written) as rules; formats checked here."""
+    if layers is not None and not hasattr(layers, "items"):
+        raise ConfigError(f"precision.layers={layers!r} is invalid: must be a mapping {{module glob: format}}, "
+                          "e.g. 'precision.layers={head: bf16}'")
+    return [Rule(str(p), check_format(str(f), f"precision.layers.{p}"), "precision.layers")
+            for p, f in (layers or {}).items()]
+
+
+def planned_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules a plan covers: those holding parameters of their own, in module order."""
+    return [(n, m) for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+
+
+def matches(rule: Rule, name: str, firsts: tuple[str | None, str | None]) -> bool:
+    if rule.pattern == "@first":
+        return name == firsts[0]
+    if rule.pattern == "@last":
+        return name == firsts[1]
+    return fnmatch.fnmatchcase(name, rule.pattern)
+
+
+def scaling_of(fmt: str, fp8_recipe: str) -> str:
+    if fmt == RECIPE:
+        return "row" if fp8_recipe == "rowwise" else "tensor"
+    f = get_format(fmt)
+    if f.scaling == "block":
+        extra = " + fp32 tensor" if f.tensor_scale else ""
+        return f"block-{f.block} ({f.scale_element.name}{extra})"
+    return f.scaling
+
+
+def grad_format_of(fmt: str, fp8_recipe: str) -> str:
+    if fmt == RECIPE:
+        return "fp8_e4m3" if fp8_recipe == "rowwise" else "fp8_e5m2"
+    return fmt
+
+
+def constraint(fmt: str, module: nn.Module, dim_multiple: int) -> str | None:
+    """Why `module` cannot take `fmt` (None: it can)."""
+    if fmt in NATIVE:
+        return None
+    if fmt == RECIPE:
+        if isinstance(module, nn.Linear):
+            if module.in_features % dim_multiple or module.out_features % dim_multiple:
+                return f"in/out features {module.in_features}x{module.out_features} not multiples of {dim_multiple}"
+            return None
+        if not isinstance(module, nn.Conv2d):
+            return "fp8 covers Linear (torchao) and Conv2d (emulated)"
+        return None
+    if not isinstance(module, EMULATED_TYPES):
+        return f"{fmt} emulation covers Linear and Conv2d, not {type(module).__name__}"
+    return None
+
+
+def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list[Rule], *, autocast: str | None,
+            fp8_recipe: str = "tensorwise", dim_multiple: int = 16, fp8_emulated: bool = True) -> Plan:
+    """One Entry per planned module.
+
+    `base[name] = (format, kernel, why)`: what the preset gives each module before any rule (the family knows:
+    autocast's dtype for the layers autocast lowers, fp32 elsewhere; the weights' dtype under master ...).
+    `rules` apply in order, the last match winning, each only where `constraint` allows.
+    `autocast`: the run's autocast format (None: no autocast), so that a module planned in it runs there."""
+    modules = planned_modules(model)
+    compute = [n for n, m in modules if isinstance(m, COMPUTE_TYPES)]
+    firsts = (compute[0], compute[-1]) if compute else (None, None)
+    plan = Plan()
+    used: set[Rule] = set()
+    for name, module in modules:
+        fmt, kernel, why = base[name]
+        by_rule = False
+        for rule in rules:
+            if not matches(rule, name, firsts):
+                continue
+            used.add(rule)
+            blocked = constraint(rule.format, module, dim_multiple)
+            if blocked is not None:
+                why = f"{why}; {rule.why} {rule.pattern}: {rule.format} refused ({blocked})"
+                continue
+            fmt, why, by_rule = rule.format, f"{rule.why} {rule.pattern}", True
+            kernel = kernel_for(fmt, module, autocast)
+        emulated = kernel == "emulated" or (kernel == "float8" and fp8_emulated)
+        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in module.parameters(recurse=False)),
+                           fmt, grad_format_of(fmt, fp8_recipe), scaling_of(fmt, fp8_recipe), kernel, emulated, why,
+                           by_rule)
+    unused = [r.pattern for r in rules if r.why == "precision.layers" and r not in used]
+    if unused:
+        names = ", ".join(n for n, _ in modules[:8]) + (", ..." if len(modules) > 8 else "")
+        raise ConfigError(f"precision.layers: {', '.join(unused)} matches no module with parameters "
+                          f"(they are: {names}); fix the pattern")
+    return plan
+
+
+def kernel_for(fmt: str, module: nn.Module, autocast: str | None) -> str:
+    if fmt == "fp32":
+        return "fp32"
+    if fmt in NATIVE:
+        return "autocast"  # the run's autocast dtype, or its own nested autocast where it differs
+    if fmt == RECIPE and isinstance(module, nn.Linear):
+        return "float8"
+    return "emulated"
