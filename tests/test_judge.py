@@ -114,6 +114,9 @@ def test_case2_massive_channel_rules_out_fp16_and_names_the_layer(tmp_path):
     assert json.loads((probe / "advice.json").read_text())["per_layer"]["mid1"]["fp16"]["err"] == "inf"
     plan = advice["recommended_plan"]
     assert plan["mid1"] == "bf16" and plan["mid2"] == "fp8"
+    layers = advice["plan_overrides"]
+    assert layers[0] == "precision=bf16" and layers[1].startswith("precision.layers={") and "mid2: fp8" in layers[1]
+    assert "mid1" not in layers[1]  # mid1 stays in the verdict's bf16
     assert any(line.strip().startswith("mid1: planned bf16") for line in lines)
     from mptrain.precision.scaler import LossScalingError
     with pytest.raises(LossScalingError, match="minimum"):

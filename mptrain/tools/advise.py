@@ -301,6 +301,21 @@ def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool) -> dict
     return plan
 
 
+BASE_FORMAT = {"precision=bf16": "bf16", "precision=static": "fp16", "precision=dynamic": "fp16",
+               "precision=fp32": "fp32"}
+
+
+def plan_override(overrides: list[str], plan: dict[str, str]) -> list[str]:
+    """The verdict's overrides plus `precision.layers` for the layers the measurements put in another format than
+    the verdict's (issue 23's per-layer plans); [] when every layer stays in it. Not recommended by itself:
+    verify it (mptrain-advise --verify --overrides ...)."""
+    base = next((BASE_FORMAT[o] for o in overrides if o in BASE_FORMAT), None)
+    other = {m: f for m, f in plan.items() if base is not None and f != base and m != "(model)"}
+    if not other:
+        return []
+    return [*overrides, "precision.layers={" + ", ".join(f"{m}: {f}" for m, f in other.items()) + "}"]
+
+
 def overflow_cap(events: list[dict]) -> int | None:
     """Steps skipped at scale S say S overflows: the cap is one binade below the smallest such S."""
     scales = [e["loss_scale"] for e in events if e.get("loss_scale")]
@@ -357,6 +372,7 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
             fig.update({k: "inf" for k, v in fig.items() if isinstance(v, float) and math.isinf(v)})
     formats = {k: v for k, v in formats.items() if v["scale"] != "per-tensor"}  # fp8/MX: from the shadow rows
     verdict, overrides = decide(fp16_plan, formats)
+    plan_by_layer_override = plan_override(overrides, plan_by_layer)
     return {"probe": {"fp16_view": meta.get("fp16_view"), "samples": len(samples),
                       "steps": [samples[0]["step"], samples[-1]["step"]], "gradients": overall.nonzero,
                       "zero": overall.zero / max(overall.nonzero + overall.zero, 1), "nonfinite": overall.nonfinite,
@@ -364,7 +380,7 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
                       "weights": meta.get("weights")},
             "rule": {"tail": TAIL, "floor_margin_binades": FLOOR_MARGIN, "master_threshold": MASTER_THRESHOLD},
             "fp16": fp16_plan, "master_weights": masters, "formats": formats,
-            "per_layer": per_layer, "recommended_plan": plan_by_layer,
+            "per_layer": per_layer, "recommended_plan": plan_by_layer, "plan_overrides": plan_by_layer_override,
             "thresholds": {"err": ERR_MAX, "lost": LOST_MAX},
             "verdict": verdict, "recommended_overrides": overrides}
 
@@ -499,6 +515,9 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     lines.append(f"verdict: {advice['verdict']}")
     lines.append("recommended overrides:")
     lines.extend(advice["recommended_overrides"])
+    if advice.get("plan_overrides"):
+        lines.append("per-layer plan from the shadow figures (not verified; mptrain-advise --verify --overrides ...):")
+        lines.append("  " + " ".join(f"'{o}'" if " " in o else o for o in advice["plan_overrides"]))
     if advice.get("rejected_overrides"):
         lines.append(f"  not recommended (the verification failed): {' '.join(advice['rejected_overrides'])}")
     if command:
