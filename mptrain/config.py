@@ -327,6 +327,10 @@ class DiagnosticsConfig:
     first_steps: int = 3  # ... and the first few
     activation_layers: list[str] | None = None  # modules whose output gradients are histogrammed; null: top-level children
     trace_after: int | None = 20  # consecutive skipped steps before the overflowing batch is traced (null: never)
+    # candidate formats measured by shadow execution on every module with parameters (docs/diagnostics.md
+    # "Shadow measurement"): formats.py names, plus fp8 / fp8_row (torchao's tensorwise / rowwise recipes);
+    # null = the formats with real kernels on the device (CPU: bf16; CUDA: bf16 or fp16, plus fp8 from sm_89); [] = off
+    shadow: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "diagnostics.every", self.every, "must be >= 1")

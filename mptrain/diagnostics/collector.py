@@ -16,6 +16,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mptrain.diagnostics.ranges import ModuleRanges
+from mptrain.diagnostics.shadow import FIELDS as SHADOW_FIELDS
+from mptrain.diagnostics.shadow import Shadow, check_formats, native_formats
 from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -52,6 +55,11 @@ class Diagnostics:
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
         self.hypothetical = precision.compute_dtype != torch.float16
+        # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
+        weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
+        # what each candidate format does to each layer (names checked at start)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.shadow = Shadow(native_formats(device) if cfg.shadow is None else list(cfg.shadow))
         self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
@@ -59,7 +67,8 @@ class Diagnostics:
                          "fp16_view": "hypothetical" if self.hypothetical else "actual",
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
                                   if self.hypothetical else "statistics of the fp16 values this run computes"),
-                         "activation_layers": list(self.layers),
+                         "activation_layers": list(self.layers), "precision": precision.mode,
+                         "weights": weights, "shadow_formats": self.shadow.names, "shadow_fields": SHADOW_FIELDS,
                          # each module's planned format, by the names precision_plan.json and the rows use
                          "plan": precision.plan.formats() if getattr(precision, "plan", None) is not None else {}})
         self._handles: list = []
@@ -71,12 +80,15 @@ class Diagnostics:
         self.trace: dict | None = None
         self.totals: dict[str, float] = {}
         self.samples = 0
+        # every module's largest |input|, |output|, |weight|, |output grad|, and the shadow figures
+        self.ranges = ModuleRanges(model, self.shadow)
         self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
 
     @staticmethod
     def check_layers(cfg: DictConfig, model: nn.Module) -> list[str]:
         """The modules whose output gradients are histogrammed; an unknown name is a one-line error (checked
         before the run directory changes)."""
+        check_formats(list(cfg.shadow or []))
         model = getattr(model, "_orig_mod", model)
         model = getattr(model, "module", model)
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
@@ -102,6 +114,7 @@ class Diagnostics:
             if self.fp8:
                 self.fp8.begin()
             self._act = {name: [] for name in self.layers}
+            self.ranges.begin()
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self.inspect
@@ -148,6 +161,9 @@ class Diagnostics:
         if self._row is None:
             return
         row = self._row
+        row["modules"] = self.ranges.end(row.get("loss_scale", 1.0))
+        if self.shadow:
+            row["shadow"] = self.shadow.end()
         fp8_layers = self.fp8.end() if self.fp8 else {}
         if fp8_layers:
             row["fp8"] = fp8_layers
@@ -237,6 +253,7 @@ class Diagnostics:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.ranges.remove()
         self._file.close()
 
 

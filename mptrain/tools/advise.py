@@ -37,6 +37,12 @@ from mptrain.run.layout import ADVICE, DIAGNOSTICS, OVERRIDES, SUMMARY, read_jso
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
 MASTER_THRESHOLD = 0.01  # more updates than this lost in 16-bit weights -> keep FP32 weights
+# a layer fits a format when its shadow figures (worst over the samples) stay within these:
+ERR_MAX = 0.1  # relative error of the output and of the output gradient
+LOST_MAX = 0.01  # fraction of inputs (gradients) flushed to zero, and fraction saturated or overflowed
+# cheapest first: per-layer plans take the first candidate that fits (bf16 before fp16: no loss scale needed)
+COST_ORDER = ("mxfp4", "nvfp4", "mxfp6_e2m3", "mxfp6_e3m2", "fp8", "fp8_row", "mxfp8", "mxfp8_e5m2", "bf16",
+              "fp16", "fp32")
 DYNAMIC_START = 16  # log2 of the dynamic scaler's default init (torch.amp.GradScaler's 2^16)
 SPAN = 256  # binades -SPAN..SPAN-1 are tracked after removing the run's scale
 
@@ -232,6 +238,85 @@ def gather(samples: list[dict]) -> tuple[Hist, dict[str, Hist], list[int] | None
     return overall, tensors, ratio
 
 
+def module_ranges(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """Every module's largest |input|, |output|, |weight| and |output gradient| (raw) over the samples; a
+    non-finite figure (recorded as null) is inf. Only modules that were recorded (runs since issue 24)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in samples:
+        for name, row in (r.get("modules") or {}).items():
+            peak = out.setdefault(name, {})
+            for key, v in row.items():
+                peak[key] = max(peak.get(key, 0.0), math.inf if v is None else v)
+    return out
+
+
+def fp16_bounds(ranges: dict[str, dict[str, float]]) -> tuple[list[list], int | None, str | None]:
+    """What fp16 holds: (forward offenders, the largest s the backward allows, the module that sets it).
+
+    Forward: any input, output or weight above 65504 overflows whatever the loss scale: fp16 is not viable
+    (each offender is [module, what, value], modules with parameters first, largest first). Backward: every
+    output gradient times S must stay <= 65504."""
+    fmt = FORMATS["fp16"]
+    bad = [[name, key, v] for name, row in ranges.items() for key in ("in", "out", "w")
+           if (v := row.get(key, 0.0)) > fmt.max]
+    bad.sort(key=lambda b: ("w" not in ranges[b[0]] and b[1] != "w", -b[2]))
+    cap, who = None, None
+    for name, row in ranges.items():
+        s = s_high(row.get("grad", 0.0), fmt) if math.isfinite(row.get("grad", 0.0)) else -SPAN
+        if s is not None and (cap is None or s < cap):
+            cap, who = s, name
+    return bad, cap, who
+
+
+def shadow_figures(meta: dict, samples: list[dict]) -> dict[str, dict[str, dict]]:
+    """module -> format -> the shadow figures, each the worst over the samples ("inf" -> inf; a figure never
+    measured, e.g. the gradient of a layer no backward reached, stays None)."""
+    fields = meta.get("shadow_fields") or ["err", "flush", "sat", "gerr", "gflush", "gsat"]
+    out: dict[str, dict[str, dict]] = {}
+    for r in samples:
+        for module, per in (r.get("shadow") or {}).items():
+            for fmt, values in per.items():
+                row = out.setdefault(module, {}).setdefault(fmt, dict.fromkeys(fields))
+                for key, v in zip(fields, values):
+                    if v is None:
+                        continue
+                    v = math.inf if v == "inf" else v
+                    row[key] = v if row[key] is None else max(row[key], v)
+    return out
+
+
+def fits(fig: dict) -> bool:
+    """Within ERR_MAX and LOST_MAX, forward and backward (a figure not measured does not count against it)."""
+    limits = {"err": ERR_MAX, "gerr": ERR_MAX, "flush": LOST_MAX, "gflush": LOST_MAX, "sat": LOST_MAX,
+              "gsat": LOST_MAX}
+    return all(fig.get(k) is None or fig[k] <= lim for k, lim in limits.items())
+
+
+def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool) -> dict[str, str]:
+    """module -> the cheapest measured format that fits it (fp32 when none does; fp16 only where fp16 is viable
+    for the whole run: one loss scale serves every layer)."""
+    plan = {}
+    for module, per in per_layer.items():
+        ok = [f for f in COST_ORDER if f in per and per[f]["fits"] and (f != "fp16" or fp16_viable)]
+        plan[module] = ok[0] if ok else "fp32"
+    return plan
+
+
+BASE_FORMAT = {"precision=bf16": "bf16", "precision=static": "fp16", "precision=dynamic": "fp16",
+               "precision=fp32": "fp32"}
+
+
+def plan_override(overrides: list[str], plan: dict[str, str]) -> list[str]:
+    """The verdict's overrides plus `precision.layers` for the layers the measurements put in another format than
+    the verdict's (issue 23's per-layer plans); [] when every layer stays in it. Not recommended by itself:
+    verify it (mptrain-advise --verify --overrides ...)."""
+    base = next((BASE_FORMAT[o] for o in overrides if o in BASE_FORMAT), None)
+    other = {m: f for m, f in plan.items() if base is not None and f != base and m != "(model)"}
+    if not other:
+        return []
+    return [*overrides, "precision.layers={" + ", ".join(f"{m}: {f}" for m, f in other.items()) + "}"]
+
+
 def overflow_cap(events: list[dict]) -> int | None:
     """Steps skipped at scale S say S overflows: the cap is one binade below the smallest such S."""
     scales = [e["loss_scale"] for e in events if e.get("loss_scale")]
@@ -251,7 +336,11 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
         raise NoDiagnostics("every recorded gradient is zero or non-finite, nothing to base a scale on; probe with "
                             "precision=fp32 trainer.max_steps=50 diagnostics.every=1")
     fp16 = FORMATS["fp16"]
-    plan = scale_plan(overall, fp16, overflow_cap(events))
+    ranges = module_ranges(samples)
+    forward_bad, act_cap, act_who = fp16_bounds(ranges)
+    event_cap = overflow_cap(events)
+    caps = [c for c in (event_cap, act_cap) if c is not None]
+    plan = scale_plan(overall, fp16, min(caps) if caps else None)
     formats = {}
     for name, fmt in FORMATS.items():
         if fmt.scaling == "per-tensor":
@@ -262,22 +351,60 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
         per = {k: underflow(h, fmt, s) + overflow(h, fmt, s) for k, h in tensors.items()}
         formats[name] = {"scale": 2.0**s, "underflow": underflow(overall, fmt, s),
                          "overflow": overflow(overall, fmt, s), "at_risk": _at_risk(per)}
+    bounds = {"weights": s_high(overall.max_abs, fp16), "activation_gradients": act_cap, "skipped_steps": event_cap}
+    top = min((k for k, v in bounds.items() if v is not None), key=lambda k: bounds[k], default=None)
     fp16_plan = {**plan, "S": 2.0 ** plan["s"], "S_lo": _pow2(plan["s_lo"]), "S_hi": _pow2(plan["s_hi"]),
                  "underflow_at_1": underflow(overall, fp16, 0), "largest_abs": overall.max_abs,
+                 "s_hi_by": bounds, "top_set_by": act_who if top == "activation_gradients" else top,
+                 "largest_activation_grad": max((r.get("grad", 0.0) for r in ranges.values()), default=None),
+                 "forward_overflow": forward_bad[:5], "viable": not forward_bad,
                  "dynamic_start_overflows": plan["s_hi"] is not None and DYNAMIC_START > plan["s_hi"],
                  "dynamic_skips_at_start": max(0, DYNAMIC_START - plan["s_hi"]) if plan["s_hi"] is not None else None}
-    masters = update_fractions(ratio) if ratio else None
-    if masters is None and any("update_underflow" in r for r in samples):
-        fp16_only = [r["update_underflow"]["overall"] for r in samples if "update_underflow" in r]
-        masters = {"updates": None, "fp16": sum(fp16_only) / len(fp16_only), "bf16": None}
+    if forward_bad:
+        fp16_plan["feasible"] = fp16_plan["workable"] = False
+    masters = master_figures(meta, samples, ratio)
+    per_layer = shadow_figures(meta, samples)
+    for per in per_layer.values():
+        for fig in per.values():
+            fig["fits"] = fits(fig)
+    plan_by_layer = layer_plan(per_layer, fp16_plan["viable"])
+    for per in per_layer.values():  # JSON has no inf: a non-finite figure is written "inf" (null: not measured)
+        for fig in per.values():
+            fig.update({k: "inf" for k, v in fig.items() if isinstance(v, float) and math.isinf(v)})
+    formats = {k: v for k, v in formats.items() if v["scale"] != "per-tensor"}  # fp8/MX: from the shadow rows
     verdict, overrides = decide(fp16_plan, formats)
+    plan_by_layer_override = plan_override(overrides, plan_by_layer)
     return {"probe": {"fp16_view": meta.get("fp16_view"), "samples": len(samples),
                       "steps": [samples[0]["step"], samples[-1]["step"]], "gradients": overall.nonzero,
                       "zero": overall.zero / max(overall.nonzero + overall.zero, 1), "nonfinite": overall.nonfinite,
-                      "overflow_events": len(events)},
+                      "overflow_events": len(events), "precision": meta.get("precision"),
+                      "weights": meta.get("weights")},
             "rule": {"tail": TAIL, "floor_margin_binades": FLOOR_MARGIN, "master_threshold": MASTER_THRESHOLD},
             "fp16": fp16_plan, "master_weights": masters, "formats": formats,
+            "per_layer": per_layer, "recommended_plan": plan_by_layer, "plan_overrides": plan_by_layer_override,
+            "thresholds": {"err": ERR_MAX, "lost": LOST_MAX},
             "verdict": verdict, "recommended_overrides": overrides}
+
+
+def master_figures(meta: dict, samples: list[dict], ratio: list[int] | None) -> dict | None:
+    """What 16-bit weights would lose. From fp32 weights, the histogram of applied updates tells it. From 16-bit
+    weights (nomaster, bf16_pure) that histogram hides the loss: an update that rounded away is an exact zero
+    and drops out. There the figures are the run's own: the mean of update_underflow (the summary's
+    diag/update_underflow) and, for bf16_pure, of bf16_update.lost_nearest (diag/bf16_lost_nearest)."""
+    sixteen = any(w in ("float16", "bfloat16") for w in meta.get("weights") or [])
+    if ratio and not sixteen:
+        return {**update_fractions(ratio), "source": "update_ratio_hist"}
+    fp16_rows = [r["update_underflow"]["overall"] for r in samples if "update_underflow" in r]
+    if not fp16_rows:
+        return None
+    bf16_rows = [b["lost_nearest"] for r in samples for b in _as_list(r.get("bf16_update")) if isinstance(b, dict)]
+    return {"updates": None, "fp16": sum(fp16_rows) / len(fp16_rows),
+            "bf16": sum(bf16_rows) / len(bf16_rows) if bf16_rows else None,
+            "source": "update_underflow (16-bit weights: the run's own losses)"}
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _pow2(s: int | None) -> float | None:
@@ -292,6 +419,15 @@ def scale_value(s: int) -> str:
 def decide(fp16: dict, formats: dict) -> tuple[str, list[str]]:
     """The verdict and the overrides that run it."""
     s = fp16["s"]
+    bf16 = formats["bf16"]
+    bf16_holds = bf16["underflow"] + bf16["overflow"] <= TAIL
+    if not fp16["viable"]:
+        name, what, value = fp16["forward_overflow"][0]
+        why = {"in": "input", "out": "output", "w": "weight"}[what]
+        verdict = f"fp16 is not viable: {name}'s {why} reaches {value:.3g} > 65504 in the forward (no loss scale helps)"
+        if bf16_holds:
+            return verdict + "; train in bf16", ["precision=bf16"]
+        return verdict + "; stay in fp32", ["precision=fp32"]
     if fp16["workable"] and fp16["s_lo"] <= 0:
         overrides = ["precision=dynamic"]
         if fp16["dynamic_start_overflows"]:
@@ -305,8 +441,7 @@ def decide(fp16: dict, formats: dict) -> tuple[str, list[str]]:
         if s < 0:
             overrides.append(f"precision.loss_scale.min={scale_value(s)}")
         return f"fp16 needs a loss scale: static S = 2^{s}{tight}", overrides
-    bf16 = formats["bf16"]
-    if bf16["underflow"] + bf16["overflow"] <= TAIL:
+    if bf16_holds:
         return "fp16 cannot hold these gradients with any one loss scale: train in bf16", ["precision=bf16"]
     return "neither fp16 nor bf16 holds these gradients: stay in fp32", ["precision=fp32"]
 
@@ -315,6 +450,10 @@ def decide(fp16: dict, formats: dict) -> tuple[str, list[str]]:
 
 def _p2(x: float | None) -> str:
     return "n/a" if x is None else f"2^{round(math.log2(x))}"
+
+
+def _fig(v: float | None) -> str:
+    return "   n/a" if v is None else "   inf" if v in ("inf", math.inf) else f"{v:6.2%}"
 
 
 def render(advice: dict, command: str | None = None) -> list[str]:
@@ -333,6 +472,13 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     lines.append(f"  workable S: {_p2(f['S_lo'])} .. {_p2(f['S_hi'])}  (bottom: all but {TAIL:.1%} of gradients "
                  f">= 2^{-24 + FLOOR_MARGIN}; top: largest |g| * S <= 65504"
                  + (", below every scale that skipped a step)" if p["overflow_events"] else ")"))
+    by = f["s_hi_by"]
+    lines.append(f"  top bounds: weight gradients {_p2(_pow2(by['weights']))}, activation gradients "
+                 f"{_p2(_pow2(by['activation_gradients']))}, skipped steps {_p2(_pow2(by['skipped_steps']))}; "
+                 f"set by {f['top_set_by']}")
+    for name, what, value in f["forward_overflow"]:
+        lines.append(f"  forward: {name} {dict(zip(('in', 'out', 'w'), ('input', 'output', 'weight')))[what]} "
+                     f"reaches {value:.3g} > 65504: fp16 overflows whatever the loss scale")
     how = "middle of the range" if f["workable"] else "largest S without overflow; the range is empty"
     lines.append(f"  S = {_p2(f['S'])} = {scale_value(f['s'])} ({how}): {f['underflow']:.3%} would underflow, "
                  f"{f['overflow']:.3%} overflow; headroom {f['s_hi'] - f['s'] if f['s_hi'] is not None else 'n/a'} "
@@ -358,9 +504,23 @@ def render(advice: dict, command: str | None = None) -> list[str]:
         risk = ", ".join(f"{k} {v:.1%}" for k, v in r["at_risk"]) or "-"
         lines.append(f"  {name:<9} scale {scale:<10} underflow {r['underflow']:7.3%}  overflow {r['overflow']:7.3%}  "
                      f"most at risk: {risk}")
+    if advice["per_layer"]:
+        lines.append(f"per layer (shadow execution, worst sample; fits: error <= {ERR_MAX:g}, flushed and saturated "
+                     f"<= {LOST_MAX:.0%}; forward err/flush/sat | gradient err/flush/sat)")
+        for module, per in advice["per_layer"].items():
+            lines.append(f"  {module}: planned {advice['recommended_plan'][module]}")
+            for fmt, fig in per.items():
+                cells = " ".join(_fig(fig[k]) for k in ("err", "flush", "sat")) + " | " + " ".join(
+                    _fig(fig[k]) for k in ("gerr", "gflush", "gsat"))
+                lines.append(f"    {fmt:<10} {cells}  {'fits' if fig['fits'] else 'out'}")
     lines.append(f"verdict: {advice['verdict']}")
     lines.append("recommended overrides:")
     lines.extend(advice["recommended_overrides"])
+    if advice.get("plan_overrides"):
+        lines.append("per-layer plan from the shadow figures (not verified; mptrain-advise --verify --overrides ...):")
+        lines.append("  " + " ".join(f"'{o}'" if " " in o else o for o in advice["plan_overrides"]))
+    if advice.get("rejected_overrides"):
+        lines.append(f"  not recommended (the verification failed): {' '.join(advice['rejected_overrides'])}")
     if command:
         lines.append("run:")
         lines.append(command)
@@ -399,18 +559,40 @@ def device_note(overrides: list[str], device: str | None) -> str | None:
             "(or amp, which picks bf16) on a CPU")
 
 
-def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
-    """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines)."""
+def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[str] | None = None
+               ) -> tuple[dict, list[str]]:
+    """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines).
+
+    `verify_steps`: prove the advised overrides (or `overrides`) by a trial of that many steps from the
+    probe's checkpoint (tools/verify.py); a failure moves them to `rejected_overrides`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NoDiagnostics(f"{run_dir} is not a directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
     advice = advise(*read_diagnostics(run_dir))
-    advice["command"] = run_command(run_dir, advice["recommended_overrides"])
+    advice["verified"] = None  # not tried
+    trial_lines: list[str] = []
+    if verify_steps is not None:
+        from mptrain.tools import verify
+
+        tried = list(overrides) if overrides else list(advice["recommended_overrides"])
+        v = verify.verify(run_dir, advice, tried, verify_steps)
+        advice["verification"] = v
+        advice["verified"] = v["verified"]
+        trial_lines = verify.render(v)
+        if not v["verified"]:
+            advice["rejected_overrides"] = tried
+            if tried == advice["recommended_overrides"]:
+                advice["recommended_overrides"] = []
+        elif overrides:
+            advice["recommended_overrides"] = tried
+    advice["command"] = run_command(run_dir, advice["recommended_overrides"]) if advice["recommended_overrides"] else None
     advice["device"] = run_device(run_dir)
     advice["device_note"] = device_note(advice["recommended_overrides"], advice["device"])
-    lines = render(advice, advice["command"])
+    lines = render(advice, advice["command"]) + trial_lines
     if advice["device_note"]:
         lines.append(f"note: {advice['device_note']}")
+    if advice["verified"] is None:
+        lines.append("not verified: mptrain-advise --verify RUN_DIR trains a short trial of these overrides first")
     write_json_atomic(run_dir / ADVICE, advice)
     return advice, lines
 
@@ -418,13 +600,27 @@ def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mptrain-advise", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help=f"a run directory with {DIAGNOSTICS}")
+    parser.add_argument("--verify", action="store_true",
+                        help="train a short trial of the advice from the probe's last checkpoint before recommending it")
+    parser.add_argument("--steps", type=int, default=None, help="steps of the --verify trial (default 50)")
+    parser.add_argument("--overrides", nargs="+", default=None,
+                        help="verify these overrides instead of the advised ones (implies --verify)")
     args = parser.parse_args(argv)
+    steps = None
+    if args.verify or args.overrides or args.steps is not None:
+        from mptrain.tools.verify import DEFAULT_STEPS
+
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS
+        if steps < 1:
+            parser.error("--steps must be >= 1")
     try:
-        _, lines = advise_run(args.run_dir)
+        advice, lines = advise_run(args.run_dir, steps, args.overrides)
     except MptrainError as e:
         print(f"mptrain-advise: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     print("\n".join(lines))
+    if advice["verified"] is False:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,232 @@
+"""Shadow measurement: what each candidate format would do to each layer, on the same inputs, against fp32.
+
+On a sampled step, for every module that holds parameters and every candidate format, the module's forward is
+run again (no autograd, autocast off) twice: in float32 on its inputs as they came, and with its floating inputs
+and its weights quantized to the format (the bias too where the format is unscaled, as autocast casts it);
+for unscaled formats the output is stored in the format as well (fp16's 65504 bounds outputs too). In the
+backward the output gradient is quantized the same way. Per (module, format), the largest over the step's calls:
+
+    err    ||y_q - y|| / ||y||   relative error of the output ("inf": non-finite; null: not measured)
+    flush  fraction of the nonzero inputs that the format stores as 0
+    sat    fraction of the inputs clamped or overflowed: beyond the max of an unscaled format; for scaled
+           formats, elements in the top binade of their scale group (tensor, row, block) that lost more than
+           a rounding error (MX block scales put the block's largest value past the element's max)
+    gerr, gflush, gsat   the same three for the output gradient (at the run's loss scale)
+
+Scaling follows the format: fp8 is torchao's recipe (dynamic e4m3 per tensor forward and e5m2 per tensor
+gradients; `fp8_row`: e4m3 per row throughout), MX and NV formats their blocks; rows and blocks run along the
+last dimension (channels for Conv2d). The ops are the training step's own forward, so dropout masks are drawn
+from the saved RNG state and restored; buffers (batch-norm statistics) are swapped for copies.
+
+Cost model: only on sampled steps; per module and format one extra forward of that module, one quantize of
+its inputs, weights and output gradient; every figure stays on the device until one copy at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from mptrain.errors import ConfigError
+from mptrain.precision.formats import FORMATS, Format, get_format
+
+FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")
+
+
+def native_formats(device: torch.device) -> list[str]:
+    """The candidates with real kernels on `device` (diagnostics.shadow: null). Emulated formats cost several
+    plain steps per sampled step on a CPU (docs/benchmarks.md), so they are measured only when listed."""
+    if device.type != "cuda":
+        return ["bf16"]  # fp16 and fp8 are emulated on CPUs
+    formats = ["bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    if torch.cuda.get_device_capability(device) >= (8, 9):  # Ada / Hopper: fp8 tensor cores
+        formats += ["fp8", "fp8_row"]
+    return formats
+
+
+def candidate(name: str) -> tuple[Format, Format]:
+    """(forward, gradient) formats of a candidate: `fp8` / `fp8_row` are torchao's tensorwise and rowwise
+    recipes; any other name is a format of the formats table used for both."""
+    if name in ("fp8", "fp8_row"):
+        scaling = "row" if name == "fp8_row" else "tensor"
+        fwd = dataclasses.replace(get_format("fp8_e4m3"), name=f"fp8_e4m3_{scaling}", scaling=scaling)
+        grad = fwd if name == "fp8_row" else dataclasses.replace(get_format("fp8_e5m2"), name="fp8_e5m2_tensor",
+                                                                  scaling="tensor")
+        return fwd, grad
+    fmt = get_format(name)
+    return fmt, fmt
+
+
+def check_formats(names: list[str]) -> None:
+    """A one-line ConfigError for an unknown candidate (checked before the run directory changes)."""
+    for name in names:
+        try:
+            candidate(name)
+        except ConfigError:
+            raise ConfigError(f"diagnostics.shadow: unknown format {name!r}; choose from fp8, fp8_row, "
+                              f"{', '.join(FORMATS)}") from None
+
+
+def channel_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+
+
+def quantize(x: torch.Tensor, fmt: Format, dim: int = -1) -> torch.Tensor:
+    """fmt.quantize with rows and blocks along `dim`."""
+    if fmt.scaling in ("none", "tensor") or dim in (-1, x.dim() - 1) or x.dim() < 2:
+        return fmt.quantize(x)
+    return fmt.quantize(x.movedim(dim, -1)).movedim(-1, dim)
+
+
+def lost(x: torch.Tensor, q: torch.Tensor, fmt: Format, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flushed, saturated) fractions of x stored as q (device scalars)."""
+    x, q = x.detach().float(), q.float()
+    n = max(x.numel(), 1)
+    nonzero = x != 0
+    flush = (nonzero & (q == 0)).sum() / nonzero.sum().clamp(min=1)
+    a, b = x.abs(), q.abs()
+    if fmt.scaling == "none":
+        sat = (a > fmt.max) | (torch.isinf(b) & torch.isfinite(a))
+    else:
+        # top binade of each scale group (the whole tensor, a row, a block), and more than a rounding error lost
+        if fmt.scaling == "tensor" or x.dim() == 0:
+            top = a.amax()
+        else:
+            moved = a.movedim(dim, -1) if dim not in (-1, x.dim() - 1) else a
+            if fmt.scaling == "row":
+                top = moved.amax(dim=-1, keepdim=True)
+            else:
+                last = moved.shape[-1]
+                pad = (-last) % fmt.block
+                blocks = torch.nn.functional.pad(moved, (0, pad)).unflatten(-1, (-1, fmt.block))
+                top = blocks.amax(dim=-1, keepdim=True).expand(blocks.shape).flatten(-2)[..., :last]
+            if dim not in (-1, x.dim() - 1):
+                top = top.movedim(-1, dim)
+        rounding = 2.0 ** -(fmt.element.mbits + 1)
+        sat = (a >= top / 2) & (b < a * (1 - rounding) - 1e-30) | (torch.isinf(b) & torch.isfinite(a))
+    return flush, sat.sum() / n
+
+
+def rel_err(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    ref, got = ref.detach().float(), got.detach().float()
+    den = torch.linalg.vector_norm(ref)
+    num = torch.linalg.vector_norm(got - ref)
+    err = num / den.clamp(min=1e-30)
+    return torch.where(torch.isfinite(num), torch.where(den > 0, err, (num > 0).float() * math.inf), math.inf)
+
+
+def _floats(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_floats(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _floats(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(obj) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, params: dict, buffers: dict):
+    """The module computes with `params` and fresh copies of `buffers` (a batch-norm update lands in the copies);
+    its own tensors are put back afterwards."""
+    saved_p, saved_b = dict(module._parameters), dict(module._buffers)
+    try:
+        for k, v in params.items():
+            module._parameters[k] = v
+        for k, b in buffers.items():
+            module._buffers[k] = b.clone()
+        yield
+    finally:
+        module._parameters.update(saved_p)
+        module._buffers.update(saved_b)
+
+
+class Shadow:
+    """The shadow figures of one sampled step: `forward(module, name, args, kwargs)` from a forward hook,
+    `grad(name, module, g)` from the output's gradient hook, `end()` -> {module: {format: [six figures]}}."""
+
+    def __init__(self, formats: list[str] | tuple[str, ...]):
+        self.names = list(formats)
+        self.formats = {n: candidate(n) for n in self.names}  # an unknown name fails here, at start
+        self._rows: dict[str, dict[str, list]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def _keep(self, module: str, fmt: str, i: int, values: list[torch.Tensor]) -> None:
+        row = self._rows.setdefault(module, {}).setdefault(fmt, [None] * len(FIELDS))
+        for k, v in enumerate(values):
+            v = v.reshape(()).float()
+            row[i + k] = v if row[i + k] is None else torch.maximum(row[i + k], v)
+
+    @torch.no_grad()
+    def forward(self, module: nn.Module, name: str, args: tuple, kwargs: dict, output) -> None:
+        y = _first_tensor(output)
+        x = _first_tensor(args)
+        if y is None or x is None or not y.is_floating_point():
+            return
+        dim = channel_dim(module)
+        params = dict(module.named_parameters(recurse=False))
+        buffers = {k: b.clone() for k, b in module.named_buffers(recurse=False)}
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if y.is_cuda else None
+
+        def run(p: dict, a: tuple, kw: dict) -> torch.Tensor | None:
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng)
+            with torch.autocast(y.device.type, enabled=False), _swapped(module, p, buffers):
+                # forward, not __call__: the module's own hooks (a preset's input casts) are the run's, not ours
+                return _first_tensor(module.forward(*a, **kw))
+
+        f32 = lambda t: t.detach().float()  # noqa: E731
+        ref = run({k: f32(v) for k, v in params.items()}, _floats(args, f32), _floats(kwargs, f32))
+        for fname, (fwd, _) in self.formats.items():
+            q = lambda t, fwd=fwd: quantize(t.detach().float(), fwd, dim)  # noqa: E731
+            qp = {k: (q(v) if v.dim() >= 2 or not fwd.scaled else f32(v)) for k, v in params.items()}
+            got = run(qp, _floats(args, q), _floats(kwargs, q))
+            if not fwd.scaled:
+                got = fwd.quantize(got)  # the output is held in the format too
+            flush, sat = lost(x, quantize(x.detach().float(), fwd, dim), fwd, dim)
+            if not fwd.scaled:
+                sat = torch.maximum(sat, (ref.abs() > fwd.max).float().mean())
+            self._keep(name, fname, 0, [rel_err(ref, got), flush, sat])
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
+
+    @torch.no_grad()
+    def grad(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
+        dim = channel_dim(module)
+        g = g.detach().float()
+        for fname, (_, gfmt) in self.formats.items():
+            q = quantize(g, gfmt, dim)
+            flush, sat = lost(g, q, gfmt, dim)
+            self._keep(name, fname, 3, [rel_err(g, q), flush, sat])
+
+    def end(self) -> dict[str, dict[str, list[float | None]]]:
+        """Every figure with one copy to the host; a figure not measured (no backward) is None."""
+        keys = [(m, f, i) for m, row in self._rows.items() for f, vals in row.items()
+                for i, v in enumerate(vals) if v is not None]
+        out = {m: {f: [None] * len(FIELDS) for f in row} for m, row in self._rows.items()}
+        if keys:
+            values = torch.stack([self._rows[m][f][i] for m, f, i in keys]).cpu().tolist()
+            for (m, f, i), v in zip(keys, values):
+                out[m][f][i] = v if math.isfinite(v) else "inf"  # JSON has no inf; null = not measured
+        self._rows = {}
+        return out
