@@ -50,6 +50,7 @@ TENSORBOARD = "tensorboard"
 PROFILE = "profile"                       # debug=profile's traces and top_ops.txt
 REPORT = "report"                         # mptrain-report's PNGs
 ADVICE = "advice.json"                    # mptrain-advise's verdict
+VERIFY = "verify"                         # mptrain-advise --verify's trial runs: verify/probe/, verify/advised/
 PRECISION_PLAN = "precision_plan.json"    # module -> {format, emulated, kernel, why, ...} (precision/plan.py)
 MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
 # dataset=text's vocab.json ({"level", "tokens"}) or tokenizer.json, what decodes a language model's ids: the

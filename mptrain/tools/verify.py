@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mptrain.errors import MptrainError
-from mptrain.run.layout import read_jsonl
+from mptrain.run.layout import CHECKPOINTS, DIAGNOSTICS, LAST, METRICS, VERIFY, read_jsonl
 
 DEFAULT_STEPS = 50
 LOSS_TOLERANCE = 0.05  # relative, plus LOSS_SLACK absolute: the advised arm's mean loss may exceed the probe's by this
@@ -78,10 +78,10 @@ def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out
         shutil.rmtree(out)  # a trial of its own, never mixed with an earlier one
     validate(cfg)
     summary = run(cfg, out)
-    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) > start and "loss" in r]
+    losses = [r["loss"] for r in read_jsonl(out / METRICS) if r.get("step", 0) > start and "loss" in r]
     fmt = FORMAT_OF.get(summary.get("compute_dtype"))
     over = []
-    if fmt is not None and (out / "diagnostics.jsonl").is_file():
+    if fmt is not None and (out / DIAGNOSTICS).is_file():
         meta, samples, _ = read_diagnostics(out)
         for module, per in shadow_figures(meta, samples).items():
             if fmt in per and not fits(per[fmt]):
@@ -101,11 +101,11 @@ def allowed_skips(advice: dict, overrides: list[str]) -> int:
 
 
 def verify(run_dir: Path, advice: dict, overrides: list[str], steps: int = DEFAULT_STEPS) -> dict:
-    checkpoint = Path(run_dir) / "checkpoints" / "last.pt"
+    checkpoint = Path(run_dir) / CHECKPOINTS / LAST
     if not checkpoint.is_file():
-        raise VerifyError(f"{run_dir} has no checkpoints/last.pt to continue from; probe with checkpoint.enabled=true")
+        raise VerifyError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to continue from; probe with checkpoint.enabled=true")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
-    base = Path(run_dir) / "verify"
+    base = Path(run_dir) / VERIFY
     probe = run_arm(saved, [], checkpoint, steps, base / "probe")
     trial = run_arm(saved, overrides, checkpoint, steps, base / "advised")
     reasons = []
