@@ -20,7 +20,7 @@ from mptrain.errors import ConfigError
 # the precision presets (the `precision=` names) and the family that runs each (mptrain/precision/families.py)
 PRESET_FAMILIES = {"fp32": "autocast", "amp": "autocast", "dynamic": "autocast", "static": "autocast",
                    "bf16": "autocast", "noscale": "autocast", "fp8": "autocast", "master": "fp16_weights",
-                   "nomaster": "fp16_weights", "bf16_pure": "pure_bf16"}
+                   "nomaster": "fp16_weights", "bf16_pure": "pure_bf16", "auto": "autocast"}
 PRECISION_MODES = tuple(PRESET_FAMILIES)
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -87,6 +87,23 @@ class Fp8Config:
 
 
 @dataclass
+class AutoConfig:
+    """precision=auto: probe in bf16 (fp32 without it) with shadow measurement, then give each layer the cheapest
+    format whose measured error stays within `tolerance`; re-measure and demote (docs/precision.md)."""
+
+    probe_steps: int = 5  # ordinary training steps measured on every step before the plan is built
+    tolerance: float = 0.1  # largest relative error of a layer's output and of its output gradient (advisor's)
+    formats: list[str] | None = None  # candidates; null: those with a real kernel on the device (CPU: bf16)
+    recheck_every: int = 50  # re-measure every N steps after the plan (0: never)
+
+    def __post_init__(self) -> None:
+        p = "precision.auto"
+        _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
+        _check(self.tolerance > 0, f"{p}.tolerance", self.tolerance, "must be > 0")
+        _check(self.recheck_every >= 0, f"{p}.recheck_every", self.recheck_every, "must be >= 0 (0: never)")
+
+
+@dataclass
 class PrecisionConfig:
     """How the model computes and how its gradients are protected. See docs/precision.md."""
 
@@ -102,6 +119,7 @@ class PrecisionConfig:
     update: str = "nearest"
     # bf16_pure: update each bf16 tensor with one torch.compile'd function (needs a C++ compiler on CPU)
     compile_update: bool = False
+    auto: AutoConfig = field(default_factory=AutoConfig)  # precision=auto
     fp8: Fp8Config = field(default_factory=Fp8Config)  # precision=fp8, and layers planned fp8 in any preset
     # per-layer formats over the preset: {module glob (or @first / @last): format}; the last match wins
     # (docs/precision.md "Per-layer plans"), e.g. {"*": nvfp4, "@first": bf16, "@last": bf16}; typed Any (null)

@@ -71,6 +71,10 @@ def check_formats(names: list[str]) -> None:
                               f"{', '.join(FORMATS)}") from None
 
 
+def _torch_base(module: nn.Module) -> type:
+    return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+
+
 def channel_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
 
@@ -192,7 +196,10 @@ class Shadow:
                 torch.cuda.set_rng_state(cuda_rng)
             with torch.autocast(y.device.type, enabled=False), _swapped(module, p, buffers):
                 # forward, not __call__: the module's own hooks (a preset's input casts) are the run's, not ours
-                return _first_tensor(module.forward(*a, **kw))
+                # a converted module (emulated, float8) is measured through its torch.nn forward: the reference
+                # is float32, not the format it computes in now
+                forward = module.forward if type(module) is _torch_base(module) else _torch_base(module).forward.__get__(module)
+                return _first_tensor(forward(*a, **kw))
 
         f32 = lambda t: t.detach().float()  # noqa: E731
         ref = run({k: f32(v) for k, v in params.items()}, _floats(args, f32), _floats(kwargs, f32))

@@ -143,27 +143,61 @@ def apply_plan(model: nn.Module, plan: Plan, device: torch.device, autocast: str
     Call once, before the optimizer is built (the parameters stay the same objects)."""
     if getattr(model, "_mptrain_planned", False):
         return []  # converted before: FSDP prepares the sharded model again
-    modules = dict(model.named_modules())
-    float8: list[str] = []
-    for name, e in plan.items():
-        module = modules[name]
-        if e.kernel == "float8":
-            float8.append(name)
-        elif e.kernel == "emulated":
-            fwd, grad = emulation_formats(e.format, fp8_cfg.recipe if fp8_cfg is not None else "tensorwise")
-            _replace(model, name, _emulated(module, fwd, grad))
-        elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (autocast or "fp32"):
-            # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
-            dtype = AUTOCAST_DTYPES.get(e.format)
-            module.forward = functools.partial(_own_autocast, module.forward, device.type, dtype)
-    if float8:
-        from mptrain.precision import fp8
-
-        chosen = set(float8)
-        fp8.require_torchao().convert_to_float8_training(
-            model, config=fp8.float8_config(fp8_cfg.recipe, fp8_emulate), module_filter_fn=lambda m, fqn: fqn in chosen)
+    float8 = [name for name, e in plan.items() if _apply_entry(model, name, e, device, autocast, fp8_cfg)]
+    _float8(model, float8, fp8_cfg, fp8_emulate)
     model._mptrain_planned = True
     return float8
+
+
+def _apply_entry(model: nn.Module, name: str, e, device: torch.device, autocast: str | None, fp8_cfg) -> bool:
+    """Convert one module as its entry says; True where it is to become a Float8Linear (done in one pass)."""
+    module = model.get_submodule(name)
+    if e.kernel == "float8":
+        return True
+    if e.kernel == "emulated":
+        fwd, grad = emulation_formats(e.format, fp8_cfg.recipe if fp8_cfg is not None else "tensorwise")
+        _replace(model, name, _emulated(module, fwd, grad))
+    elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (autocast or "fp32"):
+        # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
+        dtype = AUTOCAST_DTYPES.get(e.format)
+        module.forward = functools.partial(_own_autocast, module.forward, device.type, dtype)
+    return False
+
+
+def _float8(model: nn.Module, names: list[str], fp8_cfg, fp8_emulate: bool) -> None:
+    if names:
+        from mptrain.precision import fp8
+
+        chosen = set(names)
+        fp8.require_torchao().convert_to_float8_training(
+            model, config=fp8.float8_config(fp8_cfg.recipe, fp8_emulate), module_filter_fn=lambda m, fqn: fqn in chosen)
+
+
+def torch_base(module: nn.Module) -> type:
+    """The torch.nn class a converted module derives from (EmulatedLinear, Float8Linear -> nn.Linear)."""
+    return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+
+
+def replan(model: nn.Module, old: Plan, new: Plan, device: torch.device, autocast: str | None, fp8_cfg,
+           fp8_emulate: bool) -> list[str]:
+    """Move the modules whose entry differs between `old` and `new` to their new entry, in the same process:
+    each goes back to its plain torch.nn class (the same parameter objects), then converts as `new` says.
+    Returns the names changed."""
+    key = lambda e: None if e is None else (e.format, e.grad_format, e.kernel, e.by_rule)  # noqa: E731
+    changed = [n for n, e in new.items() if key(old.get(n)) != key(e)]
+    float8 = []
+    for name in changed:
+        module = model.get_submodule(name)
+        module.__dict__.pop("forward", None)  # an own-autocast wrapper
+        base = torch_base(module)
+        if type(module) is not base:
+            plain = base.__new__(base)
+            plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt")})
+            _replace(model, name, plain)
+        if _apply_entry(model, name, new[name], device, autocast, fp8_cfg):
+            float8.append(name)
+    _float8(model, float8, fp8_cfg, fp8_emulate)
+    return changed
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

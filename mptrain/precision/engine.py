@@ -22,10 +22,10 @@ from torch import nn
 from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
 from mptrain.precision import fp8
-from mptrain.precision.convert import apply_plan
+from mptrain.precision.convert import apply_plan, replan
 from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
 from mptrain.precision.master import MasterWeights
-from mptrain.precision.plan import RECIPE, Plan, resolve, user_rules
+from mptrain.precision.plan import RECIPE, Plan, Rule, resolve, user_rules
 from mptrain.precision.scaler import LossScaler, SwitchToBF16
 
 FP16_MAX = 65504.0  # the largest finite float16
@@ -54,6 +54,10 @@ def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dt
         if preset.fixed_dtype == "float32":
             return torch.float32, f"{mode} mode"
         dtype = preset.fixed_dtype
+    if mode == "auto" and dtype == "auto":  # the probe's safe preset: bf16 where it runs, else fp32
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float32, "precision=auto on a GPU without bfloat16"
+        return torch.bfloat16, "precision=auto probes in bfloat16"
     if dtype != "auto":
         chosen, why = DTYPES[dtype], f"precision.dtype={dtype}"
     elif device.type == "cuda":
@@ -140,14 +144,25 @@ class Precision:
         # code sets this to an all-reduce (max) of the overflow flag (DDP's gradients are already all-reduced)
         self.agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.fp8_preset = self.preset.fp8
+        # precision=auto: the planner (train/auto.py, set by the recipe: measurement sits above precision)
+        self.auto = None
+        self.on_plan: Callable[[], None] | None = None  # the run writes precision_plan.json again on a change
+        if self.mode == "auto" and self.rules:
+            raise ConfigError("precision.layers with precision=auto: auto chooses every layer's format itself; "
+                              "drop precision.layers, or use another preset (e.g. precision=bf16) with it")
         uses_fp8 = self.fp8_preset or any(r.format == RECIPE for r in self.rules)
         self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if uses_fp8 else None
         self.fp8_layers: list[str] = []
         self.plan: Plan | None = None
         self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
         if self.fp8_cfg is not None:  # fail before the run directory is touched
-            fp8.require_torchao()
-            self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
+            self.enable_fp8(self.fp8_cfg)
+
+    def enable_fp8(self, fp8_cfg) -> None:
+        """Layers may compute in torchao's float8 (precision=fp8, a rule, or an fp8 candidate of precision=auto)."""
+        self.fp8_cfg = fp8_cfg
+        fp8.require_torchao()
+        self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(fp8_cfg.emulate, self.device)
 
     # ---- set-up -------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -178,6 +193,33 @@ class Precision:
         f8 = self.fp8_cfg or OmegaConf.structured(Fp8Config)
         return resolve(model, base, self.rules, autocast=self.autocast_format, fp8_recipe=f8.recipe,
                        dim_multiple=f8.dim_multiple, fp8_emulated=getattr(self, "fp8_emulated", True))
+
+    @property
+    def dim_multiple(self) -> int:
+        return (self.fp8_cfg or OmegaConf.structured(Fp8Config)).dim_multiple
+
+    def apply_auto(self, formats: dict[str, str], why: str) -> list[str]:
+        """precision=auto: move the model to the plan `formats` (module -> format) in place, the parameters (and so
+        the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
+        base = self.family.base(self._model, self.compute_dtype)
+        f8 = self.fp8_cfg or OmegaConf.structured(Fp8Config)
+        rules = [Rule(n, f, why) for n, f in formats.items()]
+        new = resolve(self._model, base, rules, autocast=self.autocast_format, fp8_recipe=f8.recipe,
+                      dim_multiple=f8.dim_multiple, fp8_emulated=getattr(self, "fp8_emulated", True))
+        changed = replan(self._model, self.plan, new, self.device, self.autocast_format, self.fp8_cfg,
+                         getattr(self, "fp8_emulated", True))
+        self.plan = new
+        self.fp8_layers = [n for n, e in new.items() if e.kernel == "float8"]
+        if self.on_plan is not None:
+            self.on_plan()
+        return changed
+
+    def plan_record(self) -> dict:
+        """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
+        out: dict = self.plan.records()
+        if self.auto is not None:
+            out["history"] = list(self.auto.history)
+        return out
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Resolve the plan and convert the model to it: float8 / emulated / per-layer autocast modules, fp16 or bf16
@@ -368,6 +410,8 @@ class Precision:
             out["loss_scaling"] = f"{self.bf16_switch.get('scaling', 'dynamic')} until the switch to bf16"
         if self.plan is not None:
             out.update(self.plan.summary())
+        if self.auto is not None:
+            out.update(self.auto.summary())
         if self.plan_changed:
             out["plan_changed_on_resume"] = dict(self.plan_changed)
         if self.fp8_cfg is not None:
@@ -386,9 +430,15 @@ class Precision:
             state["master"] = self.master.state_dict()
         if self.plan is not None:
             state["plan"] = self.plan.formats()  # a resume into another plan is then said, not hidden
+        if self.auto is not None:
+            state["auto"] = self.auto.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.auto is not None and state.get("auto") is not None:  # rebuild the run's plan as it stood
+            self.auto.load_state_dict(state["auto"])
+            if self.auto.planned:
+                self.apply_auto(self.auto.formats, "auto (resumed)")
         before = state.get("plan")
         if before is not None and self.plan is not None and before != self.plan.formats():
             changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}

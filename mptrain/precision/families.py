@@ -57,6 +57,8 @@ PRESETS = {
     "bf16_pure": Preset("pure_bf16", fixed_dtype="bfloat16",
                         dtype_why="holds bfloat16 weights; precision.dtype={dtype} contradicts it (use precision=master "
                                   "or nomaster for float16 weights)"),
+    # bf16 autocast where the device has it, else fp32 (engine.resolve_dtype); then a measured plan (auto.py)
+    "auto": Preset("autocast", scaling="none"),
 }
 assert {k: p.family for k, p in PRESETS.items()} == PRESET_FAMILIES, "config.PRESET_FAMILIES and PRESETS disagree"
 

@@ -168,7 +168,9 @@ def load_plan(run_dir: Path, meta: dict) -> dict[str, dict]:
 
     path = run_dir / PRECISION_PLAN
     if path.is_file():
-        return json.loads(path.read_text())
+        plan = json.loads(path.read_text())
+        plan.pop("history", None)  # precision=auto's record of its plans
+        return plan
     return {m: {"format": f} for m, f in (meta.get("plan") or {}).items()}
 
 

@@ -24,7 +24,7 @@ from mptrain.checkpoint.callback import Checkpointer
 from mptrain.checkpoint.files import NonFiniteCheckpoint
 from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolve_resume
 from mptrain.checkpoint.signals import Interrupted, StopSignals
-from mptrain.config import check_warmup
+from mptrain.config import Fp8Config, check_warmup
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
@@ -37,7 +37,9 @@ from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import PRECISION_PLAN, VOCAB, OutputError, write_json_atomic
 from mptrain.run.tracking import check_trackers, trackers
+from mptrain.precision.plan import RECIPE
 from mptrain.run.writer import RunWriter
+from mptrain.train.auto import AutoPlanner
 from mptrain.train.callbacks.console import Console
 from mptrain.train.callbacks.early_stopping import EarlyStopping
 from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
@@ -186,6 +188,10 @@ def build(cfg: DictConfig) -> Components:
     info = distributed.setup(t, device)
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
+    if precision.mode == "auto":  # the measured plan (checked here, before the run directory changes)
+        precision.auto = AutoPlanner(cfg.precision.auto, device, precision.autocast_format or "fp32")
+        if RECIPE in precision.auto.ladder:
+            precision.enable_fp8(cfg.precision.get("fp8") or OmegaConf.structured(Fp8Config))
     log.info(precision.describe())
     for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.mode, device, t.compile)):
         if slow:
@@ -375,7 +381,8 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         c.tokenizer.save(run_dir)
     writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     if c.precision.plan is not None:
-        writer.write_json(PRECISION_PLAN, c.precision.plan.records())
+        writer.write_json(PRECISION_PLAN, c.precision.plan_record())
+        c.precision.on_plan = lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record())
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
