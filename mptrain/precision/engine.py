@@ -54,7 +54,7 @@ def resolve_dtype(mode: str, dtype: str, device: torch.device) -> tuple[torch.dt
         if preset.fixed_dtype == "float32":
             return torch.float32, f"{mode} mode"
         dtype = preset.fixed_dtype
-    if mode == "auto" and dtype == "auto":  # the probe's safe preset: bf16 where it runs, else fp32
+    if preset.measured and dtype == "auto":  # precision=auto's probe: the safe preset: bf16 where it runs, else fp32
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float32, "precision=auto on a GPU without bfloat16"
         return torch.bfloat16, "precision=auto probes in bfloat16"
@@ -147,7 +147,8 @@ class Precision:
         # precision=auto: the planner (train/auto.py, set by the recipe: measurement sits above precision)
         self.auto = None
         self.on_plan: Callable[[], None] | None = None  # the run writes precision_plan.json again on a change
-        if self.mode == "auto" and self.rules:
+        self.measured_plan = self.preset.measured
+        if self.measured_plan and self.rules:
             raise ConfigError("precision.layers with precision=auto: auto chooses every layer's format itself; "
                               "drop precision.layers, or use another preset (e.g. precision=bf16) with it")
         uses_fp8 = self.fp8_preset or any(r.format == RECIPE for r in self.rules)

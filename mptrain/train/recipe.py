@@ -34,10 +34,10 @@ from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
+from mptrain.precision.plan import RECIPE
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import PRECISION_PLAN, VOCAB, OutputError, write_json_atomic
 from mptrain.run.tracking import check_trackers, trackers
-from mptrain.precision.plan import RECIPE
 from mptrain.run.writer import RunWriter
 from mptrain.train.auto import AutoPlanner
 from mptrain.train.callbacks.console import Console
@@ -188,7 +188,7 @@ def build(cfg: DictConfig) -> Components:
     info = distributed.setup(t, device)
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
-    if precision.mode == "auto":  # the measured plan (checked here, before the run directory changes)
+    if precision.measured_plan:  # precision=auto: the measured plan (checked here, before the run directory changes)
         precision.auto = AutoPlanner(cfg.precision.auto, device, precision.autocast_format or "fp32")
         if RECIPE in precision.auto.ladder:
             precision.enable_fp8(cfg.precision.get("fp8") or OmegaConf.structured(Fp8Config))
