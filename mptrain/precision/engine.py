@@ -436,10 +436,14 @@ class Precision:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.auto is not None and state.get("auto") is not None:  # rebuild the run's plan as it stood
-            self.auto.load_state_dict(state["auto"])
-            if self.auto.planned:
-                self.apply_auto(self.auto.formats, "auto (resumed)")
+        auto = state.get("auto")
+        if auto is not None and self.measured_plan:  # precision=auto: rebuild the run's plan as it stood
+            if self.auto is not None:  # training on (mptrain-sample has no planner, only the plan)
+                self.auto.load_state_dict(auto)
+            if auto["planned"]:
+                if RECIPE in auto["formats"].values() and self.fp8_cfg is None:
+                    self.enable_fp8(OmegaConf.structured(Fp8Config))
+                self.apply_auto(auto["formats"], "auto (resumed)")
         before = state.get("plan")
         if before is not None and self.plan is not None and before != self.plan.formats():
             changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}

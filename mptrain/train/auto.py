@@ -139,8 +139,10 @@ class AutoPlanner:
         self.formats = chosen
         self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors})
         precision.apply_auto(self.formats, f"auto (step {step})")
-        log.info("precision=auto: plan after %d probe steps (tolerance %g):\n%s", step, self.tolerance,
-                 precision.plan.table())
+        measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
+                                                   for f, e in errs.items()) for n, errs in errors.items())
+        log.info("precision=auto: plan after %d probe steps (tolerance %g; worst error per format: %s):\n%s", step,
+                 self.tolerance, measured, precision.plan.table())
         return {"event": "precision_plan", "formats": dict(chosen), "errors": errors}
 
     def _recheck(self, step: int, precision, figures: dict) -> dict | None:

@@ -189,6 +189,10 @@ def build(cfg: DictConfig) -> Components:
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
     if precision.measured_plan:  # precision=auto: the measured plan (checked here, before the run directory changes)
+        if info.world_size > 1:  # each rank would measure its own batches and could plan differently
+            raise ConfigError(f"precision=auto with {info.world_size} processes: the plan is measured on one "
+                              "process only for now; run it on one, then pass its plan as precision=bf16 "
+                              "'precision.layers={...}' (precision_plan.json)")
         precision.auto = AutoPlanner(cfg.precision.auto, device, precision.autocast_format or "fp32")
         if RECIPE in precision.auto.ladder:
             precision.enable_fp8(cfg.precision.get("fp8") or OmegaConf.structured(Fp8Config))
