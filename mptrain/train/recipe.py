@@ -101,6 +101,20 @@ def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task
     return check_task(_instantiate(node, "task"), dataset_task)
 
 
+# model keys that must be at least the data's value: token ids index the embedding, windows the positions
+AT_LEAST_THE_DATA = {"vocab_size": "token ids", "seq_len": "tokens per sample", "num_classes": "classes"}
+
+
+def check_model_fits(model_cfg: DictConfig, facts: dict) -> None:
+    """A model smaller than its data (vocabulary, window, classes) fails mid-run with an IndexError or a
+    shape error: refuse it here, before the run directory changes."""
+    for key, what in AT_LEAST_THE_DATA.items():
+        mine, data = model_cfg.get(key), facts.get(key)
+        if isinstance(mine, int) and isinstance(data, int) and mine < data:
+            raise ConfigError(f"model.{key}={mine} is smaller than the data's {data} {what}; set model.{key}={data} "
+                              f"or leave it null (taken from the data)")
+
+
 def build(cfg: DictConfig) -> Components:
     """Every component of the run, each builder taking only its own sub-config."""
     t = cfg.trainer
@@ -128,6 +142,7 @@ def build(cfg: DictConfig) -> Components:
 
     # facts only the data know (a text file's vocabulary) fill model keys left null
     facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
+    check_model_fits(cfg.model, datasets.facts)
     try:
         target = get_object(cfg.model._target_)
     except Exception as e:

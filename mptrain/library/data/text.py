@@ -22,7 +22,7 @@ class Contiguous(Dataset):
 
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
+        self.n = max(0, (len(tokens) - 1) // seq_len)  # an empty stream holds no window, not -1
 
     def __len__(self) -> int:
         return self.n
@@ -59,6 +59,8 @@ def text(path: str, level: str = "char", seq_len: int = 64, val_fraction: float 
         content = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"dataset.path={path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not content.strip():
+        raise ConfigError(f"dataset.path={path} holds no text (empty or only whitespace); point it at a text file")
     tokens, vocab = tokenize(content, level, max_vocab)
     if vocab_size is not None and vocab_size < len(vocab):
         raise ConfigError(f"dataset.vocab_size={vocab_size} is smaller than the {len(vocab)} {level} tokens of {path}")
@@ -67,7 +69,8 @@ def text(path: str, level: str = "char", seq_len: int = 64, val_fraction: float 
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"{path} has {len(tokens)} {level} tokens: too few for dataset.seq_len={seq_len}; "
                           "use a longer file or a shorter seq_len")
-    return Datasets(train=train, val=val, task="language_modeling", facts={"vocab_size": vocab_size or len(vocab)})
+    return Datasets(train=train, val=val, task="language_modeling",
+                    facts={"vocab_size": vocab_size or len(vocab), "seq_len": seq_len})
 
 
 def synthetic_tokens(vocab_size: int = 64, seq_len: int = 64, train_tokens: int = 200_000, val_tokens: int = 20_000,
@@ -80,4 +83,4 @@ def synthetic_tokens(vocab_size: int = 64, seq_len: int = 64, train_tokens: int 
         return torch.cumsum(steps, 0) % vocab_size
 
     return Datasets(train=Contiguous(stream(train_tokens), seq_len), val=Contiguous(stream(val_tokens), seq_len),
-                    task="language_modeling", facts={"vocab_size": vocab_size})
+                    task="language_modeling", facts={"vocab_size": vocab_size, "seq_len": seq_len})
