@@ -109,3 +109,149 @@ def test_bad_inputs_are_one_line_and_change_nothing(tmp_path, case):
     assert code == 2, err
     assert message in error_line(err)
     assert digest(run_dir) == before  # refused before the directory changed: no .hydra, no train.log
+
+
+def test_a_corrupt_image_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    from PIL import Image
+
+    from mptrain.library.data.vision import imagefolder
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (6, 6), color=(40 * i, 80, 200 if cls == "a" else 10)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    bad = tmp_path / "train" / "a" / "1.png"
+    bad.write_bytes(b"not a png at all")
+    data = imagefolder(str(tmp_path), image_size=4)
+    index = [p for p, _ in data.train.samples].index(str(bad))
+    import torch
+
+    torch.manual_seed(0)
+    got = data.train[index]
+    torch.manual_seed(0)
+    substitute = data.train[index + 1]  # the next readable image takes its place, the same on every read
+    assert torch.equal(got[0], substitute[0]) and got[1] == substitute[1]
+    assert [r.getMessage() for r in caplog.records if "skipping image" in r.getMessage()] == [
+        f"skipping image {bad}: cannot be read (UnidentifiedImageError); the next image takes its place"]
+
+
+# ---- 16 and 8. mptrain-report / mptrain-compare on damaged files, mixed tasks, Optuna twins -------------------
+
+def fake_job(folder: Path, overrides: list[str], summary: dict | str | None, rows: list[dict] | str = ()) -> Path:
+    """A run directory as the contract describes it, written by hand (the tools only read it)."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if summary is not None:
+        (folder / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    text = rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows)
+    (folder / "metrics.jsonl").write_text(text)
+    return folder
+
+
+def compare(args: list[str]) -> list[dict]:
+    import csv
+
+    from mptrain.tools.compare import main
+
+    main(args)
+    out = Path(args[args.index("--out") + 1])
+    return list(csv.DictReader(open(out / "comparison.csv")))
+
+
+def summary(precision: str, task: str, model: str, **metrics) -> dict:
+    return {"status": "completed", "precision": precision, "task": task, "model": model, "dataset": "d",
+            "steps": 10, "skipped_steps": 0, **metrics}
+
+
+def test_compare_skips_a_damaged_line_and_a_truncated_summary_before_writing(tmp_path, caplog):
+    sweep = tmp_path / "multi"
+    good = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    fake_job(sweep / "0", ["precision=fp32"], summary("fp32", "classification", "mlp", **{"val/acc": 0.5}),
+             json.dumps(good[0]) + "\n{\"step\": 2, \"lo\n" + json.dumps(good[1]) + "\n")
+    fake_job(sweep / "1", ["precision=bf16"], json.dumps(summary("bf16", "classification", "mlp"))[:25], good)
+    rows = {r["group"]: r for r in compare([str(sweep), "--out", str(tmp_path / "out")])}
+    assert rows["precision=fp32"]["val/acc mean"] == "0.5"
+    assert rows["precision=bf16"]["status"] == "unreadable (1)" and rows["precision=bf16"]["completed"] == "0/1"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{sweep / '0' / 'metrics.jsonl'} line 2 is not JSON" in w for w in warnings), warnings
+    assert any(f"{sweep / '1' / 'summary.json'} is not readable JSON" in w for w in warnings), warnings
+
+
+def test_compare_reads_everything_before_it_writes(tmp_path):
+    sweep = tmp_path / "multi"
+    fake_job(sweep / "0", ["precision=fp32"], summary("fp32", "classification", "mlp", **{"val/acc": 0.5}))
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")  # YAML that cannot be read
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "comparison.md").write_text("the earlier comparison\n")
+    with pytest.raises(Exception):  # noqa: B017 - any failure to read
+        compare([str(sweep), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "comparison.md").read_text() == "the earlier comparison\n"
+
+
+def test_compare_of_mixed_tasks_uses_each_tasks_metric_and_its_own_baseline(tmp_path):
+    sweep = tmp_path / "multi"
+    jobs = [("precision=fp32", "mlp", "classification", {"val/acc": 0.9, "samples_per_s": 1000.0}),
+            ("precision=bf16", "mlp", "classification", {"val/acc": 0.8, "samples_per_s": 1500.0}),
+            ("precision=bf16 model=gpt", "gpt", "language_modeling", {"val/ppl": 7.0, "val/loss": 1.9,
+                                                                      "samples_per_s": 300.0}),
+            ("precision=bf16 model=dcgan", "dcgan", "gan", {"val/loss": 1.2, "samples_per_s": 200.0})]
+    for i, (ov, model, task, metrics) in enumerate(jobs):
+        fake_job(sweep / str(i), ov.split(), summary(ov.split()[0].split("=")[1], task, model, **metrics))
+    rows = {r["group"]: r for r in compare([str(sweep), "--out", str(tmp_path / "out")])}
+    assert rows["precision=bf16 model=gpt"]["metric"] == "val/ppl"
+    assert float(rows["precision=bf16 model=gpt"]["metric mean"]) == 7.0
+    assert float(rows["precision=bf16 model=dcgan"]["metric mean"]) == 1.2
+    assert float(rows["precision=bf16"]["samples/s vs fp32"]) == 1.5  # against its own task's fp32 run
+    for other in ("precision=bf16 model=gpt", "precision=bf16 model=dcgan"):  # no fp32 run of that model
+        assert rows[other]["samples/s vs fp32"] == "nan" and rows[other]["diff vs fp32"] == "nan"
+
+
+def test_optuna_trials_with_identical_parameters_are_one_row_each(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    sweep = tmp_path / "multi"
+    study = optuna.create_study(study_name="mptrain", storage=f"sqlite:///{sweep.resolve()}/optuna.db"
+                                if sweep.mkdir() is None else None, direction="maximize")
+    for number, acc in enumerate((0.7, 0.9)):
+        trial = study.ask({"optimizer.lr": optuna.distributions.CategoricalDistribution([0.1])})
+        study.tell(trial, acc)
+        fake_job(sweep / str(number), ["optimizer.lr=0.1"],
+                 summary("fp32", "classification", "mlp", **{"val/acc": acc}))
+    rows = compare([str(sweep), "--out", str(tmp_path / "out")])
+    assert [(r["trial"], float(r["val/acc mean"])) for r in rows] == [("1", 0.9), ("0", 0.7)]  # best first
+
+
+def test_report_skips_a_damaged_middle_line(tmp_path, caplog):
+    from mptrain.tools.report import load_run
+
+    run = fake_job(tmp_path / "run", [], None, '{"step": 1, "loss": 1.0}\n{"step": 2,\n{"step": 3, "loss": 0.5}\n')
+    (run / "diagnostics.jsonl").write_text('{"event": "meta"}\n[1, 2]\n{"event": "sample", "step": 1}\n')
+    metrics, diag = load_run(run)
+    assert [r["step"] for r in metrics] == [1, 3] and [r["event"] for r in diag] == ["meta", "sample"]
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == 2
+
+
+# ---- 7. two sweeps into one directory; an Optuna study whose every trial fails --------------------------------
+
+def test_a_second_different_sweep_into_one_directory_is_refused(tmp_path):
+    sweep = tmp_path / "multi"
+    common = ["-m", *MLP, "trainer.max_steps=2", "checkpoint.enabled=false", f"hydra.sweep.dir={sweep}"]
+    code, err = cli([*common, "seed=0,1"], tmp_path)
+    assert code == 0, err
+    before = digest(sweep)
+    code, err = cli([*common, "seed=2,3"], tmp_path)
+    assert code == 2
+    assert f"{sweep} holds another sweep" in error_line(err) and "seed=0,1" in error_line(err)
+    assert digest(sweep) == before  # multirun.yaml still describes the jobs that are there
+
+
+@pytest.mark.slow
+def test_an_optuna_study_without_a_completed_trial_is_one_line(tmp_path):
+    pytest.importorskip("optuna")
+    code, err = cli(["-m", "hparams_search=optuna", *MLP, "trainer.max_steps=2", "checkpoint.enabled=false",
+                     "hydra.sweeper.n_trials=2", "optimized_metric=val/none", f"hydra.sweep.dir={tmp_path / 'multi'}",
+                     'hydra.sweeper.params={optimizer.lr:"choice(0.1)"}'], tmp_path)
+    assert code == 1
+    assert "none of the study's 2 trials completed" in error_line(err)

@@ -308,7 +308,8 @@ def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
     ax2.set_ylabel("train loss")
-    ax2.legend(fontsize=6)
+    if ax2.get_legend_handles_labels()[1]:
+        ax2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -71,7 +71,7 @@ class CheckedImageFolder(torchvision.datasets.ImageFolder):
                 if path not in self.bad:
                     self.bad.add(path)
                     log.warning("skipping image %s: cannot be read (%s); the next image takes its place",
-                                path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                                path, type(e).__name__)
         raise ConfigError(f"no image under {self.root} can be read; check dataset.root")
 
 
