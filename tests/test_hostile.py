@@ -255,3 +255,37 @@ def test_an_optuna_study_without_a_completed_trial_is_one_line(tmp_path):
                      'hydra.sweeper.params={optimizer.lr:"choice(0.1)"}'], tmp_path)
     assert code == 1
     assert "none of the study's 2 trials completed" in error_line(err)
+
+
+# ---- 9-10. MLflow: a store that cannot be used is refused before the directory changes; URIs stored absolute ---
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("file://{tmp}/store", "is a file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true"),
+    ("relative/store", "logger.tracking_uri=file://{tmp}/relative/store is a file store"),
+    ("sqlite:///{tmp}/afile/sub/mlflow.db", "cannot be written: {tmp}/afile is not a directory"),
+    ("http://127.0.0.1:9", "no tracking server answered within 5 s"),
+])
+def test_unusable_tracking_uri_is_one_line_before_the_directory_changes(tmp_path, monkeypatch, uri, message):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "afile").write_text("x")
+    run_dir = tmp_path / "run"
+    code, err = cli([*MLP, "trainer.max_steps=2", "logger=mlflow", f"logger.tracking_uri={uri.format(tmp=tmp_path)}",
+                     f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 2
+    assert message.format(tmp=tmp_path) in error_line(err)
+    assert digest(run_dir) == {}  # no .hydra, no train.log, no summary.json
+
+
+@pytest.mark.slow
+def test_a_relative_sqlite_uri_is_recorded_absolute(tmp_path):
+    pytest.importorskip("mlflow")
+    run_dir = tmp_path / "run"
+    code, err = cli([*MLP, "trainer.max_steps=2", "logger=mlflow", "logger.tracking_uri=sqlite:///rel.db",
+                     f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 0, err
+    recorded = json.loads((run_dir / "mlflow.json").read_text())
+    assert recorded["tracking_uri"] == f"sqlite:///{tmp_path / 'rel.db'}"
+    from mlflow.tracking import MlflowClient  # read from anywhere, it is the run that trained
+
+    assert MlflowClient(tracking_uri=recorded["tracking_uri"]).get_run(recorded["run_id"]).info.status == "FINISHED"

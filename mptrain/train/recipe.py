@@ -293,10 +293,14 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
     signals = StopSignals()  # handlers are installed around fit() only
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
                                 save_sharded=fsdp.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
+    # connects to the tracker: one that cannot be used is refused here
+    sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     # every check has passed: only now does the run directory change (RunWriter commits it; rank 0 writes)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
                        enabled=c.is_main)
-    writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
+    for sink in sinks:
+        sink.start()
+    writer.sinks += sinks
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
