@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from .conftest import read_jsonl
-
 TINY = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false"]
 MLP = ["model=mlp", "model.width=16", "model.depth=2", "diagnostics=off", *TINY]
 GPT_MODEL = ["model=gpt", "model.dim=16", "model.layers=1", "model.heads=2", "trainer.batch_size=8",
