@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mptrain.errors import ConfigError
@@ -158,7 +157,7 @@ class SchedulerConfig:
 
 @dataclass
 class ProfileConfig:
-    """debug=profile: torch.profiler over a few steps after warm-up (mptrain/profiling.py)."""
+    """debug=profile: torch.profiler over a few steps after warm-up (mptrain/train/callbacks/profiler.py)."""
 
     enabled: bool = False
     wait: int = 1  # steps not traced first (first-call overheads: allocator, cuDNN autotuning)
@@ -493,10 +492,6 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in ("none", "mlflow"), "logger.name", self.name, "choose none or mlflow")
-        if self.name == "mlflow":
-            from mptrain.run.tracking import check_available
-
-            check_available()
 
 
 @dataclass
@@ -516,31 +511,6 @@ class Config:
     optimized_metric: str | None = None
     seed: int = 0
     resume: str | None = None  # null: fresh run | auto: newest checkpoint in this run dir | a checkpoint path
-
-
-def register_configs() -> None:
-    """Register the schemas. Group entries in conf/ name theirs in their defaults list."""
-    cs = ConfigStore.instance()
-    cs.store(name="mptrain_schema", node=Config)
-    cs.store(group="precision", name="precision_schema", node=PrecisionConfig)
-    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
-    cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
-    cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
-    cs.store(group="diagnostics", name="diagnostics_schema", node=DiagnosticsConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-    cs.store(group="model", name="cnn_schema", node=CNNModelConfig)
-    cs.store(group="model", name="torchvision_schema", node=TorchvisionModelConfig)
-    cs.store(group="model", name="mlp_schema", node=MLPModelConfig)
-    cs.store(group="dataset", name="digits_schema", node=DigitsDatasetConfig)
-    cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
-    cs.store(group="dataset", name="torchvision_schema", node=TorchvisionDatasetConfig)
-    cs.store(group="dataset", name="imagefolder_schema", node=ImageFolderConfig)
-    cs.store(group="dataset", name="text_schema", node=TextDatasetConfig)
-    cs.store(group="dataset", name="synthetic_tokens_schema", node=SyntheticTokensConfig)
-    cs.store(group="model", name="recurrent_lm_schema", node=RecurrentLMConfig)
-    cs.store(group="model", name="gpt_schema", node=GPTConfig)
-    cs.store(group="model", name="dcgan_schema", node=DCGANConfig)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -19,6 +19,10 @@ class TaskError(MptrainError, TypeError):
     """A task's method returned something mptrain cannot train on (docs/tasks.md, "The contract")."""
 
 
+class CheckpointError(MptrainError):
+    """A checkpoint cannot be read, does not fit, or cannot be written."""
+
+
 class TrainingFailed(MptrainError, RuntimeError):
     """The run cannot go on (e.g. non-finite loss, loss scale at its minimum)."""
 

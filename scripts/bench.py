@@ -27,15 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-# what `import mptrain` does, done before torch allocates anything so both loops run with it
-# (mptrain/__init__.py); THP_MEM_ALLOC_ENABLE=0 python scripts/bench.py measures without
+# what the mptrain command does at start, done before torch allocates anything so both loops run with it
+# (mptrain/cli/main.py); THP_MEM_ALLOC_ENABLE=0 python scripts/bench.py measures without
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from mptrain.cli.main import config_dir  # noqa: E402
+from mptrain.cli.register import register  # noqa: E402
 from mptrain.config import validate  # noqa: E402
 from mptrain.precision import cast_model  # noqa: E402
 from mptrain.run.writer import RunWriter  # noqa: E402
@@ -92,11 +92,11 @@ def plain_stepper(model, loader, device, recipe: str, dtype: torch.dtype, lr: fl
 
 # ---- (b) mptrain's loop ----------------------------------------------------------------------------
 
-def mptrain_loop(overrides: list[str], n: int):
+def mptrain_components(overrides: list[str], n: int):
     cfg = compose("config", overrides=[*overrides, f"trainer.max_steps={n}"])
     validate(cfg)
-    loop = build(cfg)
-    return cfg, loop
+    c = build(cfg)
+    return cfg, c
 
 
 def now() -> float:
@@ -130,14 +130,14 @@ class Hook(Callback):
         self.fn(c)
 
 
-def fit_in(cfg, loop, run_dir: Path, hook, diagnostics=None) -> None:
+def fit_in(cfg, c, run_dir: Path, hook, diagnostics=None) -> None:
     """mptrain's real fit() writing its metric rows into run_dir, under the same backend settings a run
     applies (recipe.backend_settings), with `hook` after every step."""
     writer = RunWriter(run_dir, tensorboard=False)
-    state = TrainState().to(loop.device)
+    state = TrainState().to(c.device)
     t = cfg.trainer
-    with loop.precision.backend_flags(), backend_settings(t):
-        fit(loop, state, [MetricsLogger(writer, t.log_every), Hook(hook)], diagnostics, log_every=t.log_every,
+    with c.precision.backend_flags(), backend_settings(t):
+        fit(c, state, [MetricsLogger(writer, t.log_every), Hook(hook)], diagnostics, log_every=t.log_every,
             eval_every=t.eval_every)
     writer.close()
 
@@ -145,28 +145,28 @@ def fit_in(cfg, loop, run_dir: Path, hook, diagnostics=None) -> None:
 def run_mptrain(overrides, n, warmup, diagnostics: bool, tmp: Path) -> float:
     from mptrain.diagnostics import Diagnostics
 
-    cfg, loop = mptrain_loop(overrides + ([] if diagnostics else ["diagnostics=off"]), n)
+    cfg, c = mptrain_components(overrides + ([] if diagnostics else ["diagnostics=off"]), n)
     diag = None
     if diagnostics:
         tmp.mkdir(parents=True, exist_ok=True)
-        diag = Diagnostics(cfg.diagnostics, loop.base_model, loop.precision, tmp)
+        diag = Diagnostics(cfg.diagnostics, c.base_model, c.precision, tmp)
     timer = StepTimer()
-    fit_in(cfg, loop, tmp, timer, diag)
+    fit_in(cfg, c, tmp, timer, diag)
     return timer.rate(warmup)
 
 
 def plain_loop(overrides, n, recipe, dtype):
     """The handwritten loop as a stepper, on a model and loader built like mptrain's (same init, same data)."""
-    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
-    model = loop.model
+    cfg, c = mptrain_components(overrides + ["diagnostics=off"], n)
+    model = c.model
     if recipe == "master":  # build() cast it already; start again from an fp32 copy with the same init
         seed_everything(cfg.trainer.seed)
         from hydra.utils import instantiate
 
-        model = instantiate(cfg.model).to(loop.device)
+        model = instantiate(cfg.model).to(c.device)
     model.train()
-    loop.train_loader.sampler.set_epoch(0)
-    return plain_stepper(model, loop.train_loader, loop.device, recipe, dtype, cfg.optimizer.lr, n,
+    c.train_loader.sampler.set_epoch(0)
+    return plain_stepper(model, c.train_loader, c.device, recipe, dtype, cfg.optimizer.lr, n,
                          channels_last=cfg.trainer.channels_last)
 
 
@@ -179,7 +179,7 @@ def run_plain(overrides, n, warmup, recipe, dtype) -> float:
 
 # ---- in lockstep: another loop's step inside each of mptrain's steps -----------------------------------
 
-def take_turns(cfg, loop, stepper, warmup: int) -> tuple[float, float]:
+def take_turns(cfg, c, stepper, warmup: int) -> tuple[float, float]:
     """(mptrain's, the stepper's) median step seconds, the two taking turns step by step.
 
     mptrain's real fit() runs; its after_step hook runs one step of `stepper` (its own model and
@@ -195,35 +195,35 @@ def take_turns(cfg, loop, stepper, warmup: int) -> tuple[float, float]:
         theirs.append(last[0] - start)
 
     with tempfile.TemporaryDirectory() as tmp:
-        fit_in(cfg, loop, Path(tmp), turn)
+        fit_in(cfg, c, Path(tmp), turn)
     return statistics.median(ours[warmup:]), statistics.median(theirs[warmup:])
 
 
 def run_lockstep(overrides, n, warmup, recipe, dtype) -> tuple[float, float]:
     """(plain steps/s, mptrain steps/s), the handwritten loop and mptrain's taking turns."""
     stepper = plain_loop(overrides, n, recipe, dtype)
-    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
-    ours, plain = take_turns(cfg, loop, stepper, warmup)
+    cfg, c = mptrain_components(overrides + ["diagnostics=off"], n)
+    ours, plain = take_turns(cfg, c, stepper, warmup)
     return 1 / plain, 1 / ours
 
 
-def mptrain_stepper(loop):
+def mptrain_stepper(c):
     """mptrain's step (the one train_step every caller uses, and the scheduler), one step per next():
     to pace another fit()."""
-    loop.model.train()
-    loop.train_loader.sampler.set_epoch(0)
-    batches = iter(loop.train_loader)
-    for step in range(1, loop.total_steps + 1):
-        if train_step(loop, batches, step).applied:
-            loop.scheduler.step()
+    c.model.train()
+    c.train_loader.sampler.set_epoch(0)
+    batches = iter(c.train_loader)
+    for step in range(1, c.total_steps + 1):
+        if train_step(c, batches, step).applied:
+            c.scheduler.step()
         yield
 
 
 def run_lockstep_precisions(overrides, low: list[str], n, warmup) -> float:
     """mptrain in precision `low` against mptrain in fp32, taking turns step by step: low / fp32 speed."""
-    _, fp32_loop = mptrain_loop(overrides + ["precision=fp32", "diagnostics=off"], n)
-    cfg, loop = mptrain_loop(overrides + low + ["diagnostics=off"], n)
-    low_s, fp32_s = take_turns(cfg, loop, mptrain_stepper(fp32_loop), warmup)
+    _, fp32_c = mptrain_components(overrides + ["precision=fp32", "diagnostics=off"], n)
+    cfg, c = mptrain_components(overrides + low + ["diagnostics=off"], n)
+    low_s, fp32_s = take_turns(cfg, c, mptrain_stepper(fp32_c), warmup)
     return fp32_s / low_s
 
 
@@ -238,9 +238,9 @@ def run_lightning(overrides, n, warmup, recipe, dtype) -> float | None:
         return None
     if recipe == "master":
         return None
-    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], n)
+    cfg, c = mptrain_components(overrides + ["diagnostics=off"], n)
     channels_last, lr = cfg.trainer.channels_last, cfg.optimizer.lr
-    net = loop.model
+    net = c.model
     timer = StepTimer()
 
     class Module(pl.LightningModule):
@@ -261,11 +261,11 @@ def run_lightning(overrides, n, warmup, recipe, dtype) -> float | None:
             timer()
 
     precision = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[dtype]
-    trainer = pl.Trainer(max_steps=n, accelerator="gpu" if loop.device.type == "cuda" else "cpu", devices=1,
+    trainer = pl.Trainer(max_steps=n, accelerator="gpu" if c.device.type == "cuda" else "cpu", devices=1,
                          precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    loop.train_loader.sampler.set_epoch(0)
-    trainer.fit(Module(), train_dataloaders=loop.train_loader)
+    c.train_loader.sampler.set_epoch(0)
+    trainer.fit(Module(), train_dataloaders=c.train_loader)
     return timer.rate(warmup)
 
 
@@ -299,10 +299,10 @@ def loop_overhead(args, recipes, tmp: Path) -> dict[str, tuple[float, float, flo
 
 def activation_bytes(overrides: list[str]) -> int:
     """Bytes autograd keeps for backward in one training forward (each storage counted once)."""
-    cfg, loop = mptrain_loop(overrides + ["diagnostics=off"], 1)
-    x, y = next(iter(loop.train_loader))
-    x = loop.precision.cast_inputs(x.to(loop.device))
-    if loop.device.type == "cuda":
+    cfg, c = mptrain_components(overrides + ["diagnostics=off"], 1)
+    x, y = next(iter(c.train_loader))
+    x = c.precision.cast_inputs(x.to(c.device))
+    if c.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -317,10 +317,10 @@ def activation_bytes(overrides: list[str]) -> int:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), loop.precision.autocast():
-        loss = F.cross_entropy(loop.model(x).float(), y.to(loop.device))
-    params = {p.untyped_storage().data_ptr() for p in loop.model.parameters()}
-    if loop.device.type == "cuda":
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), c.precision.autocast():
+        loss = F.cross_entropy(c.model(x).float(), y.to(c.device))
+    params = {p.untyped_storage().data_ptr() for p in c.model.parameters()}
+    if c.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
         loss.backward()
         return peak
@@ -382,19 +382,19 @@ def main() -> None:
     default_differs = args.device == "cpu"  # conv_wgrad only acts on CPU
     results = {}
     if args.only == "overhead":
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+        with initialize_config_dir(config_dir=register(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
             for label, (p_us, m_us, diff, worst) in loop_overhead(args, recipes, Path(tmp)).items():
                 print(f"{label}: plain {p_us:.0f} us/step, mptrain {m_us:.0f} us/step, difference {diff:+.0f} "
                       f"(largest {worst:+.0f})")
         return
     if args.only == "speedup":
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=register(), version_base="1.3"):
             for label, ov in speedup_arms:
                 r = [run_lockstep_precisions(base + ov[1:], ov[:1], n, args.warmup) for _ in range(args.lockstep_repeats)]
                 print(f"{label} vs fp32, lockstep: {statistics.median(r):.2f}x [{min(r):.2f}, {max(r):.2f}]")
         return
     if args.only == "lockstep":
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=register(), version_base="1.3"):
             for label, ov, recipe, dtype in recipes:
                 pairs = [run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)]
                 ratios = [m / p for p, m in pairs]
@@ -402,7 +402,7 @@ def main() -> None:
                       f"{statistics.median(m for _, m in pairs):.3f}, mptrain / plain {statistics.median(ratios):.3f} "
                       f"[{min(ratios):.3f}, {max(ratios):.3f}]")
         return
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+    with initialize_config_dir(config_dir=register(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for label, ov, recipe, dtype in recipes:
             runs: dict[str, list[float]] = {"plain": [], "mptrain": [], "default": [], "lightning": [], "diag": []}
             for r in range(args.repeats):  # alternate, so drift hits all alike

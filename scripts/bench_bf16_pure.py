@@ -17,12 +17,14 @@ import argparse
 import platform
 import statistics
 import subprocess
+import os
 import time
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the mptrain command does, before torch allocates
 
-import mptrain  # noqa: F401  (sets the allocator environment before torch allocates, as a run does)
-from mptrain.precision.bf16_pure import UPDATES, PureBf16AdamW, PureBf16SGD
+import torch  # noqa: E402
+
+from mptrain.precision.bf16_pure import UPDATES, PureBf16AdamW, PureBf16SGD  # noqa: E402
 
 
 def parse_size(text: str) -> int:

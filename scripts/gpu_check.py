@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from mptrain.cli.main import config_dir
+from mptrain.cli.register import register
 from mptrain.config import validate
 from mptrain.run.writer import RunWriter
 from mptrain.train.callbacks.metrics import MetricsLogger
@@ -46,7 +46,7 @@ FP8_RECIPES = [
 def measure(overrides: list[str], steps: int, warmup: int, tmp: Path) -> dict:
     cfg = compose("config", overrides=[*overrides, f"trainer.max_steps={steps + warmup}"])
     validate(cfg)
-    loop = build(cfg)
+    c = build(cfg)
     times: list[float] = []
 
     class Timer(Callback):
@@ -56,15 +56,15 @@ def measure(overrides: list[str], steps: int, warmup: int, tmp: Path) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     writer = RunWriter(tmp, tensorboard=False)
-    with loop.precision.backend_flags(), backend_settings(cfg.trainer):
-        fit(loop, TrainState().to(loop.device), [MetricsLogger(writer, cfg.trainer.log_every), Timer()],
+    with c.precision.backend_flags(), backend_settings(cfg.trainer):
+        fit(c, TrainState().to(c.device), [MetricsLogger(writer, cfg.trainer.log_every), Timer()],
             log_every=cfg.trainer.log_every)
     writer.close()
     t = times[warmup:]
     return {"images_per_s": (len(t) - 1) * cfg.trainer.batch_size / (t[-1] - t[0]),
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "skipped": loop.precision.scaler.skipped if loop.precision.scaler else 0,
-            "scale": loop.precision.loss_scale}
+            "skipped": c.precision.scaler.skipped if c.precision.scaler else 0,
+            "scale": c.precision.loss_scale}
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
             "trainer.log_every=1000000", "trainer.eval_every=1000000", "checkpoint.enabled=false", "diagnostics=off",
             "scheduler=none", "trainer.num_workers=0"]
     rows = []
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+    with initialize_config_dir(config_dir=register(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for name, ov in RECIPES:
             r = measure(base + ov, args.steps, args.warmup, Path(tmp) / name.replace(" ", "_"))
             rows.append((name, r))
@@ -117,7 +117,7 @@ def fp8_table(args) -> None:
             "trainer.tensorboard=false", "trainer.log_every=1000000", "trainer.eval_every=1000000",
             "checkpoint.enabled=false", "diagnostics=off", "scheduler=none", "optimizer=adamw", "optimizer.lr=1e-4"]
     rows = []
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+    with initialize_config_dir(config_dir=register(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         for name, ov in FP8_RECIPES:
             r = measure(base + ov, steps, args.warmup, Path(tmp) / name.split()[0])
             r["tokens_per_s"] = r.pop("images_per_s") * seq

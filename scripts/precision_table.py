@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from mptrain.cli.main import config_dir
+from mptrain.cli.register import register
 from mptrain.config import validate
 from mptrain.train.recipe import run
 
@@ -24,7 +24,7 @@ BASE = ["trainer.max_steps=44", "scheduler.warmup_steps=5", "trainer.progress_ba
 
 def main(extra: list[str]) -> None:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=register(), version_base="1.3"):
         for mode in MODES:
             cfg = compose("config", overrides=[*BASE, f"precision={mode}", *extra])
             validate(cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `import mptrain` does, before torch allocates
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the mptrain command does, before torch allocates
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

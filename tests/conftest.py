@@ -13,9 +13,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from mptrain.cli.main import config_dir  # noqa: F401  (registers the schemas and the resolver)
+from mptrain.cli.register import register
 
-CONF = Path(config_dir())
+CONF = Path(register())
 REPO = Path(__file__).resolve().parent.parent
 # Small and quiet: CPU, no progress bar or TensorBoard unless a test asks for them.
 TINY = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false"]

@@ -17,7 +17,6 @@ from torch import nn
 from mptrain.config import validate
 from mptrain.errors import ConfigError
 from mptrain.library.models.vision import SmallCNN
-from mptrain.library.optim import build_optimizer
 from mptrain.precision import Precision
 from mptrain.precision.bf16_pure import (
     UPDATES,
@@ -272,7 +271,7 @@ def memory_after_one_step(mode: str, optimizer: str, *overrides: str) -> dict:
     p = Precision(cfg.precision, CPU)
     torch.manual_seed(0)
     model = p.prepare_model(mlp_with_norm())
-    opt = build_optimizer(cfg.optimizer, p.optimizer_params(), **p.optimizer_options())
+    opt = p.build_optimizer(cfg.optimizer, p.optimizer_params())
     with p.autocast():
         loss = model(p.cast_inputs(torch.randn(4, 10))).float().sum()
     p.backward(loss)

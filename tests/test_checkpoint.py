@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mptrain.checkpoint.callback import Checkpointer, CheckpointError, Interrupted
+from mptrain.checkpoint.callback import Checkpointer
+from mptrain.checkpoint.signals import Interrupted
+from mptrain.errors import CheckpointError
 
 from .conftest import compose_config, read_jsonl, run_cli, train
 
@@ -184,7 +186,7 @@ def test_damaged_last_falls_back_to_newest_step_file(tmp_path):
 
 
 def test_failed_save_stops_cleanly_with_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    import mptrain.checkpoint.callback as ck
+    import mptrain.checkpoint.files as ck
 
     _, run_dir = train(tmp_path, [*SMALL, "trainer.max_steps=2", "checkpoint.every_steps=1", "scheduler=none"])
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()

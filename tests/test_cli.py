@@ -134,12 +134,19 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
-def test_import_turns_on_huge_pages_for_cpu_tensors_unless_told_not_to(tmp_path, given, expected):
-    # PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at its first allocation: importing mptrain first sets it
+def test_the_cli_turns_on_huge_pages_for_cpu_tensors_unless_told_not_to(tmp_path, given, expected):
+    # PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at its first allocation: the CLI sets it at start,
+    # before torch is imported; `import mptrain` (and the CLI module) change nothing
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if given is not None:
         env["THP_MEM_ALLOC_ENABLE"] = given
-    code = "import os, mptrain; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    code = ("import os, sys, mptrain, mptrain.cli.main as cli\n"
+            "assert 'torch' not in sys.modules, 'importing the CLI imported torch'\n"
+            "assert os.environ.get('THP_MEM_ALLOC_ENABLE') == (None if len(sys.argv) < 2 else sys.argv[1])\n"
+            "sys.argv = ['mptrain', '--cfg', 'job']\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'])")
+    argv = [sys.executable, "-c", code] + ([given] if given is not None else [])
+    proc = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == expected
+    assert proc.stdout.strip().splitlines()[-1] == expected

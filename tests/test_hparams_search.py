@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mptrain.cli.main import sweep_direction
+from mptrain.cli.register import sweep_direction
 
 from .conftest import compose_config, run_cli
 

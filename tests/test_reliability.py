@@ -17,20 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from mptrain.checkpoint.callback import (
-    CheckpointError,
-    NonFiniteCheckpoint,
-    find_resumable,
-    finite_state,
-    load_file,
-    save_atomic,
-)
+from mptrain.checkpoint.files import NonFiniteCheckpoint, find_resumable, finite_state, load_file, save_atomic
 from mptrain.config import check_monitor, check_warmup, validate
-from mptrain.errors import ConfigError
+from mptrain.errors import CheckpointError, ConfigError
 from mptrain.precision import Precision
-from mptrain.run.directory import RunDirError, RunLock, prepare_records
-from mptrain.run.layout import JsonlError, read_jsonl
-from mptrain.run.writer import OutputError, write_json_atomic
+from mptrain.run.directory import prepare_records
+from mptrain.run.layout import JsonlError, OutputError, read_jsonl, write_json_atomic
+from mptrain.run.lock import RunDirError, RunLock
 
 from .conftest import compose_config, run_cli, train
 
@@ -162,7 +155,7 @@ def test_torn_metrics_line_does_not_block_resume_auto(tmp_path):
 
 # ---- 5. one run per directory -------------------------------------------------------------------------------
 
-HOLD = ("import sys, time; from pathlib import Path; from mptrain.run.directory import RunLock; "
+HOLD = ("import sys, time; from pathlib import Path; from mptrain.run.lock import RunLock; "
         "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)")
 
 
@@ -202,7 +195,8 @@ FULL = """
 import resource, signal, sys
 from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
-from mptrain.checkpoint.callback import save_atomic, CheckpointError
+from mptrain.checkpoint.files import save_atomic
+from mptrain.errors import CheckpointError
 from tests.test_reliability import fake_checkpoint
 d = Path(sys.argv[1])
 save_atomic(fake_checkpoint(step=1), d / "last.pt")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from mptrain.checkpoint.callback import Interrupted
+from mptrain.checkpoint.signals import Interrupted
 from mptrain.library.tasks import Task
 
 from .conftest import REPO, read_jsonl, run_cli, train

@@ -1,68 +1,31 @@
-"""Checkpoint files: what is in them, how they are written (atomically, finite only, with the user's umask)
-and read (weights_only=True, with every field resume uses checked), and which ones a run holds.
+"""Checkpoint files: how they are written (atomically, finite only, through the run's one atomic writer) and
+read (weights_only=True, with every field resume uses checked), and which ones a run holds.
 
 Files in <run>/checkpoints/: last.pt (newest), step_<N>.pt (the newest `keep_last`), best.pt (by
 `checkpoint.monitor`); sharded/step_<N>/ under FSDP. A save writes a temp file in the same directory, fsyncs it
 and renames it over the old one, so a crash or `kill -9` at any moment leaves the previous checkpoint readable.
-The checkpointer that decides when to save, and resume, live in checkpoint.py.
+What a checkpoint holds is contents.py's; when to save is callback.py's; resume is resume.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import random
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mptrain import __version__
-from mptrain.errors import MptrainError
-from mptrain.run.directory import umask_mode
+from mptrain.checkpoint.contents import FORMAT_VERSION, check_structure
+from mptrain.errors import CheckpointError
+from mptrain.run.layout import LAST, SHARDED, SHARDED_STEP_RE, STEP_CKPT_RE, write_atomic
 
 log = logging.getLogger("mptrain")
 
-FORMAT_VERSION = 1
-STEP_FILE = re.compile(r"step_(\d+)\.pt$")
-
-
-class CheckpointError(MptrainError):
-    """A checkpoint cannot be read, does not fit, or cannot be written."""
 
 
 
-# ---- RNG -----------------------------------------------------------------------------------------
-
-def capture_rng() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states, as plain containers."""
-    version, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    rng = {
-        "python": [version, list(state), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def restore_rng(rng: dict) -> None:
-    version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# ---- finiteness ----------------------------------------------------------------------------------
 
 def _float_tensors(tree: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor):
@@ -129,27 +92,9 @@ def save_atomic(obj: Any, path: Path, also: Path | None = None, check: bool = Tr
     treats linked names as one file (see find_resumable)."""
     if check and isinstance(obj, dict) and "model" in obj:
         check_finite(obj, f"not saving {path.name}")
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, umask_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if also is not None:
-            also.unlink(missing_ok=True)
-            os.link(tmp, also)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, lambda f: torch.save(obj, f), also=also)
     except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and isinstance(cause, OSError)):
             reason = getattr(cause, "strerror", None) or str(e).splitlines()[0]
@@ -231,46 +176,13 @@ def _refuse_code(path: Path) -> None:
                               "mptrain checkpoints never hold code. Use a checkpoint written by mptrain")
 
 
-# the fields a resume reads, with the types it needs (a crafted file must fail here, with one line)
-STRUCTURE = {
-    "format_version": int, "config": dict, "train_state": dict, "precision": dict, "scheduler": dict,
-    "rng": dict,
-}
-TRAIN_STATE = {"step": int, "epoch": int, "step_in_epoch": int, "samples": int}
-
-
-def check_structure(ckpt: dict, path: Path) -> None:
-    """The fields resume uses exist and have the right types; model/optimizer hold tensors."""
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path} is malformed: {what}; it was not written by this mptrain "
-                               "or was edited. Use another checkpoint or resume=auto")
-
-    for key, kind in STRUCTURE.items():
-        if key not in ckpt:
-            raise bad(f"no {key!r}")
-        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
-            raise bad(f"{key!r} is {type(ckpt[key]).__name__}, not {kind.__name__}")
-    for key, kind in TRAIN_STATE.items():
-        value = ckpt["train_state"].get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
-            raise bad(f"train_state.{key} is {value!r}, not a non-negative {kind.__name__}")
-    if "model" in ckpt:
-        model = ckpt["model"]
-        if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in model.items()):
-            raise bad("'model' is not a dict of named tensors")
-        opt = ckpt.get("optimizer")
-        if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
-            raise bad("'optimizer' is not an optimizer state_dict (state, param_groups)")
-
-
 def candidates(ckpt_dir: Path) -> list[Path]:
     """Checkpoints in a run, newest first: last.pt, then step_<N>.pt by N descending."""
     if not ckpt_dir.is_dir():
         return []
-    steps = sorted((p for p in ckpt_dir.iterdir() if STEP_FILE.match(p.name)),
-                   key=lambda p: int(STEP_FILE.match(p.name).group(1)), reverse=True)
-    last = ckpt_dir / "last.pt"
+    steps = sorted((p for p in ckpt_dir.iterdir() if STEP_CKPT_RE.match(p.name)),
+                   key=lambda p: int(STEP_CKPT_RE.match(p.name).group(1)), reverse=True)
+    last = ckpt_dir / LAST
     return ([last] if last.is_file() else []) + steps
 
 
@@ -295,14 +207,12 @@ def find_resumable(ckpt_dir: Path) -> tuple[Path, dict] | None:
     return best
 
 
-SHARDED_DIR = "sharded"
-STEP_DIR = re.compile(r"step_(\d+)$")
 
 
 def sharded_complete(ckpt_dir: Path) -> list[Path]:
     """Committed sharded (FSDP) checkpoints (those with DCP's .metadata), newest first."""
-    root = ckpt_dir / SHARDED_DIR
+    root = ckpt_dir / SHARDED
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+    found = [p for p in root.iterdir() if SHARDED_STEP_RE.match(p.name) and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: int(SHARDED_STEP_RE.match(p.name).group(1)), reverse=True)

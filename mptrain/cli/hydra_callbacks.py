@@ -9,7 +9,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mptrain.run.directory import RunDirError, check_usable
+from mptrain.run.directory import check_usable
+from mptrain.run.lock import RunDirError
 
 
 class CheckRunDir(Callback):

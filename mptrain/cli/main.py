@@ -8,52 +8,21 @@ import math
 import os
 import signal
 import sys
-import sysconfig
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mptrain.checkpoint.callback import Interrupted
-from mptrain.cli.help import config_groups
-from mptrain.config import register_configs, validate
+from mptrain.cli.register import CONFIG_NAME, register
+from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
-from mptrain.run.directory import RunDir, committed, write_hydra_records
+from mptrain.run.directory import RunDir, write_hydra_records
+from mptrain.run.layout import SUMMARY, write_json_atomic
 
 log = logging.getLogger("mptrain")
-
-
-def config_dir() -> str:
-    """conf/ inside the installed package (wheel), else the repository's top-level conf/ (source tree)."""
-    here = Path(__file__).resolve().parent.parent  # the mptrain package
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"mptrain's conf/ was not found next to {here}; reinstall mptrain")
-
-
-def run_name() -> str:
-    """The run directory's name: <time>-<pid>, which keeps two runs started in the same second apart.
-    Under torchrun every rank must agree on one directory (and ranks may start in different seconds),
-    so the launcher's run id names it there: torchrun-<run id>."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id:
-        return f"torchrun-{run_id[:13]}"
-    return f"{datetime.now():%H-%M-%S}-{os.getpid()}"
-
-
-def python_stdlib(name: str) -> str:
-    """A file of this Python's standard library (e.g. LICENSE.txt): real text present on every machine."""
-    return str(Path(sysconfig.get_paths()["stdlib"]) / name)
-
-
-def sweep_direction(metric: str | None) -> str:
-    """Optuna's direction for a summary metric: losses and perplexities down, the rest (accuracy) up."""
-    return "minimize" if metric and metric.rsplit("/", 1)[-1] in ("loss", "ppl", "train_loss") else "maximize"
 
 
 def objective(cfg: DictConfig, summary: dict) -> float | None:
@@ -80,23 +49,6 @@ def check_sweeper_installed(argv: list[str]) -> None:
             sys.exit(2)
 
 
-def register_sweeper() -> None:
-    """Name our sweeper to Hydra: it finds plugins by scanning hydra_plugins' folders, which misses an
-    editable install's (a setuptools path hook, not a folder)."""
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.mptrain_sweeper import OptunaSweeper
-
-    Plugins.instance().register(OptunaSweeper)
-
-
-register_configs()
-OmegaConf.register_new_resolver("mptrain_run_name", run_name, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("python_stdlib", python_stdlib, replace=True)
-OmegaConf.register_new_resolver("mptrain_direction", sweep_direction, replace=True)
-OmegaConf.register_new_resolver("mptrain_help_groups", config_groups, replace=True)
-
-
 @dataclass
 class SweepOutcome:
     """What the jobs of one `mptrain` invocation tell each other and the exit code (one per process
@@ -121,14 +73,13 @@ def _minimal_summary(cfg: DictConfig, status: str, error: str) -> dict:
 def _record_unrun_job(cfg: DictConfig, job: RunDir, status: str, error: str) -> None:
     """A sweep job that did not train still gets .hydra records and a summary, so mptrain-compare lists it.
     Only into a directory that held nothing before (a fresh sweep job's): a refused run changes no records."""
-    from mptrain.run.writer import write_json_atomic
-
     write_hydra_records(job.path, cfg, job.hydra_cfg)
-    write_json_atomic(job.path / "summary.json", _minimal_summary(cfg, status, error))
+    write_json_atomic(job.path / SUMMARY, _minimal_summary(cfg, status, error))
 
 
 def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
-    from mptrain.run.writer import print_config_tree, print_summary
+    from mptrain.checkpoint.signals import Interrupted  # the run's modules import torch: only now
+    from mptrain.train.callbacks.console import print_config_tree, print_summary
     from mptrain.train.recipe import run
 
     hc = HydraConfig.get()
@@ -150,9 +101,9 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
                 if main_rank:
                     print_config_tree(cfg, dict(hc.runtime.choices), list(hc.overrides.task))
                 log.info("run directory: %s", run_dir)
-                summary = run(cfg, run_dir)
+                summary = run(cfg, job if job is not None else run_dir)
             except MptrainError as e:
-                if multirun and job is not None and was_empty and not committed(run_dir):
+                if multirun and job is not None and was_empty and not job.committed:
                     status = "interrupted" if isinstance(e, (Interrupted, SweepStopped)) else "failed"
                     _record_unrun_job(cfg, job, status, str(e))
                 raise
@@ -210,6 +161,11 @@ def exit_at_once(message: str) -> None:
 
 
 def main() -> None:
+    # PyTorch's CPU allocator backs buffers of 2 MB and more with transparent huge pages only when this is set,
+    # and reads it once, at its first allocation: so it is set here, before the run imports torch (this module
+    # does not). On the development VM it made CPU training steps faster and run-to-run speed far steadier
+    # (page faults per step fell ~10x; docs/benchmarks.md). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         _main()
     finally:
@@ -226,10 +182,10 @@ def _main() -> None:
         return _job(cfg, outcome)
 
     check_sweeper_installed(sys.argv[1:])
-    register_sweeper()
+    conf = register()
     try:
         check_config_dirs(sys.argv[1:])
-        hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(mptrain_job)()
+        hydra.main(version_base="1.3", config_path=conf, config_name=CONFIG_NAME)(mptrain_job)()
     except MptrainError as e:
         print(f"mptrain: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -31,7 +31,7 @@ from mptrain.diagnostics.stats import (
 from mptrain.diagnostics.trace import trace_overflow
 from mptrain.errors import ConfigError
 from mptrain.precision import fp8
-from mptrain.run.layout import json_safe
+from mptrain.run.layout import DIAGNOSTICS, json_safe
 
 log = logging.getLogger("mptrain")
 
@@ -51,7 +51,7 @@ class Diagnostics:
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
         self.hypothetical = precision.compute_dtype != torch.float16 or precision.mode == "fp32"
-        self.path = Path(run_dir) / "diagnostics.jsonl"
+        self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
             self._write({"event": "meta", "bins": BIN_LABELS, "exponents": EXPONENTS,

@@ -9,19 +9,11 @@ from types import SimpleNamespace
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mptrain.precision.bf16_pure import build_pure_bf16_optimizer
 
-
-def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter], bf16_update: str | None = None,
-                    seed: int | None = None, bf16_compile: bool = False) -> torch.optim.Optimizer:
-    """SGD or AdamW over `params` (the FP32 master copies in `master` mode).
-
-    `bf16_update` (precision=bf16_pure, from `Precision.optimizer_options()`): the same rule computed in
-    fp32 from bf16 state and rounded nearest|stochastic|kahan; `seed` seeds its stochastic rounding
-    (default: the run seed); `bf16_compile` compiles its per-tensor update (precision.compile_update)."""
+def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD or AdamW over `params` (the FP32 master copies in `master` mode). precision=bf16_pure builds its
+    own (Precision.build_optimizer)."""
     params = list(params)
-    if bf16_update is not None:
-        return build_pure_bf16_optimizer(cfg, params, bf16_update, seed, compile=bf16_compile)
 
     def make(**impl) -> torch.optim.Optimizer:
         if cfg.name == "sgd":
@@ -64,12 +56,10 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_ste
 
 
 class MultiOptimizer:
-    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two).
-    `params[name]` are the tensors each one updates (the precision step needs them)."""
+    """Several named optimizers behind one object for the loop and checkpoints (a GAN's two)."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
 
     @property
     def param_groups(self) -> list[dict]:

@@ -266,8 +266,7 @@ class PureBf16SGD(PureBf16Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  update: str = "nearest", seed: int | None = None, compile: bool = False):
-        if nesterov and momentum <= 0:
-            raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
+        # nesterov without momentum is refused by the schema (OptimizerConfig), before anything is built
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay},
                          update, seed, compile)
 

@@ -21,7 +21,9 @@ from torch import nn
 
 from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
+from mptrain.library.optim import build_optimizer
 from mptrain.precision import fp8
+from mptrain.precision.bf16_pure import build_pure_bf16_optimizer
 from mptrain.precision.master import MasterWeights, cast_model
 from mptrain.precision.scaler import LossScaler, SwitchToBF16
 
@@ -191,12 +193,12 @@ class Precision:
             return self.master.params_for(module)
         return [p for p in module.parameters() if p.requires_grad]
 
-    def optimizer_options(self) -> dict:
-        """Keyword arguments for optim.build_optimizer: bf16_pure's update rule (and compile_update when set),
-        else none."""
+    def build_optimizer(self, cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+        """The `optimizer=` group's optimizer over `params` (optimizer_params()): PyTorch's, or under bf16_pure
+        the same rule computed in fp32 from bf16 state, rounded by precision.update."""
         if self.mode != "bf16_pure":
-            return {}
-        return {"bf16_update": self.update, **({"bf16_compile": True} if self.compile_update else {})}
+            return build_optimizer(cfg, params)
+        return build_pure_bf16_optimizer(cfg, list(params), self.update, compile=self.compile_update)
 
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:

@@ -1,8 +1,13 @@
-"""The one JSONL reader for run files (metrics.jsonl, diagnostics.jsonl), and what makes a record JSON-safe.
+"""The run directory's contract (docs/design.md; README "The run directory"): every file name, the one atomic writer, the one JSONL reader.
 
-A process killed mid-write can leave a torn final line: it is dropped with a warning, since the
-checkpoint that a resume continues from never covers it. A bad line anywhere else means the file
-was edited or damaged, and is an error naming the file and the line.
+No module outside mptrain/run spells a run-directory file name: they import these constants. The atomic
+writer (`write_atomic`) is the only way a run file is replaced: a temp file in the same directory, fsynced,
+given the mode an ordinary new file gets (0666 & ~umask), renamed over the old file, and the directory fsynced,
+so a crash or kill -9 at any moment leaves the old file or the new one, never half of either.
+
+The JSONL reader (`read_jsonl`): a process killed mid-write can leave a torn final line; it is dropped with a
+warning, since the checkpoint that a resume continues from never covers it. A bad line anywhere else means the
+file was edited or damaged, and is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -10,22 +15,131 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 from mptrain.errors import MptrainError
 
 log = logging.getLogger("mptrain")
 
+# ---- the files of a run directory ------------------------------------------------------------------
+HYDRA_DIR = ".hydra"                      # Hydra's records of what the run was started with
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"
+LOCK = ".lock"                            # the running process's flock
+TRAIN_LOG = "train.log"
+METRICS = "metrics.jsonl"                 # one row per logged step and per validation
+DIAGNOSTICS = "diagnostics.jsonl"         # one row per sampled diagnostics step
+SUMMARY = "summary.json"                  # the run's final figures
+CHECKPOINTS = "checkpoints"               # last.pt, step_<N>.pt, best.pt; sharded/step_<N>/ under FSDP
+LAST, BEST = "last.pt", "best.pt"
+STEP_CKPT = "step_{}.pt"                  # checkpoints/step_<N>.pt (the newest checkpoint.keep_last)
+STEP_CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+SHARDED = "sharded"                       # checkpoints/sharded/step_<N>/: DCP's shards + SHARDED_EXTRA
+SHARDED_STEP = "step_{}"
+SHARDED_STEP_RE = re.compile(r"step_(\d+)$")
+SHARDED_EXTRA = "extra.pt"
+DIVERGED = "diverged"                     # checkpoints/diverged/: written after the last finite loss
+TENSORBOARD = "tensorboard"
+PROFILE = "profile"                       # debug=profile's traces and top_ops.txt
+REPORT = "report"                         # mptrain-report's PNGs
+ADVICE = "advice.json"                    # mptrain-advise's verdict
+MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
+PREVIOUS = "previous_{}"                  # an earlier attempt's records, set aside by a fresh start
+ATTEMPT = "attempt_{}"                    # .hydra/attempt_<k>/: what an earlier attempt ran with
+# of a sweep directory
+OPTUNA_DB = "optuna.db"
+COMPARISON = ("comparison.md", "comparison.csv", "comparison.png")  # mptrain-compare's outputs
+COMPARISON_ARTIFACTS = "comparison"       # their folder among a tracked run's MLflow artifacts
+REPORT_ARTIFACTS = "report"
 
-def json_safe(value):
+# files a run writes step by step: cut back on resume, set aside (previous_<k>/) on a fresh start
+STEP_RECORDS = (METRICS, DIAGNOSTICS)
+SET_ASIDE = (*STEP_RECORDS, SUMMARY, TENSORBOARD, CHECKPOINTS, REPORT, ADVICE)
+
+
+class OutputError(MptrainError):
+    """A run file cannot be written (disk full, permission denied)."""
+
+
+def umask_mode() -> int:
+    """The mode an ordinary new file gets, 0666 less the umask (mkstemp makes its files 0600).
+    Read from /proc: setting the umask to read it would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_files(directory: Path, name: str = "*") -> list[Path]:
+    """The temp files `write_atomic` leaves only when killed mid-write (`.<name>.<random>.tmp`)."""
+    return list(Path(directory).glob(f".{name}.*.tmp"))
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], also: Path | None = None,
+                 mode: int | None = None) -> None:
+    """Replace `path` with what `write(file)` writes, atomically (see the module docstring).
+    `also`: a second name, hard-linked to the same file (a copy would double the write). `mode`: the file's
+    permission bits (default: an ordinary new file's). An OSError propagates; the temp file is removed."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, umask_mode() if mode is None else mode)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if also is not None:
+            also.unlink(missing_ok=True)
+            os.link(tmp, also)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_safe(value: Any) -> Any:
     """Non-finite floats become null at any depth (JSON has no inf/NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """A JSON file (summary.json, advice.json, ...) through the atomic writer. A write that fails (disk full,
+    no permission) raises OutputError naming the path and the cause."""
+    text = (json.dumps(json_safe(data), indent=2) + "\n").encode()
+    try:
+        write_atomic(path, lambda f: f.write(text))
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def rewrite_jsonl(path: Path, rows: list[dict]) -> None:
+    """Replace a JSONL file's rows (a resume cutting it back), keeping the file's own mode."""
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    write_atomic(path, lambda f: f.write(text), mode=path.stat().st_mode & 0o777)
 
 
 class JsonlError(MptrainError):

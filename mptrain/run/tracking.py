@@ -13,17 +13,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from mptrain.errors import ConfigError
-from mptrain.run.writer import write_json_atomic
+from mptrain.run.layout import MLFLOW, SUMMARY, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
 MISSING_MESSAGE = "logger=mlflow needs mlflow: pip install mptrain[mlflow]"
-RUN_FILE = "mlflow.json"
+RUN_FILE = MLFLOW
 # mptrain's summary status -> MLflow's run status
 RUN_STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
@@ -35,6 +34,12 @@ def check_available() -> None:
         import mlflow  # noqa: F401
     except ImportError:
         raise ConfigError(MISSING_MESSAGE) from None
+
+
+def check_trackers(cfg) -> None:
+    """Refuse, before the run directory changes, a tracker (logger=) whose package is missing."""
+    if cfg is not None and cfg.get("name") == "mlflow":
+        check_available()
 
 
 def default_store() -> Path:
@@ -196,11 +201,7 @@ class MLflowLogger:
         for key, value in summary.items():
             if isinstance(value, str):
                 self.client.set_tag(self.run_id, f"summary.{key}", value[:5000])
-        self.client.log_dict(self.run_id, summary, "summary.json")
-
-    def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.client.log_dict(self.run_id, summary, SUMMARY)
 
     def close(self, status: str | None = None) -> None:
         """End the MLflow run with the summary's status (completed/failed/interrupted)."""

@@ -22,7 +22,6 @@ The rule (pure functions below; docs/diagnostics.md walks through it):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import yaml
 
 from mptrain.diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN, ZERO
 from mptrain.errors import MptrainError
-from mptrain.run.layout import json_safe
+from mptrain.run.layout import ADVICE, DIAGNOSTICS, OVERRIDES, read_jsonl, write_json_atomic
 
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
@@ -201,20 +200,12 @@ def update_fractions(hist: list[int]) -> dict:
 # ---- reading a run ---------------------------------------------------------------------------------
 
 def read_diagnostics(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """(meta, sample rows with gradients, overflow rows). A torn final line is skipped."""
-    path = run_dir / "diagnostics.jsonl"
+    """(meta, sample rows with gradients, overflow rows)."""
+    path = run_dir / DIAGNOSTICS
     if not path.is_file():
-        raise NoDiagnostics(f"{run_dir} has no diagnostics.jsonl; probe it first: "
+        raise NoDiagnostics(f"{run_dir} has no {DIAGNOSTICS}; probe it first: "
                             "mptrain precision=fp32 trainer.max_steps=50 diagnostics.every=1")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # torn by an interrupted write
-            raise NoDiagnostics(f"{path}: line {i + 1} is not JSON") from None
+    rows = read_jsonl(path)  # a torn final line is dropped with a warning; a damaged one before it is an error
     meta = next((r for r in rows if r.get("event") == "meta"), {})
     samples = [r for r in rows if r.get("event") == "sample" and "grads" in r]
     if not samples:
@@ -377,7 +368,7 @@ def render(advice: dict, command: str | None = None) -> list[str]:
 
 def run_command(run_dir: Path, overrides: list[str]) -> str | None:
     """`mptrain` with the run's own overrides (less precision, diagnostics, hydra, resume) plus the advice."""
-    path = run_dir / ".hydra" / "overrides.yaml"
+    path = run_dir / OVERRIDES
     if not path.is_file():
         return None
     own = yaml.safe_load(path.read_text()) or []
@@ -394,15 +385,13 @@ def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
     advice = advise(*read_diagnostics(run_dir))
     advice["command"] = run_command(run_dir, advice["recommended_overrides"])
     lines = render(advice, advice["command"])
-    tmp = run_dir / "advice.json.tmp"
-    tmp.write_text(json.dumps(json_safe(advice), indent=1) + "\n")
-    tmp.replace(run_dir / "advice.json")
+    write_json_atomic(run_dir / ADVICE, advice)
     return advice, lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mptrain-advise", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run directory with diagnostics.jsonl")
+    parser.add_argument("run_dir", type=Path, help=f"a run directory with {DIAGNOSTICS}")
     args = parser.parse_args(argv)
     try:
         _, lines = advise_run(args.run_dir)

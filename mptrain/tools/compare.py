@@ -23,7 +23,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from mptrain.run.layout import read_jsonl
+from mptrain.run.layout import (
+    COMPARISON,
+    COMPARISON_ARTIFACTS,
+    METRICS,
+    OPTUNA_DB,
+    OVERRIDES,
+    SUMMARY,
+    read_jsonl,
+)
 from mptrain.run.tracking import log_to_recorded_run
 
 SEED_KEYS = ("seed", "trainer.seed")
@@ -85,19 +93,19 @@ def find_jobs(paths: list[Path]) -> list[Job]:
     """Every job directory (one holding .hydra/overrides.yaml) under the given paths."""
     dirs: list[Path] = []
     for p in paths:
-        if (p / ".hydra" / "overrides.yaml").is_file():
+        if (p / OVERRIDES).is_file():
             dirs.append(p)
         elif p.is_dir():
-            dirs += sorted((d.parent.parent for d in p.glob("**/.hydra/overrides.yaml")),
+            dirs += sorted((d.parent.parent for d in p.glob(f"**/{OVERRIDES}")),
                            key=lambda d: (len(d.parts), int(d.name) if d.name.isdigit() else 0, str(d)))
     if not dirs:
         raise SystemExit(f"mptrain-compare: error: no runs under {', '.join(map(str, paths))} "
                          "(a run holds .hydra/overrides.yaml); pass a multirun directory or run directories")
     jobs = []
     for d in dirs:
-        overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []
-        summary, status = read_summary(d / "summary.json")
-        metrics = read_jsonl(d / "metrics.jsonl", skip_damaged=True) if (d / "metrics.jsonl").is_file() else []
+        overrides = yaml.safe_load((d / OVERRIDES).read_text()) or []
+        summary, status = read_summary(d / SUMMARY)
+        metrics = read_jsonl(d / METRICS, skip_damaged=True) if (d / METRICS).is_file() else []
         jobs.append(Job(d, [str(o) for o in overrides], summary, status, metrics=metrics))
     return jobs
 
@@ -119,7 +127,7 @@ def read_summary(path: Path) -> tuple[dict | None, str]:
 
 def optuna_trials(sweep_dir: Path) -> tuple[str, dict[int, dict]] | None:
     """(direction, {number: trial}) of the Optuna study kept in sweep_dir/optuna.db, if any."""
-    db = sweep_dir / "optuna.db"
+    db = sweep_dir / OPTUNA_DB
     if not db.is_file():
         return None
     try:
@@ -268,17 +276,18 @@ def fmt(v: object, digits: int = 4) -> str:
 
 def write_outputs(out_dir: Path, table_rows: list[dict], groups: list[Group], metric: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    md_name, csv_name, png_name = COMPARISON
     cols = list(table_rows[0].keys())
-    with open(out_dir / "comparison.csv", "w", newline="") as f:
+    with open(out_dir / csv_name, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(table_rows)
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table_rows:
         md.append("| " + " | ".join(fmt(r[c]) for c in cols) + " |")
-    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
-    plot(out_dir / "comparison.png", groups, table_rows, metric)
-    return [out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "comparison.png"]
+    (out_dir / md_name).write_text("\n".join(md) + "\n")
+    plot(out_dir / png_name, groups, table_rows, metric)
+    return [out_dir / name for name in COMPARISON]
 
 
 def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -> None:
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     written = write_outputs(out_dir, table_rows, groups, metric)
     for p in written:
         console.print(f"wrote {p}")
-    tracked = [j for j in jobs if log_to_recorded_run(j.path, written, "comparison")]
+    tracked = [j for j in jobs if log_to_recorded_run(j.path, written, COMPARISON_ARTIFACTS)]
     if tracked:  # logger=mlflow jobs get the comparison they are part of
         console.print(f"logged the comparison to {len(tracked)} MLflow runs")
 

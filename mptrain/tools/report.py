@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mptrain.diagnostics.stats import EXPONENTS
-from mptrain.run.layout import read_jsonl
+from mptrain.run.layout import DIAGNOSTICS, METRICS, REPORT, REPORT_ARTIFACTS, read_jsonl
 from mptrain.run.tracking import log_to_recorded_run
 
 
@@ -30,7 +30,7 @@ class NotARun(Exception):
 
 
 def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    metrics, diag = run_dir / "metrics.jsonl", run_dir / "diagnostics.jsonl"
+    metrics, diag = run_dir / METRICS, run_dir / DIAGNOSTICS
     if not run_dir.is_dir() or not metrics.is_file():
         raise NotARun(f"{run_dir} is not an mptrain run directory (no metrics.jsonl); pass outputs/<date>/<time>-<id>")
     if not diag.is_file():
@@ -262,7 +262,7 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     samples = [r for r in diag if r.get("event") == "sample"]
     if not samples:
         raise NotARun(f"{run_dir}/diagnostics.jsonl has no sampled steps yet; run longer or lower diagnostics.every")
-    out = run_dir / "report"
+    out = run_dir / REPORT
     out.mkdir(exist_ok=True)
     paths = [out / "activation_gradients.png", out / "loss_scale.png", out / "underflow_heatmap.png",
              out / "update_underflow.png"]
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         paths = make_report(args.run_dir)
-        if log_to_recorded_run(args.run_dir, paths, "report"):  # a logger=mlflow run gets the PNGs too
+        if log_to_recorded_run(args.run_dir, paths, REPORT_ARTIFACTS):  # a logger=mlflow run gets the PNGs too
             print(f"logged {len(paths)} files to the run's MLflow run")
     except NotARun as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)

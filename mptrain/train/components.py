@@ -1,4 +1,4 @@
-"""What a run builds once (DESIGN.md "Layers"): the model, its precision, optimizers, loaders, device.
+"""What a run builds once (docs/design.md): the model, its precision, optimizers, loaders, device.
 
 Nothing here changes during the run; counters, windows and metrics live in TrainState.
 """

@@ -1,7 +1,7 @@
 """The training loop and validation: free functions over ready-built components and the train state.
 
 What happens around a step (metric rows, checkpoints, stop signals, the console) is done by callbacks,
-each with the small interface of `Callback`.
+each with the small interface of `Callback` (train/callbacks/base.py).
 """
 
 from __future__ import annotations
@@ -13,19 +13,10 @@ import torch
 
 from mptrain.library.tasks import batch_size, checked_sums
 from mptrain.parallel.distributed import sum_across_ranks
+from mptrain.train.callbacks.base import Callback
 from mptrain.train.components import Components
 from mptrain.train.state import TrainState
-from mptrain.train.step import StepOutput, train_step
-
-
-class Callback:
-    """Called by the loop in the order given; each method may be left out."""
-
-    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
-        """After every optimizer step (counters already advanced)."""
-
-    def on_validation_end(self, c: Components, state: TrainState, metrics: dict) -> None:
-        """After a validation; `state.last_val` already holds `metrics`."""
+from mptrain.train.step import train_step
 
 
 def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), diagnostics=None,

@@ -18,28 +18,27 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mptrain import __version__
-from mptrain.checkpoint.callback import (
-    Checkpointer,
-    Interrupted,
-    NonFiniteCheckpoint,
-    StopSignals,
-    apply_checkpoint,
-    config_container,
-    resolve_resume,
-)
+from mptrain.checkpoint import sharded
+from mptrain.checkpoint.callback import Checkpointer
+from mptrain.checkpoint.files import NonFiniteCheckpoint
+from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolve_resume
+from mptrain.checkpoint.signals import Interrupted, StopSignals
 from mptrain.config import check_warmup
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
 from mptrain.library.models import conv_wgrad
-from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_optimizer, build_scheduler
+from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
 from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
-from mptrain.run.tracking import trackers
-from mptrain.run.writer import OutputError, RunWriter
-from mptrain.train.callbacks.metrics import Console, MetricsLogger
+from mptrain.run.directory import RunDir
+from mptrain.run.layout import OutputError
+from mptrain.run.tracking import check_trackers, trackers
+from mptrain.run.writer import RunWriter
+from mptrain.train.callbacks.console import Console
+from mptrain.train.callbacks.metrics import MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
 from mptrain.train.loop import fit
@@ -176,13 +175,12 @@ def build(cfg: DictConfig) -> Components:
     elif t.strategy == "fsdp":
         raise ConfigError("trainer.strategy=fsdp shards the model across processes: launch with torchrun "
                           "--nproc_per_node=N (N > 1)")
-    options = precision.optimizer_options()  # bf16_pure: its update rule
     if several:  # one optimizer per network, one loss scaler for all
-        parts = [Part(n, build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n)), **options),
+        parts = [Part(n, precision.build_optimizer(cfg.optimizer, precision.optimizer_params(getattr(model, n))),
                       precision.optimizer_params(getattr(model, n))) for n in task.parts]
         optimizer = MultiOptimizer({part.name: part.optimizer for part in parts})
     else:
-        optimizer = build_optimizer(cfg.optimizer, precision.optimizer_params(), **options)
+        optimizer = precision.build_optimizer(cfg.optimizer, precision.optimizer_params())
         parts = [Part("model", optimizer, precision.optimizer_params())]
     base_model = model
     if t.strategy == "ddp":
@@ -260,44 +258,50 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
     return summary
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train as the config says, recording everything in run_dir. Returns the summary.
+def run(cfg: DictConfig, run_dir: RunDir | Path) -> dict:
+    """Train as the config says, recording everything in the run directory. Returns the summary.
 
-    Nothing in run_dir is touched until the config, the checkpoint to resume from and the model have
-    all been checked. From then on summary.json is written whatever happens: completed, interrupted
-    (a stop signal, after a checkpoint) or failed.
+    `run_dir`: the CLI's RunDir (locked, with the Hydra records to write), or a plain path (tests, scripts).
+    Nothing in it is touched until the config, the checkpoint to resume from and the model have all been
+    checked; then `RunDir.commit` is called, here and only here. From then on summary.json is written whatever
+    happens: completed, interrupted (a stop signal, after a checkpoint) or failed.
     """
+    job = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_dir = job.path
     start = time.perf_counter()
+    check_trackers(cfg.get("logger"))  # a tracker that cannot run is refused before anything else
     config = config_container(cfg)
     resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
     c = build(cfg)
     try:
-        return _run(cfg, run_dir, config, resume, c, start)
+        return _run(cfg, job, config, resume, c, start)
     finally:
         distributed.teardown(c.dist)
         if cfg.trainer.compile:
             torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
 
 
-def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, start: float) -> dict:
-    t = cfg.trainer
+def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, start: float) -> dict:
+    t, run_dir = cfg.trainer, job.path
     distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, c.dist)
     state = TrainState().to(c.device)
     if resume is not None:
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
-            ckpt = fsdp.load(c, path)
+            ckpt = sharded.load(c, path)
         apply_checkpoint(c, state, ckpt, path, config)
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model)
     signals = StopSignals()  # handlers are installed around fit() only
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
-                                save_sharded=fsdp.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
+                                save_sharded=sharded.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
     # connects to the tracker: one that cannot be used is refused here
     sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
-    # every check has passed: only now does the run directory change (RunWriter commits it; rank 0 writes)
-    writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=state.step if resume is not None else None,
-                       enabled=c.is_main)
+    # every check has passed: only now does the run directory change (rank 0 writes it)
+    resume_step = state.step if resume is not None else None
+    if c.is_main:
+        job.commit(resume_step)
+    writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=resume_step, enabled=c.is_main)
     for sink in sinks:
         sink.start()
     writer.sinks += sinks
@@ -338,9 +342,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume, c: Components, st
             error = repr(e)
             raise
         finally:
-            console.close()
-            if profiler is not None:
-                profiler.close()
+            for callback in callbacks:
+                callback.close()
             summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
             try:
                 writer.write_summary(summary)

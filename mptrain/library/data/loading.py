@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from mptrain.config import DigitsDatasetConfig as DIGITS
+from mptrain.config import SyntheticDatasetConfig as SYN
+
 
 @dataclass
 class Datasets:
@@ -37,11 +40,11 @@ def as_datasets(obj: object) -> Datasets:
 
 
 def digits(
-    name: str = "digits",
-    num_classes: int = 10,
-    channels: int = 1,
-    image_size: int = 8,
-    val_fraction: float = 0.2,
+    name: str = DIGITS.name,
+    num_classes: int = DIGITS.num_classes,
+    channels: int = DIGITS.channels,
+    image_size: int = DIGITS.image_size,
+    val_fraction: float = DIGITS.val_fraction,
 ) -> Datasets:
     """scikit-learn's 8x8 digits, standardised with the training split's mean and std.
 
@@ -93,13 +96,13 @@ class SyntheticImages(Dataset):
 
 
 def synthetic(
-    name: str = "synthetic",
-    num_classes: int = 10,
-    channels: int = 3,
-    image_size: int = 32,
-    train_size: int = 2048,
-    val_size: int = 512,
-    pool_size: int = 256,
+    name: str = SYN.name,
+    num_classes: int = SYN.num_classes,
+    channels: int = SYN.channels,
+    image_size: int = SYN.image_size,
+    train_size: int = SYN.train_size,
+    val_size: int = SYN.val_size,
+    pool_size: int = SYN.pool_size,
 ) -> Datasets:
     """Synthetic images; the data are fixed (seeded), whatever the run's seed."""
     return Datasets(

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from mptrain.config import SyntheticTokensConfig as TOK
+from mptrain.config import TextDatasetConfig as TXT
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
 
@@ -46,11 +48,11 @@ def tokenize(text: str, level: str, max_vocab: int) -> tuple[torch.Tensor, list[
         vocab = ["<unk>"] + [w for w, _ in Counter(words).most_common(max_vocab - 1)]
         index = {w: i for i, w in enumerate(vocab)}
         return torch.tensor([index.get(w, 0) for w in words], dtype=torch.long), vocab
-    raise ConfigError(f"dataset.level={level!r} is invalid: choose byte, char or word")
+    raise ValueError(f"unknown token level {level!r}")  # the schema (TextDatasetConfig) refuses it first
 
 
-def text(path: str, level: str = "char", seq_len: int = 64, val_fraction: float = 0.1, max_vocab: int = 10000,
-         vocab_size: int | None = None, name: str = "text") -> Datasets:
+def text(path: str, level: str = TXT.level, seq_len: int = TXT.seq_len, val_fraction: float = TXT.val_fraction,
+         max_vocab: int = TXT.max_vocab, vocab_size: int | None = None, name: str = TXT.name) -> Datasets:
     """Any local UTF-8 text file; the last val_fraction of it validates."""
     p = Path(path)
     if not p.is_file():
@@ -73,8 +75,8 @@ def text(path: str, level: str = "char", seq_len: int = 64, val_fraction: float 
                     facts={"vocab_size": vocab_size or len(vocab), "seq_len": seq_len})
 
 
-def synthetic_tokens(vocab_size: int = 64, seq_len: int = 64, train_tokens: int = 200_000, val_tokens: int = 20_000,
-                     name: str = "synthetic_tokens") -> Datasets:
+def synthetic_tokens(vocab_size: int = TOK.vocab_size, seq_len: int = TOK.seq_len, train_tokens: int = TOK.train_tokens,
+                     val_tokens: int = TOK.val_tokens, name: str = TOK.name) -> Datasets:
     """A learnable stream: each token is the previous one plus a step drawn from a skewed set, mod vocab."""
     g = torch.Generator().manual_seed(3)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torchvision
 from torchvision import transforms as T
 
+from mptrain.config import ImageFolderConfig as IF
+from mptrain.config import TorchvisionDatasetConfig as TV
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
 
@@ -33,8 +35,9 @@ CLASSES = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.dat
            "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
 
 
-def torchvision_dataset(name: str, root: str, download: bool = False, augment: bool = True,
-                        num_classes: int = 10, channels: int = 1, image_size: int = 28) -> Datasets:
+def torchvision_dataset(name: str, root: str = TV.root, download: bool = TV.download, augment: bool = TV.augment,
+                        num_classes: int = TV.num_classes, channels: int = TV.channels,
+                        image_size: int = TV.image_size) -> Datasets:
     """`name` in mnist, fashion_mnist, cifar10, cifar100, from `root` in torchvision's own layout."""
     if name not in CLASSES:
         raise ConfigError(f"dataset.name={name!r}: choose one of {', '.join(CLASSES)}")
@@ -75,8 +78,8 @@ class CheckedImageFolder(torchvision.datasets.ImageFolder):
         raise ConfigError(f"no image under {self.root} can be read; check dataset.root")
 
 
-def imagefolder(root: str, image_size: int = 224, num_classes: int | None = None, channels: int = 3,
-                name: str = "imagefolder") -> Datasets:
+def imagefolder(root: str = IF.root, image_size: int = IF.image_size, num_classes: int | None = IF.num_classes,
+                channels: int = IF.channels, name: str = IF.name) -> Datasets:
     """ImageNet layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, standard transforms.
     `num_classes` null: one class per folder of train/ (the model's num_classes follows, as a fact of the data)."""
     base = Path(root)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mptrain.config import DCGANConfig as DC
 from mptrain.errors import ConfigError
 from mptrain.library.tasks import Task
 
@@ -53,7 +54,7 @@ class DCGAN(nn.Module):
 
     task = "gan"
 
-    def __init__(self, channels: int = 1, image_size: int = 8, latent_dim: int = 64, width: int = 32):
+    def __init__(self, channels: int = 1, image_size: int = 8, latent_dim: int = DC.latent_dim, width: int = DC.width):
         super().__init__()
         if image_size < 8 or image_size & (image_size - 1):
             raise ConfigError(f"model=dcgan needs a power-of-two dataset.image_size >= 8, not {image_size}")

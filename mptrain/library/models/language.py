@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mptrain.config import GPTConfig as GPTC
+from mptrain.config import RecurrentLMConfig as LM
 from mptrain.errors import ConfigError
 
 
@@ -22,11 +24,10 @@ class RecurrentLM(nn.Module):
 
     task = "language_modeling"
 
-    def __init__(self, vocab_size: int, cell: str = "lstm", embed_dim: int = 128, hidden_dim: int = 256,
-                 num_layers: int = 2, dropout: float = 0.1, tie_weights: bool = False):
+    def __init__(self, vocab_size: int, cell: str = LM.cell, embed_dim: int = LM.embed_dim,
+                 hidden_dim: int = LM.hidden_dim, num_layers: int = LM.num_layers, dropout: float = LM.dropout,
+                 tie_weights: bool = LM.tie_weights):
         super().__init__()
-        if cell not in ("lstm", "gru"):
-            raise ConfigError(f"model.cell={cell!r} is invalid: choose lstm or gru")
         if tie_weights and embed_dim != hidden_dim:
             raise ConfigError(f"model.tie_weights=true needs model.embed_dim == model.hidden_dim ({embed_dim} != {hidden_dim})")
         self.embedding = nn.Embedding(vocab_size, embed_dim)
@@ -84,11 +85,9 @@ class GPT(nn.Module):
 
     task = "language_modeling"
 
-    def __init__(self, vocab_size: int, seq_len: int = 64, dim: int = 128, layers: int = 4, heads: int = 4,
-                 dropout: float = 0.1):
+    def __init__(self, vocab_size: int, seq_len: int = 64, dim: int = GPTC.dim, layers: int = GPTC.layers,
+                 heads: int = GPTC.heads, dropout: float = GPTC.dropout):
         super().__init__()
-        if dim % heads:
-            raise ConfigError(f"model.dim={dim} must be divisible by model.heads={heads}")
         self.seq_len = seq_len
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = nn.Embedding(seq_len, dim)

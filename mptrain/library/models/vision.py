@@ -8,6 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
+from mptrain.config import CNNModelConfig as CNN
+from mptrain.config import MLPModelConfig as MLPC
+from mptrain.config import TorchvisionModelConfig as TVM
 from mptrain.errors import ConfigError
 
 log = logging.getLogger("mptrain")
@@ -19,7 +22,7 @@ class SmallCNN(nn.Module):
     Small enough to train on digits in seconds on a CPU; big enough to reach ~98% there.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, dropout: float = 0.1,
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = CNN.width, dropout: float = CNN.dropout,
                  image_size: int | None = None):
         super().__init__()
         if image_size is not None and image_size < 2:  # the first block pools by 2
@@ -50,8 +53,8 @@ class MLP(nn.Module):
     CPUs with AVX512-FP16/AMX, so this is the model for fp16 experiments on a CPU. A small
     `init_gain` makes gradients shrink by about that factor per layer on the way back."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, width: int = 64,
-                 depth: int = 4, init_gain: float = 1.0):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, width: int = MLPC.width,
+                 depth: int = MLPC.depth, init_gain: float = MLPC.init_gain):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         sizes = [in_channels * image_size * image_size] + [width] * depth
@@ -71,8 +74,8 @@ def torchvision_model(
     name: str,
     num_classes: int | None,
     in_channels: int = 3,
-    weights: str | None = None,
-    small_input: bool = False,
+    weights: str | None = TVM.weights,
+    small_input: bool = TVM.small_input,
     image_size: int | None = None,
 ) -> nn.Module:
     """Build torchvision's classification model `name` with a head of `num_classes` outputs.

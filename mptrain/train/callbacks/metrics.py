@@ -1,62 +1,21 @@
-"""Callbacks around the step: metric rows (with the divergence check) and the console.
-
-The checkpointer (checkpoint.py) and the stop signals it honours are callbacks too.
-"""
+"""Metric rows: one every log_every steps and one per validation, with the divergence check."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import sys
-from collections.abc import Iterator
 
 import torch
-from tqdm import tqdm
 
 from mptrain.errors import Diverged
 from mptrain.run.writer import RunWriter
+from mptrain.train.callbacks.base import Callback
+from mptrain.train.callbacks.console import Console
 from mptrain.train.components import Components
-from mptrain.train.loop import Callback
 from mptrain.train.state import TrainState
 from mptrain.train.step import StepOutput
 
 log = logging.getLogger("mptrain")
-
-
-class Console(Callback):
-    """One display: on a terminal, a progress bar with log lines printed above it (never into it); elsewhere
-    (CI, SLURM, `| tee`) no animation, one plain line per metrics row."""
-
-    def __init__(self, enabled: bool = True, total: int = 0, initial: int = 0):
-        self.interactive = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False, disable=not self.interactive)
-
-    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
-        self.bar.update(1)
-
-    def row(self, row: dict) -> None:
-        """Show a metrics row: in the bar's postfix on a terminal, else as one log line."""
-        if self.interactive:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
-                                 refresh=False)
-        else:
-            norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
-            log.info("step %d  loss %.4f  lr %.3g  scale %g%s", row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
-
-    @contextlib.contextmanager
-    def logging_above(self) -> Iterator[None]:
-        """Route console log lines through tqdm.write while the bar is shown (file handlers untouched)."""
-        if not self.interactive:
-            yield
-            return
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-            yield
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class MetricsLogger(Callback):

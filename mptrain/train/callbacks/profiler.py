@@ -14,7 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
 from mptrain.errors import TrainingFailed
-from mptrain.train.loop import Callback
+from mptrain.run.layout import PROFILE
+from mptrain.train.callbacks.base import Callback
 
 log = logging.getLogger("mptrain")
 
@@ -29,7 +30,7 @@ class ProfileSteps(Callback):
 
     def __init__(self, cfg, run_dir: Path | str, device: torch.device | None = None):
         self.cfg = cfg
-        self.dir = Path(run_dir) / "profile"
+        self.dir = Path(run_dir) / PROFILE
         self.cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
         self.steps: list[int] = []  # the optimizer steps the profiler recorded
         self._seen = 0

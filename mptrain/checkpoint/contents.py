@@ -1,0 +1,100 @@
+"""What a checkpoint holds, stated once: the components' own state_dict()s plus a few plain fields.
+
+`gather` writes it, `check_structure` checks a file before anything reads it, and `load_into` loads it back
+(resume.py), all from the same lists. Everything is a plain container (tensors, numbers, strings, dicts), so
+`torch.load(..., weights_only=True)` reads it.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mptrain import __version__
+from mptrain.errors import CheckpointError
+
+FORMAT_VERSION = 1
+# the parts saved as their state_dict(), in the order a resume loads them (the model before the precision
+# state, whose fp32 master copy must replace the one cloned from the fresh model)
+PARTS = ("model", "precision", "optimizer", "scheduler", "train_state")
+WEIGHTS = ("model", "optimizer")  # a sharded (FSDP) checkpoint writes these through DCP instead
+STATEFUL = tuple(k for k in PARTS if k not in WEIGHTS)
+# plain fields, with the types a resume needs
+FIELDS = {"format_version": int, "config": dict, "rng": dict}
+TRAIN_STATE = {"step": int, "epoch": int, "step_in_epoch": int, "samples": int}
+
+
+def stateful(c: Any, state: Any) -> dict[str, Any]:
+    """Each checkpointed part of a run, by its key."""
+    return {"model": c.base_model, "optimizer": c.optimizer, "precision": c.precision, "scheduler": c.scheduler,
+            "train_state": state}
+
+
+def gather(c: Any, state: Any, config: dict, weights: bool = True) -> dict:
+    """Everything a resume needs; `weights=False` leaves out the model and optimizer (FSDP saves those sharded)."""
+    parts = stateful(c, state)
+    out: dict = {"format_version": FORMAT_VERSION, "mptrain_version": __version__,
+                 "torch_version": str(torch.__version__), "rng": capture_rng(), "config": config}
+    out.update({k: parts[k].state_dict() for k in STATEFUL})
+    if weights:
+        out["model"] = {k: v.detach().clone() for k, v in c.base_model.state_dict().items()}
+        out["optimizer"] = c.optimizer.state_dict()
+    return out
+
+
+def check_structure(ckpt: dict, path: Path) -> None:
+    """The fields resume uses exist and have the right types; model/optimizer hold tensors."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} is malformed: {what}; it was not written by this mptrain "
+                               "or was edited. Use another checkpoint or resume=auto")
+
+    for key, kind in {**FIELDS, **dict.fromkeys(STATEFUL, dict)}.items():
+        if key not in ckpt:
+            raise bad(f"no {key!r}")
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            raise bad(f"{key!r} is {type(ckpt[key]).__name__}, not {kind.__name__}")
+    for key, kind in TRAIN_STATE.items():
+        value = ckpt["train_state"].get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise bad(f"train_state.{key} is {value!r}, not a non-negative {kind.__name__}")
+    if "model" in ckpt:
+        model = ckpt["model"]
+        if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in model.items()):
+            raise bad("'model' is not a dict of named tensors")
+        opt = ckpt.get("optimizer")
+        if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+            raise bad("'optimizer' is not an optimizer state_dict (state, param_groups)")
+
+
+# ---- RNG -----------------------------------------------------------------------------------------
+
+def capture_rng() -> dict:
+    """Python, numpy, torch CPU and CUDA generator states, as plain containers."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {
+        "python": [version, list(state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ---- finiteness ----------------------------------------------------------------------------------

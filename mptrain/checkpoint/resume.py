@@ -1,0 +1,169 @@
+"""Resume: which checkpoint, checked against the run, loaded exactly; and what a changed config means."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mptrain.checkpoint.contents import PARTS, restore_rng, stateful
+from mptrain.checkpoint.files import (
+    CheckpointError,
+    candidates,
+    find_resumable,
+    load_file,
+    sharded_complete,
+)
+from mptrain.library.optim import MultiScheduler
+from mptrain.run.layout import CHECKPOINTS
+
+log = logging.getLogger("mptrain")
+
+# config keys that may differ on resume without changing the result of the steps already taken
+SAFE_TO_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.log_every", "trainer.eval_every",
+                  "trainer.progress_bar", "trainer.tensorboard", "trainer.device", "trainer.num_workers",
+                  "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly")
+WARN_IF_CHANGED = ("seed", "trainer.seed", "precision.")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+# `_target_`s saved before the package was laid out in subpackages name the old modules
+MOVED_MODULES = {"mptrain.tasks.": "mptrain.library.tasks.", "mptrain.gan.": "mptrain.library.models.gan.",
+                 "mptrain.models.": "mptrain.library.models.vision.",
+                 "mptrain.language_models.": "mptrain.library.models.language.",
+                 "mptrain.hydra_callbacks.": "mptrain.cli.hydra_callbacks."}
+
+
+def _current_name(value: Any) -> Any:
+    if isinstance(value, str):
+        for old, new in MOVED_MODULES.items():
+            if value.startswith(old):
+                return new + value[len(old):]
+    return value
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    a, b = {k: _current_name(v) for k, v in _flatten(saved).items()}, _flatten(current)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    extra = sorted(state.keys() - own.keys())
+    shapes = [f"{k} {list(state[k].shape)} in the checkpoint vs {list(own[k].shape)} in the model"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]  # model order
+    if missing or extra or shapes:
+        detail = f"{len(shapes)} tensors differ in shape, e.g. " * bool(shapes) + "; ".join(shapes[:3] + [f"missing {', '.join(missing[:3])}"] * bool(missing)
+                           + [f"unexpected {', '.join(extra[:3])}"] * bool(extra))
+        raise CheckpointError(f"checkpoint {path} was written for another model: {detail}. Resume with the "
+                              "checkpoint's model settings, or start a new run directory")
+
+
+def report_config_changes(saved: dict, current: dict) -> None:
+    for key, old, new in config_differences(saved, current):
+        if key.startswith(SAFE_TO_CHANGE):
+            log.info("resume: %s changed %r -> %r (safe)", key, old, new)
+        elif key.startswith(WARN_IF_CHANGED):
+            log.warning("resume: %s changed %r -> %r; the resumed run is not the run the checkpoint began", key, old, new)
+        else:
+            log.warning("resume: %s changed %r -> %r", key, old, new)
+
+
+def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
+    """What to resume from: None (fresh), `auto` (newest readable in this run) or a file path.
+    Sharded (FSDP) checkpoints are directories; their weights load once the model is sharded (ckpt None)."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    if resume is None:
+        if candidates(ckpt_dir) or sharded_complete(ckpt_dir):
+            raise CheckpointError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
+                                  "or choose a new hydra.run.dir (nothing was overwritten)")
+        return None
+    if sharded:
+        found_dirs = sharded_complete(ckpt_dir) if resume == "auto" else [Path(resume)]
+        if not found_dirs:
+            log.info("resume=auto: no sharded checkpoint in %s, starting fresh", ckpt_dir)
+            return None
+        if not (found_dirs[0] / ".metadata").is_file():
+            raise CheckpointError(f"{found_dirs[0]} is not a complete sharded checkpoint (no .metadata)")
+        return found_dirs[0], None
+    if resume == "auto":
+        found = find_resumable(ckpt_dir)
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
+        return found
+    path = Path(resume)
+    return path, load_file(path)
+
+
+def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -> None:
+    """Load every piece of state (contents.py's lists) into the freshly built components and train state,
+    after checking that it fits. A sharded checkpoint's weights and optimizer are already loaded
+    (checkpoint/sharded.py); its `ckpt` has neither."""
+    report_config_changes(ckpt["config"], config)
+    fresh = settings_of(c.optimizer, c.scheduler)  # what this run's config asks for
+    parts = stateful(c, state)
+    for key in PARTS:
+        if key not in ckpt:  # sharded: model and optimizer were loaded through DCP
+            continue
+        saved = ckpt[key]
+        if key == "model":
+            check_model_fits(saved, c.base_model, path)
+        if key == "precision" and "model" not in ckpt:  # a sharded checkpoint's precision state has no masters
+            saved = {k: v for k, v in saved.items() if k != "master"}
+        try:
+            parts[key].load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError) as e:
+            if key != "optimizer":
+                raise
+            raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
+                                  "resume with the checkpoint's optimizer settings") from None
+    if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
+        apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
+    restore_rng(ckpt["rng"])
+    log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+
+
+def _schedulers(scheduler: Any) -> list:
+    return list(scheduler.schedulers.values()) if isinstance(scheduler, MultiScheduler) else [scheduler]
+
+
+def settings_of(optimizer: Any, scheduler: Any) -> tuple[list[dict], list[float]]:
+    """The hyperparameters of every param group (all but the tensors) and the schedules' base lrs."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return groups, [lr for s in _schedulers(scheduler) for lr in s.base_lrs]
+
+
+def apply_settings(optimizer: Any, scheduler: Any, fresh: tuple[list[dict], list[float]]) -> None:
+    """Resuming with changed optimizer.* settings: loading the optimizer's state_dict brought back the
+    checkpoint's hyperparameters (lr, momentum, weight decay...); put this run's back. The lr keeps its
+    place in the schedule: lr = new base lr x the schedule's factor at this step."""
+    groups, base_lrs = fresh
+    saved_base = [lr for s in _schedulers(scheduler) for lr in s.base_lrs]
+    for group, new, old_base, new_base in zip(optimizer.param_groups, groups, saved_base, base_lrs):
+        factor = group["lr"] / old_base if old_base else 1.0
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+        group["initial_lr"], group["lr"] = new_base, new_base * factor
+    i = 0
+    for s in _schedulers(scheduler):
+        n = len(s.base_lrs)
+        s.base_lrs = list(base_lrs[i:i + n])
+        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+        i += n
+    log.info("resume: the optimizer runs with this run's optimizer.* settings (lr %.3g from here)",
+             optimizer.param_groups[0]["lr"])
+
+
+def config_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

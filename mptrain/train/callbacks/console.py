@@ -1,0 +1,86 @@
+"""What the terminal shows: the config tree at start, one progress bar (or plain lines where there is no
+terminal) while training, and the summary table at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from omegaconf import DictConfig
+from rich.console import Console as RichConsole
+from rich.table import Table
+from rich.tree import Tree
+from tqdm import tqdm
+
+from mptrain.train.callbacks.base import Callback
+
+log = logging.getLogger("mptrain")
+
+
+class Console(Callback):
+    """One display: on a terminal, a progress bar with log lines printed above it (never into it); elsewhere
+    (CI, SLURM, `| tee`) no animation, one plain line per metrics row."""
+
+    def __init__(self, enabled: bool = True, total: int = 0, initial: int = 0):
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False, disable=not self.interactive)
+
+    def on_step_end(self, c, state, out) -> None:
+        self.bar.update(1)
+
+    def row(self, row: dict) -> None:
+        """Show a metrics row: in the bar's postfix on a terminal, else as one log line."""
+        if self.interactive:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
+                                 refresh=False)
+        else:
+            norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
+            log.info("step %d  loss %.4f  lr %.3g  scale %g%s", row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
+
+    @contextlib.contextmanager
+    def logging_above(self) -> Iterator[None]:
+        """Route console log lines through tqdm.write while the bar is shown (file handlers untouched)."""
+        if not self.interactive:
+            yield
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            yield
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: list[str] | None = None,
+                      console: RichConsole | None = None) -> None:
+    """The run's config in a few lines: each group's choice and the command-line overrides. The whole
+    composed config is in <run>/.hydra/config.yaml (and `mptrain --cfg job` prints it)."""
+    console = console or RichConsole()
+    tree = Tree("[bold]config[/bold] [dim](in full: <run>/.hydra/config.yaml; mptrain --cfg job)[/dim]", guide_style="dim")
+    # Hydra lists the choices last group first: show them in the defaults list's order
+    groups = {k: v for k, v in reversed(list((choices or {}).items()))
+              if v is not None and "/" not in k and not k.startswith("hydra")}
+    if groups:
+        tree.add("  ".join(f"[bold]{k}[/bold]={v}" for k, v in groups.items()))
+    if overrides:
+        tree.add("overrides: " + " ".join(overrides))
+    console.print(tree)
+
+
+SUMMARY_ROWS = ("status", "precision", "compute_dtype", "steps", "epochs", "skipped_steps", "final_loss_scale",
+                "train_loss", "val/loss", "val/acc", "samples_per_s", "peak_memory_mb", "wall_s")
+
+
+def print_summary(summary: dict, console: RichConsole | None = None) -> None:
+    console = console or RichConsole()
+    table = Table(title="mptrain summary", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key in SUMMARY_ROWS:
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
