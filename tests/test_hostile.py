@@ -287,3 +287,62 @@ def test_a_relative_sqlite_uri_is_recorded_absolute(tmp_path):
     from mlflow.tracking import MlflowClient  # read from anywhere, it is the run that trained
 
     assert MlflowClient(tracking_uri=recorded["tracking_uri"]).get_run(recorded["run_id"]).info.status == "FINISHED"
+
+
+# ---- 11-12. signals during set-up ---------------------------------------------------------------------------
+
+SLOW_MODEL = '''
+import os, time
+from pathlib import Path
+
+def slow(**kwargs):  # a model whose set-up takes long: the signal arrives while it is being built
+    Path(os.environ["MARKER"]).write_text("building")
+    time.sleep(120)
+'''
+
+
+def start_in_setup(tmp_path: Path, args: list[str]):
+    import os
+    import subprocess
+    import time
+
+    (tmp_path / "slowmodel.py").write_text(SLOW_MODEL)
+    marker = tmp_path / "marker"
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MARKER": str(marker), "PYTHONPATH": f"{repo}:{tmp_path}"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    flags = [a for a in args if a == "-m"]  # Hydra's flags come before the overrides
+    args = [a for a in args if a != "-m"]
+    proc = subprocess.Popen([sys.executable, "-m", "mptrain", *flags, *MLP, "model._target_=slowmodel.slow", *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[1]
+    return proc
+
+
+def test_sigterm_while_a_sweep_job_sets_up_records_every_job_interrupted(tmp_path):
+    sweep = tmp_path / "multi"
+    proc = start_in_setup(tmp_path, ["-m", "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM during set-up, before the first step: nothing was trained or saved" in err
+    assert "sweep stopped by SIGTERM" in err and "Traceback" not in err
+    for job in ("0", "1"):
+        s = json.loads((sweep / job / "summary.json").read_text())
+        assert s["status"] == "interrupted" and s["steps"] == 0, s
+        assert (sweep / job / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_one_ctrl_c_during_set_up_is_not_called_twice(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_in_setup(tmp_path, [f"hydra.run.dir={run_dir}"])
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert error_line(err) == ("mptrain: error: stopped by SIGINT during set-up, before the first step: nothing was "
+                               "trained or saved; run the same command again")
+    assert "twice" not in err
+    assert digest(run_dir) == {}  # nothing was committed

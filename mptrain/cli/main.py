@@ -189,8 +189,14 @@ def _main() -> None:
     except MptrainError as e:
         print(f"mptrain: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, no checkpoint for this step
-        exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the last one")
+    except KeyboardInterrupt as e:
+        from mptrain.checkpoint.signals import InterruptedTwice
+
+        if isinstance(e, InterruptedTwice):  # Ctrl-C twice: stopped at once, no checkpoint for this step
+            exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the "
+                         "last one")
+        # once, before a run began (Hydra composing, Python importing): there was nothing to save
+        exit_at_once("interrupted before training began: nothing was trained or saved")
     if outcome.stopped_by is not None:
         name = signal.Signals(outcome.stopped_by).name
         print(f"mptrain: error: sweep stopped by {name}; unfinished jobs are recorded as interrupted "

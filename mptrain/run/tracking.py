@@ -40,6 +40,7 @@ def check_trackers(cfg) -> None:
     """Refuse, before the run directory changes, a tracker (logger=) whose package is missing."""
     if cfg is not None and cfg.get("name") == "mlflow":
         check_available()
+        check_tracking_uri(resolve_tracking_uri(cfg.get("tracking_uri")))
 
 
 def default_store() -> Path:

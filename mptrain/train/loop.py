@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mptrain.library.tasks import batch_size, checked_sums
+from mptrain.errors import MptrainError, TaskError
+from mptrain.library.tasks import batch_size, checked_loss, checked_sums
 from mptrain.parallel.distributed import sum_across_ranks
 from mptrain.train.callbacks.base import Callback
 from mptrain.train.components import Components
@@ -83,3 +84,49 @@ def validate(c: Components) -> dict:
     metrics = task.validation_metrics(totals)
     c.model.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def probe_task(c: Components) -> tuple[str, ...] | None:
+    """The task's contract checked on one validation batch before the run directory changes: loss() for each
+    part and validation_sums()/validation_metrics(), in eval mode (no batch-norm update, no dropout), the RNG
+    restored, no backward: the run trains exactly as without it. Returns the metric names (checkpoint.monitor
+    is checked against them), or None where it cannot run (no validation data, several processes)."""
+    if c.val_loader is None or c.dist.enabled:
+        return None
+    batch = next(iter(c.val_loader), None)
+    if batch is None:
+        return None
+    task, batch = c.task, c.to_device(batch)
+    was_training = c.model.training
+    c.model.eval()
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None)
+
+    def call(method: str, *args):
+        try:
+            return getattr(task, method)(*args)
+        except MptrainError:
+            raise
+        except Exception as e:  # the user's code: one line naming the method, not a traceback
+            raise TaskError(f"task {task.name}: {method}() raised {type(e).__name__}: {e}".split("\n")[0]) from e
+
+    try:
+        with torch.enable_grad(), c.precision.autocast():
+            for part in c.parts:
+                checked_loss(call("loss", c.model, batch) if len(c.parts) == 1 else
+                             call("loss", c.model, batch, part.name), task)
+        with torch.no_grad(), c.precision.autocast():
+            out = call("validation_sums", c.model, batch)
+        n = out.pop("count", None) if isinstance(out, dict) else None
+        values = checked_sums(out, None, task, c.device).tolist()
+        totals = {**dict(zip(out, values)), "count": float(n if n is not None else batch_size(batch))}
+        metrics = call("validation_metrics", totals)
+        if not isinstance(metrics, dict):
+            raise TaskError(f"task {task.name}: validation_metrics() returned a {type(metrics).__name__}, not a dict "
+                            "of {'val/<name>': number}")
+    finally:
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], c.device)
+        c.model.train(was_training)
+        c.base_model.zero_grad(set_to_none=True)
+    return tuple(metrics)

@@ -41,7 +41,7 @@ from mptrain.train.callbacks.console import Console
 from mptrain.train.callbacks.metrics import MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
-from mptrain.train.loop import fit
+from mptrain.train.loop import fit, probe_task
 from mptrain.train.state import TrainState
 
 log = logging.getLogger("mptrain")
@@ -156,7 +156,8 @@ def build(cfg: DictConfig) -> Components:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
                           "torch.nn.Module; point it at a module class or a function returning one")
-    missing = [n for n in task.parts if several and not isinstance(getattr(model, n, None), nn.Module)]
+    # ("model",) is the whole model; any other name, even a single one, must be a submodule
+    missing = [n for n in task.parts if tuple(task.parts) != ("model",) and not isinstance(getattr(model, n, None), nn.Module)]
     if missing:
         raise ConfigError(f"task {task.name} trains the submodules {', '.join(task.parts)} but the model has no "
                           f"{', '.join(missing)}")
@@ -271,17 +272,20 @@ def run(cfg: DictConfig, run_dir: RunDir | Path) -> dict:
     start = time.perf_counter()
     check_trackers(cfg.get("logger"))  # a tracker that cannot run is refused before anything else
     config = config_container(cfg)
-    resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
-    c = build(cfg)
-    try:
-        return _run(cfg, job, config, resume, c, start)
-    finally:
-        distributed.teardown(c.dist)
-        if cfg.trainer.compile:
-            torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
+    # a signal during set-up stops at once (nothing to save); once the directory is committed, after a step
+    with StopSignals() as signals:
+        resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
+        c = build(cfg)
+        try:
+            return _run(cfg, job, config, resume, c, start, signals)
+        finally:
+            distributed.teardown(c.dist)
+            if cfg.trainer.compile:
+                torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
 
 
-def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, start: float) -> dict:
+def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, start: float,
+         signals: StopSignals) -> dict:
     t, run_dir = cfg.trainer, job.path
     distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, c.dist)
     state = TrainState().to(c.device)
@@ -292,13 +296,16 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         apply_checkpoint(c, state, ckpt, path, config)
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model)
-    signals = StopSignals()  # handlers are installed around fit() only
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
+    # the task's contract on one batch (its metric names, when it does not declare them)
+    probed = probe_task(c) if not t.compile else None
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
+                                metrics=c.task.metrics if c.task.metrics is not None else probed,
                                 save_sharded=sharded.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
     # connects to the tracker: one that cannot be used is refused here
     sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     # every check has passed: only now does the run directory change (rank 0 writes it)
     resume_step = state.step if resume is not None else None
+    signals.defer()  # from here a stop signal gets a checkpoint and a summary
     if c.is_main:
         job.commit(resume_step)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=resume_step, enabled=c.is_main)
@@ -312,48 +319,47 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         torch.cuda.reset_peak_memory_stats(c.device)
     console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
     status, error = "failed", None
-    with signals:
-        callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
-        profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
-        if profiler is not None:  # debug=profile
-            callbacks.append(profiler)
+    callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
+    profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
+    if profiler is not None:  # debug=profile
+        callbacks.append(profiler)
+    try:
+        with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
+              anomaly_detection(t.detect_anomaly)):
+            fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
+        status = "completed"
+    except Interrupted as e:
+        status, error = "interrupted", str(e)
+        raise
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt (no checkpoint: interrupted twice)"
+        raise
+    except MptrainError as e:
+        error = str(e)
+        if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
+            checkpointer.set_aside_unverified(state.verified_step)
+        if isinstance(e, LossScalingError) and cfg.checkpoint.enabled:
+            # the scale cannot back off further (on_min=raise): the overflowing step was skipped, so the weights
+            # are those of the last applied step; save them to continue with other settings (resume=auto)
+            with contextlib.suppress(MptrainError):
+                checkpointer.save(c, state)
+        raise
+    except BaseException as e:
+        error = repr(e)
+        raise
+    finally:
+        for callback in callbacks:
+            callback.close()
+        summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
         try:
-            with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
-                  anomaly_detection(t.detect_anomaly)):
-                fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
-            status = "completed"
-        except Interrupted as e:
-            status, error = "interrupted", str(e)
-            raise
-        except KeyboardInterrupt:
-            status, error = "interrupted", "KeyboardInterrupt (no checkpoint: interrupted twice)"
-            raise
-        except MptrainError as e:
-            error = str(e)
-            if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
-                checkpointer.set_aside_unverified(state.verified_step)
-            if isinstance(e, LossScalingError) and cfg.checkpoint.enabled:
-                # the scale cannot back off further (on_min=raise): the overflowing step was skipped, so the weights
-                # are those of the last applied step; save them to continue with other settings (resume=auto)
-                with contextlib.suppress(MptrainError):
-                    checkpointer.save(c, state)
-            raise
-        except BaseException as e:
-            error = repr(e)
-            raise
-        finally:
-            for callback in callbacks:
-                callback.close()
-            summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
-            try:
-                writer.write_summary(summary)
-            except OutputError as e:  # a full disk: say so, without hiding the error that ended the run
-                log.error("%s", e)
-                if status == "completed":
-                    raise
-            writer.close()
-            if diagnostics is not None:
-                diagnostics.close()
-            if status == "interrupted":
-                signals.forward()
+            writer.write_summary(summary)
+        except OutputError as e:  # a full disk: say so, without hiding the error that ended the run
+            log.error("%s", e)
+            if status == "completed":
+                raise
+        writer.close()
+        if diagnostics is not None:
+            diagnostics.close()
+        if status == "interrupted":
+            signals.forward()
     return summary
