@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
+from .conftest import read_jsonl
+
 TINY = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false"]
 MLP = ["model=mlp", "model.width=16", "model.depth=2", "diagnostics=off", *TINY]
 GPT_MODEL = ["model=gpt", "model.dim=16", "model.layers=1", "model.heads=2", "trainer.batch_size=8",
@@ -346,3 +348,84 @@ def test_one_ctrl_c_during_set_up_is_not_called_twice(tmp_path):
                                "trained or saved; run the same command again")
     assert "twice" not in err
     assert digest(run_dir) == {}  # nothing was committed
+
+
+# ---- 1-4 and the rule: a resume into another precision converts the state, or is refused ---------------------
+
+PRESETS = ("fp32", "amp", "bf16", "master", "bf16_pure", "fp8")
+K = 12  # the checkpoint's step
+PAIR_RUN = ["model=mlp", "model.width=16", "model.depth=2", "diagnostics=off", "trainer.log_every=1",
+            "checkpoint.every_steps=6", "optimizer.lr=0.05", "scheduler.warmup_steps=0"]
+TOLERANCE = {"fp32": 1e-6, "fp8": 0.03}  # relative, of the first resumed step's loss; the rest compute in 16 bits
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+class Trained(dict):
+    """Per preset, trained when first asked for: a run of K + 2 steps whose step_K.pt is resumed, and whose
+    steps K + 1 and K + 2 are that checkpoint's continuation."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, mode: str) -> Path:
+        from .conftest import train
+
+        _, self[mode] = train(self.root / mode, [*PAIR_RUN, f"precision={mode}", f"trainer.max_steps={K + 2}"])
+        return self[mode]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    return Trained(tmp_path_factory.mktemp("pairs"))
+
+
+def resume_into(trained: dict, tmp_path: Path, saved: str, mode: str):
+    from mptrain.errors import MptrainError
+
+    from .conftest import train
+
+    try:
+        _, run_dir = train(tmp_path / f"{saved}-{mode}", [*PAIR_RUN, f"precision={mode}", f"trainer.max_steps={K + 2}",
+                                                          f"resume={trained[saved] / 'checkpoints' / f'step_{K}.pt'}"])
+    except MptrainError as e:
+        return str(e), tmp_path / f"{saved}-{mode}" / "run"
+    return losses(run_dir), run_dir
+
+
+FAST_PAIRS = [("fp32", "master"), ("master", "fp32"), ("bf16_pure", "fp32"), ("fp32", "bf16_pure")]
+
+
+@pytest.mark.parametrize(("saved", "mode"), FAST_PAIRS)
+def test_resume_into_another_precision_continues_or_refuses(trained, tmp_path, saved, mode):
+    check_pair(trained, tmp_path, saved, mode)
+
+
+@pytest.mark.slow
+def test_every_pair_of_presets_resumes_correctly_or_refuses(trained, tmp_path):
+    for saved in PRESETS:
+        for mode in PRESETS:
+            if saved != mode and (saved, mode) not in FAST_PAIRS:
+                check_pair(trained, tmp_path, saved, mode)
+
+
+def check_pair(trained: dict, tmp_path: Path, saved: str, mode: str) -> None:
+    got, run_dir = resume_into(trained, tmp_path, saved, mode)
+    if "bf16_pure" in (saved, mode):  # optimizer states that do not map: one line, nothing written
+        assert isinstance(got, str) and "\n" not in got
+        assert f"written with precision={saved}, this run asks for precision={mode}" in got
+        assert not run_dir.exists()
+        return
+    assert isinstance(got, dict), got
+    expected = losses(trained[saved])[K + 1]  # the checkpoint's own continuation
+    untrained = losses(trained[saved])[1]
+    tol = max(TOLERANCE.get(saved, 0.02), TOLERANCE.get(mode, 0.02))
+    assert got[K + 1] == pytest.approx(expected, rel=tol), (saved, mode, got[K + 1], expected, untrained)
+    # after one resumed update: the weights that trained (a master copy cloned from fresh weights would
+    # throw them away here), and an optimizer state that continues
+    after = losses(trained[saved])[K + 2]
+    assert got[K + 2] == pytest.approx(after, rel=max(tol, 0.05)), (saved, mode, got[K + 2], after, untrained)
+    assert abs(got[K + 2] - after) < 0.25 * abs(untrained - after)

@@ -71,6 +71,48 @@ def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
                               "checkpoint's model settings, or start a new run directory")
 
 
+def full_precision_weights(ckpt: dict, model: torch.nn.Module, path: Path) -> dict:
+    """The checkpoint's weights at their best precision: a master-weights run's model holds float16 copies,
+    so its float32 masters take their place (matched in parameter order, the order MasterWeights keeps). A run
+    in any precision then starts from the weights that were trained, not from their float16 rounding."""
+    weights = dict(ckpt["model"])
+    masters = ((ckpt.get("precision") or {}).get("master") or {}).get("masters")
+    if not masters:
+        return weights
+    low = [(n, p) for n, p in model.named_parameters()
+           if p.requires_grad and n in weights and weights[n].dtype != torch.float32]
+    if len(low) != len(masters):
+        raise CheckpointError(f"checkpoint {path} holds {len(masters)} master tensors for {len(low)} float16 "
+                              "parameters; it was edited or written for another model")
+    by_param = {id(p): m for (_, p), m in zip(low, masters)}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: every name of the tensor
+        if id(p) in by_param:
+            weights[name] = by_param[id(p)]
+    return weights
+
+
+# (saved mode, this mode) pairs a resume refuses: what their optimizers keep does not map onto each other
+def check_precision_change(saved_mode: str | None, mode: str, path: Path) -> None:
+    """bf16_pure's optimizer keeps its own bfloat16 state (and update rule); PyTorch's optimizers keep theirs.
+    Neither maps onto the other, so such a resume would fail at its first step, or silently start the
+    optimizer afresh: refused here, before the run directory changes."""
+    if saved_mode is None or saved_mode == mode or "bf16_pure" not in (saved_mode, mode):
+        return
+    raise CheckpointError(f"checkpoint {path} was written with precision={saved_mode}, this run asks for "
+                          f"precision={mode}: {'bf16_pure' if saved_mode == 'bf16_pure' else 'the checkpoint'}'s "
+                          "optimizer state does not map onto the other's; resume with "
+                          f"precision={saved_mode}, or start a new run directory")
+
+
+def load_masters(master: Any, model: torch.nn.Module, weights: dict) -> None:
+    """Rebuild the fp32 master copies from the checkpoint's full-precision weights (never from the freshly
+    initialised model, and whatever master layout the checkpoint had: precision.keep_norm_fp32 may differ)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p, m in zip(master.model_params, master.masters):
+            m.copy_(weights[names[id(p)]].float())
+
+
 def report_config_changes(saved: dict, current: dict) -> None:
     for key, old, new in config_differences(saved, current):
         if key.startswith(SAFE_TO_CHANGE):
@@ -112,16 +154,26 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     after checking that it fits. A sharded checkpoint's weights and optimizer are already loaded
     (checkpoint/sharded.py); its `ckpt` has neither."""
     report_config_changes(ckpt["config"], config)
+    saved_mode, mode = ckpt["precision"].get("mode"), c.precision.mode
+    check_precision_change(saved_mode, mode, path)
     fresh = settings_of(c.optimizer, c.scheduler)  # what this run's config asks for
     parts = stateful(c, state)
+    weights = None
     for key in PARTS:
         if key not in ckpt:  # sharded: model and optimizer were loaded through DCP
             continue
         saved = ckpt[key]
         if key == "model":
             check_model_fits(saved, c.base_model, path)
-        if key == "precision" and "model" not in ckpt:  # a sharded checkpoint's precision state has no masters
-            saved = {k: v for k, v in saved.items() if k != "master"}
+            saved = weights = full_precision_weights(ckpt, c.base_model, path)
+        if key == "precision":
+            # masters are rebuilt below from the weights; on_min=bf16's switch belongs to the checkpoint's
+            # precision and is continued only in that precision (an explicit other precision is what it says)
+            saved = {k: v for k, v in saved.items()
+                     if k != "master" and not (k == "bf16_switch" and saved_mode != mode)}
+            if saved_mode != mode and ckpt[key].get("bf16_switch") is not None:
+                log.warning("resume: the checkpoint's run had switched to bf16 (on_min=bf16); this run computes in "
+                            "precision=%s as given", mode)
         try:
             parts[key].load_state_dict(saved)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -129,6 +181,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
                 raise
             raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
                                   "resume with the checkpoint's optimizer settings") from None
+    if c.precision.master is not None and weights is not None:
+        load_masters(c.precision.master, c.base_model, weights)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     restore_rng(ckpt["rng"])
