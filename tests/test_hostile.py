@@ -429,3 +429,79 @@ def check_pair(trained: dict, tmp_path: Path, saved: str, mode: str) -> None:
     after = losses(trained[saved])[K + 2]
     assert got[K + 2] == pytest.approx(after, rel=max(tol, 0.05)), (saved, mode, got[K + 2], after, untrained)
     assert abs(got[K + 2] - after) < 0.25 * abs(untrained - after)
+
+
+# ---- 6. a run that applied no update is not `completed` -------------------------------------------------------
+
+UNTRAINABLE = '''
+import torch.nn.functional as F
+
+class NanLoss:  # every gradient non-finite: a loss scaler skips every step
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y) * float("nan")
+
+class ConstantLoss:  # depends on the output, not on the parameters' values: zero gradients
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x).float() * 0).sum() + 1.0
+'''
+
+
+@pytest.mark.parametrize(("task", "precision", "message"), [
+    ("NanLoss", "static", "no update was applied: all 6 steps were skipped"),
+    ("ConstantLoss", "fp32", "the run did not train: the loss's gradient was zero at every logged step of 6"),
+])
+def test_a_run_that_applied_no_update_fails(tmp_path, monkeypatch, task, precision, message):
+    (tmp_path / "untrainable.py").write_text(UNTRAINABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    code, err = cli([*MLP, "trainer.max_steps=6", f"precision={precision}", f"+task._target_=untrainable.{task}",
+                     "checkpoint.monitor=null", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 1, err
+    assert message in error_line(err)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and message in summary["error"] and summary["steps"] == 6
+
+
+# ---- 5 and the rule: summary.json is a function of the whole run ------------------------------------------------
+
+TIMING = ("wall_s", "samples_per_s", "peak_memory_mb")  # the only fields that may differ, covering every attempt
+
+
+@pytest.mark.slow
+def test_summary_after_three_kills_equals_an_uninterrupted_runs(tmp_path):
+    import random
+
+    from .conftest import run_cli
+    from .test_faults import CLI, STEPS, run_faulted
+
+    ref = run_cli([*CLI, f"hydra.run.dir={tmp_path / 'ref'}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    reference = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    rows = len(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    run_dir, rng = tmp_path / "run", random.Random(25)
+    for attempt in range(3):  # kill -9 at a random metrics write of each attempt, then resume=auto
+        k = rng.randint(2, rows // 3)
+        killed = run_faulted(run_dir, tmp_path, f"log:{k}:{rng.random()}:SIGKILL", *(["resume=auto"] * bool(attempt)))
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    proc = run_cli([*CLI, f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["diag/samples"] == reference["diag/samples"] > 0
+    assert {k: v for k, v in summary.items() if k not in TIMING} == {k: v for k, v in reference.items()
+                                                                      if k not in TIMING}
+    assert summary["samples_per_s"] > 0 and summary["wall_s"] > 0
+
+
+def test_resume_auto_on_a_finished_run_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*MLP, "trainer.max_steps=3", "diagnostics=default", "diagnostics.every=1", f"hydra.run.dir={run_dir}"]
+    code, err = cli(args, tmp_path)
+    assert code == 0, err
+    before = digest(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["diag/samples"] == 3 and summary["samples_per_s"] > 0
+    code, err = cli([*args, "resume=auto"], tmp_path)
+    assert code == 0, err
+    assert digest(run_dir) == before  # no .hydra/attempt_<k>, no rewritten summary with zeroed means

@@ -25,7 +25,7 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
     """Train until c.total_steps optimizer steps have been taken, continuing from `state`.
     Validation runs at the end of every epoch (or every `eval_every` steps) and at the end."""
     c.model.train()
-    t0 = time.perf_counter()
+    state.train_started = time.perf_counter()
     while state.step < c.total_steps:
         # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
         c.train_loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size)
@@ -42,17 +42,19 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
                 state.events.append({"step": state.step, **out.event})
             scheduled = epoch_end if eval_every is None else state.step % eval_every == 0
             if c.val_loader is not None and (scheduled or state.step == c.total_steps):  # always validate the end
-                state.train_time += time.perf_counter() - t0  # validation is not training time
+                state.train_time += time.perf_counter() - state.train_started  # validation is not training time
+                state.train_started = None
                 metrics = validate(c)
                 state.last_val = {"step": state.step, **metrics}
                 for cb in callbacks:
                     cb.on_validation_end(c, state, metrics)
-                t0 = time.perf_counter()
+                state.train_started = time.perf_counter()
             for cb in callbacks:
                 cb.on_step_end(c, state, out)
     if c.device.type == "cuda":
         torch.cuda.synchronize(c.device)
-    state.train_time += time.perf_counter() - t0
+    state.train_time += time.perf_counter() - state.train_started
+    state.train_started = None
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import resource
@@ -25,7 +26,7 @@ from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolv
 from mptrain.checkpoint.signals import Interrupted, StopSignals
 from mptrain.config import check_warmup
 from mptrain.diagnostics import Diagnostics
-from mptrain.errors import ConfigError, Diverged, MptrainError
+from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
 from mptrain.library.models import conv_wgrad
 from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
@@ -34,7 +35,7 @@ from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.directory import RunDir
-from mptrain.run.layout import OutputError
+from mptrain.run.layout import SUMMARY, OutputError
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.callbacks.console import Console
@@ -206,6 +207,28 @@ def build(cfg: DictConfig) -> Components:
     )
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The run directory's summary.json, or None when it is missing or unreadable."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def check_trained(c: Components, state: TrainState) -> None:
+    """A run that applied no update did not train: it is not `completed` (issue 25, case 6)."""
+    if state.step == 0:
+        return
+    if c.precision.skipped_steps >= state.step:
+        raise TrainingFailed(f"no update was applied: all {state.step} steps were skipped (their gradients were inf "
+                             f"or NaN under precision={c.precision.mode}), so the weights are those the run started "
+                             "from; check the loss for inf/NaN, or use precision=dynamic or fp32")
+    if not state.gradient_seen:
+        raise TrainingFailed(f"the run did not train: the loss's gradient was zero at every logged step of "
+                             f"{state.step}, so the loss does not depend on the parameters' values; check the task's loss")
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -222,7 +245,8 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
         "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
         "seed": cfg.trainer.seed,
-        "wall_s": round(wall_s, 3),
+        # every attempt's (to the checkpoint the next one continued from), when the state is known
+        "wall_s": round(state.wall_s() if state is not None else wall_s, 3),
         "mptrain_version": __version__,
         "torch_version": str(torch.__version__),
     }
@@ -240,9 +264,9 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             "train_loss": state.train_loss,
             **{k: v for k, v in state.last_val.items() if k != "step"},
             "samples": state.samples * c.world_size,  # every rank trains on as many samples
-            # this attempt's throughput: the samples of this attempt over its training time
-            "samples_per_s": (round(state.attempt_samples * c.world_size / state.train_time, 2)
-                              if state.train_time > 0 else None),
+            # over the whole run: its samples over its training time, across attempts
+            "samples_per_s": (round(state.samples * c.world_size / state.train_s(), 2)
+                              if state.train_s() > 0 else None),
             "world_size": c.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
@@ -288,12 +312,19 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
          signals: StopSignals) -> dict:
     t, run_dir = cfg.trainer, job.path
     distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, c.dist)
-    state = TrainState().to(c.device)
+    state = TrainState(attempt_start=start).to(c.device)
     if resume is not None:
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = sharded.load(c, path)
         apply_checkpoint(c, state, ckpt, path, config)
+    if resume is not None and state.step >= c.total_steps and c.is_main:
+        done = read_summary(run_dir)
+        if done is not None and done.get("status") == "completed" and done.get("steps") == state.step:
+            # resume=auto on a finished run: nothing to train, so nothing is rewritten (no attempt_<k>, no summary)
+            log.info("the run in %s is complete (step %d of %d): nothing to do, its records are unchanged",
+                     run_dir, state.step, c.total_steps)
+            return done
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model)
     # the task's contract on one batch (its metric names, when it does not declare them)
@@ -315,6 +346,7 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
+        diagnostics.totals = state.diag_totals  # one dict: checkpoints carry the sums, so the summary covers every attempt
     if c.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(c.device)
     console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
@@ -327,6 +359,7 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
               anomaly_detection(t.detect_anomaly)):
             fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
+        check_trained(c, state)
         status = "completed"
     except Interrupted as e:
         status, error = "interrupted", str(e)

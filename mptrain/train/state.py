@@ -7,6 +7,7 @@ rebuilds them from the config and loads this state back.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,16 @@ class TrainState:
     verified_step: int = -1
     last_val: dict = field(default_factory=dict)  # the newest validation metrics, with their "step"
     events: list = field(default_factory=list)  # things that changed the run's course (e.g. a switch to bf16)
+    # a logged step applied a non-zero gradient: a run without one did not train (all skipped, or a loss that does
+    # not depend on the parameters), which is not `completed`
+    gradient_seen: bool = False
+    # summary.json describes the whole run: the diagnostics' sums and the time of earlier attempts (each up to the
+    # checkpoint this attempt continues from) are checkpointed; the work an attempt redid is not counted twice
+    diag_totals: dict = field(default_factory=dict)
+    past_wall_s: float = 0.0
+    past_train_s: float = 0.0
+    attempt_start: float = field(default_factory=time.perf_counter)  # this attempt's start (not checkpointed)
+    train_started: float | None = None  # when the current stretch of training steps began (fit), else None
     # the current logging window: the loss is summed on the device and read once per log_every steps
     window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     window_applied: int = 0
@@ -61,15 +72,28 @@ class TrainState:
             "best_metric": self.best_metric, "train_loss": self.train_loss,
             "last_val": dict(self.last_val), "events": [dict(e) for e in self.events],
             "window_loss": self.window_loss.detach().cpu().clone(), "window_applied": self.window_applied,
-            "window_skipped": self.window_skipped,
+            "window_skipped": self.window_skipped, "gradient_seen": self.gradient_seen,
+            "diag_totals": dict(self.diag_totals), "past_wall_s": self.wall_s(), "past_train_s": self.train_s(),
         }
+
+    def wall_s(self) -> float:
+        """Wall time of the run: earlier attempts (to their checkpoints) plus this one so far."""
+        return self.past_wall_s + time.perf_counter() - self.attempt_start
+
+    def train_s(self) -> float:
+        """Time in training steps (validation excluded) over the run, as wall_s."""
+        running = time.perf_counter() - self.train_started if self.train_started is not None else 0.0
+        return self.past_train_s + self.train_time + running
 
     def load_state_dict(self, state: dict) -> None:
         device = self.window_loss.device
         for key, value in state.items():
-            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples", "verified_step"):
+            if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples", "verified_step",
+                                                                "attempt_start", "train_started"):
                 setattr(self, key, value)
         self.verified_step = self.step - 1  # the checkpoint's own weights are checked by the next step's loss
         self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)
         self.last_val = dict(self.last_val)
         self.events = [dict(e) for e in self.events]
+        self.gradient_seen = bool(state.get("gradient_seen", True))  # older checkpoints: assume it trained
+        self.diag_totals = dict(self.diag_totals)

@@ -44,6 +44,8 @@ class MetricsLogger(Callback):
                 f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
                 "Try a lower optimizer.lr, trainer.clip_grad_norm=1.0, or a loss-scaled mode (precision=dynamic); "
                 "resume=auto continues from the last finite checkpoint")
+        if out.applied and math.isfinite(grad_norm) and grad_norm > 0:
+            state.gradient_seen = True
         if math.isfinite(mean_loss):
             state.train_loss = mean_loss
             state.verified_step = state.step - 1  # every loss of the window was finite: so were the weights before
