@@ -505,3 +505,39 @@ def test_resume_auto_on_a_finished_run_changes_nothing(tmp_path):
     code, err = cli([*args, "resume=auto"], tmp_path)
     assert code == 0, err
     assert digest(run_dir) == before  # no .hydra/attempt_<k>, no rewritten summary with zeroed means
+
+
+# ---- the resume rule: a resume continues the run that was started ------------------------------------------------
+
+def test_resume_as_the_readme_shows_it_continues_the_run_that_was_started(tmp_path):
+    started = [*MLP, "trainer.max_steps=8", "checkpoint.every_steps=4", "trainer.log_every=1", "scheduler=cosine",
+               "scheduler.warmup_steps=2"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        code, err = cli([*started, f"hydra.run.dir={d}"], tmp_path)
+        assert code == 0, err
+    for name in ("last.pt", "step_8.pt"):  # as if stopped after step 4: its newest checkpoint is step_4.pt
+        (run_dir / "checkpoints" / name).unlink()
+    code, err = cli(["resume=auto", f"hydra.run.dir={run_dir}"], tmp_path)  # the README's command, nothing else
+    assert code == 0, err
+    ref, got = read_jsonl(ref_dir / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    assert [(r["step"], r.get("loss"), r.get("lr")) for r in got] == [(r["step"], r.get("loss"), r.get("lr")) for r in ref]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and "events" not in summary  # nothing was changed
+    # a change given now is applied, logged, and recorded in the summary
+    code, err = cli(["resume=auto", "trainer.max_steps=10", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 0, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert summary["events"] == [{"event": "resume_change", "step": 8, "key": "trainer.max_steps", "from": 8, "to": 10}]
+    assert "trainer.max_steps changed 8 -> 10 (given now)" in (run_dir / "train.log").read_text()
+
+
+def test_the_hint_for_a_run_directory_names_its_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    code, err = cli([*MLP, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 0, err
+    code, err = cli([*MLP, "trainer.max_steps=2", f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path)
+    assert code == 2
+    assert f"pass a checkpoint file (e.g. {run_dir}/checkpoints/last.pt)" in error_line(err)
+    assert (run_dir / "checkpoints" / "last.pt").is_file()

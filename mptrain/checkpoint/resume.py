@@ -22,8 +22,9 @@ from mptrain.run.layout import CHECKPOINTS
 
 log = logging.getLogger("mptrain")
 
-# config keys that may differ on resume without changing the result of the steps already taken
-SAFE_TO_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.log_every", "trainer.eval_every",
+# config keys that may differ on resume without changing the run's course (its weights, step by step); anything
+# else, the run's length included (a cosine schedule is recomputed over it), is a change recorded in summary.json
+SAFE_TO_CHANGE = ("trainer.log_every", "trainer.eval_every",
                   "trainer.progress_bar", "trainer.tensorboard", "trainer.device", "trainer.num_workers",
                   "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly")
 WARN_IF_CHANGED = ("seed", "trainer.seed", "precision.")
@@ -113,14 +114,22 @@ def load_masters(master: Any, model: torch.nn.Module, weights: dict) -> None:
             m.copy_(weights[names[id(p)]].float())
 
 
-def report_config_changes(saved: dict, current: dict) -> None:
+def report_config_changes(saved: dict, current: dict) -> list[dict]:
+    """Log every difference from the checkpoint's config: a resume takes the run's own overrides as its base
+    (cli/main.py), so each one was given now, deliberately. Returns those that change the trajectory (all but
+    SAFE_TO_CHANGE), which the run records as events in summary.json."""
+    changes = []
     for key, old, new in config_differences(saved, current):
         if key.startswith(SAFE_TO_CHANGE):
-            log.info("resume: %s changed %r -> %r (safe)", key, old, new)
-        elif key.startswith(WARN_IF_CHANGED):
-            log.warning("resume: %s changed %r -> %r; the resumed run is not the run the checkpoint began", key, old, new)
+            log.info("resume: %s changed %r -> %r (given now; the steps already taken are unaffected)", key, old, new)
+            continue
+        changes.append({"key": key, "from": old, "to": new})
+        if key.startswith(WARN_IF_CHANGED):
+            log.warning("resume: %s changed %r -> %r (given now); the resumed run is not the run the checkpoint "
+                        "began", key, old, new)
         else:
-            log.warning("resume: %s changed %r -> %r", key, old, new)
+            log.warning("resume: %s changed %r -> %r (given now): the run continues on another course", key, old, new)
+    return changes
 
 
 def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
@@ -153,7 +162,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     """Load every piece of state (contents.py's lists) into the freshly built components and train state,
     after checking that it fits. A sharded checkpoint's weights and optimizer are already loaded
     (checkpoint/sharded.py); its `ckpt` has neither."""
-    report_config_changes(ckpt["config"], config)
+    changes = report_config_changes(ckpt["config"], config)
     saved_mode, mode = ckpt["precision"].get("mode"), c.precision.mode
     check_precision_change(saved_mode, mode, path)
     fresh = settings_of(c.optimizer, c.scheduler)  # what this run's config asks for
@@ -186,6 +195,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     restore_rng(ckpt["rng"])
+    # a change of course is part of the run's record (summary.json's events, kept by later checkpoints)
+    state.events.extend({"event": "resume_change", "step": state.step, **change} for change in changes)
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 

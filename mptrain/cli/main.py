@@ -20,7 +20,7 @@ from mptrain.cli.register import CONFIG_NAME, register
 from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.run.directory import RunDir, write_hydra_records
-from mptrain.run.layout import SUMMARY, write_json_atomic
+from mptrain.run.layout import CHECKPOINTS, OVERRIDES, SUMMARY, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -150,6 +150,40 @@ def check_config_dirs(argv: list[str]) -> None:
                 raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def continue_the_run(argv: list[str]) -> list[str]:
+    """`resume=...` continues the run that was started: its own overrides (.hydra/overrides.yaml) are the base,
+    and only the overrides given now change it (each one then logged by the resume as a change). Without this,
+    `mptrain resume=auto hydra.run.dir=<run>` would compose the defaults: another run length, another schedule.
+    Sweeps are left alone (each job's overrides come from the sweep)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    given = [a for a in argv if "=" in a and not a.startswith("-")]
+    values = {override_key(o): o.split("=", 1)[1] for o in given}
+    resume = values.get("resume")
+    if resume in (None, "null", "None"):
+        return argv
+    if resume == "auto":
+        run_dir = Path(values["hydra.run.dir"]) if "hydra.run.dir" in values else None
+    else:  # a checkpoint file: the run it belongs to (<run>/checkpoints/<file>)
+        run_dir = Path(resume).parent.parent if Path(resume).parent.name == CHECKPOINTS else None
+    saved_file = run_dir / OVERRIDES if run_dir is not None else None
+    if saved_file is None or not saved_file.is_file():
+        return argv
+    import yaml
+
+    try:
+        saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])]
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{saved_file} cannot be read ({e}); the run's own overrides are the base of a resume: "
+                          "fix or remove that file") from None
+    base = [o for o in saved if override_key(o) not in values]
+    return base + argv
+
+
 def exit_at_once(message: str) -> None:
     """Exit 130 now, skipping atexit callbacks (DataLoader workers, TensorBoard, logging): a Ctrl-C there
     would print a traceback from inside them."""
@@ -185,6 +219,7 @@ def _main() -> None:
     conf = register()
     try:
         check_config_dirs(sys.argv[1:])
+        sys.argv[1:] = continue_the_run(sys.argv[1:])
         hydra.main(version_base="1.3", config_path=conf, config_name=CONFIG_NAME)(mptrain_job)()
     except MptrainError as e:
         print(f"mptrain: error: {e}", file=sys.stderr)
