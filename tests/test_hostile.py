@@ -96,7 +96,11 @@ BAD_INPUTS = {  # case: (overrides, what the one line must say)
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
+FAST_INPUTS = ("gpt vocab smaller than the data's", "seed 10**20", "empty text file", "word level, max_vocab 0")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST_INPUTS else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in BAD_INPUTS])
 def test_bad_inputs_are_one_line_and_change_nothing(tmp_path, case):
     overrides, message = BAD_INPUTS[case]
     texts = _texts(tmp_path)
@@ -209,6 +213,7 @@ def test_compare_of_mixed_tasks_uses_each_tasks_metric_and_its_own_baseline(tmp_
         assert rows[other]["samples/s vs fp32"] == "nan" and rows[other]["diff vs fp32"] == "nan"
 
 
+@pytest.mark.slow
 def test_optuna_trials_with_identical_parameters_are_one_row_each(tmp_path):
     optuna = pytest.importorskip("optuna")
     sweep = tmp_path / "multi"
@@ -235,6 +240,7 @@ def test_report_skips_a_damaged_middle_line(tmp_path, caplog):
 
 # ---- 7. two sweeps into one directory; an Optuna study whose every trial fails --------------------------------
 
+@pytest.mark.slow
 def test_a_second_different_sweep_into_one_directory_is_refused(tmp_path):
     sweep = tmp_path / "multi"
     common = ["-m", *MLP, "trainer.max_steps=2", "checkpoint.enabled=false", f"hydra.sweep.dir={sweep}"]
@@ -261,8 +267,10 @@ def test_an_optuna_study_without_a_completed_trial_is_one_line(tmp_path):
 
 @pytest.mark.parametrize(("uri", "message"), [
     ("file://{tmp}/store", "is a file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true"),
-    ("relative/store", "logger.tracking_uri=file://{tmp}/relative/store is a file store"),
-    ("sqlite:///{tmp}/afile/sub/mlflow.db", "cannot be written: {tmp}/afile is not a directory"),
+    pytest.param("relative/store", "logger.tracking_uri=file://{tmp}/relative/store is a file store",
+                 marks=pytest.mark.slow),
+    pytest.param("sqlite:///{tmp}/afile/sub/mlflow.db", "cannot be written: {tmp}/afile is not a directory",
+                 marks=pytest.mark.slow),
     ("http://127.0.0.1:9", "no tracking server answered within 5 s"),
 ])
 def test_unusable_tracking_uri_is_one_line_before_the_directory_changes(tmp_path, monkeypatch, uri, message):
@@ -324,6 +332,7 @@ def start_in_setup(tmp_path: Path, args: list[str]):
     return proc
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_sweep_job_sets_up_records_every_job_interrupted(tmp_path):
     sweep = tmp_path / "multi"
     proc = start_in_setup(tmp_path, ["-m", "seed=0,1", f"hydra.sweep.dir={sweep}"])
@@ -396,7 +405,7 @@ def resume_into(trained: dict, tmp_path: Path, saved: str, mode: str):
     return losses(run_dir), run_dir
 
 
-FAST_PAIRS = [("fp32", "master"), ("master", "fp32"), ("bf16_pure", "fp32"), ("fp32", "bf16_pure")]
+FAST_PAIRS = [("fp32", "master"), ("fp32", "bf16_pure")]  # the rest, both ways, in the slow matrix
 
 
 @pytest.mark.parametrize(("saved", "mode"), FAST_PAIRS)
@@ -440,6 +449,10 @@ class NanLoss:  # every gradient non-finite: a loss scaler skips every step
     def loss(self, model, batch):
         x, y = batch
         return F.cross_entropy(model(x).float(), y) * float("nan")
+
+class FloatLoss:  # not a tensor: the task's contract is broken
+    def loss(self, model, batch):
+        return 1.0
 
 class ConstantLoss:  # depends on the output, not on the parameters' values: zero gradients
     def loss(self, model, batch):
@@ -494,6 +507,7 @@ def test_summary_after_three_kills_equals_an_uninterrupted_runs(tmp_path):
     assert summary["samples_per_s"] > 0 and summary["wall_s"] > 0
 
 
+@pytest.mark.slow
 def test_resume_auto_on_a_finished_run_changes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     args = [*MLP, "trainer.max_steps=3", "diagnostics=default", "diagnostics.every=1", f"hydra.run.dir={run_dir}"]
@@ -534,10 +548,46 @@ def test_resume_as_the_readme_shows_it_continues_the_run_that_was_started(tmp_pa
 
 
 def test_the_hint_for_a_run_directory_names_its_last_checkpoint(tmp_path):
+    from mptrain.checkpoint.files import load_file
+    from mptrain.errors import CheckpointError
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for folder, named in ((tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"),
+                          (tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "last.pt")):
+        (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
+        with pytest.raises(CheckpointError) as info:
+            load_file(folder)
+        assert f"pass a checkpoint file (e.g. {named})" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- the rule: everything that can refuse, refuses before the run directory changes ----------------------------
+
+REFUSALS = {  # resuming a completed run with: (the change, what the one line says)
+    "tracker": (["logger=mlflow", "logger.tracking_uri=file://{tmp}/fs"], "is a file store"),
+    "monitor": (["checkpoint.monitor=val/nope"], "checkpoint.monitor='val/nope' is not a metric this task reports"),
+    "task contract": (["+task._target_=untrainable.FloatLoss"], "loss() returned a float, not a tensor"),
+    "data": (["dataset.val_fraction=2"], "dataset.val_fraction=2"),
+    "model vs data": (["model.num_classes=3"], "was written for another model"),
+    "precision": (["precision=bf16_pure"], "written with precision=amp, this run asks for precision=bf16_pure"),
+    "optimizer": (["optimizer=adamw"], "written with optimizer=sgd: the optimizer state does not fit this optimizer"),
+    "seed": ([f"seed={10**20}"], "is invalid: must be an integer in [0, 2**32)"),
+}
+
+
+@pytest.mark.slow
+def test_every_refusal_leaves_the_run_directory_byte_identical(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    (tmp_path / "untrainable.py").write_text(UNTRAINABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
     run_dir = tmp_path / "run"
-    code, err = cli([*MLP, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    code, err = cli([*MLP, "trainer.max_steps=3", f"hydra.run.dir={run_dir}"], tmp_path)
     assert code == 0, err
-    code, err = cli([*MLP, "trainer.max_steps=2", f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path)
-    assert code == 2
-    assert f"pass a checkpoint file (e.g. {run_dir}/checkpoints/last.pt)" in error_line(err)
-    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    before = digest(run_dir)
+    for name, (change, message) in REFUSALS.items():
+        change = [c.format(tmp=tmp_path) for c in change]
+        code, err = cli([*MLP, "trainer.max_steps=3", "resume=auto", *change, f"hydra.run.dir={run_dir}"], tmp_path)
+        assert code != 0 and message in error_line(err), (name, err)
+        assert digest(run_dir) == before, name
+    code, err = cli([*MLP, "trainer.max_steps=3", f"hydra.run.dir={run_dir}"], tmp_path)  # a fresh run into it
+    assert code == 2 and "already holds checkpoints" in error_line(err)
+    assert digest(run_dir) == before

@@ -165,6 +165,11 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     changes = report_config_changes(ckpt["config"], config)
     saved_mode, mode = ckpt["precision"].get("mode"), c.precision.mode
     check_precision_change(saved_mode, mode, path)
+    saved_opt, opt = (ckpt["config"].get("optimizer") or {}).get("name"), (config.get("optimizer") or {}).get("name")
+    if saved_opt is not None and opt is not None and saved_opt != opt:  # SGD's momentum is no Adam moment
+        raise CheckpointError(f"checkpoint {path} was written with optimizer={saved_opt}: the optimizer state does not "
+                              f"fit this optimizer ({opt}); resume with optimizer={saved_opt}, or start a new run "
+                              "directory")
     fresh = settings_of(c.optimizer, c.scheduler)  # what this run's config asks for
     parts = stateful(c, state)
     weights = None

@@ -318,13 +318,6 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = sharded.load(c, path)
         apply_checkpoint(c, state, ckpt, path, config)
-    if resume is not None and state.step >= c.total_steps and c.is_main:
-        done = read_summary(run_dir)
-        if done is not None and done.get("status") == "completed" and done.get("steps") == state.step:
-            # resume=auto on a finished run: nothing to train, so nothing is rewritten (no attempt_<k>, no summary)
-            log.info("the run in %s is complete (step %d of %d): nothing to do, its records are unchanged",
-                     run_dir, state.step, c.total_steps)
-            return done
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model)
     # the task's contract on one batch (its metric names, when it does not declare them)
@@ -334,6 +327,13 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
                                 save_sharded=sharded.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
     # connects to the tracker: one that cannot be used is refused here
     sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
+    if resume is not None and state.step >= c.total_steps:
+        done = read_summary(run_dir)
+        if done is not None and done.get("status") == "completed" and done.get("steps") == state.step:
+            # resume=auto on a finished run: nothing to train, so nothing is rewritten (no attempt_<k>, no summary)
+            log.info("the run in %s is complete (step %d of %d): nothing to do, its records are unchanged",
+                     run_dir, state.step, c.total_steps)
+            return done
     # every check has passed: only now does the run directory change (rank 0 writes it)
     resume_step = state.step if resume is not None else None
     signals.defer()  # from here a stop signal gets a checkpoint and a summary
