@@ -591,3 +591,29 @@ def test_every_refusal_leaves_the_run_directory_byte_identical(tmp_path, monkeyp
     code, err = cli([*MLP, "trainer.max_steps=3", f"hydra.run.dir={run_dir}"], tmp_path)  # a fresh run into it
     assert code == 2 and "already holds checkpoints" in error_line(err)
     assert digest(run_dir) == before
+
+
+def test_an_explicit_precision_on_resume_outlives_an_on_min_bf16_switch(tmp_path):
+    from .conftest import train
+
+    # every fp16 step overflows at a scale that cannot back off: the run switches to bf16 (case 2)
+    switching = [*PAIR_RUN, "precision=dynamic", "precision.dtype=float16", "precision.loss_scale.init=65536",
+                 "precision.loss_scale.min=65536", "precision.loss_scale.on_min=bf16", "trainer.loss_weight=1e6"]
+    first, run_dir = train(tmp_path, [*switching, "trainer.max_steps=6"])
+    assert first["compute_dtype"] == "bf16" and first["events"][0]["event"] == "switch_to_bf16"
+    resumed, _ = train(tmp_path, [*PAIR_RUN, "precision=fp32", "trainer.max_steps=8", "resume=auto"])
+    assert resumed["compute_dtype"] == "fp32" and resumed["precision"] == "fp32"
+    assert resumed["steps"] == 8 and resumed["status"] == "completed"
+
+
+def test_master_resumed_with_another_norm_layout_continues(tmp_path):
+    from .conftest import train
+
+    cnn = ["model=cnn", "model.width=4", "diagnostics=off", "trainer.log_every=1", "checkpoint.every_steps=4",
+           "optimizer.lr=0.05", "scheduler.warmup_steps=0", "trainer.batch_size=32", "precision=master"]
+    _, ref = train(tmp_path / "ref", [*cnn, "trainer.max_steps=6"])
+    resumed, _ = train(tmp_path / "new", [*cnn, "trainer.max_steps=6", "precision.keep_norm_fp32=false",
+                                          f"resume={ref / 'checkpoints' / 'step_4.pt'}"])
+    assert resumed["status"] == "completed"  # was: ValueError, 6 master tensors for 14 (case 4)
+    expected, got = losses(ref), losses(tmp_path / "new" / "run")
+    assert got[5] == pytest.approx(expected[5], rel=0.02) and got[6] == pytest.approx(expected[6], rel=0.05)
