@@ -40,6 +40,7 @@ def gather(c: Any, state: Any, config: dict, weights: bool = True) -> dict:
     out: dict = {"format_version": FORMAT_VERSION, "mptrain_version": __version__,
                  "torch_version": str(torch.__version__), "rng": capture_rng(), "config": config}
     out.update({k: parts[k].state_dict() for k in STATEFUL})
+    out["timing"] = state.timing()  # beside the state: a summary's wall_s and samples/s cover every attempt
     if weights:
         out["model"] = {k: v.detach().clone() for k, v in c.base_model.state_dict().items()}
         out["optimizer"] = c.optimizer.state_dict()

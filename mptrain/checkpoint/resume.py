@@ -200,6 +200,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     restore_rng(ckpt["rng"])
+    timing = ckpt.get("timing")
+    state.load_timing(timing if isinstance(timing, dict) else {})
     # a change of course is part of the run's record (summary.json's events, kept by later checkpoints)
     state.events.extend({"event": "resume_change", "step": state.step, **change} for change in changes)
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)

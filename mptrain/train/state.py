@@ -73,8 +73,17 @@ class TrainState:
             "last_val": dict(self.last_val), "events": [dict(e) for e in self.events],
             "window_loss": self.window_loss.detach().cpu().clone(), "window_applied": self.window_applied,
             "window_skipped": self.window_skipped, "gradient_seen": self.gradient_seen,
-            "diag_totals": dict(self.diag_totals), "past_wall_s": self.wall_s(), "past_train_s": self.train_s(),
+            "diag_totals": dict(self.diag_totals),
         }
+
+    def timing(self) -> dict:
+        """The run's time so far, saved beside the state (a checkpoint's `timing`): it differs between a straight
+        and a resumed run, whose states are otherwise equal bit for bit."""
+        return {"wall_s": self.wall_s(), "train_s": self.train_s()}
+
+    def load_timing(self, timing: dict) -> None:
+        self.past_wall_s = float(timing.get("wall_s", 0.0))
+        self.past_train_s = float(timing.get("train_s", 0.0))
 
     def wall_s(self) -> float:
         """Wall time of the run: earlier attempts (to their checkpoints) plus this one so far."""
@@ -89,7 +98,8 @@ class TrainState:
         device = self.window_loss.device
         for key, value in state.items():
             if key in self.__dataclass_fields__ and key not in ("train_time", "attempt_samples", "verified_step",
-                                                                "attempt_start", "train_started"):
+                                                                "attempt_start", "train_started", "past_wall_s",
+                                                                "past_train_s"):
                 setattr(self, key, value)
         self.verified_step = self.step - 1  # the checkpoint's own weights are checked by the next step's loss
         self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)
