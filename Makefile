@@ -8,7 +8,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all lint clean
+.PHONY: help install shell train test test-slow test-all lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with the pinned torch and mptrain (editable) plus dev tools
 
+shell: $(STAMP) ## a shell with .venv active, so that mptrain, mptrain-eval, ... are on PATH (exit leaves it)
+	@echo "(.venv active: mptrain, mptrain-eval, mptrain-sample, mptrain-export ...; exit to leave)"
+	@VIRTUAL_ENV="$(CURDIR)/$(VENV)" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $${SHELL:-/bin/bash} -i
+
 train: $(STAMP) ## run the default training job (small CNN on digits, precision=amp), offline, CPU or GPU
 	$(VENV)/bin/mptrain
 
-test: $(STAMP) ## run the test suite (about 6 minutes on 2 cores; slow tests excluded)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test: $(STAMP) ## run the test suite (about 6 minutes on 2 idle cores; slow tests excluded; lists the 15 slowest)
+	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## run only the tests marked slow (signals, launchers, wheel install, accuracy parity)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

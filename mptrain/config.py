@@ -522,13 +522,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_warmup(sched_cfg: DictConfig, total_steps: int) -> bool:
-    """A warm-up as long as the run never reaches the peak learning rate: say so (a warning, not a refusal:
-    short smoke runs keep the default schedule). Returns False then."""
+    """A warm-up that covers more than half of the run leaves little of it at the peak learning rate: say so,
+    once per run (a warning, not a refusal: short smoke runs keep the default schedule). Returns False then."""
     warmup = sched_cfg.get("warmup_steps") or 0
-    if sched_cfg.get("name", "none") != "none" and warmup >= total_steps:
+    if sched_cfg.get("name", "none") != "none" and 2 * warmup > total_steps:
+        reach = ("the learning rate never reaches optimizer.lr" if warmup >= total_steps
+                 else f"optimizer.lr is reached only after step {warmup}")
         logging.getLogger("mptrain").warning(
-            "scheduler.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
-            "optimizer.lr; lower the warm-up (scheduler.warmup_steps=0) or train longer", warmup, total_steps)
+            "scheduler.warmup_steps=%d covers more than half of the run (%d steps): %s; lower the warm-up "
+            "(scheduler.warmup_steps=0) or train longer", warmup, total_steps, reach)
         return False
     return True
 

@@ -14,16 +14,17 @@ shared machine's drift cancels), and the table shows the median over repeats and
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
-import os
 import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the mptrain command does, before torch allocates
 
 import torch  # noqa: E402
 
+import mptrain  # noqa: E402
 from mptrain.precision.bf16_pure import UPDATES, PureBf16AdamW, PureBf16SGD  # noqa: E402
 
 

@@ -19,12 +19,18 @@ RUN = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "tr
        "checkpoint.enabled=false"]
 
 
+def logged_rows(run_dir) -> list[str]:
+    """The steps of the metrics rows in train.log, each in the plain line format."""
+    return re.findall(r"\[mptrain\]\[INFO\] - step (\d+)  loss [\d.]+  lr [\d.e-]+  scale \d+", (run_dir / "train.log").read_text())
+
+
 def test_without_a_terminal_one_plain_line_per_row_and_no_animation(tmp_path):
     proc = run_cli([*RUN, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr
     rows = re.findall(r"step (\d+)  loss [\d.]+  lr", proc.stdout)
     assert rows == ["10", "20", "30"]
+    assert logged_rows(tmp_path / "run") == ["10", "20", "30"]
     assert len(re.findall(r"step (\d+)  val/loss", proc.stdout)) == 2
 
 
@@ -50,6 +56,8 @@ def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path):
     assert proc.wait(timeout=300) == 0, out.decode(errors="replace")[-3000:]
     text = out.decode(errors="replace")
     assert "%|" in text  # the bar was drawn on the terminal
+    assert not re.search(r"step \d+  loss [\d.]+  lr", text)  # on the terminal the rows are the bar's postfix
+    assert logged_rows(tmp_path / "run") == ["10", "20", "30"]  # train.log: the same rows as without a terminal
     logged = [line for line in text.split("\n") if "[mptrain][INFO]" in line]
     assert any("val/acc" in line for line in logged)
     for line in logged:

@@ -75,7 +75,8 @@ def run_dir_names() -> set[str]:
     names = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str) and "{" not in v}
     names |= {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, tuple)
               for v in v if isinstance(v, str)}
-    return names - {"report", "comparison", "profile"}  # ordinary words too; their constants are used all the same
+    # ordinary words too; their constants are used all the same
+    return names - {"report", "comparison", "profile", "samples", "export"}
 
 
 def spelled_names(path: Path, names: set[str]) -> list[str]:

@@ -246,10 +246,11 @@ def test_static_scale_above_fp16_max_is_named(caplog):
 
 def test_warmup_longer_than_the_run_is_named_and_unknown_monitor_refused(caplog):
     cfg = compose_config(["scheduler=cosine", "scheduler.warmup_steps=10"])
-    assert check_warmup(cfg.scheduler, total_steps=11) and not caplog.records
+    assert check_warmup(cfg.scheduler, total_steps=20) and not caplog.records  # exactly half: no warning
     with caplog.at_level("WARNING", logger="mptrain"):
-        assert not check_warmup(cfg.scheduler, total_steps=10)
-    assert "warmup_steps=10 is not shorter than the run" in caplog.text
+        assert not check_warmup(cfg.scheduler, total_steps=19)
+    assert "warmup_steps=10 covers more than half of the run (19 steps)" in caplog.text
+    assert len(caplog.records) == 1
     check_monitor("val/acc", ["val/loss", "val/acc"])
     with pytest.raises(ConfigError, match="val/ppl"):
         check_monitor("val/ppl", ["val/loss", "val/acc"])
@@ -364,7 +365,7 @@ def test_unwritable_metrics_or_summary_is_one_line_naming_the_file(tmp_path):
 def test_recipe_warns_of_a_long_warmup_and_refuses_an_unknown_monitor(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mptrain"):
         train(tmp_path / "a", [*RUN, "scheduler=cosine", "scheduler.warmup_steps=5"])
-    assert "scheduler.warmup_steps=5 is not shorter than the run (2 steps)" in caplog.text
+    assert "scheduler.warmup_steps=5 covers more than half of the run (2 steps)" in caplog.text
     with pytest.raises(ConfigError, match="checkpoint.monitor='val/ppl'"):
         train(tmp_path / "b", [*RUN, "checkpoint.monitor=val/ppl"])
     assert not (tmp_path / "b" / "run").exists()  # refused before the run directory was made

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mptrain.checkpoint.contents import gather
-from mptrain.checkpoint.files import candidates, find_resumable, save_atomic
+from mptrain.checkpoint.files import candidates, find_resumable, link_atomic, save_atomic
 from mptrain.checkpoint.signals import Interrupted, StopSignals
 from mptrain.config import check_monitor
 from mptrain.parallel.distributed import any_rank
@@ -72,10 +72,14 @@ class Checkpointer:
             (cfg.every_steps is not None and state.step % cfg.every_steps == 0)
             or (cfg.every_epochs is not None and state.step_in_epoch == 0 and state.epoch % cfg.every_epochs == 0)
             or state.step == c.total_steps)
-        if stop or due or (cfg.enabled and out is not None and out.event is not None):  # a change of course: save
+        saved = stop or due or (cfg.enabled and out is not None and out.event is not None)  # a change of course: save
+        if saved:
             self.save(c, state)
         if improved and cfg.enabled and cfg.save_best and c.is_main and self.save_sharded is None:
-            save_atomic(gather(c, state, self.config), self.dir / BEST)
+            if saved and (self.dir / LAST).is_file():  # the same contents: one file, two names
+                link_atomic(self.dir / LAST, self.dir / BEST)
+            else:
+                save_atomic(gather(c, state, self.config), self.dir / BEST)
         if stop:
             raise Interrupted(self.signals.received or signal.SIGTERM, state.step)
 

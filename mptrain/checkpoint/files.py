@@ -10,6 +10,7 @@ What a checkpoint holds is contents.py's; when to save is callback.py's; resume 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,20 @@ def save_atomic(obj: Any, path: Path, also: Path | None = None, check: bool = Tr
             raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous "
                                   "checkpoint is intact. Free disk space or fix permissions, then resume=auto") from None
         raise
+
+
+def link_atomic(src: Path, dst: Path) -> None:
+    """Make `dst` a hard link of `src` (best.pt of last.pt when they hold the same step: no second write of
+    the same bytes). Atomic: a link under a temp name renamed over `dst`. A later save of `src` renames a new
+    file over it, so `dst` keeps its own contents."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {dst}: {e.strerror or e}") from None
 
 
 # ---- reading -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mptrain.cli.keys import check_override_keys
 from mptrain.cli.register import CONFIG_NAME, register
 from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
@@ -91,6 +93,7 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
         logging.getLogger().addHandler(logging.NullHandler())
     run_dir = Path(hc.runtime.output_dir)
     outcome.jobs += 1
+    refused = False
     try:
         was_empty = not any(run_dir.iterdir())
         with RunDir(run_dir, cfg, HydraConfig.instance().cfg) if main_rank else contextlib.nullcontext() as job:
@@ -103,14 +106,19 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
                 log.info("run directory: %s", run_dir)
                 summary = run(cfg, job if job is not None else run_dir)
             except MptrainError as e:
-                if multirun and job is not None and was_empty and not job.committed:
+                refused = was_empty and job is not None and not job.committed
+                if multirun and refused:
                     status = "interrupted" if isinstance(e, (Interrupted, SweepStopped)) else "failed"
                     _record_unrun_job(cfg, job, status, str(e))
                 raise
     except MptrainError as e:
         if not isinstance(e, SweepStopped):
-            print(f"mptrain: error: {e}", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
         if not multirun:
+            if refused:  # Hydra made the directory for this run; it was refused and holds nothing
+                remove_if_empty(run_dir)
+                if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+                    remove_if_empty(run_dir.parent)  # outputs/<date>/, if this was its only run
             sys.exit(e.exit_code)
         # a sweep: record the failure and go on; main() exits non-zero at the end
         outcome.failed.append(f"{run_dir.name}: {e}")
@@ -121,6 +129,18 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
     if main_rank:
         print_summary(summary)
     return objective(cfg, summary)  # what a sweeper (Optuna) optimizes; None above marks a failed trial
+
+
+def remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (or gone): leave it
+        path.rmdir()
+
+
+def error_line(e: MptrainError) -> str:
+    """How the CLI prints an error: a requested stop (Ctrl-C, SIGTERM) is not an error."""
+    from mptrain.checkpoint.signals import Interrupted
+
+    return f"mptrain: {'stopped' if isinstance(e, Interrupted) else 'error'}: {e}"
 
 
 class SweepStopped(MptrainError):
@@ -184,6 +204,16 @@ def continue_the_run(argv: list[str]) -> list[str]:
     return base + argv
 
 
+# loggers whose INFO lines say nothing to a user: alembic's "setup plugin ..." when Optuna or MLflow opens
+# its SQLite store (Hydra's logging shows every logger's INFO)
+QUIET_LOGGERS = ("alembic",)
+
+
+def quiet_third_party_logs() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def exit_at_once(message: str) -> None:
     """Exit 130 now, skipping atexit callbacks (DataLoader workers, TensorBoard, logging): a Ctrl-C there
     would print a traceback from inside them."""
@@ -217,12 +247,14 @@ def _main() -> None:
 
     check_sweeper_installed(sys.argv[1:])
     conf = register()
+    quiet_third_party_logs()
     try:
         check_config_dirs(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
         sys.argv[1:] = continue_the_run(sys.argv[1:])
         hydra.main(version_base="1.3", config_path=conf, config_name=CONFIG_NAME)(mptrain_job)()
     except MptrainError as e:
-        print(f"mptrain: error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
         from mptrain.checkpoint.signals import InterruptedTwice
@@ -234,7 +266,7 @@ def _main() -> None:
         exit_at_once("interrupted before training began: nothing was trained or saved")
     if outcome.stopped_by is not None:
         name = signal.Signals(outcome.stopped_by).name
-        print(f"mptrain: error: sweep stopped by {name}; unfinished jobs are recorded as interrupted "
+        print(f"mptrain: stopped: sweep stopped by {name}; unfinished jobs are recorded as interrupted "
               "(resume=auto continues them)", file=sys.stderr)
         sys.exit(128 + outcome.stopped_by)
     if outcome.failed:

@@ -30,6 +30,7 @@ log = logging.getLogger("mptrain")
 HYDRA_DIR = ".hydra"                      # Hydra's records of what the run was started with
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"
+CONFIG = f"{HYDRA_DIR}/config.yaml"        # the composed config the run ran with (mptrain-eval/-sample/-export read it)
 LOCK = ".lock"                            # the running process's flock
 TRAIN_LOG = "train.log"
 METRICS = "metrics.jsonl"                 # one row per logged step and per validation
@@ -49,6 +50,10 @@ PROFILE = "profile"                       # debug=profile's traces and top_ops.t
 REPORT = "report"                         # mptrain-report's PNGs
 ADVICE = "advice.json"                    # mptrain-advise's verdict
 MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
+VOCAB = "vocab.json"                      # dataset=text: {"level", "tokens"}, decodes a language model's ids
+SAMPLES = "samples"                       # a GAN's grids: step_<N>.png at validation, seed_<S>.png (mptrain-sample)
+EXPORT = "export"                         # mptrain-export: model.safetensors, model_config.yaml, model.<format>
+EVAL = "eval_{}.json"                     # mptrain-eval's metrics of a checkpoint (eval_file)
 PREVIOUS = "previous_{}"                  # an earlier attempt's records, set aside by a fresh start
 ATTEMPT = "attempt_{}"                    # .hydra/attempt_<k>/: what an earlier attempt ran with
 # of a sweep directory
@@ -59,7 +64,12 @@ REPORT_ARTIFACTS = "report"
 
 # files a run writes step by step: cut back on resume, set aside (previous_<k>/) on a fresh start
 STEP_RECORDS = (METRICS, DIAGNOSTICS)
-SET_ASIDE = (*STEP_RECORDS, SUMMARY, TENSORBOARD, CHECKPOINTS, REPORT, ADVICE)
+SET_ASIDE = (*STEP_RECORDS, SUMMARY, TENSORBOARD, CHECKPOINTS, REPORT, ADVICE, VOCAB)
+
+
+def eval_file(name: str) -> str:
+    """mptrain-eval's metrics of checkpoint `name` (e.g. best, last-precision_bf16): eval_<name>.json."""
+    return EVAL.format(name)
 
 
 class OutputError(MptrainError):
@@ -175,3 +185,4 @@ def read_jsonl(path: Path, skip_damaged: bool = False) -> list[dict]:
             raise JsonlError(f"{path} line {i + 1} is not a JSON object")
         rows.append(row)
     return rows
+

@@ -22,6 +22,7 @@ The rule (pure functions below; docs/diagnostics.md walks through it):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import yaml
 
 from mptrain.diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN, ZERO
 from mptrain.errors import MptrainError
-from mptrain.run.layout import ADVICE, DIAGNOSTICS, OVERRIDES, read_jsonl, write_json_atomic
+from mptrain.run.layout import ADVICE, DIAGNOSTICS, OVERRIDES, SUMMARY, read_jsonl, write_json_atomic
 
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
@@ -377,6 +378,27 @@ def run_command(run_dir: Path, overrides: list[str]) -> str | None:
     return " ".join(["mptrain", *keep, *overrides])
 
 
+FP16_PRESETS = ("dynamic", "static", "master", "noscale", "nomaster")
+
+
+def run_device(run_dir: Path) -> str | None:
+    """The device the probe run trained on (its summary.json), if recorded."""
+    try:
+        return json.loads((run_dir / SUMMARY).read_text()).get("device")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def device_note(overrides: list[str], device: str | None) -> str | None:
+    """fp16 advice for a run on a CPU: the numerics hold, but a CPU emulates float16 (several times slower)."""
+    fp16 = any(o.startswith("precision=") and o.split("=", 1)[1] in FP16_PRESETS for o in overrides)
+    if not fp16 or device is None or not device.startswith("cpu"):
+        return None
+    return ("fp16 numerics are safe for these gradients, but this run was on a CPU, where float16 is emulated "
+            "(4-15x slower than fp32 or bf16): it is not faster here; train in fp16 on a GPU, or use precision=bf16 "
+            "(or amp, which picks bf16) on a CPU")
+
+
 def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
     """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines)."""
     run_dir = Path(run_dir)
@@ -384,7 +406,11 @@ def advise_run(run_dir: Path) -> tuple[dict, list[str]]:
         raise NoDiagnostics(f"{run_dir} is not a directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
     advice = advise(*read_diagnostics(run_dir))
     advice["command"] = run_command(run_dir, advice["recommended_overrides"])
+    advice["device"] = run_device(run_dir)
+    advice["device_note"] = device_note(advice["recommended_overrides"], advice["device"])
     lines = render(advice, advice["command"])
+    if advice["device_note"]:
+        lines.append(f"note: {advice['device_note']}")
     write_json_atomic(run_dir / ADVICE, advice)
     return advice, lines
 

@@ -290,6 +290,18 @@ def write_outputs(out_dir: Path, table_rows: list[dict], groups: list[Group], me
     return [out_dir / name for name in COMPARISON]
 
 
+def bar_limits(means: list[float], stds: list[float]) -> tuple[float, float] | None:
+    """The bar chart's x range: every bar's mean ± std inside it, with a 10% margin (not below 0 when no bar
+    reaches below 0). None when no mean is finite."""
+    ends = [(m - (s if math.isfinite(s) else 0.0), m + (s if math.isfinite(s) else 0.0))
+            for m, s in zip(means, stds) if math.isfinite(m)]
+    if not ends:
+        return None
+    lo, hi = min(e[0] for e in ends), max(e[1] for e in ends)
+    margin = 0.1 * (hi - lo) or 0.05 * abs(hi) or 0.05
+    return (lo - margin if lo < 0 else max(0.0, lo - margin)), hi + margin
+
+
 def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -> None:
     import matplotlib
 
@@ -304,10 +316,9 @@ def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -
     ax1.set_yticks(range(len(labels)), labels, fontsize=7)
     ax1.invert_yaxis()
     ax1.set_xlabel(f"{metric} (mean ± std over seeds)")
-    finite = [m for m in means if math.isfinite(m)]
-    if finite:
-        lo, hi = min(m - s for m, s in zip(means, stds) if math.isfinite(m)), max(finite)
-        ax1.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 1e-9)), hi + 0.1 * (hi - lo + 1e-9))
+    limits = bar_limits(means, stds)
+    if limits is not None:
+        ax1.set_xlim(*limits)
     for i, g in enumerate(groups):
         color = plt.cm.tab10(i % 10)
         for k, j in enumerate(g.jobs):
@@ -339,7 +350,6 @@ def main(argv: list[str] | None = None) -> None:
         sign = -1 if direction == "maximize" else 1
         table_rows.sort(key=lambda r: (math.isnan(r["objective"]), sign * r["objective"] if not math.isnan(r["objective"]) else 0))
     out_dir = args.out or (args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else Path.cwd())
-    console = Console()
     table = Table(title=f"mptrain-compare: {metric} over seeds, {len(jobs)} jobs in {len(groups)} groups")
     shown = ["group", "completed", f"{metric} mean", f"{metric} std", "diff vs fp32", "skipped %", "final loss scale",
              "fp16-lost grads %", "samples/s vs fp32", "peak memory vs fp32", "status"]
@@ -353,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(c, overflow="fold")
     for r in table_rows:
         table.add_row(*(fmt(r[c]) for c in shown))
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: every column at its full width, no 80-column squeeze
+        console = Console(width=max(console.width, console.measure(table, options=console.options.update_width(100_000)).maximum))
     console.print(table)
     written = write_outputs(out_dir, table_rows, groups, metric)
     for p in written:

@@ -110,6 +110,20 @@ def _layer_matrix(samples: list[dict], key: str, field: str) -> tuple[list[str],
     return names, [s["step"] for s in rows], matrix
 
 
+def heat_range(values: np.ndarray) -> tuple[float, float, str | None]:
+    """The colour scale of a heat map: from the data's minimum to its maximum (a healthy run's few-percent
+    losses would all look alike on a 0..1 scale), and a note when there is nothing to show."""
+    finite = values[np.isfinite(values)] if values.size else values
+    if finite.size == 0:
+        return 0.0, 1.0, "no finite values recorded"
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi == 0.0:
+        return 0.0, 1.0, "every value is 0: fp16 loses none of these gradients"
+    if hi == lo:
+        return lo * 0.9, hi * 1.1, f"every value is {hi:.3g}"
+    return lo, hi, None
+
+
 def plot_underflow_heatmap(samples: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -117,12 +131,14 @@ def plot_underflow_heatmap(samples: list[dict], path: Path) -> None:
     _, _, zeros = _layer_matrix(samples, "grads", "zero")
     lost = m + zeros  # what fp16 loses: flushed to zero now, or zero already
     fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(names) + 1.5)))
-    im = ax.imshow(lost.T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    vmin, vmax, note = heat_range(lost)
+    im = ax.imshow(lost.T, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ticks = np.linspace(0, len(steps) - 1, min(len(steps), 10)).astype(int) if steps else []
     ax.set_xticks(ticks, [steps[i] for i in ticks])
     ax.set_xlabel("step (sampled)")
-    ax.set_title("Fraction of each parameter's gradients that fp16 holds as zero (zero or < 2^-24 at the loss scale)")
+    ax.set_title("Fraction of each parameter's gradients that fp16 holds as zero (zero or < 2^-24 at the loss scale)"
+                 + (f"\n{note}" if note else ""), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -44,6 +44,8 @@ class Components:
     channels_last: bool = False
     dist: DistInfo = field(default_factory=DistInfo)  # this process's place under torchrun
     strategy: str = "single"  # single | ddp | fsdp
+    model_facts: dict = field(default_factory=dict)  # model keys the data filled in (e.g. vocab_size)
+    vocab: dict | None = None  # a text dataset's vocabulary: written to the run directory as vocab.json
 
     @property
     def base_model(self) -> nn.Module:

@@ -35,11 +35,11 @@ from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.directory import RunDir
-from mptrain.run.layout import SUMMARY, OutputError
+from mptrain.run.layout import SUMMARY, VOCAB, OutputError, write_json_atomic
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.callbacks.console import Console
-from mptrain.train.callbacks.metrics import MetricsLogger
+from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
 from mptrain.train.loop import fit, probe_task
@@ -88,9 +88,10 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
         raise ConfigError(" ".join(f"{group}._target_={target} failed: {why}".split())) from e
 
 
-def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task:
+def build_task(cfg: DictConfig, model_target: object, dataset_task: str | None) -> Task:
     """`task=` when given, else the task the model declares (`task = "gan"` on its class; default
-    classification); checked against what the dataset serves before any model is built."""
+    classification); checked against what the dataset serves before any model is built (None: no data,
+    e.g. sampling from a trained model)."""
     node = cfg.get("task")
     if node is None:
         name = getattr(model_target, "task", "classification")
@@ -98,7 +99,25 @@ def build_task(cfg: DictConfig, model_target: object, dataset_task: str) -> Task
             raise ConfigError(f"the model declares task {name!r}, which mptrain does not ship; add task=<yours> "
                               f"(built in: {', '.join(BUILTIN)}; docs/tasks.md)")
         node = OmegaConf.create({"_target_": BUILTIN[name]})
-    return check_task(_instantiate(node, "task"), dataset_task)
+    task = _instantiate(node, "task")
+    return check_task(task, dataset_task) if dataset_task is not None else task
+
+
+def emulated_fp16(precision: Precision, device: torch.device) -> str | None:
+    """The warning for float16 compute on a CPU, which emulates it (several times slower than fp32 or bf16)."""
+    if precision.compute_dtype != torch.float16 or device.type != "cpu":
+        return None
+    return (f"precision={precision.mode} computes in float16, which a CPU emulates (4-15x slower than fp32 here): "
+            "for speed on a CPU use precision=bf16 (or amp, which picks bf16 on a CPU); fp16 here is for its numerics")
+
+
+def model_target(cfg: DictConfig) -> object:
+    """The class (or function) model._target_ names, imported."""
+    try:
+        return get_object(cfg.model._target_)
+    except Exception as e:
+        raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
+                          "put its module on PYTHONPATH") from None
 
 
 # model keys that must be at least the data's value: token ids index the embedding, windows the positions
@@ -115,6 +134,34 @@ def check_model_fits(model_cfg: DictConfig, facts: dict) -> None:
                               f"or leave it null (taken from the data)")
 
 
+def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Precision, facts: dict) -> nn.Module:
+    """The model as the run trains it: instantiated (data `facts` such as vocab_size fill model keys left
+    null), on the device, in its memory format, prepared by the precision. Also what mptrain-eval,
+    -sample and -export rebuild a trained run's model with."""
+    t = cfg.trainer
+    facts = {k: v for k, v in facts.items() if k in cfg.model and cfg.model.get(k) is None}
+    model = _instantiate(cfg.model, "model", **facts)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
+                          "torch.nn.Module; point it at a module class or a function returning one")
+    # ("model",) is the whole model; any other name, even a single one, must be a submodule
+    named = tuple(task.parts) != ("model",)
+    missing = [n for n in task.parts if named and not isinstance(getattr(model, n, None), nn.Module)]
+    if missing:
+        raise ConfigError(f"task {task.name} trains the submodules {', '.join(task.parts)} but the model has no "
+                          f"{', '.join(missing)}")
+    model = model.to(device)
+    if device.type == "cpu":
+        switched = conv_wgrad.apply(model, t.conv_wgrad)
+        if switched:
+            log.debug("trainer.conv_wgrad=%s: %d convolutions may take the forward-form weight gradient",
+                      t.conv_wgrad, switched)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision.prepare_model(model)
+    return model
+
+
 def build(cfg: DictConfig) -> Components:
     """Every component of the run, each builder taking only its own sub-config."""
     t = cfg.trainer
@@ -124,6 +171,9 @@ def build(cfg: DictConfig) -> Components:
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
     log.info(precision.describe())
+    slow = emulated_fp16(precision, device)
+    if slow:
+        log.warning("%s", slow)
 
     datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
     if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
@@ -140,37 +190,15 @@ def build(cfg: DictConfig) -> Components:
         raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
                           f"exceeds the {len(datasets.train)} training samples; lower the batch size")
 
-    # facts only the data know (a text file's vocabulary) fill model keys left null
-    facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
-    check_model_fits(cfg.model, datasets.facts)
-    try:
-        target = get_object(cfg.model._target_)
-    except Exception as e:
-        raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
-                          "put its module on PYTHONPATH") from None
+    target = model_target(cfg)
     task = build_task(cfg, target, datasets.task)  # before building a model that cannot fit the data
     several = len(task.parts) > 1
     if several and info.enabled:
         raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
                           "gradient all-reduce; train it in one process (no torchrun)")
-    model = _instantiate(cfg.model, "model", **facts)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
-                          "torch.nn.Module; point it at a module class or a function returning one")
-    # ("model",) is the whole model; any other name, even a single one, must be a submodule
-    missing = [n for n in task.parts if tuple(task.parts) != ("model",) and not isinstance(getattr(model, n, None), nn.Module)]
-    if missing:
-        raise ConfigError(f"task {task.name} trains the submodules {', '.join(task.parts)} but the model has no "
-                          f"{', '.join(missing)}")
-    model = model.to(device)
-    if device.type == "cpu":
-        switched = conv_wgrad.apply(model, t.conv_wgrad)
-        if switched:
-            log.debug("trainer.conv_wgrad=%s: %d convolutions may take the forward-form weight gradient",
-                      t.conv_wgrad, switched)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    precision.prepare_model(model)
+    check_model_fits(cfg.model, datasets.facts)  # before a model that cannot fit the data is built
+    facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
+    model = build_model(cfg, task, device, precision, facts)
     if t.strategy == "fsdp" and info.enabled:
         model = fsdp.shard(model, precision)
         precision.prepare_model(model)  # the optimizer must see the sharded parameters
@@ -203,7 +231,8 @@ def build(cfg: DictConfig) -> Components:
         train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
         loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
-        strategy=t.strategy if info.enabled else "single",
+        strategy=t.strategy if info.enabled else "single", model_facts=facts,
+        vocab=datasets.vocab,
     )
 
 
@@ -339,6 +368,8 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     signals.defer()  # from here a stop signal gets a checkpoint and a summary
     if c.is_main:
         job.commit(resume_step)
+        if c.vocab is not None:  # what decodes the model's tokens (mptrain-sample), among the run's files
+            write_json_atomic(run_dir / VOCAB, c.vocab)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=resume_step, enabled=c.is_main)
     for sink in sinks:
         sink.start()
@@ -351,7 +382,10 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         torch.cuda.reset_peak_memory_stats(c.device)
     console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
     status, error = "failed", None
+    # (the signal handlers were installed in run(): a stop is deferred to the end of a step since commit)
     callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
+    if t.compile:
+        callbacks.insert(0, CompileNotice())
     profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
     if profiler is not None:  # debug=profile
         callbacks.append(profiler)

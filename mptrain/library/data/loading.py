@@ -25,6 +25,8 @@ class Datasets:
     val: Dataset | None = None
     task: str = "classification"  # which task the batches serve: classification | language_modeling
     facts: dict = field(default_factory=dict)  # known only after reading the data, e.g. vocab_size
+    # a text dataset's vocabulary (text.Vocab.to_json()): the run directory keeps it to decode tokens
+    vocab: dict | None = None
 
 
 def as_datasets(obj: object) -> Datasets:
@@ -130,7 +132,8 @@ def overfit(datasets: Datasets, samples: int) -> Datasets:
     loss to ~0 has a bug (trainer.overfit_batches, debug=overfit)."""
     n = min(samples, len(datasets.train))
     train = RepeatedSamples(datasets.train, n, max(len(datasets.train), n))
-    return Datasets(train=train, val=Subset(datasets.train, range(n)), task=datasets.task, facts=datasets.facts)
+    return Datasets(train=train, val=Subset(datasets.train, range(n)), task=datasets.task, facts=datasets.facts,
+                    vocab=datasets.vocab)
 
 
 def in_memory(dataset: Dataset) -> bool:

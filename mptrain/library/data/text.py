@@ -6,6 +6,7 @@ Batches are (tokens, next tokens), each (seq_len,), cut contiguously from the to
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,40 @@ class Contiguous(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
         return chunk[:-1], chunk[1:]
+
+
+@dataclass
+class Vocab:
+    """A text dataset's tokens: id i is tokens[i]. Encodes a prompt and decodes generated ids the way
+    the dataset tokenized its file."""
+
+    level: str  # byte | char | word
+    tokens: list[str]
+
+    def encode(self, text: str) -> list[int]:
+        if self.level == "byte":
+            return list(text.encode("utf-8"))
+        if self.level == "word":
+            index = {w: i for i, w in enumerate(self.tokens)}
+            return [index.get(w, 0) for w in text.split()]  # 0 is <unk>
+        index = {c: i for i, c in enumerate(self.tokens)}
+        unknown = sorted({c for c in text if c not in index})
+        if unknown:
+            raise ConfigError(f"the prompt has characters the training text never had ({''.join(unknown)!r}); "
+                              "use only characters of the training file")
+        return [index[c] for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.level == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return (" " if self.level == "word" else "").join(self.tokens[i] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"level": self.level, "tokens": self.tokens}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocab:
+        return cls(level=data["level"], tokens=list(data["tokens"]))
 
 
 def tokenize(text: str, level: str, max_vocab: int) -> tuple[torch.Tensor, list[str]]:
@@ -71,8 +106,8 @@ def text(path: str, level: str = TXT.level, seq_len: int = TXT.seq_len, val_frac
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"{path} has {len(tokens)} {level} tokens: too few for dataset.seq_len={seq_len}; "
                           "use a longer file or a shorter seq_len")
-    return Datasets(train=train, val=val, task="language_modeling",
-                    facts={"vocab_size": vocab_size or len(vocab), "seq_len": seq_len})
+    return Datasets(train=train, val=val, task="language_modeling", facts={"vocab_size": vocab_size or len(vocab), "seq_len": seq_len},
+                    vocab=Vocab(level, vocab).to_json())
 
 
 def synthetic_tokens(vocab_size: int = TOK.vocab_size, seq_len: int = TOK.seq_len, train_tokens: int = TOK.train_tokens,

@@ -103,16 +103,27 @@ class Adversarial(Task):
         loss_d, loss_g = totals["loss_d"] / n, totals["loss_g"] / n
         return {"val/loss_d": loss_d, "val/loss_g": loss_g, "val/loss": loss_d + loss_g}
 
-    @torch.no_grad()
     def after_validation(self, model: nn.Module, run_dir: Path | None, step: int) -> None:
         """A grid of 64 samples from fixed noise (its own generator: the global RNG is not touched)."""
-        if run_dir is None:
-            return
-        import torchvision
+        if run_dir is not None:
+            sample_grid(model, Path(run_dir) / "samples" / f"step_{step}.png")
 
-        device = next(model.parameters()).device
-        z = torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(1234)).to(device)
-        images = model.generator(z).float().cpu()
-        out = Path(run_dir) / "samples"
-        out.mkdir(exist_ok=True)
-        torchvision.utils.save_image(images, out / f"step_{step}.png", nrow=8, normalize=True)
+
+GRID_CELL_PX = 64  # each sample is enlarged (nearest neighbour) to at least this many pixels a side
+
+
+@torch.no_grad()
+def sample_grid(model: DCGAN, path: Path, count: int = 64, seed: int = 1234) -> Path:
+    """A PNG grid of `count` generated images from the noise of `seed` (a generator of its own: the global
+    RNG is not touched), 8 a row, each enlarged to >= 64 px so that 8x8 digits are readable (530 px wide)."""
+    import torchvision
+
+    device = next(model.parameters()).device
+    z = torch.randn(count, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = model.generator(z).float().cpu()
+    factor = max(1, math.ceil(GRID_CELL_PX / images.shape[-1]))
+    images = F.interpolate(images, scale_factor=factor, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(images, path, nrow=8, normalize=True)
+    return path

@@ -14,9 +14,13 @@ from rich.table import Table
 from rich.tree import Tree
 from tqdm import tqdm
 
+from mptrain.run.directory import DeferredFileHandler
 from mptrain.train.callbacks.base import Callback
 
 log = logging.getLogger("mptrain")
+
+
+ROW_LINE = "step %d  loss %.4f  lr %.3g  scale %g%s"  # a metrics row as a log line (and in train.log)
 
 
 class Console(Callback):
@@ -31,13 +35,20 @@ class Console(Callback):
         self.bar.update(1)
 
     def row(self, row: dict) -> None:
-        """Show a metrics row: in the bar's postfix on a terminal, else as one log line."""
-        if self.interactive:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
-                                 refresh=False)
-        else:
-            norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
-            log.info("step %d  loss %.4f  lr %.3g  scale %g%s", row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
+        """Show a metrics row: in the bar's postfix on a terminal, else as one log line. train.log gets the
+        same line either way."""
+        norm = f"  grad_norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
+        args = (row["step"], row["loss"], row["lr"], row["loss_scale"], norm)
+        if not self.interactive:
+            log.info(ROW_LINE, *args)
+            return
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", scale=f"{row['loss_scale']:g}",
+                             refresh=False)
+        # the bar shows the row on the terminal; the log files get the line they get without a terminal
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, ROW_LINE, args, None)
+        for handler in logging.getLogger().handlers + log.handlers:
+            if isinstance(handler, (logging.FileHandler, DeferredFileHandler)) and record.levelno >= handler.level:
+                handler.handle(record)
 
     @contextlib.contextmanager
     def logging_above(self) -> Iterator[None]:
@@ -71,7 +82,16 @@ def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: l
 
 
 SUMMARY_ROWS = ("status", "precision", "compute_dtype", "steps", "epochs", "skipped_steps", "final_loss_scale",
-                "train_loss", "val/loss", "val/acc", "samples_per_s", "peak_memory_mb", "wall_s")
+                "train_loss", "val/", "samples_per_s", "peak_memory_mb", "wall_s")  # "val/": every validation metric
+
+
+def summary_rows(summary: dict) -> list[str]:
+    """The keys the summary table shows, in order: every validation metric the task reports (val/loss,
+    val/acc, val/ppl, a custom task's own) where "val/" stands."""
+    keys: list[str] = []
+    for key in SUMMARY_ROWS:
+        keys += [k for k in summary if k.startswith("val/")] if key == "val/" else [key] * (key in summary)
+    return keys
 
 
 def print_summary(summary: dict, console: RichConsole | None = None) -> None:
@@ -79,8 +99,7 @@ def print_summary(summary: dict, console: RichConsole | None = None) -> None:
     table = Table(title="mptrain summary", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    for key in SUMMARY_ROWS:
-        if key in summary:
-            value = summary[key]
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key in summary_rows(summary):
+        value = summary[key]
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)

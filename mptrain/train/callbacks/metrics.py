@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 
@@ -16,6 +17,29 @@ from mptrain.train.state import TrainState
 from mptrain.train.step import StepOutput
 
 log = logging.getLogger("mptrain")
+
+
+def divergence_advice(compute_dtype: torch.dtype) -> str:
+    """What to change after a divergence with no loss scaler. Loss scaling only helps float16 compute
+    (its gradients underflow or overflow); an fp32 or bf16 run diverged through its lr or its gradients."""
+    advice = "Try a lower optimizer.lr or trainer.clip_grad_norm=1.0"
+    if compute_dtype == torch.float16:
+        advice += ", or a loss-scaled mode (precision=dynamic)"
+    return advice
+
+
+class CompileNotice(Callback):
+    """trainer.compile=true: torch.compile compiles at the first step, which then takes seconds to minutes.
+    Say so before it starts, and how long it took once it is done."""
+
+    def __init__(self) -> None:
+        log.info("compiling the model (trainer.compile=true): the first step waits for it...")
+        self.start: float | None = time.perf_counter()
+
+    def on_step_end(self, c: Components, state: TrainState, out: StepOutput) -> None:
+        if self.start is not None:
+            log.info("compiled: the first step took %.1f s (trainer.compile=true)", time.perf_counter() - self.start)
+            self.start = None
 
 
 class MetricsLogger(Callback):
@@ -41,9 +65,9 @@ class MetricsLogger(Callback):
         mean_loss = window_loss / applied if applied else math.nan
         if applied and not math.isfinite(mean_loss) and p.scaler is None:
             raise Diverged(
-                f"loss is {mean_loss} at step {state.step} with precision={p.mode} and no loss scaling: the run diverged. "
-                "Try a lower optimizer.lr, trainer.clip_grad_norm=1.0, or a loss-scaled mode (precision=dynamic); "
-                "resume=auto continues from the last finite checkpoint")
+                f"loss is {mean_loss} at step {state.step} with precision={p.mode}"
+                f"{' and no loss scaling' if p.compute_dtype == torch.float16 else ''}: the run diverged. "
+                f"{divergence_advice(p.compute_dtype)}; resume=auto continues from the last finite checkpoint")
         if out.applied and math.isfinite(grad_norm) and grad_norm > 0:
             state.gradient_seen = True
         if math.isfinite(mean_loss):

@@ -1,0 +1,190 @@
+"""`mptrain-export RUN_DIR [--format safetensors|torchscript|onnx|pt2] [--checkpoint NAME] [overrides]`.
+
+Writes RUN_DIR/export/: `model.safetensors` (the weights, in float32, loadable without mptrain:
+`safetensors.torch.load_file`), `model_config.yaml` (the resolved model config with what the data filled in,
+the task and the example input), and for the program formats `model.ts` (torch.jit.trace), `model.onnx`
+(torch.onnx, dynamo exporter) or `model.pt2` (torch.export). Every export is checked: its outputs on a batch
+of the validation set (a GAN: on noise) against the checkpoint's model, bitwise for the weights and within
+float32 tolerance for a program. The model is exported in float32 (master weights where the run kept them);
+a program takes inputs of the example's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from torch import nn
+
+from mptrain.errors import ConfigError, MptrainError
+from mptrain.parallel import distributed
+from mptrain.run.layout import EXPORT
+from mptrain.tools.trained import checkpoint_path, load_checkpoint, load_weights, run_config, tool_main
+from mptrain.train.recipe import build, build_model
+
+FORMATS = ("safetensors", "torchscript", "onnx", "pt2")
+PROGRAM_FILE = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
+RTOL, ATOL = 1e-4, 1e-5  # a program's float32 outputs against the module's (kernels may differ in order)
+EXAMPLE_BATCH = 8
+
+
+class ExportError(MptrainError):
+    """The export could not be written, or its outputs differ from the checkpoint's model."""
+
+    exit_code = 1
+
+
+def require(module: str, extra: str = "export"):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ConfigError(f"this export needs {module}: pip install mptrain[{extra}]") from None
+
+
+def example_input(c, task_name: str) -> torch.Tensor:
+    """What the model's forward takes: the inputs of the first validation batch (up to 8), or a GAN's noise."""
+    model = c.base_model
+    if task_name == "gan":
+        return torch.randn(EXAMPLE_BATCH, model.latent_dim, generator=torch.Generator().manual_seed(0)).to(c.device)
+    if c.val_loader is None:
+        raise ConfigError("the dataset has no validation set to take an example batch from")
+    batch = next(iter(c.val_loader))
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"the model takes a {type(x).__name__} batch; export handles models that take one tensor")
+    return c.to_device(x[:EXAMPLE_BATCH])
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, exact: bool = False) -> float:
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExportError(f"{name}: output shape {tuple(got.shape)} differs from the model's {tuple(want.shape)}")
+    diff = max_diff(got, want)
+    ok = torch.equal(got, want) if exact else torch.allclose(got.float(), want.float(), rtol=RTOL, atol=ATOL)
+    if not ok:
+        raise ExportError(f"{name}: outputs differ from the checkpoint's model by up to {diff:.3g} "
+                          f"({'bitwise' if exact else f'rtol {RTOL}, atol {ATOL}'} check); the export is not faithful")
+    return diff
+
+
+def write_program(fmt: str, model: nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
+    """Write the program of `fmt` to `path`, load it back and return its output on `x`."""
+    if fmt == "torchscript":
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        torch.jit.save(traced, str(path))
+        return torch.jit.load(str(path), map_location=x.device)(x)
+    if fmt == "pt2":
+        program = torch.export.export(model, (x,))
+        torch.export.save(program, str(path))
+        return torch.export.load(str(path)).module()(x)
+    require("onnx")
+    ort = require("onnxruntime")
+    require("onnxscript")
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]).to(x.device)
+
+
+def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = None,
+           overrides: list[str] | None = None, out_dir: Path | None = None) -> dict:
+    """Write and check the export; returns what model_config.yaml records (plus the check's figures)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt} is not one of {', '.join(FORMATS)}")
+    st = require("safetensors")
+    import safetensors.torch  # noqa: F401  (the torch helpers are a submodule)
+
+    run_dir, overrides = Path(run_dir), list(overrides or [])
+    if not any(o.lstrip("+").startswith("precision=") for o in overrides):
+        overrides = ["precision=fp32", *overrides]  # the exported model is float32 (masters where the run kept them)
+    cfg = run_config(run_dir, overrides)
+    path = checkpoint_path(run_dir, checkpoint)
+    ckpt = load_checkpoint(path)
+    start = time.perf_counter()
+    c = build(cfg)
+    try:
+        model = c.base_model
+        load_weights(model, ckpt, path)
+        model.eval()
+        x = example_input(c, c.task.name)
+        with torch.no_grad():
+            want = model(x)
+        out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
+        out.mkdir(parents=True, exist_ok=True)
+
+        # the weights, checked by loading them into a freshly built model
+        weights_file = out / "model.safetensors"
+        meta = {"checkpoint": str(path), "step": str(ckpt["train_state"]["step"]), "format": "mptrain"}
+        st.torch.save_model(model, str(weights_file), metadata=meta)
+        fresh = build_model(cfg, c.task, c.device, c.precision, c.model_facts).eval()
+        missing, unexpected = st.torch.load_model(fresh, str(weights_file), strict=True)
+        with torch.no_grad():
+            weights_diff = check_close("model.safetensors", fresh(x), want, exact=True)
+
+        record = {
+            "model": {**OmegaConf.to_container(cfg.model, resolve=True), **c.model_facts},
+            "task": c.task.name,
+            "checkpoint": str(path.relative_to(run_dir)),
+            "step": ckpt["train_state"]["step"],
+            "trained_precision": ckpt["config"].get("precision", {}).get("mode"),
+            "dtype": "float32",
+            "input": {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")},
+            "output": {"shape": list(want.shape)},
+            "files": {"weights": weights_file.name},
+            "check": {"weights_max_abs_diff": weights_diff},
+        }
+        if fmt != "safetensors":
+            program_file = out / PROGRAM_FILE[fmt]
+            try:
+                # the exporters' progress prints and deprecation notes are not the user's business
+                with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    got = write_program(fmt, model, x, program_file)
+            except MptrainError:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ExportError(f"{type(model).__name__} cannot be exported as {fmt} ({type(e).__name__}: {first}); "
+                                  "the weights and config were written, try another --format") from None
+            record["files"][fmt] = program_file.name
+            record["check"][f"{fmt}_max_abs_diff"] = check_close(program_file.name, got, want)
+        record["wall_s"] = round(time.perf_counter() - start, 3)
+        (out / "model_config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        record["out_dir"] = str(out)
+        return record
+    finally:
+        distributed.teardown(c.dist)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mptrain-export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory (outputs/<date>/<time>-<id>)")
+    parser.add_argument("overrides", nargs="*", help="config changes, e.g. trainer.device=cpu")
+    parser.add_argument("--format", default="safetensors", choices=FORMATS,
+                        help="safetensors: the weights only; torchscript | onnx | pt2: a program besides them")
+    parser.add_argument("--checkpoint", help="checkpoints/<NAME> (default best.pt, else last.pt)")
+    parser.add_argument("--out", type=Path, help="where to write (default RUN_DIR/export)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        r = export(args.run_dir, args.format, args.checkpoint, args.overrides, args.out)
+        checks = ", ".join(f"{k.removesuffix('_max_abs_diff')} max |diff| {v:.3g}" for k, v in r["check"].items())
+        print(f"exported {r['checkpoint']} (step {r['step']}) to {r['out_dir']}: {', '.join(r['files'].values())}, "
+              f"model_config.yaml; checked on a batch of {r['input']['shape']}: {checks}")
+
+    tool_main("mptrain-export", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""A trained run, rebuilt for use (mptrain-eval, mptrain-sample, mptrain-export).
+
+The config is the run's own `.hydra/config.yaml`, changed only by the overrides given (a group choice such as
+`precision=bf16` takes that group's entry from conf/; a dotted key such as `dataset.root=...` sets one value).
+The model is built by the recipe's own builders (`recipe.build`, or `recipe.build_model` where no data are
+needed) and takes a checkpoint's weights, FP32 master copies where the run kept them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mptrain.checkpoint.files import check_finite, load_file
+from mptrain.cli.register import config_dir, register
+from mptrain.errors import ConfigError, MptrainError
+from mptrain.run.layout import BEST, CHECKPOINTS, CONFIG, LAST
+
+log = logging.getLogger("mptrain")
+
+_MISSING = object()
+
+
+def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The run's composed config (.hydra/config.yaml) with `overrides` applied; one-line errors for a
+    directory that is not a run or an override that names nothing."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not an mptrain run directory (no .hydra/config.yaml)")
+    register()  # the schemas, and the resolvers a saved config may use (${python_stdlib:...})
+    cfg = OmegaConf.load(path)
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as e:  # Hydra's OverrideParseException: its first line says what is wrong
+        raise ConfigError(f"cannot parse the overrides: {str(e).splitlines()[0]}") from None
+    groups = Path(config_dir())
+    for o in parsed:
+        key, value = o.key_or_group, o.value()
+        if o.is_delete():
+            raise ConfigError(f"~{key}: removing keys is not supported here; set a value instead")
+        if "." not in key and (groups / key).is_dir() and isinstance(value, str) and key in cfg:
+            cfg[key] = _group_entry(key, value)
+            continue
+        if not o.is_add() and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigError(unknown_key_message(key, cfg))
+        OmegaConf.update(cfg, key, value, merge=False, force_add=o.is_add())
+    return cfg
+
+
+def _group_entry(group: str, name: str) -> DictConfig:
+    """conf/<group>/<name>.yaml as the main config composes it (with its schema's defaults)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=[f"{group}={name}"])[group]
+    except MptrainError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{group}={name}: {str(e).splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain container."""
+    if not isinstance(node, dict):
+        return [prefix[:-1]]
+    return [k for name, v in node.items() for k in _keys(v, f"{prefix}{name}.")]
+
+
+def unknown_key_message(key: str, cfg: DictConfig) -> str:
+    close = difflib.get_close_matches(key, _keys(OmegaConf.to_container(cfg)), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "check the name (the run's keys are in .hydra/config.yaml)"
+    return f"{key} is not a key of this run's config; {hint}"
+
+
+def checkpoint_path(run_dir: Path, name: str | None) -> Path:
+    """checkpoints/<name> (a bare name gets .pt); by default best.pt, else last.pt."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    if name is not None:
+        path = ckpt_dir / (name if name.endswith(".pt") else f"{name}.pt")
+        if not path.is_file():
+            have = sorted(p.name for p in ckpt_dir.glob("*.pt")) if ckpt_dir.is_dir() else []
+            raise ConfigError(f"{path} does not exist; this run has {', '.join(have) or 'no checkpoint files'}")
+        return path
+    for default in (BEST, LAST):
+        if (ckpt_dir / default).is_file():
+            return ckpt_dir / default
+    raise ConfigError(f"{run_dir} has no checkpoint (checkpoints/best.pt or last.pt): it was trained with "
+                      "checkpoint.enabled=false, or is still before its first save")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checked, finite mptrain checkpoint with weights."""
+    ckpt = load_file(path)
+    if "model" not in ckpt:
+        raise ConfigError(f"{path} holds no weights (a sharded FSDP checkpoint keeps them in checkpoints/sharded/)")
+    check_finite(ckpt, f"checkpoint {path}")
+    return ckpt
+
+
+def weights(ckpt: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's model state, with each low-precision parameter replaced by its FP32 master copy
+    where the run kept one (precision=master): in the order MasterWeights made them, the model's
+    parameters that the checkpoint holds in a 16-bit type."""
+    state = dict(ckpt["model"])
+    masters = ((ckpt.get("precision") or {}).get("master") or {}).get("masters")
+    if not masters:
+        return state
+    names: dict[int, list[str]] = {}  # every state_dict name of each parameter (tied weights have several)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    low = [p for _, p in model.named_parameters() if p.requires_grad
+           and state[names[id(p)][0]].dtype in (torch.float16, torch.bfloat16)]
+    if len(low) != len(masters):
+        log.warning("the checkpoint's %d master weights do not match the model's %d 16-bit parameters: using the "
+                    "16-bit weights", len(masters), len(low))
+        return state
+    for p, master in zip(low, masters):
+        for name in names[id(p)]:
+            state[name] = master
+    return state
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
+    from mptrain.checkpoint.resume import check_model_fits
+
+    check_model_fits(ckpt["model"], model, path)
+    model.load_state_dict(weights(ckpt, model))  # copied in the model's own dtypes (as the run's precision casts)
+
+
+def tool_main(prog: str, body: Callable[[], None]) -> None:
+    """Run a tool: info lines on stderr, an MptrainError as one line `prog: error: ...` and its exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        body()
+    except MptrainError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -1,0 +1,246 @@
+"""Using a trained run: mptrain-eval, mptrain-sample, mptrain-export (issue 27)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from mptrain.errors import ConfigError
+from mptrain.tools.eval import evaluate
+from mptrain.tools.export import export
+from mptrain.tools.sample import sample_text
+from mptrain.tools.trained import run_config
+
+from .conftest import TINY, compose_config, read_jsonl
+
+
+def trained_run(root, overrides):
+    """Train in this process and keep the run's .hydra/config.yaml, as the CLI does."""
+    from mptrain.train.recipe import run
+
+    cfg = compose_config(TINY + overrides)
+    run_dir = root / "run"
+    summary = run(cfg, run_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir, summary
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """2 epochs of the default CNN on digits (11 steps each): last.pt, step_11.pt, step_22.pt, best.pt."""
+    return trained_run(tmp_path_factory.mktemp("digits"), ["trainer.max_epochs=2", "trainer.batch_size=128",
+                                                           "diagnostics=off"])
+
+
+TEXT = "\n".join(f"the {a} sat on the {b}." for a in ("cat", "dog", "bird", "fox") for b in ("mat", "log", "hill")) * 20
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    (root / "notes.txt").write_text(TEXT)
+    run_dir, _ = trained_run(root, ["model=gpt", "model.dim=16", "model.layers=1", "model.heads=2", "dataset=text",
+                                    f"dataset.path={root / 'notes.txt'}", "dataset.seq_len=16",
+                                    "trainer.max_steps=20", "diagnostics=off"])
+    return run_dir, root / "notes.txt"
+
+
+# ---- eval ------------------------------------------------------------------------------------------
+
+def test_eval_reproduces_the_runs_own_validation_exactly(digits_run):
+    run_dir, summary = digits_run
+    record, out = evaluate(run_dir, "last")
+    assert out == run_dir / "eval_last.json" and json.loads(out.read_text()) == record
+    assert record["step"] == summary["steps"] == 22
+    assert record["val/acc"] == summary["val/acc"] and record["val/loss"] == summary["val/loss"]  # bitwise
+    # best.pt: the validation row of the best val/acc (the first of equals: later ones do not improve)
+    vals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r]
+    best = max(vals, key=lambda r: (r["val/acc"], -r["step"]))
+    record, _ = evaluate(run_dir)  # default: best.pt
+    assert record["checkpoint"] == "checkpoints/best.pt" and record["step"] == best["step"]
+    assert record["val/acc"] == best["val/acc"] and record["val/loss"] == best["val/loss"]
+
+
+def test_eval_in_another_precision_writes_its_own_file(digits_run):
+    run_dir, summary = digits_run
+    record, out = evaluate(run_dir, "last", ["precision=fp32"])
+    assert out.name == "eval_last-precision_fp32.json"
+    assert record["precision"] == "fp32" and record["compute_dtype"] == "fp32" and record["trained_precision"] == "amp"
+    assert record["val/loss"] != summary["val/loss"]  # the bf16-trained weights, evaluated in fp32: other rounding
+    assert abs(record["val/loss"] - summary["val/loss"]) < 0.05
+
+
+def test_eval_refuses_bad_input_in_one_line_and_writes_nothing(digits_run):
+    run_dir, _ = digits_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(ConfigError, match=r"trainer.max_step is not a key .*did you mean trainer.max_steps\?"):
+        evaluate(run_dir, overrides=["trainer.max_step=3"])
+    with pytest.raises(ConfigError, match=r"nope.pt does not exist; this run has best.pt, last.pt, step_11.pt, step_22.pt"):
+        evaluate(run_dir, "nope")
+    with pytest.raises(ConfigError, match="not an mptrain run directory"):
+        evaluate(run_dir / "checkpoints")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_best_pt_is_a_hard_link_of_the_step_it_equals(digits_run):
+    """No second write of the same checkpoint: best.pt shares its file with the step file of its step."""
+    run_dir, _ = digits_run
+    ckpt = run_dir / "checkpoints"
+    step = torch.load(ckpt / "best.pt", weights_only=True)["train_state"]["step"]
+    assert os.path.samefile(ckpt / "best.pt", ckpt / f"step_{step}.pt")
+    assert os.stat(ckpt / "best.pt").st_nlink == (3 if step == 22 else 2)  # step_22.pt, last.pt and best.pt
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+def checkpoint_model(run_dir, x):
+    """The checkpoint's model built by hand (plain PyTorch: the class and its arguments, torch.load)."""
+    from mptrain.library.models.vision import SmallCNN
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model = SmallCNN(num_classes=10, in_channels=1, width=cfg.model.width, dropout=cfg.model.dropout)
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def val_inputs():
+    from mptrain.library.data.loading import digits
+
+    return torch.stack([digits().val[i][0] for i in range(8)])
+
+
+def test_export_safetensors_loads_without_mptrain_and_matches_bitwise(digits_run):
+    from safetensors.torch import load_file
+
+    run_dir, _ = digits_run
+    r = export(run_dir, "safetensors")
+    out = run_dir / "export"
+    config = yaml.safe_load((out / "model_config.yaml").read_text())
+    assert config["task"] == "classification" and config["input"]["shape"] == [8, 1, 8, 8]
+    module, name = config["model"]["_target_"].rsplit(".", 1)
+    model = getattr(importlib.import_module(module), name)(**{k: v for k, v in config["model"].items() if k != "_target_"})
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    x = val_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), checkpoint_model(run_dir, x))
+    assert r["check"]["weights_max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("pt2", marks=pytest.mark.slow), "torchscript"])
+def test_export_program_matches_the_checkpoint_model(digits_run, fmt):
+    run_dir, _ = digits_run
+    export(run_dir, fmt)
+    x = val_inputs()
+    path = run_dir / "export" / ("model.pt2" if fmt == "pt2" else "model.ts")
+    program = torch.export.load(str(path)).module() if fmt == "pt2" else torch.jit.load(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), checkpoint_model(run_dir, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_onnx_runs_in_onnxruntime(digits_run):
+    ort = pytest.importorskip("onnxruntime")  # the export extra (in dev)
+    run_dir, _ = digits_run
+    export(run_dir, "onnx")
+    session = ort.InferenceSession(str(run_dir / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = val_inputs()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), checkpoint_model(run_dir, x), rtol=1e-4, atol=1e-5)
+
+
+# ---- sample ----------------------------------------------------------------------------------------
+
+def test_text_run_saves_its_vocabulary(lm_run):
+    run_dir, _ = lm_run
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    assert vocab == {"level": "char", "tokens": sorted(set(TEXT))}
+
+
+def test_sampling_is_reproducible_under_a_seed(lm_run):
+    from mptrain.tools.sample import generate, load_model, read_vocab
+
+    run_dir, _ = lm_run
+    vocab = read_vocab(run_dir)
+    model, _, precision = load_model(run_dir, [], None, {"vocab_size": len(vocab.tokens)})
+    prompt = vocab.encode("the ")
+    a = generate(model, prompt, 30, seed=3, precision=precision)
+    assert len(a) == 30 and all(0 <= i < len(vocab.tokens) for i in a)
+    assert generate(model, prompt, 30, seed=3, precision=precision) == a
+    assert generate(model, prompt, 30, seed=4, precision=precision) != a
+    # greedy two ways: the single most likely token (top-k 1) is what temperature 0 picks
+    assert generate(model, prompt, 12, top_k=1, seed=9) == generate(model, prompt, 12, temperature=0)
+
+
+def test_sample_decodes_with_the_saved_vocab_not_the_training_file(lm_run, tmp_path):
+    run_dir, text_file = lm_run
+    a = sample_text(run_dir, "the ", tokens=30, seed=3)
+    assert len(a) == 30 and set(a) <= set(TEXT)
+    # without the training file, with every token renamed (upper case), the same ids come out under the new names
+    text_file.rename(tmp_path / "moved.txt")
+    vocab_path = run_dir / "vocab.json"
+    saved = vocab_path.read_text()
+    try:
+        vocab = json.loads(saved)
+        vocab_path.write_text(json.dumps({**vocab, "tokens": [t.upper() for t in vocab["tokens"]]}))
+        assert sample_text(run_dir, "THE ", tokens=30, seed=3) == a.upper()
+        with pytest.raises(ConfigError, match="characters the training text never had"):
+            sample_text(run_dir, "the ", tokens=3)
+    finally:
+        vocab_path.write_text(saved)
+        (tmp_path / "moved.txt").rename(text_file)
+
+
+def test_sample_refuses_a_run_without_vocabulary(digits_run):
+    with pytest.raises(ConfigError, match="has no vocab.json"):
+        sample_text(digits_run[0], "x", tokens=1)
+
+
+def test_gan_sample_grid_is_readable(tmp_path):
+    """8x8 digits, 64 of them: each enlarged to 64 px, 8 a row with 2 px padding -> 8 * 66 + 2 = 530 px."""
+    from PIL import Image
+
+    from mptrain.library.models.gan import DCGAN, sample_grid
+
+    torch.manual_seed(0)
+    model = DCGAN(channels=1, image_size=8).eval()
+    path = sample_grid(model, tmp_path / "grid.png", seed=5)
+    assert Image.open(path).size == (530, 530)
+    again = sample_grid(model, tmp_path / "again.png", seed=5)
+    assert path.read_bytes() == again.read_bytes()
+
+
+def test_run_config_applies_group_and_key_overrides(digits_run):
+    cfg = run_config(digits_run[0], ["precision=bf16", "trainer.batch_size=32", "+extra.key=1"])
+    assert cfg.precision.mode == "bf16" and cfg.precision.loss_scale.init == 65536.0  # the group entry, in full
+    assert cfg.trainer.batch_size == 32 and cfg.extra.key == 1
+    assert cfg.model.num_classes == 10  # interpolations still resolve
+
+
+def test_a_master_weights_run_is_used_through_its_fp32_masters(tmp_path):
+    """precision=master keeps fp16 weights in the model and their fp32 masters in the precision state: a
+    rebuilt fp32 model takes the masters (in MasterWeights' order: the fp16 parameters), not the fp16 copies."""
+    from mptrain.library.models.vision import MLP
+    from mptrain.tools.trained import weights
+
+    run_dir, _ = trained_run(tmp_path, ["model=mlp", "model.width=16", "model.depth=2", "precision=master",
+                                        "optimizer.lr=0.01", "trainer.max_steps=3", "diagnostics=off"])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    masters = ckpt["precision"]["master"]["masters"]
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model = MLP(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"})
+    state = weights(ckpt, model)
+    fp16_names = [n for n, _ in model.named_parameters() if ckpt["model"][n].dtype == torch.float16]
+    assert len(fp16_names) == len(masters) > 0
+    for name, master in zip(fp16_names, masters):
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], master)
+        assert torch.equal(master.half(), ckpt["model"][name])  # the fp16 weights are the masters rounded
+    assert any(not torch.equal(m, m.half().float()) for m in masters)  # and the masters hold more than fp16 does
+    model.load_state_dict(state)
