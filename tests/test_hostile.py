@@ -34,7 +34,11 @@ def cli(args: list[str], cwd: Path) -> tuple[int, str]:
 
     from mptrain.cli.main import main
 
+    import logging
+
     err, here, argv = io.StringIO(), os.getcwd(), sys.argv
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # Hydra configures logging per run: undone below
     sigint = signal.getsignal(signal.SIGINT)  # main() leaves its exit-at-once handler behind
     sys.argv = ["mptrain", *args]
     os.chdir(cwd)
@@ -49,6 +53,10 @@ def cli(args: list[str], cwd: Path) -> tuple[int, str]:
         sys.argv = argv
         signal.signal(signal.SIGINT, sigint)
         GlobalHydra.instance().clear()
+        for h in [h for h in root.handlers if h not in handlers]:  # e.g. the run's train.log handler
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
     return code, err.getvalue()
 
 
