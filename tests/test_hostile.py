@@ -30,11 +30,10 @@ GPT = [*GPT_MODEL, "dataset=synthetic_tokens", "dataset.train_tokens=2000", "dat
 
 def cli(args: list[str], cwd: Path) -> tuple[int, str]:
     """`mptrain ARGS` run from `cwd` in this process: (exit code, stderr)."""
+    import logging
     import os
 
     from mptrain.cli.main import main
-
-    import logging
 
     err, here, argv = io.StringIO(), os.getcwd(), sys.argv
     root = logging.getLogger()
