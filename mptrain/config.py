@@ -314,6 +314,8 @@ class TrainerConfig:
         _check(self.dist_backend in ("auto", "gloo", "nccl"), "trainer.dist_backend", self.dist_backend, "choose auto, gloo or nccl")
         _check(self.grad_compression in ("none", "fp16", "bf16"), "trainer.grad_compression", self.grad_compression,
                "choose none, fp16 or bf16")
+        # numpy takes seeds below 2**32, and the epoch sampler derives int64 seeds from this one
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
 
 
 @dataclass
@@ -365,6 +367,7 @@ class CNNModelConfig:
     in_channels: int = "${dataset.channels}"  # type: ignore[assignment]
     width: int = 32
     dropout: float = 0.1
+    image_size: int | None = "${oc.select:dataset.image_size,null}"  # type: ignore[assignment]  # for the size check
 
     def __post_init__(self) -> None:
         _check(self.width >= 1, "model.width", self.width, "must be >= 1")
@@ -419,6 +422,7 @@ class RecurrentLMConfig:
         _check(self.cell in ("lstm", "gru"), "model.cell", self.cell, "choose lstm or gru")
         for key in ("embed_dim", "hidden_dim", "num_layers"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        _check(self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1 or null")
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
@@ -437,6 +441,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for key in ("dim", "layers", "heads", "seq_len"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        _check(self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1 or null")
         _check(self.dim % self.heads == 0, "model.dim", self.dim, f"must be divisible by model.heads={self.heads}")
 
 
@@ -449,6 +454,10 @@ class DCGANConfig:
     image_size: int = "${dataset.image_size}"  # type: ignore[assignment]
     latent_dim: int = 64
     width: int = 32
+
+    def __post_init__(self) -> None:
+        for key in ("latent_dim", "width"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
 
 
 @dataclass
@@ -547,6 +556,9 @@ class TextDatasetConfig:
         _check(self.level in ("byte", "char", "word"), "dataset.level", self.level, "choose byte, char or word")
         _check(self.seq_len >= 1, "dataset.seq_len", self.seq_len, "must be >= 1")
         _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
+        # word level: <unk> plus at least one word, else every token is <unk> and the loss is trivially 0
+        _check(self.max_vocab >= 2, "dataset.max_vocab", self.max_vocab, "must be >= 2 (<unk> and at least one word)")
+        _check(self.vocab_size is None or self.vocab_size >= 1, "dataset.vocab_size", self.vocab_size, "must be >= 1 or null")
 
 
 @dataclass
@@ -613,6 +625,13 @@ class SyntheticTokensConfig:
     seq_len: int = 64
     train_tokens: int = 200_000
     val_tokens: int = 20_000
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 2, "dataset.vocab_size", self.vocab_size, "must be >= 2")
+        _check(self.seq_len >= 1, "dataset.seq_len", self.seq_len, "must be >= 1")
+        for key in ("train_tokens", "val_tokens"):  # one window is seq_len inputs plus the next token
+            _check(getattr(self, key) > self.seq_len, f"dataset.{key}", getattr(self, key),
+                   f"must exceed dataset.seq_len={self.seq_len} (one window of inputs and next tokens)")
 
 
 @dataclass
@@ -687,7 +706,7 @@ class Config:
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ConfigError naming the key and the fix."""
-    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics", "model", "dataset", "logger"):
+    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics", "dataset", "model", "logger"):  # data first: a model key often interpolates it
         node = cfg.get(key)
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs

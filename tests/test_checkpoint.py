@@ -297,7 +297,7 @@ def test_config_changes_on_resume_are_logged(tmp_path, caplog):
     with caplog.at_level("INFO", logger="mptrain"):
         train(tmp_path, [*SMALL, "trainer.max_steps=3", "resume=auto", "seed=5"])
     text = caplog.text
-    assert "trainer.max_steps changed 2 -> 3 (safe)" in text
+    assert "trainer.max_steps changed 2 -> 3 (given now): the run continues on another course" in text
     assert "seed changed 0 -> 5" in text and "WARNING" in text
 
 

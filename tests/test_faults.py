@@ -38,7 +38,7 @@ CLI = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "tr
 HOOK = r"""
 import atexit, io, json, math, os, signal, sys
 import torch
-import mptrain.checkpoint.callback, mptrain.cli.main, mptrain.train.loop, mptrain.run.writer
+import mptrain.checkpoint.callback, mptrain.cli.main, mptrain.train.loop, mptrain.run.layout, mptrain.run.writer
 
 where, calls, fraction, name, *more = os.environ.pop("MPTRAIN_FAULT").split(":")
 calls, fraction, signum = {int(k) for k in calls.split(",")}, float(fraction), getattr(signal, name)
@@ -126,7 +126,7 @@ elif where == "log":
 
     def log(self, row):
         if due():  # a torn line: part of the row, then the signal
-            line = json.dumps({k: mptrain.run.writer._plain(v) for k, v in row.items()}) + "\n"
+            line = json.dumps(mptrain.run.layout.json_safe(row)) + "\n"
             self._metrics.write(line[:int(fraction * len(line))]); self._metrics.flush()
             send()
         return real_log(self, row)

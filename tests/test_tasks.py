@@ -224,7 +224,8 @@ def test_a_task_loss_that_cannot_train_is_one_line(tmp_path, task, message):
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"mptrain: error: task {task}: ") and re.search(message, last), last
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    # found on one batch before the run directory changed (issue 25): nothing written
+    assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
 def test_a_one_element_loss_trains_like_a_scalar(tmp_path, monkeypatch):

@@ -33,6 +33,10 @@ def pick_monitor(monitor: str | None, mode: str, reported) -> tuple[str | None, 
     if monitor == DEFAULT_MONITOR and "val/loss" in reported:
         log.info("checkpoint.monitor: this task reports no %s; best.pt follows val/loss (min)", monitor)
         return "val/loss", "min"
+    if monitor == DEFAULT_MONITOR:  # a default the user never chose: no best.pt rather than a refusal
+        log.warning("checkpoint.monitor: this task reports no %s and no val/loss, so no best.pt is written; set "
+                    "checkpoint.monitor to one of %s (and checkpoint.mode)", monitor, ", ".join(reported) or "none")
+        return None, mode
     check_monitor(monitor, list(reported))  # raises, naming what the task reports
     return monitor, mode
 

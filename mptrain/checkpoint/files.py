@@ -20,7 +20,7 @@ import torch
 from mptrain import __version__
 from mptrain.checkpoint.contents import FORMAT_VERSION, check_structure
 from mptrain.errors import CheckpointError
-from mptrain.run.layout import LAST, SHARDED, SHARDED_STEP_RE, STEP_CKPT_RE, write_atomic
+from mptrain.run.layout import CHECKPOINTS, LAST, SHARDED, SHARDED_STEP_RE, STEP_CKPT_RE, write_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -129,8 +129,9 @@ def load_file(path: Path) -> dict:
     """Read a checkpoint with weights_only=True; any fault becomes one clear CheckpointError."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; pass a checkpoint file (e.g. {path}/last.pt) "
-                              "or resume=auto")
+        inside = path / LAST if (path / LAST).is_file() else path / CHECKPOINTS / LAST  # a checkpoints/ or a run dir
+        raise CheckpointError(f"checkpoint {path} is a directory; pass a checkpoint file (e.g. {inside}), or "
+                              f"resume=auto hydra.run.dir=<the run directory>")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass an existing file or resume=auto")
     try:

@@ -22,8 +22,9 @@ from mptrain.run.layout import CHECKPOINTS
 
 log = logging.getLogger("mptrain")
 
-# config keys that may differ on resume without changing the result of the steps already taken
-SAFE_TO_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.log_every", "trainer.eval_every",
+# config keys that may differ on resume without changing the run's course (its weights, step by step); anything
+# else, the run's length included (a cosine schedule is recomputed over it), is a change recorded in summary.json
+SAFE_TO_CHANGE = ("trainer.log_every", "trainer.eval_every",
                   "trainer.progress_bar", "trainer.tensorboard", "trainer.device", "trainer.num_workers",
                   "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly")
 WARN_IF_CHANGED = ("seed", "trainer.seed", "precision.")
@@ -71,14 +72,64 @@ def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
                               "checkpoint's model settings, or start a new run directory")
 
 
-def report_config_changes(saved: dict, current: dict) -> None:
+def full_precision_weights(ckpt: dict, model: torch.nn.Module, path: Path) -> dict:
+    """The checkpoint's weights at their best precision: a master-weights run's model holds float16 copies,
+    so its float32 masters take their place (matched in parameter order, the order MasterWeights keeps). A run
+    in any precision then starts from the weights that were trained, not from their float16 rounding."""
+    weights = dict(ckpt["model"])
+    masters = ((ckpt.get("precision") or {}).get("master") or {}).get("masters")
+    if not masters:
+        return weights
+    low = [(n, p) for n, p in model.named_parameters()
+           if p.requires_grad and n in weights and weights[n].dtype != torch.float32]
+    if len(low) != len(masters):
+        raise CheckpointError(f"checkpoint {path} holds {len(masters)} master tensors for {len(low)} float16 "
+                              "parameters; it was edited or written for another model")
+    by_param = {id(p): m for (_, p), m in zip(low, masters)}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: every name of the tensor
+        if id(p) in by_param:
+            weights[name] = by_param[id(p)]
+    return weights
+
+
+# (saved mode, this mode) pairs a resume refuses: what their optimizers keep does not map onto each other
+def check_precision_change(saved_mode: str | None, mode: str, path: Path) -> None:
+    """bf16_pure's optimizer keeps its own bfloat16 state (and update rule); PyTorch's optimizers keep theirs.
+    Neither maps onto the other, so such a resume would fail at its first step, or silently start the
+    optimizer afresh: refused here, before the run directory changes."""
+    if saved_mode is None or saved_mode == mode or "bf16_pure" not in (saved_mode, mode):
+        return
+    raise CheckpointError(f"checkpoint {path} was written with precision={saved_mode}, this run asks for "
+                          f"precision={mode}: {'bf16_pure' if saved_mode == 'bf16_pure' else 'the checkpoint'}'s "
+                          "optimizer state does not map onto the other's; resume with "
+                          f"precision={saved_mode}, or start a new run directory")
+
+
+def load_masters(master: Any, model: torch.nn.Module, weights: dict) -> None:
+    """Rebuild the fp32 master copies from the checkpoint's full-precision weights (never from the freshly
+    initialised model, and whatever master layout the checkpoint had: precision.keep_norm_fp32 may differ)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p, m in zip(master.model_params, master.masters):
+            m.copy_(weights[names[id(p)]].float())
+
+
+def report_config_changes(saved: dict, current: dict) -> list[dict]:
+    """Log every difference from the checkpoint's config: a resume takes the run's own overrides as its base
+    (cli/main.py), so each one was given now, deliberately. Returns those that change the trajectory (all but
+    SAFE_TO_CHANGE), which the run records as events in summary.json."""
+    changes = []
     for key, old, new in config_differences(saved, current):
         if key.startswith(SAFE_TO_CHANGE):
-            log.info("resume: %s changed %r -> %r (safe)", key, old, new)
-        elif key.startswith(WARN_IF_CHANGED):
-            log.warning("resume: %s changed %r -> %r; the resumed run is not the run the checkpoint began", key, old, new)
+            log.info("resume: %s changed %r -> %r (given now; the steps already taken are unaffected)", key, old, new)
+            continue
+        changes.append({"key": key, "from": old, "to": new})
+        if key.startswith(WARN_IF_CHANGED):
+            log.warning("resume: %s changed %r -> %r (given now); the resumed run is not the run the checkpoint "
+                        "began", key, old, new)
         else:
-            log.warning("resume: %s changed %r -> %r", key, old, new)
+            log.warning("resume: %s changed %r -> %r (given now): the run continues on another course", key, old, new)
+    return changes
 
 
 def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
@@ -111,17 +162,32 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     """Load every piece of state (contents.py's lists) into the freshly built components and train state,
     after checking that it fits. A sharded checkpoint's weights and optimizer are already loaded
     (checkpoint/sharded.py); its `ckpt` has neither."""
-    report_config_changes(ckpt["config"], config)
+    changes = report_config_changes(ckpt["config"], config)
+    saved_mode, mode = ckpt["precision"].get("mode"), c.precision.mode
+    check_precision_change(saved_mode, mode, path)
+    saved_opt, opt = (ckpt["config"].get("optimizer") or {}).get("name"), (config.get("optimizer") or {}).get("name")
+    if saved_opt is not None and opt is not None and saved_opt != opt:  # SGD's momentum is no Adam moment
+        raise CheckpointError(f"checkpoint {path} was written with optimizer={saved_opt}: the optimizer state does not "
+                              f"fit this optimizer ({opt}); resume with optimizer={saved_opt}, or start a new run "
+                              "directory")
     fresh = settings_of(c.optimizer, c.scheduler)  # what this run's config asks for
     parts = stateful(c, state)
+    weights = None
     for key in PARTS:
         if key not in ckpt:  # sharded: model and optimizer were loaded through DCP
             continue
         saved = ckpt[key]
         if key == "model":
             check_model_fits(saved, c.base_model, path)
-        if key == "precision" and "model" not in ckpt:  # a sharded checkpoint's precision state has no masters
-            saved = {k: v for k, v in saved.items() if k != "master"}
+            saved = weights = full_precision_weights(ckpt, c.base_model, path)
+        if key == "precision":
+            # masters are rebuilt below from the weights; on_min=bf16's switch belongs to the checkpoint's
+            # precision and is continued only in that precision (an explicit other precision is what it says)
+            saved = {k: v for k, v in saved.items()
+                     if k != "master" and not (k == "bf16_switch" and saved_mode != mode)}
+            if saved_mode != mode and ckpt[key].get("bf16_switch") is not None:
+                log.warning("resume: the checkpoint's run had switched to bf16 (on_min=bf16); this run computes in "
+                            "precision=%s as given", mode)
         try:
             parts[key].load_state_dict(saved)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -129,6 +195,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
                 raise
             raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer ({e}); "
                                   "resume with the checkpoint's optimizer settings") from None
+    if c.precision.master is not None and weights is not None:
+        load_masters(c.precision.master, c.base_model, weights)
     if getattr(c, "ema", None) is not None:
         if "ema" in ckpt:
             c.ema.load_state_dict(ckpt["ema"])
@@ -138,6 +206,10 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     restore_rng(own_rng(ckpt, c), c.device)
+    timing = ckpt.get("timing")
+    state.load_timing(timing if isinstance(timing, dict) else {})
+    # a change of course is part of the run's record (summary.json's events, kept by later checkpoints)
+    state.events.extend({"event": "resume_change", "step": state.step, **change} for change in changes)
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 

@@ -16,17 +16,28 @@ class StopSignals:
 
     A second SIGINT (Ctrl-C twice) stops at once. The previous handlers come back on exit, so
     Hydra multirun jobs in the same process do not inherit them.
+
+    Entered before set-up: until `defer()` (called when the run directory is committed, so that a checkpoint
+    and a summary can follow) a signal stops at once with `Interrupted(..., during_setup=True)`: there is
+    nothing to save yet, and waiting for a step that has not begun would hold the job up.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit on SLURM
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.deferred = False
         self._saved: dict = {}
 
+    def defer(self) -> None:
+        """From now on a signal is honoured after the current step, with a checkpoint."""
+        self.deferred = True
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self.deferred:
+            raise Interrupted(signum, 0, during_setup=True)
         if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise InterruptedTwice
         self.received = signum
         log.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
 
@@ -50,10 +61,19 @@ class StopSignals:
 
 
 class Interrupted(MptrainError):
-    """Stopped by a signal after saving a checkpoint."""
+    """Stopped by a signal after saving a checkpoint (or during set-up, with nothing to save)."""
 
-    def __init__(self, signum: int, step: int):
-        self.signum = signum
+    def __init__(self, signum: int, step: int, during_setup: bool = False):
+        self.signum, self.during_setup = signum, during_setup
         self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after saving a checkpoint; "
-                         "continue with resume=auto in the same run directory")
+        if during_setup:
+            message = (f"stopped by {signal.Signals(signum).name} during set-up, before the first step: nothing "
+                       "was trained or saved; run the same command again")
+        else:
+            message = (f"stopped by {signal.Signals(signum).name} at step {step} after saving a checkpoint; "
+                       "continue with resume=auto in the same run directory")
+        super().__init__(message)
+
+
+class InterruptedTwice(KeyboardInterrupt):
+    """A second Ctrl-C while a stop was under way: stopped at once, without the stop checkpoint."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mptrain.run.directory import check_usable
 from mptrain.run.lock import RunDirError
@@ -29,3 +29,23 @@ class CheckRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.sweep.dir))
+        earlier = Path(config.hydra.sweep.dir) / "multirun.yaml"
+        if earlier.is_file():
+            self._same_sweep(earlier, list(config.hydra.overrides.task))
+
+    @staticmethod
+    def _same_sweep(earlier: Path, overrides: list[str]) -> None:
+        """A second, different sweep into one directory would overwrite multirun.yaml while job folders still
+        hold the first sweep's runs. Running the same sweep again (resume=auto, or more Optuna trials) is fine."""
+        def key(items) -> list[str]:
+            return sorted(str(o) for o in items if not str(o).startswith("resume="))
+
+        try:
+            before = OmegaConf.load(earlier).hydra.overrides.task
+        except Exception:  # unreadable: name it rather than guess
+            before = None
+        if before is None or key(before) != key(overrides):
+            print(f"mptrain: error: {earlier.parent} holds another sweep (its multirun.yaml has other overrides: "
+                  f"{' '.join(key(before or [])) or 'none'}); choose a new hydra.sweep.dir, or repeat that sweep's "
+                  "overrides to continue it", file=sys.stderr)
+            raise SystemExit(2)

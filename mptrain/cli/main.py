@@ -23,7 +23,7 @@ from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records
-from mptrain.run.layout import SUMMARY, write_json_atomic
+from mptrain.run.layout import CHECKPOINTS, OVERRIDES, SUMMARY, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -171,6 +171,40 @@ def check_config_dirs(argv: list[str]) -> None:
                 raise ConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def continue_the_run(argv: list[str]) -> list[str]:
+    """`resume=...` continues the run that was started: its own overrides (.hydra/overrides.yaml) are the base,
+    and only the overrides given now change it (each one then logged by the resume as a change). Without this,
+    `mptrain resume=auto hydra.run.dir=<run>` would compose the defaults: another run length, another schedule.
+    Sweeps are left alone (each job's overrides come from the sweep)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    given = [a for a in argv if "=" in a and not a.startswith("-")]
+    values = {override_key(o): o.split("=", 1)[1] for o in given}
+    resume = values.get("resume")
+    if resume in (None, "null", "None"):
+        return argv
+    if resume == "auto":
+        run_dir = Path(values["hydra.run.dir"]) if "hydra.run.dir" in values else None
+    else:  # a checkpoint file: the run it belongs to (<run>/checkpoints/<file>)
+        run_dir = Path(resume).parent.parent if Path(resume).parent.name == CHECKPOINTS else None
+    saved_file = run_dir / OVERRIDES if run_dir is not None else None
+    if saved_file is None or not saved_file.is_file():
+        return argv
+    import yaml
+
+    try:
+        saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])]
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{saved_file} cannot be read ({e}); the run's own overrides are the base of a resume: "
+                          "fix or remove that file") from None
+    base = [o for o in saved if override_key(o) not in values]
+    return base + argv
+
+
 # loggers whose INFO lines say nothing to a user: alembic's "setup plugin ..." when Optuna or MLflow opens
 # its SQLite store (Hydra's logging shows every logger's INFO)
 QUIET_LOGGERS = ("alembic",)
@@ -218,12 +252,19 @@ def _main() -> None:
     try:
         check_config_dirs(sys.argv[1:])
         check_override_keys(sys.argv[1:])
+        sys.argv[1:] = continue_the_run(sys.argv[1:])
         hydra.main(version_base="1.3", config_path=conf, config_name=CONFIG_NAME)(mptrain_job)()
     except MptrainError as e:
         print(error_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, no checkpoint for this step
-        exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the last one")
+    except KeyboardInterrupt as e:
+        from mptrain.checkpoint.signals import InterruptedTwice
+
+        if isinstance(e, InterruptedTwice):  # Ctrl-C twice: stopped at once, no checkpoint for this step
+            exit_at_once("interrupted twice: stopped without saving a checkpoint; resume=auto continues from the "
+                         "last one")
+        # once, before a run began (Hydra composing, Python importing): there was nothing to save
+        exit_at_once("interrupted before training began: nothing was trained or saved")
     if outcome.stopped_by is not None:
         name = signal.Signals(outcome.stopped_by).name
         print(f"mptrain: stopped: sweep stopped by {name}; unfinished jobs are recorded as interrupted "

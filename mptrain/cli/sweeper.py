@@ -10,10 +10,13 @@ Hydra imports this module at every start (plugin discovery): Optuna is imported 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
+
+from mptrain.errors import TrainingFailed
 
 
 def trials_so_far(storage: str | None, study_name: str | None) -> int:
@@ -45,4 +48,16 @@ class ResumableOptunaSweeper(Sweeper):
         impl.job_idx = trials_so_far(impl.storage, impl.study_name)  # job <n> is trial <n>
         if impl.job_idx and hasattr(impl.sampler, "reseed_rng"):
             impl.sampler.reseed_rng()  # else a seeded sampler would propose the first trials again
-        return self.plugin.sweep(arguments)
+        try:
+            return self.plugin.sweep(arguments)
+        except ValueError:  # the plugin asks for study.best_trial, which Optuna cannot give without one
+            import optuna
+
+            study = optuna.load_study(study_name=impl.study_name, storage=impl.storage) if impl.storage else None
+            if study is None or any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+                raise
+            # one line, not Hydra's report of an exception from a sweeper
+            print(f"mptrain: error: none of the study's {len(study.trials)} trials completed (each failed or "
+                  "diverged: see the jobs' summary.json), so it has no best trial; narrow the search space (e.g. a "
+                  "lower optimizer.lr range) and run the sweep again", file=sys.stderr)
+            raise SystemExit(TrainingFailed.exit_code) from None

@@ -78,11 +78,17 @@ class Diagnostics:
         self.consecutive_skips = 0
         self.traced = False
         self.trace: dict | None = None
+        # sums over the sampled steps, for summary.json; plain numbers, so a checkpoint carries them (a resumed
+        # run's summary covers every attempt): the recipe shares this dict with the train state
         self.totals: dict[str, float] = {}
-        self.samples = 0
         # every module's largest |input|, |output|, |weight|, |output grad|, and the shadow figures
         self.ranges = ModuleRanges(model, self.shadow)
         self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
+
+    @property
+    def samples(self) -> int:
+        """Sampled steps so far (of the whole run, once the totals are the train state's)."""
+        return int(self.totals.get("samples", 0))
 
     @staticmethod
     def check_layers(cfg: DictConfig, model: nn.Module) -> list[str]:
@@ -221,7 +227,7 @@ class Diagnostics:
     def _accumulate(self, row: dict) -> None:
         if "grads" not in row:
             return
-        self.samples += 1
+        self.totals["samples"] = self.samples + 1
         overall = row["grads"]["overall"]
         for key in ("zero", "underflow", "subnormal", "overflow"):
             self.totals[key] = self.totals.get(key, 0.0) + overall[key]

@@ -71,6 +71,9 @@ def checked_loss(loss: object, task: object) -> torch.Tensor:
     if loss.numel() != 1:
         raise TaskError(f"task {name}: loss() returned a tensor of shape {tuple(loss.shape)}, not a scalar; reduce it "
                         "(e.g. .mean()) to the mean loss of the micro-batch")
+    if loss.device.type == "meta":
+        raise TaskError(f"task {name}: loss() returned a tensor on the meta device (no data); compute it from the "
+                        "model's output on the batch's device")
     if not loss.requires_grad:
         raise TaskError(f"task {name}: loss() returned a {str(loss.dtype).removeprefix('torch.')} tensor that does not "
                         "depend on the model's parameters (no gradient); compute it differentiably from model(...)")
@@ -191,11 +194,50 @@ DATASET_HINT = {"language_modeling": "a token dataset (dataset=text or dataset=s
                 "classification": "an image dataset (dataset=digits, mnist, cifar10, imagefolder, synthetic)"}
 
 
+class Adapted(Task):
+    """Any object with `loss(model, batch)` as a task: what it defines is used, the rest is Task's default
+    (the README's contract: "a class with one method")."""
+
+    def __init__(self, inner: object):
+        self.inner = inner
+        for attr in ("datasets", "parts", "metrics"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+
+    @property
+    def name(self) -> str:
+        name = getattr(self.inner, "name", None)
+        return name if isinstance(name, str) else type(self.inner).__name__
+
+    def loss(self, model: nn.Module, batch, *part) -> torch.Tensor:
+        return self.inner.loss(model, batch, *part)
+
+    def validation_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        own = getattr(self.inner, "validation_sums", None)
+        return own(model, batch) if callable(own) else super().validation_sums(model, batch)
+
+    def validation_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        own = getattr(self.inner, "validation_metrics", None)
+        return own(totals) if callable(own) else super().validation_metrics(totals)
+
+    def after_validation(self, model: nn.Module, run_dir: Path | None, step: int) -> None:
+        own = getattr(self.inner, "after_validation", None)
+        if callable(own):
+            own(model, run_dir, step)
+
+
 def check_task(task: object, dataset_task: str) -> Task:
-    """The task must be a Task-like object whose data the dataset serves."""
+    """The task must have a loss(model, batch) and accept the data the dataset serves. An object that does not
+    subclass Task gets Task's defaults for what it lacks."""
     if not callable(getattr(task, "loss", None)):
         raise ConfigError(f"task._target_ built a {type(task).__name__}, which has no loss(model, batch) method; "
-                          "a task subclasses mptrain.library.tasks.Task (docs/tasks.md)")
+                          "define one, or subclass mptrain.library.tasks.Task (docs/tasks.md)")
+    if not isinstance(task, Task):
+        task = Adapted(task)
+    parts = task.parts
+    if not (isinstance(parts, (tuple, list)) and parts and all(isinstance(n, str) for n in parts)):
+        raise ConfigError(f"task {task.name}: parts={parts!r} must be a non-empty tuple of submodule names "
+                          "(default ('model',): one optimizer over the whole model)")
     accepted = getattr(task, "datasets", None)
     if accepted is not None and dataset_task not in accepted:
         raise ConfigError(f"the model trains a {getattr(task, 'name', type(task).__name__)} task but the dataset serves "

@@ -161,8 +161,9 @@ class JsonlError(MptrainError):
     """A JSONL run file has a damaged line before its last one."""
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every row of `path` (blank lines skipped); a torn final line is dropped and logged."""
+def read_jsonl(path: Path, skip_damaged: bool = False) -> list[dict]:
+    """Every row of `path` (blank lines skipped); a torn final line is dropped and logged. `skip_damaged`
+    (the offline tools, which only read): a damaged line elsewhere is skipped with a warning too."""
     path = Path(path)
     text = path.read_text(errors="replace")
     lines = text.split("\n")
@@ -177,9 +178,15 @@ def read_jsonl(path: Path) -> list[dict]:
             if i == last:
                 log.warning("%s: dropping a torn last line (%d bytes; a run stopped while writing it)", path, len(line))
                 break
+            if skip_damaged:
+                log.warning("%s line %d is not JSON (%s): skipped; the file was edited or damaged", path, i + 1, e.msg)
+                continue
             raise JsonlError(f"{path} line {i + 1} is not JSON ({e.msg}); the file was edited or damaged, "
                              "fix or remove that line") from None
         if not isinstance(row, dict):
+            if skip_damaged:
+                log.warning("%s line %d is not a JSON object: skipped", path, i + 1)
+                continue
             raise JsonlError(f"{path} line {i + 1} is not a JSON object")
         rows.append(row)
     return rows

@@ -40,6 +40,7 @@ def check_trackers(cfg) -> None:
     """Refuse, before the run directory changes, a tracker (logger=) whose package is missing."""
     if cfg is not None and cfg.get("name") == "mlflow":
         check_available()
+        check_tracking_uri(resolve_tracking_uri(cfg.get("tracking_uri")))
 
 
 def default_store() -> Path:
@@ -49,13 +50,50 @@ def default_store() -> Path:
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The setting, else $MLFLOW_TRACKING_URI, else a local SQLite store (MLflow 3 refuses a plain
-    file store unless MLFLOW_ALLOW_FILE_STORE=true)."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    default_store().mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{default_store() / 'mlflow.db'}"
+    file store unless MLFLOW_ALLOW_FILE_STORE=true). Local stores become absolute: mlflow.json is read
+    later from other directories (mptrain-report), where a relative path would open another store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).absolute()}"
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).absolute().as_uri()
+    if "://" not in uri:  # a plain path is a file store
+        return Path(uri).absolute().as_uri()
+    return uri
+
+
+# MLflow's own defaults (7 retries with backoff, 120 s per request) wait minutes for a lost server
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+PROBE_TIMEOUT_S = 5.0  # an unreachable tracking server is named after this, not after MLflow's retries (minutes)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, with one line, a tracking URI this run could not use, before the run directory changes."""
+    key = "logger.tracking_uri"
+    if uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise ConfigError(f"{key}={uri} is a file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
+                          "use sqlite:///<path>/mlflow.db (or set that variable)")
+    if uri.startswith(("sqlite:///", "file:")):
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:") else Path(uri.removeprefix("file://"))
+        folder = path.parent if uri.startswith("sqlite:") else path
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={uri} cannot be written: {existing} is "
+                              f"{'not a directory' if not existing.is_dir() else 'not writable'}; choose another store")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: a server is there (an MLflow server without /health still works)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"{key}={uri}: no tracking server answered within {PROBE_TIMEOUT_S:g} s ({reason}); "
+                              "start it (mlflow server), fix the URI, or use logger=none") from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -86,14 +124,32 @@ class MLflowLogger:
 
     def __init__(self, cfg, run_dir: Path, config: dict, resume: bool = False):
         """`cfg`: the `logger` config node; `config`: the resolved config as plain containers.
-        `resume`: continue the MLflow run recorded in run_dir (same tracking URI), if any."""
+        `resume`: continue the MLflow run recorded in run_dir (same tracking URI), if any.
+        Only connects (a store that cannot be used is a ConfigError): `start()` creates the MLflow run
+        and writes mlflow.json, once the run directory is committed."""
         check_available()
         from mlflow.tracking import MlflowClient
 
-        self.run_dir, self.config, self.status = Path(run_dir), config, None
+        self.cfg, self.run_dir, self.config, self.status = cfg, Path(run_dir), config, None
+        self.resume = resume
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+        check_tracking_uri(self.tracking_uri)
+        if self.tracking_uri.startswith(("http://", "https://")):  # a server lost mid-run: seconds, not minutes
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
+        if self.tracking_uri.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        previous = read_run_file(self.run_dir) if resume else None
+        try:
+            self.client.search_experiments(max_results=1)  # opens the store (a SQLite file is created here)
+        except Exception as e:  # MLflow raises many kinds; any of them means this store cannot be used
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"logger.tracking_uri={self.tracking_uri} cannot be used ({type(e).__name__}: "
+                              f"{first[:300]}); fix the URI or use logger=none") from None
+
+    def start(self) -> None:
+        cfg = self.cfg
+        previous = read_run_file(self.run_dir) if self.resume else None
         self.resumed = previous is not None and previous.get("tracking_uri") == self.tracking_uri
         if self.resumed:
             self.run_id = previous["run_id"]
@@ -162,7 +218,8 @@ class MLflowLogger:
 
 
 def trackers(cfg, run_dir: Path, config: dict, resume: bool = False, enabled: bool = True) -> list:
-    """The sinks RunWriter forwards rows and the summary to: [] unless `logger=mlflow` (rank 0 only)."""
+    """The sinks RunWriter forwards rows and the summary to: [] unless `logger=mlflow` (rank 0 only).
+    Built before the run directory changes (they refuse a store that cannot be used); `start()` them after."""
     if not enabled or cfg is None or cfg.name == "none":
         return []
     return [MLflowLogger(cfg, run_dir, config, resume=resume)]

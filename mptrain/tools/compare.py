@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from mptrain.run.layout import (
 from mptrain.run.tracking import log_to_recorded_run
 
 SEED_KEYS = ("seed", "trainer.seed")
+DEFAULT_METRICS = ("val/acc", "val/ppl", "val/loss")  # the first a group's summaries hold is its headline
+log = logging.getLogger("mptrain")
 
 
 @dataclass
@@ -43,6 +46,13 @@ class Job:
     summary: dict | None
     status: str
     trial: dict | None = None  # an Optuna sweep's trial: number, state, value, params
+    metrics: list[dict] = field(default_factory=list)  # metrics.jsonl's rows, read before anything is written
+
+    @property
+    def kind(self) -> tuple:
+        """What was trained: jobs are compared with a baseline of the same task, model and dataset only."""
+        s = self.summary or {}
+        return s.get("task"), s.get("model"), s.get("dataset")
 
     @property
     def seed(self) -> str:
@@ -94,11 +104,25 @@ def find_jobs(paths: list[Path]) -> list[Job]:
     jobs = []
     for d in dirs:
         overrides = yaml.safe_load((d / OVERRIDES).read_text()) or []
-        summary_path = d / SUMMARY
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        status = summary.get("status", "unknown") if summary else "unfinished"
-        jobs.append(Job(d, [str(o) for o in overrides], summary, status))
+        summary, status = read_summary(d / SUMMARY)
+        metrics = read_jsonl(d / METRICS, skip_damaged=True) if (d / METRICS).is_file() else []
+        jobs.append(Job(d, [str(o) for o in overrides], summary, status, metrics=metrics))
     return jobs
+
+
+def read_summary(path: Path) -> tuple[dict | None, str]:
+    """(summary, status); a truncated or damaged summary.json is reported and the job listed as `unreadable`."""
+    if not path.is_file():
+        return None, "unfinished"
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s is not readable JSON (%s): the job is listed as unreadable", path, e)
+        return None, "unreadable"
+    if not isinstance(summary, dict):
+        log.warning("%s is not a JSON object: the job is listed as unreadable", path)
+        return None, "unreadable"
+    return summary, summary.get("status", "unknown")
 
 
 def optuna_trials(sweep_dir: Path) -> tuple[str, dict[int, dict]] | None:
@@ -138,7 +162,8 @@ def attach_trials(jobs: list[Job]) -> str | None:
 
 
 def group_jobs(jobs: list[Job]) -> list[Group]:
-    """Group by every override except the seed; overrides shared by every job are left out of the key."""
+    """Group by every override except the seed; overrides shared by every job are left out of the key.
+    Trials of an Optuna study are one row each, even when two drew the same parameters."""
     def relevant(j: Job) -> list[str]:
         return [o for o in j.overrides if o.partition("=")[0].lstrip("+~") not in SEED_KEYS
                 and not o.startswith(("hydra.", "resume="))]
@@ -147,6 +172,8 @@ def group_jobs(jobs: list[Job]) -> list[Group]:
     groups: dict[tuple[str, ...], Group] = {}
     for j in jobs:
         key = tuple(o for o in relevant(j) if o not in common)
+        if j.trial is not None:
+            key += (f"trial {j.trial['number']}",)
         groups.setdefault(key, Group(key)).jobs.append(j)
     return list(groups.values())
 
@@ -160,13 +187,21 @@ def precision_of(group: Group) -> str:
     return modes.pop() if len(modes) == 1 else "?"
 
 
+def kind_of(group: Group) -> tuple | None:
+    """The (task, model, dataset) every job of the group trained, or None when they differ or are unknown."""
+    kinds = {j.kind for j in group.jobs if j.summary is not None}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def baseline_for(group: Group, groups: list[Group], mode: str = "fp32") -> Group | None:
-    """The `mode` (fp32) group with the same overrides apart from the precision ones."""
+    """The `mode` (fp32) group with the same overrides apart from the precision ones, training the same task,
+    model and dataset (an MLP's throughput is no baseline for a GAN's)."""
+    kind = kind_of(group)
+    same = [g for g in groups if precision_of(g) == mode and kind is not None and kind_of(g) == kind]
     rest = tuple(o for o in group.key if not o.startswith("precision"))
-    for g in groups:
-        if precision_of(g) == mode and tuple(o for o in g.key if not o.startswith("precision")) == rest:
+    for g in same:
+        if tuple(o for o in g.key if not o.startswith("precision")) == rest:
             return g
-    same = [g for g in groups if precision_of(g) == mode]
     return same[0] if len(same) == 1 else None
 
 
@@ -187,14 +222,34 @@ def plan_of(g: Group) -> str:
     return " | ".join(seen) or "–"
 
 
+def metric_of(group: Group) -> str | None:
+    """The group's headline metric: val/acc, else val/ppl, else val/loss, whichever its summaries hold
+    (None when no job reported one: a group that failed takes the others' metric)."""
+    held = [j.summary or {} for j in group.jobs]
+    return next((m for m in DEFAULT_METRICS if any(m in s for s in held)), None)
+
+
+def headline_metrics(groups: list[Group], metric: str | None) -> tuple[dict[int, str], str]:
+    """({id(group): its metric}, the table's column name): `metric` for all when given; else each group's own,
+    and the column is named after it when all agree, "metric" when tasks differ (an LM's val/ppl beside
+    a classifier's val/acc: each row says which)."""
+    own = {id(g): metric or metric_of(g) for g in groups}
+    named = set(own.values()) - {None}
+    common = named.pop() if len(named) == 1 else ("val/loss" if not named else None)
+    return {k: v or common or "val/loss" for k, v in own.items()}, common or "metric"
+
+
 def lost_fraction(g: Group) -> float:
     zero, under = g.mean("diag/grad_zero"), g.mean("diag/grad_underflow")
     return zero + under if math.isfinite(zero) and math.isfinite(under) else math.nan
 
 
-def rows(groups: list[Group], metric: str, trials: bool = False) -> list[dict]:
+def rows(groups: list[Group], metric: str | None = None, trials: bool = False) -> list[dict]:
+    """One row per group; `metric` None: each group's headline metric (see headline_metrics)."""
+    per_group, column = headline_metrics(groups, metric)
     out = []
     for g in groups:
+        metric = per_group[id(g)]
         trial = next((j.trial for j in g.jobs if j.trial is not None), None) if trials else None
         base = baseline_for(g, groups)
         steps = g.values("steps")
@@ -206,8 +261,9 @@ def rows(groups: list[Group], metric: str, trials: bool = False) -> list[dict]:
             "seeds": ",".join(j.seed for j in g.jobs),
             "completed": f"{statuses.count('completed')}/{len(statuses)}",
             "status": ", ".join(sorted({f"{s} ({j.path.name})" for s, j in zip(statuses, g.jobs) if s != "completed"})) or "ok",
-            f"{metric} mean": g.mean(metric),
-            f"{metric} std": g.std(metric),
+            "metric": metric,
+            f"{column} mean": g.mean(metric),
+            f"{column} std": g.std(metric),
             "diff vs fp32": g.mean(metric) - base.mean(metric) if base else math.nan,
             "skipped %": 100 * sum(skipped) / sum(steps) if steps and sum(steps) else math.nan,
             "final loss scale": g.mean("final_loss_scale"),
@@ -286,17 +342,13 @@ def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -
     for i, g in enumerate(groups):
         color = plt.cm.tab10(i % 10)
         for k, j in enumerate(g.jobs):
-            metrics = j.path / METRICS
-            if not metrics.is_file():
-                continue
-            rows_ = read_jsonl(metrics)
-            pts = [(r["step"], r["loss"]) for r in rows_ if r.get("loss") is not None]
+            pts = [(r["step"], r["loss"]) for r in j.metrics if r.get("loss") is not None and "step" in r]
             if pts:
                 ax2.plot(*zip(*pts), color=color, lw=1, alpha=0.8, label=g.label if k == 0 else None)
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
     ax2.set_ylabel("train loss")
-    if ax2.lines:
+    if ax2.get_legend_handles_labels()[1]:
         ax2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -309,12 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metric", default=None, help="the metric to compare (default: val/acc, else val/ppl, else val/loss)")
     ap.add_argument("--out", type=Path, default=None, help="where to write comparison.* (default: the sweep directory)")
     args = ap.parse_args(argv)
-    jobs = find_jobs(args.paths)
-    groups = group_jobs(jobs)
-    metric = args.metric or next((m for m in ("val/acc", "val/ppl", "val/loss")
-                                  if any(m in (j.summary or {}) for j in jobs)), "val/loss")
+    jobs = find_jobs(args.paths)  # everything is read before anything is written
     direction = attach_trials(jobs)
-    table_rows = rows(groups, metric, trials=direction is not None)
+    groups = group_jobs(jobs)
+    table_rows = rows(groups, args.metric, trials=direction is not None)
+    metric = next(k for k in table_rows[0] if k.endswith(" mean")).removesuffix(" mean")
     if direction is not None:  # best trial first, failed ones last
         sign = -1 if direction == "maximize" else 1
         table_rows.sort(key=lambda r: (math.isnan(r["objective"]), sign * r["objective"] if not math.isnan(r["objective"]) else 0))
@@ -324,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
              "fp16-lost grads %", "samples/s vs fp32", "peak memory vs fp32", "status"]
     if "fp8 layers" in table_rows[0]:
         shown[5:5] = ["diff vs bf16", "fp8 layers", "fp8-lost grads %"]
+    if metric == "metric":  # tasks differ: each row names its metric
+        shown[2:2] = ["metric"]
     if direction is not None:
         shown[1:1] = ["trial", "trial state", "objective"]
     for c in shown:

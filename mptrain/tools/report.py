@@ -35,7 +35,7 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
         raise NotARun(f"{run_dir} is not an mptrain run directory (no metrics.jsonl); pass outputs/<date>/<time>-<id>")
     if not diag.is_file():
         raise NotARun(f"{run_dir} has no diagnostics.jsonl: it ran with diagnostics=off; rerun with diagnostics=default")
-    return read_jsonl(metrics), read_jsonl(diag)
+    return read_jsonl(metrics, skip_damaged=True), read_jsonl(diag, skip_damaged=True)
 
 
 def _shade_fp16(ax) -> None:

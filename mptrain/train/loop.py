@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mptrain.library.tasks import batch_size, checked_sums
+from mptrain.errors import MptrainError, TaskError
+from mptrain.library.tasks import batch_size, checked_loss, checked_sums
 from mptrain.parallel.distributed import sum_across_ranks
 from mptrain.train.callbacks.base import Callback
 from mptrain.train.components import Components
@@ -28,7 +29,8 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
     (torch.compile, cuDNN autotuning and allocator growth happen there), stops around validations, and the
     device is synchronised before each reading, so queued kernels count where they ran."""
     c.model.train()
-    t0 = None  # not timing yet: the attempt's first step is warm-up
+    warmed_up = False  # the attempt's first step is warm-up: not timed, its samples not counted
+    state.train_started = None
     while state.step < c.total_steps and state.stop_reason is None:
         # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
         c.train_loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size)
@@ -45,23 +47,26 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
                 if c.ema is not None:  # trainer.ema: the average follows applied steps too
                     c.ema.update()
             epoch_end = state.record_step(out.applied, out.loss, out.samples, c.steps_per_epoch)
-            if t0 is None:  # the warm-up step ends here: its samples are not timed
-                state.attempt_samples -= out.samples
-                t0 = _clock(c.device)
+            if not warmed_up:  # the warm-up step ends here: the clock starts now
+                warmed_up = True
+                state.untimed_samples += out.samples
+                state.train_started = _clock(c.device)
             if out.event is not None:
                 state.events.append({"step": state.step, **out.event})
             scheduled = epoch_end if eval_every is None else state.step % eval_every == 0
             if c.val_loader is not None and (scheduled or state.step == c.total_steps):  # always validate the end
-                state.train_time += _clock(c.device) - t0  # validation is not training time
+                state.train_time += _clock(c.device) - state.train_started  # validation is not training time
+                state.train_started = None
                 metrics = validate(c)
                 state.last_val = {"step": state.step, **metrics}
                 for cb in callbacks:
                     cb.on_validation_end(c, state, metrics)
-                t0 = _clock(c.device)
+                state.train_started = _clock(c.device)
             for cb in callbacks:
                 cb.on_step_end(c, state, out)
-    if t0 is not None:
-        state.train_time += _clock(c.device) - t0
+    if state.train_started is not None:
+        state.train_time += _clock(c.device) - state.train_started
+    state.train_started = None
 
 
 def _clock(device: torch.device) -> float:
@@ -106,3 +111,49 @@ def validate(c: Components) -> dict:
     metrics = task.validation_metrics(totals)
     c.model.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def probe_task(c: Components) -> tuple[str, ...] | None:
+    """The task's contract checked on one validation batch before the run directory changes: loss() for each
+    part and validation_sums()/validation_metrics(), in eval mode (no batch-norm update, no dropout), the RNG
+    restored, no backward: the run trains exactly as without it. Returns the metric names (checkpoint.monitor
+    is checked against them), or None where it cannot run (no validation data, several processes)."""
+    if c.val_loader is None or c.dist.enabled:
+        return None
+    batch = next(iter(c.val_loader), None)
+    if batch is None:
+        return None
+    task, batch = c.task, c.to_device(batch)
+    was_training = c.model.training
+    c.model.eval()
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None)
+
+    def call(method: str, *args):
+        try:
+            return getattr(task, method)(*args)
+        except MptrainError:
+            raise
+        except Exception as e:  # the user's code: one line naming the method, not a traceback
+            raise TaskError(f"task {task.name}: {method}() raised {type(e).__name__}: {e}".split("\n")[0]) from e
+
+    try:
+        with torch.enable_grad(), c.precision.autocast():
+            for part in c.parts:
+                checked_loss(call("loss", c.model, batch) if len(c.parts) == 1 else
+                             call("loss", c.model, batch, part.name), task)
+        with torch.no_grad(), c.precision.autocast():
+            out = call("validation_sums", c.model, batch)
+        n = out.pop("count", None) if isinstance(out, dict) else None
+        values = checked_sums(out, None, task, c.device).tolist()
+        totals = {**dict(zip(out, values)), "count": float(n if n is not None else batch_size(batch))}
+        metrics = call("validation_metrics", totals)
+        if not isinstance(metrics, dict):
+            raise TaskError(f"task {task.name}: validation_metrics() returned a {type(metrics).__name__}, not a dict "
+                            "of {'val/<name>': number}")
+    finally:
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], c.device)
+        c.model.train(was_training)
+        c.base_model.zero_grad(set_to_none=True)
+    return tuple(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolv
 from mptrain.checkpoint.signals import Interrupted, StopSignals
 from mptrain.config import Fp8Config, check_warmup
 from mptrain.diagnostics import Diagnostics
-from mptrain.errors import ConfigError, Diverged, MptrainError
+from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
 from mptrain.library.models import checkpointing, conv_wgrad
 from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
@@ -36,7 +37,7 @@ from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.plan import RECIPE
 from mptrain.run.directory import RunDir
-from mptrain.run.layout import PRECISION_PLAN, VOCAB, OutputError, write_json_atomic
+from mptrain.run.layout import PRECISION_PLAN, SUMMARY, VOCAB, OutputError, write_json_atomic
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.auto import AutoPlanner
@@ -46,7 +47,7 @@ from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
 from mptrain.train.ema import EMA, EmaCallback
-from mptrain.train.loop import fit
+from mptrain.train.loop import fit, probe_task
 from mptrain.train.state import TrainState
 
 log = logging.getLogger("mptrain")
@@ -148,18 +149,33 @@ def model_target(cfg: DictConfig) -> object:
                           "put its module on PYTHONPATH") from None
 
 
+# model keys that must be at least the data's value: token ids index the embedding, windows the positions
+AT_LEAST_THE_DATA = {"vocab_size": "token ids", "seq_len": "tokens per sample", "num_classes": "classes"}
+
+
+def check_model_fits(model_cfg: DictConfig, facts: dict) -> None:
+    """A model smaller than its data (vocabulary, window, classes) fails mid-run with an IndexError or a
+    shape error: refuse it here, before the run directory changes."""
+    for key, what in AT_LEAST_THE_DATA.items():
+        mine, data = model_cfg.get(key), facts.get(key)
+        if isinstance(mine, int) and isinstance(data, int) and mine < data:
+            raise ConfigError(f"model.{key}={mine} is smaller than the data's {data} {what}; set model.{key}={data} "
+                              f"or leave it null (taken from the data)")
+
+
 def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Precision, facts: dict) -> nn.Module:
     """The model as the run trains it: instantiated (data `facts` such as vocab_size fill model keys left
     null), on the device, in its memory format, prepared by the precision. Also what mptrain-eval,
     -sample and -export rebuild a trained run's model with."""
     t = cfg.trainer
     facts = {k: v for k, v in facts.items() if k in cfg.model and cfg.model.get(k) is None}
-    several = len(task.parts) > 1
     model = _instantiate(cfg.model, "model", **facts)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
                           "torch.nn.Module; point it at a module class or a function returning one")
-    missing = [n for n in task.parts if several and not isinstance(getattr(model, n, None), nn.Module)]
+    # ("model",) is the whole model; any other name, even a single one, must be a submodule
+    named = tuple(task.parts) != ("model",)
+    missing = [n for n in task.parts if named and not isinstance(getattr(model, n, None), nn.Module)]
     if missing:
         raise ConfigError(f"task {task.name} trains the submodules {', '.join(task.parts)} but the model has no "
                           f"{', '.join(missing)}")
@@ -222,6 +238,7 @@ def build(cfg: DictConfig) -> Components:
     if several and info.enabled:
         raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
                           "gradient all-reduce; train it in one process (no torchrun)")
+    check_model_fits(cfg.model, datasets.facts)  # before a model that cannot fit the data is built
     facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
     model = build_model(cfg, task, device, precision, facts)
     if t.strategy == "fsdp" and info.enabled:
@@ -280,6 +297,28 @@ def early_stopping(cfg: DictConfig, checkpointer: Checkpointer) -> EarlyStopping
     return EarlyStopping(cfg, monitor, mode)
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The run directory's summary.json, or None when it is missing or unreadable."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def check_trained(c: Components, state: TrainState) -> None:
+    """A run that applied no update did not train: it is not `completed` (issue 25, case 6)."""
+    if state.step == 0:
+        return
+    if c.precision.skipped_steps >= state.step:
+        raise TrainingFailed(f"no update was applied: all {state.step} steps were skipped (their gradients were inf "
+                             f"or NaN under precision={c.precision.mode}), so the weights are those the run started "
+                             "from; check the loss for inf/NaN, or use precision=dynamic or fp32")
+    if not state.gradient_seen:
+        raise TrainingFailed(f"the run did not train: the loss's gradient was zero at every logged step of "
+                             f"{state.step}, so the loss does not depend on the parameters' values; check the task's loss")
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -296,7 +335,8 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
         "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
         "seed": cfg.trainer.seed,
-        "wall_s": round(wall_s, 3),
+        # every attempt's (to the checkpoint the next one continued from), when the state is known
+        "wall_s": round(state.wall_s() if state is not None else wall_s, 3),
         "mptrain_version": __version__,
         "torch_version": str(torch.__version__),
     }
@@ -314,9 +354,9 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             "train_loss": state.train_loss,
             **{k: v for k, v in state.last_val.items() if k != "step"},
             "samples": state.samples * c.world_size,  # every rank trains on as many samples
-            # this attempt's throughput: the samples of this attempt over its training time
-            "samples_per_s": (round(state.attempt_samples * c.world_size / state.train_time, 2)
-                              if state.train_time > 0 else None),
+            # over the whole run: its samples over its training time, across attempts
+            "samples_per_s": (round((state.samples - state.all_untimed_samples()) * c.world_size / state.train_s(), 2)
+                              if state.train_s() > 0 else None),
             "world_size": c.world_size,
             "peak_memory_mb": round(mem, 1),
             "peak_memory_kind": mem_kind,
@@ -349,20 +389,23 @@ def run(cfg: DictConfig, run_dir: RunDir | Path) -> dict:
     start = time.perf_counter()
     check_trackers(cfg.get("logger"))  # a tracker that cannot run is refused before anything else
     config = config_container(cfg)
-    resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
-    c = build(cfg)
-    try:
-        return _run(cfg, job, config, resume, c, start)
-    finally:
-        distributed.teardown(c.dist)
-        if cfg.trainer.compile:
-            torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
+    # a signal during set-up stops at once (nothing to save); once the directory is committed, after a step
+    with StopSignals() as signals:
+        resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
+        c = build(cfg)
+        try:
+            return _run(cfg, job, config, resume, c, start, signals)
+        finally:
+            distributed.teardown(c.dist)
+            if cfg.trainer.compile:
+                torch._dynamo.reset()  # no compiled graphs leak into the next multirun job
 
 
-def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, start: float) -> dict:
+def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, start: float,
+         signals: StopSignals) -> dict:
     t, run_dir = cfg.trainer, job.path
     distributed.check_same_config({k: v for k, v in config.items() if k != "resume"}, c.dist)
-    state = TrainState().to(c.device)
+    state = TrainState(attempt_start=start).to(c.device)
     if resume is not None:
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
@@ -370,12 +413,24 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         apply_checkpoint(c, state, ckpt, path, config)
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model)
-    signals = StopSignals()  # handlers are installed around fit() only
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every, metrics=c.task.metrics,
+    # the task's contract on one batch (its metric names, when it does not declare them)
+    probed = probe_task(c) if not t.compile else None
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
+                                metrics=c.task.metrics if c.task.metrics is not None else probed,
                                 save_sharded=sharded.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
     stopper = early_stopping(t.early_stopping, checkpointer) if t.early_stopping.enabled else None
+    # connects to the tracker: one that cannot be used is refused here
+    sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
+    if resume is not None and state.step >= c.total_steps:
+        done = read_summary(run_dir)
+        if done is not None and done.get("status") == "completed" and done.get("steps") == state.step:
+            # resume=auto on a finished run: nothing to train, so nothing is rewritten (no attempt_<k>, no summary)
+            log.info("the run in %s is complete (step %d of %d): nothing to do, its records are unchanged",
+                     run_dir, state.step, c.total_steps)
+            return done
     # every check has passed: only now does the run directory change (rank 0 writes it)
     resume_step = state.step if resume is not None else None
+    signals.defer()  # from here a stop signal gets a checkpoint and a summary
     if c.is_main:
         job.commit(resume_step)
         if c.vocab is not None:  # what decodes the model's tokens (mptrain-sample), among the run's files
@@ -383,65 +438,69 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=resume_step, enabled=c.is_main)
     if c.is_main and hasattr(c.tokenizer, "save"):  # a trained or given tokenizers file (tokenizer.json)
         c.tokenizer.save(run_dir)
-    writer.sinks += trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     if c.precision.plan is not None:
         writer.write_json(PRECISION_PLAN, c.precision.plan_record())
         c.precision.on_plan = lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record())
+    for sink in sinks:
+        sink.start()
+    writer.sinks += sinks
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
+        diagnostics.totals = state.diag_totals  # one dict: checkpoints carry the sums, so the summary covers every attempt
     if c.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(c.device)
     console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
     status, error = "failed", None
-    with signals:
-        callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
-        if stopper is not None:  # before the metrics row and the checkpoint of the step it stops at
-            callbacks.insert(1, stopper)
-        if c.ema is not None:  # first: its val_ema/... join the validation's row and the stopping rule's view
-            callbacks.insert(0, EmaCallback(c.ema))
-        if t.compile:
-            callbacks.insert(0, CompileNotice())
-        profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
-        if profiler is not None:  # debug=profile
-            callbacks.append(profiler)
+    # (the signal handlers were installed in run(): a stop is deferred to the end of a step since commit)
+    callbacks = [console, MetricsLogger(writer, t.log_every, console), checkpointer]
+    if stopper is not None:  # before the metrics row and the checkpoint of the step it stops at
+        callbacks.insert(1, stopper)
+    if c.ema is not None:  # first: its val_ema/... join the validation's row and the stopping rule's view
+        callbacks.insert(0, EmaCallback(c.ema))
+    if t.compile:
+        callbacks.insert(0, CompileNotice())
+    profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
+    if profiler is not None:  # debug=profile
+        callbacks.append(profiler)
+    try:
+        with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
+              anomaly_detection(t.detect_anomaly)):
+            fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
+        check_trained(c, state)
+        status = "completed"
+    except Interrupted as e:
+        status, error = "interrupted", str(e)
+        raise
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt (no checkpoint: interrupted twice)"
+        raise
+    except MptrainError as e:
+        error = str(e)
+        if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
+            checkpointer.set_aside_unverified(state.verified_step)
+        if isinstance(e, LossScalingError) and cfg.checkpoint.enabled:
+            # the scale cannot back off further (on_min=raise): the overflowing step was skipped, so the weights
+            # are those of the last applied step; save them to continue with other settings (resume=auto)
+            with contextlib.suppress(MptrainError):
+                checkpointer.save(c, state)
+        raise
+    except BaseException as e:
+        error = repr(e)
+        raise
+    finally:
+        for callback in callbacks:
+            callback.close()
+        summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
         try:
-            with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
-                  anomaly_detection(t.detect_anomaly)):
-                fit(c, state, callbacks, diagnostics, log_every=t.log_every, eval_every=t.eval_every)
-            status = "completed"
-        except Interrupted as e:
-            status, error = "interrupted", str(e)
-            raise
-        except KeyboardInterrupt:
-            status, error = "interrupted", "KeyboardInterrupt (no checkpoint: interrupted twice)"
-            raise
-        except MptrainError as e:
-            error = str(e)
-            if isinstance(e, (Diverged, NonFiniteCheckpoint)) and c.is_main:
-                checkpointer.set_aside_unverified(state.verified_step)
-            if isinstance(e, LossScalingError) and cfg.checkpoint.enabled:
-                # the scale cannot back off further (on_min=raise): the overflowing step was skipped, so the weights
-                # are those of the last applied step; save them to continue with other settings (resume=auto)
-                with contextlib.suppress(MptrainError):
-                    checkpointer.save(c, state)
-            raise
-        except BaseException as e:
-            error = repr(e)
-            raise
-        finally:
-            for callback in callbacks:
-                callback.close()
-            summary = summarize(cfg, c, state, status, time.perf_counter() - start, diagnostics, error)
-            try:
-                writer.write_summary(summary)
-            except OutputError as e:  # a full disk: say so, without hiding the error that ended the run
-                log.error("%s", e)
-                if status == "completed":
-                    raise
-            writer.close()
-            if diagnostics is not None:
-                diagnostics.close()
-            if status == "interrupted":
-                signals.forward()
+            writer.write_summary(summary)
+        except OutputError as e:  # a full disk: say so, without hiding the error that ended the run
+            log.error("%s", e)
+            if status == "completed":
+                raise
+        writer.close()
+        if diagnostics is not None:
+            diagnostics.close()
+        if status == "interrupted":
+            signals.forward()
     return summary

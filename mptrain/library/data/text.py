@@ -24,7 +24,7 @@ class Contiguous(Dataset):
 
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
+        self.n = max(0, (len(tokens) - 1) // seq_len)  # an empty stream holds no window, not -1
 
     def __len__(self) -> int:
         return self.n
@@ -47,6 +47,8 @@ def text(path: str, level: str = TXT.level, seq_len: int = TXT.seq_len, val_frac
         content = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"dataset.path={path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not content.strip():
+        raise ConfigError(f"dataset.path={path} holds no text (empty or only whitespace); point it at a text file")
     spec = tokenizer or level
     tok = build_tokenizer(spec, [content], max_vocab)
     tokens = torch.from_numpy(tok.encode(content))
@@ -57,11 +59,10 @@ def text(path: str, level: str = TXT.level, seq_len: int = TXT.seq_len, val_frac
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"{path} has {len(tokens)} {spec} tokens: too few for dataset.seq_len={seq_len}; "
                           "use a longer file or a shorter seq_len")
+    facts = {"vocab_size": vocab_size or tok.vocab_size, "seq_len": seq_len}
     if isinstance(tok, VocabTokenizer):  # byte/char/word: vocab.json, what mptrain-sample decodes with
-        return Datasets(train=train, val=val, task="language_modeling", facts={"vocab_size": vocab_size or tok.vocab_size},
-                        vocab=tok.to_dict())
-    return Datasets(train=train, val=val, task="language_modeling",
-                    facts={"vocab_size": vocab_size or tok.vocab_size, "tokenizer": tok})
+        return Datasets(train=train, val=val, task="language_modeling", facts=facts, vocab=tok.to_dict())
+    return Datasets(train=train, val=val, task="language_modeling", facts={**facts, "tokenizer": tok})
 
 
 def synthetic_tokens(vocab_size: int = TOK.vocab_size, seq_len: int = TOK.seq_len, train_tokens: int = TOK.train_tokens,
@@ -74,4 +75,4 @@ def synthetic_tokens(vocab_size: int = TOK.vocab_size, seq_len: int = TOK.seq_le
         return torch.cumsum(steps, 0) % vocab_size
 
     return Datasets(train=Contiguous(stream(train_tokens), seq_len), val=Contiguous(stream(val_tokens), seq_len),
-                    task="language_modeling", facts={"vocab_size": vocab_size})
+                    task="language_modeling", facts={"vocab_size": vocab_size, "seq_len": seq_len})

@@ -6,6 +6,7 @@ with one line naming the layout expected and the download flag.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torchvision
@@ -15,6 +16,8 @@ from mptrain.config import ImageFolderConfig as IF
 from mptrain.config import TorchvisionDatasetConfig as TV
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
+
+log = logging.getLogger("mptrain")
 
 STATS = {  # per-channel mean and std of the training sets
     "mnist": ((0.1307,), (0.3081,)),
@@ -52,6 +55,29 @@ def torchvision_dataset(name: str, root: str = TV.root, download: bool = TV.down
     return Datasets(train=train, val=val)
 
 
+class CheckedImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder that skips an image it cannot decode (a truncated or corrupt file) with a warning
+    naming it, taking the next readable image in its place: a deterministic substitute, so a resumed run
+    sees the same batches. Opening every image at start would read all of ImageNet first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad: set[str] = set()  # warned about once each (per loader process)
+
+    def __getitem__(self, index: int):
+        for k in range(len(self.samples)):
+            i = (index + k) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except OSError as e:  # PIL.UnidentifiedImageError, a truncated file, an unreadable one
+                path = self.samples[i][0]
+                if path not in self.bad:
+                    self.bad.add(path)
+                    log.warning("skipping image %s: cannot be read (%s); the next image takes its place",
+                                path, type(e).__name__)
+        raise ConfigError(f"no image under {self.root} can be read; check dataset.root")
+
+
 def imagefolder(root: str = IF.root, image_size: int = IF.image_size, num_classes: int | None = IF.num_classes,
                 channels: int = IF.channels, name: str = IF.name) -> Datasets:
     """ImageNet layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, standard transforms.
@@ -62,9 +88,9 @@ def imagefolder(root: str = IF.root, image_size: int = IF.image_size, num_classe
             raise ConfigError(f"dataset=imagefolder expects {root}/{split}/<class>/<image> (ImageNet layout: "
                               f"train/ and val/ with one folder per class); {base / split} is missing or empty")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    train = torchvision.datasets.ImageFolder(base / "train", T.Compose([
+    train = CheckedImageFolder(base / "train", T.Compose([
         T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
-    val = torchvision.datasets.ImageFolder(base / "val", T.Compose([
+    val = CheckedImageFolder(base / "val", T.Compose([
         T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]))
     if num_classes is not None and len(train.classes) != num_classes:
         raise ConfigError(f"dataset.num_classes={num_classes} but {base / 'train'} holds {len(train.classes)} class "

@@ -22,8 +22,11 @@ class SmallCNN(nn.Module):
     Small enough to train on digits in seconds on a CPU; big enough to reach ~98% there.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = CNN.width, dropout: float = CNN.dropout):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = CNN.width, dropout: float = CNN.dropout,
+                 image_size: int | None = None):
         super().__init__()
+        if image_size is not None and image_size < 2:  # the first block pools by 2
+            raise ConfigError(f"model=cnn needs dataset.image_size >= 2 (it pools by 2), not {image_size}")
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
