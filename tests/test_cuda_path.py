@@ -395,10 +395,10 @@ def test_fp8_on_cuda_without_compile_warns_and_only_then():
     from mptrain.train.recipe import fp8_eager_warning
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert "trainer.compile=true" in fp8_eager_warning("fp8", cuda, compiled=False)
-    assert fp8_eager_warning("fp8", cuda, compiled=True) is None
-    assert fp8_eager_warning("fp8", cpu, compiled=False) is None  # emulated on CPU: no speed to lose
-    assert fp8_eager_warning("bf16", cuda, compiled=False) is None
+    assert "trainer.compile=true" in fp8_eager_warning(True, cuda, compiled=False)
+    assert fp8_eager_warning(True, cuda, compiled=True) is None
+    assert fp8_eager_warning(True, cpu, compiled=False) is None  # emulated on CPU: no speed to lose
+    assert fp8_eager_warning(False, cuda, compiled=False) is None
 
 
 # ---- 2. honest samples_per_s ----------------------------------------------------------------------------

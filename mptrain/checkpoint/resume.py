@@ -18,6 +18,7 @@ from mptrain.checkpoint.files import (
     sharded_complete,
 )
 from mptrain.library.optim import MultiScheduler
+from mptrain.precision.families import optimizer_state_kind
 from mptrain.run.layout import CHECKPOINTS
 
 log = logging.getLogger("mptrain")
@@ -97,12 +98,14 @@ def check_precision_change(saved_mode: str | None, mode: str, path: Path) -> Non
     """bf16_pure's optimizer keeps its own bfloat16 state (and update rule); PyTorch's optimizers keep theirs.
     Neither maps onto the other, so such a resume would fail at its first step, or silently start the
     optimizer afresh: refused here, before the run directory changes."""
-    if saved_mode is None or saved_mode == mode or "bf16_pure" not in (saved_mode, mode):
+    if saved_mode is None or saved_mode == mode:
+        return
+    saved_kind, kind = optimizer_state_kind(saved_mode), optimizer_state_kind(mode)
+    if saved_kind == kind:
         return
     raise CheckpointError(f"checkpoint {path} was written with precision={saved_mode}, this run asks for "
-                          f"precision={mode}: {'bf16_pure' if saved_mode == 'bf16_pure' else 'the checkpoint'}'s "
-                          "optimizer state does not map onto the other's; resume with "
-                          f"precision={saved_mode}, or start a new run directory")
+                          f"precision={mode}: the checkpoint's optimizer state ({saved_kind}) does not map onto "
+                          f"this run's ({kind}); resume with precision={saved_mode}, or start a new run directory")
 
 
 def load_masters(master: Any, model: torch.nn.Module, weights: dict) -> None:

@@ -143,6 +143,13 @@ class PureBf16Family(Fp16WeightsFamily):
 FAMILIES = {"autocast": AutocastFamily, "fp16_weights": Fp16WeightsFamily, "pure_bf16": PureBf16Family}
 
 
+def optimizer_state_kind(mode: str) -> str:
+    """What the optimizer of a preset keeps: PyTorch's own state, or pure bf16's (bfloat16 moments and its
+    update rule's buffers). A resume maps one preset's state onto another's only within a kind."""
+    preset = PRESETS.get(mode)
+    return "bfloat16 optimizer state" if preset is not None and preset.family == "pure_bf16" else "PyTorch optimizer state"
+
+
 def family_for(mode: str, cfg):
     preset = PRESETS[mode]
     return preset, FAMILIES[preset.family](preset, cfg)

@@ -90,10 +90,11 @@ def deterministic_cublas(t: DictConfig) -> None:
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
 
 
-def fp8_eager_warning(mode: str, device: torch.device, compiled: bool) -> str | None:
+def fp8_eager_warning(uses_fp8: bool, device: torch.device, compiled: bool) -> str | None:
     """fp8 on a GPU without torch.compile: torchao's casts and scales run as separate eager kernels, each a
-    pass over the activations, which costs more than the fp8 GEMMs save (slower than bf16)."""
-    if mode == "fp8" and device.type == "cuda" and not compiled:
+    pass over the activations, which costs more than the fp8 GEMMs save (slower than bf16). `uses_fp8`: some
+    layers may compute in torchao's float8 (the preset, a precision.layers rule, or an auto candidate)."""
+    if uses_fp8 and device.type == "cuda" and not compiled:
         return ("precision=fp8 without trainer.compile=true runs torchao's float8 casts eagerly: slower than bf16 "
                 "on a GPU; add trainer.compile=true (the casts fuse into the GEMMs' neighbours)")
     return None
@@ -213,7 +214,7 @@ def build(cfg: DictConfig) -> Components:
         if RECIPE in precision.auto.ladder:
             precision.enable_fp8(cfg.precision.get("fp8") or OmegaConf.structured(Fp8Config))
     log.info(precision.describe())
-    for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.mode, device, t.compile)):
+    for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.fp8_cfg is not None, device, t.compile)):
         if slow:
             log.warning("%s", slow)
 
