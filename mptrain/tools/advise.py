@@ -559,6 +559,13 @@ def device_note(overrides: list[str], device: str | None) -> str | None:
             "(or amp, which picks bf16) on a CPU")
 
 
+def layers_over(run_dir: Path, fmt: str) -> list[dict]:
+    """The layers of a run whose shadow figures in `fmt` exceed the thresholds the advice uses (fits)."""
+    meta, samples, _ = read_diagnostics(run_dir)
+    return [{"module": module, "format": fmt, **per[fmt]}
+            for module, per in shadow_figures(meta, samples).items() if fmt in per and not fits(per[fmt])]
+
+
 def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[str] | None = None
                ) -> tuple[dict, list[str]]:
     """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines).
@@ -575,7 +582,7 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
         from mptrain.tools import verify
 
         tried = list(overrides) if overrides else list(advice["recommended_overrides"])
-        v = verify.verify(run_dir, advice, tried, verify_steps)
+        v = verify.verify(run_dir, advice, tried, layers_over, verify_steps)
         advice["verification"] = v
         advice["verified"] = v["verified"]
         trial_lines = verify.render(v)

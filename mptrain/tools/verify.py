@@ -67,10 +67,10 @@ def trial_config(saved: dict, overrides: list[str], checkpoint: Path, steps: int
     return cfg, start
 
 
-def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out: Path) -> dict:
+def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out: Path, layers_over) -> dict:
+    """One arm of the trial. `layers_over(run_dir, format)`: the layers whose measured error in `format` exceeds
+    the advisor's thresholds (advise.layers_over: the same reading and the same thresholds as the advice)."""
     from mptrain.config import validate
-    from mptrain.diagnostics.collector import Diagnostics  # noqa: F401  (the recipe builds it)
-    from mptrain.tools.advise import fits, read_diagnostics, shadow_figures
     from mptrain.train.recipe import run
 
     cfg, start = trial_config(saved, overrides, checkpoint, steps)
@@ -80,12 +80,7 @@ def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out
     summary = run(cfg, out)
     losses = [r["loss"] for r in read_jsonl(out / METRICS) if r.get("step", 0) > start and "loss" in r]
     fmt = FORMAT_OF.get(summary.get("compute_dtype"))
-    over = []
-    if fmt is not None and (out / DIAGNOSTICS).is_file():
-        meta, samples, _ = read_diagnostics(out)
-        for module, per in shadow_figures(meta, samples).items():
-            if fmt in per and not fits(per[fmt]):
-                over.append({"module": module, "format": fmt, **per[fmt]})
+    over = layers_over(out, fmt) if fmt is not None and (out / DIAGNOSTICS).is_file() else []
     finite = losses and all(x is not None and math.isfinite(x) for x in losses)  # null: a non-finite loss
     mean = sum(losses) / len(losses) if finite else math.inf
     return {"dir": str(out), "precision": summary.get("precision"), "compute_dtype": summary.get("compute_dtype"),
@@ -100,14 +95,14 @@ def allowed_skips(advice: dict, overrides: list[str]) -> int:
     return int(advice.get("fp16", {}).get("dynamic_skips_at_start") or 0) if dynamic else 0
 
 
-def verify(run_dir: Path, advice: dict, overrides: list[str], steps: int = DEFAULT_STEPS) -> dict:
+def verify(run_dir: Path, advice: dict, overrides: list[str], layers_over, steps: int = DEFAULT_STEPS) -> dict:
     checkpoint = Path(run_dir) / CHECKPOINTS / LAST
     if not checkpoint.is_file():
         raise VerifyError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to continue from; probe with checkpoint.enabled=true")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     base = Path(run_dir) / VERIFY
-    probe = run_arm(saved, [], checkpoint, steps, base / "probe")
-    trial = run_arm(saved, overrides, checkpoint, steps, base / "advised")
+    probe = run_arm(saved, [], checkpoint, steps, base / "probe", layers_over)
+    trial = run_arm(saved, overrides, checkpoint, steps, base / "advised", layers_over)
     reasons = []
     allowed = allowed_skips(advice, overrides)
     if trial["skipped"] > allowed:
