@@ -62,3 +62,13 @@ def test_no_metric_to_monitor_is_refused_before_the_run_dir(tmp_path):
     with pytest.raises(ConfigError, match=r"^trainer.early_stopping needs a metric"):
         train(tmp_path, [*RUN, "trainer.early_stopping.enabled=true", "checkpoint.monitor=null"])
     assert not (tmp_path / "run").exists()
+
+
+def test_an_early_stop_before_any_logged_row_is_completed(tmp_path):
+    # found by a hostile pass: eval every 2 steps, log every 10; the rule stops at step 4, before any row read a
+    # gradient norm, and the run was called "did not train" (status failed, exit 1)
+    summary, run_dir = train(tmp_path, [*RUN, "trainer.log_every=10", "trainer.eval_every=2",
+                                        "trainer.early_stopping.enabled=true", "trainer.early_stopping.patience=1",
+                                        "trainer.early_stopping.min_delta=0.5", "checkpoint.enabled=false"])
+    assert summary["status"] == "completed" and summary["steps"] == 4, summary
+    assert summary["stop_reason"]

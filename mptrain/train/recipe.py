@@ -315,7 +315,7 @@ def check_trained(c: Components, state: TrainState) -> None:
         raise TrainingFailed(f"no update was applied: all {state.step} steps were skipped (their gradients were inf "
                              f"or NaN under precision={c.precision.mode}), so the weights are those the run started "
                              "from; check the loss for inf/NaN, or use precision=dynamic or fp32")
-    if not state.gradient_seen:
+    if state.gradient_read and not state.gradient_seen:
         raise TrainingFailed(f"the run did not train: the loss's gradient was zero at every logged step of "
                              f"{state.step}, so the loss does not depend on the parameters' values; check the task's loss")
 

@@ -75,6 +75,7 @@ class TrainState:
     # a logged step applied a non-zero gradient: a run without one did not train (all skipped, or a loss that does
     # not depend on the parameters), which is not `completed`
     gradient_seen: bool = False
+    gradient_read: bool = False  # a logged row read the gradient norm (an early stop may end a run before one)
     # summary.json describes the whole run: the diagnostics' sums and the time of earlier attempts (each up to the
     # checkpoint this attempt continues from) are checkpointed; the work an attempt redid is not counted twice
     diag_totals: dict = field(default_factory=dict)
@@ -114,7 +115,7 @@ class TrainState:
             "last_val": dict(self.last_val), "events": [dict(e) for e in self.events],
             "window_loss": self.window_loss.detach().cpu().clone(), "window_applied": self.window_applied,
             "window_skipped": self.window_skipped, "early_stopping": dict(self.early_stopping),
-            "stop_reason": self.stop_reason, "gradient_seen": self.gradient_seen,
+            "stop_reason": self.stop_reason, "gradient_seen": self.gradient_seen, "gradient_read": self.gradient_read,
             "diag_totals": dict(self.diag_totals),
         }
 
@@ -154,4 +155,5 @@ class TrainState:
         self.events = [dict(e) for e in self.events]
         self.early_stopping = dict(self.early_stopping)
         self.gradient_seen = bool(state.get("gradient_seen", True))  # older checkpoints: assume it trained
+        self.gradient_read = bool(state.get("gradient_read", True))
         self.diag_totals = dict(self.diag_totals)

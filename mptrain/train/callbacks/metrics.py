@@ -68,8 +68,9 @@ class MetricsLogger(Callback):
                 f"loss is {mean_loss} at step {state.step} with precision={p.mode}"
                 f"{' and no loss scaling' if p.compute_dtype == torch.float16 else ''}: the run diverged. "
                 f"{divergence_advice(p.compute_dtype)}; resume=auto continues from the last finite checkpoint")
-        if out.applied and math.isfinite(grad_norm) and grad_norm > 0:
-            state.gradient_seen = True
+        if out.applied and out.grad_norm is not None:  # this row read a gradient norm
+            state.gradient_read = True
+            state.gradient_seen = state.gradient_seen or (math.isfinite(grad_norm) and grad_norm > 0)
         if math.isfinite(mean_loss):
             state.train_loss = mean_loss
             state.verified_step = state.step - 1  # every loss of the window was finite: so were the weights before
