@@ -271,3 +271,16 @@ def test_case1_advice_verifies_and_trains_fp16_to_fp32_accuracy_a_too_large_scal
     assert failed["verified"] is False
     assert failed["rejected_overrides"] == ["precision=static", f"precision.loss_scale.init={too_large}"]
     assert failed["rejected_overrides"] != failed["recommended_overrides"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["precision.bogus=1"], "precision.bogus is not a config key"),
+    (["precision=nosuch"], "Could not find 'precision/nosuch'"),
+])
+def test_verify_overrides_that_cannot_compose_are_one_line(overrides, message):
+    # found by a hostile pass: a bad key ended --verify in Hydra's traceback
+    from mptrain.errors import MptrainError
+    from mptrain.tools.verify import _compose
+
+    with pytest.raises(MptrainError, match=message):
+        _compose(overrides)

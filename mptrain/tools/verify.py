@@ -35,13 +35,18 @@ class VerifyError(MptrainError):
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
+    from mptrain.cli.keys import check_override_keys
     from mptrain.cli.register import register
 
+    check_override_keys(list(overrides))  # a mistyped key: "did you mean ...?", as mptrain says it
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=register(), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
+    except HydraException as e:  # a bad value or group choice: Hydra's own first line, not its traceback
+        raise VerifyError(f"--overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
 
