@@ -72,3 +72,10 @@ def test_an_early_stop_before_any_logged_row_is_completed(tmp_path):
                                         "trainer.early_stopping.min_delta=0.5", "checkpoint.enabled=false"])
     assert summary["status"] == "completed" and summary["steps"] == 4, summary
     assert summary["stop_reason"]
+
+
+def test_an_unknown_monitor_is_refused_before_the_run_directory_changes(tmp_path):
+    # found by a hostile pass: monitor=val/nope trained to the end and never stopped, silently
+    with pytest.raises(ConfigError, match=r"trainer.early_stopping.monitor='val/nope' is not a metric this run reports \(val/"):
+        train(tmp_path / "run", [*RUN, "trainer.early_stopping.enabled=true", "trainer.early_stopping.monitor=val/nope"])
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

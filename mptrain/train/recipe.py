@@ -420,6 +420,12 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
                                 metrics=c.task.metrics if c.task.metrics is not None else probed,
                                 save_sharded=sharded.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
     stopper = early_stopping(t.early_stopping, checkpointer) if t.early_stopping.enabled else None
+    reported = c.task.metrics if c.task.metrics is not None else probed
+    if stopper is not None and reported is not None:  # a metric the task never reports would never stop the run
+        names = [*reported, *([m.replace("val/", "val_ema/", 1) for m in reported] if c.ema is not None else [])]
+        if stopper.monitor not in names:
+            raise ConfigError(f"trainer.early_stopping.monitor={stopper.monitor!r} is not a metric this run reports "
+                              f"({', '.join(names) or 'none'}); choose one of them")
     # connects to the tracker: one that cannot be used is refused here
     sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
     if resume is not None and state.step >= c.total_steps:
