@@ -625,3 +625,19 @@ def test_master_resumed_with_another_norm_layout_continues(tmp_path):
     assert resumed["status"] == "completed"  # was: ValueError, 6 master tensors for 14 (case 4)
     expected, got = losses(ref), losses(tmp_path / "new" / "run")
     assert got[5] == pytest.approx(expected[5], rel=0.02) and got[6] == pytest.approx(expected[6], rel=0.05)
+
+
+def test_a_group_chosen_at_resume_replaces_the_runs_settings_of_that_group(tmp_path, capsys):
+    # found by a hostile pass: precision=fp32 at resume kept the run's 'precision.layers={*: nvfp4}' silently
+    from mptrain.cli.main import continue_the_run
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- precision=bf16\n- 'precision.layers={*: nvfp4}'\n- model=mlp\n- model.width=16\n- trainer.max_steps=30\n")
+    argv = ["resume=auto", f"hydra.run.dir={run}", "precision=fp32"]
+    assert continue_the_run(argv) == ["model=mlp", "model.width=16", "trainer.max_steps=30", *argv]
+    assert "precision= given now replaces the run's own precision.layers={*: nvfp4}" in capsys.readouterr().err
+    # without a group choice the run's own settings are the base, all of them
+    assert continue_the_run(argv[:2]) == ["precision=bf16", "precision.layers={*: nvfp4}", "model=mlp",
+                                          "model.width=16", "trainer.max_steps=30", *argv[:2]]

@@ -201,7 +201,13 @@ def continue_the_run(argv: list[str]) -> list[str]:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{saved_file} cannot be read ({e}); the run's own overrides are the base of a resume: "
                           "fix or remove that file") from None
-    base = [o for o in saved if override_key(o) not in values]
+    # a group chosen now (precision=fp32) replaces the run's settings of that group (its precision.layers, ...)
+    chosen = {k for k in values if "." not in k and "/" not in k}
+    dropped = [o for o in saved if override_key(o).split(".", 1)[0] in chosen and "." in override_key(o)]
+    if dropped:
+        print(f"mptrain: resume: {', '.join(sorted({override_key(o).split('.', 1)[0] for o in dropped}))}= given now "
+              f"replaces the run's own {' '.join(dropped)}", file=sys.stderr)
+    base = [o for o in saved if override_key(o) not in values and o not in dropped]
     return base + argv
 
 
