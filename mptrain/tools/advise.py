@@ -583,15 +583,18 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
 
         tried = list(overrides) if overrides else list(advice["recommended_overrides"])
         v = verify.verify(run_dir, advice, tried, layers_over, verify_steps)
-        advice["verification"] = v
-        advice["verified"] = v["verified"]
+        advice["verification"] = {**v, "overrides": tried}  # what the trial ran
         trial_lines = verify.render(v)
+        recommended = advice["recommended_overrides"]
         if not v["verified"]:
             advice["rejected_overrides"] = tried
-            if tried == advice["recommended_overrides"]:
+            if tried == recommended:
                 advice["recommended_overrides"] = []
-        elif overrides:
-            advice["recommended_overrides"] = tried
+                advice["verified"] = False
+            # else: other overrides failed; the recommendation itself stays unverified (None)
+        else:
+            advice["recommended_overrides"] = tried  # what passed (the advice's own, or --overrides)
+            advice["verified"] = True
     advice["command"] = run_command(run_dir, advice["recommended_overrides"]) if advice["recommended_overrides"] else None
     advice["device"] = run_device(run_dir)
     advice["device_note"] = device_note(advice["recommended_overrides"], advice["device"])
@@ -626,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mptrain-advise: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     print("\n".join(lines))
-    if advice["verified"] is False:
+    if advice.get("verification", {}).get("verified") is False:  # the trial failed (the advice's or --overrides)
         sys.exit(3)
 
 
