@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mptrain.diagnostics.stats import range_stats, update_ratio_hist
+from mptrain.errors import TrainingFailed
 from mptrain.tools.advise import (
     FORMATS,
     advise_run,
@@ -156,8 +157,11 @@ def test_from_a_run_that_skips_every_step_to_one_that_skips_none(tmp_path):
     """fp16 at S = 2^30 overflows on every step; the advice, read from that run alone, caps S below the
     scales that skipped, and its overrides train without a skipped step."""
     scale = ["precision=dynamic", "precision.loss_scale.init=1073741824", "precision.loss_scale.max=1073741824"]
-    summary, run_dir = train(tmp_path / "bad", ["model=mlp", "trainer.max_steps=6", "diagnostics.every=1", *scale])
-    assert summary["skipped_steps"] == 6
+    with pytest.raises(TrainingFailed, match="no update was applied: all 6 steps were skipped"):  # not `completed`
+        train(tmp_path / "bad", ["model=mlp", "trainer.max_steps=6", "diagnostics.every=1", *scale])
+    run_dir = tmp_path / "bad" / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_steps"] == 6 and summary["status"] == "failed"
     advice, lines = advise_run(run_dir)
     events = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
     smallest_skipped = min(e["loss_scale"] for e in events if e["event"] == "overflow")

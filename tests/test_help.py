@@ -37,7 +37,7 @@ def test_help_lists_each_group_its_purpose_and_only_the_real_choices(tmp_path):
     assert groups_in_help(text) == expected
     assert "arm" not in groups_in_help(text) and (CONF / "arm").is_dir()
     commands = text.split("Common commands:", 1)[1].split("\n\n", 1)[0].strip().splitlines()
-    assert len(commands) == 5 and all(c.strip().startswith("mptrain") for c in commands)
+    assert len(commands) == 8 and all(c.strip().startswith("mptrain") for c in commands)
 
 
 def test_help_marks_the_current_choices(tmp_path):

@@ -198,7 +198,8 @@ class Shadow:
                 # forward, not __call__: the module's own hooks (a preset's input casts) are the run's, not ours
                 # a converted module (emulated, float8) is measured through its torch.nn forward: the reference
                 # is float32, not the format it computes in now
-                forward = module.forward if type(module) is _torch_base(module) else _torch_base(module).forward.__get__(module)
+                base = _torch_base(module)  # nn.Module itself for a user's own module: its own forward
+                forward = module.forward if type(module) is base or base is nn.Module else base.forward.__get__(module)
                 return _first_tensor(forward(*a, **kw))
 
         f32 = lambda t: t.detach().float()  # noqa: E731

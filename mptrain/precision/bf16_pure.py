@@ -402,8 +402,11 @@ def _nbytes(tensors) -> int:
     """Bytes held; a tensor subclass (torchao's low-bit optimizer state) counts its inner tensors."""
     total = 0
     for t in tensors:
+        if hasattr(t, "to_local"):  # FSDP2's DTensor: this rank's shard
+            t = t.to_local()
         if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
-            total += _nbytes(getattr(t, name) for name in t.__tensor_flatten__()[0])
+            inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+            total += _nbytes(x for x in inner if isinstance(x, torch.Tensor))
         else:
             total += t.numel() * t.element_size()
     return total

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated (default {','.join(PRESETS)})")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for mptrain")
     args = ap.parse_args(argv)
-    logging.getLogger("mptrain").setLevel(logging.WARNING)
+    log = logging.getLogger("mptrain")
+    level = log.level
+    log.setLevel(logging.WARNING)  # the builders' INFO lines, once per preset, say nothing here
     rows = {}
     try:
         for preset in args.presets.split(","):
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except MptrainError as e:
         print(f"mptrain-estimate: error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        log.setLevel(level)  # no state left behind in a process that goes on (tests, a notebook)
     n = next(iter(rows.values()))["params"]
     cuda = any("cuda_step_peak" in r for r in rows.values())
     print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{', CUDA peak of the step' if cuda else ''})\n")
