@@ -43,6 +43,7 @@ def test_cli_run_writes_the_run_directory_contract(tmp_path):
     assert 0.0 <= summary["val/acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_different_directories(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "mptrain", "trainer.max_steps=1", "trainer.device=cpu",
                                "trainer.tensorboard=false"], cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -403,6 +403,7 @@ def test_fp8_on_cuda_without_compile_warns_and_only_then():
 
 # ---- 2. honest samples_per_s ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_samples_per_s_leaves_out_the_warm_up_step_and_validation(tmp_path, monkeypatch):
     """A first training call that takes 3 s (as a compile or cuDNN autotuning does) and validations of 3 s
     each: neither is training time, so the 3 timed steps of 32 samples take less than either (a busy CPU

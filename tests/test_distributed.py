@@ -28,6 +28,7 @@ def model_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     single = run_cli([*BASE, "trainer.max_steps=5", f"hydra.run.dir={tmp_path}/single"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr
@@ -43,6 +44,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     assert sb["val/loss"] == pytest.approx(sa["val/loss"], rel=1e-3)
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_one_run_directory_with_rank_zero_files(tmp_path):
     proc = torchrun([*BASE, "trainer.max_steps=4"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,6 +86,7 @@ OVERFLOW_MODEL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_overflow_on_one_rank_is_skipped_on_both(tmp_path):
     (tmp_path / "overflowmodel.py").write_text(OVERFLOW_MODEL)
     (tmp_path / "conf" / "model").mkdir(parents=True)
@@ -101,6 +104,7 @@ def test_overflow_on_one_rank_is_skipped_on_both(tmp_path):
     assert lines[2].split()[1] == lines[3].split()[1]  # step 3 changed nothing on either rank
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_torchrun_resume_continues_the_run(tmp_path):
     first = torchrun([*BASE, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -112,6 +116,7 @@ def test_torchrun_resume_continues_the_run(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 7
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_batch_not_divisible_by_world_size_fails_with_one_line(tmp_path):
     proc = torchrun([*BASE, "trainer.batch_size=33", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode != 0
@@ -119,12 +124,14 @@ def test_batch_not_divisible_by_world_size_fails_with_one_line(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_nccl_without_gpus_fails_with_one_line(tmp_path):
     proc = torchrun([*BASE, "trainer.dist_backend=nccl", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode != 0
     assert "trainer.dist_backend=nccl needs CUDA GPUs" in proc.stderr
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_mismatched_configs_across_ranks_fail(tmp_path):
     # a rank-dependent value through an environment interpolation: each rank resolves its own seed
     proc = torchrun([*BASE, "trainer.max_steps=2", "seed=${oc.env:RANK}", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
@@ -132,6 +139,7 @@ def test_mismatched_configs_across_ranks_fail(tmp_path):
     assert "ranks run different configs" in proc.stderr
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_fp16_gradient_compression_trains(tmp_path):
     proc = torchrun([*BASE, "trainer.max_steps=3", "trainer.grad_compression=fp16", f"hydra.run.dir={tmp_path}/run"],
                     cwd=tmp_path)
@@ -139,6 +147,7 @@ def test_fp16_gradient_compression_trains(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_bf16_compression_on_gloo_is_refused(tmp_path):
     proc = torchrun([*BASE, "trainer.max_steps=2", "trainer.grad_compression=bf16", f"hydra.run.dir={tmp_path}/run"],
                     cwd=tmp_path)
@@ -178,6 +187,7 @@ def test_fsdp_needs_torchrun(tmp_path):
     assert proc.returncode == 2 and "trainer.strategy=fsdp shards the model across processes" in proc.stderr
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_fsdp_with_fp16_loss_scaling_trains(tmp_path):
     proc = torchrun([*BASE, "trainer.strategy=fsdp", "precision=dynamic", "trainer.max_steps=3", "trainer.clip_grad_norm=1.0",
                      f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
@@ -187,6 +197,7 @@ def test_fsdp_with_fp16_loss_scaling_trains(tmp_path):
     assert summary["world_size"] == 2
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_a_task_with_several_networks_is_refused_at_start_under_torchrun(tmp_path):
     """The GAN steps its two networks separately, which would bypass DDP's all-reduce: one line at start,
     before the run directory changes."""
@@ -197,6 +208,7 @@ def test_a_task_with_several_networks_is_refused_at_start_under_torchrun(tmp_pat
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_overflow_trace_on_rank_zero_does_not_reach_the_other_rank(tmp_path):
     """Diagnostics run on rank 0 only: its overflow trace (a forward and backward) must not start a gradient
     all-reduce that rank 1 never joins (gloo aborted with a collective mismatch)."""

@@ -35,6 +35,7 @@ def test_average_equals_its_recomputation_from_the_weights_of_each_step(tmp_path
         assert not torch.equal(ckpt["ema"]["shadow"][LINEAR], ckpt["model"][LINEAR])  # an average, not a copy
 
 
+@pytest.mark.slow
 def test_val_ema_is_the_live_validation_when_the_average_is_the_live_weights(tmp_path):
     summary, run_dir = train(tmp_path, [*RUN, "trainer.ema.decay=1e-9", "precision=fp32", "checkpoint.enabled=false"])
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r]

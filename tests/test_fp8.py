@@ -159,7 +159,7 @@ def test_fp8_stats_record_every_converted_layer_on_sampled_steps_only():
 # ---- training, checkpoints, resume ------------------------------------------------------------------
 
 @needs_torchao
-@pytest.mark.parametrize("model", [GPT, MLP], ids=["gpt", "mlp"])
+@pytest.mark.parametrize("model", [pytest.param(GPT, marks=pytest.mark.slow), MLP], ids=["gpt", "mlp"])
 def test_fp8_trains_within_a_few_percent_of_bf16(tmp_path, model):
     runs = {p: train(tmp_path / p, [f"precision={p}", "trainer.max_steps=30", "diagnostics=off",
                                      "checkpoint.enabled=false", *model])[0] for p in ("bf16", "fp8")}
@@ -192,6 +192,7 @@ def test_checkpoint_is_plain_and_loads_into_the_unconverted_model(tmp_path):
 
 
 @needs_torchao
+@pytest.mark.slow
 def test_resume_is_bitwise(tmp_path):
     from .test_checkpoint import assert_same_tensors, final_state
 

@@ -354,6 +354,7 @@ def test_sigterm_while_a_sweep_job_sets_up_records_every_job_interrupted(tmp_pat
         assert (sweep / job / ".hydra" / "overrides.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_during_set_up_is_not_called_twice(tmp_path):
     run_dir = tmp_path / "run"
     proc = start_in_setup(tmp_path, [f"hydra.run.dir={run_dir}"])
@@ -531,6 +532,7 @@ def test_resume_auto_on_a_finished_run_changes_nothing(tmp_path):
 
 # ---- the resume rule: a resume continues the run that was started ------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_as_the_readme_shows_it_continues_the_run_that_was_started(tmp_path):
     started = [*MLP, "trainer.max_steps=8", "checkpoint.every_steps=4", "trainer.log_every=1", "scheduler=cosine",
                "scheduler.warmup_steps=2"]

@@ -57,9 +57,11 @@ def fixed_batch_losses(overrides: list[str], steps: int) -> tuple[list[float], o
 CASES = [(f, m) for f in ("cnn", "lstm", "gru", "gpt") for m in ("fp32", "amp", "master")]
 CASES += [("lstm", "dynamic"), ("gru", "dynamic")]  # fp16 autocast: oneDNN has no fp16 RNN on CPU
 CASES += [("resnet18", "fp32"), ("resnet18", "amp")]  # fp16 convolutions are emulated on a CPU: the CNN covers master
+SLOW_CASES = {("resnet18", "fp32")}  # the longest on a CPU; resnet18-amp stays in the fast set
 
 
-@pytest.mark.parametrize(("family", "mode"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
+@pytest.mark.parametrize(("family", "mode"), [pytest.param(f, m, marks=pytest.mark.slow) if (f, m) in SLOW_CASES else (f, m)
+                                             for f, m in CASES], ids=[f"{f}-{m}" for f, m in CASES])
 def test_family_learns_a_fixed_batch(family, mode):
     losses, c = fixed_batch_losses([*FAMILIES[family], f"precision={mode}"], 20)
     assert all(np.isfinite(losses))
@@ -137,6 +139,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+@pytest.mark.slow
 def test_mnist_loader_reads_idx_files(tmp_path, name, folder):
     raw = tmp_path / folder / "raw"
     raw.mkdir(parents=True)

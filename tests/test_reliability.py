@@ -142,6 +142,7 @@ def test_fresh_start_sets_earlier_records_aside(tmp_path):
         assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_does_not_block_resume_auto(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli([*QUICK, "trainer.log_every=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -284,6 +285,7 @@ def test_bad_resume_files_get_one_clear_line(tmp_path):
 
 # ---- 4 and 11. refused runs change nothing; one line, no traceback ---------------------------------------------
 
+@pytest.mark.slow
 def test_refused_run_changes_nothing_in_its_directory(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli([*QUICK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
