@@ -305,3 +305,13 @@ def test_trajectory_matches_the_code_before_the_plan(tmp_path, preset):
             assert torch.equal(a["model"][k], b["model"][k]), k
     finally:
         _git("worktree", "remove", "--force", str(old))
+
+
+def test_an_unknown_alias_is_named_as_one():
+    # found by a hostile pass: '@middle' got "matches no module with parameters"
+    from mptrain.errors import ConfigError
+    from mptrain.precision.plan import user_rules
+
+    with pytest.raises(ConfigError, match="unknown alias @middle; the aliases are @first, @last"):
+        user_rules({"@middle": "fp8"})
+    assert [r.pattern for r in user_rules({"@first": "bf16", "@last": "bf16"})] == ["@first", "@last"]

@@ -33,6 +33,7 @@ EMULATED_TYPES = (nn.Linear, nn.Conv2d)
 AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
 COMPUTE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what @first / @last count
+ALIASES = ("@first", "@last")
 
 
 def plan_format_names() -> list[str]:
@@ -114,6 +115,10 @@ def user_rules(layers) -> list[Rule]:
     if layers is not None and not hasattr(layers, "items"):
         raise ConfigError(f"precision.layers={layers!r} is invalid: must be a mapping {{module glob: format}}, "
                           "e.g. 'precision.layers={head: bf16}'")
+    for p in (layers or {}):
+        if str(p).startswith("@") and str(p) not in ALIASES:
+            raise ConfigError(f"precision.layers.{p}: unknown alias {p}; the aliases are {', '.join(ALIASES)} "
+                              "(the first and the last Linear/Conv layer), other keys are module-name globs")
     return [Rule(str(p), check_format(str(f), f"precision.layers.{p}"), "precision.layers")
             for p, f in (layers or {}).items()]
 
