@@ -71,6 +71,10 @@ def check_formats(names: list[str]) -> None:
                               f"{', '.join(FORMATS)}") from None
 
 
+# the modules a plan swaps in (emulated layers, torchao's Float8Linear): measured through their torch.nn base
+CONVERTERS = ("mptrain.precision", "torchao")
+
+
 def _torch_base(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
 
@@ -198,8 +202,8 @@ class Shadow:
                 # forward, not __call__: the module's own hooks (a preset's input casts) are the run's, not ours
                 # a converted module (emulated, float8) is measured through its torch.nn forward: the reference
                 # is float32, not the format it computes in now
-                base = _torch_base(module)  # nn.Module itself for a user's own module: its own forward
-                forward = module.forward if type(module) is base or base is nn.Module else base.forward.__get__(module)
+                converted = type(module).__module__.startswith(CONVERTERS)  # not a user's or timm's own subclass
+                forward = _torch_base(module).forward.__get__(module) if converted else module.forward
                 return _first_tensor(forward(*a, **kw))
 
         f32 = lambda t: t.detach().float()  # noqa: E731
