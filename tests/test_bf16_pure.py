@@ -221,6 +221,7 @@ def regression(update: str | None, steps: int = 600) -> tuple[float, dict]:
         return float(((x @ w.float() - target) ** 2).mean()), stats
 
 
+@pytest.mark.slow
 def test_kahan_and_stochastic_track_fp32_where_nearest_loses_most_updates():
     start = regression(None, steps=0)[0]
     fp32 = regression(None)[0]

@@ -237,7 +237,7 @@ def reference_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("signum", [
-    signal.SIGTERM,
+    pytest.param(signal.SIGTERM, marks=pytest.mark.slow),  # signals run in the slow suite, as tests/test_faults.py does
     pytest.param(signal.SIGINT, marks=pytest.mark.slow),
     pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
 ])

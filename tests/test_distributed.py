@@ -155,6 +155,7 @@ def test_bf16_compression_on_gloo_is_refused(tmp_path):
     assert "grad_compression=bf16 needs the nccl backend" in proc.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_trains_and_round_trips_a_sharded_checkpoint(tmp_path):
     """FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce): sharded checkpoints through
     torch.distributed.checkpoint (.metadata commits), then torchrun resume continues the run."""

@@ -199,8 +199,8 @@ def test_imagefolder_class_count_mismatch_is_named(tmp_path):
 
 @pytest.mark.parametrize(("dataset", "expected"), [
     ("mnist", "expected <root>/MNIST/raw/"),
-    ("cifar10", "expected <root>/cifar-10-batches-py/"),
-    ("imagefolder", "ImageNet layout"),
+    pytest.param("cifar10", "expected <root>/cifar-10-batches-py/", marks=pytest.mark.slow),
+    pytest.param("imagefolder", "ImageNet layout", marks=pytest.mark.slow),
 ])
 def test_missing_root_fails_at_start_with_one_line(tmp_path, dataset, expected):
     proc = run_cli([f"dataset={dataset}", f"dataset.root={tmp_path}/nowhere", "trainer.device=cpu",

@@ -209,8 +209,9 @@ class MeanLoss(Task):
 
 @pytest.mark.parametrize("task, message", [
     ("ElementwiseLoss", r"loss\(\) returned a tensor of shape \(8,\), not a scalar"),
-    ("FloatLoss", r"loss\(\) returned a float, not a tensor"),
-    ("CountLoss", r"loss\(\) returned a int64 tensor that does not depend on the model's parameters"),
+    pytest.param("FloatLoss", r"loss\(\) returned a float, not a tensor", marks=pytest.mark.slow),
+    pytest.param("CountLoss", r"loss\(\) returned a int64 tensor that does not depend on the model's parameters",
+                 marks=pytest.mark.slow),
 ])
 def test_a_task_loss_that_cannot_train_is_one_line(tmp_path, task, message):
     conf = tmp_path / "myconf" / "task"

@@ -19,6 +19,7 @@ RUN = ["model=mlp", "model.width=8", "model.depth=2", "precision=fp32", "trainer
        "trainer.eval_every=3", "checkpoint.enabled=false", "diagnostics.every=2"]
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_the_config_every_metric_row_and_the_summary(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
