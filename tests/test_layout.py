@@ -47,7 +47,7 @@ def imports(mod: str, path: Path) -> set[str]:
             if node.level:
                 parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 base = ".".join(parts + ([node.module] if node.module else []))
-            found.add(base)
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}  # `from mptrain.x import module`
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
     return {m for m in found if m == "mptrain" or m.startswith("mptrain.")}

@@ -136,25 +136,9 @@ def test_model_declared_task_is_the_default_and_task_overrides(tmp_path):
 
 
 def test_import_graph_has_no_cycle():
-    import ast
+    from .test_layout import imports, modules
 
-    root = REPO / "mptrain"
-    graph: dict[str, set[str]] = {}
-    for path in root.rglob("*.py"):
-        mod = ".".join(path.relative_to(REPO).with_suffix("").parts)
-        pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        mod = mod.removesuffix(".__init__")
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                    base = ".".join(parts + ([node.module] if node.module else []))
-                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
-            elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
-        graph[mod] = deps
+    graph = {mod: imports(mod, path) for mod, path in modules().items()}
     edges = {m: {d for d in ds if d in graph and d != m and not d.startswith(m + ".")} for m, ds in graph.items()}
     state: dict[str, int] = {}
 
