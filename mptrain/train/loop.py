@@ -123,9 +123,9 @@ def probe_task(c: Components) -> tuple[str, ...] | None:
     batch = next(iter(c.val_loader), None)
     if batch is None:
         return None
-    task, batch = c.task, c.to_device(batch)
     was_training = c.model.training
-    c.model.eval()
+    c.model.eval()  # first: the probe's batch is a validation batch, moved to the device as one
+    task, batch = c.task, c.to_device(batch)
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None)
 
     def call(method: str, *args):
