@@ -100,3 +100,21 @@ class DropNorm(nn.Module):
         t = x.reshape(x.shape[0], self.side, -1)  # rows as tokens
         t, _ = self.attn(t, t, t, need_weights=False)
         return self.head(self.norm(t.reshape(x.shape[0], -1)))
+
+
+class LayerScaled(nn.Module):
+    """A model that holds a parameter of its own and calls modules that hold theirs (a ConvNeXt block's layer
+    scale, a ViT's class token): the shadow re-runs the model itself with all of them."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, width: int = 32, **_):
+        super().__init__()
+        n = in_channels * image_size * image_size
+        self.flat = nn.Flatten()
+        self.inp = nn.Linear(n, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.Tanh(), nn.Linear(2 * width, width))
+        self.gamma = nn.Parameter(torch.full((width,), 0.5))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(self.flat(x)))
+        return self.head(h + self.gamma * self.mlp(h))

@@ -3,12 +3,21 @@ fp32, bf16 and fp16 with dynamic scaling, diagnostics on, resumed bitwise; hub n
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
 from mptrain.errors import ConfigError
 
-from .conftest import compose_config, read_jsonl, train
+from .conftest import compose_config, read_jsonl, run_cli, train
 from .test_checkpoint import assert_same_tensors, final_state
 
 timm = pytest.importorskip("timm")
@@ -132,3 +141,42 @@ def test_another_architecture_replaces_the_default_config():
     """The documented way: null the default Llama config, then give the whole new one."""
     cfg = compose_config(["model=hf_causal_lm", "model.config=null", "model.config={model_type: gpt2, n_embd: 16}"])
     assert dict(cfg.model.config) == {"model_type": "gpt2", "n_embd": 16}
+
+
+def documented_sweeps() -> dict[str, list[str]]:
+    """The every-preset commands of docs/models.md, as a user would paste them: {model group: argv}."""
+    text = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    blocks = re.findall(r"```\n(mptrain -m .*?)```", text, flags=re.S)
+    argvs = [shlex.split(b.replace("\\\n", " ")) for b in blocks]
+    return {next(a for a in argv if a.startswith("model=")): argv[1:] for argv in argvs if "precision=fp32,amp,"
+            in " ".join(argv)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["model=timm", "model=hf_causal_lm"])
+def test_every_preset_trains_from_the_documented_command(model, tmp_path):
+    """The done-when of issue 28: one documented command trains the model in every precision preset; each
+    job's summary names the preset it ran, its compute dtype and plan, and at least one applied update."""
+    from mptrain.precision import PRESETS
+
+    argv = documented_sweeps()[model]
+    swept = next(a for a in argv if a.startswith("precision=")).split("=", 1)[1].split(",")
+    assert sorted(swept) == sorted(PRESETS)  # every preset, none left out
+    if "dataset.path=tok" in argv:  # the token file the docs make first
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        subprocess.run([sys.executable, "-m", "mptrain.tools.prepare", str(stdlib / "LICENSE.txt"), "--tokenizer",
+                        "char", "--out", str(tmp_path / "tok")], check=True, capture_output=True)
+    p = run_cli(argv, cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summaries = [json.loads(f.read_text()) for f in sorted((tmp_path / "multirun").glob("*/*/*/summary.json"))]
+    assert sorted(s["precision"] for s in summaries) == sorted(swept)
+    for s in summaries:
+        assert s["status"] == "completed" and s["steps"] - s.get("skipped_steps", 0) > 0, s
+        assert math.isfinite(s["val/loss"]), s
+        expected = {"fp32": "fp32", "bf16": "bf16", "bf16_pure": "bf16", "fp8": "bf16"}.get(s["precision"])
+        if expected is not None:
+            assert s["compute_dtype"] == expected, s
+        elif s["precision"] not in ("amp", "auto"):  # amp: bf16 on a CPU, fp16 on a GPU; auto: as measured
+            assert s["compute_dtype"] == "fp16", s
+        if s["precision"] == "fp8":
+            assert s["plan_modules"].get("fp8", 0) > 0, s  # it converted Linear layers, not a bf16 run so named

@@ -3,6 +3,8 @@ measurement per format, --verify. Each case has its own small model (tests/judge
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -18,6 +20,7 @@ from mptrain.errors import TrainingFailed
 from mptrain.tools.advise import MASTER_THRESHOLD, advise_run, gather, read_diagnostics, update_fractions
 
 from .conftest import read_jsonl, train
+from .judge_nets import LayerScaled
 
 # Case 1: logistic regression on inputs in units of 2^-15, weights 2^15 larger, SGD lr 0.1 * 2^30
 CASE1 = ["model=mlp", "model._target_=tests.judge_nets.TinyUnits", "optimizer.lr=107374182.4",
@@ -230,6 +233,66 @@ def test_shadow_does_not_change_training(tmp_path):
         if name == "on":
             assert set(rows[0]["shadow"]) == {"attn", "norm", "head"}
     assert runs["on"] == runs["off"] and len(runs["on"]) == 2
+
+
+@pytest.mark.parametrize("precision", ["master", "bf16_pure"])
+def test_shadow_of_a_module_that_calls_others_under_16bit_weights(precision):
+    """A model with its own parameter (a layer scale) around modules with theirs, prepared by the preset as a
+    run is (16-bit weights, input casts on its parts): the reference is the float32 model (every parameter in
+    it float32, no cast), the candidate the model with every parameter and the input rounded to the format,
+    its output too; against the same computed by hand on float32 copies."""
+    from mptrain.precision import Precision
+
+    from .conftest import compose_config
+
+    torch.manual_seed(0)
+    engine = Precision(compose_config([f"precision={precision}"]).precision, torch.device("cpu"))
+    net = engine.prepare_model(LayerScaled(image_size=4))
+    x = torch.randn(5, 1, 4, 4)
+    fig = shadow_figures_of(net, x, ["bf16", "fp16"])
+    x = engine.cast_inputs(x)  # what the model itself computed on
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        ref_net, q_net = copy.deepcopy(net).float(), copy.deepcopy(net).float()
+        for m in (*ref_net.modules(), *q_net.modules()):
+            m._forward_pre_hooks.clear()  # the preset's casts: plain float32 copies
+        with torch.no_grad():
+            for p in q_net.parameters():
+                p.copy_(p.to(dtype).float())
+            ref = ref_net(x.float())
+            got = q_net(x.float().to(dtype).float()).to(dtype).float()
+        expected = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+        assert expected > 0 and fig[name]["err"] == pytest.approx(expected, rel=1e-5), name
+
+
+def test_shadow_measures_converted_modules_inside_a_block_through_their_torch_base():
+    """A block whose Linear layers are torchao's Float8Linear: its shadow figures are those of the same block
+    with plain nn.Linear layers (the reference is float32, not the fp8 the layers compute in now)."""
+    float8 = pytest.importorskip("torchao.float8")
+    torch.manual_seed(0)
+    plain = LayerScaled(image_size=4)
+    converted = copy.deepcopy(plain)
+    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name("tensorwise"), emulate=True)
+    float8.convert_to_float8_training(converted, config=config, module_filter_fn=lambda m, fqn: fqn.startswith("mlp"))
+    assert type(converted.mlp[0]).__name__ == "Float8Linear"
+    x = torch.randn(16, 1, 4, 4)
+    want, got = shadow_figures_of(plain, x, ["bf16", "fp8"]), shadow_figures_of(converted, x, ["bf16", "fp8"])
+    for name in ("bf16", "fp8"):
+        assert got[name]["err"] == pytest.approx(want[name]["err"], rel=1e-6) and want[name]["err"] > 0
+
+
+@pytest.mark.parametrize("precision", ["master", "bf16_pure"])
+def test_shadow_trains_a_layer_scaled_model_in_16bit_weights(precision, tmp_path):
+    """The model itself holds a parameter and its parts carry the preset's input casts: its shadow row is
+    measured (a float32 reference, not the fp16 one the casts would make, nor a dtype error)."""
+    summary, run = train(tmp_path, ["model=mlp", "model._target_=tests.judge_nets.LayerScaled",
+                                    f"precision={precision}", "trainer.max_steps=2", "diagnostics.every=1",
+                                    "diagnostics.shadow=[bf16]", "checkpoint.enabled=false"])
+    assert summary["status"] == "completed"
+    rows = [r for r in read_jsonl(run / "diagnostics.jsonl") if r["event"] == "sample"]
+    root = rows[0]["shadow"][ROOT]["bf16"]
+    err = root[FIELDS.index("err")]
+    # bf16 keeps 8 significant bits: a relative error near 2^-9, not 0 (same format) nor fp16-sized rounding
+    assert 2.0**-12 < err < 2.0**-6, root
 
 
 # ---- --verify ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 On a sampled step, for every module that holds parameters and every candidate format, the module's forward is
 run again (no autograd, autocast off) twice: in float32 on its inputs as they came, and with its floating inputs
-and its weights quantized to the format (the bias too where the format is unscaled, as autocast casts it);
+and its weights quantized to the format (the bias too where the format is unscaled, as autocast casts it); a
+module that calls others (a ConvNeXt block around its convolutions) runs with theirs the same way;
 for unscaled formats the output is stored in the format as well (fp16's 65504 bounds outputs too). In the
 backward the output gradient is quantized the same way. Per (module, format), the largest over the step's calls:
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from mptrain.errors import ConfigError
+from mptrain.precision.engine import inputs_as_given
 from mptrain.precision.formats import FORMATS, Format, get_format
 
 FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")
@@ -148,20 +150,39 @@ def _first_tensor(obj) -> torch.Tensor | None:
     return None
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(owner, key, parameter) for every parameter of the module and of the modules inside it: a module that
+    holds parameters and calls others (timm's ConvNeXt block, a ViT's root) is measured with all of them."""
+    return [(m, k, p) for m in module.modules() for k, p in m._parameters.items() if p is not None]
+
+
 @contextlib.contextmanager
-def _swapped(module: nn.Module, params: dict, buffers: dict):
-    """The module computes with `params` and fresh copies of `buffers` (a batch-norm update lands in the copies);
-    its own tensors are put back afterwards."""
-    saved_p, saved_b = dict(module._parameters), dict(module._buffers)
+def _swapped(module: nn.Module, params: list[torch.Tensor]):
+    """The module and the modules inside it compute with `params` (in `_own_tensors` order), fresh copies of
+    their buffers (a batch-norm update lands in the copies), the torch.nn forward of a converted module
+    (emulated, float8: the reference is float32, not the format it computes in now), and inputs as given
+    (a low-precision model's input casts would make the float32 reference fp16). Everything is put back."""
+    owners = list(module.modules())
+    saved = [(m, dict(m._parameters), dict(m._buffers), vars(m).get("forward")) for m in owners]
     try:
-        for k, v in params.items():
-            module._parameters[k] = v
-        for k, b in buffers.items():
-            module._buffers[k] = b.clone()
-        yield
+        for (m, k, _), v in zip(_own_tensors(module), params):
+            m._parameters[k] = v
+        for m in owners:
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = b.clone()
+            if type(m).__module__.startswith(CONVERTERS):  # not a user's or timm's own subclass
+                m.forward = _torch_base(m).forward.__get__(m)
+        with inputs_as_given():
+            yield
     finally:
-        module._parameters.update(saved_p)
-        module._buffers.update(saved_b)
+        for m, p, b, forward in saved:
+            m._parameters.update(p)
+            m._buffers.update(b)
+            if forward is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = forward
 
 
 class Shadow:
@@ -189,28 +210,24 @@ class Shadow:
         if y is None or x is None or not y.is_floating_point():
             return
         dim = channel_dim(module)
-        params = dict(module.named_parameters(recurse=False))
-        buffers = {k: b.clone() for k, b in module.named_buffers(recurse=False)}
+        own = _own_tensors(module)
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if y.is_cuda else None
 
-        def run(p: dict, a: tuple, kw: dict) -> torch.Tensor | None:
+        def run(p: list, a: tuple, kw: dict) -> torch.Tensor | None:
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng)
-            with torch.autocast(y.device.type, enabled=False), _swapped(module, p, buffers):
+            with torch.autocast(y.device.type, enabled=False), _swapped(module, p):
                 # forward, not __call__: the module's own hooks (a preset's input casts) are the run's, not ours
-                # a converted module (emulated, float8) is measured through its torch.nn forward: the reference
-                # is float32, not the format it computes in now
-                converted = type(module).__module__.startswith(CONVERTERS)  # not a user's or timm's own subclass
-                forward = _torch_base(module).forward.__get__(module) if converted else module.forward
-                return _first_tensor(forward(*a, **kw))
+                return _first_tensor(module.forward(*a, **kw))
 
         f32 = lambda t: t.detach().float()  # noqa: E731
-        ref = run({k: f32(v) for k, v in params.items()}, _floats(args, f32), _floats(kwargs, f32))
+        ref = run([f32(v) for _, _, v in own], _floats(args, f32), _floats(kwargs, f32))
         for fname, (fwd, _) in self.formats.items():
             q = lambda t, fwd=fwd: quantize(t.detach().float(), fwd, dim)  # noqa: E731
-            qp = {k: (q(v) if v.dim() >= 2 or not fwd.scaled else f32(v)) for k, v in params.items()}
+            qp = [quantize(f32(v), fwd, channel_dim(m)) if v.dim() >= 2 or not fwd.scaled else f32(v)
+                  for m, _, v in own]
             got = run(qp, _floats(args, q), _floats(kwargs, q))
             if not fwd.scaled:
                 got = fwd.quantize(got)  # the output is held in the format too

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,18 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_CASTING = contextvars.ContextVar("mptrain_input_casts", default=True)
+
+
+@contextlib.contextmanager
+def inputs_as_given() -> Iterator[None]:
+    """A low-precision model's input casts do nothing inside: a float32 re-run of its parts (the diagnostics'
+    shadow reference) stays float32."""
+    token = _CASTING.set(False)
+    try:
+        yield
+    finally:
+        _CASTING.reset(token)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -311,6 +324,8 @@ class Precision:
         return x
 
     def _cast_args(self, module: nn.Module, args: tuple) -> tuple:
+        if not _CASTING.get():
+            return args
         return tuple(self.cast_inputs(a) if isinstance(a, torch.Tensor) else a for a in args)
 
     def backward(self, loss: torch.Tensor) -> None:
