@@ -35,6 +35,30 @@ def test_average_equals_its_recomputation_from_the_weights_of_each_step(tmp_path
         assert not torch.equal(ckpt["ema"]["shadow"][LINEAR], ckpt["model"][LINEAR])  # an average, not a copy
 
 
+def test_under_master_weights_the_average_follows_the_fp32_masters(tmp_path):
+    """precision=master: the model holds fp16 weights, the optimizer fp32 masters. The average is recomputed
+    from each step's saved masters; averaging the fp16 copies instead is off by their rounding (2^-11)."""
+    overrides = [*RUN, "model=mlp", "trainer.ema.decay=0.8", "precision=master", "checkpoint.every_steps=1",
+                 "checkpoint.keep_last=10"]
+    _, run_dir = train(tmp_path, overrides)
+    cfg = compose_config([*TINY, *overrides])
+    validate(cfg)
+    model = build(cfg).base_model  # the same seeded initial weights, as fp32
+    names = [n for n, p in model.named_parameters()]
+    ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    off_by_rounding = False
+    for step in range(1, 7):
+        ckpt = torch.load(run_dir / "checkpoints" / f"step_{step}.pt", weights_only=True)
+        masters = dict(zip(names, ckpt["precision"]["master"]["masters"]))  # every MLP parameter has one
+        assert ckpt["model"][names[0]].dtype == torch.float16
+        for n in names:
+            ema[n] = 0.8 * ema[n] + 0.2 * masters[n]
+            torch.testing.assert_close(ckpt["ema"]["shadow"][n], ema[n], rtol=1e-6, atol=1e-7, msg=f"{step} {n}")
+            # the fp16 copy the model computes with is not the master (so the check above tells them apart)
+            off_by_rounding |= not torch.allclose(ckpt["model"][n].float(), masters[n], rtol=1e-5, atol=0)
+    assert off_by_rounding
+
+
 @pytest.mark.slow
 def test_val_ema_is_the_live_validation_when_the_average_is_the_live_weights(tmp_path):
     summary, run_dir = train(tmp_path, [*RUN, "trainer.ema.decay=1e-9", "precision=fp32", "checkpoint.enabled=false"])

@@ -50,9 +50,13 @@ class MasterWeights:
             self.params.append(master)
             self._master_of[id(p)], self._model_of[id(master)] = master, p
 
+    def master_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of model parameter `p` (`p` itself where it has none)."""
+        return self._master_of.get(id(p), p)
+
     def params_for(self, module: nn.Module) -> list[torch.Tensor]:
         """The optimizer-side tensors of `module`'s parameters (masters where they exist)."""
-        return [self._master_of.get(id(p), p) for p in module.parameters() if p.requires_grad]
+        return [self.master_of(p) for p in module.parameters() if p.requires_grad]
 
     def grads_to_master(self, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Give each master (of `params`, default all) the float32 copy of its model gradient;

@@ -3,7 +3,7 @@
 
 After every applied optimizer step: ema <- ema + (1 - decay) * (w - ema), over every floating-point entry of
 the model's state_dict (parameters and float buffers such as batch-norm statistics, as timm's ModelEmaV2);
-integer buffers are copied. Validation also runs with the averaged weights (`val_ema/...`); the average is
+integer buffers are copied. Under master weights a parameter is averaged from its fp32 master. Validation also runs with the averaged weights (`val_ema/...`); the average is
 saved in checkpoints (`ema`) and resumed bitwise.
 """
 
@@ -22,20 +22,30 @@ log = logging.getLogger("mptrain")
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
-        self.model, self.decay = model, decay
+    """`masters`: the run's MasterWeights (precision=master): a parameter with an fp32 master is averaged from
+    the master, not from its fp16 copy, whose rounding (2^-11 relative) would enter every increment."""
+
+    def __init__(self, model: nn.Module, decay: float, masters=None):
+        self.model, self.decay, self.masters = model, decay, masters
         self.shadow = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-                       for k, v in model.state_dict().items()}
+                       for k, v in self._sources().items()}
+
+    def _sources(self) -> dict[str, torch.Tensor]:
+        """Each state_dict entry's float32 truth: the master where there is one, else the entry itself."""
+        live = self.model.state_dict(keep_vars=True)
+        if self.masters is None:
+            return live
+        return {k: self.masters.master_of(v) if isinstance(v, nn.Parameter) else v for k, v in live.items()}
 
     @torch.no_grad()
     def update(self) -> None:
-        live = self.model.state_dict()
+        live = self._sources()
         floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
         torch._foreach_lerp_([self.shadow[k] for k in floats], [live[k].detach().float() for k in floats],
                              1.0 - self.decay)
         for k, v in self.shadow.items():
             if not v.is_floating_point():
-                v.copy_(live[k])
+                v.copy_(live[k].detach())
 
     @torch.no_grad()
     def swap(self) -> None:

@@ -276,7 +276,7 @@ def build(cfg: DictConfig) -> Components:
     if t.ema.enabled and t.strategy == "fsdp" and info.enabled:
         raise ConfigError("trainer.ema keeps a whole fp32 copy of the weights on every rank, which FSDP's sharding "
                           "exists to avoid; use trainer.strategy=ddp or trainer.ema.enabled=false")
-    ema = EMA(base_model, t.ema.decay) if t.ema.enabled else None
+    ema = EMA(base_model, t.ema.decay, precision.master) if t.ema.enabled else None
     return Components(
         model=model, task=task, precision=precision, optimizer=optimizer, scheduler=scheduler, parts=parts, ema=ema,
         train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
