@@ -165,14 +165,14 @@ def test_text_run_saves_its_vocabulary(lm_run):
 
 
 def test_sampling_is_reproducible_under_a_seed(lm_run):
-    from mptrain.tools.sample import generate, load_model, read_vocab
+    from mptrain.tools.sample import generate, load_model, read_tokenizer
 
     run_dir, _ = lm_run
-    vocab = read_vocab(run_dir)
-    model, _, precision = load_model(run_dir, [], None, {"vocab_size": len(vocab.tokens)})
-    prompt = vocab.encode("the ")
+    vocab = read_tokenizer(run_dir)
+    model, _, precision = load_model(run_dir, [], None, {"vocab_size": vocab.vocab_size})
+    prompt = [int(i) for i in vocab.encode("the ")]
     a = generate(model, prompt, 30, seed=3, precision=precision)
-    assert len(a) == 30 and all(0 <= i < len(vocab.tokens) for i in a)
+    assert len(a) == 30 and all(0 <= i < vocab.vocab_size for i in a)
     assert generate(model, prompt, 30, seed=3, precision=precision) == a
     assert generate(model, prompt, 30, seed=4, precision=precision) != a
     # greedy two ways: the single most likely token (top-k 1) is what temperature 0 picks
@@ -199,7 +199,7 @@ def test_sample_decodes_with_the_saved_vocab_not_the_training_file(lm_run, tmp_p
 
 
 def test_sample_refuses_a_run_without_vocabulary(digits_run):
-    with pytest.raises(ConfigError, match="has no vocab.json"):
+    with pytest.raises(ConfigError, match="has no vocab.json or tokenizer.json: only language-model runs"):
         sample_text(digits_run[0], "x", tokens=1)
 
 
@@ -244,3 +244,255 @@ def test_a_master_weights_run_is_used_through_its_fp32_masters(tmp_path):
         assert torch.equal(master.half(), ckpt["model"][name])  # the fp16 weights are the masters rounded
     assert any(not torch.equal(m, m.half().float()) for m in masters)  # and the masters hold more than fp16 does
     model.load_state_dict(state)
+
+
+# ---- sample: every tokenizer a run can train with ---------------------------------------------------
+
+GPT = ["model=gpt", "model.dim=16", "model.layers=1", "model.heads=2", "trainer.max_steps=10", "diagnostics=off"]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A tiny GPT on TEXT with a byte-level BPE the run trains (dataset.tokenizer=bpe:300)."""
+    pytest.importorskip("tokenizers")  # the hf extra (in dev)
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "notes.txt").write_text(TEXT)
+    run_dir, _ = trained_run(root, [*GPT, "dataset=text", f"dataset.path={root / 'notes.txt'}",
+                                    "dataset.tokenizer=bpe:300", "dataset.seq_len=16"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tokens_run(tmp_path_factory):
+    """A tiny GPT on a token directory written by mptrain-prepare-text (bpe:300): its DIR holds tokenizer.json."""
+    pytest.importorskip("tokenizers")
+    from mptrain.tools.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tokens")
+    (root / "notes.txt").write_text(TEXT)
+    prepare(root / "notes.txt", "bpe:300", root / "data")
+    run_dir, _ = trained_run(root, [*GPT, "dataset=tokens", f"dataset.path={root / 'data'}", "dataset.seq_len=16"])
+    return run_dir, root / "data"
+
+
+def independent(tokenizer_json, prompt, run_dir, tokens=24, seed=3, **kw):
+    """The ids the run's model generates from a prompt encoded by `tokenizers` itself, and their decode by it."""
+    from tokenizers import Tokenizer
+
+    from mptrain.tools.sample import generate, load_model
+
+    tk = Tokenizer.from_file(str(tokenizer_json))
+    model, _, precision = load_model(run_dir, [], None, {"vocab_size": tk.get_vocab_size()})
+    ids = generate(model, tk.encode(prompt, add_special_tokens=False).ids, tokens, seed=seed, precision=precision, **kw)
+    return ids, tk.decode(ids)
+
+
+def test_sample_decodes_a_bpe_run_as_tokenizers_itself_does(bpe_run):
+    from mptrain.tools.sample import continuation
+
+    tokenizer_json = bpe_run / "tokenizer.json"
+    assert tokenizer_json.is_file() and not (bpe_run / "vocab.json").exists()
+    ids, tok = continuation(bpe_run, "the dog ", tokens=24, seed=3)
+    want_ids, want_text = independent(tokenizer_json, "the dog ", bpe_run)
+    assert ids == want_ids and len(ids) == 24
+    text = sample_text(bpe_run, "the dog ", tokens=24, seed=3)
+    assert text == want_text == tok.decode(ids)
+    assert any(len(tok.decode([i])) > 1 for i in ids)  # merged tokens, not bytes: the BPE is what decoded them
+    assert sample_text(bpe_run, "the dog ", tokens=24, seed=3) == text  # reproducible under --seed
+    assert sample_text(bpe_run, "the dog ", tokens=24, seed=4) != text
+
+
+def test_sample_decodes_a_token_file_run_with_its_directorys_tokenizer(tokens_run):
+    run_dir, data = tokens_run
+    # the run copied DIR's tokenizer when it started: the same file, so sampling needs no data
+    assert (run_dir / "tokenizer.json").read_text() == (data / "tokenizer.json").read_text()
+    _, want = independent(data / "tokenizer.json", "the cat ", run_dir)
+    assert sample_text(run_dir, "the cat ", tokens=24, seed=3) == want
+    assert sample_text(run_dir, "the cat ", tokens=24, seed=3) == want
+
+
+def test_a_token_file_run_without_a_tokenizer_says_what_to_do(tokens_run, tmp_path):
+    import shutil
+
+    run_dir, data = tokens_run
+    copy = run_dir / "tokenizer.json"
+    kept = tmp_path / "kept.json"
+    shutil.move(copy, kept)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        shutil.copy(data / name, bare / name)
+    try:
+        # no copy in the run directory: the tokenizer of its dataset.path decodes
+        _, want = independent(data / "tokenizer.json", "the cat ", run_dir)
+        assert sample_text(run_dir, "the cat ", tokens=24, seed=3) == want
+        before = sorted(p.name for p in run_dir.iterdir())
+        with pytest.raises(ConfigError, match=r"has no vocab.json or tokenizer.json, nor has its dataset.path=.*bare: "
+                                              r"the token files were written without a tokenizer; put the one that "
+                                              r"made them in .*tokenizer.json"):
+            sample_text(run_dir, "the cat ", tokens=3, overrides=[f"dataset.path={bare}"])
+        assert sorted(p.name for p in run_dir.iterdir()) == before
+    finally:
+        shutil.move(kept, copy)
+
+
+def test_an_empty_prompt_starts_from_the_tokenizers_newline(lm_run, bpe_run, capsys):
+    """char: the id of "\\n" (TEXT has newlines); bpe: tokenizers' own ids for "\\n"; the CLI needs no --prompt."""
+    from mptrain.tools.sample import generate, load_model, main
+
+    run_dir, _ = lm_run
+    tokens = json.loads((run_dir / "vocab.json").read_text())["tokens"]
+    model, _, precision = load_model(run_dir, [], None, {"vocab_size": len(tokens)})
+    ids = generate(model, [tokens.index("\n")], 20, seed=5, precision=precision)
+    assert sample_text(run_dir, "", tokens=20, seed=5) == "".join(tokens[i] for i in ids)
+    main([str(run_dir), "--tokens", "20", "--seed", "5"])
+    assert capsys.readouterr().out == "".join(tokens[i] for i in ids) + "\n"
+    _, want = independent(bpe_run / "tokenizer.json", "\n", bpe_run, tokens=10, seed=5)
+    assert sample_text(bpe_run, tokens=10, seed=5) == want
+
+
+def test_start_token_without_a_newline_is_token_0():
+    from mptrain.library.data.tokenize import VocabTokenizer
+    from mptrain.tools.sample import start_ids
+
+    assert start_ids(VocabTokenizer.fit("char", ["ab\nc"], 10)) == [sorted("ab\nc").index("\n")]
+    assert start_ids(VocabTokenizer.fit("char", ["abc"], 10)) == [0]  # no newline in its text
+    assert start_ids(VocabTokenizer.fit("word", ["a b\nb"], 10)) == [0]  # words drop whitespace: <unk>
+    assert start_ids(VocabTokenizer.fit("byte", [""], 10)) == [10]
+
+
+def test_sampling_draws_only_ids_the_tokenizer_decodes():
+    """A model with more outputs than the tokenizer has tokens (a padded vocabulary) never yields an id the
+    tokenizer lacks: at temperature 0 the argmax over the tokenizer's ids, not over every output."""
+    from mptrain.tools.sample import generate
+
+    torch.manual_seed(0)
+
+    class Padded(torch.nn.Module):  # logits favour the padding ids 10..15
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16))
+
+        def forward(self, ids):
+            logits = self.w.expand(*ids.shape, 16).clone()
+            logits[..., 10:] += 100.0
+            return logits
+
+    model = Padded()
+    assert min(generate(model, [1], 5, temperature=0)) >= 10  # unrestricted: a padding id wins
+    want = int(model.w[:10].argmax())
+    assert generate(model, [1], 5, temperature=0, vocab=10) == [want] * 5
+    assert max(generate(model, [1], 50, seed=1, vocab=10)) < 10
+    with pytest.raises(ConfigError, match="tokenizer has 20 tokens but the model predicts 16"):
+        generate(model, [1], 1, vocab=20)
+
+
+# ---- --ema: the checkpoint's averaged weights ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """precision=master with trainer.ema: fp16 weights, fp32 masters, an fp32 average of the masters."""
+    return trained_run(tmp_path_factory.mktemp("ema"), [
+        "model=mlp", "model.width=16", "model.depth=2", "precision=master", "optimizer.lr=0.01", "scheduler=none",
+        "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ema.enabled=true", "trainer.ema.decay=0.8",
+        "checkpoint.every_steps=3", "diagnostics=off"])
+
+
+def test_eval_ema_reproduces_the_runs_own_val_ema_exactly(ema_run):
+    run_dir, summary = ema_run
+    live, _ = evaluate(run_dir, "last")
+    record, out = evaluate(run_dir, "last", ema=True)
+    assert out.name == "eval_last-ema.json" and json.loads(out.read_text()) == record
+    assert record["ema"] is True and live["ema"] is False
+    assert live["val/loss"] == summary["val/loss"] and live["val/acc"] == summary["val/acc"]  # bitwise
+    assert record["val/loss"] == summary["val_ema/loss"] and record["val/acc"] == summary["val_ema/acc"]  # bitwise
+    assert record["val/loss"] != live["val/loss"]  # the average is another model
+    # the first validation (step 3) from its own checkpoint: that row's val_ema
+    row = next(r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step") == 3 and "val_ema/loss" in r)
+    record, _ = evaluate(run_dir, "step_3", ema=True)
+    assert record["val/loss"] == row["val_ema/loss"] and record["val/acc"] == row["val_ema/acc"]
+
+
+def test_export_ema_writes_the_shadow_in_the_models_dtype(ema_run):
+    from safetensors.torch import load_file
+
+    run_dir, _ = ema_run
+    out = run_dir / "export_ema"
+    r = export(run_dir, "safetensors", "last", out_dir=out, ema=True)
+    shadow = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["ema"]["shadow"]
+    saved = load_file(out / "model.safetensors")
+    assert r["ema"] is True and r["dtype"] == "float32"
+    assert yaml.safe_load((out / "model_config.yaml").read_text())["ema"] is True
+    assert saved.keys() == shadow.keys()
+    for k, v in saved.items():
+        assert v.dtype == torch.float32 and torch.equal(v, shadow[k].to(torch.float32)), k
+    # in the run's own precision (fp16 weights) the shadow is cast as EMA.swap casts it: rounded to fp16
+    r16 = export(run_dir, "safetensors", "last", ["precision=master"], out_dir=run_dir / "export_ema16", ema=True)
+    saved = load_file(run_dir / "export_ema16" / "model.safetensors")
+    assert r16["dtype"] == "float16"
+    for k, v in saved.items():
+        assert torch.equal(v, shadow[k].to(torch.float16)), k
+    live = load_file(export(run_dir, "safetensors", "last", out_dir=run_dir / "export_live")["out_dir"] + "/model.safetensors")
+    assert any(not torch.equal(live[k], saved[k].float()) for k in live)
+
+
+def test_ema_of_a_run_without_an_average_is_refused_before_anything_is_written(digits_run, lm_run):
+    run_dir, _ = digits_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    for tool in (lambda: evaluate(run_dir, "last", ema=True), lambda: export(run_dir, "safetensors", ema=True,
+                                                                            out_dir=run_dir / "export_refused")):
+        with pytest.raises(ConfigError, match=r"(last|best).pt holds no EMA weights: the run trained without "
+                                              r"trainer.ema.enabled=true; drop --ema"):
+            tool()
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    with pytest.raises(ConfigError, match="holds no EMA weights"):
+        sample_text(lm_run[0], "the ", tokens=2, ema=True)
+
+
+def test_sample_ema_uses_the_average(ema_run):
+    """--ema on a run's sampling path: the model load_model builds holds the shadow (cast to its fp16 weights)."""
+    from mptrain.tools.sample import load_model
+
+    run_dir, _ = ema_run
+    shadow = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["ema"]["shadow"]
+    model, _, _ = load_model(run_dir, [], None, {}, ema=True)
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float16 and torch.equal(v, shadow[k].to(torch.float16)), k
+
+
+# ---- what eval's record names -----------------------------------------------------------------------
+
+def test_eval_records_the_plan_it_ran_under(digits_run):
+    run_dir, _ = digits_run
+    plan = {m: e["format"] for m, e in json.loads((run_dir / "precision_plan.json").read_text()).items()}
+    record, _ = evaluate(run_dir, "last")
+    assert record["plan"] == plan and record["precision"] == "amp" and record["ema"] is False
+    assert sum(record["plan_modules"].values()) == len(plan)
+    record, _ = evaluate(run_dir, "last", ["precision=fp32"])
+    assert set(record["plan"]) == set(plan) and set(record["plan"].values()) == {"fp32"}
+    assert record["plan_modules"] == {"fp32": len(plan)}
+
+
+def test_eval_of_an_auto_run_runs_under_the_plan_the_checkpoint_measured(tmp_path):
+    """precision=auto plans at step 3 (mid2 fp8, mid1 bf16: tests/test_auto.py): eval rebuilds that plan from the
+    checkpoint, not the unmeasured start, records it, and so reproduces the run's validation bitwise."""
+    from .test_auto import AUTO
+
+    run_dir, summary = trained_run(tmp_path, [*AUTO, "trainer.max_steps=5"])
+    plan = {m: e["format"] for m, e in json.loads((run_dir / "precision_plan.json").read_text()).items()
+            if m != "history"}
+    assert plan["mid2"] == "fp8" and plan["mid1"] == "bf16"
+    record, _ = evaluate(run_dir, "last")
+    assert record["plan"] == plan and record["precision"] == "auto"
+    assert record["val/loss"] == summary["val/loss"]
+
+
+def test_a_fresh_start_sets_an_earlier_tokenizer_aside(tmp_path):
+    """A bpe run's tokenizer.json must not outlive it: a char run started fresh in the same directory would
+    otherwise be decoded with the stale BPE (load_saved prefers tokenizer.json)."""
+    from mptrain.run.directory import set_aside
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "vocab.json").write_text("{}")
+    dest = set_aside(tmp_path)
+    assert (dest / "tokenizer.json").is_file() and not (tmp_path / "tokenizer.json").exists()

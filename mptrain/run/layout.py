@@ -69,7 +69,7 @@ REPORT_ARTIFACTS = "report"
 
 # files a run writes step by step: cut back on resume, set aside (previous_<k>/) on a fresh start
 STEP_RECORDS = (METRICS, DIAGNOSTICS)
-SET_ASIDE = (*STEP_RECORDS, SUMMARY, TENSORBOARD, CHECKPOINTS, REPORT, ADVICE, VOCAB)
+SET_ASIDE = (*STEP_RECORDS, SUMMARY, TENSORBOARD, CHECKPOINTS, REPORT, ADVICE, VOCAB, TOKENIZER)
 
 
 def eval_file(name: str) -> str:

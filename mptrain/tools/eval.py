@@ -1,10 +1,12 @@
-"""`mptrain-eval RUN_DIR [--checkpoint NAME] [overrides]`: a trained run's checkpoint on a validation set.
+"""`mptrain-eval RUN_DIR [--checkpoint NAME] [--ema] [overrides]`: a trained run's checkpoint on a validation set.
 
 Rebuilds the run (its .hydra/config.yaml, plus the overrides given) with the recipe's own builders, loads
 checkpoints/best.pt (else last.pt, or `--checkpoint NAME`), and runs the task's validation as training does:
 in the run's precision, or another preset (`precision=bf16`: the fp32-trained model evaluated in bf16), on
-the run's validation set or another dataset (`dataset.root=...`). Prints the metrics and writes
-RUN_DIR/eval_<name>.json (name: the checkpoint, plus the overrides; `--name` sets it).
+the run's validation set or another dataset (`dataset.root=...`). `--ema`: the checkpoint's averaged weights
+(trainer.ema), which reproduces the run's own val_ema/... figures. Prints the metrics and writes
+RUN_DIR/eval_<name>.json (name: the checkpoint, `ema`, plus the overrides; `--name` sets it), which names what
+was evaluated: the precision and its per-module plan, and whether the weights were the average.
 """
 
 from __future__ import annotations
@@ -19,31 +21,43 @@ from mptrain.parallel import distributed
 from mptrain.precision import SHORT_DTYPE
 from mptrain.run.layout import eval_file
 from mptrain.run.writer import write_json_atomic
-from mptrain.tools.trained import checkpoint_path, load_checkpoint, load_weights, run_config, tool_main
+from mptrain.tools.trained import (
+    checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    require_ema,
+    restore_plan,
+    run_config,
+    tool_main,
+)
 from mptrain.train.loop import validate
 from mptrain.train.recipe import backend_settings, build
 
 
-def default_name(checkpoint: Path, overrides: list[str]) -> str:
-    """best, or best-precision_bf16 when evaluated with overrides (one file per setting, none overwritten)."""
-    parts = [checkpoint.stem] + [re.sub(r"[^A-Za-z0-9.+-]+", "_", o) for o in overrides]
+def default_name(checkpoint: Path, overrides: list[str], ema: bool = False) -> str:
+    """best, best-ema, or best-precision_bf16 when evaluated with overrides (one file per setting, none
+    overwritten)."""
+    parts = [checkpoint.stem] + ["ema"] * ema + [re.sub(r"[^A-Za-z0-9.+-]+", "_", o) for o in overrides]
     return "-".join(parts)
 
 
 def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
-             name: str | None = None) -> tuple[dict, Path]:
-    """The checkpoint's validation metrics; returns (the record written, its path)."""
+             name: str | None = None, ema: bool = False) -> tuple[dict, Path]:
+    """The checkpoint's validation metrics (of its EMA average with `ema`); returns (the record written, its path)."""
     run_dir, overrides = Path(run_dir), list(overrides or [])
     cfg = run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path)  # before any building: a bad file fails at once
+    if ema:
+        require_ema(ckpt, path)
     start = time.perf_counter()
     c = build(cfg)
     try:
         if c.val_loader is None:
             raise ConfigError(f"dataset {cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation set "
                               "to evaluate on; give a dataset with one as overrides (dataset=...)")
-        load_weights(c.base_model, ckpt, path)
+        restore_plan(c.precision, ckpt)
+        load_weights(c.base_model, ckpt, path, ema=ema)
         with c.precision.backend_flags(), backend_settings(cfg.trainer):
             metrics = validate(c)
     finally:
@@ -54,6 +68,10 @@ def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] 
         "overrides": overrides,
         "precision": cfg.precision.mode,
         "compute_dtype": SHORT_DTYPE[c.precision.compute_dtype],
+        # the per-module plan it ran under (module -> format; precision=auto: the one the checkpoint had measured)
+        "plan": c.precision.plan.formats() if c.precision.plan is not None else None,
+        **(c.precision.plan.summary() if c.precision.plan is not None else {}),  # plan_modules, plan_emulated
+        "ema": ema,
         "trained_precision": ckpt["config"].get("precision", {}).get("mode"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
         "samples": len(c.val_loader.dataset),
@@ -61,7 +79,7 @@ def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] 
         **metrics,
         "wall_s": round(time.perf_counter() - start, 3),
     }
-    out = run_dir / eval_file(name or default_name(path, overrides))
+    out = run_dir / eval_file(name or default_name(path, overrides, ema))
     write_json_atomic(out, record)
     return record, out
 
@@ -71,12 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/<date>/<time>-<id>)")
     parser.add_argument("overrides", nargs="*", help="config changes, e.g. precision=bf16 dataset.root=/data")
     parser.add_argument("--checkpoint", help="checkpoints/<NAME> to evaluate (default best.pt, else last.pt)")
+    parser.add_argument("--ema", action="store_true",
+                        help="evaluate the checkpoint's EMA weights (trainer.ema) instead of the live ones")
     parser.add_argument("--name", help="the result file is eval_<NAME>.json (default: the checkpoint and overrides)")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        record, out = evaluate(args.run_dir, args.checkpoint, args.overrides, args.name)
-        print(f"{record['checkpoint']} (step {record['step']}) in precision={record['precision']} "
+        record, out = evaluate(args.run_dir, args.checkpoint, args.overrides, args.name, args.ema)
+        print(f"{record['checkpoint']} (step {record['step']}{', EMA weights' * record['ema']}) in precision={record['precision']} "
               f"({record['compute_dtype']}) on {record['dataset']}, {record['samples']} samples:")
         for key, value in record.items():
             if key.startswith("val/"):

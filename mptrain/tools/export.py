@@ -1,12 +1,12 @@
-"""`mptrain-export RUN_DIR [--format safetensors|torchscript|onnx|pt2] [--checkpoint NAME] [overrides]`.
+"""`mptrain-export RUN_DIR [--format safetensors|torchscript|onnx|pt2] [--checkpoint NAME] [--ema] [overrides]`.
 
 Writes RUN_DIR/export/: `model.safetensors` (the weights, in float32, loadable without mptrain:
 `safetensors.torch.load_file`), `model_config.yaml` (the resolved model config with what the data filled in,
 the task and the example input), and for the program formats `model.ts` (torch.jit.trace), `model.onnx`
 (torch.onnx, dynamo exporter) or `model.pt2` (torch.export). Every export is checked: its outputs on a batch
 of the validation set (a GAN: on noise) against the checkpoint's model, bitwise for the weights and within
-float32 tolerance for a program. The model is exported in float32 (master weights where the run kept them);
-a program takes inputs of the example's shape.
+float32 tolerance for a program. The model is exported in float32 (master weights where the run kept them;
+with `--ema` the checkpoint's fp32 average, trainer.ema); a program takes inputs of the example's shape.
 """
 
 from __future__ import annotations
@@ -25,8 +25,17 @@ from torch import nn
 
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel import distributed
+from mptrain.precision import Precision
 from mptrain.run.layout import EXPORT
-from mptrain.tools.trained import checkpoint_path, load_checkpoint, load_weights, run_config, tool_main
+from mptrain.tools.trained import (
+    checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    require_ema,
+    restore_plan,
+    run_config,
+    tool_main,
+)
 from mptrain.train.recipe import build, build_model
 
 FORMATS = ("safetensors", "torchscript", "onnx", "pt2")
@@ -60,6 +69,12 @@ def example_input(c, task_name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ConfigError(f"the model takes a {type(x).__name__} batch; export handles models that take one tensor")
     return c.to_device(x[:EXAMPLE_BATCH])
+
+
+def weights_dtype(model: nn.Module) -> str | list[str]:
+    """The floating dtype(s) the weights are saved in: float32 unless a precision override said otherwise."""
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in model.state_dict().values() if v.is_floating_point()})
+    return dtypes[0] if len(dtypes) == 1 else dtypes
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,7 +113,7 @@ def write_program(fmt: str, model: nn.Module, x: torch.Tensor, path: Path) -> to
 
 
 def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = None,
-           overrides: list[str] | None = None, out_dir: Path | None = None) -> dict:
+           overrides: list[str] | None = None, out_dir: Path | None = None, ema: bool = False) -> dict:
     """Write and check the export; returns what model_config.yaml records (plus the check's figures)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt} is not one of {', '.join(FORMATS)}")
@@ -111,11 +126,14 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
     cfg = run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path)
+    if ema:
+        require_ema(ckpt, path)
     start = time.perf_counter()
     c = build(cfg)
     try:
         model = c.base_model
-        load_weights(model, ckpt, path)
+        restore_plan(c.precision, ckpt)
+        load_weights(model, ckpt, path, ema=ema)
         model.eval()
         x = example_input(c, c.task.name)
         with torch.no_grad():
@@ -125,9 +143,13 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
 
         # the weights, checked by loading them into a freshly built model
         weights_file = out / "model.safetensors"
-        meta = {"checkpoint": str(path), "step": str(ckpt["train_state"]["step"]), "format": "mptrain"}
+        meta = {"checkpoint": str(path), "step": str(ckpt["train_state"]["step"]), "format": "mptrain",
+                "weights": "ema" if ema else "live"}
         st.torch.save_model(model, str(weights_file), metadata=meta)
-        fresh = build_model(cfg, c.task, c.device, c.precision, c.model_facts).eval()
+        # its own Precision: one prepares a single model (a low-precision preset's input casts are hooked once)
+        fresh_precision = Precision(cfg.precision, c.device)
+        fresh = build_model(cfg, c.task, c.device, fresh_precision, c.model_facts).eval()
+        restore_plan(fresh_precision, ckpt)
         missing, unexpected = st.torch.load_model(fresh, str(weights_file), strict=True)
         with torch.no_grad():
             weights_diff = check_close("model.safetensors", fresh(x), want, exact=True)
@@ -138,7 +160,8 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
             "checkpoint": str(path.relative_to(run_dir)),
             "step": ckpt["train_state"]["step"],
             "trained_precision": ckpt["config"].get("precision", {}).get("mode"),
-            "dtype": "float32",
+            "ema": ema,
+            "dtype": weights_dtype(model),
             "input": {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")},
             "output": {"shape": list(want.shape)},
             "files": {"weights": weights_file.name},
@@ -174,13 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="safetensors", choices=FORMATS,
                         help="safetensors: the weights only; torchscript | onnx | pt2: a program besides them")
     parser.add_argument("--checkpoint", help="checkpoints/<NAME> (default best.pt, else last.pt)")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the checkpoint's EMA weights (trainer.ema) instead of the live ones")
     parser.add_argument("--out", type=Path, help="where to write (default RUN_DIR/export)")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        r = export(args.run_dir, args.format, args.checkpoint, args.overrides, args.out)
+        r = export(args.run_dir, args.format, args.checkpoint, args.overrides, args.out, args.ema)
         checks = ", ".join(f"{k.removesuffix('_max_abs_diff')} max |diff| {v:.3g}" for k, v in r["check"].items())
-        print(f"exported {r['checkpoint']} (step {r['step']}) to {r['out_dir']}: {', '.join(r['files'].values())}, "
+        print(f"exported {r['checkpoint']} (step {r['step']}{', EMA weights' * r['ema']}) to {r['out_dir']}: {', '.join(r['files'].values())}, "
               f"model_config.yaml; checked on a batch of {r['input']['shape']}: {checks}")
 
     tool_main("mptrain-export", body)

@@ -3,7 +3,8 @@
 The config is the run's own `.hydra/config.yaml`, changed only by the overrides given (a group choice such as
 `precision=bf16` takes that group's entry from conf/; a dotted key such as `dataset.root=...` sets one value).
 The model is built by the recipe's own builders (`recipe.build`, or `recipe.build_model` where no data are
-needed) and takes a checkpoint's weights, FP32 master copies where the run kept them.
+needed) and takes a checkpoint's weights, FP32 master copies where the run kept them, or with `--ema` the
+checkpoint's averaged weights (trainer.ema), cast into the model's own dtypes as training's EMA validation does.
 """
 
 from __future__ import annotations
@@ -135,11 +136,39 @@ def weights(ckpt: dict, model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
+def require_ema(ckpt: dict, path: Path) -> None:
+    """--ema: the checkpoint must hold the average (checked before anything is built or written)."""
+    if not ckpt.get("ema"):
+        raise ConfigError(f"{path} holds no EMA weights: the run trained without trainer.ema.enabled=true; "
+                          "drop --ema to use its live weights")
+
+
+def ema_weights(ckpt: dict, model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 average (ema.shadow), one entry per state_dict name of the model."""
+    shadow = ckpt["ema"]["shadow"]
+    own = model.state_dict().keys()
+    if shadow.keys() != own:
+        odd = sorted(own ^ shadow.keys())[:3]
+        raise ConfigError(f"{path}: its EMA weights do not match the model's state ({', '.join(odd)}); "
+                          "the checkpoint was edited or written for another model")
+    return dict(shadow)
+
+
+def restore_plan(precision, ckpt: dict) -> None:
+    """precision=auto: the plan the run had measured when the checkpoint was saved (not the unmeasured start).
+    Call after the model is built (the precision converts it) and before its weights are loaded."""
+    state = ckpt.get("precision") or {}
+    if precision.measured_plan and state.get("auto"):
+        precision.load_state_dict({"auto": state["auto"]})
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:
+    """The checkpoint's weights (or its EMA average) copied into the model's own dtypes: load_state_dict's
+    copy_ casts each entry as the run's precision did, and as EMA.swap does for val_ema/..."""
     from mptrain.checkpoint.resume import check_model_fits
 
     check_model_fits(ckpt["model"], model, path)
-    model.load_state_dict(weights(ckpt, model))  # copied in the model's own dtypes (as the run's precision casts)
+    model.load_state_dict(ema_weights(ckpt, model, path) if ema else weights(ckpt, model))
 
 
 def tool_main(prog: str, body: Callable[[], None]) -> None:

@@ -37,7 +37,15 @@ from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.plan import RECIPE
 from mptrain.run.directory import RunDir
-from mptrain.run.layout import PRECISION_PLAN, SUMMARY, VOCAB, OutputError, write_json_atomic
+from mptrain.run.layout import (
+    PRECISION_PLAN,
+    SUMMARY,
+    TOKENIZER,
+    VOCAB,
+    OutputError,
+    write_atomic,
+    write_json_atomic,
+)
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.auto import AutoPlanner
@@ -443,8 +451,9 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         if c.vocab is not None:  # what decodes the model's tokens (mptrain-sample), among the run's files
             write_json_atomic(run_dir / VOCAB, c.vocab)
     writer = RunWriter(run_dir, tensorboard=t.tensorboard, resume_step=resume_step, enabled=c.is_main)
-    if c.is_main and hasattr(c.tokenizer, "save"):  # a trained or given tokenizers file (tokenizer.json)
-        c.tokenizer.save(run_dir)
+    if c.is_main and hasattr(c.tokenizer, "to_str"):  # a trained or given tokenizers file (tokenizer.json)
+        text = c.tokenizer.to_str().encode()
+        write_atomic(run_dir / TOKENIZER, lambda f: f.write(text))
     if c.precision.plan is not None:
         writer.write_json(PRECISION_PLAN, c.precision.plan_record())
         c.precision.on_plan = lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record())

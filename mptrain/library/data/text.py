@@ -14,7 +14,7 @@ from mptrain.config import SyntheticTokensConfig as TOK
 from mptrain.config import TextDatasetConfig as TXT
 from mptrain.errors import ConfigError
 from mptrain.library.data.loading import Datasets
-from mptrain.library.data.tokenize import Vocab, VocabTokenizer, build_tokenizer  # noqa: F401  (Vocab: mptrain-sample)
+from mptrain.library.data.tokenize import VocabTokenizer, build_tokenizer
 
 
 class Contiguous(Dataset):

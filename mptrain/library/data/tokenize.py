@@ -86,7 +86,12 @@ class VocabTokenizer:
         if self.level == "byte":
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
         if self.level == "char":
-            return np.fromiter((self.index[c] for c in text), dtype=np.int64, count=len(text))
+            try:
+                return np.fromiter((self.index[c] for c in text), dtype=np.int64, count=len(text))
+            except KeyError:  # named here, not per character: the training text's own pass costs nothing more
+                unknown = "".join(sorted({c for c in text if c not in self.index}))
+                raise ConfigError(f"the text has characters the training text never had ({unknown!r}); a char "
+                                  "tokenizer knows only the characters of the text it was fitted on") from None
         return np.fromiter((self.index.get(w, 0) for w in text.split()), dtype=np.int64)
 
     def decode(self, ids) -> str:
@@ -143,6 +148,10 @@ class HFTokenizer:
 
     def to_dict(self) -> dict:
         return {"level": self.kind, "file": TOKENIZER_FILE}
+
+    def to_str(self) -> str:
+        """tokenizer.json's text (a run directory writes it through its atomic writer)."""
+        return self.tokenizer.to_str(pretty=True)
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
