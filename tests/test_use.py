@@ -496,3 +496,32 @@ def test_a_fresh_start_sets_an_earlier_tokenizer_aside(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     dest = set_aside(tmp_path)
     assert (dest / "tokenizer.json").is_file() and not (tmp_path / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_sample_from_a_hugging_face_llama_on_token_files(tokens_run, tmp_path):
+    """model=hf_causal_lm returns a ModelOutput and has max_position_embeddings (32) for a context: 40 greedy
+    tokens equal a hand-written greedy loop over the model's own logits, decoded by tokenizers."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from mptrain.tools.sample import continuation, load_model
+
+    from .test_hub_models import LLAMA
+
+    _, data = tokens_run
+    llama = [o for o in LLAMA if not o.startswith("dataset.")]
+    llama = [o.replace("dataset=synthetic_tokens", "dataset=tokens") for o in llama]
+    run_dir, _ = trained_run(tmp_path, [*llama, f"dataset.path={data}", "dataset.seq_len=16", "trainer.max_steps=6",
+                                        "precision=fp32", "diagnostics=off"])
+    tk = Tokenizer.from_file(str(data / "tokenizer.json"))
+    ids, tok = continuation(run_dir, "the fox ", tokens=40, temperature=0)
+    model, _, _ = load_model(run_dir, [], None, {"vocab_size": tk.get_vocab_size()})
+    seq = tk.encode("the fox ", add_special_tokens=False).ids
+    with torch.no_grad():
+        for _ in range(40):
+            logits = model(torch.tensor([seq[-32:]])).logits[0, -1, : tk.get_vocab_size()]
+            seq.append(int(logits.argmax()))
+    want = seq[len(seq) - 40:]
+    assert ids == want
+    assert sample_text(run_dir, "the fox ", tokens=40, temperature=0) == tk.decode(want)

@@ -25,6 +25,7 @@ from torch import nn
 from mptrain.errors import ConfigError
 from mptrain.library.data.tokenize import HFTokenizer, VocabTokenizer, load_saved
 from mptrain.library.data.tokens import read_meta
+from mptrain.library.tasks import output_logits
 from mptrain.precision import Precision, resolve_device
 from mptrain.run.layout import SAMPLES, TOKENIZER, VOCAB
 from mptrain.tools.trained import (
@@ -123,15 +124,16 @@ def generate(model: nn.Module, prompt: list[int], tokens: int, temperature: floa
                           "or none at all to start from a newline")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    context = getattr(model, "seq_len", None)  # a GPT's positions end there; a recurrent model takes any length
+    # a GPT's positions end at seq_len, a Hugging Face model's at max_position_embeddings; a recurrent model takes any
+    context = getattr(model, "seq_len", None) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     for _ in range(tokens):
         window = ids[:, -context:] if context else ids
         if precision is not None:
             with precision.autocast():
-                logits = model(window)[:, -1, :].float().cpu()
+                logits = output_logits(model(window))[:, -1, :].float().cpu()
         else:
-            logits = model(window)[:, -1, :].float().cpu()
+            logits = output_logits(model(window))[:, -1, :].float().cpu()
         if vocab is not None:
             if vocab > logits.shape[-1]:
                 raise ConfigError(f"the run's tokenizer has {vocab} tokens but the model predicts "
