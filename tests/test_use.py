@@ -525,3 +525,20 @@ def test_sample_from_a_hugging_face_llama_on_token_files(tokens_run, tmp_path):
     want = seq[len(seq) - 40:]
     assert ids == want
     assert sample_text(run_dir, "the fox ", tokens=40, temperature=0) == tk.decode(want)
+
+
+def test_eval_of_a_run_that_switched_to_bf16_computes_in_bf16(tmp_path):
+    """loss_scale.on_min=bf16: every fp16 step overflows, the run switches to bf16 and validates in it
+    (tests/test_hostile.py's case). Eval in the run's preset continues from the switch, as a resume does."""
+    from .test_hostile import PAIR_RUN
+
+    run_dir, summary = trained_run(tmp_path, [
+        *PAIR_RUN, "precision=dynamic", "precision.dtype=float16", "precision.loss_scale.init=65536",
+        "precision.loss_scale.min=65536", "precision.loss_scale.on_min=bf16", "trainer.loss_weight=1e6",
+        "trainer.max_steps=6"])
+    assert summary["compute_dtype"] == "bf16"
+    record, _ = evaluate(run_dir, "last")
+    assert record["compute_dtype"] == "bf16" and record["precision"] == "dynamic"
+    assert record["val/loss"] == summary["val/loss"] and record["val/acc"] == summary["val/acc"]
+    record, _ = evaluate(run_dir, "last", ["precision=fp32"])  # another preset: no switch carried over
+    assert record["compute_dtype"] == "fp32"

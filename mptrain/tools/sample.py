@@ -1,5 +1,6 @@
-"""`mptrain-sample RUN_DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S] [--ema]`: text
-from a trained language model, or (a GAN run) a grid of generated images.
+"""`mptrain-sample RUN_DIR [options] [overrides]`: text from a trained language model, or a GAN run's image grid.
+
+Options: --prompt TEXT, --tokens N, --temperature T, --top-k K, --seed S, --ema, --checkpoint NAME, --count N (GAN).
 
 The model is rebuilt from the run's config by the recipe's builder and takes the checkpoint's weights (best.pt,
 else last.pt, or `--checkpoint NAME`; `--ema`: its averaged weights); no training data are read. Text is encoded

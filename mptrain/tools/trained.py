@@ -155,11 +155,15 @@ def ema_weights(ckpt: dict, model: nn.Module, path: Path) -> dict[str, torch.Ten
 
 
 def restore_plan(precision, ckpt: dict) -> None:
-    """precision=auto: the plan the run had measured when the checkpoint was saved (not the unmeasured start).
+    """The run's precision as it stood when the checkpoint was saved, where the preset is the run's own:
+    precision=auto's measured plan (not the unmeasured start), and a switch to bf16 (loss_scale.on_min=bf16).
     Call after the model is built (the precision converts it) and before its weights are loaded."""
     state = ckpt.get("precision") or {}
-    if precision.measured_plan and state.get("auto"):
-        precision.load_state_dict({"auto": state["auto"]})
+    if state.get("mode") != precision.mode:
+        return  # another preset evaluates the weights as that preset computes
+    kept = {k: state[k] for k in ("auto", "bf16_switch") if state.get(k)}
+    if kept and (precision.measured_plan or "auto" not in kept):
+        precision.load_state_dict(kept)
 
 
 def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:

@@ -25,7 +25,7 @@ class Datasets:
     val: Dataset | None = None
     task: str = "classification"  # which task the batches serve: classification | language_modeling
     facts: dict = field(default_factory=dict)  # known only after reading the data, e.g. vocab_size
-    # a text dataset's vocabulary (text.Vocab.to_json()): the run directory keeps it to decode tokens
+    # a text dataset's vocabulary (tokenize.Vocab.to_json()): the run directory keeps it to decode tokens
     vocab: dict | None = None
 
 
