@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mptrain.diagnostics.stats import range_stats, update_ratio_hist
 from mptrain.errors import TrainingFailed
 from mptrain.tools.advise import (
     FORMATS,
     advise_run,
+    fits,
     from_recorded,
+    layer_plan,
     overflow,
     overflow_cap,
+    run_command,
     s_high,
     scale_plan,
     underflow,
@@ -94,6 +99,32 @@ def test_update_ratio_fractions_match_numpy():
     assert 0.2 < f["fp16"] < f["bf16"] < 0.9
 
 
+FIT, OUT = {"err": 0.001, "flush": 0.0, "sat": 0.0}, {"err": 0.5, "flush": 0.0, "sat": 0.0}
+
+
+@pytest.mark.parametrize(("base", "expected"), [
+    ("fp16", {"a": "bf16", "b": "fp16", "c": "fp8", "d": "fp32"}),  # a: fp16 measured out; b: fp16 not measured
+    ("bf16", {"a": "bf16", "b": "bf16", "c": "fp8", "d": "fp32"}),
+    ("fp32", {"a": "bf16", "b": "bf16", "c": "fp8", "d": "fp32"}),  # below fp32: the cheapest that fits
+])
+def test_layer_plan_leaves_the_verdicts_16bit_format_only_where_it_was_measured_out(base, expected):
+    per_layer = {"a": {"bf16": FIT, "fp16": OUT}, "b": {"bf16": FIT}, "c": {"bf16": FIT, "fp8": FIT},
+                 "d": {"bf16": OUT}}
+    per_layer = {m: {f: {**fig, "fits": fits(fig)} for f, fig in per.items()} for m, per in per_layer.items()}
+    assert layer_plan(per_layer, fp16_viable=True, base=base) == expected
+
+
+def test_the_printed_command_pastes_into_a_shell_as_the_overrides(tmp_path):
+    """A dict override (braces and commas: bash would brace-expand it unquoted) and a plan with spaces come
+    back from shlex.split, the shell's own rule, as the exact override strings."""
+    (tmp_path / ".hydra").mkdir()
+    own = ["model=timm", "model.kwargs={depths:[1,1,1,1],dims:[8,16,16,16]}", "precision=fp32", "diagnostics.every=1"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(own))
+    advised = ["precision=bf16", "precision.layers={head: fp32, stem.0: fp8}"]
+    argv = shlex.split(run_command(tmp_path, advised))
+    assert argv == ["mptrain", "model=timm", "model.kwargs={depths:[1,1,1,1],dims:[8,16,16,16]}", *advised]
+
+
 # ---- real runs ----------------------------------------------------------------------------------------------
 
 def advise_cli(run_dir):
@@ -116,6 +147,9 @@ def test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped(t
     assert 1.0 <= fp16["S"] <= 2.0**16  # no extreme scale
     lines = proc.stdout.splitlines()
     assert lines[lines.index("recommended overrides:") + 1] == "precision=dynamic"
+    # the CPU probe measured only bf16 per layer: the plan keeps the verdict's fp16 (bf16 would leave the loss
+    # scale serving no layer), so there is no per-layer override to add
+    assert set(advice["recommended_plan"].values()) == {"fp16"} and advice["plan_overrides"] == []
     # the master-weight figures are the update statistics of the recorded samples
     rows = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()[:-1]]
     samples = [r for r in rows if r["event"] == "sample"]

@@ -59,6 +59,28 @@ def test_under_master_weights_the_average_follows_the_fp32_masters(tmp_path):
     assert off_by_rounding
 
 
+def test_turned_on_at_a_resume_it_starts_from_the_checkpoints_masters(tmp_path):
+    """A master-weights run without EMA, resumed from step 2 with trainer.ema on: the average starts from the
+    step-2 fp32 masters (not the fp16 copies, not a fresh model) and follows the recurrence from there."""
+    base = [*RUN, "model=mlp", "precision=master", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+            "trainer.ema.enabled=false", "trainer.max_steps=4"]
+    _, ref = train(tmp_path / "ref", base)
+    _, cut = train(tmp_path / "cut", [*base, "trainer.ema.enabled=true", "trainer.ema.decay=0.8",
+                                      f"resume={ref / 'checkpoints' / 'step_2.pt'}"])
+    names = list(torch.load(ref / "checkpoints" / "step_2.pt", weights_only=True)["model"])  # MLP: parameters only
+
+    def masters(run, step):
+        ckpt = torch.load(run / "checkpoints" / f"step_{step}.pt", weights_only=True)
+        return ckpt, dict(zip(names, ckpt["precision"]["master"]["masters"]))
+
+    _, ema = masters(ref, 2)
+    for step in (3, 4):
+        ckpt, now = masters(cut, step)
+        ema = {n: 0.8 * ema[n] + 0.2 * now[n] for n in names}
+        for n in names:
+            torch.testing.assert_close(ckpt["ema"]["shadow"][n], ema[n], rtol=1e-6, atol=1e-7, msg=f"{step} {n}")
+
+
 @pytest.mark.slow
 def test_val_ema_is_the_live_validation_when_the_average_is_the_live_weights(tmp_path):
     summary, run_dir = train(tmp_path, [*RUN, "trainer.ema.decay=1e-9", "precision=fp32", "checkpoint.enabled=false"])

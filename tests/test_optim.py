@@ -4,6 +4,8 @@ torchao's low-bit AdamW equals torchao's own loop, parameter groups, schedulers 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,6 +131,21 @@ def test_low_bit_resume_is_bitwise(name, tmp_path):
     _, ref = train(tmp_path / "ref", base)
     _, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_3.pt'}"])
     assert_same_tensors(final_state(ref)["model"], final_state(cut)["model"])
+
+
+@pytest.mark.slow
+def test_a_fresh_process_reads_a_low_bit_checkpoint(tmp_path):
+    """A resume starts in a new process, where torchao.optim (which registers its state classes as safe to
+    load) is not imported yet: the checkpoint still loads, its state is torchao's; without torchao, one line."""
+    _, run = train(tmp_path, [*MLP, "optimizer=adamw8bit", "trainer.max_steps=2", "checkpoint.enabled=true"])
+    path = run / "checkpoints" / "last.pt"
+    read = ("import sys; from mptrain.checkpoint.files import load_file; ckpt = load_file(sys.argv[1]); "
+            "print(type(next(iter(ckpt['optimizer']['state'].values()))['exp_avg']).__name__)")
+    p = subprocess.run([sys.executable, "-c", read, str(path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "OptimState8bit", p.stderr[-2000:]
+    hidden = "import sys; sys.modules['torchao'] = None; " + read  # torchao not installed
+    p = subprocess.run([sys.executable, "-c", hidden, str(path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "pip install mptrain[fp8]" in p.stderr.splitlines()[-1], p.stderr[-2000:]
 
 
 def sched(**kw) -> OmegaConf:

@@ -19,7 +19,8 @@ import torch
 
 from mptrain import __version__
 from mptrain.checkpoint.contents import FORMAT_VERSION, check_structure
-from mptrain.errors import CheckpointError
+from mptrain.errors import CheckpointError, MptrainError
+from mptrain.library.optim import LOW_BIT_STATES, allow_low_bit_states
 from mptrain.run.layout import CHECKPOINTS, LAST, SHARDED, SHARDED_STEP_RE, STEP_CKPT_RE, write_atomic
 
 log = logging.getLogger("mptrain")
@@ -135,7 +136,15 @@ def load_file(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass an existing file or resume=auto")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if _code_reference(path) not in LOW_BIT_STATES:
+                raise
+            allow_low_bit_states()  # torchao's optimizer state: safe tensor subclasses, once torchao says so
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except MptrainError:  # torchao missing for a low-bit optimizer state: its one-line install hint
+        raise
     except PermissionError as e:  # other OSErrors (EINVAL on a truncated zip) mean a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except pickle.UnpicklingError:

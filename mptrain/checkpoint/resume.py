@@ -204,7 +204,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
         if "ema" in ckpt:
             c.ema.load_state_dict(ckpt["ema"])
         else:  # trainer.ema turned on at this resume: the average starts from the checkpoint's weights
-            c.ema.shadow = type(c.ema)(c.base_model, c.ema.decay).shadow
+            c.ema.restart()  # after the masters: under master weights it starts from them
             log.warning("resume: %s holds no EMA; trainer.ema starts from its weights", path)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence

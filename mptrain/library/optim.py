@@ -24,6 +24,15 @@ from mptrain.errors import ConfigError
 from mptrain.library.extras import require
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
+# the tensor subclasses their states are saved as: torch.load(weights_only=True) reads them once torchao.optim
+# is imported (it registers them as safe), which a fresh process resuming a run has not done yet
+LOW_BIT_STATES = ("torchao.optim.subclass_8bit.OptimState8bit", "torchao.optim.subclass_4bit.OptimState4bit",
+                  "torchao.optim.subclass_fp8.OptimStateFp8")
+
+
+def allow_low_bit_states() -> None:
+    """Let torch.load(weights_only=True) read torchao's low-bit optimizer states."""
+    require("torchao.optim", "fp8", "a checkpoint holding torchao's low-bit optimizer state")
 
 
 def _target_class(target: str, key: str):

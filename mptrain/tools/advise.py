@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,13 +293,22 @@ def fits(fig: dict) -> bool:
     return all(fig.get(k) is None or fig[k] <= lim for k, lim in limits.items())
 
 
-def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool) -> dict[str, str]:
+SIXTEEN = ("bf16", "fp16")  # the two 16-bit formats: neither is cheaper than the other in bytes
+
+
+def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool, base: str | None = None) -> dict[str, str]:
     """module -> the cheapest measured format that fits it (fp32 when none does; fp16 only where fp16 is viable
-    for the whole run: one loss scale serves every layer)."""
+    for the whole run: one loss scale serves every layer). Under the verdict's 16-bit `base`, a layer leaves it
+    for the other 16-bit format only where `base` was measured there and does not fit: a layer the shadow did
+    not measure in `base` is covered by the whole-run verdict (a CPU probe measures only bf16; moving every
+    layer to bf16 under an fp16 loss scale would leave the scale serving nothing)."""
     plan = {}
     for module, per in per_layer.items():
         ok = [f for f in COST_ORDER if f in per and per[f]["fits"] and (f != "fp16" or fp16_viable)]
-        plan[module] = ok[0] if ok else "fp32"
+        choice = ok[0] if ok else "fp32"
+        if base in SIXTEEN and choice in SIXTEEN and choice != base and per.get(base, {"fits": True})["fits"]:
+            choice = base
+        plan[module] = choice
     return plan
 
 
@@ -367,12 +377,13 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
     for per in per_layer.values():
         for fig in per.values():
             fig["fits"] = fits(fig)
-    plan_by_layer = layer_plan(per_layer, fp16_plan["viable"])
+    formats = {k: v for k, v in formats.items() if v["scale"] != "per-tensor"}  # fp8/MX: from the shadow rows
+    verdict, overrides = decide(fp16_plan, formats)
+    base = next((BASE_FORMAT[o] for o in overrides if o in BASE_FORMAT), None)
+    plan_by_layer = layer_plan(per_layer, fp16_plan["viable"], base)
     for per in per_layer.values():  # JSON has no inf: a non-finite figure is written "inf" (null: not measured)
         for fig in per.values():
             fig.update({k: "inf" for k, v in fig.items() if isinstance(v, float) and math.isinf(v)})
-    formats = {k: v for k, v in formats.items() if v["scale"] != "per-tensor"}  # fp8/MX: from the shadow rows
-    verdict, overrides = decide(fp16_plan, formats)
     plan_by_layer_override = plan_override(overrides, plan_by_layer)
     return {"probe": {"fp16_view": meta.get("fp16_view"), "samples": len(samples),
                       "steps": [samples[0]["step"], samples[-1]["step"]], "gradients": overall.nonzero,
@@ -518,9 +529,9 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     lines.extend(advice["recommended_overrides"])
     if advice.get("plan_overrides"):
         lines.append("per-layer plan from the shadow figures (not verified; mptrain-advise --verify --overrides ...):")
-        lines.append("  " + " ".join(f"'{o}'" if " " in o else o for o in advice["plan_overrides"]))
+        lines.append("  " + " ".join(shlex.quote(o) for o in advice["plan_overrides"]))
     if advice.get("rejected_overrides"):
-        lines.append(f"  not recommended (the verification failed): {' '.join(advice['rejected_overrides'])}")
+        lines.append(f"  not recommended (the verification failed): {' '.join(map(shlex.quote, advice['rejected_overrides']))}")
     if command:
         lines.append("run:")
         lines.append(command)
@@ -535,7 +546,7 @@ def run_command(run_dir: Path, overrides: list[str]) -> str | None:
     own = yaml.safe_load(path.read_text()) or []
     drop = ("precision", "diagnostics", "hydra", "resume")
     keep = [o for o in own if o.lstrip("+~").split("=")[0].split(".")[0] not in drop]
-    return " ".join(["mptrain", *keep, *overrides])
+    return " ".join(["mptrain", *(shlex.quote(o) for o in [*keep, *overrides])])  # pasted into a shell as it is
 
 
 FP16_PRESETS = ("dynamic", "static", "master", "noscale", "nomaster")

@@ -27,6 +27,10 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, masters=None):
         self.model, self.decay, self.masters = model, decay, masters
+        self.restart()
+
+    def restart(self) -> None:
+        """The average starts from the weights as they are now (masters included)."""
         self.shadow = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
                        for k, v in self._sources().items()}
 
