@@ -65,3 +65,18 @@ def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path):
         # the record is a part of its own: nothing of the bar before it on the same visible line
         record = next(part for part in visible if "[mptrain][INFO]" in part)
         assert "%|" not in record and record.lstrip().startswith("["), repr(line)
+
+
+def test_the_config_tree_prints_the_overrides_as_typed():
+    """rich would read `\\[13\\]` (Hydra's escaped bracket) as markup and print `[13\\]`."""
+    import io
+
+    from omegaconf import OmegaConf
+    from rich.console import Console as RichConsole
+
+    from mptrain.train.callbacks.console import print_config_tree
+
+    typed = ["precision.layers={body.\\[13\\]: fp32}", "trainer.tags=[bold]"]
+    out = io.StringIO()
+    print_config_tree(OmegaConf.create({}), {}, typed, console=RichConsole(file=out, width=200))
+    assert "overrides: " + " ".join(typed) in out.getvalue()

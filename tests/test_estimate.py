@@ -6,7 +6,10 @@ import os
 
 import pytest
 
+from mptrain.errors import MptrainError
 from mptrain.tools.estimate import MB, main, measure
+
+from .conftest import train
 
 MLP = ["model=mlp", "model.width=64", "model.depth=2", "trainer.batch_size=64", "optimizer=adamw", "trainer.device=cpu"]
 
@@ -35,3 +38,43 @@ def test_cli_prints_a_row_per_preset_and_writes_nothing(tmp_path, capsys, monkey
 def test_bad_override_is_one_line(capsys):
     assert main(["--presets", "fp32", *MLP, "optimizer.lr=-1"]) == 2
     assert capsys.readouterr().err.startswith("mptrain-estimate: error: optimizer.lr=-1.0 is invalid")
+
+
+WIDE = ["model=mlp", "model.width=256", "model.depth=2", "trainer.batch_size=16", "optimizer=adamw", "trainer.device=cpu"]  # rows large enough that the printed MB differ by preset
+RULE = "precision.layers={head: fp32}"  # master and bf16_pure hold their weights in one dtype: they refuse rules
+
+
+def table_rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("| `")]
+
+
+def test_a_refused_preset_gets_its_reason_and_the_others_their_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--presets", "fp32,master,bf16,bf16_pure", *WIDE, RULE]) == 0
+    out = capsys.readouterr().out
+    assert main(["--presets", "fp32,bf16", *WIDE, RULE]) == 0  # the same estimate without the refusing presets
+    alone = capsys.readouterr().out
+    assert table_rows(out) == table_rows(alone) and len(table_rows(out)) == 2
+    for preset in ("master", "bf16_pure"):  # the reason training gives, word for word
+        with pytest.raises(MptrainError) as refused:
+            train(tmp_path, [*WIDE, RULE, f"precision={preset}"])
+        assert f"`{preset}` refused: {refused.value}" in out.splitlines()
+        assert not (tmp_path / "run").exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_preset_refused_is_one_line_and_non_zero(capsys):
+    assert main(["--presets", "master,bf16_pure", *MLP, RULE]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("mptrain-estimate: error: every preset refused this run: precision=master: "
+                                   "precision.layers with precision=master")
+    assert "precision=bf16_pure: precision.layers with precision=bf16_pure" in captured.err
+
+
+def test_an_unparsable_override_is_one_line(capsys):
+    assert main(["--presets", "fp32", *MLP, "precision=nope"]) == 0  # --presets chooses the preset
+    capsys.readouterr()
+    assert main(["--presets", "fp32", *MLP, "model=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mptrain-estimate: error: ") and "nope" in err and len(err.strip().splitlines()) == 1

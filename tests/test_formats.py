@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -161,6 +162,37 @@ def test_formats_table_is_consistent():
     assert get_format("nvfp4").bits_per_value == 4 + 8 / 16 and get_format("mxfp4").bits_per_value == 4 + 8 / 32
     with pytest.raises(ConfigError, match="unknown number format 'fp3'.*mxfp4"):
         get_format("fp3")
+
+
+
+def accepts(check, name: str) -> bool:
+    try:
+        check(name)
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("where", ["precision.layers", "diagnostics.shadow", "get_format"])
+def test_the_unknown_format_error_names_exactly_the_accepted_names(where):
+    """Every name the check takes is in its message (aliases such as mxfp6 included) and every name the message
+    lists is taken: the candidates are the table's names, its aliases, the fp8 recipes and a typo."""
+    from mptrain.diagnostics.shadow import check_formats
+    from mptrain.precision.formats import ALIASES
+    from mptrain.precision.plan import check_format
+
+    check = {"precision.layers": lambda n: check_format(n, "precision.layers.head"),
+             "diagnostics.shadow": lambda n: check_formats([n]), "get_format": get_format}[where]
+    candidates = [*FORMATS, *ALIASES, "fp8", "fp8_row", "fp3"]
+    taken = {n for n in candidates if accepts(check, n)}
+    assert {"mxfp6", "bfloat16", "fp8_e4m3"} <= taken and "fp3" not in taken
+    with pytest.raises(ConfigError) as e:
+        check("fp3")
+    message = str(e.value)
+    assert "\n" not in message
+    listed = set(re.findall(r"[A-Za-z0-9_]+", message.split("fp3'", 1)[1])) - {"choose", "one", "of", "from",
+                                                                              "known", "aliases"}
+    assert listed == taken, (listed ^ taken)
 
 
 # ---- against torchao's own MX and NVFP4 casts ------------------------------------------------------

@@ -315,3 +315,48 @@ def test_an_unknown_alias_is_named_as_one():
     with pytest.raises(ConfigError, match="unknown alias @middle; the aliases are @first, @last"):
         user_rules({"@middle": "fp8"})
     assert [r.pattern for r in user_rules({"@first": "bf16", "@last": "bf16"})] == ["@first", "@last"]
+
+
+class Blocks(nn.Module):
+    """blocks.<i>.attn / blocks.<i>.mlp, as a transformer names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": nn.Linear(16, 16), "mlp": nn.Linear(16, 16)})
+                                    for _ in range(4))
+
+
+@pytest.mark.parametrize(("written", "as_yaml", "expected"), [
+    ('precision.layers={"blocks.*.mlp": fp32}', None, [f"blocks.{i}.mlp" for i in range(4)]),
+    ("precision.layers={'blocks.*.attn': fp32, blocks.0.mlp: fp16}", None,
+     ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.2.attn", "blocks.3.attn"]),
+    ('precision.layers={"blocks.[13].mlp": fp32}', None, ["blocks.1.mlp", "blocks.3.mlp"]),
+    ("precision.layers={blocks.[02].attn: fp32}", '{"blocks.[02].attn": fp32}', ["blocks.0.attn", "blocks.2.attn"]),
+])
+def test_a_quoted_or_bracketed_key_names_the_form_hydra_parses(written, as_yaml, expected):
+    """Hydra's grammar refuses quoted dict keys and bare [ ]: the one-line error's form composes to the rules
+    YAML reads from the mapping as written, and plans the modules the glob names."""
+    import yaml
+
+    from mptrain.cli.keys import check_override_keys
+
+    with pytest.raises(ConfigError) as e:
+        check_override_keys([written])
+    message = str(e.value)
+    assert message.startswith("precision.layers: Hydra's override grammar takes dict keys unquoted") and "\n" not in message
+    suggested = message.split("write '", 1)[1][:-1]
+    check_override_keys([suggested])  # takes it as written
+    cfg = compose_config(["precision=bf16", suggested])
+    assert dict(cfg.precision.layers) == yaml.safe_load(as_yaml or written.split("=", 1)[1])
+    plan = Precision(cfg.precision, CPU).resolve_plan(Blocks())
+    assert sorted(n for n, entry in plan.items() if entry.by_rule) == expected
+
+
+def test_a_quoted_key_from_the_cli_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mptrain", 'precision.layers={"blocks.*.mlp": fp32}'], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["mptrain: error: precision.layers: Hydra's override grammar takes dict "
+                                                "keys unquoted, with [ and ] escaped; write "
+                                                "'precision.layers={blocks.*.mlp: fp32}'"]
+    assert os.listdir(tmp_path) == []

@@ -15,7 +15,10 @@ from mptrain.run.lock import RunDirError
 
 class CheckRunDir(Callback):
     """Before Hydra creates the run (or sweep) directory: refuse one that is a file or not writable,
-    with one line (Hydra's own mkdir would end in a traceback)."""
+    with one line (Hydra's own mkdir would end in a traceback). Notes the directories Hydra is about to make
+    for a run (`made`), so that a refused run removes them again: outputs/, outputs/<date>/ too when new."""
+
+    made: dict[str, list[Path]] = {}  # run dir -> it and its missing parents, innermost first (one per process)
 
     def _check(self, path: str) -> None:
         try:
@@ -26,6 +29,8 @@ class CheckRunDir(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.run.dir))
+        run_dir = Path(config.hydra.run.dir).absolute()  # as the job sees it (hydra.runtime.output_dir)
+        CheckRunDir.made[str(run_dir)] = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.sweep.dir))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any
 
 from mptrain.config import (
@@ -53,10 +54,47 @@ def known_keys() -> tuple[set[str], set[str]]:
     return keys, groups
 
 
+# a dict key written in quotes ({"blocks.*": fp32}), or one holding a bare [ or ] (an fnmatch class)
+QUOTED_KEY = re.compile(r"""([{,]\s*)(["'])([^"']*)\2(\s*:)""")
+BRACKET_KEY = re.compile(r"""([{,]\s*)([^{},:'"]*(?<!\\)[\[\]][^{},:'"]*)(\s*:)""")
+BARE_BRACKET = re.compile(r"(?<!\\)([\[\]])")
+
+
+def _escaped(key: str) -> str:
+    return BARE_BRACKET.sub(r"\\\1", key)
+
+
+def check_dict_keys(arg: str) -> None:
+    """Hydra's override grammar takes dict keys unquoted, with [ and ] escaped: 'precision.layers={"blocks.*": fp32}'
+    ends in "no viable alternative at input". Raise one line naming the form that parses (when one does)."""
+    key, sep, value = arg.partition("=")
+    if not sep or "{" not in value or not (QUOTED_KEY.search(value) or BRACKET_KEY.search(value)):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    try:
+        parser.parse_override(arg)
+        return  # Hydra takes it as written
+    except HydraException:
+        pass
+    value = QUOTED_KEY.sub(lambda m: m[1] + _escaped(m[3]) + m[4], value)
+    fixed = f"{key}={BRACKET_KEY.sub(lambda m: m[1] + _escaped(m[2]) + m[3], value)}"
+    try:
+        parser.parse_override(fixed)
+    except HydraException:
+        return  # something else is wrong too: Hydra's own message
+    raise ConfigError(f"{key.lstrip('+~')}: Hydra's override grammar takes dict keys unquoted, with [ and ] escaped; "
+                      f"write '{fixed}'")
+
+
 def check_override_keys(args: list[str]) -> None:
-    """Raise ConfigError for a `key=value` argument whose key no schema has, naming the closest key."""
+    """Raise ConfigError for a `key=value` argument whose key no schema has, naming the closest key (and for a
+    dict whose keys Hydra cannot parse, naming the form it can)."""
     keys, groups = known_keys()
     for arg in args:
+        check_dict_keys(arg)
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mptrain.cli.hydra_callbacks import CheckRunDir
 from mptrain.cli.keys import check_override_keys
 from mptrain.cli.register import CONFIG_NAME, register
 from mptrain.config import validate
@@ -116,10 +116,9 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
         if not isinstance(e, SweepStopped):
             print(error_line(e), file=sys.stderr)
         if not multirun:
-            if refused:  # Hydra made the directory for this run; it was refused and holds nothing
-                remove_if_empty(run_dir)
-                if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
-                    remove_if_empty(run_dir.parent)  # outputs/<date>/, if this was its only run
+            if refused:  # Hydra made the directories for this run; it was refused and they hold nothing
+                for made in CheckRunDir.made.get(str(run_dir.absolute()), [run_dir]):
+                    remove_if_empty(made)
             sys.exit(e.exit_code)
         # a sweep: record the failure and go on; main() exits non-zero at the end
         outcome.failed.append(f"{run_dir.name}: {e}")

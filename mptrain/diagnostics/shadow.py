@@ -34,7 +34,9 @@ from torch import nn
 
 from mptrain.errors import ConfigError
 from mptrain.precision.engine import inputs_as_given
-from mptrain.precision.formats import FORMATS, Format, get_format
+from mptrain.precision.formats import Format, accepted_names, get_format
+
+RECIPES = ("fp8", "fp8_row")  # torchao's tensorwise and rowwise float8 recipes, as shadow candidates
 
 FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")
 
@@ -53,7 +55,7 @@ def native_formats(device: torch.device) -> list[str]:
 def candidate(name: str) -> tuple[Format, Format]:
     """(forward, gradient) formats of a candidate: `fp8` / `fp8_row` are torchao's tensorwise and rowwise
     recipes; any other name is a format of the formats table used for both."""
-    if name in ("fp8", "fp8_row"):
+    if name in RECIPES:
         scaling = "row" if name == "fp8_row" else "tensor"
         fwd = dataclasses.replace(get_format("fp8_e4m3"), name=f"fp8_e4m3_{scaling}", scaling=scaling)
         grad = fwd if name == "fp8_row" else dataclasses.replace(get_format("fp8_e5m2"), name="fp8_e5m2_tensor",
@@ -69,8 +71,8 @@ def check_formats(names: list[str]) -> None:
         try:
             candidate(name)
         except ConfigError:
-            raise ConfigError(f"diagnostics.shadow: unknown format {name!r}; choose from fp8, fp8_row, "
-                              f"{', '.join(FORMATS)}") from None
+            raise ConfigError(f"diagnostics.shadow: unknown format {name!r}; choose from "
+                              f"{accepted_names(*RECIPES)}") from None
 
 
 # the modules a plan swaps in (emulated layers, torchao's Float8Linear): measured through their torch.nn base

@@ -226,12 +226,18 @@ ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "e4m3": "fp
            "mxfp6": "mxfp6_e2m3"}
 
 
+def accepted_names(*extra: str) -> str:
+    """Every name get_format takes (and `extra` ones a caller adds), for an error message: "fp32, ..., nvfp4
+    (aliases: float32 = fp32, ...)"."""
+    aliases = ", ".join(f"{a} = {f}" for a, f in ALIASES.items())
+    return f"{', '.join([*extra, *FORMATS])} (aliases: {aliases})"
+
+
 def get_format(name: str) -> Format:
     """The format called `name` (or an alias: float32, bfloat16, float16, e4m3, e5m2, mxfp6)."""
     key = ALIASES.get(name, name)
     if key not in FORMATS:
-        raise ConfigError(f"unknown number format {name!r}; known: {', '.join(FORMATS)} "
-                          f"(aliases: {', '.join(ALIASES)})")
+        raise ConfigError(f"unknown number format {name!r}; known: {accepted_names()}")
     return FORMATS[key]
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from mptrain.errors import ConfigError
-from mptrain.precision.formats import FORMATS, get_format
+from mptrain.precision.formats import accepted_names, get_format
 
 NATIVE = ("fp32", "bf16", "fp16")  # formats PyTorch computes in directly (autocast, or float32)
 RECIPE = "fp8"  # torchao's float8 training: e4m3 forward, e5m2 (tensorwise) or e4m3 (rowwise) gradients
@@ -36,11 +36,6 @@ COMPUTE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what @first / @l
 ALIASES = ("@first", "@last")
 
 
-def plan_format_names() -> list[str]:
-    """Every name a rule may map to: the formats table, plus `fp8` (torchao's recipe)."""
-    return [*FORMATS, RECIPE]
-
-
 def check_format(name: str, key: str) -> str:
     """The canonical format name for `name` (aliases allowed), or a one-line ConfigError naming `key`."""
     if name == RECIPE:
@@ -48,7 +43,7 @@ def check_format(name: str, key: str) -> str:
     try:
         return get_format(name).name
     except ConfigError:
-        raise ConfigError(f"{key}: unknown format {name!r}; choose one of {', '.join(plan_format_names())}") from None
+        raise ConfigError(f"{key}: unknown format {name!r}; choose one of {accepted_names(RECIPE)}") from None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ lock file is removed again if the run is refused).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -140,6 +141,34 @@ def open_log_files() -> None:
             handler.open()
 
 
+class HeldLines:
+    """mptrain's log lines (the `mptrain` logger and its children) while a run is set up, held at each handler
+    until the run directory is committed: a refused run prints only why ("run directory: ...", the precision and
+    fp8 set-up lines would describe a run that never started). `release(WARNING)` on a refusal lets its
+    warnings out and drops the rest. Other libraries' lines are not held."""
+
+    def __init__(self, name: str = "mptrain"):
+        self.name, self.held = name, []
+        self.filters = [(h, functools.partial(self._hold, h)) for h in logging.getLogger().handlers]
+        for handler, f in self.filters:
+            handler.addFilter(f)
+
+    def _hold(self, handler: logging.Handler, record: logging.LogRecord) -> bool:
+        if record.name != self.name and not record.name.startswith(self.name + "."):
+            return True
+        self.held.append((handler, record))
+        return False
+
+    def release(self, at_least: int = logging.NOTSET) -> None:
+        for handler, f in self.filters:
+            handler.removeFilter(f)
+        self.filters = []
+        for handler, record in self.held:
+            if record.levelno >= at_least:
+                handler.handle(record)
+        self.held.clear()
+
+
 def write_hydra_records(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
     """What Hydra writes to .hydra/ (config, hydra, overrides), after moving an earlier attempt's to
     .hydra/attempt_<k>/ (resuming into the same directory keeps what every attempt ran with)."""
@@ -162,19 +191,26 @@ def write_hydra_records(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -
 class RunDir:
     """One job's hold on its run directory: `with RunDir(...)` takes the lock (refusing a second run) and,
     until the recipe calls `commit`, writes nothing else. `hydra_cfg` is Hydra's config ({"hydra": ...}).
-    Without `cfg` (the recipe run directly, by tests and scripts) there is no lock and no Hydra record."""
+    Without `cfg` (the recipe run directly, by tests and scripts) there is no lock and no Hydra record.
+    Inside `with`, mptrain's log lines are held until `commit` (HeldLines); a job that raises before it (a
+    refusal) shows only its warnings, one that ends without committing (nothing to do) shows them all."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig | None = None, hydra_cfg: DictConfig | None = None):
         self.path, self.cfg, self.hydra_cfg = Path(run_dir), cfg, hydra_cfg
         self.lock = RunLock(self.path)
         self.committed = False
+        self.held: HeldLines | None = None
 
     def __enter__(self) -> RunDir:
         self.lock.acquire()
+        self.held = HeldLines()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.lock.release()
+        if self.held is not None:
+            self.held.release(logging.WARNING if exc_type is not None else logging.NOTSET)
+            self.held = None
 
     def commit(self, resume_step: int | None) -> None:
         """Every check has passed: write the Hydra records, start train.log and make the per-step records
@@ -186,4 +222,7 @@ class RunDir:
         if self.cfg is not None and self.hydra_cfg is not None:
             write_hydra_records(self.path, self.cfg, self.hydra_cfg)
         open_log_files()
+        if self.held is not None:  # the set-up lines, true now, to the console and train.log
+            self.held.release()
+            self.held = None
         prepare_records(self.path, resume_step)

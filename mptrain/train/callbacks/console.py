@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from omegaconf import DictConfig
 from rich.console import Console as RichConsole
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 from tqdm import tqdm
 
@@ -77,7 +78,7 @@ def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: l
     if groups:
         tree.add("  ".join(f"[bold]{k}[/bold]={v}" for k, v in groups.items()))
     if overrides:
-        tree.add("overrides: " + " ".join(overrides))
+        tree.add(Text("overrides: " + " ".join(overrides)))  # as typed, not read as markup (body.\[13\])
     console.print(tree)
 
 
