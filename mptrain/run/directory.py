@@ -144,8 +144,8 @@ def open_log_files() -> None:
 class HeldLines:
     """mptrain's log lines (the `mptrain` logger and its children) while a run is set up, held at each handler
     until the run directory is committed: a refused run prints only why ("run directory: ...", the precision and
-    fp8 set-up lines would describe a run that never started). `release(WARNING)` on a refusal lets its
-    warnings out and drops the rest. Other libraries' lines are not held."""
+    fp8 set-up lines would describe a run that never started). Warnings are not held. `release(WARNING)` on a
+    refusal drops what was held. Other libraries' lines are not held."""
 
     def __init__(self, name: str = "mptrain"):
         self.name, self.held = name, []
@@ -156,6 +156,8 @@ class HeldLines:
     def _hold(self, handler: logging.Handler, record: logging.LogRecord) -> bool:
         if record.name != self.name and not record.name.startswith(self.name + "."):
             return True
+        if record.levelno >= logging.WARNING:  # true of the config whatever happens next: shown at once, so a
+            return True  # long set-up (a tokenizer trained, a model built) is not silent about its problems
         self.held.append((handler, record))
         return False
 
