@@ -205,8 +205,28 @@ def test_scheduler_by_target_resumes_from_its_state_dict():
     (["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.kwargs={bogus: 1}"],
      r"^optimizer._target_=torch.optim.SGD: .*bogus.*optimizer.kwargs"),
     (["optimizer=adamw8bit", "precision=bf16_pure"], r"^precision=bf16_pure updates bf16 weights with its own"),
-    (["scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau"], r"is not a step-driven LRScheduler"),
+    (["scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau"], r"is not a step-driven LR scheduler"),
     (["optimizer.name=lion"], r"^optimizer.name='lion' is invalid: choose one of sgd, adamw, adamw8bit"),
+    # the classes' own ValueErrors and TypeErrors, and targets that are not optimizers / schedulers
+    (["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.kwargs={betas: [2.0, 0.9]}"],
+     r"^optimizer._target_=torch.optim.Adam: Invalid beta parameter at index 0: 2.0; .*optimizer.kwargs$"),
+    (["optimizer=adamw", "optimizer.kwargs={bogus: 1}"], r"^optimizer=adamw: .*'bogus'; .*optimizer.kwargs$"),
+    (["optimizer=sgd", "optimizer.kwargs={dampening: 0.5}", "optimizer.nesterov=true", "optimizer.momentum=0.9"],
+     r"^optimizer=sgd: Nesterov momentum requires a momentum and zero dampening; .*optimizer.kwargs$"),
+    (["optimizer=torch", "optimizer._target_=builtins.dict"], r"^optimizer._target_=builtins.dict is not a torch.optim.Optimizer"),
+    (["scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "scheduler.kwargs={max_lr: 0.01}"],
+     r"^scheduler._target_=torch.optim.lr_scheduler.OneCycleLR: You must define either total_steps.*scheduler.kwargs$"),
+    (["scheduler._target_=torch.optim.SGD"], r"^scheduler._target_=torch.optim.SGD is not a step-driven LR scheduler"),
+    # failures that would come only within the run: found at set-up
+    (["trainer.max_steps=5", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+      "scheduler.kwargs={max_lr: 0.01, total_steps: 4}"],
+     r"^scheduler._target_=.*OneCycleLR lasts total_steps=4, fewer than the run's 5 steps.*total_steps to 5"),
+    (["trainer.max_steps=9", "scheduler.warmup_steps=3", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+      "scheduler.kwargs={max_lr: 0.01, total_steps: 5}"], r"fewer than the run's 6 steps after 3 of warm-up"),
+    (["trainer.max_steps=2", "scheduler._target_=torch.optim.lr_scheduler.StepLR", "scheduler.kwargs={step_size: 0}"],
+     r"^scheduler._target_=.*StepLR fails at step 1 of the run's 2: ZeroDivisionError"),
+    (["optimizer.lr=0.01", "scheduler._target_=torch.optim.lr_scheduler.ExponentialLR", "scheduler.kwargs={gamma: -1.0}"],
+     r"^scheduler._target_=.*ExponentialLR sets lr=-0.01 at step 1; fix scheduler.kwargs"),
 ])
 def test_bad_optimizer_settings_fail_before_the_run_dir(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

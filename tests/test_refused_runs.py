@@ -75,6 +75,16 @@ def test_a_rule_matching_nothing_refused_from_the_cli(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_scheduler_failing_within_the_run_refused_from_the_cli(tmp_path):
+    """StepLR(step_size=0) would raise ZeroDivisionError at the first step, after the run directory is written."""
+    run_dir = tmp_path / "outputs" / "2026-01-01" / "run"
+    proc = run_cli([*TINY, *MLP, "scheduler=none", "scheduler._target_=torch.optim.lr_scheduler.StepLR",
+                    "scheduler.kwargs={step_size: 0}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    refused_cleanly(proc, run_dir, "scheduler._target_=torch.optim.lr_scheduler.StepLR fails at step 1 of the run's 2: "
+                                   "ZeroDivisionError")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "error"), [
     (FP8_BAD_MONITOR, "trainer.early_stopping.monitor='val/nope' is not a metric"),
     (["precision=bf16", "precision.fp8.emulate=false", "precision.layers={head: fp8}"],

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from mptrain.errors import ConfigError
+from mptrain.errors import ConfigError, MptrainError
 from mptrain.library.extras import require
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
@@ -74,19 +74,39 @@ def check_bf16_pure(cfg: DictConfig) -> None:
                           f"{optimizer_name(cfg)} cannot round into bf16: use optimizer=adamw|sgd, or another precision")
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The `optimizer=` group's optimizer over `params` (the FP32 master copies in `master` mode), in
-    param_groups. precision=bf16_pure builds its own (Precision.build_optimizer)."""
-    params = list(params)
+    param_groups. precision=bf16_pure builds its own (Precision.build_optimizer). An argument the class refuses
+    (TypeError, ValueError) is a ConfigError naming optimizer.kwargs."""
+    target = cfg.get("_target_")
+    what = f"optimizer._target_={target}" if target else f"optimizer={cfg.name}"
+    try:
+        optimizer = _construct_optimizer(cfg, list(params))
+    except MptrainError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what}: {_first_line(e)}; set only arguments it takes, with values it accepts, "
+                          "in optimizer.kwargs") from None
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"{what} built a {type(optimizer).__name__}, not a torch.optim.Optimizer; give an "
+                          "optimizer class such as torch.optim.RAdam")
+    return optimizer
+
+
+def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     target = cfg.get("_target_")
     groups = param_groups(cfg, params)
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") is not None else {}
     if target:
         cls = _target_class(target, "optimizer")
-        try:
-            return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
-        except TypeError as e:
-            raise ConfigError(f"optimizer._target_={target}: {e}; set only arguments it takes in optimizer.kwargs") from None
+        if not issubclass(cls, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer._target_={target} is not a torch.optim.Optimizer; give an optimizer "
+                              "class such as torch.optim.RAdam")
+        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
     if cfg.name in LOW_BIT:
         torchao_optim = require("torchao.optim", "fp8", f"optimizer={cfg.name}")
         cls = getattr(torchao_optim, LOW_BIT[cfg.name])
@@ -105,7 +125,7 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
         return make(fused=True) if cfg.name == "adamw" else make(foreach=True)
     if cfg.implementation == "auto":
         # fused kernels (one per step, CPU and CUDA) are ~3x faster than the per-tensor loop on a CPU;
-        # fall back to PyTorch's own choice where a device or dtype has none
+        # fall back to PyTorch's own choice where a device or dtype has none (a bad kwarg fails again there)
         try:
             return make(fused=True)
         except (RuntimeError, ValueError):
@@ -128,28 +148,76 @@ def lr_factor(cfg: DictConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# a scheduler by _target_ is stepped this many times at set-up on a stand-in optimizer, so that one failing
+# within the run (OneCycleLR past its total_steps, StepLR with step_size=0) is refused before the run starts;
+# a longer run is checked over its first PROBE_STEPS steps (and OneCycleLR's total_steps over all of them)
+PROBE_STEPS = 5000
+
+
+class _StandIn(torch.optim.Optimizer):
+    """An optimizer with another's param_groups hyper-parameters and no work: a scheduler's test bench."""
+
+    def __init__(self, like: torch.optim.Optimizer):
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [torch.zeros(1)]} for g in like.param_groups]
+        super().__init__(groups, dict(like.defaults))
+
+    def step(self, closure=None) -> None:
+        return None
+
+
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """A LambdaLR stepped once per *applied* optimizer step (skipped steps do not advance it); with
     scheduler._target_, that class (its arguments from scheduler.kwargs) after scheduler.warmup_steps of
-    linear warm-up from warmup_start_factor (SequentialLR: the class counts its steps from the warm-up's end)."""
-    lrs = torch.optim.lr_scheduler
+    linear warm-up from warmup_start_factor (SequentialLR: the class counts its steps from the warm-up's end).
+    A class that refuses its arguments, or fails within the run's first PROBE_STEPS steps, is a ConfigError."""
     if cfg.get("_target_"):
-        cls = _target_class(cfg._target_, "scheduler")
-        kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") is not None else {}
-        try:
-            main = cls(optimizer, **kwargs)
-        except TypeError as e:
-            raise ConfigError(f"scheduler._target_={cfg._target_}: {e}; give its arguments in scheduler.kwargs") from None
-        if isinstance(main, lrs.ReduceLROnPlateau) or not isinstance(main, lrs.LRScheduler):
-            raise ConfigError(f"scheduler._target_={cfg._target_} is not a step-driven LRScheduler (ReduceLROnPlateau "
-                              "needs a metric); choose one stepped per optimizer step")
-        if not cfg.warmup_steps:
-            return main
-        warmup = lrs.LinearLR(optimizer, start_factor=cfg.warmup_start_factor, end_factor=1.0,
-                              total_iters=cfg.warmup_steps)
-        return lrs.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
+        probe = _StandIn(optimizer)  # before the real one is built: that one writes initial_lr into the groups
+        scheduler = _target_scheduler(cfg, optimizer, total_steps)
+        _step_through(cfg, _target_scheduler(cfg, probe, total_steps), probe, total_steps)
+        return scheduler
     cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True))  # plain copy: fast, frozen
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_steps))
+
+
+def _target_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    lrs = torch.optim.lr_scheduler
+    target = cfg._target_
+    cls = _target_class(target, "scheduler")
+    if not issubclass(cls, lrs.LRScheduler) or issubclass(cls, lrs.ReduceLROnPlateau):
+        raise ConfigError(f"scheduler._target_={target} is not a step-driven LR scheduler (ReduceLROnPlateau needs a "
+                          "metric); choose a torch.optim.lr_scheduler class stepped per optimizer step")
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") is not None else {}
+    try:
+        main = cls(optimizer, **kwargs)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"scheduler._target_={target}: {_first_line(e)}; give its arguments in scheduler.kwargs") from None
+    after_warmup = total_steps - cfg.warmup_steps
+    if isinstance(getattr(main, "total_steps", None), int) and main.total_steps < after_warmup:  # OneCycleLR
+        raise ConfigError(f"scheduler._target_={target} lasts total_steps={main.total_steps}, fewer than the run's "
+                          f"{after_warmup} steps after {cfg.warmup_steps} of warm-up; set scheduler.kwargs.total_steps "
+                          f"to {after_warmup} (or shorten trainer.max_steps / max_epochs)")
+    if not cfg.warmup_steps:
+        return main
+    warmup = lrs.LinearLR(optimizer, start_factor=cfg.warmup_start_factor, end_factor=1.0,
+                          total_iters=cfg.warmup_steps)
+    return lrs.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
+
+
+def _step_through(cfg: DictConfig, scheduler, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+    """Step `scheduler` as the loop will, over the run's first PROBE_STEPS steps; a failure is the scheduler's
+    settings, said at set-up."""
+    steps = min(total_steps, PROBE_STEPS)
+    of = f"the run's {steps}" if steps == total_steps else f"the first {steps} checked of the run's {total_steps}"
+    for step in range(1, steps + 1):
+        optimizer.step()
+        try:
+            scheduler.step()
+        except Exception as e:  # noqa: BLE001 - any failure of the user's class at step k is theirs to fix
+            raise ConfigError(f"scheduler._target_={cfg._target_} fails at step {step} of {of}: "
+                              f"{type(e).__name__}: {_first_line(e)}; fix scheduler.kwargs") from None
+        bad = [g["lr"] for g in optimizer.param_groups if not (math.isfinite(g["lr"]) and g["lr"] >= 0)]
+        if bad:
+            raise ConfigError(f"scheduler._target_={cfg._target_} sets lr={bad[0]} at step {step}; fix scheduler.kwargs")
 
 
 class MultiOptimizer:
