@@ -93,6 +93,42 @@ def test_bad_token_directories_fail_in_one_line(tmp_path, setup, message):
     assert not (tmp_path / "run").exists()
 
 
+def prepared_dir(d: Path, dtype: str = "uint16", vocab: int = 50) -> None:
+    write_bin(d / "train.bin", 3000, dtype, vocab)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": dtype}))
+
+
+@pytest.mark.parametrize(("setup", "overrides", "message"), [
+    # what meta.json says, contradicted: uint32 ids read as uint16 (halves, zeros), or an embedding too small
+    (lambda d: prepared_dir(d, "uint32"), ["dataset.dtype=uint16"],
+     r"^dataset.dtype=uint16 contradicts .*meta.json \(dtype uint32, as the files were written\); leave"),
+    (lambda d: prepared_dir(d, vocab=50), ["dataset.vocab_size=20"],
+     r"^dataset.vocab_size=20 is smaller than the 50 token ids of .*meta.json"),
+    # no meta.json: an id the vocabulary cannot hold, wherever it is in the file (here: the last token)
+    (lambda d: np.append(write_bin(d / "train.bin", 3000, np.uint16, 10), 10).astype(np.uint16).tofile(d / "train.bin"),
+     ["dataset.vocab_size=10"], r"train.bin holds token id 10 \(in \d+ uint16 ids sampled\), beyond dataset.vocab_size=10"),
+    (lambda d: (prepared_dir(d, vocab=50), write_bin(d / "val.bin", 3000, np.uint16, 60)), [],
+     r"val.bin holds token id 5\d .*beyond dataset.vocab_size=50"),
+])
+def test_token_files_contradicting_the_vocabulary_fail_in_one_line(tmp_path, setup, overrides, message):
+    setup(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, ["dataset=tokens", f"dataset.path={tmp_path}", "dataset.seq_len=16", *overrides, *GPT])
+    assert not (tmp_path / "run").exists()
+
+
+def test_assumed_uint16_is_warned_and_a_larger_vocab_pads(tmp_path, caplog):
+    write_bin(tmp_path / "train.bin", 1000, np.uint16, 10)
+    with caplog.at_level("WARNING", logger="mptrain"):
+        d = tokens(str(tmp_path), seq_len=8, vocab_size=10)
+    assert [r.getMessage() for r in caplog.records if "reading its token files as uint16" in r.getMessage()]
+    caplog.clear()
+    prepared_dir(tmp_path, vocab=50)
+    with caplog.at_level("WARNING", logger="mptrain"):
+        d = tokens(str(tmp_path), seq_len=8, vocab_size=64, dtype="uint16")  # agrees with meta.json; pads
+    assert d.facts["vocab_size"] == 64 and not caplog.records
+
+
 @pytest.mark.parametrize("spec", ["byte", "char", "bpe:400"])
 def test_prepared_files_decode_back_to_the_text(tmp_path, spec):
     meta = prepare(TEXT, spec, tmp_path / "data", val_fraction=0.2)

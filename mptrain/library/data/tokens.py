@@ -14,6 +14,7 @@ Windows are seq_len + 1 tokens (input = window[:-1], target = window[1:]):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,12 @@ from mptrain.library.data.tokenize import VocabTokenizer, load_saved
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"  # vocab_size, dtype and tokenizer of a directory written by mptrain-prepare-text
+# the ids checked against the vocabulary at set-up: this many chunks of CHUNK tokens spread over each file
+# (~1 MB of reads, whatever the file's size), so an id beyond the vocabulary is refused before the run instead
+# of an IndexError inside the embedding; an id outside the sample still fails mid-run
+SAMPLE_CHUNKS, CHUNK = 64, 4096
+
+log = logging.getLogger("mptrain")
 
 
 def random_start(seed: int, index: int, high: int) -> int:
@@ -84,6 +91,15 @@ class TokenWindows(Dataset):
         chunk = torch.from_numpy(np.frombuffer(raw, dtype=DTYPES[self.dtype]).astype(np.int64))
         return chunk[:-1], chunk[1:]
 
+    def sampled_max(self) -> tuple[int, int]:
+        """(the largest id, how many ids read) over SAMPLE_CHUNKS chunks spread evenly over the file."""
+        n = min(CHUNK, self.tokens)
+        starts = np.unique(np.linspace(0, self.tokens - n, SAMPLE_CHUNKS).astype(np.int64))
+        with open(self.path, "rb") as f:
+            ids = [np.frombuffer(os.pread(f.fileno(), n * self.itemsize, int(s) * self.itemsize),
+                                 dtype=DTYPES[self.dtype]).max() for s in starts]
+        return int(max(ids)), n * len(starts)
+
 
 def read_meta(directory: Path) -> dict:
     meta = directory / META
@@ -102,6 +118,15 @@ def tokens(path: str, seq_len: int = TOKS.seq_len, dtype: str | None = None, win
         raise ConfigError(f"dataset.path={path} has no {train_file}; give a directory with nanoGPT-style train.bin/"
                           "val.bin (mptrain-prepare-text FILE --out DIR writes them)")
     meta = read_meta(directory)
+    if dtype and meta.get("dtype") and dtype != meta["dtype"]:
+        raise ConfigError(f"dataset.dtype={dtype} contradicts {directory / META} (dtype {meta['dtype']}, as the "
+                          "files were written); leave dataset.dtype unset")
+    if vocab_size and meta.get("vocab_size") and vocab_size < meta["vocab_size"]:
+        raise ConfigError(f"dataset.vocab_size={vocab_size} is smaller than the {meta['vocab_size']} token ids of "
+                          f"{directory / META}; leave dataset.vocab_size unset (or set it larger, to pad)")
+    if not dtype and "dtype" not in meta:
+        log.warning("dataset.dtype: %s has no dtype in %s; reading its token files as uint16 (set "
+                    "dataset.dtype=uint32 if they hold 32-bit ids)", directory, META)
     dtype = dtype or meta.get("dtype", "uint16")
     vocab_size = vocab_size or meta.get("vocab_size")
     if dtype not in DTYPES:
@@ -115,6 +140,9 @@ def tokens(path: str, seq_len: int = TOKS.seq_len, dtype: str | None = None, win
         full = TokenWindows(directory / val_file, dtype, seq_len, "contiguous")
         stride = max(1, len(full) // val_windows) if val_windows else 1
         val = TokenWindows(directory / val_file, dtype, seq_len, "contiguous", stride=stride)
+    for windows_of in (train, val):
+        if windows_of is not None:
+            check_ids(windows_of, int(vocab_size))
     facts = {"vocab_size": int(vocab_size)}
     saved = load_saved(directory)  # copied into the run directory: what decodes the tokens
     if isinstance(saved, VocabTokenizer):  # byte/char/word: the run's vocab.json (mptrain-sample reads it)
@@ -122,3 +150,12 @@ def tokens(path: str, seq_len: int = TOKS.seq_len, dtype: str | None = None, win
     if saved is not None:
         facts["tokenizer"] = saved
     return Datasets(train=train, val=val, task="language_modeling", facts=facts)
+
+
+def check_ids(windows: TokenWindows, vocab_size: int) -> None:
+    """Refuse a file whose sampled ids reach past the vocabulary (they would index past the embedding)."""
+    top, read = windows.sampled_max()
+    if top >= vocab_size:
+        raise ConfigError(f"{windows.path} holds token id {top} (in {read} {windows.dtype} ids sampled), beyond "
+                          f"dataset.vocab_size={vocab_size}; set dataset.vocab_size > {top}, or dataset.dtype if the "
+                          "file's ids are not " + windows.dtype)
