@@ -182,3 +182,51 @@ def test_bad_tokenizer_spec_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^dataset.tokenizer='bpe' is invalid: choose byte, char, word, bpe:"):
         train(tmp_path, ["dataset=text", f"dataset.path={TEXT}", "dataset.tokenizer=bpe", *GPT])
     assert not (tmp_path / "run").exists()
+
+
+def test_prepare_text_refuses_bad_input_in_one_line_and_leaves_dir_as_it_was(tmp_path, capsys):
+    from mptrain.tools.prepare import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello\nworld\n\xff\xfe tail\n")  # the 13th byte is not UTF-8
+    assert main([str(bad), "--out", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"mptrain-prepare-text: error: {bad} is not UTF-8 text "
+                                                    "(invalid start byte at byte 12)"]
+    assert not (tmp_path / "new").exists()
+
+    old = tmp_path / "old"
+    assert main([str(TEXT), "--tokenizer", "char", "--out", str(old)]) == 0
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    for args in ([str(bad), "--out", str(old)], [str(TEXT), "--tokenizer", "word", "--max-vocab", "0", "--out", str(old)]):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("mptrain-prepare-text: error: "), err
+        assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # no staging folder left either
+    assert "--max-vocab=0 is invalid: must be >= 2" in err[0]
+
+
+def test_prepare_text_into_a_dir_of_another_tokenizer_keeps_only_the_new_one(tmp_path):
+    out = tmp_path / "data"
+    prepare(TEXT, "bpe:300", out, val_fraction=0.2)
+    assert (out / "tokenizer.json").is_file()
+    prepare(TEXT, "char", out, val_fraction=0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin", "vocab.json"]
+    text = TEXT.read_text(encoding="utf-8")
+    ids = np.concatenate([np.fromfile(out / f, dtype=np.uint16) for f in ("train.bin", "val.bin")])
+    assert load_saved(out).decode(ids.tolist()) == text  # the data decodes with what the loader picks
+    prepare(TEXT, "bpe:300", out, val_fraction=0.2)  # and back
+    assert not (out / "vocab.json").exists()
+    ids = np.concatenate([np.fromfile(out / f, dtype=np.uint16) for f in ("train.bin", "val.bin")])
+    assert load_saved(out).decode(ids.tolist()) == text
+
+
+@pytest.mark.parametrize("data", [b"abc\xc3\xa9d\n\xff", b"abc\xc3", b"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\xed\xa0\x80x"])
+def test_first_bad_byte_is_the_file_offset_across_chunks(tmp_path, monkeypatch, data):
+    from mptrain.tools import prepare as prep
+
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 4)  # multi-byte characters cut between reads
+    (tmp_path / "f").write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as whole:
+        data.decode("utf-8")  # Python's own decode of the whole file
+    assert prep.first_bad_byte(tmp_path / "f") == (whole.value.reason, whole.value.start)

@@ -1,18 +1,24 @@
 """mptrain-prepare-text FILE --tokenizer SPEC --out DIR: tokenise a text file once into nanoGPT-style
 train.bin / val.bin (uint16 where the vocabulary fits, else uint32) plus meta.json and the tokenizer, for
 `dataset=tokens dataset.path=DIR`. The file is read in chunks of whole lines, never whole into memory (the
-tokenizer is fitted in one pass, the tokens written in a second)."""
+tokenizer is fitted in one pass, the tokens written in a second). Everything is written into a staging folder
+inside DIR and moved in at the end, so a failure leaves DIR as it was, and DIR ends with exactly one tokenizer
+file (a stale tokenizer.json beside a new vocab.json would be loaded first and decode garbage)."""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from mptrain.errors import MptrainError
-from mptrain.library.data.tokenize import build_tokenizer
+from mptrain.errors import ConfigError, MptrainError
+from mptrain.library.data.tokenize import TOKENIZER_FILE, VOCAB_FILE, build_tokenizer
 from mptrain.library.data.tokens import META
 
 CHUNK_BYTES = 16 * 2**20
@@ -49,13 +55,52 @@ def split_offset(path: Path, val_fraction: float) -> int:
         return f.tell()
 
 
+def first_bad_byte(path: Path) -> tuple[str, int]:
+    """(why, the file offset) of the first byte that is not UTF-8: read again in binary on the error path,
+    since a text reader's UnicodeDecodeError counts from its own buffer."""
+    decoder, pos = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                return e.reason, pos - pending + e.start
+            if not chunk:
+                return "undecodable", pos
+            pos += len(chunk)
+
+
 def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_vocab: int = 10000) -> dict:
-    """Write out/train.bin, out/val.bin, out/meta.json and the tokenizer file. Returns the meta."""
+    """Write out/train.bin, out/val.bin, out/meta.json and the tokenizer file (removing the other kind's, left
+    by an earlier preparation). Returns the meta."""
     if not path.is_file():
         raise MptrainError(f"{path} is not a file")
+    if max_vocab < 2:  # dataset.max_vocab's rule: else every token is <unk> and the loss is trivially 0
+        raise ConfigError(f"--max-vocab={max_vocab} is invalid: must be >= 2 (<unk> and at least one word)")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        meta, tokenizer_file = _write(path, spec, stage, val_fraction, max_vocab)
+    except BaseException as e:  # DIR as it was (gone, if this call made it)
+        shutil.rmtree(out if made else stage, ignore_errors=True)
+        if isinstance(e, UnicodeDecodeError):  # dataset=text's wording
+            reason, at = first_bad_byte(path)
+            raise ConfigError(f"{path} is not UTF-8 text ({reason} at byte {at})") from None
+        raise
+    for stale in {VOCAB_FILE, TOKENIZER_FILE} - {tokenizer_file}:
+        (out / stale).unlink(missing_ok=True)
+    for name in ("train.bin", "val.bin", tokenizer_file, META):  # meta.json last: it describes the rest
+        os.replace(stage / name, out / name)
+    stage.rmdir()
+    return meta
+
+
+def _write(path: Path, spec: str, out: Path, val_fraction: float, max_vocab: int) -> tuple[dict, str]:
     tok = build_tokenizer(spec, lambda: line_chunks(path), max_vocab)
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
-    out.mkdir(parents=True, exist_ok=True)
     split = split_offset(path, val_fraction)
     counts = {}
     for name, (a, b) in {"train": (0, split), "val": (split, None)}.items():
@@ -66,11 +111,11 @@ def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_voc
                 ids.tofile(f)
                 n += len(ids)
         counts[f"{name}_tokens"] = n
-    tok.save(out)
+    saved = tok.save(out)
     meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.to_dict()["level"], "source": str(path),
             "val_fraction": val_fraction, **counts}
     (out / META).write_text(json.dumps(meta, indent=1))
-    return meta
+    return meta, saved.name
 
 
 def main(argv: list[str] | None = None) -> int:
