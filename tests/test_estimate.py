@@ -78,3 +78,27 @@ def test_an_unparsable_override_is_one_line(capsys):
     assert main(["--presets", "fp32", *MLP, "model=nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mptrain-estimate: error: ") and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_options_may_come_between_overrides(tmp_path, capsys, monkeypatch):
+    """`mptrain-estimate model=gpt --presets fp32 trainer.ema.enabled=true`: the same table as options first."""
+    monkeypatch.chdir(tmp_path)
+    assert main([MLP[0], "--presets", "fp32", *MLP[1:], "trainer.ema.enabled=true"]) == 0
+    mixed = capsys.readouterr()
+    assert main(["--presets", "fp32", *MLP, "trainer.ema.enabled=true"]) == 0
+    first = capsys.readouterr()
+    assert mixed.err == "" and mixed.out == first.out and "| `fp32` |" in mixed.out
+    assert "| `master` |" not in mixed.out  # --presets was read, not taken as an override
+
+
+@pytest.mark.parametrize("tool", ["eval", "export", "sample"])
+def test_the_run_tools_take_options_among_overrides(tool, tmp_path, capsys):
+    """`mptrain-eval RUN precision=bf16 --ema` reaches the run-directory check, not argparse's refusal."""
+    import importlib
+
+    main_of = importlib.import_module(f"mptrain.tools.{tool}").main
+    with pytest.raises(SystemExit) as exit_:
+        main_of([str(tmp_path / "nope"), "precision=fp32", "--ema", "trainer.device=cpu"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"mptrain-{tool}: error: {tmp_path / 'nope'} is not a "
+                                                        "directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mptrain-estimate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated (default {','.join(PRESETS)})")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for mptrain")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options anywhere, as mptrain takes overrides: `model=gpt --presets fp32 k=v`
     log = logging.getLogger("mptrain")
     level = log.level
     log.setLevel(logging.WARNING)  # the builders' INFO lines, once per preset, say nothing here

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", action="store_true",
                         help="evaluate the checkpoint's EMA weights (trainer.ema) instead of the live ones")
     parser.add_argument("--name", help="the result file is eval_<NAME>.json (default: the checkpoint and overrides)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere among the overrides
 
     def body() -> None:
         record, out = evaluate(args.run_dir, args.checkpoint, args.overrides, args.name, args.ema)

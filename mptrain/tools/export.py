@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", action="store_true",
                         help="export the checkpoint's EMA weights (trainer.ema) instead of the live ones")
     parser.add_argument("--out", type=Path, help="where to write (default RUN_DIR/export)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere among the overrides
 
     def body() -> None:
         r = export(args.run_dir, args.format, args.checkpoint, args.overrides, args.out, args.ema)

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", help="checkpoints/<NAME> (default best.pt, else last.pt)")
     parser.add_argument("--ema", action="store_true",
                         help="sample from the checkpoint's EMA weights (trainer.ema) instead of the live ones")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere among the overrides
 
     def body() -> None:
         cfg = run_config(args.run_dir, args.overrides)
