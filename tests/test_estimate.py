@@ -78,3 +78,14 @@ def test_an_unparsable_override_is_one_line(capsys):
     assert main(["--presets", "fp32", *MLP, "model=nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mptrain-estimate: error: ") and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ema_counts_its_fp32_copy():
+    """trainer.ema keeps an fp32 copy of every floating state_dict entry: 4 bytes a parameter for an MLP (no
+    buffers), under bf16_pure (2-byte weights) too, and the total includes it."""
+    for mode in ("fp32", "bf16_pure"):
+        off = measure([*MLP, f"precision={mode}"])
+        on = measure([*MLP, f"precision={mode}", "trainer.ema.enabled=true"])
+        assert "ema" not in off
+        assert on["ema"] == pytest.approx(4 * on["params"] / MB, rel=1e-9)
+        assert on["total"] - on["ema"] == pytest.approx(off["total"], rel=1e-6)

@@ -373,7 +373,8 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             **p.summary(),
         })
         if state.step > 0:  # optimizer state exists once a step has run
-            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p)
+            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p,
+                                                           c.ema.shadow if c.ema is not None else None)
         if state.events:
             summary["events"] = list(state.events)
         if state.stop_reason is not None:
