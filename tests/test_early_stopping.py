@@ -3,7 +3,11 @@ rows), records why in summary.json, and a resume stops where the straight run di
 
 from __future__ import annotations
 
+import hashlib
+import logging
+
 import pytest
+import torch
 
 from mptrain.errors import ConfigError
 
@@ -79,3 +83,82 @@ def test_an_unknown_monitor_is_refused_before_the_run_directory_changes(tmp_path
     with pytest.raises(ConfigError, match=r"trainer.early_stopping.monitor='val/nope' is not a metric this run reports \(val/"):
         train(tmp_path / "run", [*RUN, "trainer.early_stopping.enabled=true", "trainer.early_stopping.monitor=val/nope"])
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# a resumed early-stopped run under another rule (found by a hostile pass: it trained nothing, kept the old
+# stop_reason and listed the change as if applied); an unchanged one is finished like a completed run
+ES = ["trainer.early_stopping.enabled=true", "trainer.early_stopping.monitor=val/loss",
+      "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=0.02"]
+
+
+def tree(run_dir) -> dict:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def stopped(tmp_path):
+    summary, run_dir = train(tmp_path, [*RUN, *ES])
+    assert summary["stop_reason"].startswith("early_stopping:") and summary["steps"] < 60, summary
+    return summary, run_dir, tmp_path
+
+
+def test_an_unchanged_resume_of_an_early_stopped_run_changes_no_file(stopped, caplog):
+    summary, run_dir, tmp_path = stopped
+    before = tree(run_dir)
+    with caplog.at_level(logging.INFO, logger="mptrain"):
+        again, _ = train(tmp_path, [*RUN, *ES, "resume=auto"])
+    assert again == summary and tree(run_dir) == before
+    assert any("is finished, stopped early (early_stopping: val/loss" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rule_that_still_says_stop_changes_no_file(stopped):
+    summary, run_dir, tmp_path = stopped
+    before = tree(run_dir)
+    again, _ = train(tmp_path, [*RUN, *ES, "trainer.early_stopping.patience=1", "resume=auto"])
+    assert again == summary and tree(run_dir) == before
+
+
+def test_early_stopping_off_on_resume_trains_to_max_steps(stopped):
+    summary, run_dir, tmp_path = stopped
+    done, _ = train(tmp_path, [*RUN, "trainer.early_stopping.enabled=false", "resume=auto"])
+    assert done["status"] == "completed" and done["steps"] == 60 and "stop_reason" not in done, done
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps[-1] == 60 and max(s for s in steps if s <= summary["steps"]) == summary["steps"]
+
+
+@pytest.mark.slow
+def test_a_raised_patience_continues_as_the_straight_run_with_it(stopped):
+    summary, run_dir, tmp_path = stopped
+    wider = [*ES, "trainer.early_stopping.patience=4"]
+    ref, ref_dir = train(tmp_path / "ref", [*RUN, *wider])
+    curve = [(r["step"], r["val/loss"]) for r in read_jsonl(ref_dir / "metrics.jsonl") if "val/loss" in r]
+    assert ref["steps"] > summary["steps"]  # the case exercises a continuation
+    assert ref["steps"] == (expected_stop(curve, 4, 0.02, "min") or 60)
+    done, _ = train(tmp_path, [*RUN, *wider, "resume=auto"])
+    assert done["steps"] == ref["steps"] and done.get("stop_reason") == ref.get("stop_reason")
+    a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(ref_dir / "checkpoints" / "last.pt", weights_only=False)
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    assert a["train_state"]["early_stopping"] == b["train_state"]["early_stopping"]
+    # every row the same, the stopped attempt's included (eval_every and log_every divide the stop step)
+    assert read_jsonl(run_dir / "metrics.jsonl") == read_jsonl(ref_dir / "metrics.jsonl")
+
+def test_early_stopping_without_validation_data_is_refused_in_one_line(tmp_path, caplog):
+    import numpy as np
+    data = tmp_path / "data"
+    data.mkdir()
+    np.random.default_rng(0).integers(0, 50, 4000).astype(np.uint16).tofile(data / "train.bin")
+    gpt = ["model=gpt", "model.dim=16", "model.layers=1", "model.heads=2", "trainer.batch_size=4", "dataset=tokens",
+           f"dataset.path={data}", "dataset.vocab_size=50", "dataset.seq_len=8", "trainer.max_steps=2",
+           "scheduler=none", "diagnostics=off"]
+    with pytest.raises(ConfigError, match=r"^trainer.early_stopping watches validation metrics, but dataset .* has no "
+                                          r"validation data; .*trainer.early_stopping.enabled=false$") as e:
+        train(tmp_path, [*gpt, "trainer.early_stopping.enabled=true"])
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    # without early stopping it trains, and says nothing of a best.pt it cannot write
+    with caplog.at_level(logging.INFO, logger="mptrain"):
+        summary, run_dir = train(tmp_path, gpt)
+    assert summary["status"] == "completed" and not (run_dir / "checkpoints" / "best.pt").exists()
+    assert not [r for r in caplog.records if "best.pt" in r.getMessage()]

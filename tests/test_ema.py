@@ -3,6 +3,8 @@ val_ema/..., stays fp32 under bf16 weights, and resumes bitwise."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -33,6 +35,11 @@ def test_average_equals_its_recomputation_from_the_weights_of_each_step(tmp_path
             else:
                 assert torch.equal(ckpt["ema"]["shadow"][k], w)  # num_batches_tracked is copied
         assert not torch.equal(ckpt["ema"]["shadow"][LINEAR], ckpt["model"][LINEAR])  # an average, not a copy
+    # its memory: 4 bytes for every float entry of the state_dict (batch-norm statistics too), per parameter
+    summary = json.loads((run_dir / "summary.json").read_text())
+    floats = sum(v.numel() for v in ckpt["model"].values() if v.is_floating_point())
+    params = sum(p.numel() for p in build(cfg).base_model.parameters())
+    assert summary["memory_per_param"]["ema"] == pytest.approx(4 * floats / params, abs=1e-3)
 
 
 def test_under_master_weights_the_average_follows_the_fp32_masters(tmp_path):

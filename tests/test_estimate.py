@@ -102,3 +102,14 @@ def test_the_run_tools_take_options_among_overrides(tool, tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"mptrain-{tool}: error: {tmp_path / 'nope'} is not a "
                                                         "directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
+
+
+def test_ema_counts_its_fp32_copy():
+    """trainer.ema keeps an fp32 copy of every floating state_dict entry: 4 bytes a parameter for an MLP (no
+    buffers), under bf16_pure (2-byte weights) too, and the total includes it."""
+    for mode in ("fp32", "bf16_pure"):
+        off = measure([*MLP, f"precision={mode}"])
+        on = measure([*MLP, f"precision={mode}", "trainer.ema.enabled=true"])
+        assert "ema" not in off
+        assert on["ema"] == pytest.approx(4 * on["params"] / MB, rel=1e-9)
+        assert on["total"] - on["ema"] == pytest.approx(off["total"], rel=1e-6)

@@ -180,3 +180,23 @@ def test_every_preset_trains_from_the_documented_command(model, tmp_path):
             assert s["compute_dtype"] == "fp16", s
         if s["precision"] == "fp8":
             assert s["plan_modules"].get("fp8", 0) > 0, s  # it converted Linear layers, not a bf16 run so named
+
+
+@pytest.mark.parametrize("mode", ["bf16_pure", pytest.param("master", marks=pytest.mark.slow)])
+def test_hf_rmsnorm_is_kept_fp32_and_trains_under_16bit_weights(mode, tmp_path):
+    """Llama's own LlamaRMSNorm (not a torch.nn norm) is a norm layer: float32 under 16-bit weights, so its
+    updates (lr 1e-2 * ~1 on a weight of 1.0, below half a bf16 ulp at 1.0 = 2^-8 once Adam's moments settle)
+    are not rounded away. In bf16 it stayed exactly 1.0."""
+    summary, run_dir = train(tmp_path, [*LLAMA, *SHORT, f"precision={mode}", "diagnostics=off",
+                                        "optimizer.lr=1e-3"])
+    assert summary["status"] == "completed"
+    weights = final_state(run_dir)["model"]
+    norms = {k: v for k, v in weights.items() if k.endswith("norm.weight")}
+    assert len(norms) == 2 * 2 + 1  # two per layer and the final one
+    low = torch.bfloat16 if mode == "bf16_pure" else torch.float16
+    assert weights["model.layers.0.mlp.up_proj.weight"].dtype == low
+    for k, v in norms.items():
+        assert v.dtype == torch.float32, k
+        assert not torch.equal(v, torch.ones_like(v)), k  # it trained
+    plan = json.loads((run_dir / "precision_plan.json").read_text())
+    assert all(plan[k.rsplit(".", 1)[0]]["format"] == "fp32" for k in norms), plan

@@ -18,7 +18,7 @@ from mptrain.library.optim import build_scheduler, param_groups
 from mptrain.train.recipe import build
 from mptrain.train.step import train_step
 
-from .conftest import TINY, compose_config, train
+from .conftest import TINY, compose_config, read_jsonl, train
 
 MLP = ["model=mlp", "model.width=64", "model.depth=2", "trainer.batch_size=32", "precision=fp32", "scheduler=none",
        "diagnostics=off", "checkpoint.enabled=false"]
@@ -238,3 +238,19 @@ def test_bf16_pure_adamw_takes_the_parameter_groups(tmp_path):
     summary, _ = train(tmp_path, [*MLP, "precision=bf16_pure", "optimizer=adamw", "optimizer.weight_decay=0.1",
                                   "trainer.max_steps=3"])
     assert summary["status"] == "completed"
+
+
+def test_a_longer_run_resumed_follows_the_new_schedule_from_its_first_step(tmp_path):
+    """2 warm-up steps (the same whatever the run length), then cosine to the end. A 3-step run resumed with
+    trainer.max_steps=6 is the straight 6-step run bitwise: step 4 trains at the 6-step schedule's lr. (The
+    saved optimizer state held the lr the 3-step schedule set for after its end; step 4 trained at that.)"""
+    from .test_checkpoint import assert_same_tensors, final_state
+
+    base = [*MLP, "scheduler=cosine", "scheduler.warmup_steps=2", "trainer.log_every=1", "checkpoint.enabled=true"]
+    _, short = train(tmp_path / "short", [*base, "trainer.max_steps=3"])
+    _, longer = train(tmp_path / "long", [*base, "trainer.max_steps=6"])
+    _, resumed = train(tmp_path / "resumed", [*base, "trainer.max_steps=6",
+                                              f"resume={short / 'checkpoints' / 'last.pt'}"])
+    assert_same_tensors(final_state(longer)["model"], final_state(resumed)["model"])
+    rows = {run: [r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "lr" in r] for run in (longer, resumed)}
+    assert rows[resumed] == rows[longer][3:]

@@ -49,13 +49,16 @@ class Checkpointer:
     A train callback (train/callbacks/base.py's interface, every method defined: this layer sits below train)."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, signals: StopSignals, log_every: int = 1,
-                 save_sharded=None, metrics: tuple[str, ...] | None = None):
-        """`metrics`: the validation metrics the task declares it reports (None: known at the first validation)."""
+                 save_sharded=None, metrics: tuple[str, ...] | None = None, validated: bool = True):
+        """`metrics`: the validation metrics the task declares it reports (None: known at the first validation).
+        `validated`: False where the run has no validation data, so no best.pt (and nothing said about one)."""
         self.cfg, self.config, self.signals, self.log_every = cfg, config, signals, log_every
         self.save_sharded = save_sharded
         self.monitor, self.mode = cfg.monitor, cfg.mode
-        self.monitor_checked = metrics is not None
-        if metrics is not None:
+        self.monitor_checked = metrics is not None or not validated
+        if not validated:
+            self.monitor = None
+        elif metrics is not None:
             self.monitor, self.mode = pick_monitor(self.monitor, self.mode, metrics)
         self.dir = Path(run_dir) / CHECKPOINTS
         self.saved: list[int] = []  # the steps of the last.pt this attempt wrote, oldest first

@@ -208,6 +208,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
             log.warning("resume: %s holds no EMA; trainer.ema starts from its weights", path)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
+    if any(key.startswith(RESCHEDULE) for key, _, _ in config_differences(ckpt["config"], config)):
+        reschedule(c.scheduler)  # e.g. a longer run: its cosine now ends later
     restore_rng(own_rng(ckpt, c), c.device)
     timing = ckpt.get("timing")
     state.load_timing(timing if isinstance(timing, dict) else {})
@@ -218,6 +220,27 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
 
 def _schedulers(scheduler: Any) -> list:
     return list(scheduler.schedulers.values()) if isinstance(scheduler, MultiScheduler) else [scheduler]
+
+
+# the keys that change where the built-in schedule is at this step
+RESCHEDULE = ("trainer.max_steps", "trainer.max_epochs", "scheduler.")
+
+
+def reschedule(scheduler: Any) -> None:
+    """Resuming with another run length or schedule: the optimizer state brought back the checkpoint's lr,
+    which the old schedule set; put the rebuilt schedule's lr at this step in its place. The built-in schedules
+    are LambdaLR, whose lr is closed-form (base lr x factor(step)); other classes keep their saved state."""
+    changed = False
+    for s in _schedulers(scheduler):
+        if type(s) is not torch.optim.lr_scheduler.LambdaLR:
+            continue
+        for group, base, factor in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+            group["lr"] = base * factor(s.last_epoch)
+        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+        changed = True
+    if changed:
+        log.info("resume: the learning rate follows this run's schedule (lr %.3g from here)",
+                 _schedulers(scheduler)[0].optimizer.param_groups[0]["lr"])
 
 
 def settings_of(optimizer: Any, scheduler: Any) -> tuple[list[dict], list[float]]:

@@ -412,9 +412,11 @@ def _nbytes(tensors) -> int:
     return total
 
 
-def memory_per_param(model_params: list[torch.Tensor], optimizer: torch.optim.Optimizer, precision=None) -> dict:
+def memory_per_param(model_params: list[torch.Tensor], optimizer: torch.optim.Optimizer, precision=None,
+                     ema: dict[str, torch.Tensor] | None = None) -> dict:
     """Bytes per model parameter of weights, gradients, optimizer state, fp32 master copies and Kahan
-    compensation (call after the first step: optimizer state is created lazily).
+    compensation (call after the first step: optimizer state is created lazily); with `ema` (trainer.ema's
+    fp32 average, a state_dict), its bytes too.
 
     Gradients are counted in the dtype the optimizer reads them (fp32 on the masters in `master` mode).
     Scalar step counters are left out."""
@@ -438,5 +440,7 @@ def memory_per_param(model_params: list[torch.Tensor], optimizer: torch.optim.Op
         "master": _nbytes(masters) / n,
         "compensation": comp / n,
     }
+    if ema is not None:
+        out["ema"] = _nbytes(v for v in ema.values() if v.is_floating_point()) / n
     out["total"] = sum(out.values())
     return {k: round(v, 3) for k, v in out.items()}

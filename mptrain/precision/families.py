@@ -22,7 +22,8 @@ from mptrain.config import PRESET_FAMILIES
 from mptrain.errors import ConfigError
 from mptrain.library.optim import build_optimizer, check_bf16_pure, param_groups
 from mptrain.precision.bf16_pure import PureBf16Optimizer, build_pure_bf16_optimizer
-from mptrain.precision.master import NORM_LAYERS, cast_model
+from mptrain.precision.master import cast_model
+from mptrain.precision.norms import is_norm
 from mptrain.precision.plan import AUTOCAST_TYPES, planned_modules
 
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -110,7 +111,7 @@ class Fp16WeightsFamily(AutocastFamily):
         name = SHORT[compute_dtype]
         keep = self.cfg.keep_norm_fp32
         return {n: ("fp32", "weights", "norm layer kept fp32 (precision.keep_norm_fp32)")
-                if keep and isinstance(m, NORM_LAYERS) else (name, "weights", "preset")
+                if keep and is_norm(m) else (name, "weights", "preset")
                 for n, m in planned_modules(model)}
 
     def prepare(self, model: nn.Module, compute_dtype: torch.dtype, keep_norm_fp32: bool) -> None:

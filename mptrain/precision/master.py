@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mptrain.precision.norms import compute_in_fp32
+from mptrain.precision.norms import compute_in_fp32, is_norm
 
-# Normalization layers keep float32 parameters and statistics (apex's keep_batchnorm_fp32):
-# their reductions are where float16 loses most. Layer and group norms also compute in float32
+# Normalization layers keep float32 parameters and statistics (norms.is_norm; apex's keep_batchnorm_fp32):
+# their reductions are where float16 loses most. Layer, group and RMS norms also compute in float32
 # (norms.py: the input is upcast, the output cast back; CUDA's LayerNorm refuses the mix).
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype, keep_norm_fp32: bool = True) -> nn.Module:
@@ -18,7 +17,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype, keep_norm_fp32: bool = True
     model.to(dtype)
     if keep_norm_fp32:
         for module in model.modules():
-            if isinstance(module, NORM_LAYERS):
+            if is_norm(module):
                 module.float()
                 compute_in_fp32(module)
     return model

@@ -67,8 +67,9 @@ def measure(overrides: list[str]) -> dict:
     held = {p.untyped_storage().data_ptr() for p in params}
     held |= {m.untyped_storage().data_ptr() for m in getattr(getattr(c.precision, "master", None), "masters", [])}
     n = sum(p.numel() for p in params)
-    per = memory_per_param(params, c.optimizer, c.precision)
-    row = {k: per[k] * n / MB for k in ("weights", "grads", "optimizer_state", "master", "compensation")}
+    per = memory_per_param(params, c.optimizer, c.precision, c.ema.shadow if c.ema is not None else None)
+    row = {k: per[k] * n / MB for k in ("weights", "grads", "optimizer_state", "master", "compensation", "ema")
+           if k in per}
     row["activations"] = sum(v for k, v in seen.items() if k not in held) / MB
     row["total"] = sum(row.values())
     if c.device.type == "cuda":
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     n = next(iter(rows.values()))["params"]
     cuda = any("cuda_step_peak" in r for r in rows.values())
     print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{', CUDA peak of the step' if cuda else ''})\n")
-    cols = ["weights", "grads", "optimizer_state", "master", "compensation", "activations", "total"]
+    cols = ["weights", "grads", "optimizer_state", "master", "compensation",
+            *(["ema"] if any("ema" in r for r in rows.values()) else []), "activations", "total"]
     cols += ["cuda_step_peak"] if cuda else []
     print("| preset | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for preset, r in rows.items():

@@ -50,7 +50,7 @@ from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.auto import AutoPlanner
 from mptrain.train.callbacks.console import Console
-from mptrain.train.callbacks.early_stopping import EarlyStopping
+from mptrain.train.callbacks.early_stopping import EarlyStopping, stopped_early
 from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
@@ -373,7 +373,8 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
             **p.summary(),
         })
         if state.step > 0:  # optimizer state exists once a step has run
-            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p)
+            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p,
+                                                           c.ema.shadow if c.ema is not None else None)
         if state.events:
             summary["events"] = list(state.events)
         if state.stop_reason is not None:
@@ -424,9 +425,14 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         Diagnostics.check_layers(cfg.diagnostics, c.base_model)
     # the task's contract on one batch (its metric names, when it does not declare them)
     probed = probe_task(c) if not t.compile else None
+    if t.early_stopping.enabled and c.val_loader is None:  # no validation: the rule could never fire
+        raise ConfigError(f"trainer.early_stopping watches validation metrics, but dataset "
+                          f"{cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation data; give it "
+                          "validation data (e.g. a val.bin beside train.bin) or set trainer.early_stopping.enabled=false")
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
                                 metrics=c.task.metrics if c.task.metrics is not None else probed,
-                                save_sharded=sharded.save if c.strategy == "fsdp" else None)  # checks checkpoint.monitor
+                                save_sharded=sharded.save if c.strategy == "fsdp" else None,
+                                validated=c.val_loader is not None)  # checks checkpoint.monitor
     stopper = early_stopping(t.early_stopping, checkpointer) if t.early_stopping.enabled else None
     reported = c.task.metrics if c.task.metrics is not None else probed
     if stopper is not None and reported is not None:  # a metric the task never reports would never stop the run
@@ -436,12 +442,19 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
                               f"({', '.join(names) or 'none'}); choose one of them")
     # connects to the tracker: one that cannot be used is refused here
     sinks = trackers(cfg.get("logger"), run_dir, config, resume=resume is not None, enabled=c.is_main)
-    if resume is not None and state.step >= c.total_steps:
+    if resume is not None:  # the stop under this config's rule, replayed on the run's validations so far
+        if stopper is not None:
+            stopper.reconsider(state)
+        elif stopped_early(state):
+            state.stop_reason = None
+            log.info("trainer.early_stopping is off: the run continues from step %d", state.step)
+    if resume is not None and (state.step >= c.total_steps or state.stop_reason is not None):
         done = read_summary(run_dir)
         if done is not None and done.get("status") == "completed" and done.get("steps") == state.step:
             # resume=auto on a finished run: nothing to train, so nothing is rewritten (no attempt_<k>, no summary)
-            log.info("the run in %s is complete (step %d of %d): nothing to do, its records are unchanged",
-                     run_dir, state.step, c.total_steps)
+            why = "complete" if state.stop_reason is None else f"finished, stopped early ({state.stop_reason})"
+            log.info("the run in %s is %s (step %d of %d): nothing to do, its records are unchanged",
+                     run_dir, why, state.step, c.total_steps)
             return done
     # every check has passed: only now does the run directory change (rank 0 writes it)
     resume_step = state.step if resume is not None else None

@@ -70,7 +70,8 @@ class TrainState:
     memory: PeakMemory = field(default_factory=PeakMemory)  # this attempt's CUDA peaks (not checkpointed)
     last_val: dict = field(default_factory=dict)  # the newest validation metrics, with their "step"
     events: list = field(default_factory=list)  # things that changed the run's course (e.g. a switch to bf16)
-    early_stopping: dict = field(default_factory=dict)  # trainer.early_stopping: best, best_step, bad (validations)
+    early_stopping: dict = field(default_factory=dict)  # trainer.early_stopping: best, best_step, bad (validations),
+    # history (every validation's metrics: a resume under another rule replays them)
     stop_reason: str | None = None  # why the run ended before trainer.max_steps (early stopping)
     # a logged step applied a non-zero gradient: a run without one did not train (all skipped, or a loss that does
     # not depend on the parameters), which is not `completed`
