@@ -208,4 +208,9 @@ def test_a_refused_run_leaves_no_empty_directory(tmp_path):
     proc = run_cli(["trainer.batch_size=100000", "trainer.device=cpu", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 2 and "mptrain: error: trainer.batch_size=100000" in proc.stderr
     assert not run_dir.exists() and not run_dir.parent.exists()  # neither the run's nor its date's directory
-    assert (tmp_path / "outputs").is_dir()  # outputs/ itself stays: it usually holds other runs
+    assert not (tmp_path / "outputs").exists()  # this run made outputs/ too: as it was before
+    other = tmp_path / "outputs" / "2025-12-31" / "09-00-00"  # outputs/ holding another run stays as it is
+    other.mkdir(parents=True)
+    proc = run_cli(["trainer.batch_size=100000", "trainer.device=cpu", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2 and not run_dir.parent.exists()
+    assert sorted((tmp_path / "outputs").rglob("*")) == sorted([other.parent, other])
