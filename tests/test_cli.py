@@ -55,6 +55,7 @@ def test_two_runs_in_the_same_second_get_different_directories(tmp_path):
     assert all((r / "summary.json").is_file() for r in runs)
 
 
+@pytest.mark.slow
 def test_custom_target_model_from_an_outside_config_dir(tmp_path):
     """A user's own model class: a YAML with _target_ in their config dir, their module on PYTHONPATH."""
     (tmp_path / "mymodels.py").write_text(textwrap.dedent("""

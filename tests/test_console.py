@@ -12,6 +12,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from .conftest import REPO, run_cli
 
 RUN = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "trainer.max_steps=30",
@@ -34,6 +36,7 @@ def test_without_a_terminal_one_plain_line_per_row_and_no_animation(tmp_path):
     assert len(re.findall(r"step (\d+)  val/loss", proc.stdout)) == 2
 
 
+@pytest.mark.slow
 def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path):
     """Run under a pseudo-terminal; after carriage returns are applied, a line holding a log record holds
     nothing of the bar (`%|`), and the bar itself was drawn."""

@@ -183,6 +183,7 @@ def test_fsdp_trains_and_round_trips_a_sharded_checkpoint(tmp_path):
     assert summary["val/loss"] == pytest.approx(ref["val/loss"], rel=1e-5)  # the resumed run is the same run
 
 
+@pytest.mark.slow
 def test_fsdp_needs_torchrun(tmp_path):
     proc = run_cli([*BASE, "trainer.strategy=fsdp", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 2 and "trainer.strategy=fsdp shards the model across processes" in proc.stderr

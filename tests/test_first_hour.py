@@ -203,6 +203,7 @@ def test_gitignore_holds_the_run_outputs():
     assert {"outputs/", "multirun/", "mlruns/"} <= set(ignored)
 
 
+@pytest.mark.slow
 def test_a_refused_run_leaves_no_empty_directory(tmp_path):
     run_dir = tmp_path / "outputs" / "2026-01-01" / "12-00-00-1"
     proc = run_cli(["trainer.batch_size=100000", "trainer.device=cpu", f"hydra.run.dir={run_dir}"], cwd=tmp_path)

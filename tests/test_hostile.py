@@ -616,6 +616,7 @@ def test_an_explicit_precision_on_resume_outlives_an_on_min_bf16_switch(tmp_path
     assert resumed["steps"] == 8 and resumed["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_master_resumed_with_another_norm_layout_continues(tmp_path):
     from .conftest import train
 

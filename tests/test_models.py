@@ -57,7 +57,7 @@ def fixed_batch_losses(overrides: list[str], steps: int) -> tuple[list[float], o
 CASES = [(f, m) for f in ("cnn", "lstm", "gru", "gpt") for m in ("fp32", "amp", "master")]
 CASES += [("lstm", "dynamic"), ("gru", "dynamic")]  # fp16 autocast: oneDNN has no fp16 RNN on CPU
 CASES += [("resnet18", "fp32"), ("resnet18", "amp")]  # fp16 convolutions are emulated on a CPU: the CNN covers master
-SLOW_CASES = {("resnet18", "fp32")}  # the longest on a CPU; resnet18-amp stays in the fast set
+SLOW_CASES = {("resnet18", "fp32"), ("resnet18", "amp")}  # the longest on a CPU
 
 
 @pytest.mark.parametrize(("family", "mode"), [pytest.param(f, m, marks=pytest.mark.slow) if (f, m) in SLOW_CASES else (f, m)
@@ -93,6 +93,7 @@ def test_dcgan_run_writes_sample_grids_and_losses(tmp_path):
             assert img.size[0] >= 8 * 8
 
 
+@pytest.mark.slow
 def test_lstm_on_a_real_text_file(tmp_path):
     """Python's own LICENSE file, character level: perplexity falls below the vocabulary size."""
     assert PYTHON_LICENSE.is_file()
@@ -169,6 +170,7 @@ def test_cifar10_integrity_check_gives_the_one_line_error(tmp_path):
         build(cfg)
 
 
+@pytest.mark.slow
 def test_imagefolder_reads_pngs(tmp_path):
     from PIL import Image
 

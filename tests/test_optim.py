@@ -72,7 +72,9 @@ TARGETS = [
 ]
 
 
-@pytest.mark.parametrize(("target", "kwargs", "wd", "reference"), TARGETS, ids=[t[0].rsplit(".")[-1] for t in TARGETS])
+@pytest.mark.parametrize(("target", "kwargs", "wd", "reference"),
+                         [pytest.param(*t, marks=[pytest.mark.slow] * (i < 2)) for i, t in enumerate(TARGETS)],
+                         ids=[t[0].rsplit(".")[-1] for t in TARGETS])  # RAdam, NAdam: slow suite
 def test_optimizer_by_target_equals_pytorchs_own_loop(target, kwargs, wd, reference):
     overrides = ["optimizer=torch", f"optimizer._target_={target}", "optimizer.lr=3e-3", f"optimizer.weight_decay={wd}"]
     if kwargs:

@@ -158,6 +158,7 @@ def test_fp8_with_a_middle_linear_in_bf16(tmp_path):
     assert summary["fp8_layers"] == 2 and summary["plan_modules"] == {"bf16": 3, "fp8": 2}
 
 
+@pytest.mark.slow
 def test_emulated_nvfp4_run_trains_is_labelled_and_resumes_bitwise(tmp_path, caplog):
     from .test_checkpoint import assert_same_tensors, final_state
 

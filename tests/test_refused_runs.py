@@ -67,6 +67,7 @@ def refused_cleanly(proc: subprocess.CompletedProcess, run_dir, error: str) -> N
     assert os.listdir(run_dir.parents[2]) == []  # outputs/<date>/<run>: none of the three is left
 
 
+@pytest.mark.slow
 def test_a_rule_matching_nothing_refused_from_the_cli(tmp_path):
     run_dir = tmp_path / "outputs" / "2026-01-01" / "run"
     proc = run_cli([*TINY, *MLP, "precision=bf16", "precision.layers={nothing: fp32}", f"hydra.run.dir={run_dir}"],

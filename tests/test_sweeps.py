@@ -31,6 +31,7 @@ def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root / "multi", proc
 
 
+@pytest.mark.slow
 def test_multirun_gives_one_directory_per_job_and_reports_the_failures(sweep):
     sweep_dir, proc = sweep
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -44,6 +45,7 @@ def test_multirun_gives_one_directory_per_job_and_reports_the_failures(sweep):
     assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
 
 
+@pytest.mark.slow
 def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
     sweep_dir, _ = sweep
     proc = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", str(sweep_dir), "--out", str(tmp_path)],
@@ -80,6 +82,7 @@ def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
         assert img.size[0] > 800
 
 
+@pytest.mark.slow
 def test_compare_accepts_a_list_of_run_directories(sweep, tmp_path):
     sweep_dir, _ = sweep
     dirs = sorted(str(p.parent) for p in sweep_dir.glob("*/summary.json"))[:2]

@@ -230,6 +230,7 @@ def test_a_one_element_loss_trains_like_a_scalar(tmp_path, monkeypatch):
     assert len(losses[0]) == 3 and losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_a_task_target_that_cannot_be_imported_says_why(tmp_path):
     conf = tmp_path / "myconf" / "task"
     conf.mkdir(parents=True)

@@ -178,6 +178,7 @@ def test_prepare_text_cli_then_train_on_the_token_files(tmp_path):
     assert summary["val/loss"] < np.log(meta["vocab_size"]) + 0.5
 
 
+@pytest.mark.slow
 def test_bad_tokenizer_spec_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^dataset.tokenizer='bpe' is invalid: choose byte, char, word, bpe:"):
         train(tmp_path, ["dataset=text", f"dataset.path={TEXT}", "dataset.tokenizer=bpe", *GPT])

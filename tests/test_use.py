@@ -302,6 +302,7 @@ def test_sample_decodes_a_bpe_run_as_tokenizers_itself_does(bpe_run):
     assert sample_text(bpe_run, "the dog ", tokens=24, seed=4) != text
 
 
+@pytest.mark.slow
 def test_sample_decodes_a_token_file_run_with_its_directorys_tokenizer(tokens_run):
     run_dir, data = tokens_run
     # the run copied DIR's tokenizer when it started: the same file, so sampling needs no data
