@@ -16,6 +16,7 @@ SUMMARY_KEYS = {"status", "precision", "compute_dtype", "steps", "epochs", "skip
                 "train_loss", "val/acc", "val/loss", "samples_per_s", "peak_memory_mb", "wall_s"}
 
 
+@pytest.mark.slow
 def test_cli_run_writes_the_run_directory_contract(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(["trainer.max_steps=12", "trainer.log_every=3", "trainer.eval_every=6", "trainer.device=cpu",

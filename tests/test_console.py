@@ -26,6 +26,7 @@ def logged_rows(run_dir) -> list[str]:
     return re.findall(r"\[mptrain\]\[INFO\] - step (\d+)  loss [\d.]+  lr [\d.e-]+  scale \d+", (run_dir / "train.log").read_text())
 
 
+@pytest.mark.slow
 def test_without_a_terminal_one_plain_line_per_row_and_no_animation(tmp_path):
     proc = run_cli([*RUN, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

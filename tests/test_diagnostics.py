@@ -200,6 +200,7 @@ def test_unsampled_steps_do_no_statistics(tmp_path, monkeypatch):
 
 # ---- the report ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_renders_pngs_and_a_risk_table_from_a_real_run(tmp_path):
     import subprocess
     import sys

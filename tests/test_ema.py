@@ -20,6 +20,7 @@ RUN = ["model=cnn", "model.width=4", "trainer.batch_size=32", "trainer.max_steps
 LINEAR = "head.2.weight"  # SmallCNN's output layer
 
 
+@pytest.mark.slow
 def test_average_equals_its_recomputation_from_the_weights_of_each_step(tmp_path):
     overrides = [*RUN, "trainer.ema.decay=0.8", "precision=fp32", "checkpoint.every_steps=1", "checkpoint.keep_last=10"]
     _, run_dir = train(tmp_path, overrides)

@@ -48,6 +48,7 @@ def table_rows(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("| `")]
 
 
+@pytest.mark.slow
 def test_a_refused_preset_gets_its_reason_and_the_others_their_rows(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["--presets", "fp32,master,bf16,bf16_pure", *WIDE, RULE]) == 0

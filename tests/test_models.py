@@ -214,6 +214,7 @@ def test_missing_root_fails_at_start_with_one_line(tmp_path, dataset, expected):
     assert len([line for line in proc.stderr.splitlines() if line.startswith("mptrain: error")]) == 1
 
 
+@pytest.mark.slow
 def test_model_and_dataset_tasks_must_match(tmp_path):
     proc = run_cli(["model=gpt", "trainer.device=cpu", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert proc.returncode == 2

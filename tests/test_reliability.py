@@ -211,6 +211,7 @@ except CheckpointError as e:
 """
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", FULL, str(tmp_path)], capture_output=True, text=True, cwd=repo,

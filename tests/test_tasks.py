@@ -41,7 +41,7 @@ REGRESSION = ["task=regression", "model.num_classes=1", "optimizer=adamw", "opti
               "checkpoint.monitor=val/mse", "checkpoint.mode=min", "trainer.batch_size=32"]
 
 
-@pytest.mark.parametrize("mode", ["fp32", pytest.param("bf16", marks=pytest.mark.slow),
+@pytest.mark.parametrize("mode", [pytest.param("fp32", marks=pytest.mark.slow), pytest.param("bf16", marks=pytest.mark.slow),
                                   pytest.param("dynamic", marks=pytest.mark.slow)])
 def test_user_task_trains_from_the_cli(tmp_path, mode):
     conf = user_conf(tmp_path)
@@ -192,7 +192,7 @@ class MeanLoss(Task):
 
 
 @pytest.mark.parametrize("task, message", [
-    ("ElementwiseLoss", r"loss\(\) returned a tensor of shape \(8,\), not a scalar"),
+    pytest.param("ElementwiseLoss", r"loss\(\) returned a tensor of shape \(8,\), not a scalar", marks=pytest.mark.slow),
     pytest.param("FloatLoss", r"loss\(\) returned a float, not a tensor", marks=pytest.mark.slow),
     pytest.param("CountLoss", r"loss\(\) returned a int64 tensor that does not depend on the model's parameters",
                  marks=pytest.mark.slow),

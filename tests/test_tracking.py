@@ -80,6 +80,7 @@ def test_mlflow_run_holds_the_config_every_metric_row_and_the_summary(tmp_path, 
     assert sorted(f.path for f in client.list_artifacts(mlrun.info.run_id, "report")) == [f"report/{n}" for n in pngs]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_together(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

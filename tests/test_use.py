@@ -312,6 +312,7 @@ def test_sample_decodes_a_token_file_run_with_its_directorys_tokenizer(tokens_ru
     assert sample_text(run_dir, "the cat ", tokens=24, seed=3) == want
 
 
+@pytest.mark.slow
 def test_a_token_file_run_without_a_tokenizer_says_what_to_do(tokens_run, tmp_path):
     import shutil
 
