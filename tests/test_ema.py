@@ -67,6 +67,7 @@ def test_under_master_weights_the_average_follows_the_fp32_masters(tmp_path):
     assert off_by_rounding
 
 
+@pytest.mark.slow
 def test_turned_on_at_a_resume_it_starts_from_the_checkpoints_masters(tmp_path):
     """A master-weights run without EMA, resumed from step 2 with trainer.ema on: the average starts from the
     step-2 fp32 masters (not the fp16 copies, not a fresh model) and follows the recurrence from there."""

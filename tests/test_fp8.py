@@ -231,6 +231,7 @@ def test_missing_torchao_is_one_line_and_touches_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_missing_torchao_from_the_cli(tmp_path):
     code = ("import sys; sys.modules['torchao'] = None; sys.modules['torchao.float8'] = None; "
             "from mptrain.cli.main import main; main()")

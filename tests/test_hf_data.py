@@ -53,7 +53,7 @@ def test_saved_dataset_dict_with_images_trains_a_classifier(tmp_path):
 
 @pytest.mark.parametrize(("path", "message"), [
     pytest.param("wikitext/wikitext-2-raw-v1", r"looks like a hub name: mptrain never downloads", marks=pytest.mark.slow),
-    ("{tmp}", r"holds no save_to_disk dataset"),
+    pytest.param("{tmp}", r"holds no save_to_disk dataset", marks=pytest.mark.slow),
 ])
 def test_bad_paths_fail_in_one_line(tmp_path, path, message):
     with pytest.raises(ConfigError, match=message):

@@ -200,7 +200,7 @@ def test_imagefolder_class_count_mismatch_is_named(tmp_path):
 
 
 @pytest.mark.parametrize(("dataset", "expected"), [
-    ("mnist", "expected <root>/MNIST/raw/"),
+    pytest.param("mnist", "expected <root>/MNIST/raw/", marks=pytest.mark.slow),
     pytest.param("cifar10", "expected <root>/cifar-10-batches-py/", marks=pytest.mark.slow),
     pytest.param("imagefolder", "ImageNet layout", marks=pytest.mark.slow),
 ])

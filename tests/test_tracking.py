@@ -95,6 +95,7 @@ def test_tensorboard_and_mlflow_together(tmp_path, monkeypatch):
     assert len(MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")) == 3  # steps 2, 4, 6
 
 
+@pytest.mark.slow
 def test_missing_mlflow_is_one_line_before_anything_is_written(tmp_path):
     # the extra made unimportable, as on an install without mptrain[mlflow]
     code = ("import sys; sys.modules['mlflow'] = None; from mptrain.cli.main import main; "
