@@ -29,7 +29,7 @@ shell: $(STAMP) ## a shell with .venv active, so that mptrain, mptrain-eval, ...
 train: $(STAMP) ## run the default training job (small CNN on digits, precision=amp), offline, CPU or GPU
 	$(VENV)/bin/mptrain
 
-test: $(STAMP) ## run the test suite (6-7 minutes on 2 idle cores; slow tests excluded; lists the 15 slowest)
+test: $(STAMP) ## run the test suite (about 6 minutes on 2 idle cores; slow tests excluded; lists the 15 slowest)
 	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## run only the tests marked slow (signals, launchers, wheel install, accuracy parity)

@@ -170,6 +170,7 @@ def test_checkpoint_of_another_model_names_the_shapes(tmp_path):
         train(tmp_path / "other", ["model.width=8", "trainer.max_steps=4", f"resume={good_dir}/checkpoints/last.pt"])
 
 
+@pytest.mark.slow
 def test_damaged_last_falls_back_to_newest_step_file(tmp_path):
     overrides = [*SMALL, "trainer.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
     ref, ref_dir = train(tmp_path / "ref", overrides)

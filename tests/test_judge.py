@@ -297,6 +297,7 @@ def test_shadow_trains_a_layer_scaled_model_in_16bit_weights(precision, tmp_path
 
 # ---- --verify ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_verify_needs_the_probes_checkpoint(tmp_path):
     _, run = train(tmp_path, ["model=mlp", "precision=fp32", "trainer.max_steps=3", "diagnostics.every=1",
                               "diagnostics.shadow=[]", "checkpoint.enabled=false"])

@@ -396,6 +396,7 @@ def test_on_min_bf16_is_refused_on_a_gpu_without_bf16(monkeypatch):
     check_bf16_fallback("dynamic", "dynamic", torch.float16, CPU)  # CPU has bf16
 
 
+@pytest.mark.slow
 def test_cli_refuses_on_min_bf16_with_master_in_one_line(tmp_path):
     proc = run_cli(["precision=master", "precision.loss_scale.on_min=bf16", "trainer.device=cpu",
                     f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO)

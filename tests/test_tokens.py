@@ -161,6 +161,7 @@ def test_word_and_char_vocabularies_are_saved_in_the_run(tmp_path):
     assert saved["level"] == "word" and len(saved["tokens"]) == 200 and saved["tokens"][0] == "<unk>"
 
 
+@pytest.mark.slow
 def test_prepare_text_cli_then_train_on_the_token_files(tmp_path):
     import subprocess
     import sys
