@@ -22,6 +22,7 @@ PRESET_FAMILIES = {"fp32": "autocast", "amp": "autocast", "dynamic": "autocast",
                    "bf16": "autocast", "noscale": "autocast", "fp8": "autocast", "master": "fp16_weights",
                    "nomaster": "fp16_weights", "bf16_pure": "pure_bf16", "auto": "autocast"}
 PRECISION_MODES = tuple(PRESET_FAMILIES)
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's float8 recipes (formats/builtin.py)
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCALING_KINDS = ("auto", "none", "static", "dynamic")
@@ -72,7 +73,9 @@ class Fp8Config:
     """precision=fp8 (torchao float8 training): which Linear layers compute in float8 and how they scale.
     The filter follows torchtitan's converter; see docs/precision.md."""
 
-    recipe: str = "tensorwise"  # tensorwise (one dynamic scale per tensor, e5m2 grads) | rowwise (per row, e4m3)
+    # tensorwise (one dynamic scale per tensor, e5m2 grads) | rowwise (per row, e4m3) | rowwise_with_gw_hp (rowwise,
+    # the weight-gradient GEMM in bf16): the registry's fp8, fp8_row and fp8_row_hp entries
+    recipe: str = "tensorwise"
     emulate: bool | None = None  # null: real fp8 kernels on CUDA capability >= 8.9, emulated elsewhere
     skip_first: bool = True  # keep the first Linear (in module order) in bf16
     skip_last: bool = True  # keep the last Linear (usually the output head) in bf16
@@ -82,7 +85,7 @@ class Fp8Config:
 
     def __post_init__(self) -> None:
         p = "precision.fp8"
-        _check(self.recipe in ("tensorwise", "rowwise"), f"{p}.recipe", self.recipe, "choose tensorwise or rowwise")
+        _check(self.recipe in FP8_RECIPES, f"{p}.recipe", self.recipe, f"choose {', '.join(FP8_RECIPES)}")
         _check(self.dim_multiple >= 1, f"{p}.dim_multiple", self.dim_multiple, "must be >= 1")
 
 
@@ -121,6 +124,10 @@ class PrecisionConfig:
     compile_update: bool = False
     auto: AutoConfig = field(default_factory=AutoConfig)  # precision=auto
     fp8: Fp8Config = field(default_factory=Fp8Config)  # precision=fp8, and layers planned fp8 in any preset
+    # the user's own number formats, usable wherever a built-in is named (docs/formats.md):
+    # precision.formats.NAME={element: {ebits: 3, mbits: 2}, scaling: block, block: 32, scale_element: e8m0}
+    # or {_target_: my_pkg.my_format}; empty by default
+    formats: dict[str, Any] = field(default_factory=dict)
     # per-layer formats over the preset: {module glob (or @first / @last): format}; the last match wins
     # (docs/precision.md "Per-layer plans"), e.g. {"*": nvfp4, "@first": bf16, "@last": bf16}; typed Any (null)
     # so that a command-line mapping replaces it (a typed dict refuses new keys under Hydra's struct mode)

@@ -18,7 +18,8 @@ import time
 import torch
 from torch import nn
 
-from mptrain.precision.convert import _emulated, emulation_formats
+from mptrain.precision.convert import _emulated
+from mptrain.precision.formats import BUILTINS
 
 
 def step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     x = torch.randn(args.rows, args.features, device=dev, requires_grad=True)
     variants = {"fp32": (base, False), "bf16 autocast": (base, True)}
     for name in ("fp8", "mxfp8", "mxfp6_e2m3", "mxfp4", "nvfp4"):
-        variants[f"{name} emulated"] = (_emulated(base, *emulation_formats(name, "tensorwise")), False)
+        variants[f"{name} emulated"] = (_emulated(base, BUILTINS.get(name), BUILTINS.get(name).grad_format), False)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for layer, ac in variants.values():
         step(layer, x, ac)  # warm-up

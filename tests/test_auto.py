@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError
-from mptrain.precision.convert import EmulatedLinear, apply_plan, replan
+from mptrain.precision.convert import Applier, EmulatedLinear
+from mptrain.precision.formats import BUILTINS
 from mptrain.precision.plan import Rule, resolve
 
 from .conftest import read_jsonl, train
@@ -53,16 +53,16 @@ def test_replan_keeps_the_parameter_objects():
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     params = list(model.parameters())
     base = {n: ("bf16", "autocast", "preset") for n in ("0", "2")}
-    dev, f8 = torch.device("cpu"), Fp8Config()
+    applier = Applier(BUILTINS, torch.device("cpu"), "bf16", True)
 
     def plan(fmt):
         return resolve(model, base, [Rule("0", fmt, "auto")], autocast="bf16")
 
     old = plan("bf16")
-    apply_plan(model, old, dev, "bf16", f8, True)
+    applier.apply(model, old)
     for fmt in ("fp8_e4m3", "fp32", "bf16"):
         new = plan(fmt)
-        assert replan(model, old, new, dev, "bf16", f8, True) == ["0"]
+        assert applier.replan(model, old, new) == ["0"]
         old = new
         assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == 4
         assert isinstance(model[0], EmulatedLinear) == (fmt == "fp8_e4m3")

@@ -153,7 +153,7 @@ def test_e2m1_and_e8m0_value_sets():
 
 def test_formats_table_is_consistent():
     bits = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "mxfp8": 8, "mxfp8_e5m2": 8,
-            "mxfp6_e2m3": 6, "mxfp6_e3m2": 6, "mxfp4": 4, "nvfp4": 4}
+            "mxfp6_e2m3": 6, "mxfp6_e3m2": 6, "mxfp4": 4, "nvfp4": 4, "fp8": 8, "fp8_row": 8, "fp8_row_hp": 8}
     assert {n: f.bits for n, f in FORMATS.items()} == bits
     for name, fmt in FORMATS.items():
         assert fmt.name == name
@@ -179,11 +179,11 @@ def test_the_unknown_format_error_names_exactly_the_accepted_names(where):
     lists is taken: the candidates are the table's names, its aliases, the fp8 recipes and a typo."""
     from mptrain.diagnostics.shadow import check_formats
     from mptrain.precision.formats import ALIASES
-    from mptrain.precision.plan import check_format
+    from mptrain.precision.formats import BUILTINS
 
-    check = {"precision.layers": lambda n: check_format(n, "precision.layers.head"),
+    check = {"precision.layers": lambda n: BUILTINS.canonical(n, "precision.layers.head"),
              "diagnostics.shadow": lambda n: check_formats([n]), "get_format": get_format}[where]
-    candidates = [*FORMATS, *ALIASES, "fp8", "fp8_row", "fp3"]
+    candidates = [*FORMATS, *ALIASES, "fp8", "fp8_row", "fp8_row_hp", "fp3"]
     taken = {n for n in candidates if accepts(check, n)}
     assert {"mxfp6", "bfloat16", "fp8_e4m3"} <= taken and "fp3" not in taken
     with pytest.raises(ConfigError) as e:

@@ -245,7 +245,7 @@ def test_missing_torchao_from_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("precision.fp8.recipe=blockwise", "precision.fp8.recipe='blockwise' is invalid: choose tensorwise or rowwise"),
+    ("precision.fp8.recipe=blockwise", "precision.fp8.recipe='blockwise' is invalid: choose tensorwise, rowwise, rowwise_with_gw_hp"),
     ("precision.fp8.dim_multiple=0", "precision.fp8.dim_multiple=0 is invalid"),
 ])
 def test_bad_fp8_settings(override, message):

@@ -157,10 +157,31 @@ def test_conf_entries_name_only_what_differs_from_their_schema():
         names = [d for d in data.get("defaults", []) if isinstance(d, str) and d.endswith("_schema")]
         if not names or (group, names[0]) not in schemas:
             continue
-        defaults = schema_defaults(schemas[(group, names[0])])
-        restated += [f"{path.relative_to(REPO)}: {k}: {v!r}" for k, v in data.items()
+        defaults = flat(schema_defaults(schemas[(group, names[0])]))
+        restated += [f"{path.relative_to(REPO)}: {k}: {v!r}" for k, v in flat(data).items()
                      if k in defaults and (v == defaults[k] or (isinstance(defaults[k], (list, tuple)) and list(defaults[k]) == v))]
     assert not restated, "the schema states these already:\n" + "\n".join(restated)
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """Nested mappings and schema dataclasses as dotted keys (fp8.recipe, loss_scale.kind): a restated nested
+    default is found too (issue 33)."""
+    import dataclasses
+
+    out = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(v):
+            v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_the_restated_defaults_check_sees_nested_keys():
+    assert flat({"fp8": {"recipe": "tensorwise", "include": []}, "mode": "fp8"}) == {
+        "fp8.recipe": "tensorwise", "fp8.include": [], "mode": "fp8"}
 
 
 def test_builders_take_their_defaults_from_the_schema():

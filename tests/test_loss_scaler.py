@@ -326,7 +326,7 @@ def test_overflow_at_min_switches_the_engine_to_bf16_and_the_next_step_applies()
     model.weight.grad[0, 0] = float("inf")
     result = p.step(opt)
     assert not result.applied and result.switched_to_bf16
-    assert p.compute_dtype == torch.bfloat16 and p.scaler is None and p.loss_scale == 1.0
+    assert p.compute_dtype == torch.bfloat16 and not p.scaler.enabled and p.loss_scale == 1.0
     assert p.bf16_switch["from_dtype"] == "fp16" and p.bf16_switch["consecutive_overflows"] == 1
     assert p.skipped_steps == 1
     assert p.scaler_stats() == {"loss_scale_min": 1.0, "loss_scale_max": 1.0, "loss_scale_backoffs": 0}
@@ -351,9 +351,9 @@ def test_overflow_at_min_switches_the_engine_to_bf16_and_the_next_step_applies()
     # a resume after the switch continues in bf16; a fresh engine's own state keeps its scaler
     state = scaler_state_roundtrip(p.state_dict())
     resumed = bf16_precision()
-    assert resumed.compute_dtype == torch.float16 and resumed.scaler is not None
+    assert resumed.compute_dtype == torch.float16 and resumed.scaler.enabled
     resumed.load_state_dict(state)
-    assert resumed.compute_dtype == torch.bfloat16 and resumed.scaler is None
+    assert resumed.compute_dtype == torch.bfloat16 and not resumed.scaler.enabled
     assert resumed.bf16_switch == p.bf16_switch and resumed.skipped_steps == 1
 
 

@@ -279,7 +279,7 @@ def test_accumulating_k_micro_batches_matches_one_big_batch(mode, monkeypatch):
     opt_small = sgd(p_small.optimizer_params(), lr=0.1)
     k = 4
     calls = []
-    if p_small.scaler is not None:
+    if p_small.scaler.enabled:
         original = p_small.scaler.unscale_
         monkeypatch.setattr(p_small.scaler, "unscale_", lambda grads: calls.append(1) or original(grads))
     for xs, ys in zip(x.chunk(k), y.chunk(k)):
@@ -287,7 +287,7 @@ def test_accumulating_k_micro_batches_matches_one_big_batch(mode, monkeypatch):
             logits = small(xs)
         p_small.backward(nn.functional.cross_entropy(logits.float(), ys) / k)
     p_small.step(opt_small)
-    if p_small.scaler is not None:
+    if p_small.scaler.enabled:
         assert len(calls) == 1  # unscaled exactly once per optimizer step
     tol = 1e-6 if mode == "fp32" else 2e-3
     for a, b in zip(small.parameters(), big.parameters()):
@@ -350,10 +350,10 @@ def test_skipped_first_step_does_not_advance_the_schedule_and_is_counted(tmp_pat
 
 def test_amp_auto_picks_bf16_on_cpu_and_says_why():
     p, _ = make_precision("amp")
-    assert p.compute_dtype == torch.bfloat16 and p.scaler is None
+    assert p.compute_dtype == torch.bfloat16 and not p.scaler.enabled
     assert "bfloat16 is native" in p.describe()
     p, _ = make_precision("amp", "precision.dtype=float16")
-    assert p.compute_dtype == torch.float16 and p.scaler is not None and p.scaler.kind == "dynamic"
+    assert p.compute_dtype == torch.float16 and p.scaler.enabled and p.scaler.kind == "dynamic"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")

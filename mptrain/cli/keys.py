@@ -29,6 +29,7 @@ FIXED = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "diagnostics"
          "precision": PrecisionConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
          "logger": LoggerConfig}
 OPEN = ("model", "dataset", "task", "experiment", "hydra", "hparams_search", "debug")  # keys of their own
+OPEN_MAPPINGS = ("precision.formats",)  # mappings whose entries are the user's names (register.OPEN_KEYS)
 
 
 def _fields(schema: Any, prefix: str) -> list[str]:
@@ -98,7 +99,8 @@ def check_override_keys(args: list[str]) -> None:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
-        if "/" in key or "@" in key or key in groups or key in OPEN or key.split(".")[0] in OPEN:
+        if "/" in key or "@" in key or key in groups or key in OPEN or key.split(".")[0] in OPEN \
+                or key.startswith(tuple(f"{m}." for m in OPEN_MAPPINGS)):
             continue  # a group choice (precision=bf16, hydra/launcher=...) or a key Hydra checks itself
         if key in keys:
             continue

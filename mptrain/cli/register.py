@@ -81,6 +81,21 @@ SCHEMAS = (
     ("dataset", "hf_schema", schema.HFDatasetConfig),
 )
 
+OPEN_KEYS = {schema.PrecisionConfig: ("formats",)}  # mappings the user adds entries to without `+`
+
+
+def open_keys(node):
+    """The schema as a config whose OPEN_KEYS mappings take new keys under Hydra's struct mode:
+    `precision.formats.NAME={...}` works as written (struct is a per-node flag that wins over the parent's)."""
+    keys = OPEN_KEYS.get(node)
+    if not keys:
+        return node
+    cfg = OmegaConf.structured(node)
+    for key in keys:
+        OmegaConf.set_struct(cfg[key], False)
+    return cfg
+
+
 RESOLVERS = {"mptrain_run_name": run_name, "python_stdlib": python_stdlib, "mptrain_direction": sweep_direction,
              "mptrain_help_groups": config_groups}
 
@@ -89,7 +104,7 @@ def register() -> str:
     """Register the schemas, the resolvers and the sweeper; return conf/'s path for Hydra."""
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
-        cs.store(group=group, name=name, node=node)
+        cs.store(group=group, name=name, node=open_keys(node))
     for name, fn in RESOLVERS.items():
         # the run name is drawn once per process (every interpolation of it agrees)
         OmegaConf.register_new_resolver(name, fn, replace=True, use_cache=name == "mptrain_run_name")

@@ -18,7 +18,7 @@ from torch import nn
 
 from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.shadow import FIELDS as SHADOW_FIELDS
-from mptrain.diagnostics.shadow import Shadow, check_formats, native_formats
+from mptrain.diagnostics.shadow import Shadow, check_formats
 from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -35,6 +35,7 @@ from mptrain.diagnostics.stats import (
 from mptrain.diagnostics.trace import trace_overflow
 from mptrain.errors import ConfigError
 from mptrain.precision import fp8
+from mptrain.precision.plan import planned_modules
 from mptrain.run.layout import DIAGNOSTICS, json_safe
 
 log = logging.getLogger("mptrain")
@@ -51,7 +52,7 @@ class Diagnostics:
         # what the optimizer updates (FP32 masters in master mode), in model order: name them by identity so
         # that a step over a subset (one part of a GAN) is named right
         self.name_of = {id(t): n for n, t in zip(names, precision.optimizer_params())}
-        layers = self.check_layers(cfg, model)
+        layers = self.check_layers(cfg, model, precision.registry)
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
         self.hypothetical = precision.compute_dtype != torch.float16
@@ -59,7 +60,8 @@ class Diagnostics:
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
         # what each candidate format does to each layer (names checked at start)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.shadow = Shadow(native_formats(device) if cfg.shadow is None else list(cfg.shadow))
+        registry = precision.registry
+        self.shadow = Shadow(registry.default_candidates(device) if cfg.shadow is None else list(cfg.shadow), registry)
         self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:
@@ -70,7 +72,11 @@ class Diagnostics:
                          "activation_layers": list(self.layers), "precision": precision.mode,
                          "weights": weights, "shadow_formats": self.shadow.names, "shadow_fields": SHADOW_FIELDS,
                          # each module's planned format, by the names precision_plan.json and the rows use
-                         "plan": precision.plan.formats() if getattr(precision, "plan", None) is not None else {}})
+                         "plan": precision.plan.formats() if getattr(precision, "plan", None) is not None else {},
+                         # the shadow formats each module can compute in (the registry's rule, for the advisor)
+                         "fits": {n: [f for f in self.shadow.names
+                                      if registry.fits(f, m, precision.dim_multiple, device) is None]
+                                  for n, m in planned_modules(model)}})
         self._handles: list = []
         self._act: dict[str, list[torch.Tensor]] = {}
         self._row: dict | None = None
@@ -91,10 +97,10 @@ class Diagnostics:
         return int(self.totals.get("samples", 0))
 
     @staticmethod
-    def check_layers(cfg: DictConfig, model: nn.Module) -> list[str]:
-        """The modules whose output gradients are histogrammed; an unknown name is a one-line error (checked
-        before the run directory changes)."""
-        check_formats(list(cfg.shadow or []))
+    def check_layers(cfg: DictConfig, model: nn.Module, registry=None) -> list[str]:
+        """The modules whose output gradients are histogrammed; an unknown name (of a layer, or of a shadow format
+        in `registry`, default the built-ins) is a one-line error (checked before the run directory changes)."""
+        check_formats(list(cfg.shadow or []), *([registry] if registry is not None else []))
         model = getattr(model, "_orig_mod", model)
         model = getattr(model, "module", model)
         layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]

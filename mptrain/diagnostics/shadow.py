@@ -26,53 +26,69 @@ its inputs, weights and output gradient; every figure stays on the device until 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import nn
 
 from mptrain.errors import ConfigError
-from mptrain.precision.engine import inputs_as_given
-from mptrain.precision.formats import Format, accepted_names, get_format
+from mptrain.precision.formats import BUILTINS, Format, Registry
+from mptrain.precision.master import inputs_as_given
 
-RECIPES = ("fp8", "fp8_row")  # torchao's tensorwise and rowwise float8 recipes, as shadow candidates
-
-FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")
+FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")  # the order of a row in diagnostics.jsonl
 
 
-def native_formats(device: torch.device) -> list[str]:
-    """The candidates with real kernels on `device` (diagnostics.shadow: null). Emulated formats cost several
-    plain steps per sampled step on a CPU (docs/benchmarks.md), so they are measured only when listed."""
-    if device.type != "cuda":
-        return ["bf16"]  # fp16 and fp8 are emulated on CPUs
-    formats = ["bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    if torch.cuda.get_device_capability(device) >= (8, 9):  # Ada / Hopper: fp8 tensor cores
-        formats += ["fp8", "fp8_row"]
-    return formats
+def _worse(a, b):
+    """The larger of two figures ("inf" beats any number; None is not measured)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if "inf" in (a, b):
+        return "inf"
+    return max(a, b)
 
 
-def candidate(name: str) -> tuple[Format, Format]:
-    """(forward, gradient) formats of a candidate: `fp8` / `fp8_row` are torchao's tensorwise and rowwise
-    recipes; any other name is a format of the formats table used for both."""
-    if name in RECIPES:
-        scaling = "row" if name == "fp8_row" else "tensor"
-        fwd = dataclasses.replace(get_format("fp8_e4m3"), name=f"fp8_e4m3_{scaling}", scaling=scaling)
-        grad = fwd if name == "fp8_row" else dataclasses.replace(get_format("fp8_e5m2"), name="fp8_e5m2_tensor",
-                                                                  scaling="tensor")
-        return fwd, grad
-    fmt = get_format(name)
-    return fmt, fmt
+@dataclass(frozen=True)
+class Figures:
+    """One format's shadow figures on one module (a number, "inf" for non-finite, None when not measured)."""
+
+    err: float | str | None = None
+    flush: float | str | None = None
+    sat: float | str | None = None
+    gerr: float | str | None = None
+    gflush: float | str | None = None
+    gsat: float | str | None = None
+
+    @classmethod
+    def from_row(cls, row) -> Figures:
+        """From diagnostics.jsonl's positional row (FIELDS order)."""
+        return cls(*row) if row is not None else cls()
+
+    def as_row(self) -> list:
+        return list(astuple(self))
+
+    def worst(self, other: Figures) -> Figures:
+        return Figures(*(_worse(a, b) for a, b in zip(astuple(self), astuple(other))))
+
+    @property
+    def error(self) -> float | None:
+        """The worse of the forward and gradient relative errors (None: neither measured)."""
+        errs = [f for f in (self.err, self.gerr) if f is not None]
+        if not errs:
+            return None
+        return math.inf if "inf" in errs else max(errs)
 
 
-def check_formats(names: list[str]) -> None:
+def check_formats(names: list[str], registry: Registry = BUILTINS) -> None:
     """A one-line ConfigError for an unknown candidate (checked before the run directory changes)."""
     for name in names:
         try:
-            candidate(name)
+            registry.get(name)
         except ConfigError:
             raise ConfigError(f"diagnostics.shadow: unknown format {name!r}; choose from "
-                              f"{accepted_names(*RECIPES)}") from None
+                              f"{registry.accepted()}") from None
 
 
 # the modules a plan swaps in (emulated layers, torchao's Float8Linear): measured through their torch.nn base
@@ -189,11 +205,13 @@ def _swapped(module: nn.Module, params: list[torch.Tensor]):
 
 class Shadow:
     """The shadow figures of one sampled step: `forward(module, name, args, kwargs)` from a forward hook,
-    `grad(name, module, g)` from the output's gradient hook, `end()` -> {module: {format: [six figures]}}."""
+    `grad(name, module, g)` from the output's gradient hook, `end()` -> {module: {format: [six figures]}}
+    (rows in FIELDS order, as diagnostics.jsonl holds them; `Figures.from_row` reads one)."""
 
-    def __init__(self, formats: list[str] | tuple[str, ...]):
+    def __init__(self, formats: list[str] | tuple[str, ...], registry: Registry = BUILTINS):
         self.names = list(formats)
-        self.formats = {n: candidate(n) for n in self.names}  # an unknown name fails here, at start
+        # (forward, gradient) formats; an unknown name fails here, at start
+        self.formats = {n: (registry.get(n), registry.get(n).grad_format) for n in self.names}
         self._rows: dict[str, dict[str, list]] = {}
 
     def __bool__(self) -> bool:

@@ -66,7 +66,7 @@ def shard(model: nn.Module, precision: Any) -> nn.Module:
             fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     # each rank unscales only its gradient shard: every rank must take the same skip decision
-    precision.agree_on_overflow = max_across_ranks
+    precision.agree_on_overflow(max_across_ranks)
     return model
 
 

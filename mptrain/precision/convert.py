@@ -12,17 +12,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mptrain.precision.formats import Format, get_format
-from mptrain.precision.plan import RECIPE, Plan
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from mptrain.precision.formats import FP32, Format, Registry
+from mptrain.precision.plan import Plan
 
 
 class _QuantizeGrad(torch.autograd.Function):
@@ -61,19 +58,6 @@ class _Quantize(torch.autograd.Function):
 
 def _ste(x: torch.Tensor, fmt: Format, channel_dim: int = -1) -> torch.Tensor:
     return _Quantize.apply(x, fmt, channel_dim)
-
-
-def emulation_formats(name: str, fp8_recipe: str) -> tuple[Format, Format]:
-    """(compute, gradient) formats for an emulated entry. `fp8` emulates torchao's recipe: dynamic e4m3 scales per
-    tensor forward and e5m2 gradients (tensorwise), or per row and e4m3 throughout (rowwise)."""
-    if name != RECIPE:
-        fmt = get_format(name)
-        return fmt, fmt
-    scaling = "row" if fp8_recipe == "rowwise" else "tensor"
-    fwd = dataclasses.replace(get_format("fp8_e4m3"), name=f"fp8_e4m3_{scaling}", scaling=scaling)
-    grad = fwd if fp8_recipe == "rowwise" else dataclasses.replace(get_format("fp8_e5m2"), name="fp8_e5m2_tensor",
-                                                                    scaling=scaling)
-    return fwd, grad
 
 
 class EmulatedLinear(nn.Linear):
@@ -137,67 +121,75 @@ def _own_autocast(forward, device_type: str, dtype: torch.dtype | None, *args, *
         return _floats_to_fp32(forward(*args, **kwargs))
 
 
-def apply_plan(model: nn.Module, plan: Plan, device: torch.device, autocast: str | None, fp8_cfg, fp8_emulate: bool
-               ) -> list[str]:
-    """Convert the modules of `model` in place as `plan` says; returns the names converted to Float8Linear.
-    Call once, before the optimizer is built (the parameters stay the same objects)."""
-    if getattr(model, "_mptrain_planned", False):
-        return []  # converted before: FSDP prepares the sharded model again
-    float8 = [name for name, e in plan.items() if _apply_entry(model, name, e, device, autocast, fp8_cfg)]
-    _float8(model, float8, fp8_cfg, fp8_emulate)
-    model._mptrain_planned = True
-    return float8
+class Applier:
+    """Converts modules in place as plan entries say: the same parameter objects (so the optimizer state carries
+    on), no buffers added. `fp8_emulate`: torchao's Float8Linear emulates its fp8 GEMMs (no fp8 kernels here)."""
 
+    def __init__(self, registry: Registry, device: torch.device, autocast: str | None, fp8_emulate: bool = True):
+        self.registry, self.device, self.autocast, self.fp8_emulate = registry, device, autocast, fp8_emulate
 
-def _apply_entry(model: nn.Module, name: str, e, device: torch.device, autocast: str | None, fp8_cfg) -> bool:
-    """Convert one module as its entry says; True where it is to become a Float8Linear (done in one pass)."""
-    module = model.get_submodule(name)
-    if e.kernel == "float8":
-        return True
-    if e.kernel == "emulated":
-        fwd, grad = emulation_formats(e.format, fp8_cfg.recipe if fp8_cfg is not None else "tensorwise")
-        _replace(model, name, _emulated(module, fwd, grad))
-    elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (autocast or "fp32"):
-        # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
-        dtype = AUTOCAST_DTYPES.get(e.format)
-        module.forward = functools.partial(_own_autocast, module.forward, device.type, dtype)
-    return False
+    def apply(self, model: nn.Module, plan: Plan) -> list[str]:
+        """Convert `model` as `plan` says; returns the names converted to Float8Linear. Call once, before the
+        optimizer is built."""
+        if getattr(model, "_mptrain_planned", False):
+            return []  # converted before: FSDP prepares the sharded model again
+        float8 = [name for name, e in plan.items() if self._apply_entry(model, name, e)]
+        self._float8(model, float8, plan)
+        model._mptrain_planned = True
+        return float8
 
+    def replan(self, model: nn.Module, old: Plan, new: Plan) -> list[str]:
+        """Move the modules whose entry differs between `old` and `new` to their new entry, in the same process:
+        each goes back to its plain torch.nn class (the same parameter objects), then converts as `new` says.
+        Returns the names changed."""
+        key = lambda e: None if e is None else (e.format, e.grad_format, e.kernel, e.by_rule)  # noqa: E731
+        changed = [n for n, e in new.items() if key(old.get(n)) != key(e)]
+        float8 = []
+        for name in changed:
+            module = model.get_submodule(name)
+            module.__dict__.pop("forward", None)  # an own-autocast wrapper
+            base = torch_base(module)
+            if type(module) is not base:
+                plain = base.__new__(base)
+                plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt")})
+                _replace(model, name, plain)
+            if self._apply_entry(model, name, new[name]):
+                float8.append(name)
+        self._float8(model, float8, new)
+        return changed
 
-def _float8(model: nn.Module, names: list[str], fp8_cfg, fp8_emulate: bool) -> None:
-    if names:
+    def _apply_entry(self, model: nn.Module, name: str, e) -> bool:
+        """Convert one module as its entry says; True where it is to become a Float8Linear (done in one pass)."""
+        module = model.get_submodule(name)
+        if e.kernel == "float8":
+            return True
+        fmt = self.registry.get(e.format)
+        if e.kernel == "emulated":
+            _replace(model, name, _emulated(module, fmt, fmt.grad_format))
+        elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (self.autocast or FP32.name):
+            # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
+            dtype = None if e.kernel == "fp32" else fmt.torch_dtype
+            module.forward = functools.partial(_own_autocast, module.forward, self.device.type, dtype)
+        return False
+
+    def _float8(self, model: nn.Module, names: list[str], plan: Plan) -> None:
+        """torchao's Float8Linear for `names`, one conversion per recipe."""
+        if not names:
+            return
         from mptrain.precision import fp8
 
-        chosen = set(names)
-        fp8.require_torchao().convert_to_float8_training(
-            model, config=fp8.float8_config(fp8_cfg.recipe, fp8_emulate), module_filter_fn=lambda m, fqn: fqn in chosen)
+        by_recipe: dict[str, set[str]] = {}
+        for n in names:
+            by_recipe.setdefault(self.registry.get(plan[n].format).recipe, set()).add(n)
+        for recipe, chosen in by_recipe.items():
+            fp8.require_torchao().convert_to_float8_training(
+                model, config=fp8.float8_config(recipe, self.fp8_emulate),
+                module_filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
 
 
 def torch_base(module: nn.Module) -> type:
     """The torch.nn class a converted module derives from (EmulatedLinear, Float8Linear -> nn.Linear)."""
     return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
-
-
-def replan(model: nn.Module, old: Plan, new: Plan, device: torch.device, autocast: str | None, fp8_cfg,
-           fp8_emulate: bool) -> list[str]:
-    """Move the modules whose entry differs between `old` and `new` to their new entry, in the same process:
-    each goes back to its plain torch.nn class (the same parameter objects), then converts as `new` says.
-    Returns the names changed."""
-    key = lambda e: None if e is None else (e.format, e.grad_format, e.kernel, e.by_rule)  # noqa: E731
-    changed = [n for n, e in new.items() if key(old.get(n)) != key(e)]
-    float8 = []
-    for name in changed:
-        module = model.get_submodule(name)
-        module.__dict__.pop("forward", None)  # an own-autocast wrapper
-        base = torch_base(module)
-        if type(module) is not base:
-            plain = base.__new__(base)
-            plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt")})
-            _replace(model, name, plain)
-        if _apply_entry(model, name, new[name], device, autocast, fp8_cfg):
-            float8.append(name)
-    _float8(model, float8, fp8_cfg, fp8_emulate)
-    return changed
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

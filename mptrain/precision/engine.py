@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,30 +22,27 @@ from torch import nn
 from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
 from mptrain.precision import fp8
-from mptrain.precision.convert import apply_plan, replan
+from mptrain.precision.convert import Applier
 from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
-from mptrain.precision.master import MasterWeights
-from mptrain.precision.plan import RECIPE, Plan, Rule, resolve, user_rules
-from mptrain.precision.scaler import LossScaler, SwitchToBF16
+from mptrain.precision.formats import BF16, FP8_RECIPES, Registry
+from mptrain.precision.master import CASTING, MasterWeights
+from mptrain.precision.plan import Plan, Rule, resolve, user_rules
+from mptrain.precision.planner import Planner
+from mptrain.precision.scaler import LossScaler, NoScaler, SwitchToBF16
 
 FP16_MAX = 65504.0  # the largest finite float16
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_CASTING = contextvars.ContextVar("mptrain_input_casts", default=True)
 
 
-@contextlib.contextmanager
-def inputs_as_given() -> Iterator[None]:
-    """A low-precision model's input casts do nothing inside: a float32 re-run of its parts (the diagnostics'
-    shadow reference) stays float32."""
-    token = _CASTING.set(False)
-    try:
-        yield
-    finally:
-        _CASTING.reset(token)
+def short(dtype: torch.dtype) -> str:
+    """A torch dtype's format name (float32 -> fp32, ...)."""
+    return Registry.for_dtype(dtype).name
+
+
+SHORT_DTYPE = {d: short(d) for d in DTYPES.values()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,8 +106,9 @@ class StepResult:
 
 
 class Precision:
-    """The run's precision: the preset's family (autocast + loss scaler; fp16 weights + fp32 masters; pure bf16),
-    its loss scaler, and the per-module plan (precision/plan.py) the model is converted to."""
+    """The run's precision, the policy the step talks to: the preset's family (autocast + loss scaler; fp16 weights
+    + fp32 masters; pure bf16), the format registry, the per-module plan and its applier, the loss scaler (a
+    NoScaler where there is no scaling), the master weights, and the planner of precision=auto."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.mode = cfg.mode
@@ -119,17 +116,46 @@ class Precision:
         self.preset, self.family = family_for(self.mode, cfg)
         self.use_autocast = self.family.uses_autocast
         self.low_precision_params = self.family.low_precision_params
-        self.use_master = self.preset.master
         self.compute_dtype, self.dtype_reason = resolve_dtype(cfg.mode, cfg.dtype, device)
         self.keep_norm_fp32 = cfg.keep_norm_fp32
         self.fp32_accumulation = cfg.fp32_accumulation
-        self.update = cfg.get("update", "nearest")  # bf16_pure's rounding rule (cfg.update is DictConfig.update)
-        self.rules = user_rules(cfg.get("layers"))  # checked here: an unknown format fails before any work
+        fp8_cfg = cfg.get("fp8") or OmegaConf.structured(Fp8Config)
+        # every format the run can name: the built-ins and precision.formats (checked here, before any work)
+        self.registry = Registry.from_config(cfg.get("formats"), fp8_cfg.recipe)
+        self.rules = user_rules(cfg.get("layers"), self.registry)
         if self.rules and not self.family.takes_layers:
             raise ConfigError(f"precision.layers with precision={self.mode}: its parameters are held in "
-                              f"{SHORT_DTYPE[self.compute_dtype]}, so per-layer formats need an autocast preset "
+                              f"{short(self.compute_dtype)}, so per-layer formats need an autocast preset "
                               "(fp32, amp, bf16, dynamic, static, noscale or fp8)")
-        ls = cfg.loss_scale
+        self.scaler = self._build_scaler(cfg.loss_scale)
+        # on_min=bf16: the facts of the switch once it happened (None before), kept in state_dict()
+        self.bf16_switch: dict | None = None
+        self.master: MasterWeights | None = None
+        self._params: list[torch.Tensor] = []
+        self._input_hooks: list = []
+        # FSDP: each rank sees only its gradient shard, so every rank must agree on a skip (agree_on_overflow)
+        self._agree: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._on_plan: Callable[[], None] | None = None  # the run writes precision_plan.json again on a change
+        self.measured_plan = self.preset.measured
+        if self.measured_plan and self.rules:
+            raise ConfigError("precision.layers with precision=auto: auto chooses every layer's format itself; "
+                              "drop precision.layers, or use another preset (e.g. precision=bf16) with it")
+        # precision=auto: the planner (precision/planner.py), fed by the step through begin_step / end_step
+        self.planner = (Planner(cfg.auto, device, self.autocast_format or short(torch.float32), self.registry)
+                        if self.measured_plan else None)
+        uses_fp8 = (self.preset.fp8 or any(self.registry.get(r.format).executor == "torchao" for r in self.rules)
+                    or (self.planner is not None and self.planner.uses_torchao))
+        self.fp8_cfg = fp8_cfg if uses_fp8 else None
+        self.fp8_layers: list[str] = []
+        self.fp8_emulated, self.fp8_reason = True, ""
+        if self.fp8_cfg is not None:  # fail before the run directory is touched
+            fp8.require_torchao()
+            self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
+        self.applier = Applier(self.registry, device, self.autocast_format, self.fp8_emulated)
+        self.plan: Plan | None = None
+        self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
+
+    def _build_scaler(self, ls) -> LossScaler | NoScaler:
         kind = ls.kind
         if self.preset.scaling is not None and kind not in ("auto", self.preset.scaling):
             raise ConfigError(f"precision={self.mode} means {self.preset.scaling} loss scaling; "
@@ -138,101 +164,80 @@ class Precision:
         if kind == "auto":
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
         if ls.on_min == "bf16" and kind != "none":
-            check_bf16_fallback(self.mode, kind, self.compute_dtype, device)
+            check_bf16_fallback(self.mode, kind, self.compute_dtype, self.device)
         if kind == "static" and self.compute_dtype == torch.float16 and ls.init > FP16_MAX:
             log.warning("precision.loss_scale.init=%g is above float16's largest value (65504): unless the gradients "
                         "are far below 1 (e.g. a small trainer.loss_weight), every step overflows and is skipped; "
                         "32768 or less, or precision.loss_scale.kind=dynamic, is the usual choice", ls.init)
-        self.scaler: LossScaler | None = None
-        if kind != "none":
-            self.scaler = LossScaler(kind, ls.init, ls.growth_factor, ls.backoff_factor, ls.growth_interval,
-                                     ls.hysteresis, ls.min, ls.max, ls.on_min,
-                                     consecutive_hysteresis=ls.get("consecutive_hysteresis", False))
-        # on_min=bf16: the facts of the switch once it happened (None before), kept in state_dict()
-        self.bf16_switch: dict | None = None
-        self.master: MasterWeights | None = None
-        self._params: list[torch.Tensor] = []
-        self._input_hooks: list = []
-        # FSDP: each rank sees only its gradient shard, so every rank must agree on a skip; the distributed
-        # code sets this to an all-reduce (max) of the overflow flag (DDP's gradients are already all-reduced)
-        self.agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.fp8_preset = self.preset.fp8
-        # precision=auto: the planner (train/auto.py, set by the recipe: measurement sits above precision)
-        self.auto = None
-        self.on_plan: Callable[[], None] | None = None  # the run writes precision_plan.json again on a change
-        self.measured_plan = self.preset.measured
-        if self.measured_plan and self.rules:
-            raise ConfigError("precision.layers with precision=auto: auto chooses every layer's format itself; "
-                              "drop precision.layers, or use another preset (e.g. precision=bf16) with it")
-        uses_fp8 = self.fp8_preset or any(r.format == RECIPE for r in self.rules)
-        self.fp8_cfg = (cfg.get("fp8") or OmegaConf.structured(Fp8Config)) if uses_fp8 else None
-        self.fp8_layers: list[str] = []
-        self.plan: Plan | None = None
-        self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
-        if self.fp8_cfg is not None:  # fail before the run directory is touched
-            self.enable_fp8(self.fp8_cfg)
+        if kind == "none":
+            return NoScaler()
+        return LossScaler(kind, ls.init, ls.growth_factor, ls.backoff_factor, ls.growth_interval, ls.hysteresis,
+                          ls.min, ls.max, ls.on_min, consecutive_hysteresis=ls.get("consecutive_hysteresis", False))
 
-    def enable_fp8(self, fp8_cfg) -> None:
-        """Layers may compute in torchao's float8 (precision=fp8, a rule, or an fp8 candidate of precision=auto)."""
-        self.fp8_cfg = fp8_cfg
-        fp8.require_torchao()
-        self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(fp8_cfg.emulate, self.device)
+    def agree_on_overflow(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """FSDP: `fn` reduces the overflow flag across ranks (each rank unscales only its gradient shard)."""
+        self._agree = fn
+
+    def on_plan_change(self, fn: Callable[[], None]) -> None:
+        """`fn` runs whenever the plan changes in the running process (the run rewrites precision_plan.json)."""
+        self._on_plan = fn
 
     # ---- set-up -------------------------------------------------------------------------------
     def describe(self) -> str:
-        scaling = "no loss scaling" if self.scaler is None else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}"
-        params = SHORT_DTYPE[self.compute_dtype] if self.low_precision_params else "fp32"
+        scaling = ("no loss scaling" if not self.scaler.enabled
+                   else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}")
+        params = short(self.compute_dtype) if self.low_precision_params else short(torch.float32)
         extra = self.family.describe()
         if self.fp8_cfg is not None:
-            extra += (f", Linear layers in float8 (e4m3 forward, {'e4m3' if self.fp8_cfg.recipe == 'rowwise' else 'e5m2'} "
+            fmt = FP8_RECIPES[self.fp8_cfg.recipe]
+            extra += (f", Linear layers in float8 ({fmt.element.name} forward, {fmt.grad_format.element.name} "
                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
         if self.rules:
             extra += f", per-layer rules {', '.join(f'{r.pattern}: {r.format}' for r in self.rules)}"
-        return f"precision={self.mode}: compute {SHORT_DTYPE[self.compute_dtype]} ({self.dtype_reason}), params {params}{extra}, {scaling}"
+        return (f"precision={self.mode}: compute {short(self.compute_dtype)} ({self.dtype_reason}), params {params}"
+                f"{extra}, {scaling}")
 
     @property
     def autocast_format(self) -> str | None:
         """The run's autocast format (None: no autocast, the model computes in its parameters' dtype)."""
         if not self.use_autocast or self.compute_dtype == torch.float32:
             return None
-        return SHORT_DTYPE[self.compute_dtype]
-
-    def resolve_plan(self, model: nn.Module) -> Plan:
-        """The preset's plan for `model` with precision.layers applied (the model is not changed)."""
-        base = self.family.base(model, self.compute_dtype)
-        if self.fp8_preset:
-            for name, why in fp8.plan(model, self.fp8_cfg).items():
-                if name in base:
-                    base[name] = ("fp8", "float8", "preset") if why is None else (base[name][0], base[name][1], why)
-        f8 = self.fp8_cfg or OmegaConf.structured(Fp8Config)
-        return resolve(model, base, self.rules, autocast=self.autocast_format, fp8_recipe=f8.recipe,
-                       dim_multiple=f8.dim_multiple, fp8_emulated=getattr(self, "fp8_emulated", True))
+        return short(self.compute_dtype)
 
     @property
     def dim_multiple(self) -> int:
         return (self.fp8_cfg or OmegaConf.structured(Fp8Config)).dim_multiple
 
-    def apply_auto(self, formats: dict[str, str], why: str) -> list[str]:
-        """precision=auto: move the model to the plan `formats` (module -> format) in place, the parameters (and so
-        the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
-        base = self.family.base(self._model, self.compute_dtype)
-        f8 = self.fp8_cfg or OmegaConf.structured(Fp8Config)
-        rules = [Rule(n, f, why) for n, f in formats.items()]
-        new = resolve(self._model, base, rules, autocast=self.autocast_format, fp8_recipe=f8.recipe,
-                      dim_multiple=f8.dim_multiple, fp8_emulated=getattr(self, "fp8_emulated", True))
-        changed = replan(self._model, self.plan, new, self.device, self.autocast_format, self.fp8_cfg,
-                         getattr(self, "fp8_emulated", True))
+    def _resolve(self, model: nn.Module, rules: list[Rule]) -> Plan:
+        base = self.family.base(model, self.compute_dtype)
+        if self.preset.fp8:
+            entry = FP8_RECIPES[self.fp8_cfg.recipe].name
+            for name, why in fp8.plan(model, self.fp8_cfg).items():
+                if name in base:
+                    base[name] = (entry, "float8", "preset") if why is None else (base[name][0], base[name][1], why)
+        return resolve(model, base, rules, autocast=self.autocast_format, registry=self.registry,
+                       dim_multiple=self.dim_multiple, fp8_emulated=self.fp8_emulated)
+
+    def resolve_plan(self, model: nn.Module) -> Plan:
+        """The preset's plan for `model` with precision.layers applied (the model is not changed)."""
+        return self._resolve(model, self.rules)
+
+    def apply_formats(self, model: nn.Module, formats: dict[str, str], why: dict[str, str]) -> list[str]:
+        """Move `model` to the plan `formats` (module -> format; `why`: module -> reason) in place, the parameters
+        (and so the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
+        new = self._resolve(model, [Rule(n, f, why[n]) for n, f in formats.items()])
+        changed = self.applier.replan(model, self.plan, new)
         self.plan = new
         self.fp8_layers = [n for n, e in new.items() if e.kernel == "float8"]
-        if self.on_plan is not None:
-            self.on_plan()
+        if self._on_plan is not None:
+            self._on_plan()
         return changed
 
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
         out: dict = self.plan.records()
-        if self.auto is not None:
-            out["history"] = list(self.auto.history)
+        if self.planner is not None:
+            out["history"] = list(self.planner.history)
         return out
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -245,13 +250,11 @@ class Precision:
                     f"({', '.join(sorted(set(emulated.values())))})" if emulated else "")
             log.info("precision plan (%s%s):\n%s", self.mode, note, self.plan.table())
         if self.family.uses_autocast:
-            f8 = self.fp8_cfg
-            names = apply_plan(model, self.plan, self.device, self.autocast_format, f8,
-                               getattr(self, "fp8_emulated", True))
+            names = self.applier.apply(model, self.plan)
             self.fp8_layers += names  # FSDP calls this again on the sharded model: nothing new converts then
-            if self.fp8_preset and names:
-                log.info("fp8: %d Linear layers in float8 (%s)", len(names), f8.recipe)
-            elif self.fp8_preset and not self.fp8_layers:
+            if self.preset.fp8 and names:
+                log.info("fp8: %d Linear layers in float8 (%s)", len(names), self.fp8_cfg.recipe)
+            elif self.preset.fp8 and not self.fp8_layers:
                 log.warning("precision=fp8 converted no Linear layer: the run computes in bf16 (see precision.fp8.*)")
         if self.low_precision_params:
             self.family.prepare(model, self.compute_dtype, self.keep_norm_fp32)
@@ -260,7 +263,7 @@ class Precision:
                 # directly, e.g. a GAN's generator) in its own dtype
                 for module in (model, *model.children()):
                     self._input_hooks.append(module.register_forward_pre_hook(self._cast_args))
-        if self.use_master:
+        if self.preset.master:
             self.master = MasterWeights(model)
             self._params = self.master.params
         else:
@@ -296,7 +299,7 @@ class Precision:
     @property
     def at_min_scale(self) -> bool:
         """The loss scale has reached its minimum (an overflow now stops or switches the run)."""
-        return self.scaler is not None and self.scaler.scale <= self.scaler.min
+        return self.scaler.at_min
 
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:
@@ -312,6 +315,26 @@ class Precision:
             m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
 
     # ---- the step -----------------------------------------------------------------------------
+    def begin_step(self, step: int, model: nn.Module) -> None:
+        """Before the step's first forward: precision=auto's shadow measurement on its probe and re-check steps."""
+        if self.planner is not None:
+            self.planner.begin_step(step, model)
+
+    def end_step(self, step: int, model: nn.Module, overflow: bool) -> dict | None:
+        """After the step's optimizer updates: advance the loss scale once for the iteration (may raise
+        LossScalingError, or switch to bf16), then let precision=auto plan or re-check (a new plan takes effect
+        from the next step). Returns the event row of what changed the run's course, or None."""
+        event = None
+        if self.update_scale(overflow):
+            event = {"event": "switch_to_bf16", **self.bf16_switch}
+        if self.planner is not None:
+            planned = self.planner.end_step(step, model, self)
+            if planned is not None:
+                if event is not None:
+                    planned["also"] = event
+                event = planned
+        return event
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.use_autocast or self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -324,17 +347,17 @@ class Precision:
         return x
 
     def _cast_args(self, module: nn.Module, args: tuple) -> tuple:
-        if not _CASTING.get():
+        if not CASTING.get():
             return args
         return tuple(self.cast_inputs(a) if isinstance(a, torch.Tensor) else a for a in args)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Scaled backward. `loss` is float32 (compute losses on float32 logits)."""
-        (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
+        self.scaler.scale_loss(loss).backward()
 
     @property
     def loss_scale(self) -> float:
-        return self.scaler.scale if self.scaler is not None else 1.0
+        return self.scaler.scale
 
     def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None,
              inspect: Callable[[list[torch.Tensor], bool, float], None] | None = None,
@@ -342,21 +365,21 @@ class Precision:
         """Unscale once, check overflow, clip, step or skip, update the scale, copy masters back.
 
         `inspect(params, overflow, scale)` (diagnostics) sees the unscaled gradients before clipping.
-        Several optimizers (a GAN): pass each one's `params` and `update=False`, then call
-        `update_scale` once for the iteration (PyTorch's recipe: one scaler, a step per optimizer).
+        Several optimizers (a GAN): pass each one's `params` and `update=False`, then advance the scale once for
+        the iteration (`end_step`, or `update_scale`): PyTorch's recipe, one scaler, a step per optimizer.
         `measure_norm`: return the total norm of the unscaled gradients even without clipping (a device
         tensor, not read here); clipping always returns it.
         """
         params = self._params if params is None else params
         grads = self.master.grads_to_master(params) if self.master is not None else [p.grad for p in params if p.grad is not None]
         overflow = False
-        if self.scaler is not None:
+        if self.scaler.enabled:
             # FSDP2: gradients are DTensors; unscale each rank's local shard in place
             found_inf = self.scaler.unscale_([g.to_local() if hasattr(g, "to_local") else g for g in grads])
             if found_inf is None:
                 found_inf = torch.zeros((), device=self.device)
-            if self.agree_on_overflow is not None:
-                found_inf = self.agree_on_overflow(found_inf)
+            if self._agree is not None:
+                found_inf = self._agree(found_inf)
             # The one host synchronisation of the step: the skip decision needs the flag.
             overflow = bool(found_inf.item())
         if inspect is not None:
@@ -377,8 +400,6 @@ class Precision:
 
     def update_scale(self, overflow: bool) -> bool:
         """Advance the loss scale; True when it switched the run to bfloat16 (on_min=bf16)."""
-        if self.scaler is None:
-            return False
         try:
             self.scaler.update(overflow)  # may raise LossScalingError (on_min=raise)
         except SwitchToBF16 as switch:
@@ -394,40 +415,34 @@ class Precision:
         `facts` (plain numbers) describe why; they are kept in `bf16_switch` and the state_dict."""
         if self.low_precision_params:
             raise ConfigError(f"precision={self.mode} holds float16 parameters: it cannot switch to bfloat16")
-        record = {"from_dtype": SHORT_DTYPE[self.compute_dtype], **(facts or {})}
-        if self.scaler is not None:
+        record = {"from_dtype": short(self.compute_dtype), **(facts or {})}
+        if self.scaler.enabled:
             record.update(self.scaler.stats(), skipped=self.scaler.skipped, scaling=self.scaler.kind)
         self.bf16_switch = record
-        self.compute_dtype, self.dtype_reason = torch.bfloat16, "switched from float16 by loss_scale.on_min=bf16"
+        self.compute_dtype, self.dtype_reason = BF16.torch_dtype, "switched from float16 by loss_scale.on_min=bf16"
         self.use_autocast = True
-        self.scaler = None
+        self.scaler = NoScaler(int(record.get("skipped", 0)), {k: record[k] for k in (
+            "loss_scale_min", "loss_scale_max", "loss_scale_backoffs") if k in record})
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for overflow over the run (also those before a switch to bf16)."""
-        if self.scaler is not None:
-            return self.scaler.skipped
-        return int(self.bf16_switch["skipped"]) if self.bf16_switch is not None else 0
+        return self.scaler.skipped
 
     def scaler_stats(self) -> dict:
         """The loss scaler's statistics for summary.json ({} without a scaler); after a switch to bf16,
         their values at the switch."""
-        if self.scaler is not None:
-            return self.scaler.stats()
-        if self.bf16_switch is not None:
-            return {k: self.bf16_switch[k] for k in ("loss_scale_min", "loss_scale_max", "loss_scale_backoffs")
-                    if k in self.bf16_switch}
-        return {}
+        return self.scaler.stats()
 
     def summary(self) -> dict:
         """What ran, for summary.json: the loss scaling, the plan's formats, fp8's figures."""
-        out: dict = {"loss_scaling": self.scaler.kind if self.scaler is not None else "none"}
+        out: dict = {"loss_scaling": self.scaler.kind}
         if self.bf16_switch is not None:
             out["loss_scaling"] = f"{self.bf16_switch.get('scaling', 'dynamic')} until the switch to bf16"
         if self.plan is not None:
             out.update(self.plan.summary())
-        if self.auto is not None:
-            out.update(self.auto.summary())
+        if self.planner is not None:
+            out.update(self.planner.summary())
         if self.plan_changed:
             out["plan_changed_on_resume"] = dict(self.plan_changed)
         if self.fp8_cfg is not None:
@@ -438,7 +453,7 @@ class Precision:
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state: dict = {"mode": self.mode}
-        if self.scaler is not None:
+        if self.scaler.enabled:
             state["scaler"] = self.scaler.state_dict()
         if self.bf16_switch is not None:
             state["bf16_switch"] = dict(self.bf16_switch)
@@ -446,19 +461,21 @@ class Precision:
             state["master"] = self.master.state_dict()
         if self.plan is not None:
             state["plan"] = self.plan.formats()  # a resume into another plan is then said, not hidden
-        if self.auto is not None:
-            state["auto"] = self.auto.state_dict()
+        if self.planner is not None:
+            state["auto"] = self.planner.state_dict()
+        if self.registry.user:
+            state["formats"] = dict(self.registry.user)  # a resume checks they are defined the same way
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.registry.check_same(state.get("formats") or {})
         auto = state.get("auto")
         if auto is not None and self.measured_plan:  # precision=auto: rebuild the run's plan as it stood
-            if self.auto is not None:  # training on (mptrain-sample has no planner, only the plan)
-                self.auto.load_state_dict(auto)
+            if self.planner is not None:
+                self.planner.load_state_dict(auto)
             if auto["planned"]:
-                if RECIPE in auto["formats"].values() and self.fp8_cfg is None:
-                    self.enable_fp8(OmegaConf.structured(Fp8Config))
-                self.apply_auto(auto["formats"], "auto (resumed)")
+                self.apply_formats(self._model, auto["formats"], self.planner.why if self.planner is not None
+                                   else dict.fromkeys(auto["formats"], "auto (resumed)"))
         before = state.get("plan")
         if before is not None and self.plan is not None and before != self.plan.formats():
             changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}
@@ -468,7 +485,9 @@ class Precision:
         if state.get("bf16_switch") is not None:  # the run had switched to bf16: continue in bf16
             self.switch_to_bf16()
             self.bf16_switch = dict(state["bf16_switch"])
-        if self.scaler is not None and "scaler" in state:
+            self.scaler = NoScaler(int(self.bf16_switch.get("skipped", 0)), {k: self.bf16_switch[k] for k in (
+                "loss_scale_min", "loss_scale_max", "loss_scale_backoffs") if k in self.bf16_switch})
+        if self.scaler.enabled and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.master is not None and "master" in state:
             self.master.load_state_dict(state["master"])

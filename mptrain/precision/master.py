@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -10,6 +14,21 @@ from mptrain.precision.norms import compute_in_fp32, is_norm
 # Normalization layers keep float32 parameters and statistics (norms.is_norm; apex's keep_batchnorm_fp32):
 # their reductions are where float16 loses most. Layer, group and RMS norms also compute in float32
 # (norms.py: the input is upcast, the output cast back; CUDA's LayerNorm refuses the mix).
+
+
+# off inside `inputs_as_given`: a low-precision model's input casts (Precision's forward pre-hooks) do nothing
+CASTING = contextvars.ContextVar("mptrain_input_casts", default=True)
+
+
+@contextlib.contextmanager
+def inputs_as_given() -> Iterator[None]:
+    """A low-precision model's input casts do nothing inside: a float32 re-run of its parts (the diagnostics'
+    shadow reference) stays float32."""
+    token = CASTING.set(False)
+    try:
+        yield
+    finally:
+        CASTING.reset(token)
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype, keep_norm_fp32: bool = True) -> nn.Module:

@@ -22,28 +22,16 @@ import fnmatch
 from dataclasses import asdict, dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mptrain.errors import ConfigError
-from mptrain.precision.formats import accepted_names, get_format
+from mptrain.precision.formats import BUILTINS, Registry
 
-NATIVE = ("fp32", "bf16", "fp16")  # formats PyTorch computes in directly (autocast, or float32)
-RECIPE = "fp8"  # torchao's float8 training: e4m3 forward, e5m2 (tensorwise) or e4m3 (rowwise) gradients
-EMULATED_TYPES = (nn.Linear, nn.Conv2d)
 # autocast runs these in its low-precision dtype; everything else (norms, embeddings, losses) in fp32
 AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
 COMPUTE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what @first / @last count
 ALIASES = ("@first", "@last")
-
-
-def check_format(name: str, key: str) -> str:
-    """The canonical format name for `name` (aliases allowed), or a one-line ConfigError naming `key`."""
-    if name == RECIPE:
-        return name
-    try:
-        return get_format(name).name
-    except ConfigError:
-        raise ConfigError(f"{key}: unknown format {name!r}; choose one of {accepted_names(RECIPE)}") from None
 
 
 @dataclass(frozen=True)
@@ -105,7 +93,7 @@ class Plan(dict):
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
 
 
-def user_rules(layers) -> list[Rule]:
+def user_rules(layers, registry: Registry = BUILTINS) -> list[Rule]:
     """precision.layers ({glob: format}, in the order written) as rules; formats checked here."""
     if layers is not None and not hasattr(layers, "items"):
         raise ConfigError(f"precision.layers={layers!r} is invalid: must be a mapping {{module glob: format}}, "
@@ -114,13 +102,25 @@ def user_rules(layers) -> list[Rule]:
         if str(p).startswith("@") and str(p) not in ALIASES:
             raise ConfigError(f"precision.layers.{p}: unknown alias {p}; the aliases are {', '.join(ALIASES)} "
                               "(the first and the last Linear/Conv layer), other keys are module-name globs")
-    return [Rule(str(p), check_format(str(f), f"precision.layers.{p}"), "precision.layers")
+    return [Rule(str(p), registry.canonical(str(f), f"precision.layers.{p}"), "precision.layers")
             for p, f in (layers or {}).items()]
 
 
+def own_parameters(module: nn.Module) -> list:
+    """The parameters a module computes with itself: its own, and those a parametrization
+    (torch.nn.utils.parametrize, weight_norm) keeps for it under `module.parametrizations`."""
+    params = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        params += list(module.parametrizations.parameters())
+    return params
+
+
 def planned_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules a plan covers: those holding parameters of their own, in module order."""
-    return [(n, m) for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    """The modules a plan covers: those holding parameters of their own, in module order (a parametrization's
+    container is not a module of the plan: its parameters count for the module it parametrizes)."""
+    inside = {id(m) for _, p in model.named_modules() if parametrize.is_parametrized(p)
+              for m in p.parametrizations.modules()}
+    return [(n, m) for n, m in model.named_modules() if n and id(m) not in inside and own_parameters(m)]
 
 
 def matches(rule: Rule, name: str, firsts: tuple[str | None, str | None]) -> bool:
@@ -131,46 +131,13 @@ def matches(rule: Rule, name: str, firsts: tuple[str | None, str | None]) -> boo
     return fnmatch.fnmatchcase(name, rule.pattern)
 
 
-def scaling_of(fmt: str, fp8_recipe: str) -> str:
-    if fmt == RECIPE:
-        return "row" if fp8_recipe == "rowwise" else "tensor"
-    f = get_format(fmt)
-    if f.scaling == "block":
-        extra = " + fp32 tensor" if f.tensor_scale else ""
-        return f"block-{f.block} ({f.scale_element.name}{extra})"
-    return f.scaling
-
-
-def grad_format_of(fmt: str, fp8_recipe: str) -> str:
-    if fmt == RECIPE:
-        return "fp8_e4m3" if fp8_recipe == "rowwise" else "fp8_e5m2"
-    return fmt
-
-
-def constraint(fmt: str, module: nn.Module, dim_multiple: int) -> str | None:
-    """Why `module` cannot take `fmt` (None: it can)."""
-    if fmt in NATIVE:
-        return None
-    if fmt == RECIPE:
-        if isinstance(module, nn.Linear):
-            if module.in_features % dim_multiple or module.out_features % dim_multiple:
-                return f"in/out features {module.in_features}x{module.out_features} not multiples of {dim_multiple}"
-            return None
-        if not isinstance(module, nn.Conv2d):
-            return "fp8 covers Linear (torchao) and Conv2d (emulated)"
-        return None
-    if not isinstance(module, EMULATED_TYPES):
-        return f"{fmt} emulation covers Linear and Conv2d, not {type(module).__name__}"
-    return None
-
-
 def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list[Rule], *, autocast: str | None,
-            fp8_recipe: str = "tensorwise", dim_multiple: int = 16, fp8_emulated: bool = True) -> Plan:
+            registry: Registry = BUILTINS, dim_multiple: int = 16, fp8_emulated: bool = True) -> Plan:
     """One Entry per planned module.
 
     `base[name] = (format, kernel, why)`: what the preset gives each module before any rule (the family knows:
     autocast's dtype for the layers autocast lowers, fp32 elsewhere; the weights' dtype under master ...).
-    `rules` apply in order, the last match winning, each only where `constraint` allows.
+    `rules` apply in order, the last match winning, each only where the registry says the module fits.
     `autocast`: the run's autocast format (None: no autocast), so that a module planned in it runs there."""
     modules = planned_modules(model)
     compute = [n for n, m in modules if isinstance(m, COMPUTE_TYPES)]
@@ -184,29 +151,19 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
             if not matches(rule, name, firsts):
                 continue
             used.add(rule)
-            blocked = constraint(rule.format, module, dim_multiple)
+            blocked = registry.fits(rule.format, module, dim_multiple)
             if blocked is not None:
                 why = f"{why}; {rule.why} {rule.pattern}: {rule.format} refused ({blocked})"
                 continue
             fmt, why, by_rule = rule.format, f"{rule.why} {rule.pattern}", True
-            kernel = kernel_for(fmt, module, autocast)
+            kernel = registry.kernel(fmt, module)
         emulated = kernel == "emulated" or (kernel == "float8" and fp8_emulated)
-        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in module.parameters(recurse=False)),
-                           fmt, grad_format_of(fmt, fp8_recipe), scaling_of(fmt, fp8_recipe), kernel, emulated, why,
-                           by_rule)
+        f = registry.get(fmt)
+        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in own_parameters(module)), fmt,
+                           f.grad_format.name, registry.scaling(f), kernel, emulated, why, by_rule)
     unused = [r.pattern for r in rules if r.why == "precision.layers" and r not in used]
     if unused:
         names = ", ".join(n for n, _ in modules[:8]) + (", ..." if len(modules) > 8 else "")
         raise ConfigError(f"precision.layers: {', '.join(unused)} matches no module with parameters "
                           f"(they are: {names}); fix the pattern")
     return plan
-
-
-def kernel_for(fmt: str, module: nn.Module, autocast: str | None) -> str:
-    if fmt == "fp32":
-        return "fp32"
-    if fmt in NATIVE:
-        return "autocast"  # the run's autocast dtype, or its own nested autocast where it differs
-    if fmt == RECIPE and isinstance(module, nn.Linear):
-        return "float8"
-    return "emulated"

@@ -88,9 +88,16 @@ class LossScaler:
         self.scale_min = self.scale_max = self.scale
         self.backoffs = 0
 
+    enabled = True  # NoScaler: False
+
     @property
     def dynamic(self) -> bool:
         return self.kind == "dynamic"
+
+    @property
+    def at_min(self) -> bool:
+        """The scale has reached its minimum (an overflow now stops or switches the run)."""
+        return self.scale <= self.min
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
@@ -194,3 +201,30 @@ class LossScaler:
         self.scale_max = float(state.get("scale_max", self.scale))
         self.backoffs = int(state.get("backoffs", 0))
 
+
+
+class NoScaler:
+    """No loss scaling, behind LossScaler's interface (the step has no `scaler is None` branches). After an
+    on_min=bf16 switch it keeps the figures of the scaler it replaced: its skipped steps and statistics."""
+
+    kind = "none"
+    enabled = False
+    dynamic = False
+    scale = 1.0
+    at_min = False
+
+    def __init__(self, skipped: int = 0, stats: dict | None = None):
+        self.skipped = skipped
+        self._stats = dict(stats or {})
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, grads: list[torch.Tensor]) -> None:
+        return None
+
+    def update(self, overflow: bool) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return dict(self._stats)

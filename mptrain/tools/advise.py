@@ -33,7 +33,9 @@ import yaml
 
 from mptrain.diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN, ZERO
 from mptrain.errors import MptrainError
-from mptrain.run.layout import ADVICE, DIAGNOSTICS, OVERRIDES, SUMMARY, read_jsonl, write_json_atomic
+from mptrain.precision.formats import BF16, BUILTINS, FP16, FP32, Registry
+from mptrain.precision.formats.builtin import FP8_E4M3, FP8_E5M2
+from mptrain.run.layout import ADVICE, CONFIG, DIAGNOSTICS, OVERRIDES, SUMMARY, read_jsonl, write_json_atomic
 
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
@@ -41,9 +43,6 @@ MASTER_THRESHOLD = 0.01  # more updates than this lost in 16-bit weights -> keep
 # a layer fits a format when its shadow figures (worst over the samples) stay within these:
 ERR_MAX = 0.1  # relative error of the output and of the output gradient
 LOST_MAX = 0.01  # fraction of inputs (gradients) flushed to zero, and fraction saturated or overflowed
-# cheapest first: per-layer plans take the first candidate that fits (bf16 before fp16: no loss scale needed)
-COST_ORDER = ("mxfp4", "nvfp4", "mxfp6_e2m3", "mxfp6_e3m2", "fp8", "fp8_row", "mxfp8", "mxfp8_e5m2", "bf16",
-              "fp16", "fp32")
 DYNAMIC_START = 16  # log2 of the dynamic scaler's default init (torch.amp.GradScaler's 2^16)
 SPAN = 256  # binades -SPAN..SPAN-1 are tracked after removing the run's scale
 
@@ -61,12 +60,9 @@ class Format:
         return round(math.log2(self.min_subnormal))
 
 
-FORMATS = {
-    "fp16": Format("fp16", 65504.0, 2.0**-14, 2.0**-24, "loss"),
-    "bf16": Format("bf16", (2 - 2.0**-7) * 2.0**127, 2.0**-126, 2.0**-133, "none"),
-    "fp8_e4m3": Format("fp8_e4m3", 448.0, 2.0**-6, 2.0**-9, "per-tensor"),
-    "fp8_e5m2": Format("fp8_e5m2", 57344.0, 2.0**-14, 2.0**-16, "per-tensor"),
-}
+# the formats the gradient histograms are judged in, with the registry's numbers, and how mptrain would scale each
+FORMATS = {f.name: Format(f.name, f.max, f.min_normal, f.min_subnormal, scaling) for f, scaling in (
+    (FP16, "loss"), (BF16, "none"), (FP8_E4M3, "per-tensor"), (FP8_E5M2, "per-tensor"))}
 
 
 class NoDiagnostics(MptrainError):
@@ -257,7 +253,7 @@ def fp16_bounds(ranges: dict[str, dict[str, float]]) -> tuple[list[list], int | 
     Forward: any input, output or weight above 65504 overflows whatever the loss scale: fp16 is not viable
     (each offender is [module, what, value], modules with parameters first, largest first). Backward: every
     output gradient times S must stay <= 65504."""
-    fmt = FORMATS["fp16"]
+    fmt = FORMATS[FP16.name]
     bad = [[name, key, v] for name, row in ranges.items() for key in ("in", "out", "w")
            if (v := row.get(key, 0.0)) > fmt.max]
     bad.sort(key=lambda b: ("w" not in ranges[b[0]] and b[1] != "w", -b[2]))
@@ -293,27 +289,32 @@ def fits(fig: dict) -> bool:
     return all(fig.get(k) is None or fig[k] <= lim for k, lim in limits.items())
 
 
-SIXTEEN = ("bf16", "fp16")  # the two 16-bit formats: neither is cheaper than the other in bytes
+SIXTEEN = (BF16.name, FP16.name)  # the two 16-bit formats: neither is cheaper than the other in bytes
 
 
-def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool, base: str | None = None) -> dict[str, str]:
+def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool, base: str | None = None,
+               registry: Registry = BUILTINS, fits: dict[str, list[str]] | None = None) -> dict[str, str]:
     """module -> the cheapest measured format that fits it (fp32 when none does; fp16 only where fp16 is viable
     for the whole run: one loss scale serves every layer). Under the verdict's 16-bit `base`, a layer leaves it
     for the other 16-bit format only where `base` was measured there and does not fit: a layer the shadow did
     not measure in `base` is covered by the whole-run verdict (a CPU probe measures only bf16; moving every
-    layer to bf16 under an fp16 loss scale would leave the scale serving nothing)."""
+    layer to bf16 under an fp16 loss scale would leave the scale serving nothing). Cheapest is the registry's
+    cost; `fits` (the diagnostics' record of the registry's module rule) drops formats a module cannot take."""
     plan = {}
     for module, per in per_layer.items():
-        ok = [f for f in COST_ORDER if f in per and per[f]["fits"] and (f != "fp16" or fp16_viable)]
-        choice = ok[0] if ok else "fp32"
+        known = [f for f in per if f in registry or f in registry.aliases]
+        can = (fits or {}).get(module)
+        ok = [f for f in registry.cheapest_first(known) if per[f]["fits"] and (f != FP16.name or fp16_viable)
+              and (can is None or f in can)]
+        choice = ok[0] if ok else FP32.name
         if base in SIXTEEN and choice in SIXTEEN and choice != base and per.get(base, {"fits": True})["fits"]:
             choice = base
         plan[module] = choice
     return plan
 
 
-BASE_FORMAT = {"precision=bf16": "bf16", "precision=static": "fp16", "precision=dynamic": "fp16",
-               "precision=fp32": "fp32"}
+BASE_FORMAT = {"precision=bf16": BF16.name, "precision=static": FP16.name, "precision=dynamic": FP16.name,
+               "precision=fp32": FP32.name}
 
 
 def plan_override(overrides: list[str], plan: dict[str, str]) -> list[str]:
@@ -340,12 +341,12 @@ def _at_risk(per: dict[str, float], top: int = 3) -> list[list]:
     return [[k, v] for v, k in worst]
 
 
-def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
+def advise(meta: dict, samples: list[dict], events: list[dict], registry: Registry = BUILTINS) -> dict:
     overall, tensors, ratio = gather(samples)
     if not overall.nonzero:
         raise NoDiagnostics("every recorded gradient is zero or non-finite, nothing to base a scale on; probe with "
                             "precision=fp32 trainer.max_steps=50 diagnostics.every=1")
-    fp16 = FORMATS["fp16"]
+    fp16 = FORMATS[FP16.name]
     ranges = module_ranges(samples)
     forward_bad, act_cap, act_who = fp16_bounds(ranges)
     event_cap = overflow_cap(events)
@@ -380,7 +381,7 @@ def advise(meta: dict, samples: list[dict], events: list[dict]) -> dict:
     formats = {k: v for k, v in formats.items() if v["scale"] != "per-tensor"}  # fp8/MX: from the shadow rows
     verdict, overrides = decide(fp16_plan, formats)
     base = next((BASE_FORMAT[o] for o in overrides if o in BASE_FORMAT), None)
-    plan_by_layer = layer_plan(per_layer, fp16_plan["viable"], base)
+    plan_by_layer = layer_plan(per_layer, fp16_plan["viable"], base, registry, meta.get("fits"))
     for per in per_layer.values():  # JSON has no inf: a non-finite figure is written "inf" (null: not measured)
         for fig in per.values():
             fig.update({k: "inf" for k, v in fig.items() if isinstance(v, float) and math.isinf(v)})
@@ -586,7 +587,7 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NoDiagnostics(f"{run_dir} is not a directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
-    advice = advise(*read_diagnostics(run_dir))
+    advice = advise(*read_diagnostics(run_dir), registry=run_registry(run_dir))
     advice["verified"] = None  # not tried
     trial_lines: list[str] = []
     if verify_steps is not None:
@@ -616,6 +617,16 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
         lines.append("not verified: mptrain-advise --verify RUN_DIR trains a short trial of these overrides first")
     write_json_atomic(run_dir / ADVICE, advice)
     return advice, lines
+
+
+def run_registry(run_dir: Path) -> Registry:
+    """The formats the run could name: the built-ins plus its own precision.formats (.hydra/config.yaml)."""
+    path = run_dir / CONFIG
+    try:
+        precision = (yaml.safe_load(path.read_text()) or {}).get("precision") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return BUILTINS
+    return Registry.from_config(precision.get("formats"), (precision.get("fp8") or {}).get("recipe"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ from mptrain.checkpoint.callback import Checkpointer
 from mptrain.checkpoint.files import NonFiniteCheckpoint
 from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolve_resume
 from mptrain.checkpoint.signals import Interrupted, StopSignals
-from mptrain.config import Fp8Config, check_warmup
+from mptrain.config import check_warmup
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
@@ -35,7 +35,6 @@ from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
 from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
-from mptrain.precision.plan import RECIPE
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import (
     PRECISION_PLAN,
@@ -48,7 +47,6 @@ from mptrain.run.layout import (
 )
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
-from mptrain.train.auto import AutoPlanner
 from mptrain.train.callbacks.console import Console
 from mptrain.train.callbacks.early_stopping import EarlyStopping, stopped_early
 from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
@@ -218,9 +216,6 @@ def build(cfg: DictConfig) -> Components:
             raise ConfigError(f"precision=auto with {info.world_size} processes: the plan is measured on one "
                               "process only for now; run it on one, then pass its plan as precision=bf16 "
                               "'precision.layers={...}' (precision_plan.json)")
-        precision.auto = AutoPlanner(cfg.precision.auto, device, precision.autocast_format or "fp32")
-        if RECIPE in precision.auto.ladder:
-            precision.enable_fp8(cfg.precision.get("fp8") or OmegaConf.structured(Fp8Config))
     log.info(precision.describe())
     for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.fp8_cfg is not None, device, t.compile)):
         if slow:
@@ -422,7 +417,7 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
             ckpt = sharded.load(c, path)
         apply_checkpoint(c, state, ckpt, path, config)
     if cfg.diagnostics.enabled:
-        Diagnostics.check_layers(cfg.diagnostics, c.base_model)
+        Diagnostics.check_layers(cfg.diagnostics, c.base_model, c.precision.registry)
     # the task's contract on one batch (its metric names, when it does not declare them)
     probed = probe_task(c) if not t.compile else None
     if t.early_stopping.enabled and c.val_loader is None:  # no validation: the rule could never fire
@@ -469,7 +464,7 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         write_atomic(run_dir / TOKENIZER, lambda f: f.write(text))
     if c.precision.plan is not None:
         writer.write_json(PRECISION_PLAN, c.precision.plan_record())
-        c.precision.on_plan = lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record())
+        c.precision.on_plan_change(lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record()))
     for sink in sinks:
         sink.start()
     writer.sinks += sinks

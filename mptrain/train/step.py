@@ -41,8 +41,7 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
     p, task = c.precision, c.task
     micro = [c.to_device(next(batches)) for _ in range(c.accumulate)]
     inspect = diagnostics.begin_step(step_no) if diagnostics is not None else None
-    if p.auto is not None:  # precision=auto: shadow measurement on its probe and re-check steps
-        p.auto.begin_step(step_no, c.base_model)
+    p.begin_step(step_no, c.base_model)  # precision=auto: shadow measurement on its probe and re-check steps
     sampled = diagnostics is not None and diagnostics.sampled(step_no)
     weight = c.loss_weight / c.accumulate
     single = len(c.parts) == 1
@@ -76,15 +75,9 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
         # an overflow at the minimum scale stops the run (on_min=raise) or switches it to bf16: name its source
         # first, while the run still computes as it did
         trace(c, micro[-1], step_no, diagnostics, "loss scale reached its minimum")
-    event = None
-    if p.update_scale(not applied):  # once per iteration, whatever the number of parts; may raise LossScalingError
-        event = {"event": "switch_to_bf16", **p.bf16_switch}
-    if p.auto is not None:  # after the update: a new plan takes effect from the next step
-        auto_event = p.auto.end_step(step_no, p)
-        if auto_event is not None:
-            if event is not None:
-                auto_event["also"] = event
-            event = auto_event
+    # the loss scale advances once per iteration, whatever the number of parts (may raise LossScalingError);
+    # then precision=auto plans or re-checks: a new plan takes effect from the next step
+    event = p.end_step(step_no, c.base_model, not applied)
     if diagnostics is not None:
         diagnostics.end_step(step_no, applied)
         if diagnostics.should_trace():

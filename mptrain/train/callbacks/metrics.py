@@ -63,7 +63,7 @@ class MetricsLogger(Callback):
         state.window_loss.zero_()
         state.window_applied = state.window_skipped = 0
         mean_loss = window_loss / applied if applied else math.nan
-        if applied and not math.isfinite(mean_loss) and p.scaler is None:
+        if applied and not math.isfinite(mean_loss) and not p.scaler.enabled:
             raise Diverged(
                 f"loss is {mean_loss} at step {state.step} with precision={p.mode}"
                 f"{' and no loss scaling' if p.compute_dtype == torch.float16 else ''}: the run diverged. "

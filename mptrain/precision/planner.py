@@ -1,0 +1,175 @@
+"""precision=auto: a per-layer plan from measurement, applied in the running process.
+
+    probe     steps 1..probe_steps train in the safe preset (bf16 autocast; fp32 without bf16), with shadow
+              measurement (diagnostics/shadow.py) of every candidate format on every step
+    plan      each module the safe preset computes in its own format gets the cheapest candidate (the registry's
+              cost) that the module fits (the registry's rule) and whose worst relative error, of its output and
+              of its output gradient, stayed within `tolerance`; the model is converted in place (the applier:
+              the same parameter objects, so the optimizer state carries on)
+    recheck   every `recheck_every` steps the formats in use are measured again; a layer over tolerance moves up
+              its ladder to the next format it fits (e.g. fp8_e4m3 -> bf16 -> fp32) and the change is an event row
+
+The planner's state (phase, the probe's worst figures so far, the plan, its history) is part of the precision
+checkpoint, so a resume rebuilds the same plan. It never reads the precision's insides: the model and the
+policy (`plan`, `apply_formats`, `dim_multiple`) are passed to each call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from mptrain.diagnostics.ranges import ModuleRanges
+from mptrain.diagnostics.shadow import Figures, Shadow, check_formats
+from mptrain.errors import ConfigError
+from mptrain.precision.formats import FP8_ROW, FP32, Registry
+
+log = logging.getLogger(__name__)
+
+
+def _json(v: float | None):
+    return "inf" if v == float("inf") else v  # JSON has no inf (the shadow rows' convention)
+
+
+class Planner:
+    def __init__(self, cfg, device, base: str, registry: Registry):
+        self.registry = registry
+        if cfg.formats is not None:
+            names = list(cfg.formats)
+        else:  # the device's real kernels, torchao's rowwise recipe aside (tensorwise is its faster twin)
+            names = [f for f in registry.default_candidates(device) if f != FP8_ROW.name]
+        formats = [registry.canonical(str(f), "precision.auto.formats") for f in names]
+        check_formats(formats, registry)
+        if not formats:
+            raise ConfigError("precision.auto.formats=[] leaves nothing to choose; list formats, e.g. [fp8_e4m3,bf16]")
+        self.base = base  # the safe preset's format (bf16, or fp32 without it)
+        self.fp32 = FP32.name
+        # the ladder, cheapest first: the candidates no dearer than the base, the base, then fp32
+        cheap = registry.cheapest_first(f for f in formats if f not in (self.fp32, base)
+                                        and registry.cost(f) <= registry.cost(base))
+        self.ladder = [*cheap, base] + ([self.fp32] if base != self.fp32 else [])
+        self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
+        self.planned = False
+        self.figures: dict[str, dict[str, Figures]] = {}  # the probe's worst figures so far
+        self.formats: dict[str, str] = {}  # the plan: module -> format (the modules auto plans)
+        self.why: dict[str, str] = {}  # module -> why it has its format (the step that chose it)
+        self.history: list[dict] = []
+        self._ranges: ModuleRanges | None = None
+        self._shadow: Shadow | None = None
+
+    @property
+    def uses_torchao(self) -> bool:
+        """Some candidate runs through torchao's float8 (the run must enable it at set-up)."""
+        return any(self.registry.get(f).executor == "torchao" for f in self.ladder)
+
+    def planned_modules(self, plan) -> list[str]:
+        """The modules the safe preset computes in its own format: those auto may move."""
+        return [n for n, e in plan.items() if e.format == self.base]
+
+    def measured(self, step: int) -> bool:
+        if not self.planned:
+            return step <= self.probe_steps
+        return self.recheck_every > 0 and step % self.recheck_every == 0
+
+    # ---- the step ------------------------------------------------------------------------------
+    def begin_step(self, step: int, model: nn.Module) -> None:
+        if not self.measured(step):
+            return
+        if self.planned:  # a recheck: the formats in use (fp32 has nothing to lose)
+            names = self.registry.cheapest_first(f for f in self.formats.values() if f != self.fp32)
+        else:
+            names = [f for f in self.ladder if f != self.fp32]
+        if not names:
+            return
+        self._shadow = Shadow(names, self.registry)
+        self._ranges = ModuleRanges(model, self._shadow)
+        self._ranges.begin()
+
+    def end_step(self, step: int, model: nn.Module, policy) -> dict | None:
+        """After the optimizer step: read the figures; at the probe's end build and apply the plan, on a recheck
+        demote the layers over tolerance. Returns the event row (or None)."""
+        if self._ranges is None:
+            return None
+        self._ranges.remove()
+        figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in self._shadow.end().items()}
+        self._ranges = self._shadow = None
+        if not self.planned:
+            for module, per in figures.items():
+                for fmt, f in per.items():
+                    row = self.figures.setdefault(module, {})
+                    row[fmt] = row.get(fmt, Figures()).worst(f)
+            if step < self.probe_steps:
+                return None
+            return self._plan(step, model, policy)
+        return self._recheck(step, model, policy, figures)
+
+    def _holds(self, figures: dict[str, dict[str, Figures]], module: str, fmt: str) -> bool:
+        if fmt == self.fp32:
+            return True
+        err = figures.get(module, {}).get(fmt, Figures()).error
+        return err is not None and err <= self.tolerance
+
+    def _fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
+        return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
+
+    def _plan(self, step: int, model: nn.Module, policy) -> dict:
+        chosen, errors = {}, {}
+        for name in self.planned_modules(policy.plan):
+            for fmt in self.ladder:
+                if self._fits(model, name, fmt, policy.dim_multiple) and self._holds(self.figures, name, fmt):
+                    chosen[name] = fmt
+                    errors[name] = {f: _json(v.error) for f, v in self.figures.get(name, {}).items()}
+                    break
+        self.planned = True
+        self.figures = {}
+        self.formats = chosen
+        self.why = dict.fromkeys(chosen, f"auto (step {step})")
+        self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors})
+        policy.apply_formats(model, self.formats, self.why)
+        measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
+                                                   for f, e in errs.items()) for n, errs in errors.items())
+        log.info("precision=auto: plan after %d probe steps (tolerance %g; worst error per format: %s):\n%s", step,
+                 self.tolerance, measured, policy.plan.table())
+        return {"event": "precision_plan", "formats": dict(chosen), "errors": errors}
+
+    def _recheck(self, step: int, model: nn.Module, policy, figures: dict) -> dict | None:
+        changes = []
+        for name, fmt in self.formats.items():
+            if self._holds(figures, name, fmt):
+                continue
+            # one format up the ladder: the next one the module can compute in (a constraint skips a rung)
+            higher = self.ladder[self.ladder.index(fmt) + 1:]
+            new = next(f for f in higher if self._fits(model, name, f, policy.dim_multiple))
+            f = figures.get(name, {}).get(fmt, Figures())
+            changes.append({"layer": name, "old": fmt, "new": new, "err": f.err, "gerr": f.gerr, "flush": f.flush,
+                            "sat": f.sat})
+        if not changes:
+            return None
+        for c in changes:
+            self.formats[c["layer"]] = c["new"]
+            self.why[c["layer"]] = f"auto (demoted at step {step})"
+            log.warning("precision=auto: step %d: %s demoted %s -> %s (error %s over tolerance %g)", step,
+                        c["layer"], c["old"], c["new"], c["err"], self.tolerance)
+        self.history.append({"step": step, "event": "demote", "changes": changes})
+        policy.apply_formats(model, self.formats, self.why)
+        return {"event": "precision_demote", "changes": changes}
+
+    # ---- records -------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        demotions = sum(len(h["changes"]) for h in self.history if h["event"] == "demote")
+        return {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
+                "auto_tolerance": self.tolerance}
+
+    def state_dict(self) -> dict:
+        figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
+        return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
+                "history": list(self.history), "why": dict(self.why)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.planned = state["planned"]
+        self.figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in state["figures"].items()}
+        self.formats, self.history = dict(state["formats"]), list(state["history"])
+        # checkpoints from before per-layer reasons: the last event's step for every layer
+        last = self.history[-1]["step"] if self.history else 0
+        self.why = dict(state.get("why") or dict.fromkeys(self.formats, f"auto (step {last})"))

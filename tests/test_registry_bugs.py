@@ -1,0 +1,48 @@
+"""The bugs issue 33 found on the way, each with the case that showed it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from mptrain.config import validate
+from mptrain.diagnostics.shadow import Figures
+from mptrain.precision import Precision
+from mptrain.precision.plan import planned_modules
+
+from .conftest import TINY, compose_config
+
+
+def test_a_demotion_skips_a_format_the_layer_cannot_run():
+    """auto.formats=[mxfp4,fp8,bf16] on a Linear with 20 inputs (not a multiple of fp8's 16): mxfp4 over tolerance must
+    demote to bf16, which it runs, not to fp8, which it would not (it was recorded "mxfp4 -> fp8" and ran bf16)."""
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,fp8,bf16]",
+                          "precision.auto.probe_steps=1", "precision.auto.recheck_every=1"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32))
+    p.prepare_model(model)
+    planner = p.planner
+    assert planner.ladder == ["mxfp4", "fp8", "bf16", "fp32"]
+    planner.figures = {"0": {"mxfp4": Figures(err=0.01, gerr=0.01)}, "2": {"mxfp4": Figures(err=0.01, gerr=0.01)}}
+    planner._plan(1, model, p)
+    assert planner.formats == {"0": "mxfp4", "2": "mxfp4"}
+    bad = {"0": {"mxfp4": Figures(err=0.9, gerr=0.9)}, "2": {"mxfp4": Figures(err=0.9, gerr=0.9)}}
+    event = planner._recheck(2, model, p, bad)
+    moves = {c["layer"]: (c["old"], c["new"]) for c in event["changes"]}
+    assert moves == {"0": ("mxfp4", "bf16"), "2": ("mxfp4", "fp8")}  # 20x32 cannot take fp8; 32x32 can
+    assert p.plan["0"].format == "bf16" and p.plan["0"].kernel == "autocast"
+
+
+def test_a_parametrization_container_is_not_a_module_of_the_plan():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), weight_norm(nn.Linear(8, 4)))
+    names = [n for n, _ in planned_modules(model)]
+    assert names == ["0", "2"]  # not "2.parametrizations.weight"
+    cfg = compose_config([*TINY, "precision=bf16"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    plan = p.resolve_plan(model)
+    assert list(plan) == ["0", "2"]
+    # the parametrized layer's own parameters: the bias, and weight_norm's g (4x1) and v (4x8)
+    assert plan["2"].params == 4 + 4 + 32
