@@ -355,7 +355,7 @@ class DiagnosticsConfig:
     activation_layers: list[str] | None = None  # modules whose output gradients are histogrammed; null: top-level children
     trace_after: int | None = 20  # consecutive skipped steps before the overflowing batch is traced (null: never)
     # candidate formats measured by shadow execution on every module with parameters (docs/diagnostics.md
-    # "Shadow measurement"): formats.py names, plus fp8 / fp8_row (torchao's tensorwise / rowwise recipes);
+    # "Shadow measurement"): the format registry's names (built-ins, fp8 / fp8_row / fp8_row_hp among them, and precision.formats);
     # null = the formats with real kernels on the device (CPU: bf16; CUDA: bf16 or fp16, plus fp8 from sm_89); [] = off
     shadow: list[str] | None = None
 

@@ -39,7 +39,7 @@ class Preset:
     fixed_dtype: str | None = None  # the only compute dtype the preset allows (with "auto")
     dtype_why: str = ""
     fp8: bool = False  # Linear layers in float8 through torchao, chosen by precision.fp8's filter
-    measured: bool = False  # the plan comes from measurement during the run (precision=auto, train/auto.py)
+    measured: bool = False  # the plan comes from measurement during the run (precision=auto, precision/planner.py)
 
 
 PRESETS = {
@@ -59,7 +59,7 @@ PRESETS = {
     "bf16_pure": Preset("pure_bf16", fixed_dtype="bfloat16",
                         dtype_why="holds bfloat16 weights; precision.dtype={dtype} contradicts it (use precision=master "
                                   "or nomaster for float16 weights)"),
-    # bf16 autocast where the device has it, else fp32 (engine.resolve_dtype); then a measured plan (auto.py)
+    # bf16 autocast where the device has it, else fp32 (engine.resolve_dtype); then a measured plan (planner.py)
     "auto": Preset("autocast", scaling="none", measured=True),
 }
 assert {k: p.family for k, p in PRESETS.items()} == PRESET_FAMILIES, "config.PRESET_FAMILIES and PRESETS disagree"

@@ -13,7 +13,7 @@ cannot take is not applied and the entry says why (a constraint: "in/out feature
 Kernels: `autocast` (PyTorch's bf16/fp16 kernels), `fp32` (float32; inside an autocast run with autocast off),
 `float8` (torchao's Float8Linear), `weights` (the module's parameters are held in the format: master, nomaster,
 bf16_pure), `emulated` (every other format: input and weight quantized in the forward, the output gradient in
-the backward, straight-through; formats.py's quantize).
+the backward, straight-through; formats/'s quantize).
 """
 
 from __future__ import annotations
