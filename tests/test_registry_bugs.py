@@ -46,3 +46,19 @@ def test_a_parametrization_container_is_not_a_module_of_the_plan():
     assert list(plan) == ["0", "2"]
     # the parametrized layer's own parameters: the bias, and weight_norm's g (4x1) and v (4x8)
     assert plan["2"].params == 4 + 4 + 32
+
+
+def test_auto_never_plans_a_format_that_is_not_a_candidate():
+    """precision.auto.formats=[fp32] planned every layer bf16 (issue 37 case 8): the ladder holds the candidates
+    and fp32 only."""
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[fp32]", "precision.auto.probe_steps=1"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    p.prepare_model(model)
+    assert p.planner.ladder == ["fp32"]
+    # bf16 measured and well within tolerance: still not chosen, it is not a candidate
+    p.planner.figures = {n: {"bf16": Figures(err=1e-3, gerr=1e-3)} for n in ("0", "2")}
+    p.planner._plan(1, model, p)
+    assert p.planner.formats == {"0": "fp32", "2": "fp32"}
+    assert {e.format for e in p.plan.values()} == {"fp32"} and {e.kernel for e in p.plan.values()} == {"fp32"}

@@ -43,12 +43,13 @@ class Planner:
         check_formats(formats, registry)
         if not formats:
             raise ConfigError("precision.auto.formats=[] leaves nothing to choose; list formats, e.g. [fp8_e4m3,bf16]")
-        self.base = base  # the safe preset's format (bf16, or fp32 without it)
+        self.base = base  # the safe preset's format (bf16, or fp32 without it): the probe computes in it
         self.fp32 = FP32.name
-        # the ladder, cheapest first: the candidates no dearer than the base, the base, then fp32
+        # the ladder, cheapest first: the candidates no dearer than the base, the base where it is a candidate,
+        # then fp32 (always safe); a format not listed is never chosen (formats=[fp32]: every layer fp32)
         cheap = registry.cheapest_first(f for f in formats if f not in (self.fp32, base)
                                         and registry.cost(f) <= registry.cost(base))
-        self.ladder = [*cheap, base] + ([self.fp32] if base != self.fp32 else [])
+        self.ladder = [*cheap, *([base] if base in formats and base != self.fp32 else []), self.fp32]
         self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
         self.planned = False
         self.figures: dict[str, dict[str, Figures]] = {}  # the probe's worst figures so far
