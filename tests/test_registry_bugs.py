@@ -62,3 +62,17 @@ def test_auto_never_plans_a_format_that_is_not_a_candidate():
     p.planner._plan(1, model, p)
     assert p.planner.formats == {"0": "fp32", "2": "fp32"}
     assert {e.format for e in p.plan.values()} == {"fp32"} and {e.kernel for e in p.plan.values()} == {"fp32"}
+
+
+def test_a_rule_autocast_cannot_run_is_refused_not_mislabelled():
+    """A bf16/fp16 rule on an Embedding or a LayerNorm was recorded "fp16 autocast" while the module computed fp32
+    (issue 37 case 7): the registry refuses it, and the entry says fp32 and why."""
+    cfg = compose_config([*TINY, "precision=amp", "precision.dtype=float16", "precision.layers={emb: fp16, norm: bf16}"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 8), "norm": nn.LayerNorm(8), "head": nn.Linear(8, 4)})
+    plan = p.resolve_plan(model)
+    for name, kind in (("emb", "Embedding"), ("norm", "LayerNorm")):
+        assert (plan[name].format, plan[name].kernel) == ("fp32", "fp32")
+        assert f"refused (autocast does not lower {kind}: it computes in fp32)" in plan[name].why
+    assert (plan["head"].format, plan["head"].kernel) == ("fp16", "autocast")

@@ -22,9 +22,10 @@ from mptrain.config import PRESET_FAMILIES
 from mptrain.errors import ConfigError
 from mptrain.library.optim import build_optimizer, check_bf16_pure, param_groups
 from mptrain.precision.bf16_pure import PureBf16Optimizer, build_pure_bf16_optimizer
+from mptrain.precision.formats.registry import AUTOCAST_TYPES
 from mptrain.precision.master import cast_model
 from mptrain.precision.norms import is_norm
-from mptrain.precision.plan import AUTOCAST_TYPES, planned_modules
+from mptrain.precision.plan import planned_modules
 
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

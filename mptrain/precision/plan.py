@@ -27,9 +27,6 @@ from torch.nn.utils import parametrize
 from mptrain.errors import ConfigError
 from mptrain.precision.formats import BUILTINS, Registry
 
-# autocast runs these in its low-precision dtype; everything else (norms, embeddings, losses) in fp32
-AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
 COMPUTE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what @first / @last count
 ALIASES = ("@first", "@last")
 
