@@ -76,3 +76,27 @@ def test_a_rule_autocast_cannot_run_is_refused_not_mislabelled():
         assert (plan[name].format, plan[name].kernel) == ("fp32", "fp32")
         assert f"refused (autocast does not lower {kind}: it computes in fp32)" in plan[name].why
     assert (plan["head"].format, plan["head"].kernel) == ("fp16", "autocast")
+
+
+def test_eval_of_an_old_checkpoint_runs_under_that_checkpoints_plan(tmp_path):
+    """A run resumed with other precision.layers: mptrain-eval --checkpoint step_2.pt evaluated under the new plan
+    (issue 37 case 6); it restores the checkpoint's own plan, names it in the record, and reproduces the val/loss
+    the run logged at that step."""
+    import json
+
+    from mptrain.tools.eval import evaluate
+
+    from .conftest import read_jsonl, run_cli
+
+    run = tmp_path / "run"
+    base = [*TINY, "model=mlp", "model.width=32", "precision=bf16", "diagnostics=off", "trainer.eval_every=2",
+            "checkpoint.every_steps=2", "checkpoint.keep_last=3", f"hydra.run.dir={run}"]
+    out = run_cli([*base, "trainer.max_steps=2", "precision.layers={head: fp32}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-1500:]
+    out = run_cli([*base, "trainer.max_steps=4", "resume=auto", "precision.layers={head: bf16}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-1500:]
+    logged = next(r["val/loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 2 and "val/loss" in r)
+    record, _ = evaluate(run, "step_2.pt")
+    assert record["plan"]["head"] == "fp32"
+    assert record["val/loss"] == logged
+    assert json.loads((run / "precision_plan.json").read_text())["head"]["format"] == "bf16"  # the run's own, kept

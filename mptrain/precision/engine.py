@@ -233,6 +233,11 @@ class Precision:
             self._on_plan()
         return changed
 
+    def restore_formats(self, formats: dict[str, str], why: str) -> list[str]:
+        """The prepared model moved to `formats` (module -> format), every entry giving `why` (a checkpoint's own
+        plan restored for evaluation)."""
+        return self.apply_formats(self._model, formats, dict.fromkeys(formats, why))
+
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
         out: dict = self.plan.records()

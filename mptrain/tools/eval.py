@@ -28,6 +28,7 @@ from mptrain.tools.trained import (
     require_ema,
     restore_plan,
     run_config,
+    sets_precision,
     tool_main,
 )
 from mptrain.train.loop import validate
@@ -56,7 +57,7 @@ def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] 
         if c.val_loader is None:
             raise ConfigError(f"dataset {cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation set "
                               "to evaluate on; give a dataset with one as overrides (dataset=...)")
-        restore_plan(c.precision, ckpt)
+        restore_plan(c.precision, ckpt, own=not sets_precision(overrides))
         load_weights(c.base_model, ckpt, path, ema=ema)
         with c.precision.backend_flags(), backend_settings(cfg.trainer):
             metrics = validate(c)

@@ -154,16 +154,27 @@ def ema_weights(ckpt: dict, model: nn.Module, path: Path) -> dict[str, torch.Ten
     return dict(shadow)
 
 
-def restore_plan(precision, ckpt: dict) -> None:
+def restore_plan(precision, ckpt: dict, own: bool = True) -> None:
     """The run's precision as it stood when the checkpoint was saved, where the preset is the run's own:
-    precision=auto's measured plan (not the unmeasured start), and a switch to bf16 (loss_scale.on_min=bf16).
-    Call after the model is built (the precision converts it) and before its weights are loaded."""
+    precision=auto's measured plan (not the unmeasured start), a switch to bf16 (loss_scale.on_min=bf16), and
+    (`own`: no precision override given now) the per-module plan it trained under, which a later resume with
+    other precision.layers changed. Call after the model is built (the precision converts it) and before its
+    weights are loaded."""
     state = ckpt.get("precision") or {}
     if state.get("mode") != precision.mode:
         return  # another preset evaluates the weights as that preset computes
     kept = {k: state[k] for k in ("auto", "bf16_switch") if state.get(k)}
     if kept and (precision.measured_plan or "auto" not in kept):
         precision.load_state_dict(kept)
+    saved = state.get("plan")
+    if own and saved and precision.plan is not None and not precision.measured_plan \
+            and saved != precision.plan.formats() and set(saved) == set(precision.plan):
+        precision.restore_formats(saved, "the checkpoint's plan")
+
+
+def sets_precision(overrides: list[str]) -> bool:
+    """Some override changes the precision (the tool then computes as told, not as the checkpoint did)."""
+    return any(o.lstrip("+~").split("=", 1)[0].split(".")[0] == "precision" for o in overrides)
 
 
 def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:
