@@ -100,3 +100,61 @@ def test_eval_of_an_old_checkpoint_runs_under_that_checkpoints_plan(tmp_path):
     assert record["plan"]["head"] == "fp32"
     assert record["val/loss"] == logged
     assert json.loads((run / "precision_plan.json").read_text())["head"]["format"] == "bf16"  # the run's own, kept
+
+
+def test_a_tied_weight_is_counted_once_in_the_plan():
+    """plan_params counted the GPT's tied embedding/head weight twice (issue 37 case 21)."""
+    model = nn.ModuleDict({"wte": nn.Embedding(50, 16), "head": nn.Linear(16, 50, bias=False)})
+    model["head"].weight = model["wte"].weight
+    cfg = compose_config([*TINY, "precision=bf16"])
+    validate(cfg)
+    plan = Precision(cfg.precision, torch.device("cpu")).resolve_plan(model)
+    assert plan["head"].params == 800 and plan["head"].shared == 800 and "shared" in plan["head"].record()
+    assert sum(plan.summary()["plan_params"].values()) == 800 == sum(p.numel() for p in model.parameters())
+
+
+def test_auto_records_an_infinite_tolerance_and_an_all_fp32_plan_truthfully(tmp_path):
+    """auto_tolerance was null for tolerance=inf, and compute_dtype said bf16 when every layer was fp32 (issue 37
+    case 21); a changed precision.auto.formats on resume is refused in one line (case 5)."""
+    from .conftest import train
+
+    args = ["model=mlp", "model.width=16", "diagnostics=off", "precision=auto", "precision.auto.probe_steps=1"]
+    summary, _ = train(tmp_path / "inf", [*args, "precision.auto.tolerance=inf", "trainer.max_steps=2"])
+    assert summary["auto_tolerance"] == "inf"
+    summary, run = train(tmp_path / "fp32", [*args, "precision.auto.formats=[fp32]", "trainer.max_steps=2"])
+    assert summary["compute_dtype"] == "fp32" and set(summary["auto_plan"].values()) == {"fp32"}
+
+
+def test_resuming_auto_with_other_candidates_is_refused(tmp_path):
+    from .conftest import run_cli
+
+    run = tmp_path / "run"
+    args = [*TINY, "model=mlp", "model.width=16", "diagnostics=off", "precision=auto", "precision.auto.probe_steps=1",
+            f"hydra.run.dir={run}"]
+    assert run_cli([*args, "trainer.max_steps=2"], tmp_path).returncode == 0
+    before = (run / "metrics.jsonl").read_text()
+    out = run_cli([*args, "trainer.max_steps=4", "resume=auto", "precision.auto.formats=[fp32]"], tmp_path)
+    assert out.returncode != 0 and "precision.auto.formats changed on resume" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 or "Traceback" not in out.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_an_fp8_rule_without_torchao_names_the_rule(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_torchao(name, *a, **k):
+        if name.startswith("torchao"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    cfg = compose_config([*TINY, "precision=amp", "precision.layers={head: fp8}"])
+    validate(cfg)
+    import pytest
+
+    from mptrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^precision.layers names torchao's float8 training .*pip install mptrain\[fp8\]$"):
+        Precision(cfg.precision, torch.device("cpu"))

@@ -149,7 +149,14 @@ class Precision:
         self.fp8_layers: list[str] = []
         self.fp8_emulated, self.fp8_reason = True, ""
         if self.fp8_cfg is not None:  # fail before the run directory is touched
-            fp8.require_torchao()
+            try:
+                fp8.require_torchao()
+            except fp8.Fp8MissingError:
+                if self.preset.fp8:
+                    raise
+                where = "precision.auto.formats" if self.planner is not None else "precision.layers"
+                raise fp8.Fp8MissingError(f"{where} names torchao's float8 training (fp8, fp8_row, fp8_row_hp), "
+                                          "which needs torchao: pip install mptrain[fp8]") from None
             self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
         self.applier = Applier(self.registry, device, self.autocast_format, self.fp8_emulated)
         self.plan: Plan | None = None
@@ -202,6 +209,14 @@ class Precision:
         """The run's autocast format (None: no autocast, the model computes in its parameters' dtype)."""
         if not self.use_autocast or self.compute_dtype == torch.float32:
             return None
+        return short(self.compute_dtype)
+
+    @property
+    def compute_name(self) -> str:
+        """The format the model computes in, for records: the compute dtype's, or fp32 where the plan puts every
+        module in fp32 (precision=auto may)."""
+        if self.plan and all(e.format == short(torch.float32) for e in self.plan.values()):
+            return short(torch.float32)
         return short(self.compute_dtype)
 
     @property
@@ -481,6 +496,8 @@ class Precision:
             if auto["planned"]:
                 self.apply_formats(self._model, auto["formats"], self.planner.why if self.planner is not None
                                    else dict.fromkeys(auto["formats"], "auto (resumed)"))
+                log.info("precision=auto: the checkpoint's measured plan, restored (it replaces the probe's plan "
+                         "logged above):\n%s", self.plan.table())
         before = state.get("plan")
         if before is not None and self.plan is not None and before != self.plan.formats():
             changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}

@@ -52,10 +52,13 @@ class Entry:
     emulated: bool
     why: str
     by_rule: bool = False  # set by a precision.layers rule (else the preset's own choice)
+    shared: int = 0  # of `params`, those an earlier module holds too (a tied embedding and head): counted once
 
     def record(self) -> dict:
         out = asdict(self)
         del out["module"]
+        if not self.shared:
+            del out["shared"]
         return out
 
 
@@ -75,7 +78,7 @@ class Plan(dict):
         params: dict[str, int] = {}
         for e in self.values():
             counts[e.format] = counts.get(e.format, 0) + 1
-            params[e.format] = params.get(e.format, 0) + e.params
+            params[e.format] = params.get(e.format, 0) + e.params - e.shared
         return {"plan_modules": counts, "plan_params": params,
                 "plan_emulated": sorted(n for n, e in self.items() if e.emulated)}
 
@@ -141,6 +144,7 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
     firsts = (compute[0], compute[-1]) if compute else (None, None)
     plan = Plan()
     used: set[Rule] = set()
+    seen: set[int] = set()  # parameters counted at an earlier module (tied weights)
     for name, module in modules:
         fmt, kernel, why = base[name]
         by_rule = False
@@ -156,8 +160,11 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
             kernel = registry.kernel(fmt, module)
         emulated = kernel == "emulated" or (kernel == "float8" and fp8_emulated)
         f = registry.get(fmt)
-        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in own_parameters(module)), fmt,
-                           f.grad_format.name, registry.scaling(f), kernel, emulated, why, by_rule)
+        own = own_parameters(module)
+        shared = sum(p.numel() for p in own if id(p) in seen)
+        seen.update(id(p) for p in own)
+        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in own), fmt, f.grad_format.name,
+                           registry.scaling(f), kernel, emulated, why, by_rule, shared)
     unused = [r.pattern for r in rules if r.why == "precision.layers" and r not in used]
     if unused:
         names = ", ".join(n for n, _ in modules[:8]) + (", ..." if len(modules) > 8 else "")

@@ -17,6 +17,7 @@ policy (`plan`, `apply_formats`, `dim_multiple`) are passed to each call.
 from __future__ import annotations
 
 import logging
+import math
 
 from torch import nn
 
@@ -90,11 +91,14 @@ class Planner:
     def end_step(self, step: int, model: nn.Module, policy) -> dict | None:
         """After the optimizer step: read the figures; at the probe's end build and apply the plan, on a recheck
         demote the layers over tolerance. Returns the event row (or None)."""
-        if self._ranges is None:
-            return None
-        self._ranges.remove()
-        figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in self._shadow.end().items()}
-        self._ranges = self._shadow = None
+        if self._ranges is None:  # nothing measured: not a probe step, or nothing to measure (a ladder of fp32)
+            if self.planned or not self.measured(step):
+                return None
+            figures = {}
+        else:
+            self._ranges.remove()
+            figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in self._shadow.end().items()}
+            self._ranges = self._shadow = None
         if not self.planned:
             for module, per in figures.items():
                 for fmt, f in per.items():
@@ -159,15 +163,22 @@ class Planner:
     # ---- records -------------------------------------------------------------------------------
     def summary(self) -> dict:
         demotions = sum(len(h["changes"]) for h in self.history if h["event"] == "demote")
+        tolerance = self.tolerance if math.isfinite(self.tolerance) else "inf"  # JSON has no inf (it read null)
         return {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
-                "auto_tolerance": self.tolerance}
+                "auto_tolerance": tolerance}
 
     def state_dict(self) -> dict:
         figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
-                "history": list(self.history), "why": dict(self.why)}
+                "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder)}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("ladder")
+        if saved is not None and saved != self.ladder:
+            raise ConfigError(
+                f"precision.auto.formats changed on resume: the run chose among {saved[:-1] or saved} and is asked "
+                f"to choose among {self.ladder[:-1] or self.ladder} now; its plan was measured among its own: resume "
+                "with the run's precision.auto.formats, or start a new run directory with the new list")
         self.planned = state["planned"]
         self.figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in state["figures"].items()}
         self.formats, self.history = dict(state["formats"]), list(state["history"])

@@ -33,7 +33,7 @@ from mptrain.library.models import checkpointing, conv_wgrad
 from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
 from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
-from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
+from mptrain.precision import LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import (
@@ -348,7 +348,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
         p = c.precision
         mem, mem_kind = peak_memory_mb(c.device)
         summary.update({
-            "compute_dtype": SHORT_DTYPE[p.compute_dtype],
+            "compute_dtype": p.compute_name,
             "device": str(c.device),
             "steps": state.step,
             "epochs": round(state.epoch + state.step_in_epoch / c.steps_per_epoch, 4),
