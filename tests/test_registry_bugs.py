@@ -158,3 +158,49 @@ def test_an_fp8_rule_without_torchao_names_the_rule(monkeypatch):
 
     with pytest.raises(ConfigError, match=r"^precision.layers names torchao's float8 training .*pip install mptrain\[fp8\]$"):
         Precision(cfg.precision, torch.device("cpu"))
+
+
+def _precision(*overrides: str) -> Precision:
+    cfg = compose_config([*TINY, *overrides])
+    validate(cfg)
+    return Precision(cfg.precision, torch.device("cpu"))
+
+
+def test_fp8_and_emulated_formats_leave_a_computed_weight_alone():
+    """fp8 on a weight-normed Linear was a torchao TypeError traceback, an MX rule an AttributeError blamed on the
+    task (issue 37 cases 13, 14): such a layer stays in the run's format and its entry says why."""
+    from torch.nn.utils import weight_norm as old_weight_norm
+
+    def model():
+        return nn.Sequential(nn.Linear(32, 32), weight_norm(nn.Linear(32, 32)), old_weight_norm(nn.Linear(32, 32)),
+                             nn.Linear(32, 32), nn.Linear(32, 32))
+
+    p = _precision("precision=fp8")
+    m = model()
+    p.prepare_model(m)
+    assert p.fp8_layers == ["3"]  # 0 first, 4 last, 1 and 2 computed weights
+    assert "weight computed by weight_norm" in p.plan["1"].why and "weight computed" in p.plan["2"].why
+    x = torch.randn(4, 32)
+    with p.autocast():
+        m(x).sum().backward()
+    p = _precision("precision=bf16", "precision.layers={*: mxfp4}")
+    plan = p.resolve_plan(model())
+    assert plan["1"].format == "bf16" and "is computed (weight_norm or a parametrization)" in plan["1"].why
+    assert plan["3"].format == "mxfp4"
+
+
+def test_an_fp16_rule_on_an_lstm_on_a_cpu_is_refused():
+    """oneDNN has no fp16 LSTM: the rule failed inside loss() (issue 37 case 15)."""
+    p = _precision("precision=amp", "precision.layers={rnn: fp16}")
+    plan = p.resolve_plan(nn.ModuleDict({"rnn": nn.LSTM(8, 8), "head": nn.Linear(8, 2)}))
+    assert plan["rnn"].format == "bf16" and "LSTM has no float16 kernel on a CPU" in plan["rnn"].why
+
+
+def test_lazy_modules_are_refused_in_one_line():
+    import pytest
+
+    from mptrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^the model has lazy modules \(0\)") as e:
+        _precision("precision=bf16").resolve_plan(nn.Sequential(nn.LazyLinear(4), nn.ReLU()))
+    assert "\n" not in str(e.value)

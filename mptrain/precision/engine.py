@@ -231,7 +231,7 @@ class Precision:
                 if name in base:
                     base[name] = (entry, "float8", "preset") if why is None else (base[name][0], base[name][1], why)
         return resolve(model, base, rules, autocast=self.autocast_format, registry=self.registry,
-                       dim_multiple=self.dim_multiple, fp8_emulated=self.fp8_emulated)
+                       dim_multiple=self.dim_multiple, fp8_emulated=self.fp8_emulated, device=self.device)
 
     def resolve_plan(self, model: nn.Module) -> Plan:
         """The preset's plan for `model` with precision.layers applied (the model is not changed)."""

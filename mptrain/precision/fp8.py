@@ -82,6 +82,8 @@ def plan(model: nn.Module, cfg) -> dict[str, str | None]:
             reason = "first Linear (precision.fp8.skip_first)"
         elif cfg.skip_last and i == len(linears) - 1:
             reason = "last Linear (precision.fp8.skip_last)"
+        elif "weight" not in mod._parameters:
+            reason = "weight computed by weight_norm or a parametrization (Float8Linear needs a plain weight)"
         elif mod.in_features % cfg.dim_multiple or mod.out_features % cfg.dim_multiple:
             reason = f"{mod.in_features}x{mod.out_features} not multiples of {cfg.dim_multiple}"
         else:

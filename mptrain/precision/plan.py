@@ -132,7 +132,8 @@ def matches(rule: Rule, name: str, firsts: tuple[str | None, str | None]) -> boo
 
 
 def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list[Rule], *, autocast: str | None,
-            registry: Registry = BUILTINS, dim_multiple: int = 16, fp8_emulated: bool = True) -> Plan:
+            registry: Registry = BUILTINS, dim_multiple: int = 16, fp8_emulated: bool = True,
+            device=None) -> Plan:
     """One Entry per planned module.
 
     `base[name] = (format, kernel, why)`: what the preset gives each module before any rule (the family knows:
@@ -140,6 +141,11 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
     `rules` apply in order, the last match winning, each only where the registry says the module fits.
     `autocast`: the run's autocast format (None: no autocast), so that a module planned in it runs there."""
     modules = planned_modules(model)
+    lazy = [n for n, m in modules if any(isinstance(p, nn.parameter.UninitializedParameter) for p in own_parameters(m))]
+    if lazy:
+        raise ConfigError(f"the model has lazy modules ({', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}) whose "
+                          "parameters are not made yet: a precision plan needs their shapes; give them their sizes "
+                          "(nn.Linear instead of nn.LazyLinear), or run one batch through the model in its __init__")
     compute = [n for n, m in modules if isinstance(m, COMPUTE_TYPES)]
     firsts = (compute[0], compute[-1]) if compute else (None, None)
     plan = Plan()
@@ -152,7 +158,7 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
             if not matches(rule, name, firsts):
                 continue
             used.add(rule)
-            blocked = registry.fits(rule.format, module, dim_multiple)
+            blocked = registry.fits(rule.format, module, dim_multiple, device)
             if blocked is not None:
                 why = f"{why}; {rule.why} {rule.pattern}: {rule.format} refused ({blocked})"
                 continue

@@ -98,7 +98,14 @@ class Registry(Mapping):
                 return f"autocast does not lower {type(module).__name__}: it computes in fp32"
             if device is not None and device.type == "cuda" and fmt == BF16 and not torch.cuda.is_bf16_supported():
                 return f"{fmt.name} needs an Ampere-or-newer GPU"
+            if device is not None and device.type == "cpu" and fmt == FP16 and isinstance(module, nn.RNNBase):
+                # oneDNN has no float16 LSTM/GRU kernel; precision=dynamic's whole-run autocast leaves RNNs fp32
+                return f"{type(module).__name__} has no float16 kernel on a CPU"
             return None
+        if isinstance(module, EMULATED_TYPES) and "weight" not in module._parameters:
+            # weight_norm / torch.nn.utils.parametrize compute the weight in the forward: torchao's Float8Linear
+            # and the emulated layers need it as a plain parameter
+            return f"{type(module).__name__}'s weight is computed (weight_norm or a parametrization), not a parameter"
         if fmt.executor == "torchao":
             if isinstance(module, nn.Linear):
                 if module.in_features % dim_multiple or module.out_features % dim_multiple:
