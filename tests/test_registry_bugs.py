@@ -17,7 +17,7 @@ from .conftest import TINY, compose_config
 def test_a_demotion_skips_a_format_the_layer_cannot_run():
     """auto.formats=[mxfp4,fp8,bf16] on a Linear with 20 inputs (not a multiple of fp8's 16): mxfp4 over tolerance must
     demote to bf16, which it runs, not to fp8, which it would not (it was recorded "mxfp4 -> fp8" and ran bf16)."""
-    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,fp8,bf16]",
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,fp8,bf16]", "precision.auto.objective=bits",
                           "precision.auto.probe_steps=1", "precision.auto.recheck_every=1"])
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))

@@ -21,7 +21,7 @@ from torch import nn
 
 from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
-from mptrain.precision import fp8
+from mptrain.precision import fp8, timing
 from mptrain.precision.convert import Applier
 from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
 from mptrain.precision.formats import BF16, FP8_RECIPES, Registry
@@ -247,6 +247,26 @@ class Precision:
         if self._on_plan is not None:
             self._on_plan()
         return changed
+
+    def time_formats(self, module: nn.Module, formats: list[str], example: torch.Tensor, repeats: int) -> dict:
+        """Forward+backward seconds of `module` in each of `formats` on this device (precision=auto's objective=time),
+        each on a copy converted as this run converts a module (its plan rule, its applier), on `example` (an input
+        of the probe's shape). A format the copy refuses is not timed."""
+        out: dict[str, float] = {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # a module's dropout in the timed runs leaves the run's RNG be
+            for fmt in formats:
+                out.update(self._time_one(module, fmt, example, repeats))
+        return out
+
+    def _time_one(self, module: nn.Module, fmt: str, example: torch.Tensor, repeats: int) -> dict[str, float]:
+        wrapper = nn.Sequential(timing.plain_copy(module))
+        plan = self._resolve(wrapper, [Rule("0", fmt, "timing")])
+        if plan["0"].format != fmt:
+            return {}
+        Applier(self.registry, self.device, self.autocast_format, self.fp8_emulated).apply(wrapper, plan)
+        run = timing.forward_backward(wrapper, example, self.autocast)
+        return {fmt: timing.median_seconds(run, self.device, repeats)}
 
     def restore_formats(self, formats: dict[str, str], why: str) -> list[str]:
         """The prepared model moved to `formats` (module -> format), every entry giving `why` (a checkpoint's own
