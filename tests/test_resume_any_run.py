@@ -1,0 +1,150 @@
+"""Any run mptrain can start, resume=auto can continue (issue 37): every built-in model's checkpoints pass the
+structure check and resume where they stopped; a user task with two optimizers does too; eval and sample
+accept the runs they apply to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from mptrain.checkpoint.files import load_file
+from mptrain.library.tasks import Task
+
+from .conftest import CONF, REPO, TINY, compose_config, read_jsonl, train
+
+IMAGES = ["dataset=synthetic", "dataset.image_size=8", "dataset.train_size=64", "dataset.val_size=16",
+          "dataset.pool_size=16"]
+TOKENS = ["dataset=synthetic_tokens", "dataset.seq_len=8", "dataset.train_tokens=2000", "dataset.val_tokens=200"]
+# each built-in model (conf/model/*.yaml), as small as it goes, on data it trains on
+MODELS = {
+    "cnn": ["model.width=4", *IMAGES],
+    "mlp": ["model.width=8", "model.depth=1", *IMAGES],
+    "resnet18": ["model.small_input=true", *IMAGES],
+    "resnet50": ["model.small_input=true", *IMAGES],
+    "torchvision": ["model.name=mobilenet_v3_small", *IMAGES, "dataset.image_size=32"],
+    "dcgan": ["model.width=4", "model.latent_dim=4", *IMAGES],
+    "lstm": ["model.embed_dim=8", "model.hidden_dim=8", "model.num_layers=1", *TOKENS],
+    "gru": ["model.embed_dim=8", "model.hidden_dim=8", "model.num_layers=1", *TOKENS],
+    "gpt": ["model.dim=8", "model.layers=1", "model.heads=1", *TOKENS],
+    "timm": ["model.kwargs={depths:[1,1,1,1],dims:[8,8,8,8]}", *IMAGES, "dataset.image_size=32"],
+    "hf_causal_lm": ["model.config.hidden_size=8", "model.config.intermediate_size=16",
+                     "model.config.num_hidden_layers=1", "model.config.num_attention_heads=1",
+                     "model.config.num_key_value_heads=1", "model.config.max_position_embeddings=16", *TOKENS],
+    "hf_image_classification": ["model.config.hidden_size=8", "model.config.num_hidden_layers=1",
+                                "model.config.num_attention_heads=1", "model.config.intermediate_size=16",
+                                "model.config.image_size=8", "model.config.patch_size=4", *IMAGES],
+}
+SHORT = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.eval_every=2", "scheduler=none", "diagnostics=off"]
+SLOW_MODELS = {"resnet50", "torchvision", "timm", "hf_causal_lm", "hf_image_classification"}
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog):
+    caplog.set_level("INFO", logger="mptrain")  # "resumed from ..." is an info line
+
+
+def test_every_built_in_model_is_listed():
+    assert set(MODELS) == {p.stem for p in (CONF / "model").glob("*.yaml")}
+
+
+def two_attempts(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
+    """Train 2 steps, then resume=auto to 3; return the second attempt's summary and the run directory."""
+    train(tmp_path, [*SHORT, *overrides, "trainer.max_steps=2"])
+    run_dir = tmp_path / "run"
+    load_file(run_dir / "checkpoints" / "last.pt")  # the structure check passes
+    summary, _ = train(tmp_path, [*SHORT, *overrides, "trainer.max_steps=3", "resume=auto"])
+    (run_dir / ".hydra").mkdir(exist_ok=True)  # what the CLI keeps, for eval, sample and export
+    OmegaConf.save(compose_config([*TINY, *SHORT, *overrides, "trainer.max_steps=3"]), run_dir / ".hydra" / "config.yaml")
+    return summary, run_dir
+
+
+def assert_continued(summary: dict, run_dir: Path, caplog) -> None:
+    """The second attempt continued the first (not a fresh start that set the records aside)."""
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert not list(run_dir.glob("previous_*")), "resume=auto started fresh"
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step 2" in caplog.text
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=[pytest.mark.slow] * (m in SLOW_MODELS)) for m in MODELS])
+def test_every_built_in_model_resumes_where_it_stopped(tmp_path, caplog, model):
+    summary, run_dir = two_attempts(tmp_path, [f"model={model}", *MODELS[model]])
+    assert_continued(summary, run_dir, caplog)
+
+
+def test_a_gan_run_resumes_and_eval_sample_export_accept_it(tmp_path, caplog):
+    """Issue 37 case 1: a DCGAN checkpoint's optimizer is {discriminator, generator}."""
+    from mptrain.tools.eval import evaluate
+    from mptrain.tools.export import export
+    from mptrain.tools.sample import main as sample_main
+
+    summary, run_dir = two_attempts(tmp_path, ["model=dcgan", *MODELS["dcgan"]])
+    assert_continued(summary, run_dir, caplog)
+    assert set(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["optimizer"]) == {
+        "discriminator", "generator"}
+    record, out = evaluate(run_dir, "last")
+    assert record["step"] == 3 and out == run_dir / "eval_last.json"
+    # the GAN's validation draws its own noise, so the figures are near the logged ones, not equal
+    assert record["val/loss"] == pytest.approx(record["val/loss_d"] + record["val/loss_g"])
+    assert 0 < record["val/loss_d"] < 10 and 0 < record["val/loss_g"] < 10
+    sample_main([str(run_dir), "--checkpoint", "last", "--count", "4"])
+    assert (run_dir / "samples" / "seed_0.png").stat().st_size > 0
+    export(run_dir, checkpoint="last")
+    assert (run_dir / "export" / "model.safetensors").stat().st_size > 0
+
+
+class TwoNets(nn.Module):
+    """A user's model with two submodules, each trained by its own optimizer (TwoOptimizers)."""
+
+    def __init__(self, **_):
+        super().__init__()
+        self.encoder = nn.Linear(64, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.encoder(x.flatten(1))))
+
+
+class TwoOptimizers(Task):
+    """Classification, with the encoder and the head stepped by optimizers of their own."""
+
+    parts = ("encoder", "head")
+
+    def loss(self, model, batch, part="encoder"):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y)
+
+
+def test_a_user_task_with_two_optimizers_resumes(tmp_path, caplog, monkeypatch):
+    conf = tmp_path / "myconf" / "task"
+    conf.mkdir(parents=True)
+    (conf / "two.yaml").write_text(f"_target_: {__name__}.TwoOptimizers\n")
+    monkeypatch.syspath_prepend(str(REPO))
+    overrides = [f"hydra.searchpath=[file://{conf.parent}]", "task=two", "model=mlp",
+                 f"model._target_={__name__}.TwoNets", "dataset.image_size=8", "dataset.channels=1"]
+    summary, run_dir = two_attempts(tmp_path, overrides)
+    assert_continued(summary, run_dir, caplog)
+    optimizer = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
+    assert set(optimizer) == {"encoder", "head"}
+    assert json.loads((run_dir / "summary.json").read_text())["task"] == "TwoOptimizers"
+
+
+@pytest.mark.parametrize(("optimizer", "ok"), [
+    ({"state": {}, "param_groups": []}, True),
+    ({"discriminator": {"state": {}, "param_groups": []}, "generator": {"state": {}, "param_groups": []}}, True),
+    ({}, False),
+    ({"generator": {"state": {}}}, False),
+    ({"generator": {"state": {}, "param_groups": []}, "discriminator": 3}, False),
+    ({"state": [], "param_groups": []}, False),
+])
+def test_the_optimizer_check_takes_one_state_dict_or_one_per_part(optimizer, ok):
+    from mptrain.checkpoint.contents import is_optimizer_state
+
+    assert is_optimizer_state(optimizer) is ok
