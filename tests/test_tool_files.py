@@ -62,3 +62,53 @@ def test_a_long_default_eval_name_is_shortened_and_kept_distinct():
     overrides = [f"dataset.some_long_key_{i}=value_{i}" for i in range(30)]
     a, b = default_name(Path("best.pt"), overrides), default_name(Path("best.pt"), overrides[:-1] + ["x=1"])
     assert len(a) <= 200 and len(b) <= 200 and a != b and a.startswith("best-dataset.some_long_key_0")
+
+
+# ---- case 3: mptrain-prepare-text --out ----------------------------------------------------------------
+
+TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 40
+
+
+def test_prepare_text_refuses_a_run_directory_and_leaves_it_as_it_was(cnn_run, tmp_path, capsys):
+    from mptrain.tools.prepare import main
+
+    (tmp_path / "notes.txt").write_text(TEXT)
+    before = tree(cnn_run)
+    assert main([str(tmp_path / "notes.txt"), "--tokenizer", "char", "--out", str(cnn_run)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"mptrain-prepare-text: error: --out {cnn_run} is an mptrain run directory: its vocab.json/"
+                   "tokenizer.json decodes the run's samples and would be replaced; give a directory of its own, "
+                   "e.g. --out data/"]
+    assert tree(cnn_run) == before
+
+
+def test_prepare_text_refuses_a_tokenizer_it_did_not_write(tmp_path, capsys):
+    from mptrain.tools.prepare import main, prepare
+
+    (tmp_path / "notes.txt").write_text(TEXT)
+    other = tmp_path / "other"
+    prepare(tmp_path / "notes.txt", "bpe:300", other, val_fraction=0.2)
+    (other / "meta.json").unlink()  # a tokenizer.json from elsewhere: no meta.json beside it
+    before = tree(other)
+    assert main([str(tmp_path / "notes.txt"), "--tokenizer", "char", "--out", str(other)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds a tokenizer that mptrain-prepare-text did not write (no meta.json)" in err[0]
+    assert tree(other) == before
+    # a directory of other files (the text itself) is fine: only the tool's own files are added
+    assert main([str(tmp_path / "notes.txt"), "--tokenizer", "char", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "notes.txt").read_text() == TEXT and (tmp_path / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ("file", "--out {out} is a file; give a directory for train.bin, val.bin and meta.json"),
+    ("under a file", "--out {out}: cannot make the directory (Not a directory); give a writable directory"),
+])
+def test_prepare_text_out_that_cannot_be_a_directory_is_one_line(tmp_path, capsys, where, message):
+    from mptrain.tools.prepare import main
+
+    (tmp_path / "notes.txt").write_text(TEXT)
+    (tmp_path / "taken").write_text("mine")
+    out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "data"
+    assert main([str(tmp_path / "notes.txt"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"mptrain-prepare-text: error: {message.format(out=out)}"]
+    assert (tmp_path / "taken").read_text() == "mine"
