@@ -112,3 +112,91 @@ def test_prepare_text_out_that_cannot_be_a_directory_is_one_line(tmp_path, capsy
     assert main([str(tmp_path / "notes.txt"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"mptrain-prepare-text: error: {message.format(out=out)}"]
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+# ---- case 16: a damaged or incomplete .hydra/config.yaml ----------------------------------------------
+
+def damage(text: str, kind: str) -> str:
+    """The run's config.yaml, damaged as a disk, an editor or a half-finished copy would leave it."""
+    import yaml
+
+    if kind == "truncated":
+        return text[: text.index("\n", len(text) // 2) + 1]  # whole lines: the later sections are lost
+    if kind == "bad yaml":
+        return "model: [\n  x: {"
+    if kind == "empty":
+        return ""
+    if kind == "a number":
+        return "3\n"
+    if kind == "a list":
+        return "- 1\n- 2\n"
+    data = yaml.safe_load(text)
+    if kind == "no trainer":
+        del data["trainer"]
+    elif kind == "wrong type":
+        data["trainer"]["batch_size"] = "abc"
+    elif kind == "no precision.mode":
+        del data["precision"]["mode"]
+    elif kind == "dangling interpolation":
+        del data["seed"]  # trainer.seed is ${seed}
+    return yaml.safe_dump(data)
+
+
+DAMAGES = {
+    "truncated": r"is incomplete: no \w+(, \w+)* sections?; the run's config is damaged or was edited",
+    "bad yaml": r"is not readable YAML \(expected the node content, but found '<stream end>' at line 2, column 7\)",
+    "empty": r"is incomplete: no model, dataset, precision, optimizer, scheduler, trainer, checkpoint, diagnostics sections",
+    "a number": r"is not a run's config \(Invalid loaded object type: int\)",
+    "a list": r"is not a run's config \(a list, not a mapping\)",
+    "no trainer": r"is incomplete: no trainer section",
+    "wrong type": r": trainer.batch_size: Value 'abc' of type 'str' could not be converted to Integer; the run's config",
+    "no precision.mode": r"is incomplete: no precision.mode;",
+    "dangling interpolation": r"cannot be resolved \(Interpolation key 'seed' not found\)",
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_a_damaged_run_config_is_one_line_for_every_tool(cnn_run, tmp_path, capsys, kind):
+    import shutil
+
+    from mptrain.tools.eval import main as eval_main
+    from mptrain.tools.export import main as export_main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cnn_run, run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    config.write_text(damage(config.read_text(), kind))
+    before = tree(run_dir)
+    for main in (eval_main, export_main):
+        line = refused(main, [str(run_dir)], capsys)
+        assert line.split(": error: ")[1].startswith(str(config)), line
+        assert __import__("re").search(DAMAGES[kind], line), line
+    assert tree(run_dir) == before
+
+
+def test_a_config_key_an_older_mptrain_did_not_write_takes_the_default_with_a_warning(cnn_run, tmp_path, caplog):
+    import shutil
+
+    import yaml
+
+    from mptrain.tools.eval import evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cnn_run, run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    del data["trainer"]["ema"]
+    config.write_text(yaml.safe_dump(data))
+    record, _ = evaluate(run_dir, "last")
+    assert "lacks trainer.ema: this mptrain's defaults are used" in caplog.text
+    assert record["step"] == 2
+
+
+def test_an_override_of_the_wrong_type_is_one_line(cnn_run, capsys):
+    from mptrain.tools.eval import main
+
+    before = tree(cnn_run)
+    line = refused(main, [str(cnn_run), "trainer.batch_size=abc"], capsys)
+    assert line == ("mptrain-eval: error: trainer.batch_size: Value 'abc' of type 'str' could not be converted to "
+                    "Integer; fix the override")
+    assert tree(cnn_run) == before
