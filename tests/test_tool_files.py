@@ -200,3 +200,69 @@ def test_an_override_of_the_wrong_type_is_one_line(cnn_run, capsys):
     assert line == ("mptrain-eval: error: trainer.batch_size: Value 'abc' of type 'str' could not be converted to "
                     "Integer; fix the override")
     assert tree(cnn_run) == before
+
+
+# ---- cases 17 and 20: mptrain-export's files ----------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_export_out_that_cannot_be_a_directory_is_one_line(cnn_run, tmp_path, capsys, where):
+    from mptrain.tools.export import main
+
+    (tmp_path / "taken").write_text("mine")
+    out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "export"
+    before = tree(cnn_run)
+    line = refused(main, [str(cnn_run), "--out", str(out)], capsys)
+    want = (f"--out {out} is a file; give a directory" if where == "file"
+            else f"--out {out}: {tmp_path / 'taken'} is a file; give a directory")
+    assert line.startswith(f"mptrain-export: error: {want}")
+    assert (tmp_path / "taken").read_text() == "mine" and tree(cnn_run) == before
+
+
+def test_export_onnx_without_onnxruntime_writes_nothing(cnn_run, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from mptrain.tools.export import main
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the export extra were not installed
+    out = tmp_path / "export"
+    line = refused(main, [str(cnn_run), "--format", "onnx", "--out", str(out)], capsys)
+    assert line == "mptrain-export: error: this export needs onnxruntime: pip install mptrain[export]"
+    assert not out.exists()
+
+
+def test_a_re_export_replaces_every_file_and_all_get_the_umask_mode(cnn_run, tmp_path):
+    from mptrain.run.layout import umask_mode
+    from mptrain.tools.export import export
+
+    out = tmp_path / "export"
+    export(cnn_run, "torchscript", "last", out_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.ts", "model_config.yaml"]
+    (out / "notes.txt").write_text("the user's own file")
+    export(cnn_run, "safetensors", "last", out_dir=out)
+    # the program of the earlier export is gone: nothing beside the new weights describes another export
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model_config.yaml", "notes.txt"]
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.name != "notes.txt"} == {
+        "model.safetensors": umask_mode(), "model_config.yaml": umask_mode()}
+
+
+def test_a_failed_export_leaves_the_earlier_export_as_it_was(cnn_run, tmp_path, capsys, monkeypatch):
+    from mptrain.tools import export as exp
+
+    out = tmp_path / "export"
+    exp.export(cnn_run, "safetensors", "last", out_dir=out)
+    before = tree(out)
+
+    def broken(fmt, model, x, path):
+        path.write_bytes(b"half a program")
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(exp, "write_program", broken)
+    with pytest.raises(SystemExit) as stopped:
+        exp.main([str(cnn_run), "--format", "torchscript", "--checkpoint", "last", "--out", str(out)])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().endswith("(RuntimeError: exporter failed); nothing was written; try another --format")
+    assert tree(out) == before  # no model.ts, no staging folder, the earlier files untouched
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit):
+        exp.main([str(cnn_run), "--format", "torchscript", "--checkpoint", "last", "--out", str(fresh)])
+    assert not fresh.exists()  # a directory this call made is removed again
