@@ -148,3 +148,69 @@ def test_the_optimizer_check_takes_one_state_dict_or_one_per_part(optimizer, ok)
     from mptrain.checkpoint.contents import is_optimizer_state
 
     assert is_optimizer_state(optimizer) is ok
+
+
+# ---- a run started with --config-dir (the README's own-model workflow) ---------------------------------
+
+def saved_run(tmp_path: Path, config_dir: Path) -> Path:
+    """A run directory's records as `mptrain --config-dir DIR model=tiny ...` leaves them."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny", "trainer.max_steps=2"]))
+    sources = [{"path": "hydra.conf", "schema": "pkg", "provider": "hydra"},
+               {"path": str(CONF), "schema": "file", "provider": "main"},
+               {"path": str(config_dir), "schema": "file", "provider": "command-line"}]
+    (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"config_sources": sources}, "overrides": {"hydra": [f"hydra.run.dir={run_dir}"]}}}))
+    return run_dir
+
+
+def test_resume_puts_the_saved_overrides_after_hydras_options(tmp_path):
+    from mptrain.cli.main import continue_the_run
+
+    conf = tmp_path / "myconf"
+    conf.mkdir()
+    run_dir = saved_run(tmp_path, conf)
+    argv = ["--config-dir", "myconf", f"hydra.run.dir={run_dir}", "resume=auto", "trainer.max_steps=3"]
+    assert continue_the_run(argv) == ["--config-dir", "myconf", "model=tiny", f"hydra.run.dir={run_dir}",
+                                      "resume=auto", "trainer.max_steps=3"]
+    # without --config-dir now: the run's own comes back (its groups hold model=tiny)
+    assert continue_the_run([f"hydra.run.dir={run_dir}", "resume=auto"]) == [
+        "--config-dir", str(conf), "model=tiny", "trainer.max_steps=2", f"hydra.run.dir={run_dir}", "resume=auto"]
+
+
+def test_resume_without_the_runs_config_dir_that_is_gone_is_one_line(tmp_path):
+    from mptrain.cli.main import continue_the_run
+    from mptrain.errors import ConfigError
+
+    run_dir = saved_run(tmp_path, tmp_path / "gone")
+    with pytest.raises(ConfigError, match=f"^the run was started with --config-dir {tmp_path / 'gone'}, which is no "
+                                          "longer a directory; pass the directory its config groups are in"):
+        continue_the_run([f"hydra.run.dir={run_dir}", "resume=auto"])
+
+
+@pytest.mark.slow
+def test_a_run_started_with_config_dir_resumes_from_the_cli(tmp_path):
+    from .conftest import run_cli
+
+    conf = tmp_path / "myconf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "tiny.yaml").write_text("defaults:\n  - cnn\n  - _self_\nwidth: 4\n")
+    run_dir = tmp_path / "run"
+    quiet = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.log_every=1"]
+    first = run_cli(["--config-dir", "myconf", "model=tiny", "trainer.max_steps=2", *quiet, f"hydra.run.dir={run_dir}"],
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(["--config-dir", "myconf", f"hydra.run.dir={run_dir}", "resume=auto", "trainer.max_steps=3"],
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step 2" in again.stdout + again.stderr
+    alone = run_cli([f"hydra.run.dir={run_dir}", "resume=auto", "trainer.max_steps=4"], cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert f"the run's own config directories are used again: --config-dir {tmp_path / 'myconf'}" in alone.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step 3" in alone.stdout + alone.stderr
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert not list(run_dir.glob("previous_*"))
+    assert json.loads((run_dir / "summary.json").read_text())["model"].endswith(".SmallCNN")  # model=tiny

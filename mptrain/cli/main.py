@@ -23,7 +23,7 @@ from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records
-from mptrain.run.layout import CHECKPOINTS, OVERRIDES, SUMMARY, write_json_atomic
+from mptrain.run.layout import CHECKPOINTS, HYDRA_DIR, OVERRIDES, SUMMARY, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -207,7 +207,39 @@ def continue_the_run(argv: list[str]) -> list[str]:
         print(f"mptrain: resume: {', '.join(sorted({override_key(o).split('.', 1)[0] for o in dropped}))}= given now "
               f"replaces the run's own {' '.join(dropped)}", file=sys.stderr)
     base = [o for o in saved if override_key(o) not in values and o not in dropped]
-    return base + argv
+    # beside the overrides given now: Hydra's parser takes its options (--config-dir X) before the overrides only
+    at = argv.index(given[0])
+    return saved_config_dirs(run_dir, argv, values) + argv[:at] + base + argv[at:]
+
+
+HYDRA_RECORD = f"{HYDRA_DIR}/hydra.yaml"  # Hydra's own settings of the run: where it found its configs
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def saved_config_dirs(run_dir: Path, argv: list[str], values: dict) -> list[str]:
+    """Where the run found its own config groups (--config-dir, hydra.searchpath), when not given again now: its
+    saved overrides may name groups only those hold (model=mine). From .hydra/hydra.yaml; [] if unreadable."""
+    import yaml
+
+    try:
+        hydra_cfg = (yaml.safe_load((run_dir / HYDRA_RECORD).read_text()) or {}).get("hydra") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    found: list[str] = []
+    if not any(a in CONFIG_DIR_FLAGS or a.startswith("--config-dir=") for a in argv):
+        sources = (hydra_cfg.get("runtime") or {}).get("config_sources") or []
+        for source in sources:
+            if isinstance(source, dict) and source.get("provider") == "command-line" and source.get("schema") == "file":
+                if not Path(source["path"]).is_dir():
+                    raise ConfigError(f"the run was started with --config-dir {source['path']}, which is no longer a "
+                                      "directory; pass the directory its config groups are in with --config-dir")
+                found = ["--config-dir", source["path"]]
+    if "hydra.searchpath" not in values:
+        found += [o for o in ((hydra_cfg.get("overrides") or {}).get("hydra") or [])
+                  if isinstance(o, str) and o.startswith("hydra.searchpath=")]
+    if found:
+        print(f"mptrain: resume: the run's own config directories are used again: {' '.join(found)}", file=sys.stderr)
+    return found
 
 
 # loggers whose INFO lines say nothing to a user: alembic's "setup plugin ..." when Optuna or MLflow opens
