@@ -214,3 +214,34 @@ def test_a_run_started_with_config_dir_resumes_from_the_cli(tmp_path):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     assert not list(run_dir.glob("previous_*"))
     assert json.loads((run_dir / "summary.json").read_text())["model"].endswith(".SmallCNN")  # model=tiny
+
+
+# ---- checkpoint.enabled=false: one rule (README, docs/checkpoints.md) -----------------------------------
+
+def test_checkpoint_disabled_writes_last_pt_alone_on_a_stop_signal_and_the_run_resumes(tmp_path, monkeypatch, caplog):
+    from mptrain.checkpoint.signals import Interrupted
+
+    from .test_checkpoint import stop_at
+
+    overrides = ["model.width=4", "trainer.max_steps=6", "trainer.batch_size=32", "trainer.log_every=1",
+                 "trainer.eval_every=2", "checkpoint.enabled=false", "checkpoint.keep_last=2", "checkpoint.every_steps=1",
+                 "diagnostics=off"]
+    stop_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        train(tmp_path, overrides)
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]  # no step_3.pt, no best.pt
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["train_state"]["step"] == 3
+    summary, _ = train(tmp_path, [*overrides, "resume=auto"])
+    assert_continued_to(summary, run_dir, 6, caplog)
+    # the end of the run, every step (every_steps=1) and its validations wrote nothing: last.pt is the signal's
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["train_state"]["step"] == 3
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def assert_continued_to(summary: dict, run_dir: Path, steps: int, caplog) -> None:
+    assert summary["status"] == "completed" and summary["steps"] == steps
+    assert not list(run_dir.glob("previous_*")), "resume=auto started fresh"
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == list(range(1, steps + 1))
+    assert "resumed from" in caplog.text
