@@ -23,7 +23,7 @@ from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records
-from mptrain.run.layout import CHECKPOINTS, HYDRA_DIR, OVERRIDES, SUMMARY, write_json_atomic
+from mptrain.run.layout import CHECKPOINTS, HYDRA_DIR, OVERRIDES, SUMMARY, TRAIN_LOG, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -112,6 +112,17 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
                     status = "interrupted" if isinstance(e, (Interrupted, SweepStopped)) else "failed"
                     _record_unrun_job(cfg, job, status, str(e))
                 raise
+            except Exception as e:
+                if not multirun:
+                    raise
+                # a sweep job's unexpected error (a library's, or a bug): recorded like any failed job, so the
+                # sweep goes on and mptrain-compare lists it; its traceback goes to the job's train.log
+                failed = JobFailed(e, run_dir / TRAIN_LOG if job is not None else None)
+                refused = was_empty and job is not None and not job.committed
+                if refused:
+                    _record_unrun_job(cfg, job, "failed", str(failed))
+                failed.keep_traceback()
+                raise failed from e
     except MptrainError as e:
         if not isinstance(e, SweepStopped):
             print(error_line(e), file=sys.stderr)
@@ -141,6 +152,26 @@ def error_line(e: MptrainError) -> str:
     from mptrain.checkpoint.signals import Interrupted
 
     return f"mptrain: {'stopped' if isinstance(e, Interrupted) else 'error'}: {e}"
+
+
+class JobFailed(MptrainError):
+    """A sweep job stopped by an exception mptrain did not expect (a library's TypeError, a bug)."""
+
+    exit_code = 1
+
+    def __init__(self, error: Exception, log_file: Path | None):
+        self.error, self.log_file = error, log_file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        where = f"; the traceback is in {log_file}" if log_file is not None else ""
+        super().__init__(f"unexpected {type(error).__name__}: {first}{where}")
+
+    def keep_traceback(self) -> None:
+        if self.log_file is None:
+            return
+        import traceback
+
+        with contextlib.suppress(OSError), open(self.log_file, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(self.error)))
 
 
 class SweepStopped(MptrainError):

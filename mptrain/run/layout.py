@@ -62,6 +62,7 @@ EVAL = "eval_{}.json"                     # mptrain-eval's metrics of a checkpoi
 PREVIOUS = "previous_{}"                  # an earlier attempt's records, set aside by a fresh start
 ATTEMPT = "attempt_{}"                    # .hydra/attempt_<k>/: what an earlier attempt ran with
 # of a sweep directory
+MULTIRUN = "multirun.yaml"                # Hydra's record of the sweep; its jobs are the numbered folders beside it
 OPTUNA_DB = "optuna.db"
 COMPARISON = ("comparison.md", "comparison.csv", "comparison.png")  # mptrain-compare's outputs
 COMPARISON_ARTIFACTS = "comparison"       # their folder among a tracked run's MLflow artifacts
