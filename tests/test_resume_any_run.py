@@ -5,6 +5,11 @@ accept the runs they apply to."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,7 @@ from torch import nn
 from mptrain.checkpoint.files import load_file
 from mptrain.library.tasks import Task
 
-from .conftest import CONF, REPO, TINY, compose_config, read_jsonl, train
+from .conftest import CONF, REPO, TINY, compose_config, read_jsonl, run_cli, train
 
 IMAGES = ["dataset=synthetic", "dataset.image_size=8", "dataset.train_size=64", "dataset.val_size=16",
           "dataset.pool_size=16"]
@@ -193,8 +198,6 @@ def test_resume_without_the_runs_config_dir_that_is_gone_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_started_with_config_dir_resumes_from_the_cli(tmp_path):
-    from .conftest import run_cli
-
     conf = tmp_path / "myconf" / "model"
     conf.mkdir(parents=True)
     (conf / "tiny.yaml").write_text("defaults:\n  - cnn\n  - _self_\nwidth: 4\n")
@@ -245,3 +248,118 @@ def assert_continued_to(summary: dict, run_dir: Path, steps: int, caplog) -> Non
     assert not list(run_dir.glob("previous_*")), "resume=auto started fresh"
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == list(range(1, steps + 1))
     assert "resumed from" in caplog.text
+
+
+# ---- the general rule: every entry-point form, killed (SIGTERM, kill -9), resumed = uninterrupted ---------
+
+STEPS = 120
+BASE = ["trainer.device=cpu", "trainer.log_every=1", f"trainer.max_steps={STEPS}", "trainer.tensorboard=false",
+        "trainer.progress_bar=false", "trainer.batch_size=16", "scheduler=none", "checkpoint.every_steps=10",
+        "diagnostics=off"]
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A user's model, found on PYTHONPATH by model._target_."""
+
+    def __init__(self, num_classes=10, in_channels=1, image_size=8, **_):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, 16), nn.Tanh())
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+# each entry-point form: what its command starts with (form_args adds the run length and the directory)
+FORMS = {
+    "plain": ["model.width=4"],
+    "config-dir": ["--config-dir", "myconf", "model=tiny"],
+    "sweep member": ["-m", "seed=3", "model.width=4"],
+    "experiment preset": ["experiment=paper_parity", "model.width=8", "model.depth=1"],
+    "user _target_ model": ["model=mlp", "model._target_=mymodels.TinyNet"],
+}
+
+
+def form_setup(root: Path) -> dict:
+    """The user's files every form may need (a config directory, a model module); the environment."""
+    (root / "myconf" / "model").mkdir(parents=True, exist_ok=True)
+    (root / "myconf" / "model" / "tiny.yaml").write_text("defaults:\n  - cnn\n  - _self_\nwidth: 4\n")
+    (root / "mymodels.py").write_text(USER_MODEL)
+    return {"PYTHONPATH": f"{root}{os.pathsep}{REPO}"}
+
+
+def form_args(form: str, root: Path) -> tuple[list[str], Path]:
+    """The command that starts the form's run into root, and the run directory it trains in."""
+    if form == "sweep member":
+        return [*FORMS[form], *BASE, f"hydra.sweep.dir={root / 'sweep'}"], root / "sweep" / "0"
+    return [*FORMS[form], *BASE, f"hydra.run.dir={root / 'run'}"], root / "run"
+
+
+def resume_args(form: str, root: Path) -> list[str]:
+    """How a user continues it: the README's `resume=auto hydra.run.dir=<run>` alone; a sweep: the sweep again."""
+    if form == "sweep member":
+        return [*form_args(form, root)[0], "resume=auto"]
+    return [f"hydra.run.dir={root / 'run'}", "resume=auto"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict:
+    """Each form's uninterrupted run."""
+    return {}
+
+
+def reference(references: dict, form: str, tmp_path_factory) -> Path:
+    if form not in references:
+        root = tmp_path_factory.mktemp("ref")
+        env = form_setup(root)
+        args, run_dir = form_args(form, root)
+        proc = run_cli(args, cwd=root, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        references[form] = run_dir
+    return references[form]
+
+
+def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and sum(1 for line in path.read_text().splitlines() if '"loss"' in line) >= steps:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step")
+
+
+def losses_of(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_any_run_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, tmp_path_factory, references, form, kill):
+    from .test_checkpoint import assert_same_tensors, final_state
+
+    ref = reference(references, form, tmp_path_factory)
+    env = form_setup(tmp_path)
+    args, run_dir = form_args(form, tmp_path)
+    full_env = {**os.environ, **env}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mptrain", *args], cwd=tmp_path, env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(run_dir, 25, proc)
+    proc.send_signal(getattr(signal, kill))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (128 + signal.SIGTERM if kill == "SIGTERM" else -signal.SIGKILL), err[-3000:]
+    if kill == "SIGTERM":
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+    resumed = run_cli(resume_args(form, tmp_path), cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert losses_of(run_dir) == losses_of(ref)  # every step once, each equal to the uninterrupted run's
+    if (ref / "checkpoints" / "last.pt").is_file():
+        assert_same_tensors(final_state(ref), final_state(run_dir))
