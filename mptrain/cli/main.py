@@ -23,7 +23,7 @@ from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records
-from mptrain.run.layout import CHECKPOINTS, HYDRA_DIR, OVERRIDES, SUMMARY, TRAIN_LOG, write_json_atomic
+from mptrain.run.layout import CHECKPOINTS, HYDRA_SETTINGS, OVERRIDES, SUMMARY, TRAIN_LOG, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -243,7 +243,6 @@ def continue_the_run(argv: list[str]) -> list[str]:
     return saved_config_dirs(run_dir, argv, values) + argv[:at] + base + argv[at:]
 
 
-HYDRA_RECORD = f"{HYDRA_DIR}/hydra.yaml"  # Hydra's own settings of the run: where it found its configs
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 
 
@@ -253,7 +252,7 @@ def saved_config_dirs(run_dir: Path, argv: list[str], values: dict) -> list[str]
     import yaml
 
     try:
-        hydra_cfg = (yaml.safe_load((run_dir / HYDRA_RECORD).read_text()) or {}).get("hydra") or {}
+        hydra_cfg = (yaml.safe_load((run_dir / HYDRA_SETTINGS).read_text()) or {}).get("hydra") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return []
     found: list[str] = []
