@@ -279,7 +279,19 @@ FORMS = {
     "sweep member": ["-m", "seed=3", "model.width=4"],
     "experiment preset": ["experiment=paper_parity", "model.width=8", "model.depth=1"],
     "user _target_ model": ["model=mlp", "model._target_=mymodels.TinyNet"],
+    "torchrun": ["model=mlp", "model.width=8", "model.depth=1"],  # 2 processes, gloo
 }
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def command(form: str, args: list[str]) -> list[str]:
+    return [sys.executable, *(TORCHRUN if form == "torchrun" else []), "-m", "mptrain", *args]
+
+
+def run_form(form: str, args: list[str], root: Path, env: dict) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(command(form, args), cwd=root, env=full_env, capture_output=True, text=True, timeout=600)
 
 
 def form_setup(root: Path) -> dict:
@@ -315,7 +327,7 @@ def reference(references: dict, form: str, tmp_path_factory) -> Path:
         root = tmp_path_factory.mktemp("ref")
         env = form_setup(root)
         args, run_dir = form_args(form, root)
-        proc = run_cli(args, cwd=root, env=env)
+        proc = run_form(form, args, root, env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         references[form] = run_dir
     return references[form]
@@ -345,18 +357,22 @@ def test_any_run_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, tmp_
     ref = reference(references, form, tmp_path_factory)
     env = form_setup(tmp_path)
     args, run_dir = form_args(form, tmp_path)
-    full_env = {**os.environ, **env}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mptrain", *args], cwd=tmp_path, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(form, args), cwd=tmp_path, env=full_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_steps(run_dir, 25, proc)
-    proc.send_signal(getattr(signal, kill))
+    if kill == "SIGTERM":  # `kill <pid>`: torchrun passes it on to its workers
+        proc.send_signal(signal.SIGTERM)
+    else:  # the whole job at once, as an OOM killer or a lost node does (torchrun's workers too)
+        os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (128 + signal.SIGTERM if kill == "SIGTERM" else -signal.SIGKILL), err[-3000:]
+    if form != "torchrun":  # torchrun's agent exits 1 whatever its workers did
+        assert proc.returncode == (128 + signal.SIGTERM if kill == "SIGTERM" else -signal.SIGKILL), err[-3000:]
     if kill == "SIGTERM":
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
-    resumed = run_cli(resume_args(form, tmp_path), cwd=tmp_path, env=env)
+    resumed = run_form(form, resume_args(form, tmp_path), tmp_path, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS
