@@ -46,7 +46,7 @@ MODELS = {
                                 "model.config.image_size=8", "model.config.patch_size=4", *IMAGES],
 }
 SHORT = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.eval_every=2", "scheduler=none", "diagnostics=off"]
-SLOW_MODELS = {"resnet50", "torchvision", "timm", "hf_causal_lm", "hf_image_classification"}
+SLOW_MODELS = {"resnet18", "resnet50", "torchvision", "timm", "hf_causal_lm", "hf_image_classification"}
 
 
 @pytest.fixture(autouse=True)
