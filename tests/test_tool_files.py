@@ -161,13 +161,14 @@ def test_a_damaged_run_config_is_one_line_for_every_tool(cnn_run, tmp_path, caps
 
     from mptrain.tools.eval import main as eval_main
     from mptrain.tools.export import main as export_main
+    from mptrain.tools.sample import main as sample_main
 
     run_dir = tmp_path / "run"
     shutil.copytree(cnn_run, run_dir)
     config = run_dir / ".hydra" / "config.yaml"
     config.write_text(damage(config.read_text(), kind))
     before = tree(run_dir)
-    for main in (eval_main, export_main):
+    for main in (eval_main, sample_main, export_main):
         line = refused(main, [str(run_dir)], capsys)
         assert line.split(": error: ")[1].startswith(str(config)), line
         assert __import__("re").search(DAMAGES[kind], line), line
