@@ -333,10 +333,10 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When checkpoints are written (see docs/checkpoints.md). A stop signal and the end of the run
-    always write last.pt."""
+    """When checkpoints are written (see docs/checkpoints.md). The end of the run and a stop signal write last.pt;
+    with enabled=false only a stop signal does (last.pt alone: no step_<N>.pt, no best.pt)."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no checkpoint but last.pt on a stop signal (SIGTERM, SIGINT, SIGUSR1)
     every_steps: int | None = None  # also write every N optimizer steps
     every_epochs: int | None = 1  # write at the end of every N-th epoch
     keep_last: int = 2  # step_<N>.pt files kept beside last.pt (0: none)

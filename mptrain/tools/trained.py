@@ -16,14 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from mptrain.checkpoint.files import check_finite, load_file
 from mptrain.cli.register import config_dir, register
+from mptrain.config import (
+    CheckpointConfig,
+    DiagnosticsConfig,
+    OptimizerConfig,
+    PrecisionConfig,
+    SchedulerConfig,
+    TrainerConfig,
+)
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.run.layout import BEST, CHECKPOINTS, CONFIG, LAST
 
@@ -42,7 +52,7 @@ def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Di
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not an mptrain run directory (no .hydra/config.yaml)")
     register()  # the schemas, and the resolvers a saved config may use (${python_stdlib:...})
-    cfg = OmegaConf.load(path)
+    cfg = load_saved_config(path)
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as e:  # Hydra's OverrideParseException: its first line says what is wrong
@@ -57,8 +67,72 @@ def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Di
             continue
         if not o.is_add() and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(unknown_key_message(key, cfg))
-        OmegaConf.update(cfg, key, value, merge=False, force_add=o.is_add())
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=o.is_add())
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}={value}: {str(e).splitlines()[0]}") from None
+    check_types(cfg, path, {o.key_or_group for o in parsed})
     return cfg
+
+
+DAMAGED = "the run's config is damaged or was edited: restore it (a resumed run keeps earlier copies in .hydra/attempt_<k>/)"
+# the sections every run's config has, and the schemas of those whose keys are fixed
+SECTIONS = ("model", "dataset", "precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics")
+TYPED = {"precision": PrecisionConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
+         "trainer": TrainerConfig, "checkpoint": CheckpointConfig, "diagnostics": DiagnosticsConfig}
+
+
+def load_saved_config(path: Path) -> DictConfig:
+    """.hydra/config.yaml, checked: readable YAML, a mapping with every section, each typed section's values of
+    its schema's types. A key missing from a typed section (a config written by an older mptrain, or edited)
+    takes this mptrain's default, with a warning naming it; a required one is refused."""
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not readable YAML ({getattr(e, 'problem', None) or type(e).__name__}{where}); "
+                          f"{DAMAGED}") from None
+    except (OSError, ValueError, OmegaConfBaseException) as e:  # e.g. a file holding one number
+        raise ConfigError(f"{path} is not a run's config ({str(e).splitlines()[0]}); {DAMAGED}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} is not a run's config (a list, not a mapping); {DAMAGED}")
+    absent = [k for k in SECTIONS if not isinstance(cfg.get(k), DictConfig)]
+    if absent:
+        raise ConfigError(f"{path} is incomplete: no {', '.join(absent)} section{'s' * (len(absent) > 1)}; {DAMAGED}")
+    defaulted = []
+    for section, schema in TYPED.items():
+        default = OmegaConf.structured(schema)
+        for key in default:
+            if key in cfg[section]:
+                continue
+            if OmegaConf.is_missing(default, key):
+                raise ConfigError(f"{path} is incomplete: no {section}.{key}; {DAMAGED}")
+            cfg[section][key] = default[key]
+            defaulted.append(f"{section}.{key}")
+    if defaulted:
+        log.warning("%s lacks %s: this mptrain's defaults are used (the config is older, damaged or edited)",
+                    path, ", ".join(defaulted))
+    return cfg
+
+
+def check_types(cfg: DictConfig, path: Path, given: set[str]) -> None:
+    """Each typed section's values have its schema's types, and every interpolation resolves: what the builders
+    read fails here in one line, not in a traceback. `given`: the keys (and groups) the overrides set."""
+    for section, schema in TYPED.items():
+        default = OmegaConf.structured(schema)
+        OmegaConf.set_struct(default, False)  # keys an older mptrain wrote are kept
+        try:
+            OmegaConf.merge(default, cfg[section])
+        except OmegaConfBaseException as e:
+            key = f"{section}.{e.full_key}" if getattr(e, "full_key", None) else section
+            if key in given or section in given:
+                raise ConfigError(f"{key}: {str(e).splitlines()[0]}; fix the override") from None
+            raise ConfigError(f"{path}: {key}: {str(e).splitlines()[0]}; {DAMAGED}") from None
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path} cannot be resolved ({str(e).splitlines()[0]}); {DAMAGED}") from None
 
 
 def _group_entry(group: str, name: str) -> DictConfig:
