@@ -1,8 +1,8 @@
 """Optimizer and learning-rate scheduler builders (`optimizer=` and `scheduler=` groups).
 
 Optimizers: the built-in SGD and AdamW, torchao's low-bit AdamW (adamw8bit | adamw4bit | adamwfp8: the two
-moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer._target_` (taking lr,
-weight_decay and `optimizer.kwargs`). Parameter groups: weight decay only on tensors of two or more
+moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer=torch optimizer._target_` (taking lr,
+weight_decay, the momentum/nesterov/betas/eps given and `optimizer.kwargs`). Parameter groups: weight decay only on tensors of two or more
 dimensions (matrices, convolution kernels, embeddings), none on biases and norm weights, as nanoGPT and timm
 do; the default for AdamW-type optimizers (`optimizer.decay_all=null`).
 
@@ -12,6 +12,7 @@ after the same linear warm-up. Either one is stepped once per *applied* optimize
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from types import SimpleNamespace
@@ -97,6 +98,27 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
     return optimizer
 
 
+SETTINGS = ("momentum", "nesterov", "betas", "eps")  # the built-ins' own keys, which a class by _target_ may take
+
+
+def given_settings(cfg: DictConfig, cls: type, kwargs: dict) -> dict:
+    """optimizer.momentum / nesterov / betas / eps that were given (not null) for a class by _target_: each
+    one the class takes, as its argument; one it does not take (or also in optimizer.kwargs) is a ConfigError,
+    never dropped."""
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {k: cfg[k] for k in SETTINGS if cfg.get(k) is not None}
+    for key, value in given.items():
+        if key in kwargs:
+            raise ConfigError(f"optimizer.{key} is given twice, as optimizer.{key}={value} and in optimizer.kwargs; "
+                              "give it once")
+        if not (takes_any or key in params):
+            takes = ", ".join(k for k in params if k not in ("self", "params"))
+            raise ConfigError(f"optimizer.{key}={value}: {cfg._target_} takes no {key} (it takes {takes}); remove "
+                              f"optimizer.{key}, or choose an optimizer class that takes it")
+    return {k: tuple(v) if k == "betas" else v for k, v in given.items()}
+
+
 def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     target = cfg.get("_target_")
     groups = param_groups(cfg, params)
@@ -106,7 +128,7 @@ def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> t
         if not issubclass(cls, torch.optim.Optimizer):
             raise ConfigError(f"optimizer._target_={target} is not a torch.optim.Optimizer; give an optimizer "
                               "class such as torch.optim.RAdam")
-        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **given_settings(cfg, cls, kwargs), **kwargs)
     if cfg.name in LOW_BIT:
         torchao_optim = require("torchao.optim", "fp8", f"optimizer={cfg.name}")
         cls = getattr(torchao_optim, LOW_BIT[cfg.name])
