@@ -54,6 +54,7 @@ from mptrain.train.callbacks.early_stopping import EarlyStopping, stopped_early
 from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
+from mptrain.train.diagnose import zero_gradient_error
 from mptrain.train.ema import EMA, EmaCallback
 from mptrain.train.loop import fit, probe_task
 from mptrain.train.state import TrainState
@@ -324,8 +325,7 @@ def check_trained(c: Components, state: TrainState) -> None:
                              f"or NaN under precision={c.precision.mode}), so the weights are those the run started "
                              "from; check the loss for inf/NaN, or use precision=dynamic or fp32")
     if state.gradient_read and not state.gradient_seen:
-        raise TrainingFailed(f"the run did not train: the loss's gradient was zero at every logged step of "
-                             f"{state.step}, so the loss does not depend on the parameters' values; check the task's loss")
+        raise TrainingFailed(zero_gradient_error(c, state.step))  # the loss, or float16 flushing the gradients
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
