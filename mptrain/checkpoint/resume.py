@@ -17,6 +17,7 @@ from mptrain.checkpoint.files import (
     load_file,
     sharded_complete,
 )
+from mptrain.library.imports import MOVED_MODULES
 from mptrain.library.optim import MultiScheduler
 from mptrain.precision.families import optimizer_state_kind
 from mptrain.run.layout import CHECKPOINTS
@@ -38,13 +39,6 @@ def _flatten(d: Any, prefix: str = "") -> dict:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
-
-
-# `_target_`s saved before the package was laid out in subpackages name the old modules
-MOVED_MODULES = {"mptrain.tasks.": "mptrain.library.tasks.", "mptrain.gan.": "mptrain.library.models.gan.",
-                 "mptrain.models.": "mptrain.library.models.vision.",
-                 "mptrain.language_models.": "mptrain.library.models.language.",
-                 "mptrain.hydra_callbacks.": "mptrain.cli.hydra_callbacks."}
 
 
 def _current_name(value: Any) -> Any:

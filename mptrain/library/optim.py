@@ -18,11 +18,11 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.library.extras import require
+from mptrain.library.imports import locate
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
 # the tensor subclasses their states are saved as: torch.load(weights_only=True) reads them once torchao.optim
@@ -37,11 +37,11 @@ def allow_low_bit_states() -> None:
 
 
 def _target_class(target: str, key: str):
-    try:
-        return get_class(target)
-    except Exception as e:  # Hydra's import errors: one line
-        raise ConfigError(f"{key}._target_={target} cannot be imported ({str(e).splitlines()[0]}); give a class "
-                          "such as torch.optim.RAdam, or put its module on PYTHONPATH") from None
+    cls = locate(key, target, "give a class such as torch.optim.RAdam, or put its module on PYTHONPATH")
+    if not isinstance(cls, type):
+        raise ConfigError(f"{key}._target_={target} is a {type(cls).__name__}, not a class; give a class such as "
+                          "torch.optim.RAdam")
+    return cls
 
 
 def optimizer_name(cfg: DictConfig) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -29,6 +29,7 @@ from mptrain.config import Fp8Config, check_warmup
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
+from mptrain.library.imports import import_failure, locate
 from mptrain.library.models import checkpointing, conv_wgrad
 from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
 from mptrain.library.tasks import BUILTIN, Task, check_task
@@ -119,6 +120,9 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
             raise cause from None
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         if isinstance(cause, ImportError) and str(cause).startswith("Error loading"):
+            failed = import_failure(group, target, cause)
+            if failed is not None:  # the module is there, an import inside it failed: that error, as itself
+                raise failed from None
             # Hydra could not import the target: its reasons follow the first line
             reason = " ".join(" ".join(str(cause).splitlines()[1:]).split()) or str(cause)
             raise ConfigError(f"{group}._target_={target} cannot be imported ({reason}); check the name and put "
@@ -152,11 +156,7 @@ def emulated_fp16(precision: Precision, device: torch.device) -> str | None:
 
 def model_target(cfg: DictConfig) -> object:
     """The class (or function) model._target_ names, imported."""
-    try:
-        return get_object(cfg.model._target_)
-    except Exception as e:
-        raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
-                          "put its module on PYTHONPATH") from None
+    return locate("model", cfg.model._target_, "put its module on PYTHONPATH")
 
 
 # model keys that must be at least the data's value: token ids index the embedding, windows the positions
