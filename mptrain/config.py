@@ -253,15 +253,21 @@ class EarlyStoppingConfig:
         _check(self.min_delta >= 0, f"{p}.min_delta", self.min_delta, "must be >= 0")
 
 
+EMA_DECAY = 0.999  # trainer.ema.decay's default
+
+
 @dataclass
 class EmaConfig:
     """trainer.ema: an fp32 exponential moving average of the weights, validated as val_ema/..."""
 
     enabled: bool = False
-    decay: float = 0.999  # ema <- decay * ema + (1 - decay) * w after every applied step
+    decay: float = EMA_DECAY  # ema <- decay * ema + (1 - decay) * w after every applied step
 
     def __post_init__(self) -> None:
         _check(0 < self.decay < 1, "trainer.ema.decay", self.decay, "must be in (0, 1)")
+        # a decay of its own without the switch would average nothing, silently
+        _check(self.enabled or self.decay == EMA_DECAY, "trainer.ema.decay", self.decay,
+               "no average is kept while trainer.ema.enabled=false; add trainer.ema.enabled=true (or drop the decay)")
 
 
 @dataclass

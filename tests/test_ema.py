@@ -124,3 +124,16 @@ def test_resume_is_bitwise(tmp_path):
     assert_same_tensors(a["ema"], b["ema"])
     assert_same_tensors(final_state(ref), final_state(cut))
     assert read_jsonl(ref / "metrics.jsonl")[1:] == read_jsonl(cut / "metrics.jsonl")
+
+
+def test_a_decay_without_the_switch_is_refused_not_ignored(tmp_path):
+    # issue 37 (21): trainer.ema.decay=0.99 alone trained with no average and no word
+    from mptrain.errors import ConfigError
+
+    off = [o for o in RUN if o != "trainer.ema.enabled=true"]
+    with pytest.raises(ConfigError, match=r"^trainer.ema.decay=0.99 is invalid: no average is kept while "
+                                          r"trainer.ema.enabled=false; add trainer.ema.enabled=true"):
+        train(tmp_path, [*off, "trainer.ema.decay=0.99"])
+    assert not (tmp_path / "run").exists()
+    validate(compose_config([*off, "trainer.ema.decay=0.99", "trainer.ema.enabled=true"]))  # with it: accepted
+    validate(compose_config(off))  # neither: no average, as asked
