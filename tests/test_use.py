@@ -89,6 +89,22 @@ def test_eval_refuses_bad_input_in_one_line_and_writes_nothing(digits_run):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_a_model_override_that_does_not_fit_the_checkpoint_says_what_to_drop(digits_run, tmp_path):
+    # issue 37 (21): eval/export users were told to "resume with the checkpoint's model settings"
+    from mptrain.errors import CheckpointError
+
+    run_dir, _ = digits_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    fix = (" in the model. Drop the overrides that change the model (model.*, or the dataset's classes "
+           "or vocabulary): the run's own model settings (.hydra/config.yaml) fit its checkpoints")
+    for use in (lambda: evaluate(run_dir, "last", ["model.width=16"]),
+                lambda: export(run_dir, checkpoint="last", overrides=["model.width=16"], out_dir=tmp_path / "export")):
+        with pytest.raises(CheckpointError, match=r"^checkpoint .*last.pt was written for another model: .*") as info:
+            use()
+        assert str(info.value).endswith(fix) and "resume" not in str(info.value).lower()
+    assert sorted(p.name for p in run_dir.iterdir()) == before and not (tmp_path / "export").exists()
+
+
 def test_best_pt_is_a_hard_link_of_the_step_it_equals(digits_run):
     """No second write of the same checkpoint: best.pt shares its file with the step file of its step."""
     run_dir, _ = digits_run

@@ -54,7 +54,12 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
+RESUME_FIX = "Resume with the checkpoint's model settings, or start a new run directory"
+
+
+def check_model_fits(state: dict, model: torch.nn.Module, path: Path, fix: str = RESUME_FIX) -> None:
+    """A CheckpointError naming what differs when the checkpoint's weights do not fit `model`; `fix` says what
+    to do (a resume's by default; the offline tools give their own)."""
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     extra = sorted(state.keys() - own.keys())
@@ -63,8 +68,7 @@ def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
     if missing or extra or shapes:
         detail = f"{len(shapes)} tensors differ in shape, e.g. " * bool(shapes) + "; ".join(shapes[:3] + [f"missing {', '.join(missing[:3])}"] * bool(missing)
                            + [f"unexpected {', '.join(extra[:3])}"] * bool(extra))
-        raise CheckpointError(f"checkpoint {path} was written for another model: {detail}. Resume with the "
-                              "checkpoint's model settings, or start a new run directory")
+        raise CheckpointError(f"checkpoint {path} was written for another model: {detail}. {fix}")
 
 
 def full_precision_weights(ckpt: dict, model: torch.nn.Module, path: Path) -> dict:

@@ -166,12 +166,17 @@ def restore_plan(precision, ckpt: dict) -> None:
         precision.load_state_dict(kept)
 
 
+# eval, sample and export rebuild the run's own model: a checkpoint that does not fit it means the overrides changed it
+TOOL_FIX = ("Drop the overrides that change the model (model.*, or the dataset's classes or vocabulary): the run's "
+            "own model settings (.hydra/config.yaml) fit its checkpoints")
+
+
 def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:
     """The checkpoint's weights (or its EMA average) copied into the model's own dtypes: load_state_dict's
     copy_ casts each entry as the run's precision did, and as EMA.swap does for val_ema/..."""
     from mptrain.checkpoint.resume import check_model_fits
 
-    check_model_fits(ckpt["model"], model, path)
+    check_model_fits(ckpt["model"], model, path, fix=TOOL_FIX)
     model.load_state_dict(ema_weights(ckpt, model, path) if ema else weights(ckpt, model))
 
 
