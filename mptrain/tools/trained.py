@@ -9,10 +9,11 @@ checkpoint's averaged weights (trainer.ema), cast into the model's own dtypes as
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -178,6 +179,19 @@ def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) ->
 
     check_model_fits(ckpt["model"], model, path, fix=TOOL_FIX)
     model.load_state_dict(ema_weights(ckpt, model, path) if ema else weights(ckpt, model))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """mptrain's info lines held back (warnings and errors still show): for a second build of the same model
+    (export's check), or a tool whose output is the product (sample's text), not the set-up."""
+    logger = logging.getLogger("mptrain")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tool_main(prog: str, body: Callable[[], None]) -> None:

@@ -205,8 +205,9 @@ def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Pr
     return model
 
 
-def build(cfg: DictConfig) -> Components:
-    """Every component of the run, each builder taking only its own sub-config."""
+def build(cfg: DictConfig, training: bool = True) -> Components:
+    """Every component of the run, each builder taking only its own sub-config. `training=False` (eval, export):
+    the same components, without the lines about the run's length and schedule, which are training's."""
     t = cfg.trainer
     deterministic_cublas(t)  # before CUDA initialises
     info = distributed.env_info()
@@ -278,10 +279,14 @@ def build(cfg: DictConfig) -> Components:
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
-    check_warmup(cfg.scheduler, total_steps)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
-             task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    if training:
+        check_warmup(cfg.scheduler, total_steps)
+        log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
+                 task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    else:
+        log.info("model %s, task %s: %.2fM parameters on %s", type(base_model).__name__, task.name, n_params / 1e6,
+                 device)
     if t.ema.enabled and t.strategy == "fsdp" and info.enabled:
         raise ConfigError("trainer.ema keeps a whole fp32 copy of the weights on every rank, which FSDP's sharding "
                           "exists to avoid; use trainer.strategy=ddp or trainer.ema.enabled=false")
