@@ -26,9 +26,15 @@ log = logging.getLogger("mptrain")
 
 # config keys that may differ on resume without changing the run's course (its weights, step by step); anything
 # else, the run's length included (a cosine schedule is recomputed over it), is a change recorded in summary.json
+# (early stopping replays the run's validations under the new rule, so the resumed run is the one that rule gives
+# from the start; the EMA is a side average: the weights' steps never read it)
 SAFE_TO_CHANGE = ("trainer.log_every", "trainer.eval_every",
                   "trainer.progress_bar", "trainer.tensorboard", "trainer.device", "trainer.num_workers",
-                  "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly")
+                  "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly",
+                  "trainer.ema.", "trainer.early_stopping.")
+# ... of which the summary still records these, as `ema_change` events: the average (val_ema/...) is not the one
+# a run started with the new setting would hold
+AVERAGE = "trainer.ema."
 WARN_IF_CHANGED = ("seed", "trainer.seed", "precision.")
 
 
@@ -133,6 +139,12 @@ def report_config_changes(saved: dict, current: dict) -> list[dict]:
     return changes
 
 
+def average_changes(saved: dict, current: dict) -> list[dict]:
+    """trainer.ema.* changes: safe for the weights, but the average follows the new setting from this step on."""
+    return [{"key": key, "from": old, "to": new} for key, old, new in config_differences(saved, current)
+            if key.startswith(AVERAGE)]
+
+
 def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
     """What to resume from: None (fresh), `auto` (newest readable in this run) or a file path.
     Sharded (FSDP) checkpoints are directories; their weights load once the model is sharded (ckpt None)."""
@@ -204,6 +216,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
         else:  # trainer.ema turned on at this resume: the average starts from the checkpoint's weights
             c.ema.restart()  # after the masters: under master weights it starts from them
             log.warning("resume: %s holds no EMA; trainer.ema starts from its weights", path)
+    elif ckpt.get("ema"):
+        log.warning("resume: trainer.ema is off: the average %s holds is not kept (later checkpoints hold none)", path)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     if any(key.startswith(RESCHEDULE) for key, _, _ in config_differences(ckpt["config"], config)):
@@ -213,6 +227,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     state.load_timing(timing if isinstance(timing, dict) else {})
     # a change of course is part of the run's record (summary.json's events, kept by later checkpoints)
     state.events.extend({"event": "resume_change", "step": state.step, **change} for change in changes)
+    state.events.extend({"event": "ema_change", "step": state.step, **change}
+                        for change in average_changes(ckpt["config"], config))
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 
