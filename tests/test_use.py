@@ -96,7 +96,7 @@ def test_a_model_override_that_does_not_fit_the_checkpoint_says_what_to_drop(dig
     run_dir, _ = digits_run
     before = sorted(p.name for p in run_dir.iterdir())
     fix = (" in the model. Drop the overrides that change the model (model.*, or the dataset's classes "
-           "or vocabulary): the run's own model settings (.hydra/config.yaml) fit its checkpoints")
+           "or vocabulary): the run's own model settings (.hydra/config.yaml) are what it was written with")
     for use in (lambda: evaluate(run_dir, "last", ["model.width=16"]),
                 lambda: export(run_dir, checkpoint="last", overrides=["model.width=16"], out_dir=tmp_path / "export")):
         with pytest.raises(CheckpointError, match=r"^checkpoint .*last.pt was written for another model: .*") as info:

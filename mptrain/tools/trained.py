@@ -169,7 +169,7 @@ def restore_plan(precision, ckpt: dict) -> None:
 
 # eval, sample and export rebuild the run's own model: a checkpoint that does not fit it means the overrides changed it
 TOOL_FIX = ("Drop the overrides that change the model (model.*, or the dataset's classes or vocabulary): the run's "
-            "own model settings (.hydra/config.yaml) fit its checkpoints")
+            f"own model settings ({CONFIG}) are what it was written with")
 
 
 def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:
