@@ -290,3 +290,17 @@ def test_a_longer_run_resumed_follows_the_new_schedule_from_its_first_step(tmp_p
     assert_same_tensors(final_state(longer)["model"], final_state(resumed)["model"])
     rows = {run: [r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "lr" in r] for run in (longer, resumed)}
     assert rows[resumed] == rows[longer][3:]
+
+
+def test_a_run_by_target_from_before_optimizer_torch_had_its_name_resumes(tmp_path):
+    # such a checkpoint's config says name: sgd (and the momentum/betas it never passed): it is the same optimizer
+    overrides = [*MLP, "optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.lr=3e-3",
+                 "checkpoint.enabled=true", "checkpoint.every_steps=2"]
+    train(tmp_path, [*overrides, "trainer.max_steps=2"])
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["optimizer"].update(name="sgd", momentum=0.9, nesterov=False, betas=[0.9, 0.999], eps=1e-8)
+    torch.save(ckpt, last)
+    summary, _ = train(tmp_path, [*overrides, "trainer.max_steps=4", "resume=auto"])
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert [e["key"] for e in summary["events"]] == ["trainer.max_steps"]  # no optimizer.* change recorded

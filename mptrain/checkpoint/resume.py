@@ -55,7 +55,18 @@ def _current_name(value: Any) -> Any:
     return value
 
 
+def saved_optimizer(saved: dict) -> dict:
+    """A checkpoint's optimizer config in today's terms: a class by _target_ saved before optimizer=torch had its
+    own name recorded name: sgd, and ran with the class's own momentum/nesterov/betas/eps (they were dropped)."""
+    opt = dict(saved.get("optimizer") or {})
+    if opt.get("_target_") and opt.get("name") != "torch":
+        opt.update(name="torch", momentum=None, nesterov=None, betas=None, eps=None)
+    return opt
+
+
 def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    if saved.get("optimizer"):
+        saved = {**saved, "optimizer": saved_optimizer(saved)}
     a, b = {k: _current_name(v) for k, v in _flatten(saved).items()}, _flatten(current)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
@@ -178,7 +189,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     changes = report_config_changes(ckpt["config"], config)
     saved_mode, mode = ckpt["precision"].get("mode"), c.precision.mode
     check_precision_change(saved_mode, mode, path)
-    saved_opt, opt = (ckpt["config"].get("optimizer") or {}).get("name"), (config.get("optimizer") or {}).get("name")
+    saved_opt, opt = saved_optimizer(ckpt["config"]).get("name"), (config.get("optimizer") or {}).get("name")
     if saved_opt is not None and opt is not None and saved_opt != opt:  # SGD's momentum is no Adam moment
         raise CheckpointError(f"checkpoint {path} was written with optimizer={saved_opt}: the optimizer state does not "
                               f"fit this optimizer ({opt}); resume with optimizer={saved_opt}, or start a new run "
