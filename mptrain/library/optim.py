@@ -1,10 +1,10 @@
 """Optimizer and learning-rate scheduler builders (`optimizer=` and `scheduler=` groups).
 
 Optimizers: the built-in SGD and AdamW, torchao's low-bit AdamW (adamw8bit | adamw4bit | adamwfp8: the two
-moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer=torch optimizer._target_` (taking lr,
-weight_decay, the momentum/nesterov/betas/eps given and `optimizer.kwargs`). Parameter groups: weight decay only on tensors of two or more
-dimensions (matrices, convolution kernels, embeddings), none on biases and norm weights, as nanoGPT and timm
-do; the default for AdamW-type optimizers (`optimizer.decay_all=null`).
+moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer=torch optimizer._target_`
+(taking lr, weight_decay, the momentum/nesterov/betas/eps given and `optimizer.kwargs`). Parameter groups: weight
+decay only on tensors of two or more dimensions (matrices, convolution kernels, embeddings), none on biases and
+norm weights, as nanoGPT and timm do; the default for AdamW-type optimizers (`optimizer.decay_all=null`).
 
 Schedulers: the built-in warm-up + cosine/step, or any torch.optim.lr_scheduler class by `scheduler._target_`
 after the same linear warm-up. Either one is stepped once per *applied* optimizer step.
@@ -37,10 +37,10 @@ def allow_low_bit_states() -> None:
 
 
 def _target_class(target: str, key: str):
-    cls = locate(key, target, "give a class such as torch.optim.RAdam, or put its module on PYTHONPATH")
+    like = {"optimizer": "torch.optim.RAdam", "scheduler": "torch.optim.lr_scheduler.StepLR"}[key]
+    cls = locate(key, target, f"give a class such as {like}, or put its module on PYTHONPATH")
     if not isinstance(cls, type):
-        raise ConfigError(f"{key}._target_={target} is a {type(cls).__name__}, not a class; give a class such as "
-                          "torch.optim.RAdam")
+        raise ConfigError(f"{key}._target_={target} is a {type(cls).__name__}, not a class; give a class such as {like}")
     return cls
 
 
