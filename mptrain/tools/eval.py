@@ -66,7 +66,7 @@ def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] 
     if ema:
         require_ema(ckpt, path)
     start = time.perf_counter()
-    c = build(cfg)
+    c = build(cfg, training=False)
     try:
         if c.val_loader is None:
             raise ConfigError(f"dataset {cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation set "

@@ -34,6 +34,7 @@ from mptrain.tools.trained import (
     checkpoint_path,
     load_checkpoint,
     load_weights,
+    quiet,
     require_ema,
     restore_plan,
     run_config,
@@ -140,7 +141,7 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
     if ema:
         require_ema(ckpt, path)
     start = time.perf_counter()
-    c = build(cfg)
+    c = build(cfg, training=False)
     try:
         model = c.base_model
         restore_plan(c.precision, ckpt)
@@ -205,9 +206,10 @@ def _write(fmt: str, model: nn.Module, x: torch.Tensor, want: torch.Tensor, out:
             "weights": "ema" if ema else "live"}
     st.torch.save_model(model, str(weights_file), metadata=meta)
     # its own Precision: one prepares a single model (a low-precision preset's input casts are hooked once)
-    fresh_precision = Precision(cfg.precision, c.device)
-    fresh = build_model(cfg, c.task, c.device, fresh_precision, c.model_facts).eval()
-    restore_plan(fresh_precision, ckpt)
+    with quiet():  # the same model and plan again: said once, above
+        fresh_precision = Precision(cfg.precision, c.device)
+        fresh = build_model(cfg, c.task, c.device, fresh_precision, c.model_facts).eval()
+        restore_plan(fresh_precision, ckpt)
     missing, unexpected = st.torch.load_model(fresh, str(weights_file), strict=True)
     with torch.no_grad():
         weights_diff = check_close("model.safetensors", fresh(x), want, exact=True)

@@ -120,6 +120,8 @@ def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_voc
 
 
 def _write(path: Path, spec: str, out: Path, val_fraction: float, max_vocab: int) -> tuple[dict, str]:
+    if not any(chunk.strip() for chunk in line_chunks(path)):  # dataset=text's rule (stops at the first text)
+        raise ConfigError(f"{path} holds no text (empty or only whitespace); give a text file")
     tok = build_tokenizer(spec, lambda: line_chunks(path), max_vocab)
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
     split = split_offset(path, val_fraction)
@@ -132,6 +134,10 @@ def _write(path: Path, spec: str, out: Path, val_fraction: float, max_vocab: int
                 ids.tofile(f)
                 n += len(ids)
         counts[f"{name}_tokens"] = n
+    if not all(counts.values()):  # the split falls at a line end: a text of one or few lines leaves a part empty
+        raise ConfigError(f"{path} gives {counts['train_tokens']} training and {counts['val_tokens']} validation "
+                          f"tokens at --val-fraction={val_fraction}: both parts need tokens, and the split falls at "
+                          "a line end; give a text of more lines (or another --val-fraction)")
     saved = tok.save(out)
     meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.to_dict()["level"], "source": str(path),
             "val_fraction": val_fraction, **counts}

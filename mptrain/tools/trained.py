@@ -9,10 +9,11 @@ checkpoint's averaged weights (trainer.ema), cast into the model's own dtypes as
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -251,13 +252,31 @@ def sets_precision(overrides: list[str]) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0].split(".")[0] == "precision" for o in overrides)
 
 
+# eval, sample and export rebuild the run's own model: a checkpoint that does not fit it means the overrides changed it
+TOOL_FIX = ("Drop the overrides that change the model (model.*, or the dataset's classes or vocabulary): the run's "
+            f"own model settings ({CONFIG}) are what it was written with")
+
+
 def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:
     """The checkpoint's weights (or its EMA average) copied into the model's own dtypes: load_state_dict's
     copy_ casts each entry as the run's precision did, and as EMA.swap does for val_ema/..."""
     from mptrain.checkpoint.resume import check_model_fits
 
-    check_model_fits(ckpt["model"], model, path)
+    check_model_fits(ckpt["model"], model, path, fix=TOOL_FIX)
     model.load_state_dict(ema_weights(ckpt, model, path) if ema else weights(ckpt, model))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """mptrain's info lines held back (warnings and errors still show): for a second build of the same model
+    (export's check), or a tool whose output is the product (sample's text), not the set-up."""
+    logger = logging.getLogger("mptrain")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tool_main(prog: str, body: Callable[[], None]) -> None:
