@@ -195,7 +195,10 @@ class Precision:
                    else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}")
         params = short(self.compute_dtype) if self.low_precision_params else short(torch.float32)
         extra = self.family.describe()
-        if self.fp8_cfg is not None:
+        if self.planner is not None:
+            extra += (f", per-layer formats measured among {', '.join(self.planner.ladder)} "
+                      f"(objective {self.planner.objective})")
+        elif self.fp8_cfg is not None:
             fmt = FP8_RECIPES[self.fp8_cfg.recipe]
             extra += (f", Linear layers in float8 ({fmt.element.name} forward, {fmt.grad_format.element.name} "
                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
@@ -242,8 +245,11 @@ class Precision:
         (and so the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
         new = self._resolve(model, [Rule(n, f, why[n]) for n, f in formats.items()])
         changed = self.applier.replan(model, self.plan, new)
+        emulated_before = {n for n, e in self.plan.items() if e.emulated}
         self.plan = new
         self.fp8_layers = [n for n, e in new.items() if e.kernel == "float8"]
+        if {n for n, e in new.items() if e.emulated} - emulated_before:
+            self.warn_emulated()
         if self._on_plan is not None:
             self._on_plan()
         return changed
@@ -273,6 +279,15 @@ class Precision:
         plan restored for evaluation)."""
         return self.apply_formats(self._model, formats, dict.fromkeys(formats, why))
 
+    def warn_emulated(self) -> None:
+        """Say it when some planned module computes emulated on this device: the format's numerics, not its speed."""
+        emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
+        if emulated:
+            counts = {f: list(emulated.values()).count(f) for f in dict.fromkeys(emulated.values())}
+            log.warning("%d of %d planned modules compute emulated on %s (%s): the formats' numerics, without their "
+                        "kernels, several times slower than bf16 here (docs/benchmarks.md)", len(emulated),
+                        len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()))
+
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
         out: dict = self.plan.records()
@@ -285,10 +300,8 @@ class Precision:
         weights for those families (call before building the optimizer)."""
         if self.plan is None:
             self.plan = self.resolve_plan(model)
-            emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
-            note = (f"; {len(emulated)} of {len(self.plan)} modules emulated "
-                    f"({', '.join(sorted(set(emulated.values())))})" if emulated else "")
-            log.info("precision plan (%s%s):\n%s", self.mode, note, self.plan.table())
+            log.info("precision plan (%s):\n%s", self.mode, self.plan.table())
+            self.warn_emulated()
         if self.family.uses_autocast:
             names = self.applier.apply(model, self.plan)
             self.fp8_layers += names  # FSDP calls this again on the sharded model: nothing new converts then
