@@ -132,3 +132,13 @@ def test_json_gives_step_time_memory_and_each_layers_format_time_and_shape(capsy
         first = next(iter(linears.values()))
         assert first["shape"] == {"M": 64, "K": 64, "N": first["shape"]["N"]}  # batch 64 of flattened 8x8 digits
         assert {layer["format"] for layer in linears.values()} == {preset}
+
+
+def test_activations_are_one_micro_batchs_whatever_the_accumulation():
+    """trainer.accumulate_grad_batches=k added up the activations of all k micro-batches (166.7 MB against 62.2;
+    issue 37 case 9): the peak holds one micro-batch's."""
+    one = measure([*MLP, "precision=fp32", "trainer.batch_size=32"], steps=1)
+    four = measure([*MLP, "precision=fp32", "trainer.batch_size=32", "trainer.accumulate_grad_batches=4"], steps=1)
+    assert four["activations"] == pytest.approx(one["activations"], rel=1e-6)
+    bigger = measure([*MLP, "precision=fp32", "trainer.batch_size=128"], steps=1)
+    assert bigger["activations"] > 3 * one["activations"]  # and the count does grow with the micro-batch

@@ -204,3 +204,27 @@ def test_lazy_modules_are_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^the model has lazy modules \(0\)") as e:
         _precision("precision=bf16").resolve_plan(nn.Sequential(nn.LazyLinear(4), nn.ReLU()))
     assert "\n" not in str(e.value)
+
+
+def test_every_format_the_advisor_can_name_is_one_a_rule_takes():
+    """The advisor named fp8_row, which precision.layers refused as unknown (issue 37 case 10): its candidates and
+    a rule's formats are the one registry's names."""
+    from mptrain.precision.formats import BUILTINS
+    from mptrain.precision.plan import user_rules
+
+    rules = user_rules({f"m{i}": name for i, name in enumerate(BUILTINS)})
+    assert [r.format for r in rules] == list(BUILTINS) and "fp8_row" in BUILTINS
+
+
+def test_a_demotion_relabels_only_the_demoted_layer():
+    """After one demotion every layer's reason read "auto (demoted at step N)" (issue 37 case 11)."""
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,bf16]", "precision.auto.objective=bits"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+    p.prepare_model(model)
+    p.planner.figures = {n: {"mxfp4": Figures(err=0.01, gerr=0.01)} for n in ("0", "2")}
+    p.planner._plan(3, model, p)
+    p.planner._recheck(6, model, p, {"0": {"mxfp4": Figures(err=0.9)}, "2": {"mxfp4": Figures(err=0.01, gerr=0.01)}})
+    assert p.plan["0"].why.startswith("auto (demoted at step 6)") and p.plan["0"].format == "bf16"
+    assert p.plan["2"].why.startswith("auto (step 3)") and p.plan["2"].format == "mxfp4"

@@ -78,8 +78,13 @@ def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
     plan = c.precision.plan or {}
     hooks = [c.base_model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in plan] if layers else []
     batches = iter(c.train_loader)
+    # one micro-batch: what backward keeps is freed after each micro-batch's backward, so the peak holds one
+    # micro-batch's activations whatever trainer.accumulate_grad_batches is (counting all k added them up); and
+    # within one micro-batch every saved tensor is alive at once, so no two share an address
+    micro, c.accumulate = c.accumulate, 1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), c.precision.backend_flags():
         train_step(c, batches, 1)
+    c.accumulate = micro
     for h in hooks:
         h.remove()
     params = list(c.base_model.parameters())
