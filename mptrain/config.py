@@ -670,19 +670,24 @@ class SyntheticDatasetConfig:
 
 @dataclass
 class LoggerConfig:
-    """An experiment tracker beside the run directory (`logger=mlflow`). TensorBoard is separate
+    """An experiment tracker beside the run directory (`logger=mlflow|wandb`). TensorBoard is separate
     (`trainer.tensorboard`); both can run together. Only rank 0 logs."""
 
-    name: str = "none"  # none | mlflow
+    name: str = "none"  # none | mlflow | wandb
     # null: $MLFLOW_TRACKING_URI if set, else SQLite in ./mlruns/mlflow.db (MLflow 3 refuses a plain file store)
     tracking_uri: str | None = None
     # where a new experiment keeps its artifacts; null: ./mlruns/artifacts beside the local store
     artifact_location: str | None = None
-    experiment: str = "mptrain"  # MLflow experiment name (created when missing)
+    experiment: str = "mptrain"  # MLflow experiment / W&B project name (created when missing)
     run_name: str | None = None  # null: the run directory's name
+    entity: str | None = None  # W&B team or user; null: W&B's default for the login
+    # W&B: online | offline | disabled; null: $WANDB_MODE, else online when logged in (wandb login), else offline
+    mode: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name in ("none", "mlflow"), "logger.name", self.name, "choose none or mlflow")
+        _check(self.name in ("none", "mlflow", "wandb"), "logger.name", self.name, "choose none, mlflow or wandb")
+        _check(self.mode in (None, "online", "offline", "disabled"), "logger.mode", self.mode,
+               "choose online, offline or disabled (or null)")
 
 
 @dataclass

@@ -25,7 +25,7 @@ PURPOSE = {
     "trainer": "steps, batch size, device, speed knobs (trainer.max_steps=..., trainer.batch_size=...)",
     "checkpoint": "when checkpoints are written (docs/checkpoints.md)",
     "diagnostics": "precision diagnostics: gradient histograms, underflow and overflow (docs/diagnostics.md)",
-    "logger": "experiment tracking beside TensorBoard: mlflow (pip install mptrain[mlflow])",
+    "logger": "experiment tracking beside TensorBoard: mlflow, wandb (pip install mptrain[mlflow] / mptrain[wandb])",
     "experiment": "paper-style sweeps, run with -m",
     "hparams_search": "hyperparameter search with -m: optuna (pip install mptrain[optuna])",
     "debug": "check a config: fast (2 steps), overfit (one batch), profile (torch.profiler), anomaly",

@@ -467,12 +467,12 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     if c.is_main and hasattr(c.tokenizer, "to_str"):  # a trained or given tokenizers file (tokenizer.json)
         text = c.tokenizer.to_str().encode()
         write_atomic(run_dir / TOKENIZER, lambda f: f.write(text))
+    for sink in sinks:
+        sink.start()
+    writer.sinks += sinks  # before the plan: a tracker may keep it (W&B's config)
     if c.precision.plan is not None:
         writer.write_json(PRECISION_PLAN, c.precision.plan_record())
         c.precision.on_plan = lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record())
-    for sink in sinks:
-        sink.start()
-    writer.sinks += sinks
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
