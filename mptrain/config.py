@@ -22,6 +22,10 @@ PRESET_FAMILIES = {"fp32": "autocast", "amp": "autocast", "dynamic": "autocast",
                    "bf16": "autocast", "noscale": "autocast", "fp8": "autocast", "master": "fp16_weights",
                    "nomaster": "fp16_weights", "bf16_pure": "pure_bf16", "auto": "autocast"}
 PRECISION_MODES = tuple(PRESET_FAMILIES)
+# other tools' names for presets (Lightning's `precision=`): `precision=<alias>` composes conf/precision/<alias>.yaml,
+# which is the preset plus `alias`; runs are recorded under the preset, the alias beside it (docs/precision.md)
+PRECISION_ALIASES = {"16-mixed": "dynamic", "bf16-mixed": "bf16", "bf16-true": "bf16_pure", "32-true": "fp32",
+                     "transformer-engine": "fp8"}
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCALING_KINDS = ("auto", "none", "static", "dynamic")
@@ -125,9 +129,13 @@ class PrecisionConfig:
     # (docs/precision.md "Per-layer plans"), e.g. {"*": nvfp4, "@first": bf16, "@last": bf16}; typed Any (null)
     # so that a command-line mapping replaces it (a typed dict refuses new keys under Hydra's struct mode)
     layers: Any = None
+    alias: str | None = None  # the familiar name the preset was chosen by (precision=16-mixed), PRECISION_ALIASES
 
     def __post_init__(self) -> None:
         _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")
+        _check(self.alias is None or PRECISION_ALIASES.get(self.alias) == self.mode, "precision.alias", self.alias,
+               f"names precision={PRECISION_ALIASES.get(self.alias)}, not precision.mode={self.mode}; choose a preset "
+               "by one name (precision=<preset or alias>) and leave precision.mode and precision.alias unset")
         _check(self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}")
         _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
         _check(self.layers is None or isinstance(self.layers, dict), "precision.layers", self.layers,

@@ -340,6 +340,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
     summary: dict = {
         "status": status,
         "precision": cfg.precision.mode,
+        **({"precision_alias": cfg.precision.alias} if cfg.precision.get("alias") else {}),  # precision=16-mixed
         "task": c.task.name if c is not None else None,
         "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
