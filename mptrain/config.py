@@ -711,6 +711,8 @@ class Config:
     experiment: Any = None
     task: Any = None  # null: the model's own task (classification unless the model declares another)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # the user's training callbacks, each {_target_: ..., its keys}: a mptrain.Callback (docs/python.md)
+    callbacks: list[Any] = field(default_factory=list)
     # the summary key a sweep optimizes (hparams_search=optuna): the value the `mptrain` task returns
     optimized_metric: str | None = None
     seed: int = 0

@@ -30,6 +30,7 @@ from mptrain.tools.trained import (
     run_config,
     tool_main,
 )
+from mptrain.train.given import Given
 from mptrain.train.loop import validate
 from mptrain.train.recipe import backend_settings, build
 
@@ -42,8 +43,9 @@ def default_name(checkpoint: Path, overrides: list[str], ema: bool = False) -> s
 
 
 def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
-             name: str | None = None, ema: bool = False) -> tuple[dict, Path]:
-    """The checkpoint's validation metrics (of its EMA average with `ema`); returns (the record written, its path)."""
+             name: str | None = None, ema: bool = False, given: Given | None = None) -> tuple[dict, Path]:
+    """The checkpoint's validation metrics (of its EMA average with `ema`); returns (the record written, its path).
+    `given`: the objects a run trained from Python was passed (mptrain.evaluate(run_dir, model=...))."""
     run_dir, overrides = Path(run_dir), list(overrides or [])
     cfg = run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, checkpoint)
@@ -51,7 +53,7 @@ def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] 
     if ema:
         require_ema(ckpt, path)
     start = time.perf_counter()
-    c = build(cfg)
+    c = build(cfg, given)
     try:
         if c.val_loader is None:
             raise ConfigError(f"dataset {cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation set "
