@@ -258,11 +258,26 @@ class EmaConfig:
         _check(0 < self.decay < 1, "trainer.ema.decay", self.decay, "must be in (0, 1)")
 
 
+DEFAULT_BATCH_SIZE = 64  # the global batch when neither trainer.batch_size nor per_device_batch_size is set
+
+
+def global_batch(t, world_size: int) -> int:
+    """The global batch of trainer config `t` for `world_size` processes."""
+    if t.batch_size is not None:
+        return t.batch_size
+    if t.per_device_batch_size is not None:
+        return t.per_device_batch_size * world_size
+    return DEFAULT_BATCH_SIZE
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps (skipped ones count); null = run max_epochs
     max_epochs: int = 10
-    batch_size: int = 64
+    # the global batch, over all processes (torchrun); null: DEFAULT_BATCH_SIZE, or per_device_batch_size x processes
+    batch_size: int | None = None
+    # the batch of each process, as Lightning and Accelerate count it; an alternative to batch_size (not both)
+    per_device_batch_size: int | None = None
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None  # clip the unscaled gradients to this total norm
     # multiply the training loss by this (a small-weighted loss term has small gradients: the case
@@ -302,7 +317,12 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
         _check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "must be >= 1")
-        _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
+        _check(self.per_device_batch_size is None or self.per_device_batch_size >= 1, "trainer.per_device_batch_size",
+               self.per_device_batch_size, "must be >= 1")
+        _check(self.batch_size is None or self.per_device_batch_size is None, "trainer.batch_size", self.batch_size,
+               f"so is trainer.per_device_batch_size={self.per_device_batch_size}: give one of them (batch_size: the "
+               "global batch over all processes; per_device_batch_size: each process's)")
         _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "must be >= 1")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm", self.clip_grad_norm, "must be > 0 or null")
         _check(self.loss_weight > 0 and math.isfinite(self.loss_weight), "trainer.loss_weight", self.loss_weight,

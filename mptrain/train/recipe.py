@@ -25,7 +25,7 @@ from mptrain.checkpoint.callback import Checkpointer
 from mptrain.checkpoint.files import NonFiniteCheckpoint
 from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolve_resume
 from mptrain.checkpoint.signals import Interrupted, StopSignals
-from mptrain.config import Fp8Config, check_warmup
+from mptrain.config import Fp8Config, check_warmup, global_batch
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
@@ -237,10 +237,11 @@ def build(cfg: DictConfig, given: Given | None = None) -> Components:
             log.warning("%s", slow)
 
     datasets = as_datasets(given.datasets if given.datasets is not None else _instantiate(cfg.dataset, "dataset"))
+    global_size = global_batch(t, info.world_size)
     if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
-        datasets = overfit(datasets, t.overfit_batches * t.batch_size)
+        datasets = overfit(datasets, t.overfit_batches * global_size)
     pin = device.type == "cuda"
-    batch = t.batch_size // info.world_size  # trainer.batch_size is the global batch
+    batch = global_size // info.world_size  # trainer.batch_size is the global batch
     shard = {"rank": info.rank, "world_size": info.world_size, "num_workers": t.num_workers, "pin_memory": pin}
     train_loader = make_loader(datasets.train, batch, train=True, seed=t.seed, **shard)
     val_loader = None
@@ -248,7 +249,7 @@ def build(cfg: DictConfig, given: Given | None = None) -> Components:
         val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, pad=t.strategy == "fsdp", **shard)
     steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
     if steps_per_epoch == 0:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
+        raise ConfigError(f"trainer.batch_size={global_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
                           f"exceeds the {len(datasets.train)} training samples; lower the batch size")
 
     target = model_target(cfg, given.model)
