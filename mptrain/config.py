@@ -696,6 +696,9 @@ class SyntheticDatasetConfig:
             _check(getattr(self, key) >= 1, f"dataset.{key}", getattr(self, key), "must be >= 1")
 
 
+WANDB_MODES = ("online", "offline", "disabled")  # logger=wandb's logger.mode (and $WANDB_MODE)
+
+
 @dataclass
 class LoggerConfig:
     """An experiment tracker beside the run directory (`logger=mlflow|wandb`). TensorBoard is separate
@@ -714,8 +717,8 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in ("none", "mlflow", "wandb"), "logger.name", self.name, "choose none, mlflow or wandb")
-        _check(self.mode in (None, "online", "offline", "disabled"), "logger.mode", self.mode,
-               "choose online, offline or disabled (or null)")
+        _check(self.mode is None or self.mode in WANDB_MODES, "logger.mode", self.mode,
+               f"choose {', '.join(WANDB_MODES)} (or null)")
 
 
 @dataclass

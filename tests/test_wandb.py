@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -62,7 +63,17 @@ def test_offline_run_files_hold_the_config_every_metric_row_the_summary_and_the_
     recorded = json.loads((run_dir / "wandb.json").read_text())
     assert recorded["mode"] == "offline"  # not logged in: nothing is uploaded
     (folder,) = (run_dir / "wandb").glob(f"offline-run-*-{recorded['id']}")
-    records = read_wandb_records(folder / f"run-{recorded['id']}.wandb")
+    # W&B's service writes the file on its own thread and may still be at it when finish() returns: read it once
+    # it holds the run's exit record (as `wandb sync` would, after mptrain's process has ended)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            records = read_wandb_records(folder / f"run-{recorded['id']}.wandb")
+        except Exception:  # a chunk still being written does not parse yet
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     by_kind = {}
     for r in records:
         by_kind.setdefault(r.WhichOneof("record_type"), []).append(r)

@@ -19,13 +19,13 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from mptrain.config import WANDB_MODES as MODES
 from mptrain.errors import ConfigError
 from mptrain.run.layout import PRECISION_PLAN, WANDB, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
 MISSING_MESSAGE = "logger=wandb needs wandb: pip install mptrain[wandb]"
-MODES = ("online", "offline", "disabled")
 DEFAULT_HOST = "https://api.wandb.ai"
 # mptrain's summary status -> the exit code W&B marks the run with (0: finished, else failed/crashed)
 EXIT_CODE = {"completed": 0, "interrupted": 255}
