@@ -23,6 +23,10 @@ PRESET_FAMILIES = {"fp32": "autocast", "amp": "autocast", "dynamic": "autocast",
                    "nomaster": "fp16_weights", "bf16_pure": "pure_bf16", "auto": "autocast"}
 PRECISION_MODES = tuple(PRESET_FAMILIES)
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's float8 recipes (formats/builtin.py)
+# other tools' names for presets (Lightning's `precision=`): `precision=<alias>` composes conf/precision/<alias>.yaml,
+# which is the preset plus `alias`; runs are recorded under the preset, the alias beside it (docs/precision.md)
+PRECISION_ALIASES = {"16-mixed": "dynamic", "bf16-mixed": "bf16", "bf16-true": "bf16_pure", "32-true": "fp32",
+                     "transformer-engine": "fp8"}
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # precision=bf16_pure's rounding of each weight update
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCALING_KINDS = ("auto", "none", "static", "dynamic")
@@ -138,9 +142,13 @@ class PrecisionConfig:
     # (docs/precision.md "Per-layer plans"), e.g. {"*": nvfp4, "@first": bf16, "@last": bf16}; typed Any (null)
     # so that a command-line mapping replaces it (a typed dict refuses new keys under Hydra's struct mode)
     layers: Any = None
+    alias: str | None = None  # the familiar name the preset was chosen by (precision=16-mixed), PRECISION_ALIASES
 
     def __post_init__(self) -> None:
         _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")
+        _check(self.alias is None or PRECISION_ALIASES.get(self.alias) == self.mode, "precision.alias", self.alias,
+               f"names precision={PRECISION_ALIASES.get(self.alias)}, not precision.mode={self.mode}; choose a preset "
+               "by one name (precision=<preset or alias>) and leave precision.mode and precision.alias unset")
         _check(self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}")
         _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
         _check(self.layers is None or isinstance(self.layers, dict), "precision.layers", self.layers,
@@ -283,11 +291,26 @@ class EmaConfig:
                "no average is kept while trainer.ema.enabled=false; add trainer.ema.enabled=true (or drop the decay)")
 
 
+DEFAULT_BATCH_SIZE = 64  # the global batch when neither trainer.batch_size nor per_device_batch_size is set
+
+
+def global_batch(t, world_size: int) -> int:
+    """The global batch of trainer config `t` for `world_size` processes."""
+    if t.batch_size is not None:
+        return t.batch_size
+    if t.per_device_batch_size is not None:
+        return t.per_device_batch_size * world_size
+    return DEFAULT_BATCH_SIZE
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps (skipped ones count); null = run max_epochs
     max_epochs: int = 10
-    batch_size: int = 64
+    # the global batch, over all processes (torchrun); null: DEFAULT_BATCH_SIZE, or per_device_batch_size x processes
+    batch_size: int | None = None
+    # the batch of each process, as Lightning and Accelerate count it; an alternative to batch_size (not both)
+    per_device_batch_size: int | None = None
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None  # clip the unscaled gradients to this total norm
     # multiply the training loss by this (a small-weighted loss term has small gradients: the case
@@ -327,7 +350,12 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
         _check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "must be >= 1")
-        _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
+        _check(self.per_device_batch_size is None or self.per_device_batch_size >= 1, "trainer.per_device_batch_size",
+               self.per_device_batch_size, "must be >= 1")
+        _check(self.batch_size is None or self.per_device_batch_size is None, "trainer.batch_size", self.batch_size,
+               f"so is trainer.per_device_batch_size={self.per_device_batch_size}: give one of them (batch_size: the "
+               "global batch over all processes; per_device_batch_size: each process's)")
         _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "must be >= 1")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm", self.clip_grad_norm, "must be > 0 or null")
         _check(self.loss_weight > 0 and math.isfinite(self.loss_weight), "trainer.loss_weight", self.loss_weight,
@@ -701,21 +729,29 @@ class SyntheticDatasetConfig:
             _check(getattr(self, key) >= 1, f"dataset.{key}", getattr(self, key), "must be >= 1")
 
 
+WANDB_MODES = ("online", "offline", "disabled")  # logger=wandb's logger.mode (and $WANDB_MODE)
+
+
 @dataclass
 class LoggerConfig:
-    """An experiment tracker beside the run directory (`logger=mlflow`). TensorBoard is separate
+    """An experiment tracker beside the run directory (`logger=mlflow|wandb`). TensorBoard is separate
     (`trainer.tensorboard`); both can run together. Only rank 0 logs."""
 
-    name: str = "none"  # none | mlflow
+    name: str = "none"  # none | mlflow | wandb
     # null: $MLFLOW_TRACKING_URI if set, else SQLite in ./mlruns/mlflow.db (MLflow 3 refuses a plain file store)
     tracking_uri: str | None = None
     # where a new experiment keeps its artifacts; null: ./mlruns/artifacts beside the local store
     artifact_location: str | None = None
-    experiment: str = "mptrain"  # MLflow experiment name (created when missing)
+    experiment: str = "mptrain"  # MLflow experiment / W&B project name (created when missing)
     run_name: str | None = None  # null: the run directory's name
+    entity: str | None = None  # W&B team or user; null: W&B's default for the login
+    # W&B: online | offline | disabled; null: $WANDB_MODE, else online when logged in (wandb login), else offline
+    mode: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name in ("none", "mlflow"), "logger.name", self.name, "choose none or mlflow")
+        _check(self.name in ("none", "mlflow", "wandb"), "logger.name", self.name, "choose none, mlflow or wandb")
+        _check(self.mode is None or self.mode in WANDB_MODES, "logger.mode", self.mode,
+               f"choose {', '.join(WANDB_MODES)} (or null)")
 
 
 @dataclass
@@ -731,6 +767,8 @@ class Config:
     experiment: Any = None
     task: Any = None  # null: the model's own task (classification unless the model declares another)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # the user's training callbacks, each {_target_: ..., its keys}: a mptrain.Callback (docs/python.md)
+    callbacks: list[Any] = field(default_factory=list)
     # the summary key a sweep optimizes (hparams_search=optuna): the value the `mptrain` task returns
     optimized_metric: str | None = None
     seed: int = 0

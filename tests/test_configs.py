@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from mptrain.config import validate
+from mptrain.config import PRECISION_ALIASES, validate
 from mptrain.errors import ConfigError
 
 from .conftest import CONF, compose_config, run_cli
@@ -30,8 +30,8 @@ def test_entry_composes_and_validates(group, name):
     cfg = compose_config([f"{group}={name}", *partner])
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if group == "precision":
-        assert cfg.precision.mode == name
+    if group == "precision":  # an alias (precision=16-mixed) is its preset, named beside it
+        assert (cfg.precision.mode, cfg.precision.alias) in ((name, None), (PRECISION_ALIASES.get(name), name))
     if group == "model" and "num_classes" in cfg.model:
         assert cfg.model.num_classes == cfg.dataset.num_classes  # facts flow by interpolation
 

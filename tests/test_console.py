@@ -84,3 +84,30 @@ def test_the_config_tree_prints_the_overrides_as_typed():
     out = io.StringIO()
     print_config_tree(OmegaConf.create({}), {}, typed, console=RichConsole(file=out, width=200))
     assert "overrides: " + " ".join(typed) in out.getvalue()
+
+
+def test_the_config_tree_lists_the_model_first_whatever_the_defaults_order():
+    # conf/config.yaml lists optimizer and scheduler before model (a model's entry may choose them); Hydra's
+    # choices come last group first: the tree still reads model, dataset, precision, optimizer, ...
+    import io
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from rich.console import Console as RichConsole
+
+    from mptrain.train.callbacks.console import print_config_tree
+
+    from .conftest import CONF
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            choices = dict(compose(config_name="config", return_hydra_config=True).hydra.runtime.choices)
+    finally:
+        GlobalHydra.instance().clear()
+    out = io.StringIO()
+    print_config_tree(OmegaConf.create({}), choices, [], console=RichConsole(file=out, width=300))
+    line = out.getvalue().splitlines()[1].split()
+    assert line[1:7] == ["model=cnn", "dataset=digits", "precision=amp", "optimizer=sgd", "scheduler=cosine",
+                         "trainer=default"], line

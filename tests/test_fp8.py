@@ -171,7 +171,10 @@ def test_fp8_stats_record_every_converted_layer_on_sampled_steps_only():
 # ---- training, checkpoints, resume ------------------------------------------------------------------
 
 @needs_torchao
-@pytest.mark.parametrize("model", [pytest.param(GPT, marks=pytest.mark.slow), MLP], ids=["gpt", "mlp"])
+# the GPT with the recipe this comparison was sized for (SGD, 20 warm-up steps): its own (nanoGPT's AdamW, 100
+# warm-up steps) would still be warming up at step 30
+@pytest.mark.parametrize("model", [pytest.param([*GPT, "optimizer=sgd", "scheduler=cosine"], marks=pytest.mark.slow),
+                                   MLP], ids=["gpt", "mlp"])
 def test_fp8_trains_within_a_few_percent_of_bf16(tmp_path, model):
     runs = {p: train(tmp_path / p, [f"precision={p}", "trainer.max_steps=30", "diagnostics=off",
                                      "checkpoint.enabled=false", *model])[0] for p in ("bf16", "fp8")}

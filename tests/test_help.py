@@ -19,8 +19,9 @@ def groups_in_help(text: str) -> dict[str, set[str]]:
         if re.match(r"^  \S", line):
             current = line.split()[0]
             groups[current] = set()
-        elif line.strip() and current is not None:
-            groups[current] |= {c.strip().rstrip("*") for c in line.split(",") if c.strip()}
+        elif line.strip() and current is not None:  # "a, b*" or "label: a = x, b = y"
+            items = line.split(": ", 1)[-1].split(",")
+            groups[current] |= {c.split(" = ")[0].strip().rstrip("*") for c in items if c.strip()}
     return groups
 
 
@@ -56,3 +57,14 @@ def test_help_shows_a_users_own_config_dir_entries(tmp_path):
     proc = run_cli(["--config-dir", str(tmp_path / "myconf"), "--help"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "my_mlp" in groups_in_help(proc.stdout)["model"]
+
+
+def test_help_lists_the_everyday_presets_apart_from_aliases_and_the_papers_ablations(tmp_path):
+    proc = run_cli(["--help", "precision=bf16-mixed"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    block = proc.stdout.split("\n  precision ", 1)[1].split("\n  optimizer ", 1)[0].splitlines()[1:]
+    assert " ".join(line.strip() for line in block) == (
+        "amp, auto, bf16, bf16_pure, dynamic, fp32, fp8, master "
+        "other tools' names: 16-mixed = dynamic, 32-true = fp32, bf16-mixed* = bf16, bf16-true = bf16_pure, "
+        "transformer-engine = fp8 "
+        "the paper's ablations: noscale, nomaster, static")

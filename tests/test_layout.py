@@ -20,8 +20,11 @@ LAYERS = {
     "mptrain.parallel": 2,
     "mptrain.train": 3,
     "mptrain.cli": 4, "mptrain.tools": 4,
-    "mptrain.__main__": 5,
+    "mptrain.__main__": 5, "mptrain.api": 5,
 }
+# the one way up: the Python API's names, imported on first use (mptrain.train is the callable mptrain/train
+# package, mptrain.evaluate / sample are mptrain.api's), so that `import mptrain` alone stays cheap
+LAZY_API = {("mptrain", "mptrain.api"), ("mptrain.train", "mptrain.api")}
 
 
 def layer(module: str) -> int:
@@ -60,7 +63,9 @@ def test_every_module_has_a_layer():
 def test_imports_go_one_way():
     """cli/tools -> train -> precision, diagnostics, checkpoint, run, parallel -> library -> config, errors."""
     wrong = [f"{mod} (layer {layer(mod)}) imports {dep} (layer {layer(dep)})"
-             for mod, path in sorted(modules().items()) for dep in sorted(imports(mod, path)) if layer(dep) > layer(mod)]
+             for mod, path in sorted(modules().items()) for dep in sorted(imports(mod, path))
+             if layer(dep) > layer(mod) and not any(mod == m and (dep == d or dep.startswith(d + "."))
+                                                    for m, d in LAZY_API)]
     assert not wrong, "\n".join(wrong)
 
 

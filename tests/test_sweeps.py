@@ -139,3 +139,18 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summaries(tmp_path / "multi")
     assert len(s) == 2 and all(v["status"] == "completed" for v in s.values())
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_by_printing_its_directory_and_the_compare_command(tmp_path):
+    proc = run_cli(["-m", "precision=fp32,bf16", *QUICK, "trainer.max_steps=2", "diagnostics=off",
+                    "hydra.sweep.dir=multirun/my sweep"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["sweep directory: multirun/my sweep",
+                                             "compare its runs: mptrain-compare 'multirun/my sweep'"]
+    # the printed command works as printed, from where the sweep was started
+    command = proc.stdout.splitlines()[-1].split(": ", 1)[1]
+    done = subprocess.run(command.replace("mptrain-compare", f"{sys.executable} -m mptrain.tools.compare", 1),
+                          shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "multirun" / "my sweep" / "comparison.md").is_file()

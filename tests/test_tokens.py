@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import sysconfig
 from pathlib import Path
 
@@ -255,3 +256,70 @@ def test_first_bad_byte_is_the_file_offset_across_chunks(tmp_path, monkeypatch, 
     with pytest.raises(UnicodeDecodeError) as whole:
         data.decode("utf-8")  # Python's own decode of the whole file
     assert prep.first_bad_byte(tmp_path / "f") == (whole.value.reason, whole.value.start)
+
+
+def nanogpt_prepare(text: str, out: Path) -> dict:
+    """nanoGPT's data/shakespeare_char/prepare.py, its code path line for line (the download left out)."""
+    data = text
+    chars = sorted(list(set(data)))
+    vocab_size = len(chars)
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+
+    def encode(s):
+        return [stoi[c] for c in s]
+
+    n = len(data)
+    train_data = data[:int(n * 0.9)]
+    val_data = data[int(n * 0.9):]
+    out.mkdir()
+    np.array(encode(train_data), dtype=np.uint16).tofile(out / "train.bin")
+    np.array(encode(val_data), dtype=np.uint16).tofile(out / "val.bin")
+    meta = {"vocab_size": vocab_size, "itos": itos, "stoi": stoi}
+    with open(out / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    return meta
+
+
+def test_nanogpt_meta_pkl_gives_the_vocabulary_and_decodes_samples(tmp_path):
+    from mptrain.tools.sample import continuation, sample_text
+
+    from .test_use import trained_run
+
+    out = tmp_path / "shakespeare_char"
+    meta = nanogpt_prepare(TEXT.read_text(), out)
+    run_dir, summary = trained_run(tmp_path, ["dataset=tokens", f"dataset.path={out}", "dataset.seq_len=16",
+                                        "dataset.samples=64", "dataset.val_windows=8", "trainer.max_epochs=1",
+                                        *GPT, "checkpoint.enabled=true", "checkpoint.keep_last=0"])
+    assert summary["status"] == "completed"
+    # the run's vocabulary is nanoGPT's itos, in id order; the model has exactly vocab_size outputs
+    assert json.loads((run_dir / "vocab.json").read_text()) == {
+        "level": "char", "tokens": [meta["itos"][i] for i in range(meta["vocab_size"])]}
+    ids, _ = continuation(run_dir, "The ", tokens=20, seed=0)
+    assert len(ids) == 20 and max(ids) < meta["vocab_size"]
+    # decoded as nanoGPT's sample.py does: decode = lambda l: ''.join([itos[i] for i in l])
+    assert sample_text(run_dir, "The ", tokens=20, seed=0) == "".join(meta["itos"][i] for i in ids)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    (Payload(), "it names builtins.print"),  # the way a pickle runs code
+    ({"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "c"}, "extra": Path("/tmp")}, r"it names pathlib\."),
+    ({"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "c"}, "x": 1.5}, "it holds other types than those"),
+    ({"vocab_size": 3, "itos": {0: "a", 1: "b", 2: b"c"}}, "it holds other types than those"),
+    ({"vocab_size": 3, "itos": {0: "a", 1: "b"}}, r"its itos does not map the ids 0\.\.2 to strings"),
+    ({"itos": {0: "a"}}, "it has no vocab_size"),
+])
+def test_a_meta_pkl_holding_anything_but_plain_data_is_refused_in_one_line(tmp_path, meta, why, capsys):
+    nanogpt_prepare("abcabc" * 100, tmp_path / "d")
+    (tmp_path / "d" / "meta.pkl").write_bytes(pickle.dumps(meta))
+    with pytest.raises(ConfigError) as e:
+        tokens(str(tmp_path / "d"), seq_len=8)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'd' / 'meta.pkl'} is not a nanoGPT meta.pkl")
+    assert re.search(why, message), message
+    assert "pwned" not in capsys.readouterr().out  # nothing in it ran

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,11 @@ class CheckRunDir(Callback):
                   f"{' '.join(key(before or [])) or 'none'}); choose a new hydra.sweep.dir, or repeat that sweep's "
                   "overrides to continue it", file=sys.stderr)
             raise SystemExit(2)
+
+
+class SweepDone(Callback):
+    """At the end of a sweep (`-m`): say where its runs are and the command that compares them."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = str(config.hydra.sweep.dir)
+        print(f"sweep directory: {sweep_dir}\ncompare its runs: mptrain-compare {shlex.quote(sweep_dir)}", flush=True)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from mptrain.config import global_batch
 from mptrain.errors import ConfigError, HardwareError
 from mptrain.parallel.launch import DistInfo, env_info, first_host, rendezvous_env  # noqa: F401 (re-exported)
 
@@ -33,9 +34,10 @@ def setup(t: DictConfig, device: torch.device) -> DistInfo:
     if backend == "nccl" and not torch.cuda.is_available():
         raise HardwareError("trainer.dist_backend=nccl needs CUDA GPUs and none is visible; use "
                             "trainer.dist_backend=gloo (or auto) on CPU")
-    if t.batch_size % info.world_size:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} (the global batch) is not divisible by the "
-                          f"{info.world_size} processes; choose a multiple of {info.world_size}")
+    if global_batch(t, info.world_size) % info.world_size:
+        raise ConfigError(f"trainer.batch_size={global_batch(t, info.world_size)} (the global batch) is not divisible "
+                          f"by the {info.world_size} processes; choose a multiple of {info.world_size}, or set "
+                          "trainer.per_device_batch_size instead")
     if not dist.is_initialized():
         rendezvous_env(info)
         if device.type == "cuda":

@@ -54,6 +54,7 @@ ADVICE = "advice.json"                    # mptrain-advise's verdict
 VERIFY = "verify"                         # mptrain-advise --verify's trial runs: verify/probe/, verify/advised/
 PRECISION_PLAN = "precision_plan.json"    # module -> {format, emulated, kernel, why, ...} (precision/plan.py)
 MLFLOW = "mlflow.json"                    # logger=mlflow: the tracking URI and run id
+WANDB = "wandb.json"                      # logger=wandb: the W&B run id and mode (W&B's own files: wandb/)
 # dataset=text's vocab.json ({"level", "tokens"}) or tokenizer.json, what decodes a language model's ids: the
 # tokenizer's own file names (library/data/tokenize.py writes them wherever a tokenizer is saved)
 VOCAB, TOKENIZER = VOCAB_FILE, TOKENIZER_FILE

@@ -1,4 +1,5 @@
-"""MLflow experiment tracking (`logger=mlflow`, the optional extra `mptrain[mlflow]`).
+"""MLflow experiment tracking (`logger=mlflow`, the optional extra `mptrain[mlflow]`), and the choice of tracker
+(`trackers`; W&B, `logger=wandb`, is in wandb_logger.py).
 
 The run directory stays the record; MLflow gets a copy: the flattened config as parameters, every
 metrics.jsonl row as metrics (same names, same steps), the summary, and artifacts (the report and
@@ -41,6 +42,11 @@ def check_trackers(cfg) -> None:
     if cfg is not None and cfg.get("name") == "mlflow":
         check_available()
         check_tracking_uri(resolve_tracking_uri(cfg.get("tracking_uri")))
+    elif cfg is not None and cfg.get("name") == "wandb":
+        from mptrain.run import wandb_logger
+
+        wandb_logger.check_available()
+        wandb_logger.resolve_mode(cfg.get("mode"))
 
 
 def default_store() -> Path:
@@ -218,10 +224,14 @@ class MLflowLogger:
 
 
 def trackers(cfg, run_dir: Path, config: dict, resume: bool = False, enabled: bool = True) -> list:
-    """The sinks RunWriter forwards rows and the summary to: [] unless `logger=mlflow` (rank 0 only).
+    """The sinks RunWriter forwards rows and the summary to: [] unless `logger=mlflow|wandb` (rank 0 only).
     Built before the run directory changes (they refuse a store that cannot be used); `start()` them after."""
     if not enabled or cfg is None or cfg.name == "none":
         return []
+    if cfg.name == "wandb":
+        from mptrain.run.wandb_logger import WandbLogger
+
+        return [WandbLogger(cfg, run_dir, config, resume=resume)]
     return [MLflowLogger(cfg, run_dir, config, resume=resume)]
 
 

@@ -55,6 +55,9 @@ class RunWriter:
         """A JSON file of the run directory (e.g. layout.PRECISION_PLAN), written atomically."""
         if self.enabled:
             write_json_atomic(self.run_dir / name, data)
+            for sink in self.sinks:
+                if hasattr(sink, "write_json"):  # e.g. W&B keeps the precision plan in its config
+                    sink.write_json(name, data)
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:

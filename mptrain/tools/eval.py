@@ -32,6 +32,7 @@ from mptrain.tools.trained import (
     sets_precision,
     tool_main,
 )
+from mptrain.train.given import Given
 from mptrain.train.loop import validate
 from mptrain.train.recipe import backend_settings, build
 
@@ -55,8 +56,9 @@ def check_name(name: str) -> None:
 
 
 def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
-             name: str | None = None, ema: bool = False) -> tuple[dict, Path]:
-    """The checkpoint's validation metrics (of its EMA average with `ema`); returns (the record written, its path)."""
+             name: str | None = None, ema: bool = False, given: Given | None = None) -> tuple[dict, Path]:
+    """The checkpoint's validation metrics (of its EMA average with `ema`); returns (the record written, its path).
+    `given`: the objects a run trained from Python was passed (mptrain.evaluate(run_dir, model=...))."""
     run_dir, overrides = Path(run_dir), list(overrides or [])
     if name is not None:
         check_name(name)
@@ -66,7 +68,7 @@ def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] 
     if ema:
         require_ema(ckpt, path)
     start = time.perf_counter()
-    c = build(cfg, training=False)
+    c = build(cfg, given, training=False)
     try:
         if c.val_loader is None:
             raise ConfigError(f"dataset {cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation set "

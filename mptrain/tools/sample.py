@@ -39,6 +39,7 @@ from mptrain.tools.trained import (
     run_config,
     tool_main,
 )
+from mptrain.train.given import Given, check_passed
 from mptrain.train.recipe import build_model, build_task, model_target
 
 log = logging.getLogger("mptrain")
@@ -98,9 +99,13 @@ def model_vocab(cfg: DictConfig, tok: Tokenizer) -> int:
                or tok.vocab_size)
 
 
-def load_model(run_dir: Path, overrides: list[str], checkpoint: str | None, facts: dict, ema: bool = False):
-    """(model in eval mode, its task, its precision) of a trained run, built without its data."""
+def load_model(run_dir: Path, overrides: list[str], checkpoint: str | None, facts: dict, ema: bool = False,
+               given: Given | None = None):
+    """(model in eval mode, its task, its precision) of a trained run, built without its data (`given`: the model
+    and task objects a run trained from Python was passed)."""
+    given = given or Given()
     cfg = run_config(run_dir, overrides)
+    check_passed(cfg, given, ("model", "task"))  # no data is needed here
     path = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path)
     if ema:
@@ -108,8 +113,8 @@ def load_model(run_dir: Path, overrides: list[str], checkpoint: str | None, fact
     with quiet():  # what is printed is the sample: the precision's plan would bury it
         device = resolve_device(cfg.trainer.device)
         precision = Precision(cfg.precision, device)
-        task = build_task(cfg, model_target(cfg), None)
-        model = build_model(cfg, task, device, precision, facts)
+        task = given.task if given.task is not None else build_task(cfg, model_target(cfg, given.model), None)
+        model = build_model(cfg, task, device, precision, facts, given.model)
         restore_plan(precision, ckpt)
         load_weights(model, ckpt, path, ema=ema)
     return model.eval(), task, precision
@@ -156,7 +161,7 @@ def generate(model: nn.Module, prompt: list[int], tokens: int, temperature: floa
 
 def continuation(run_dir: Path, prompt: str, tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 0, checkpoint: str | None = None, overrides: list[str] | None = None,
-                 ema: bool = False) -> tuple[list[int], Tokenizer]:
+                 ema: bool = False, given: Given | None = None) -> tuple[list[int], Tokenizer]:
     """(the generated ids after the prompt, the run's tokenizer that decodes them)."""
     if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ConfigError("--tokens and --temperature must be >= 0 and --top-k >= 1")
@@ -165,7 +170,8 @@ def continuation(run_dir: Path, prompt: str, tokens: int = 200, temperature: flo
     tok = read_tokenizer(run_dir, cfg)
     # a prompt outside the vocabulary fails before any building
     prompt_ids = [int(i) for i in tok.encode(prompt)] if prompt else start_ids(tok)
-    model, task, precision = load_model(run_dir, overrides, checkpoint, {"vocab_size": model_vocab(cfg, tok)}, ema)
+    model, task, precision = load_model(run_dir, overrides, checkpoint, {"vocab_size": model_vocab(cfg, tok)}, ema,
+                                        given)
     if task.name != "language_modeling":
         raise ConfigError(f"{run_dir} trained a {task.name} task; text sampling needs a language model")
     return generate(model, prompt_ids, tokens, temperature, top_k, seed, precision, vocab=tok.vocab_size), tok
@@ -173,18 +179,18 @@ def continuation(run_dir: Path, prompt: str, tokens: int = 200, temperature: flo
 
 def sample_text(run_dir: Path, prompt: str = "", tokens: int = 200, temperature: float = 1.0,
                 top_k: int | None = None, seed: int = 0, checkpoint: str | None = None,
-                overrides: list[str] | None = None, ema: bool = False) -> str:
+                overrides: list[str] | None = None, ema: bool = False, given: Given | None = None) -> str:
     """The prompt's continuation (of a newline, for an empty prompt), decoded with the run's tokenizer."""
-    ids, tok = continuation(run_dir, prompt, tokens, temperature, top_k, seed, checkpoint, overrides, ema)
+    ids, tok = continuation(run_dir, prompt, tokens, temperature, top_k, seed, checkpoint, overrides, ema, given)
     return tok.decode(ids)
 
 
 def sample_images(run_dir: Path, seed: int = 0, count: int = 64, checkpoint: str | None = None,
-                  overrides: list[str] | None = None, ema: bool = False) -> Path:
+                  overrides: list[str] | None = None, ema: bool = False, given: Given | None = None) -> Path:
     """A GAN run's grid of `count` generated images from the noise of `seed`: RUN_DIR/samples/seed_<S>.png."""
     from mptrain.library.models.gan import sample_grid
 
-    model, task, precision = load_model(run_dir, list(overrides or []), checkpoint, {}, ema)
+    model, task, precision = load_model(run_dir, list(overrides or []), checkpoint, {}, ema, given)
     if task.name != "gan":
         raise ConfigError(f"{run_dir} trained a {task.name} task; image samples need a GAN run (model=dcgan)")
     with precision.autocast():

@@ -48,6 +48,7 @@ class Components:
     strategy: str = "single"  # single | ddp | fsdp
     model_facts: dict = field(default_factory=dict)  # model keys the data filled in (e.g. vocab_size)
     vocab: dict | None = None  # a text dataset's vocabulary: written to the run directory as vocab.json
+    callbacks: list = field(default_factory=list)  # the user's (config `callbacks`, or passed to mptrain.train)
 
     @property
     def base_model(self) -> nn.Module:

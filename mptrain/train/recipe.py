@@ -25,7 +25,7 @@ from mptrain.checkpoint.callback import Checkpointer
 from mptrain.checkpoint.files import NonFiniteCheckpoint
 from mptrain.checkpoint.resume import apply_checkpoint, config_container, resolve_resume
 from mptrain.checkpoint.signals import Interrupted, StopSignals
-from mptrain.config import check_warmup
+from mptrain.config import check_warmup, global_batch
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
@@ -55,6 +55,7 @@ from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
 from mptrain.train.diagnose import zero_gradient_error
 from mptrain.train.ema import EMA, EmaCallback
+from mptrain.train.given import Given, as_callback, check_passed
 from mptrain.train.loop import fit, probe_task
 from mptrain.train.state import TrainState
 
@@ -152,8 +153,10 @@ def emulated_fp16(precision: Precision, device: torch.device) -> str | None:
             "for speed on a CPU use precision=bf16 (or amp, which picks bf16 on a CPU); fp16 here is for its numerics")
 
 
-def model_target(cfg: DictConfig) -> object:
-    """The class (or function) model._target_ names, imported."""
+def model_target(cfg: DictConfig, given: nn.Module | None = None) -> object:
+    """The class (or function) model._target_ names, imported; the class of a `given` model (mptrain.train)."""
+    if given is not None:
+        return type(given)
     return locate("model", cfg.model._target_, "put its module on PYTHONPATH")
 
 
@@ -171,13 +174,17 @@ def check_model_fits(model_cfg: DictConfig, facts: dict) -> None:
                               f"or leave it null (taken from the data)")
 
 
-def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Precision, facts: dict) -> nn.Module:
+def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Precision, facts: dict,
+                model: nn.Module | None = None) -> nn.Module:
     """The model as the run trains it: instantiated (data `facts` such as vocab_size fill model keys left
-    null), on the device, in its memory format, prepared by the precision. Also what mptrain-eval,
-    -sample and -export rebuild a trained run's model with."""
+    null), or the `model` passed from Python (converted in place), on the device, in its memory format,
+    prepared by the precision. Also what mptrain-eval, -sample and -export rebuild a trained run's model with."""
     t = cfg.trainer
-    facts = {k: v for k, v in facts.items() if k in cfg.model and cfg.model.get(k) is None}
-    model = _instantiate(cfg.model, "model", **facts)
+    if model is None:
+        facts = {k: v for k, v in facts.items() if k in cfg.model and cfg.model.get(k) is None}
+        model = _instantiate(cfg.model, "model", **facts)
+    elif not isinstance(model, nn.Module):
+        raise ConfigError(f"model= passed a {type(model).__name__}, not a torch.nn.Module")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_={cfg.model._target_} returned a {type(model).__name__}, not a "
                           "torch.nn.Module; point it at a module class or a function returning one")
@@ -203,9 +210,13 @@ def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Pr
     return model
 
 
-def build(cfg: DictConfig, training: bool = True) -> Components:
-    """Every component of the run, each builder taking only its own sub-config. `training=False` (eval, export):
-    the same components, without the lines about the run's length and schedule, which are training's."""
+def build(cfg: DictConfig, given: Given | None = None, training: bool = True) -> Components:
+    """Every component of the run, each builder taking only its own sub-config; `given`: ready objects passed
+    from Python (mptrain.train) in place of the model, datasets or task the config would build. `training=False`
+    (eval, export): the same components, without the lines about the run's length and schedule, which are
+    training's."""
+    given = given or Given()
+    check_passed(cfg, given)
     t = cfg.trainer
     deterministic_cublas(t)  # before CUDA initialises
     info = distributed.env_info()
@@ -223,11 +234,12 @@ def build(cfg: DictConfig, training: bool = True) -> Components:
         if slow:
             log.warning("%s", slow)
 
-    datasets = as_datasets(_instantiate(cfg.dataset, "dataset"))
+    datasets = as_datasets(given.datasets if given.datasets is not None else _instantiate(cfg.dataset, "dataset"))
+    global_size = global_batch(t, info.world_size)
     if t.overfit_batches:  # debug=overfit: the same few samples every epoch, and for validation
-        datasets = overfit(datasets, t.overfit_batches * t.batch_size)
+        datasets = overfit(datasets, t.overfit_batches * global_size)
     pin = device.type == "cuda"
-    batch = t.batch_size // info.world_size  # trainer.batch_size is the global batch
+    batch = global_size // info.world_size  # trainer.batch_size is the global batch
     shard = {"rank": info.rank, "world_size": info.world_size, "num_workers": t.num_workers, "pin_memory": pin}
     train_loader = make_loader(datasets.train, batch, train=True, seed=t.seed, **shard)
     val_loader = None
@@ -235,18 +247,21 @@ def build(cfg: DictConfig, training: bool = True) -> Components:
         val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, pad=t.strategy == "fsdp", **shard)
     steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
     if steps_per_epoch == 0:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
+        raise ConfigError(f"trainer.batch_size={global_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
                           f"exceeds the {len(datasets.train)} training samples; lower the batch size")
 
-    target = model_target(cfg)
-    task = build_task(cfg, target, datasets.task)  # before building a model that cannot fit the data
+    target = model_target(cfg, given.model)
+    if given.task is not None:
+        task = check_task(given.task, datasets.task)
+    else:
+        task = build_task(cfg, target, datasets.task)  # before building a model that cannot fit the data
     several = len(task.parts) > 1
     if several and info.enabled:
         raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
                           "gradient all-reduce; train it in one process (no torchrun)")
     check_model_fits(cfg.model, datasets.facts)  # before a model that cannot fit the data is built
     facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
-    model = build_model(cfg, task, device, precision, facts)
+    model = build_model(cfg, task, device, precision, facts, given.model)
     if t.strategy == "fsdp" and info.enabled:
         model = fsdp.shard(model, precision)
         precision.prepare_model(model)  # the optimizer must see the sharded parameters
@@ -286,13 +301,17 @@ def build(cfg: DictConfig, training: bool = True) -> Components:
         raise ConfigError("trainer.ema keeps a whole fp32 copy of the weights on every rank, which FSDP's sharding "
                           "exists to avoid; use trainer.strategy=ddp or trainer.ema.enabled=false")
     ema = EMA(base_model, t.ema.decay, precision.master) if t.ema.enabled else None
+    # the user's callbacks: from config (callbacks=[{_target_: ...}]), then the objects passed from Python
+    callbacks = [as_callback(_instantiate(node, "callbacks"), f"callbacks[{i}]")
+                 for i, node in enumerate(cfg.get("callbacks") or [])]
+    callbacks += [as_callback(obj, f"callbacks= object {i}") for i, obj in enumerate(given.callbacks)]
     return Components(
         model=model, task=task, precision=precision, optimizer=optimizer, scheduler=scheduler, parts=parts, ema=ema,
         train_loader=train_loader, val_loader=val_loader, device=device, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, accumulate=t.accumulate_grad_batches, clip_grad_norm=t.clip_grad_norm,
         loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
         strategy=t.strategy if info.enabled else "single", model_facts=facts,
-        vocab=datasets.vocab, tokenizer=datasets.facts.get("tokenizer"),
+        vocab=datasets.vocab, tokenizer=datasets.facts.get("tokenizer"), callbacks=callbacks,
     )
 
 
@@ -340,6 +359,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
     summary: dict = {
         "status": status,
         "precision": cfg.precision.mode,
+        **({"precision_alias": cfg.precision.alias} if cfg.precision.get("alias") else {}),  # precision=16-mixed
         "task": c.task.name if c is not None else None,
         "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
@@ -386,10 +406,11 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
     return summary
 
 
-def run(cfg: DictConfig, run_dir: RunDir | Path) -> dict:
+def run(cfg: DictConfig, run_dir: RunDir | Path, given: Given | None = None) -> dict:
     """Train as the config says, recording everything in the run directory. Returns the summary.
 
     `run_dir`: the CLI's RunDir (locked, with the Hydra records to write), or a plain path (tests, scripts).
+    `given`: ready objects passed from Python (mptrain.train), recorded in `cfg` by given.record.
     Nothing in it is touched until the config, the checkpoint to resume from and the model have all been
     checked; then `RunDir.commit` is called, here and only here. From then on summary.json is written whatever
     happens: completed, interrupted (a stop signal, after a checkpoint) or failed.
@@ -402,7 +423,7 @@ def run(cfg: DictConfig, run_dir: RunDir | Path) -> dict:
     # a signal during set-up stops at once (nothing to save); once the directory is committed, after a step
     with StopSignals() as signals:
         resume = resolve_resume(cfg.resume, run_dir, sharded=cfg.trainer.strategy == "fsdp")
-        c = build(cfg)
+        c = build(cfg, given)
         try:
             return _run(cfg, job, config, resume, c, start, signals)
         finally:
@@ -467,12 +488,12 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     if c.is_main and hasattr(c.tokenizer, "to_str"):  # a trained or given tokenizers file (tokenizer.json)
         text = c.tokenizer.to_str().encode()
         write_atomic(run_dir / TOKENIZER, lambda f: f.write(text))
+    for sink in sinks:
+        sink.start()
+    writer.sinks += sinks  # before the plan: a tracker may keep it (W&B's config)
     if c.precision.plan is not None:
         writer.write_json(PRECISION_PLAN, c.precision.plan_record())
         c.precision.on_plan_change(lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record()))
-    for sink in sinks:
-        sink.start()
-    writer.sinks += sinks
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
@@ -492,6 +513,7 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     profiler = ProfileSteps(t.profile, run_dir, c.device) if t.profile.enabled and c.is_main else None
     if profiler is not None:  # debug=profile
         callbacks.append(profiler)
+    callbacks += c.callbacks  # the user's: after the metrics row and the checkpoint of the step
     try:
         with (c.precision.backend_flags(), backend_settings(t), console.logging_above(),
               anomaly_detection(t.detect_anomaly)):

@@ -66,15 +66,20 @@ class Console(Callback):
         self.bar.close()
 
 
+FIRST = ("model", "task", "dataset", "precision")  # the config tree's first groups, in this order
+
+
 def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: list[str] | None = None,
                       console: RichConsole | None = None) -> None:
     """The run's config in a few lines: each group's choice and the command-line overrides. The whole
     composed config is in <run>/.hydra/config.yaml (and `mptrain --cfg job` prints it)."""
     console = console or RichConsole()
     tree = Tree("[bold]config[/bold] [dim](in full: <run>/.hydra/config.yaml; mptrain --cfg job)[/dim]", guide_style="dim")
-    # Hydra lists the choices last group first: show them in the defaults list's order
+    # Hydra lists the choices last group first: show them in the defaults list's order, what is trained first
+    # (conf/config.yaml lists optimizer and scheduler before model, so that a model's entry can choose them)
     groups = {k: v for k, v in reversed(list((choices or {}).items()))
               if v is not None and "/" not in k and not k.startswith("hydra")}
+    groups = dict(sorted(groups.items(), key=lambda kv: FIRST.index(kv[0]) if kv[0] in FIRST else len(FIRST)))
     if groups:
         tree.add("  ".join(f"[bold]{k}[/bold]={v}" for k, v in groups.items()))
     if overrides:
