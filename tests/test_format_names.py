@@ -22,7 +22,7 @@ NOT_YET = {
     "mptrain/tools/estimate.py": 2, "mptrain/tools/report.py": 6, "mptrain/tools/verify.py": 5,
     "mptrain/train/recipe.py": 1,
     # kernel names that are also format names ("fp32": a plan entry's kernel), and the loss-scale switch's value
-    "mptrain/precision/convert.py": 2, "mptrain/precision/engine.py": 2,
+    "mptrain/precision/convert.py": 2, "mptrain/precision/engine.py": 2, "mptrain/precision/judge.py": 1,
 }
 # format names and their short aliases, and torchao's recipe names (precision.dtype's float32 / float16 / bfloat16
 # are config values, and the kernel names of a plan entry are record vocabulary: neither is counted)
