@@ -267,3 +267,64 @@ def test_resume_is_bitwise_with_stochastic_rounding(tmp_path, monkeypatch):
     assert_same_tensors(final_state(ref), final_state(cut))
     assert read_jsonl(ref / "metrics.jsonl") == read_jsonl(cut / "metrics.jsonl")
     assert final_state(ref)["precision"]["recipe_random"]["seed"] == 0  # trainer.seed's default
+
+
+# ---- the shadow measurement and the advisor --------------------------------------------------------------------
+
+def test_the_shadow_measures_a_recipe_forward_output_gradient_and_weight_gradient():
+    """On a Linear: err from the 2D-tiled weight, gerr from the stochastically rounded output gradient, wgerr
+    from the recipe's weight-gradient GEMM (checked against the reference built from scipy's Hadamard matrix and
+    the same noise); plain nvfp4 leaves wgerr unmeasured."""
+    from mptrain.diagnostics.shadow import FIELDS, Shadow, rel_err
+
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 24)
+    x, g = torch.randn(2, 16, 48), torch.randn(2, 16, 24)
+    shadow = Shadow(["nvfp4_recipe", "nvfp4"])
+    with torch.no_grad():
+        y = lin(x)
+    shadow.forward(lin, "lin", (x,), {}, y)
+    ref = RecipeRandom()  # the shadow's own streams: seed 0, rank 0, as they start
+    shadow.grad("lin", lin, g)
+    rows = {f: dict(zip(FIELDS, v)) for f, v in shadow.end()["lin"].items()}
+    w, b = lin.weight.detach(), lin.bias.detach()
+    assert rows["nvfp4_recipe"]["err"] == pytest.approx(
+        rel_err(y, RECIPE.quantize(x) @ RECIPE.quantize_tiles(w).t() + b).item(), rel=1e-5)
+    g2, x2 = g.reshape(32, 24), x.reshape(32, 48)
+    assert rows["nvfp4_recipe"]["gerr"] == pytest.approx(rel_err(g2, RECIPE.quantize_stochastic(g2, ref.generator)).item(),
+                                                         rel=1e-5)
+    h = torch.block_diag(*[torch.tensor(scipy.linalg.hadamard(16), dtype=torch.float32) * ref.signs(16) / 4] * 2)
+    dw = RECIPE.quantize_stochastic((h @ g2).t(), ref.generator) @ RECIPE.quantize((h @ x2).t()).t()
+    assert rows["nvfp4_recipe"]["wgerr"] == pytest.approx(rel_err(g2.t() @ x2, dw).item(), rel=1e-4)
+    assert 0.05 < rows["nvfp4_recipe"]["wgerr"] < 1
+    assert rows["nvfp4"]["wgerr"] is None and rows["nvfp4"]["gerr"] > 0
+
+
+def test_the_advisor_proposes_the_recipe_for_some_layers_and_bf16_for_others():
+    """fits: forward, gradient and weight-gradient errors within ERR_MAX; a layer whose recipe wgerr is over it
+    stays in bf16, the others take nvfp4_recipe (fewer bits), and the plan's overrides say so."""
+    from mptrain.tools.advise import fits, layer_plan, plan_override
+
+    def fig(err, wgerr=None):
+        f = {"err": err, "flush": 0.0, "sat": 0.0, "gerr": err, "gflush": 0.0, "gsat": 0.0, "wgerr": wgerr}
+        return {**f, "fits": fits(f)}
+
+    per_layer = {"blocks.0.fc": {"bf16": fig(0.004), "nvfp4_recipe": fig(0.08, 0.09)},
+                 "blocks.1.fc": {"bf16": fig(0.004), "nvfp4_recipe": fig(0.08, 0.3)},
+                 "head": {"bf16": fig(0.004), "nvfp4_recipe": fig(0.2, 0.05)}}
+    plan = layer_plan(per_layer, fp16_viable=True, base="bf16")
+    assert plan == {"blocks.0.fc": "nvfp4_recipe", "blocks.1.fc": "bf16", "head": "bf16"}
+    assert plan_override(["precision=bf16"], plan) == ["precision=bf16", "precision.layers={blocks.0.fc: nvfp4_recipe}"]
+
+
+@pytest.mark.slow
+def test_a_probe_with_the_recipe_in_the_shadow_feeds_the_advisor(tmp_path):
+    from mptrain.tools.advise import advise_run
+
+    _, run = train(tmp_path, [*MLP, "trainer.max_steps=3", "diagnostics=default", "diagnostics.every=1",
+                              "diagnostics.shadow=[bf16,nvfp4_recipe]"])
+    rows = [r for r in read_jsonl(run / "diagnostics.jsonl") if "shadow" in r]
+    assert rows and all(isinstance(v["nvfp4_recipe"][6], float) for r in rows for v in r["shadow"].values())
+    advice, lines = advise_run(run, None, None)
+    assert all("wgerr" in per["nvfp4_recipe"] for per in advice["per_layer"].values())
+    assert any("wgrad" in line for line in lines)
