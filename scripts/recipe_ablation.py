@@ -72,13 +72,14 @@ def main(argv: list[str]) -> None:
                 losses.setdefault(name, []).append(s["val/loss"])
                 print(f"{name.strip()} seed {seed}: val/loss {s['val/loss']:.4f} ({s['status']})", file=sys.stderr)
     ref = statistics.mean(losses["bf16"]) if "bf16" in losses else None
-    print(f"| precision ({args.steps} steps, seeds {', '.join(map(str, args.seeds))}) | val/loss | vs bf16 | wall s |")
-    print("|---|---|---|---|")
+    seeds = " | ".join(f"seed {seed}" for seed in args.seeds)
+    print(f"| precision ({args.steps} steps) | val/loss {seeds} | mean | vs bf16 | wall s per run |")
+    print("|---|" + "---|" * (len(args.seeds) + 3))
     for name, vals in losses.items():
         mean = statistics.mean(vals)
-        rel = f"{100 * (mean / ref - 1):+.1f}%" if ref else "-"
-        print(f"| {name.replace('  ', '&nbsp;&nbsp;')} | {mean:.4f} | {rel} | {walls[name] / len(vals):.0f} |")
-
+        rel = f"{100 * (mean / ref - 1):+.2f}%" if ref else "-"
+        cells = " | ".join(f"{v:.4f}" for v in vals)
+        print(f"| {name.replace('  ', '&nbsp;&nbsp;')} | {cells} | {mean:.4f} | {rel} | {walls[name] / len(vals):.0f} |")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
