@@ -3,7 +3,7 @@ Linear in bf16, and that recipe with each element removed in turn. Prints the ma
 ("4-bit training"). Every row is the same job (same seed, data and model); only the precision changes.
 
     python scripts/recipe_ablation.py                            # 300 steps, seed 0 (about 20 min on 2 CPU cores)
-    python scripts/recipe_ablation.py --steps 100 --seeds 0 1 trainer.device=cuda
+    python scripts/recipe_ablation.py --steps 100 --seeds 0,1 trainer.device=cuda
 Extra arguments are Hydra overrides applied to every row.
 """
 
@@ -44,7 +44,7 @@ ROWS = {
     "bf16": [],
     "nvfp4 (plain)": ["precision.layers={*: nvfp4}"],
     "nvfp4_recipe": ["precision.layers={*: nvfp4_recipe}"],
-    "nvfp4_recipe, first/last bf16": [f"precision.layers={{*: nvfp4_recipe, {EDGES}}}"],
+    "nvfp4_recipe + first/last bf16": [f"precision.layers={{*: nvfp4_recipe, {EDGES}}}"],
     "  without 2D weight scaling": [without("2d"), f"precision.layers={{*: no_2d, {EDGES}}}"],
     "  without the Hadamard transform": [without("rht"), f"precision.layers={{*: no_rht, {EDGES}}}"],
     "  without stochastic rounding": [without("sr"), f"precision.layers={{*: no_sr, {EDGES}}}"],
@@ -54,8 +54,9 @@ ROWS = {
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--only", nargs="+", default=None, help="row names to run (default: all)")
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0], help="e.g. 0,1")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None,
+                        help="comma-separated row names to run (default: all)")
     args, extra = parser.parse_known_args(argv)
     losses: dict[str, list[float]] = {}
     walls: dict[str, float] = {}

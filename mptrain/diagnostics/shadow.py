@@ -293,8 +293,8 @@ class Shadow:
         x = inputs.pop() if inputs else None  # the backward meets a module's calls in reverse order
         for fname, (fwd, gfmt) in self.formats.items():
             random = self._generator(g.device) if fwd.three_gemms else None
-            if random is not None and fwd.grad_rounding == "stochastic":
-                q = gemms.quantize(gfmt, g, random.generator)  # a recipe's Linear: blocks along out_features
+            if random is not None and fwd.grad_rounding == "stochastic" and dim == -1:
+                q = gemms.round_grad(gfmt, g, random.generator)  # a recipe's Linear: blocks along out_features
             else:
                 q = quantize(g, gfmt, dim)
             flush, sat = lost(g, q, gfmt, dim)

@@ -50,7 +50,8 @@ def rotate_tokens(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (m @ padded.reshape(-1, n, t.shape[1])).reshape(-1, t.shape[1])
 
 
-def quantize(fmt: Format, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def round_grad(fmt: Format, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A gradient operand in `fmt`: stochastically rounded from `generator`, or to nearest (None)."""
     return fmt.quantize(x) if generator is None else fmt.quantize_stochastic(x, generator)
 
 
@@ -65,7 +66,7 @@ def weight_gradient(fmt: Format, dy: torch.Tensor, x: torch.Tensor, signs: torch
     if fmt.wgrad_hadamard:
         m = random_hadamard(signs)
         dy, x = rotate_tokens(dy, m), rotate_tokens(x, m)
-    return quantize(fmt.grad_format, dy.t(), generator) @ fmt.quantize(x.t()).t()
+    return round_grad(fmt.grad_format, dy.t(), generator) @ fmt.quantize(x.t()).t()
 
 
 class RecipeLinear(torch.autograd.Function):
@@ -92,7 +93,7 @@ class RecipeLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # the input-gradient GEMM reduces over out_features: W's blocks run along them (2d: the same tiles)
             w = wq if wq is not None else fmt.quantize(weight.float().t()).t()
-            dx = (quantize(fmt.grad_format, dy2, generator) @ w).reshape(xf.shape).to(ctx.x_dtype)
+            dx = (round_grad(fmt.grad_format, dy2, generator) @ w).reshape(xf.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             signs = random.signs(fmt.wgrad_hadamard, dy.device) if fmt.wgrad_hadamard else None
             dw = weight_gradient(fmt, dy2, x2, signs, generator).to(weight.dtype)
