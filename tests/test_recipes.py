@@ -328,3 +328,13 @@ def test_a_probe_with_the_recipe_in_the_shadow_feeds_the_advisor(tmp_path):
     advice, lines = advise_run(run, None, None)
     assert all("wgerr" in per["nvfp4_recipe"] for per in advice["per_layer"].values())
     assert any("wgrad" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_precision_auto_plans_the_recipe_and_checkpoints_its_streams(tmp_path):
+    """A recipe chosen by precision=auto after its probe (a replan in the running process) is converted with the
+    run's random streams, which then go into the checkpoint."""
+    summary, run = train(tmp_path, [*MLP[:-1], "precision=auto", "trainer.max_steps=4", "precision.auto.probe_steps=2",
+                                    "precision.auto.formats=[nvfp4_recipe,bf16]", "precision.auto.tolerance=0.5"])
+    assert set(summary["auto_plan"].values()) == {"nvfp4_recipe"}
+    assert final_state(run)["precision"]["recipe_random"]["seed"] == 0
