@@ -178,8 +178,7 @@ def test_the_unknown_format_error_names_exactly_the_accepted_names(where):
     """Every name the check takes is in its message (aliases such as mxfp6 included) and every name the message
     lists is taken: the candidates are the table's names, its aliases, the fp8 recipes and a typo."""
     from mptrain.diagnostics.shadow import check_formats
-    from mptrain.precision.formats import ALIASES
-    from mptrain.precision.formats import BUILTINS
+    from mptrain.precision.formats import ALIASES, BUILTINS
 
     check = {"precision.layers": lambda n: BUILTINS.canonical(n, "precision.layers.head"),
              "diagnostics.shadow": lambda n: check_formats([n]), "get_format": get_format}[where]
