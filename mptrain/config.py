@@ -98,9 +98,15 @@ class AutoConfig:
     tolerance: float = 0.1  # largest relative error of a layer's output and of its output gradient (advisor's)
     formats: list[str] | None = None  # candidates; null: those with a real kernel on the device (CPU: bf16)
     recheck_every: int = 50  # re-measure every N steps after the plan (0: never)
+    # what "cheapest" means: time (each layer's forward+backward measured on the device, in each format that holds,
+    # on the last probe step: the fastest wins) | bits (the fewest bits per value that hold: format studies)
+    objective: str = "time"
+    timing_repeats: int = 3  # time: timed forward+backward runs per layer and format (the median; one warm-up)
 
     def __post_init__(self) -> None:
         p = "precision.auto"
+        _check(self.objective in ("time", "bits"), f"{p}.objective", self.objective, "choose time or bits")
+        _check(self.timing_repeats >= 1, f"{p}.timing_repeats", self.timing_repeats, "must be >= 1")
         _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
         _check(self.tolerance > 0, f"{p}.tolerance", self.tolerance, "must be > 0")
         _check(self.recheck_every >= 0, f"{p}.recheck_every", self.recheck_every, "must be >= 0 (0: never)")
@@ -146,15 +152,17 @@ class PrecisionConfig:
                f"applies only to precision=bf16_pure (precision={self.mode} uses PyTorch's optimizers)")
 
 
-OPTIMIZERS = ("sgd", "adamw", "adamw8bit", "adamw4bit", "adamwfp8")  # the low-bit three: torchao.optim
+# the low-bit three: torchao.optim; torch: the class optimizer._target_ names
+OPTIMIZERS = ("sgd", "adamw", "adamw8bit", "adamw4bit", "adamwfp8", "torch")
 
 
 @dataclass
 class OptimizerConfig:
     """The optimizer (mptrain.library.optim, docs/optimizers.md)."""
 
-    name: str = "sgd"  # sgd | adamw | adamw8bit | adamw4bit | adamwfp8 (ignored when _target_ is set)
-    # any optimizer class (torch.optim.RAdam, my_pkg.Lion): built with (param groups, lr, weight_decay, **kwargs)
+    name: str = "sgd"  # sgd | adamw | adamw8bit | adamw4bit | adamwfp8 | torch (the class _target_ names)
+    # name=torch: any optimizer class (torch.optim.RAdam, my_pkg.Lion), built with (param groups, lr,
+    # weight_decay, the momentum/nesterov/betas/eps given (not null) and **kwargs)
     _target_: str | None = None
     kwargs: Any = None  # a dict of further arguments (_target_'s, or the built-in's, e.g. {amsgrad: true})
     # weight decay on every tensor (true) or only on tensors of >= 2 dims, none on biases and norm weights
@@ -162,10 +170,11 @@ class OptimizerConfig:
     decay_all: bool | None = None
     lr: float = 0.1
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
-    eps: float = 1e-8  # adamw only
+    # null (optimizer=torch's own setting): not given, the class's own default
+    momentum: float | None = 0.9  # sgd only
+    nesterov: bool | None = False  # sgd only
+    betas: list[float] | None = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    eps: float | None = 1e-8  # adamw only
     # "auto": foreach on CPU, fused where PyTorch has a fused kernel for the device (CUDA)
     implementation: str = "auto"
 
@@ -173,14 +182,25 @@ class OptimizerConfig:
         _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"choose one of {', '.join(OPTIMIZERS)} (or set "
                "optimizer._target_ to any optimizer class)")
         _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        by_class = self.name == "torch"
+        _check(not by_class or self._target_ is not None, "optimizer._target_", None,
+               "optimizer=torch builds the class it names; give one, e.g. optimizer._target_=torch.optim.RAdam")
+        _check(by_class or self._target_ is None, "optimizer._target_", self._target_,
+               f"a class goes with optimizer=torch, not optimizer={self.name} (optimizer=torch optimizer._target_=...)")
         _check(math.isfinite(self.lr), "optimizer.lr", self.lr, "must be finite")
         _check(math.isfinite(self.weight_decay), "optimizer.weight_decay", self.weight_decay, "must be finite")
-        _check(math.isfinite(self.eps), "optimizer.eps", self.eps, "must be finite")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
-        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
+        for key in ("momentum", "nesterov", "betas", "eps"):
+            _check(by_class or getattr(self, key) is not None, f"optimizer.{key}", None,
+                   "null (the class's own default) is for optimizer=torch; give a value")
+        if self.eps is not None:
+            _check(math.isfinite(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "must be finite and > 0")
+        if self.momentum is not None:
+            _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
         _check(not (self.nesterov and self.momentum == 0), "optimizer.nesterov", self.nesterov, "needs momentum > 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas", self.betas, "two values in [0, 1)")
-        _check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0")
+        if self.betas is not None:
+            _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas", self.betas,
+                   "two values in [0, 1)")
         _check(self.implementation in ("auto", "foreach", "fused", "loop"), "optimizer.implementation",
                self.implementation, "choose auto, foreach, fused or loop")
 
@@ -246,15 +266,21 @@ class EarlyStoppingConfig:
         _check(self.min_delta >= 0, f"{p}.min_delta", self.min_delta, "must be >= 0")
 
 
+EMA_DECAY = 0.999  # trainer.ema.decay's default
+
+
 @dataclass
 class EmaConfig:
     """trainer.ema: an fp32 exponential moving average of the weights, validated as val_ema/..."""
 
     enabled: bool = False
-    decay: float = 0.999  # ema <- decay * ema + (1 - decay) * w after every applied step
+    decay: float = EMA_DECAY  # ema <- decay * ema + (1 - decay) * w after every applied step
 
     def __post_init__(self) -> None:
         _check(0 < self.decay < 1, "trainer.ema.decay", self.decay, "must be in (0, 1)")
+        # a decay of its own without the switch would average nothing, silently
+        _check(self.enabled or self.decay == EMA_DECAY, "trainer.ema.decay", self.decay,
+               "no average is kept while trainer.ema.enabled=false; add trainer.ema.enabled=true (or drop the decay)")
 
 
 @dataclass
@@ -327,10 +353,10 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When checkpoints are written (see docs/checkpoints.md). A stop signal and the end of the run
-    always write last.pt."""
+    """When checkpoints are written (see docs/checkpoints.md). The end of the run and a stop signal write last.pt;
+    with enabled=false only a stop signal does (last.pt alone: no step_<N>.pt, no best.pt)."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no checkpoint but last.pt on a stop signal (SIGTERM, SIGINT, SIGUSR1)
     every_steps: int | None = None  # also write every N optimizer steps
     every_epochs: int | None = 1  # write at the end of every N-th epoch
     keep_last: int = 2  # step_<N>.pt files kept beside last.pt (0: none)

@@ -21,7 +21,8 @@ from .test_judge import CASE2
 
 # fp8 = torchao's recipe (dynamic per-tensor scales; emulated on CPU); dim_multiple=1 lets mid1 (33 inputs)
 # take it, so that measurement, not a shape constraint, keeps it out
-AUTO = CASE2 + ["precision=auto", "precision.auto.formats=[fp8,bf16]", "precision.fp8.dim_multiple=1",
+AUTO = CASE2 + ["precision=auto", "precision.auto.formats=[fp8,bf16]", "precision.auto.objective=bits",
+                "precision.fp8.dim_multiple=1",
                 "precision.auto.probe_steps=3", "precision.auto.recheck_every=2", "trainer.log_every=1",
                 "diagnostics=off"]
 

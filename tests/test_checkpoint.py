@@ -166,7 +166,8 @@ def test_bad_checkpoint_file_is_refused_and_nothing_is_overwritten(tmp_path, kin
 
 def test_checkpoint_of_another_model_names_the_shapes(tmp_path):
     _, good_dir = train(tmp_path / "good", [*SMALL, "trainer.max_steps=2"])
-    with pytest.raises(CheckpointError, match=r"another model: .*\[4, 1, 3, 3\] in the checkpoint vs \[8, 1, 3, 3\]"):
+    with pytest.raises(CheckpointError, match=r"another model: .*\[4, 1, 3, 3\] in the checkpoint vs \[8, 1, 3, 3\]"
+                                              r".*\. Resume with the checkpoint's model settings, or start a new run"):
         train(tmp_path / "other", ["model.width=8", "trainer.max_steps=4", f"resume={good_dir}/checkpoints/last.pt"])
 
 

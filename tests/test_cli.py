@@ -136,6 +136,35 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
     assert "_schema" not in proc.stdout
 
 
+def test_building_the_wheel_is_quiet_and_ships_every_config(tmp_path):
+    """`make install` printed ~800 lines of setuptools warnings ("Package 'mptrain.conf.arm' is absent from the
+    `packages` configuration", issue 37 case 22): the wheel and the editable wheel build without one, and the
+    wheel still holds every file of conf/ (as mptrain/conf/) and every module."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside pyproject.toml
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("conf", "mptrain", "hydra_plugins"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "dist"
+    code = ("import sys\nfrom setuptools import build_meta as b\n"
+            "print('WHEEL', b.build_wheel(sys.argv[1]))\nprint('EDITABLE', b.build_editable(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code, str(out)], cwd=src, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "is absent from the `packages` configuration" not in log and "Warning:" not in log, log[-3000:]
+    wheel = out / next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("WHEEL "))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"mptrain/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")}
+    modules = {str(p.relative_to(REPO)) for d in ("mptrain", "hydra_plugins") for p in (REPO / d).rglob("*.py")}
+    assert len(configs) > 50 and configs <= names, sorted(configs - names)[:5]
+    assert modules <= names, sorted(modules - names)[:5]
+
+
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
 def test_the_cli_turns_on_huge_pages_for_cpu_tensors_unless_told_not_to(tmp_path, given, expected):
     # PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at its first allocation: the CLI sets it at start,

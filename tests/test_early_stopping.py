@@ -119,10 +119,16 @@ def test_a_rule_that_still_says_stop_changes_no_file(stopped):
     assert again == summary and tree(run_dir) == before
 
 
-def test_early_stopping_off_on_resume_trains_to_max_steps(stopped):
+def test_early_stopping_off_on_resume_trains_to_max_steps(stopped, caplog):
     summary, run_dir, tmp_path = stopped
-    done, _ = train(tmp_path, [*RUN, "trainer.early_stopping.enabled=false", "resume=auto"])
+    with caplog.at_level(logging.INFO, logger="mptrain"):
+        done, _ = train(tmp_path, [*RUN, "trainer.early_stopping.enabled=false", "resume=auto"])
     assert done["status"] == "completed" and done["steps"] == 60 and "stop_reason" not in done, done
+    # the rule does not steer the weights: no "another course" warning and no resume_change in the record (issue 37)
+    lines = [r.getMessage() for r in caplog.records]
+    assert ("resume: trainer.early_stopping.enabled changed True -> False (given now; the steps already taken are "
+            "unaffected)") in lines
+    assert "events" not in done and not [m for m in lines if "another course" in m], lines
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps[-1] == 60 and max(s for s in steps if s <= summary["steps"]) == summary["steps"]
 
@@ -137,6 +143,8 @@ def test_a_raised_patience_continues_as_the_straight_run_with_it(stopped):
     assert ref["steps"] == (expected_stop(curve, 4, 0.02, "min") or 60)
     done, _ = train(tmp_path, [*RUN, *wider, "resume=auto"])
     assert done["steps"] == ref["steps"] and done.get("stop_reason") == ref.get("stop_reason")
+    timing = ("wall_s", "samples_per_s", "peak_memory_mb")  # the record is the straight run's: no resume_change
+    assert {k: v for k, v in done.items() if k not in timing} == {k: v for k, v in ref.items() if k not in timing}
     a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(ref_dir / "checkpoints" / "last.pt", weights_only=False)
     for k, v in b["model"].items():

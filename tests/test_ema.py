@@ -124,3 +124,41 @@ def test_resume_is_bitwise(tmp_path):
     assert_same_tensors(a["ema"], b["ema"])
     assert_same_tensors(final_state(ref), final_state(cut))
     assert read_jsonl(ref / "metrics.jsonl")[1:] == read_jsonl(cut / "metrics.jsonl")
+
+
+def test_a_decay_without_the_switch_is_refused_not_ignored(tmp_path):
+    # issue 37 (21): trainer.ema.decay=0.99 alone trained with no average and no word
+    from mptrain.errors import ConfigError
+
+    off = [o for o in RUN if o != "trainer.ema.enabled=true"]
+    with pytest.raises(ConfigError, match=r"^trainer.ema.decay=0.99 is invalid: no average is kept while "
+                                          r"trainer.ema.enabled=false; add trainer.ema.enabled=true"):
+        train(tmp_path, [*off, "trainer.ema.decay=0.99"])
+    assert not (tmp_path / "run").exists()
+    validate(compose_config([*off, "trainer.ema.decay=0.99", "trainer.ema.enabled=true"]))  # with it: accepted
+    validate(compose_config(off))  # neither: no average, as asked
+
+
+def test_a_new_decay_on_resume_leaves_the_weights_and_is_recorded_for_the_average(tmp_path, caplog):
+    # issue 37 (left open): trainer.ema was not in SAFE_TO_CHANGE, so a resume with another decay warned "the run
+    # continues on another course" (its weights do not change) and recorded it as a resume_change
+    import logging
+
+    base = [*RUN, "model=mlp", "precision=fp32", "trainer.ema.decay=0.8", "checkpoint.every_steps=1",
+            "checkpoint.keep_last=10", "trainer.max_steps=4"]
+    _, ref = train(tmp_path / "ref", base)
+    with caplog.at_level(logging.INFO, logger="mptrain"):
+        resumed, cut = train(tmp_path / "cut", [*base, "trainer.ema.decay=0.5",
+                                                f"resume={ref / 'checkpoints' / 'step_2.pt'}"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "resume: trainer.ema.decay changed 0.8 -> 0.5 (given now; the steps already taken are unaffected)" in lines
+    assert not [m for m in lines if "another course" in m or "is not the run the checkpoint began" in m], lines
+    assert resumed["events"] == [{"event": "ema_change", "step": 2, "key": "trainer.ema.decay", "from": 0.8, "to": 0.5}]
+    ema = torch.load(ref / "checkpoints" / "step_2.pt", weights_only=True)["ema"]["shadow"]
+    for step in (3, 4):
+        mine = torch.load(cut / "checkpoints" / f"step_{step}.pt", weights_only=True)
+        theirs = torch.load(ref / "checkpoints" / f"step_{step}.pt", weights_only=True)
+        for k, w in mine["model"].items():
+            assert torch.equal(w, theirs["model"][k]), (step, k)  # the weights' course is the straight run's
+            ema[k] = 0.5 * ema[k] + 0.5 * w.float()  # the average follows the new decay from the resume on
+            torch.testing.assert_close(mine["ema"]["shadow"][k], ema[k], rtol=1e-6, atol=1e-7, msg=f"{step} {k}")

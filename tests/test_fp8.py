@@ -32,6 +32,18 @@ def fp8_cfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(Fp8Config), kw)
 
 
+def convert(model: nn.Module, **settings):
+    """precision=fp8 (with precision.fp8 `settings`) converting `model` as a run does: the registry's plan applied
+    by the Applier. Returns the precision object (fp8_layers, fp8_emulated, its plan)."""
+    from mptrain.precision import Precision
+
+    cfg = compose_config(["precision=fp8"]).precision
+    cfg.fp8 = OmegaConf.merge(cfg.fp8, settings)
+    p = Precision(cfg, torch.device("cpu"))
+    p.prepare_model(model)
+    return p
+
+
 def ladder() -> nn.Sequential:
     """Linear layers with known dimensions: 0 first, 5 last, 2 and 3 not multiples of 16."""
     return nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 64),
@@ -63,12 +75,12 @@ def test_plan_reasons_name_the_setting():
 def test_convert_swaps_exactly_the_planned_layers_and_keeps_the_parameters():
     model = ladder()
     params = {n: p for n, p in model.named_parameters()}
-    n, names, emulated = fp8.convert(model, fp8_cfg(), torch.device("cpu"))
-    assert (n, names, emulated) == (2, ["1", "5"], True)
+    p = convert(model)
+    assert (p.fp8_layers, p.fp8_emulated) == (["1", "5"], True)
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert kinds == {"0": "Linear", "1": "Float8Linear", "2": "Linear", "4": "Linear", "5": "Float8Linear", "6": "Linear"}
     assert all(p is params[k] for k, p in model.named_parameters())  # same tensors: an optimizer sees no change
-    assert fp8.convert(model, fp8_cfg(), torch.device("cpu"))[0] == 0  # again (FSDP): nothing more converts
+    assert p.applier.apply(model, p.plan) == []  # again (FSDP): nothing more converts
 
 
 @needs_torchao
@@ -76,7 +88,7 @@ def test_float8_linear_computes_through_e4m3():
     """The converted layer's output is the matmul of e4m3-rounded, per-tensor-scaled operands."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32, bias=False), nn.Linear(32, 32))
-    fp8.convert(model, fp8_cfg(), torch.device("cpu"))
+    convert(model)
     x = torch.randn(8, 32)
     w = model[1].weight.detach()
 
@@ -129,7 +141,7 @@ def test_cast_stats_scale_matches_torchao():
 def test_fp8_stats_record_every_converted_layer_on_sampled_steps_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 4))
-    fp8.convert(model, fp8_cfg(), torch.device("cpu"))
+    convert(model)
     stats = fp8.Fp8Stats(model)
     assert set(stats.modules) == {"2", "4"}
     seen = {}
@@ -182,9 +194,9 @@ def test_checkpoint_is_plain_and_loads_into_the_unconverted_model(tmp_path):
     plain.load_state_dict(state)  # strict: the same keys as the unconverted model
     # a converted model loaded from the checkpoint computes exactly what the plain model converted afterwards does
     converted = GPTModel(vocab_size=64, seq_len=16, dim=32, layers=2, heads=2, dropout=0.0)
-    fp8.convert(converted, fp8_cfg(), torch.device("cpu"))
+    convert(converted)
     converted.load_state_dict(state)
-    fp8.convert(plain, fp8_cfg(), torch.device("cpu"))
+    convert(plain)
     tokens = torch.randint(0, 64, (4, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(plain(tokens), converted(tokens))
@@ -288,7 +300,7 @@ def test_report_draws_fp8_layers_and_compare_has_fp8_rows(tmp_path):
     # the per-layer records the diagnostics collector adds to its sample rows, from the run's own weights
     model = MLPModel(num_classes=10, in_channels=1, image_size=8)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"])
-    fp8.convert(model, fp8_cfg(), torch.device("cpu"))
+    convert(model)
     stats = fp8.Fp8Stats(model)
     path = run_dir / "diagnostics.jsonl"
     rows = read_jsonl(path)

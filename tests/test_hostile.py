@@ -473,6 +473,8 @@ class ConstantLoss:  # depends on the output, not on the parameters' values: zer
 @pytest.mark.parametrize(("task", "precision", "message"), [
     ("NanLoss", "static", "no update was applied: all 6 steps were skipped"),
     ("ConstantLoss", "fp32", "the run did not train: the loss's gradient was zero at every logged step of 6"),
+    # under float16 too: recomputed in float32 the gradient is still zero, so it is the loss (issue 37 case 12)
+    ("ConstantLoss", "noscale", "was zero at every logged step of 6, so the loss does not depend on the parameters"),
 ])
 def test_a_run_that_applied_no_update_fails(tmp_path, monkeypatch, task, precision, message):
     (tmp_path / "untrainable.py").write_text(UNTRAINABLE)
@@ -484,6 +486,55 @@ def test_a_run_that_applied_no_update_fails(tmp_path, monkeypatch, task, precisi
     assert message in error_line(err)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and message in summary["error"] and summary["steps"] == 6
+
+
+def test_noscale_whose_gradients_underflow_names_float16_not_the_loss(tmp_path):
+    # issue 37 case 12: it said "the loss does not depend on the parameters' values". With loss_weight 2^-40,
+    # |dL/dlogits| <= 2^-40 and each weight gradient is a batch mean of such terms times activations of
+    # order 1: every nonzero float32 gradient is far below 2^-24, which float16 flushes to zero
+    run_dir = tmp_path / "run"
+    code, err = cli([*MLP, "trainer.max_steps=4", "precision=noscale", f"trainer.loss_weight={2.0 ** -40!r}",
+                     "checkpoint.monitor=null", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert code == 1, err
+    line = error_line(err)
+    assert ("was zero at every logged step of 4 under float16 with no loss scaling, but in float32 (one batch "
+            "recomputed) it is not: 100.0% of the model output's and 100.0% of the parameters' nonzero gradients "
+            "lie below float16's smallest subnormal (2^-24)") in line
+    assert "use a loss-scaling preset: precision=dynamic" in line and "does not depend" not in line
+    assert json.loads((run_dir / "summary.json").read_text())["error"] == line.removeprefix("mptrain: error: ")
+
+
+def test_float32_recomputation_counts_the_gradients_float16_flushes():
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from mptrain.config import validate
+    from mptrain.train.diagnose import fp32_gradients
+    from mptrain.train.recipe import build
+
+    from .conftest import compose_config
+
+    weight, scale = 2.0 ** -16, 2.0  # a share of the gradients on each side of 2^-24 at scale 2
+    cfg = compose_config([*MLP, "precision=noscale", f"trainer.loss_weight={weight!r}"])
+    validate(cfg)
+    c = build(cfg)
+    x, y = c.to_device(next(iter(c.train_loader)))
+    model = copy.deepcopy(c.model)
+    out = model(x)
+    out.retain_grad()
+    (F.cross_entropy(out, y) * weight).backward()
+
+    def share(t):  # of the nonzero values, those below 2^-24 once scaled
+        a = t.abs().flatten() * scale
+        return ((a > 0) & (a < 2.0 ** -24)).sum().item() / (a > 0).sum().item()
+
+    expected = {"output": share(out.grad), "params": share(torch.cat([p.grad.flatten() for p in model.parameters()]))}
+    assert 0.05 < expected["output"] < 0.95 and 0.05 < expected["params"] < 0.95  # both sides are populated
+    got = fp32_gradients(c, (x, y), scale)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert all(p.grad is None for p in c.model.parameters())  # the run's gradients are left as they were
 
 
 # ---- 5 and the rule: summary.json is a function of the whole run ------------------------------------------------

@@ -83,6 +83,28 @@ def test_optimizer_by_target_equals_pytorchs_own_loop(target, kwargs, wd, refere
     assert_same_params(ours, theirs)
 
 
+def test_optimizer_by_target_takes_the_given_betas_eps_momentum_and_nesterov():
+    # issue 37 case 4: they were dropped silently (betas=[0.5,0.6] recorded, (0.9, 0.999) run)
+    ours, theirs = steps_both_ways(
+        ["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.lr=3e-3", "optimizer.betas=[0.5,0.6]",
+         "optimizer.eps=1e-3"],
+        lambda m: torch.optim.Adam(m.parameters(), lr=3e-3, betas=(0.5, 0.6), eps=1e-3))
+    assert_same_params(ours, theirs)
+    ours, theirs = steps_both_ways(
+        ["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.05", "optimizer.momentum=0.5",
+         "optimizer.nesterov=true"],
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5, nesterov=True))
+    assert_same_params(ours, theirs)
+
+
+def test_optimizer_by_target_records_its_own_name_and_leaves_unset_keys_to_the_class():
+    cfg = compose_config(["optimizer=torch", "optimizer._target_=torch.optim.Adam"])
+    assert cfg.optimizer.name == "torch"  # it said sgd
+    c = build(compose_config([*TINY, *MLP, "optimizer=torch", "optimizer._target_=torch.optim.Adam"]))
+    group = c.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"]) == ((0.9, 0.999), 1e-8)  # Adam's own defaults, nothing imposed
+
+
 def test_builtin_adamw_groups_biases_out_of_weight_decay_and_decay_all_puts_them_back():
     cfg = OmegaConf.create({"name": "adamw", "weight_decay": 0.1, "decay_all": None})
     w, b, ln = torch.zeros(4, 3), torch.zeros(4), torch.zeros(4)
@@ -209,6 +231,18 @@ def test_scheduler_by_target_resumes_from_its_state_dict():
     (["optimizer=adamw8bit", "precision=bf16_pure"], r"^precision=bf16_pure updates bf16 weights with its own"),
     (["scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau"], r"is not a step-driven LR scheduler"),
     (["optimizer.name=lion"], r"^optimizer.name='lion' is invalid: choose one of sgd, adamw, adamw8bit"),
+    # a given key the class does not take is refused, never dropped (issue 37 case 4)
+    (["optimizer=torch", "optimizer._target_=torch.optim.RAdam", "optimizer.momentum=0.5"],
+     r"^optimizer.momentum=0.5: torch.optim.RAdam takes no momentum \(it takes lr, betas, eps, weight_decay, .*\); "
+     r"remove optimizer.momentum"),
+    (["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.betas=[0.5,0.6]"],
+     r"^optimizer.betas=\[0.5, 0.6\]: torch.optim.SGD takes no betas"),
+    (["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.eps=1e-3", "optimizer.kwargs={eps: 1e-4}"],
+     r"^optimizer.eps is given twice"),
+    (["optimizer=sgd", "optimizer._target_=torch.optim.Adam"],
+     r"^optimizer._target_='torch.optim.Adam' is invalid: a class goes with optimizer=torch, not optimizer=sgd"),
+    (["optimizer=torch", "optimizer._target_=null"], r"^optimizer._target_=None is invalid: optimizer=torch builds"),
+    (["optimizer=adamw", "optimizer.betas=null"], r"^optimizer.betas=None is invalid: null .* is for optimizer=torch"),
     # the classes' own ValueErrors and TypeErrors, and targets that are not optimizers / schedulers
     (["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.kwargs={betas: [2.0, 0.9]}"],
      r"^optimizer._target_=torch.optim.Adam: Invalid beta parameter at index 0: 2.0; .*optimizer.kwargs$"),
@@ -256,3 +290,17 @@ def test_a_longer_run_resumed_follows_the_new_schedule_from_its_first_step(tmp_p
     assert_same_tensors(final_state(longer)["model"], final_state(resumed)["model"])
     rows = {run: [r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "lr" in r] for run in (longer, resumed)}
     assert rows[resumed] == rows[longer][3:]
+
+
+def test_a_run_by_target_from_before_optimizer_torch_had_its_name_resumes(tmp_path):
+    # such a checkpoint's config says name: sgd (and the momentum/betas it never passed): it is the same optimizer
+    overrides = [*MLP, "optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.lr=3e-3",
+                 "checkpoint.enabled=true", "checkpoint.every_steps=2"]
+    train(tmp_path, [*overrides, "trainer.max_steps=2"])
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["optimizer"].update(name="sgd", momentum=0.9, nesterov=False, betas=[0.9, 0.999], eps=1e-8)
+    torch.save(ckpt, last)
+    summary, _ = train(tmp_path, [*overrides, "trainer.max_steps=4", "resume=auto"])
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert [e["key"] for e in summary["events"]] == ["trainer.max_steps"]  # no optimizer.* change recorded

@@ -335,6 +335,7 @@ def test_precision_auto_plans_the_recipe_and_checkpoints_its_streams(tmp_path):
     """A recipe chosen by precision=auto after its probe (a replan in the running process) is converted with the
     run's random streams, which then go into the checkpoint."""
     summary, run = train(tmp_path, [*MLP[:-1], "precision=auto", "trainer.max_steps=4", "precision.auto.probe_steps=2",
-                                    "precision.auto.formats=[nvfp4_recipe,bf16]", "precision.auto.tolerance=0.5"])
+                                    "precision.auto.formats=[nvfp4_recipe,bf16]", "precision.auto.tolerance=0.5",
+                                    "precision.auto.objective=bits"])
     assert set(summary["auto_plan"].values()) == {"nvfp4_recipe"}
     assert final_state(run)["precision"]["recipe_random"]["seed"] == 0

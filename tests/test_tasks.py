@@ -12,6 +12,7 @@ import pytest
 import torch.nn.functional as F
 
 from mptrain.checkpoint.signals import Interrupted
+from mptrain.errors import ConfigError
 from mptrain.library.tasks import Task
 
 from .conftest import REPO, read_jsonl, run_cli, train
@@ -242,3 +243,90 @@ def test_a_task_target_that_cannot_be_imported_says_why(tmp_path):
     assert last == ("mptrain: error: task._target_=no_such_module.Task cannot be imported "
                     "(ModuleNotFoundError(\"No module named 'no_such_module'\") Are you sure that module "
                     "'no_such_module' is installed?); check the name and put its module on PYTHONPATH"), last
+
+
+# ---- docs/tasks.md's runnable example, run as written (issue 37 case 19) -----------------------------------------
+
+def docs_example(tmp_path: Path) -> str:
+    """Write the files of docs/tasks.md's runnable example where their first line names them, as written;
+    return its command (continuation lines joined)."""
+    text = (REPO / "docs" / "tasks.md").read_text()
+    section = text.split("## A task of your own (runnable)", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", section, flags=re.S)
+    commands = []
+    for block in blocks:
+        first = block.splitlines()[0]
+        if first.startswith("# ") and first.endswith((".py", ".yaml")):
+            path = tmp_path / first[2:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block)
+        else:
+            commands.append(block.replace("\\\n", " "))
+    assert len(blocks) == 3 and len(commands) == 1, blocks
+    return commands[0].strip()
+
+
+def mptrain_on_path(tmp_path: Path) -> dict:
+    """An environment whose `mptrain` is this checkout's, as an installed one would be, whatever the command
+    sets PYTHONPATH to."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "mptrain"
+    shim.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                    "from mptrain.cli.main import main\nsys.exit(main())\n")
+    shim.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
+
+
+def test_the_task_docs_example_module_imports(tmp_path):
+    # the fast half: the example's module imports (it imported mptrain.tasks, which no longer exists)
+    import runpy
+
+    docs_example(tmp_path)
+    module = runpy.run_path(str(tmp_path / "mytasks.py"))
+    assert issubclass(module["DigitRegression"], Task)
+
+
+@pytest.mark.slow
+def test_the_task_docs_example_runs_exactly_as_written(tmp_path):
+    import subprocess
+
+    command = docs_example(tmp_path)
+    assert command.startswith("PYTHONPATH=. mptrain --config-dir myconf task=regression"), command
+    r = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=mptrain_on_path(tmp_path), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (summary_path,) = (tmp_path / "outputs").glob("*/*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "completed" and summary["task"] == "DigitRegression"
+    assert summary["precision"] == "dynamic" and summary["compute_dtype"] == "fp16"
+    vals = [row["val/mse"] for row in read_jsonl(summary_path.parent / "metrics.jsonl") if "val/mse" in row]
+    # it learns: predicting the mean digit gives the digits' variance, ~8.3
+    assert len(vals) >= 2 and vals[-1] < 0.5 * vals[0] and vals[-1] < 8.3, vals
+    assert (summary_path.parent / "checkpoints" / "best.pt").is_file()  # checkpoint.monitor=val/mse
+
+
+@pytest.mark.parametrize("key", ["task", "model", "optimizer"])
+def test_a_user_module_whose_own_import_fails_shows_that_error(tmp_path, monkeypatch, key):
+    # issue 37 case 19: it said "cannot be imported ... put its module on PYTHONPATH", blaming the module's path
+    module = f"broken_{key}"
+    (tmp_path / f"{module}.py").write_text("import torch\nfrom mptrain.tasks import Task\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = {"task": [f"+task._target_={module}.Thing"], "model": [f"model._target_={module}.Thing"],
+                 "optimizer": ["optimizer=torch", f"optimizer._target_={module}.Thing"]}[key]
+    with pytest.raises(ConfigError) as refused:
+        train(tmp_path, ["model=mlp", "trainer.max_steps=1", *overrides])
+    assert str(refused.value) == (
+        f"{key}._target_={module}.Thing: its module was found but importing it failed with ModuleNotFoundError: "
+        f"No module named 'mptrain.tasks' at {tmp_path / module}.py:2 (from mptrain.tasks import Task); "
+        "mptrain.tasks is now mptrain.library.tasks; fix that import")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_user_module_that_is_not_there_still_names_pythonpath(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model._target_=no_such_module.Net cannot be imported \(No module named 'no_such_module'\); put its module on PYTHONPATH$"):
+        train(tmp_path, ["model=mlp", "model._target_=no_such_module.Net", "trainer.max_steps=1"])

@@ -208,6 +208,29 @@ def test_prepare_text_refuses_bad_input_in_one_line_and_leaves_dir_as_it_was(tmp
     assert "--max-vocab=0 is invalid: must be >= 2" in err[0]
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "holds no text (empty or only whitespace); give a text file"),  # it succeeded with vocabulary 0
+    (" \n\t\n", "holds no text (empty or only whitespace)"),
+    ("one line only\n", "gives 14 training and 0 validation tokens at --val-fraction=0.1: both parts need tokens"),
+], ids=["empty", "whitespace", "one line"])
+def test_prepare_text_refuses_a_text_that_gives_no_tokens(tmp_path, capsys, text, message):
+    # issue 37 (21): one line, nothing written, an earlier preparation in DIR left as it was
+    from mptrain.tools.prepare import main
+
+    src = tmp_path / "in.txt"
+    src.write_text(text)
+    old = tmp_path / "old"
+    assert main([str(TEXT), "--tokenizer", "char", "--out", str(old)]) == 0
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    for out, spec in ((tmp_path / "new", "byte"), (old, "char")):
+        capsys.readouterr()
+        assert main([str(src), "--tokenizer", spec, "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"mptrain-prepare-text: error: {src} {message}"), line
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
 def test_prepare_text_into_a_dir_of_another_tokenizer_keeps_only_the_new_one(tmp_path):
     out = tmp_path / "data"
     prepare(TEXT, "bpe:300", out, val_fraction=0.2)

@@ -89,6 +89,39 @@ def test_eval_refuses_bad_input_in_one_line_and_writes_nothing(digits_run):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_a_model_override_that_does_not_fit_the_checkpoint_says_what_to_drop(digits_run, tmp_path):
+    # issue 37 (21): eval/export users were told to "resume with the checkpoint's model settings"
+    from mptrain.errors import CheckpointError
+
+    run_dir, _ = digits_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    fix = (" in the model. Drop the overrides that change the model (model.*, or the dataset's classes "
+           "or vocabulary): the run's own model settings (.hydra/config.yaml) are what it was written with")
+    for use in (lambda: evaluate(run_dir, "last", ["model.width=16"]),
+                lambda: export(run_dir, checkpoint="last", overrides=["model.width=16"], out_dir=tmp_path / "export")):
+        with pytest.raises(CheckpointError, match=r"^checkpoint .*last.pt was written for another model: .*") as info:
+            use()
+        assert str(info.value).endswith(fix) and "resume" not in str(info.value).lower()
+    assert sorted(p.name for p in run_dir.iterdir()) == before and not (tmp_path / "export").exists()
+
+
+def test_eval_and_export_say_the_plan_once_and_nothing_of_training(digits_run, tmp_path, caplog):
+    # issue 37 case 22: eval printed "22 steps (11 per epoch)" and the schedule's warm-up warning; export its plan twice
+    import logging
+    import re
+
+    run_dir, _ = digits_run
+    for use in (lambda: evaluate(run_dir, "last", name="quiet"),
+                lambda: export(run_dir, checkpoint="last", out_dir=tmp_path / "export")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mptrain"):
+            use()
+        lines = [r.getMessage() for r in caplog.records]
+        assert sum(m.startswith("precision plan") for m in lines) == 1, lines
+        assert not [m for m in lines if "per epoch" in m or "warmup" in m or "steps" in m], lines
+        assert [m for m in lines if re.fullmatch(r"model SmallCNN, task classification: [0-9.]+M parameters on cpu", m)]
+
+
 def test_best_pt_is_a_hard_link_of_the_step_it_equals(digits_run):
     """No second write of the same checkpoint: best.pt shares its file with the step file of its step."""
     run_dir, _ = digits_run
@@ -336,6 +369,16 @@ def test_a_token_file_run_without_a_tokenizer_says_what_to_do(tokens_run, tmp_pa
         assert sorted(p.name for p in run_dir.iterdir()) == before
     finally:
         shutil.move(kept, copy)
+
+
+def test_sample_prints_the_text_not_the_set_up(lm_run, caplog):
+    # issue 37 case 22: a 30-line precision plan came before the text
+    import logging
+
+    run_dir, _ = lm_run
+    with caplog.at_level(logging.INFO, logger="mptrain"):
+        text = sample_text(run_dir, "the ", tokens=5, seed=0)
+    assert len(text) == 5 and not [r.getMessage() for r in caplog.records if r.levelno < logging.WARNING]
 
 
 def test_an_empty_prompt_starts_from_the_tokenizers_newline(lm_run, bpe_run, capsys):

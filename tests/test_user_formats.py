@@ -106,7 +106,7 @@ def test_a_user_format_in_plan_shadow_auto_advisor_estimate_and_report(tmp_path,
     advice, _ = advise_run(planned, None, None)
     assert which in {f for per in advice["per_layer"].values() for f in per}
     # precision=auto with the user format as a candidate (tolerance wide enough that it holds)
-    summary, run = train(tmp_path / "auto", [*MLP, "precision=auto", "trainer.max_steps=4", define,
+    summary, run = train(tmp_path / "auto", [*MLP, "precision=auto", "precision.auto.objective=bits", "trainer.max_steps=4", define,
                                              f"precision.auto.formats=[{which},bf16]", "precision.auto.probe_steps=2",
                                              "precision.auto.tolerance=0.5"])
     assert which in summary["auto_plan"].values()

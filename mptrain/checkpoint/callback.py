@@ -44,6 +44,7 @@ def pick_monitor(monitor: str | None, mode: str, reported) -> tuple[str | None, 
 class Checkpointer:
     """Saves last.pt (+ step_<N>.pt) every `every_steps` steps, every `every_epochs` epochs, at the end
     of the run and on a stop signal; best.pt whenever the monitored validation metric improves.
+    checkpoint.enabled=false: only a stop signal saves, last.pt alone (an interrupted run can still resume).
 
     `save_sharded(c, extra, ckpt_dir, keep)` (FSDP): every rank writes its shards; given by the recipe.
     A train callback (train/callbacks/base.py's interface, every method defined: this layer sits below train)."""
@@ -115,10 +116,11 @@ class Checkpointer:
             return
         if not c.is_main:  # the replicas are identical: rank 0 writes
             return
-        step, keep = state.step, self.cfg.keep_last
-        save_atomic(gather(c, state, self.config, rngs=rngs), self.dir / LAST, also=self.dir / STEP_CKPT.format(step) if keep > 0 else None)
+        # checkpoint.enabled=false: a stop signal writes last.pt alone, and leaves step files of earlier attempts be
+        step, keep = state.step, self.cfg.keep_last if self.cfg.enabled else None
+        save_atomic(gather(c, state, self.config, rngs=rngs), self.dir / LAST, also=self.dir / STEP_CKPT.format(step) if keep else None)
         self.saved.append(step)
-        for old in [p for p in candidates(self.dir) if STEP_CKPT_RE.match(p.name)][keep:]:
+        for old in [p for p in candidates(self.dir) if STEP_CKPT_RE.match(p.name)][keep:] if keep is not None else []:
             old.unlink(missing_ok=True)
         log.info("checkpoint saved at step %d: %s", step, self.dir / LAST)
 

@@ -74,9 +74,21 @@ def check_structure(ckpt: dict, path: Path) -> None:
         if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in model.items()):
             raise bad("'model' is not a dict of named tensors")
-        opt = ckpt.get("optimizer")
-        if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
-            raise bad("'optimizer' is not an optimizer state_dict (state, param_groups)")
+        if not is_optimizer_state(ckpt.get("optimizer")):
+            raise bad("'optimizer' is not an optimizer state_dict (state, param_groups), nor one per named part")
+
+
+def _one_optimizer(opt: Any) -> bool:
+    return isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+
+
+def is_optimizer_state(opt: Any) -> bool:
+    """One optimizer's state_dict, or MultiOptimizer's: one per part of a task with several (a GAN's
+    {discriminator, generator})."""
+    if _one_optimizer(opt):
+        return True
+    return (isinstance(opt, dict) and bool(opt)
+            and all(isinstance(k, str) and _one_optimizer(v) for k, v in opt.items()))
 
 
 # ---- RNG -----------------------------------------------------------------------------------------

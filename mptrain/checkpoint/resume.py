@@ -17,6 +17,7 @@ from mptrain.checkpoint.files import (
     load_file,
     sharded_complete,
 )
+from mptrain.library.imports import MOVED_MODULES
 from mptrain.library.optim import MultiScheduler
 from mptrain.precision.families import optimizer_state_kind
 from mptrain.run.layout import CHECKPOINTS
@@ -25,9 +26,15 @@ log = logging.getLogger("mptrain")
 
 # config keys that may differ on resume without changing the run's course (its weights, step by step); anything
 # else, the run's length included (a cosine schedule is recomputed over it), is a change recorded in summary.json
+# (early stopping replays the run's validations under the new rule, so the resumed run is the one that rule gives
+# from the start; the EMA is a side average: the weights' steps never read it)
 SAFE_TO_CHANGE = ("trainer.log_every", "trainer.eval_every",
                   "trainer.progress_bar", "trainer.tensorboard", "trainer.device", "trainer.num_workers",
-                  "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly")
+                  "checkpoint.", "resume", "diagnostics.", "trainer.profile.", "trainer.detect_anomaly",
+                  "trainer.ema.", "trainer.early_stopping.")
+# ... of which the summary still records these, as `ema_change` events: the average (val_ema/...) is not the one
+# a run started with the new setting would hold
+AVERAGE = "trainer.ema."
 WARN_IF_CHANGED = ("seed", "trainer.seed", "precision.")
 
 
@@ -40,13 +47,6 @@ def _flatten(d: Any, prefix: str = "") -> dict:
     return {prefix[:-1]: d}
 
 
-# `_target_`s saved before the package was laid out in subpackages name the old modules
-MOVED_MODULES = {"mptrain.tasks.": "mptrain.library.tasks.", "mptrain.gan.": "mptrain.library.models.gan.",
-                 "mptrain.models.": "mptrain.library.models.vision.",
-                 "mptrain.language_models.": "mptrain.library.models.language.",
-                 "mptrain.hydra_callbacks.": "mptrain.cli.hydra_callbacks."}
-
-
 def _current_name(value: Any) -> Any:
     if isinstance(value, str):
         for old, new in MOVED_MODULES.items():
@@ -55,12 +55,28 @@ def _current_name(value: Any) -> Any:
     return value
 
 
+def saved_optimizer(saved: dict) -> dict:
+    """A checkpoint's optimizer config in today's terms: a class by _target_ saved before optimizer=torch had its
+    own name recorded name: sgd, and ran with the class's own momentum/nesterov/betas/eps (they were dropped)."""
+    opt = dict(saved.get("optimizer") or {})
+    if opt.get("_target_") and opt.get("name") != "torch":
+        opt.update(name="torch", momentum=None, nesterov=None, betas=None, eps=None)
+    return opt
+
+
 def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    if saved.get("optimizer"):
+        saved = {**saved, "optimizer": saved_optimizer(saved)}
     a, b = {k: _current_name(v) for k, v in _flatten(saved).items()}, _flatten(current)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
+RESUME_FIX = "Resume with the checkpoint's model settings, or start a new run directory"
+
+
+def check_model_fits(state: dict, model: torch.nn.Module, path: Path, fix: str = RESUME_FIX) -> None:
+    """A CheckpointError naming what differs when the checkpoint's weights do not fit `model`; `fix` says what
+    to do (a resume's by default; the offline tools give their own)."""
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     extra = sorted(state.keys() - own.keys())
@@ -69,8 +85,7 @@ def check_model_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
     if missing or extra or shapes:
         detail = f"{len(shapes)} tensors differ in shape, e.g. " * bool(shapes) + "; ".join(shapes[:3] + [f"missing {', '.join(missing[:3])}"] * bool(missing)
                            + [f"unexpected {', '.join(extra[:3])}"] * bool(extra))
-        raise CheckpointError(f"checkpoint {path} was written for another model: {detail}. Resume with the "
-                              "checkpoint's model settings, or start a new run directory")
+        raise CheckpointError(f"checkpoint {path} was written for another model: {detail}. {fix}")
 
 
 def full_precision_weights(ckpt: dict, model: torch.nn.Module, path: Path) -> dict:
@@ -135,6 +150,12 @@ def report_config_changes(saved: dict, current: dict) -> list[dict]:
     return changes
 
 
+def average_changes(saved: dict, current: dict) -> list[dict]:
+    """trainer.ema.* changes: safe for the weights, but the average follows the new setting from this step on."""
+    return [{"key": key, "from": old, "to": new} for key, old, new in config_differences(saved, current)
+            if key.startswith(AVERAGE)]
+
+
 def resolve_resume(resume: str | None, run_dir: Path, sharded: bool = False) -> tuple[Path, dict | None] | None:
     """What to resume from: None (fresh), `auto` (newest readable in this run) or a file path.
     Sharded (FSDP) checkpoints are directories; their weights load once the model is sharded (ckpt None)."""
@@ -168,7 +189,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     changes = report_config_changes(ckpt["config"], config)
     saved_mode, mode = ckpt["precision"].get("mode"), c.precision.mode
     check_precision_change(saved_mode, mode, path)
-    saved_opt, opt = (ckpt["config"].get("optimizer") or {}).get("name"), (config.get("optimizer") or {}).get("name")
+    saved_opt, opt = saved_optimizer(ckpt["config"]).get("name"), (config.get("optimizer") or {}).get("name")
     if saved_opt is not None and opt is not None and saved_opt != opt:  # SGD's momentum is no Adam moment
         raise CheckpointError(f"checkpoint {path} was written with optimizer={saved_opt}: the optimizer state does not "
                               f"fit this optimizer ({opt}); resume with optimizer={saved_opt}, or start a new run "
@@ -206,6 +227,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
         else:  # trainer.ema turned on at this resume: the average starts from the checkpoint's weights
             c.ema.restart()  # after the masters: under master weights it starts from them
             log.warning("resume: %s holds no EMA; trainer.ema starts from its weights", path)
+    elif ckpt.get("ema"):
+        log.warning("resume: trainer.ema is off: the average %s holds is not kept (later checkpoints hold none)", path)
     if any(key.startswith("optimizer.") for key, _, _ in config_differences(ckpt["config"], config)):
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     if any(key.startswith(RESCHEDULE) for key, _, _ in config_differences(ckpt["config"], config)):
@@ -215,6 +238,8 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     state.load_timing(timing if isinstance(timing, dict) else {})
     # a change of course is part of the run's record (summary.json's events, kept by later checkpoints)
     state.events.extend({"event": "resume_change", "step": state.step, **change} for change in changes)
+    state.events.extend({"event": "ema_change", "step": state.step, **change}
+                        for change in average_changes(ckpt["config"], config))
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
 

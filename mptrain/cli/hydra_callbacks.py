@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mptrain.run.directory import check_usable
+from mptrain.run.layout import MULTIRUN
 from mptrain.run.lock import RunDirError
 
 
@@ -34,7 +35,7 @@ class CheckRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.sweep.dir))
-        earlier = Path(config.hydra.sweep.dir) / "multirun.yaml"
+        earlier = Path(config.hydra.sweep.dir) / MULTIRUN
         if earlier.is_file():
             self._same_sweep(earlier, list(config.hydra.overrides.task))
 

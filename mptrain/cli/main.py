@@ -23,7 +23,7 @@ from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records
-from mptrain.run.layout import CHECKPOINTS, OVERRIDES, SUMMARY, write_json_atomic
+from mptrain.run.layout import CHECKPOINTS, HYDRA_SETTINGS, OVERRIDES, SUMMARY, TRAIN_LOG, write_json_atomic
 
 log = logging.getLogger("mptrain")
 
@@ -112,6 +112,17 @@ def _job(cfg: DictConfig, outcome: SweepOutcome) -> float | None:
                     status = "interrupted" if isinstance(e, (Interrupted, SweepStopped)) else "failed"
                     _record_unrun_job(cfg, job, status, str(e))
                 raise
+            except Exception as e:
+                if not multirun:
+                    raise
+                # a sweep job's unexpected error (a library's, or a bug): recorded like any failed job, so the
+                # sweep goes on and mptrain-compare lists it; its traceback goes to the job's train.log
+                failed = JobFailed(e, run_dir / TRAIN_LOG if job is not None else None)
+                refused = was_empty and job is not None and not job.committed
+                if refused:
+                    _record_unrun_job(cfg, job, "failed", str(failed))
+                failed.keep_traceback()
+                raise failed from e
     except MptrainError as e:
         if not isinstance(e, SweepStopped):
             print(error_line(e), file=sys.stderr)
@@ -141,6 +152,26 @@ def error_line(e: MptrainError) -> str:
     from mptrain.checkpoint.signals import Interrupted
 
     return f"mptrain: {'stopped' if isinstance(e, Interrupted) else 'error'}: {e}"
+
+
+class JobFailed(MptrainError):
+    """A sweep job stopped by an exception mptrain did not expect (a library's TypeError, a bug)."""
+
+    exit_code = 1
+
+    def __init__(self, error: Exception, log_file: Path | None):
+        self.error, self.log_file = error, log_file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        where = f"; the traceback is in {log_file}" if log_file is not None else ""
+        super().__init__(f"unexpected {type(error).__name__}: {first}{where}")
+
+    def keep_traceback(self) -> None:
+        if self.log_file is None:
+            return
+        import traceback
+
+        with contextlib.suppress(OSError), open(self.log_file, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(self.error)))
 
 
 class SweepStopped(MptrainError):
@@ -207,7 +238,38 @@ def continue_the_run(argv: list[str]) -> list[str]:
         print(f"mptrain: resume: {', '.join(sorted({override_key(o).split('.', 1)[0] for o in dropped}))}= given now "
               f"replaces the run's own {' '.join(dropped)}", file=sys.stderr)
     base = [o for o in saved if override_key(o) not in values and o not in dropped]
-    return base + argv
+    # beside the overrides given now: Hydra's parser takes its options (--config-dir X) before the overrides only
+    at = argv.index(given[0])
+    return saved_config_dirs(run_dir, argv, values) + argv[:at] + base + argv[at:]
+
+
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def saved_config_dirs(run_dir: Path, argv: list[str], values: dict) -> list[str]:
+    """Where the run found its own config groups (--config-dir, hydra.searchpath), when not given again now: its
+    saved overrides may name groups only those hold (model=mine). From .hydra/hydra.yaml; [] if unreadable."""
+    import yaml
+
+    try:
+        hydra_cfg = (yaml.safe_load((run_dir / HYDRA_SETTINGS).read_text()) or {}).get("hydra") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    found: list[str] = []
+    if not any(a in CONFIG_DIR_FLAGS or a.startswith("--config-dir=") for a in argv):
+        sources = (hydra_cfg.get("runtime") or {}).get("config_sources") or []
+        for source in sources:
+            if isinstance(source, dict) and source.get("provider") == "command-line" and source.get("schema") == "file":
+                if not Path(source["path"]).is_dir():
+                    raise ConfigError(f"the run was started with --config-dir {source['path']}, which is no longer a "
+                                      "directory; pass the directory its config groups are in with --config-dir")
+                found = ["--config-dir", source["path"]]
+    if "hydra.searchpath" not in values:
+        found += [o for o in ((hydra_cfg.get("overrides") or {}).get("hydra") or [])
+                  if isinstance(o, str) and o.startswith("hydra.searchpath=")]
+    if found:
+        print(f"mptrain: resume: the run's own config directories are used again: {' '.join(found)}", file=sys.stderr)
+    return found
 
 
 # loggers whose INFO lines say nothing to a user: alembic's "setup plugin ..." when Optuna or MLflow opens

@@ -1,10 +1,10 @@
 """Optimizer and learning-rate scheduler builders (`optimizer=` and `scheduler=` groups).
 
 Optimizers: the built-in SGD and AdamW, torchao's low-bit AdamW (adamw8bit | adamw4bit | adamwfp8: the two
-moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer._target_` (taking lr,
-weight_decay and `optimizer.kwargs`). Parameter groups: weight decay only on tensors of two or more
-dimensions (matrices, convolution kernels, embeddings), none on biases and norm weights, as nanoGPT and timm
-do; the default for AdamW-type optimizers (`optimizer.decay_all=null`).
+moments stored in 8 or 4 bits, or fp8, blockwise scaled), or any class by `optimizer=torch optimizer._target_`
+(taking lr, weight_decay, the momentum/nesterov/betas/eps given and `optimizer.kwargs`). Parameter groups: weight
+decay only on tensors of two or more dimensions (matrices, convolution kernels, embeddings), none on biases and
+norm weights, as nanoGPT and timm do; the default for AdamW-type optimizers (`optimizer.decay_all=null`).
 
 Schedulers: the built-in warm-up + cosine/step, or any torch.optim.lr_scheduler class by `scheduler._target_`
 after the same linear warm-up. Either one is stepped once per *applied* optimizer step.
@@ -12,16 +12,17 @@ after the same linear warm-up. Either one is stepped once per *applied* optimize
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.library.extras import require
+from mptrain.library.imports import locate
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
 # the tensor subclasses their states are saved as: torch.load(weights_only=True) reads them once torchao.optim
@@ -36,11 +37,11 @@ def allow_low_bit_states() -> None:
 
 
 def _target_class(target: str, key: str):
-    try:
-        return get_class(target)
-    except Exception as e:  # Hydra's import errors: one line
-        raise ConfigError(f"{key}._target_={target} cannot be imported ({str(e).splitlines()[0]}); give a class "
-                          "such as torch.optim.RAdam, or put its module on PYTHONPATH") from None
+    like = {"optimizer": "torch.optim.RAdam", "scheduler": "torch.optim.lr_scheduler.StepLR"}[key]
+    cls = locate(key, target, f"give a class such as {like}, or put its module on PYTHONPATH")
+    if not isinstance(cls, type):
+        raise ConfigError(f"{key}._target_={target} is a {type(cls).__name__}, not a class; give a class such as {like}")
+    return cls
 
 
 def optimizer_name(cfg: DictConfig) -> str:
@@ -97,6 +98,27 @@ def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> to
     return optimizer
 
 
+SETTINGS = ("momentum", "nesterov", "betas", "eps")  # the built-ins' own keys, which a class by _target_ may take
+
+
+def given_settings(cfg: DictConfig, cls: type, kwargs: dict) -> dict:
+    """optimizer.momentum / nesterov / betas / eps that were given (not null) for a class by _target_: each
+    one the class takes, as its argument; one it does not take (or also in optimizer.kwargs) is a ConfigError,
+    never dropped."""
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {k: cfg[k] for k in SETTINGS if cfg.get(k) is not None}
+    for key, value in given.items():
+        if key in kwargs:
+            raise ConfigError(f"optimizer.{key} is given twice, as optimizer.{key}={value} and in optimizer.kwargs; "
+                              "give it once")
+        if not (takes_any or key in params):
+            takes = ", ".join(k for k in params if k not in ("self", "params"))
+            raise ConfigError(f"optimizer.{key}={value}: {cfg._target_} takes no {key} (it takes {takes}); remove "
+                              f"optimizer.{key}, or choose an optimizer class that takes it")
+    return {k: tuple(v) if k == "betas" else v for k, v in given.items()}
+
+
 def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     target = cfg.get("_target_")
     groups = param_groups(cfg, params)
@@ -106,7 +128,7 @@ def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> t
         if not issubclass(cls, torch.optim.Optimizer):
             raise ConfigError(f"optimizer._target_={target} is not a torch.optim.Optimizer; give an optimizer "
                               "class such as torch.optim.RAdam")
-        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **given_settings(cfg, cls, kwargs), **kwargs)
     if cfg.name in LOW_BIT:
         torchao_optim = require("torchao.optim", "fp8", f"optimizer={cfg.name}")
         cls = getattr(torchao_optim, LOW_BIT[cfg.name])

@@ -21,7 +21,7 @@ from torch import nn
 
 from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
-from mptrain.precision import fp8
+from mptrain.precision import fp8, timing
 from mptrain.precision.convert import Applier
 from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
 from mptrain.precision.formats import BF16, FP8_RECIPES, Registry
@@ -149,7 +149,14 @@ class Precision:
         self.fp8_layers: list[str] = []
         self.fp8_emulated, self.fp8_reason = True, ""
         if self.fp8_cfg is not None:  # fail before the run directory is touched
-            fp8.require_torchao()
+            try:
+                fp8.require_torchao()
+            except fp8.Fp8MissingError:
+                if self.preset.fp8:
+                    raise
+                where = "precision.auto.formats" if self.planner is not None else "precision.layers"
+                raise fp8.Fp8MissingError(f"{where} names torchao's float8 training (fp8, fp8_row, fp8_row_hp), "
+                                          "which needs torchao: pip install mptrain[fp8]") from None
             self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
         self.applier = Applier(self.registry, device, self.autocast_format, self.fp8_emulated)
         self.plan: Plan | None = None
@@ -193,7 +200,10 @@ class Precision:
                    else f"{self.scaler.kind} loss scaling from {self.scaler.scale:g}")
         params = short(self.compute_dtype) if self.low_precision_params else short(torch.float32)
         extra = self.family.describe()
-        if self.fp8_cfg is not None:
+        if self.planner is not None:
+            extra += (f", per-layer formats measured among {', '.join(self.planner.ladder)} "
+                      f"(objective {self.planner.objective})")
+        elif self.fp8_cfg is not None:
             fmt = FP8_RECIPES[self.fp8_cfg.recipe]
             extra += (f", Linear layers in float8 ({fmt.element.name} forward, {fmt.grad_format.element.name} "
                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
@@ -210,6 +220,14 @@ class Precision:
         return short(self.compute_dtype)
 
     @property
+    def compute_name(self) -> str:
+        """The format the model computes in, for records: the compute dtype's, or fp32 where the plan puts every
+        module in fp32 (precision=auto may)."""
+        if self.plan and all(e.format == short(torch.float32) for e in self.plan.values()):
+            return short(torch.float32)
+        return short(self.compute_dtype)
+
+    @property
     def dim_multiple(self) -> int:
         return (self.fp8_cfg or OmegaConf.structured(Fp8Config)).dim_multiple
 
@@ -221,7 +239,7 @@ class Precision:
                 if name in base:
                     base[name] = (entry, "float8", "preset") if why is None else (base[name][0], base[name][1], why)
         return resolve(model, base, rules, autocast=self.autocast_format, registry=self.registry,
-                       dim_multiple=self.dim_multiple, fp8_emulated=self.fp8_emulated)
+                       dim_multiple=self.dim_multiple, fp8_emulated=self.fp8_emulated, device=self.device)
 
     def resolve_plan(self, model: nn.Module) -> Plan:
         """The preset's plan for `model` with precision.layers applied (the model is not changed)."""
@@ -232,11 +250,48 @@ class Precision:
         (and so the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
         new = self._resolve(model, [Rule(n, f, why[n]) for n, f in formats.items()])
         changed = self.applier.replan(model, self.plan, new)
+        emulated_before = {n for n, e in self.plan.items() if e.emulated}
         self.plan = new
         self.fp8_layers = [n for n, e in new.items() if e.kernel == "float8"]
+        if {n for n, e in new.items() if e.emulated} - emulated_before:
+            self.warn_emulated()
         if self._on_plan is not None:
             self._on_plan()
         return changed
+
+    def time_formats(self, module: nn.Module, formats: list[str], example: torch.Tensor, repeats: int) -> dict:
+        """Forward+backward seconds of `module` in each of `formats` on this device (precision=auto's objective=time),
+        each on a copy converted as this run converts a module (its plan rule, its applier), on `example` (an input
+        of the probe's shape). A format the copy refuses is not timed."""
+        out: dict[str, float] = {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # a module's dropout in the timed runs leaves the run's RNG be
+            for fmt in formats:
+                out.update(self._time_one(module, fmt, example, repeats))
+        return out
+
+    def _time_one(self, module: nn.Module, fmt: str, example: torch.Tensor, repeats: int) -> dict[str, float]:
+        wrapper = nn.Sequential(timing.plain_copy(module))
+        plan = self._resolve(wrapper, [Rule("0", fmt, "timing")])
+        if plan["0"].format != fmt:
+            return {}
+        Applier(self.registry, self.device, self.autocast_format, self.fp8_emulated).apply(wrapper, plan)
+        run = timing.forward_backward(wrapper, example, self.autocast)
+        return {fmt: timing.median_seconds(run, self.device, repeats)}
+
+    def restore_formats(self, formats: dict[str, str], why: str) -> list[str]:
+        """The prepared model moved to `formats` (module -> format), every entry giving `why` (a checkpoint's own
+        plan restored for evaluation)."""
+        return self.apply_formats(self._model, formats, dict.fromkeys(formats, why))
+
+    def warn_emulated(self) -> None:
+        """Say it when some planned module computes emulated on this device: the format's numerics, not its speed."""
+        emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
+        if emulated:
+            counts = {f: list(emulated.values()).count(f) for f in dict.fromkeys(emulated.values())}
+            log.warning("%d of %d planned modules compute emulated on %s (%s): the formats' numerics, without their "
+                        "kernels, several times slower than bf16 here (docs/benchmarks.md)", len(emulated),
+                        len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()))
 
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
@@ -250,10 +305,8 @@ class Precision:
         weights for those families (call before building the optimizer)."""
         if self.plan is None:
             self.plan = self.resolve_plan(model)
-            emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
-            note = (f"; {len(emulated)} of {len(self.plan)} modules emulated "
-                    f"({', '.join(sorted(set(emulated.values())))})" if emulated else "")
-            log.info("precision plan (%s%s):\n%s", self.mode, note, self.plan.table())
+            log.info("precision plan (%s):\n%s", self.mode, self.plan.table())
+            self.warn_emulated()
         if self.family.uses_autocast:
             names = self.applier.apply(model, self.plan)
             self.fp8_layers += names  # FSDP calls this again on the sharded model: nothing new converts then
@@ -486,6 +539,8 @@ class Precision:
             if auto["planned"]:
                 self.apply_formats(self._model, auto["formats"], self.planner.why if self.planner is not None
                                    else dict.fromkeys(auto["formats"], "auto (resumed)"))
+                log.info("precision=auto: the checkpoint's measured plan, restored (it replaces the probe's plan "
+                         "logged above):\n%s", self.plan.table())
         before = state.get("plan")
         if before is not None and self.plan is not None and before != self.plan.formats():
             changed = {n: f"{before.get(n, '-')} -> {f}" for n, f in self.plan.formats().items() if before.get(n) != f}

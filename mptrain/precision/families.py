@@ -22,11 +22,11 @@ from mptrain.config import PRESET_FAMILIES
 from mptrain.errors import ConfigError
 from mptrain.library.optim import build_optimizer, check_bf16_pure, param_groups
 from mptrain.precision.bf16_pure import PureBf16Optimizer, build_pure_bf16_optimizer
+from mptrain.precision.formats import FP32
+from mptrain.precision.formats.registry import AUTOCAST_TYPES, Registry
 from mptrain.precision.master import cast_model
 from mptrain.precision.norms import is_norm
-from mptrain.precision.plan import AUTOCAST_TYPES, planned_modules
-
-SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from mptrain.precision.plan import planned_modules
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,15 @@ class AutocastFamily:
         self.preset, self.cfg = preset, cfg
 
     def base(self, model: nn.Module, compute_dtype: torch.dtype) -> dict[str, tuple[str, str, str]]:
-        name = SHORT[compute_dtype]
+        name = Registry.for_dtype(compute_dtype).name
         out = {}
         for n, m in planned_modules(model):
-            if name == "fp32":
-                out[n] = ("fp32", "fp32", "preset")
+            if compute_dtype == torch.float32:
+                out[n] = (name, "fp32", "preset")
             elif isinstance(m, AUTOCAST_TYPES):
                 out[n] = (name, "autocast", "preset")
             else:
-                out[n] = ("fp32", "fp32", f"autocast does not lower {type(m).__name__} (fp32 parameters)")
+                out[n] = (FP32.name, "fp32", f"autocast does not lower {type(m).__name__} (fp32 parameters)")
         return out
 
     def prepare(self, model: nn.Module, compute_dtype: torch.dtype, keep_norm_fp32: bool) -> None:
@@ -108,9 +108,9 @@ class Fp16WeightsFamily(AutocastFamily):
     takes_layers = False
 
     def base(self, model: nn.Module, compute_dtype: torch.dtype) -> dict[str, tuple[str, str, str]]:
-        name = SHORT[compute_dtype]
+        name = Registry.for_dtype(compute_dtype).name
         keep = self.cfg.keep_norm_fp32
-        return {n: ("fp32", "weights", "norm layer kept fp32 (precision.keep_norm_fp32)")
+        return {n: (FP32.name, "weights", "norm layer kept fp32 (precision.keep_norm_fp32)")
                 if keep and is_norm(m) else (name, "weights", "preset")
                 for n, m in planned_modules(model)}
 

@@ -82,6 +82,8 @@ def plan(model: nn.Module, cfg) -> dict[str, str | None]:
             reason = "first Linear (precision.fp8.skip_first)"
         elif cfg.skip_last and i == len(linears) - 1:
             reason = "last Linear (precision.fp8.skip_last)"
+        elif "weight" not in mod._parameters:
+            reason = "weight computed by weight_norm or a parametrization (Float8Linear needs a plain weight)"
         elif mod.in_features % cfg.dim_multiple or mod.out_features % cfg.dim_multiple:
             reason = f"{mod.in_features}x{mod.out_features} not multiples of {cfg.dim_multiple}"
         else:
@@ -94,30 +96,6 @@ def float8_config(recipe: str, emulate: bool):
     """torchao's Float8LinearConfig for a recipe name, with emulation on or off."""
     float8 = require_torchao()
     return dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
-
-
-def convert(model: nn.Module, cfg, device: torch.device) -> tuple[int, list[str], bool]:
-    """Swap the planned nn.Linear layers of `model` for torchao's Float8Linear, in place.
-
-    Returns (number converted, their names, emulated). Call before the optimizer is built: the
-    parameters stay the same objects, but an optimizer must never see a half-converted model.
-    """
-    float8 = require_torchao()
-    emulated, _ = resolve_emulate(cfg.emulate, device)
-    decisions = plan(model, cfg)
-    names = [n for n, why in decisions.items() if why is None]
-    chosen = set(names)
-    if names:
-        float8.convert_to_float8_training(model, config=float8_config(cfg.recipe, emulated),
-                                          module_filter_fn=lambda mod, fqn: fqn in chosen)
-    kept = {n: why for n, why in decisions.items() if why is not None and why != "already float8"}
-    if not names and len(kept) < len(decisions):
-        return 0, [], emulated  # converted before (FSDP prepares the sharded model again)
-    log.info("fp8: %d of %d Linear layers in float8 (%s)%s", len(names), len(decisions), cfg.recipe,
-             "; kept bf16: " + ", ".join(f"{n} ({why})" for n, why in kept.items()) if kept else "")
-    if not names:
-        log.warning("precision=fp8 converted no Linear layer: the run computes in bf16 (see precision.fp8.*)")
-    return len(names), names, emulated
 
 
 def converted_modules(model: nn.Module) -> dict[str, nn.Module]:

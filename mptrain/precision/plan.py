@@ -27,9 +27,6 @@ from torch.nn.utils import parametrize
 from mptrain.errors import ConfigError
 from mptrain.precision.formats import BUILTINS, Registry
 
-# autocast runs these in its low-precision dtype; everything else (norms, embeddings, losses) in fp32
-AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
 COMPUTE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what @first / @last count
 ALIASES = ("@first", "@last")
 
@@ -55,10 +52,13 @@ class Entry:
     emulated: bool
     why: str
     by_rule: bool = False  # set by a precision.layers rule (else the preset's own choice)
+    shared: int = 0  # of `params`, those an earlier module holds too (a tied embedding and head): counted once
 
     def record(self) -> dict:
         out = asdict(self)
         del out["module"]
+        if not self.shared:
+            del out["shared"]
         return out
 
 
@@ -78,7 +78,7 @@ class Plan(dict):
         params: dict[str, int] = {}
         for e in self.values():
             counts[e.format] = counts.get(e.format, 0) + 1
-            params[e.format] = params.get(e.format, 0) + e.params
+            params[e.format] = params.get(e.format, 0) + e.params - e.shared
         return {"plan_modules": counts, "plan_params": params,
                 "plan_emulated": sorted(n for n, e in self.items() if e.emulated)}
 
@@ -132,7 +132,8 @@ def matches(rule: Rule, name: str, firsts: tuple[str | None, str | None]) -> boo
 
 
 def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list[Rule], *, autocast: str | None,
-            registry: Registry = BUILTINS, dim_multiple: int = 16, fp8_emulated: bool = True) -> Plan:
+            registry: Registry = BUILTINS, dim_multiple: int = 16, fp8_emulated: bool = True,
+            device=None) -> Plan:
     """One Entry per planned module.
 
     `base[name] = (format, kernel, why)`: what the preset gives each module before any rule (the family knows:
@@ -140,10 +141,16 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
     `rules` apply in order, the last match winning, each only where the registry says the module fits.
     `autocast`: the run's autocast format (None: no autocast), so that a module planned in it runs there."""
     modules = planned_modules(model)
+    lazy = [n for n, m in modules if any(isinstance(p, nn.parameter.UninitializedParameter) for p in own_parameters(m))]
+    if lazy:
+        raise ConfigError(f"the model has lazy modules ({', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}) whose "
+                          "parameters are not made yet: a precision plan needs their shapes; give them their sizes "
+                          "(nn.Linear instead of nn.LazyLinear), or run one batch through the model in its __init__")
     compute = [n for n, m in modules if isinstance(m, COMPUTE_TYPES)]
     firsts = (compute[0], compute[-1]) if compute else (None, None)
     plan = Plan()
     used: set[Rule] = set()
+    seen: set[int] = set()  # parameters counted at an earlier module (tied weights)
     for name, module in modules:
         fmt, kernel, why = base[name]
         by_rule = False
@@ -151,7 +158,7 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
             if not matches(rule, name, firsts):
                 continue
             used.add(rule)
-            blocked = registry.fits(rule.format, module, dim_multiple)
+            blocked = registry.fits(rule.format, module, dim_multiple, device)
             if blocked is not None:
                 why = f"{why}; {rule.why} {rule.pattern}: {rule.format} refused ({blocked})"
                 continue
@@ -159,8 +166,11 @@ def resolve(model: nn.Module, base: dict[str, tuple[str, str, str]], rules: list
             kernel = registry.kernel(fmt, module)
         emulated = kernel == "emulated" or (kernel == "float8" and fp8_emulated)
         f = registry.get(fmt)
-        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in own_parameters(module)), fmt,
-                           f.grad_format.name, registry.scaling(f), kernel, emulated, why, by_rule)
+        own = own_parameters(module)
+        shared = sum(p.numel() for p in own if id(p) in seen)
+        seen.update(id(p) for p in own)
+        plan[name] = Entry(name, type(module).__name__, sum(p.numel() for p in own), fmt, f.grad_format.name,
+                           registry.scaling(f), kernel, emulated, why, by_rule, shared)
     unused = [r.pattern for r in rules if r.why == "precision.layers" and r not in used]
     if unused:
         names = ", ".join(n for n, _ in modules[:8]) + (", ..." if len(modules) > 8 else "")

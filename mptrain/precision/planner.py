@@ -2,10 +2,12 @@
 
     probe     steps 1..probe_steps train in the safe preset (bf16 autocast; fp32 without bf16), with shadow
               measurement (diagnostics/shadow.py) of every candidate format on every step
-    plan      each module the safe preset computes in its own format gets the cheapest candidate (the registry's
-              cost) that the module fits (the registry's rule) and whose worst relative error, of its output and
-              of its output gradient, stayed within `tolerance`; the model is converted in place (the applier:
-              the same parameter objects, so the optimizer state carries on)
+    plan      each module the safe preset computes in its own format gets, among the candidates that it fits (the
+              registry's rule) and whose worst relative error, of its output and of its output gradient, stayed
+              within `tolerance` (fp32 always does), the fastest: its forward+backward measured on this device in
+              each of them (objective=time; emulated formats are not real speed here and are left out), or the
+              fewest bits per value (objective=bits, the registry's cost); the model is converted in place (the
+              applier: the same parameter objects, so the optimizer state carries on)
     recheck   every `recheck_every` steps the formats in use are measured again; a layer over tolerance moves up
               its ladder to the next format it fits (e.g. fp8_e4m3 -> bf16 -> fp32) and the change is an event row
 
@@ -17,13 +19,16 @@ policy (`plan`, `apply_formats`, `dim_multiple`) are passed to each call.
 from __future__ import annotations
 
 import logging
+import math
 
+import torch
 from torch import nn
 
 from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.shadow import Figures, Shadow, check_formats
 from mptrain.errors import ConfigError
 from mptrain.precision.formats import FP8_ROW, FP32, Registry
+from mptrain.precision.plan import planned_modules
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +48,23 @@ class Planner:
         check_formats(formats, registry)
         if not formats:
             raise ConfigError("precision.auto.formats=[] leaves nothing to choose; list formats, e.g. [fp8_e4m3,bf16]")
-        self.base = base  # the safe preset's format (bf16, or fp32 without it)
+        self.base = base  # the safe preset's format (bf16, or fp32 without it): the probe computes in it
         self.fp32 = FP32.name
-        # the ladder, cheapest first: the candidates no dearer than the base, the base, then fp32
+        # the ladder, cheapest first: the candidates no dearer than the base, the base where it is a candidate,
+        # then fp32 (always safe); a format not listed is never chosen (formats=[fp32]: every layer fp32)
         cheap = registry.cheapest_first(f for f in formats if f not in (self.fp32, base)
                                         and registry.cost(f) <= registry.cost(base))
-        self.ladder = [*cheap, base] + ([self.fp32] if base != self.fp32 else [])
+        self.ladder = [*cheap, *([base] if base in formats and base != self.fp32 else []), self.fp32]
         self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
+        self.objective, self.repeats = cfg.get("objective", "time"), cfg.get("timing_repeats", 3)
+        self.device = device
+        self._examples: dict = {}  # module -> an input of the last probe step (objective=time times on its shape)
+        self._input_hooks: list = []
         self.planned = False
         self.figures: dict[str, dict[str, Figures]] = {}  # the probe's worst figures so far
         self.formats: dict[str, str] = {}  # the plan: module -> format (the modules auto plans)
         self.why: dict[str, str] = {}  # module -> why it has its format (the step that chose it)
+        self.times: dict[str, float] = {}  # module -> its measured forward+backward seconds in its format
         self.history: list[dict] = []
         self._ranges: ModuleRanges | None = None
         self._shadow: Shadow | None = None
@@ -80,20 +91,37 @@ class Planner:
             names = self.registry.cheapest_first(f for f in self.formats.values() if f != self.fp32)
         else:
             names = [f for f in self.ladder if f != self.fp32]
+        if not self.planned and step == self.probe_steps and self.objective == "time":
+            self._keep_inputs(model)
         if not names:
             return
         self._shadow = Shadow(names, self.registry)
         self._ranges = ModuleRanges(model, self._shadow)
         self._ranges.begin()
 
+    def _keep_inputs(self, model: nn.Module) -> None:
+        """One floating input per planned module, from the step's own forward (the shadow's re-runs call forward
+        directly and are not seen)."""
+        def keep(name):
+            def pre_hook(module, args):
+                x = args[0] if args else None
+                if name not in self._examples and isinstance(x, torch.Tensor) and x.is_floating_point():
+                    self._examples[name] = x.detach().float().clone()
+            return pre_hook
+
+        self._input_hooks = [m.register_forward_pre_hook(keep(n)) for n, m in planned_modules(model)]
+
     def end_step(self, step: int, model: nn.Module, policy) -> dict | None:
         """After the optimizer step: read the figures; at the probe's end build and apply the plan, on a recheck
         demote the layers over tolerance. Returns the event row (or None)."""
-        if self._ranges is None:
-            return None
-        self._ranges.remove()
-        figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in self._shadow.end().items()}
-        self._ranges = self._shadow = None
+        if self._ranges is None:  # nothing measured: not a probe step, or nothing to measure (a ladder of fp32)
+            if self.planned or not self.measured(step):
+                return None
+            figures = {}
+        else:
+            self._ranges.remove()
+            figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in self._shadow.end().items()}
+            self._ranges = self._shadow = None
         if not self.planned:
             for module, per in figures.items():
                 for fmt, f in per.items():
@@ -113,25 +141,48 @@ class Planner:
     def _fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
         return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
 
+    def _fastest(self, model: nn.Module, name: str, ok: list[str], policy) -> tuple[str, dict[str, float]]:
+        """objective=time: the fastest of `ok` on this device (ties: the cheaper), and the times measured."""
+        real = [f for f in ok if self.registry.execution(self.registry.get(f), self.device) != "emulated"
+                or f == self.fp32]
+        if name not in self._examples or len(real) < 2:
+            return (real or ok)[0], {}
+        times = policy.time_formats(model.get_submodule(name), real, self._examples[name], self.repeats)
+        return min(real, key=lambda f: (times.get(f, math.inf), real.index(f))), times
+
     def _plan(self, step: int, model: nn.Module, policy) -> dict:
-        chosen, errors = {}, {}
+        for h in self._input_hooks:
+            h.remove()
+        self._input_hooks = []
+        chosen, errors, times, why = {}, {}, {}, {}
         for name in self.planned_modules(policy.plan):
-            for fmt in self.ladder:
-                if self._fits(model, name, fmt, policy.dim_multiple) and self._holds(self.figures, name, fmt):
-                    chosen[name] = fmt
-                    errors[name] = {f: _json(v.error) for f, v in self.figures.get(name, {}).items()}
-                    break
+            ok = [f for f in self.ladder
+                  if self._fits(model, name, f, policy.dim_multiple) and self._holds(self.figures, name, f)]
+            errors[name] = {f: _json(v.error) for f, v in self.figures.get(name, {}).items()}
+            why[name] = f"auto (step {step})"
+            if self.objective == "time":
+                chosen[name], measured = self._fastest(model, name, ok, policy)
+                if measured:
+                    times[name] = measured
+                    why[name] += ": fastest that holds (" + ", ".join(
+                        f"{f} {t * 1e3:.3g} ms" for f, t in sorted(measured.items(), key=lambda kv: kv[1])) + ")"
+            else:
+                chosen[name] = ok[0]
+        self._examples = {}
         self.planned = True
         self.figures = {}
         self.formats = chosen
-        self.why = dict.fromkeys(chosen, f"auto (step {step})")
-        self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors})
+        self.why = why
+        self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
+        self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors,
+                             **({"times": times} if times else {})})
         policy.apply_formats(model, self.formats, self.why)
         measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
                                                    for f, e in errs.items()) for n, errs in errors.items())
         log.info("precision=auto: plan after %d probe steps (tolerance %g; worst error per format: %s):\n%s", step,
                  self.tolerance, measured, policy.plan.table())
-        return {"event": "precision_plan", "formats": dict(chosen), "errors": errors}
+        return {"event": "precision_plan", "formats": dict(chosen), "errors": errors,
+                **({"times": times} if times else {})}
 
     def _recheck(self, step: int, model: nn.Module, policy, figures: dict) -> dict | None:
         changes = []
@@ -158,18 +209,30 @@ class Planner:
     # ---- records -------------------------------------------------------------------------------
     def summary(self) -> dict:
         demotions = sum(len(h["changes"]) for h in self.history if h["event"] == "demote")
-        return {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
-                "auto_tolerance": self.tolerance}
+        tolerance = self.tolerance if math.isfinite(self.tolerance) else "inf"  # JSON has no inf (it read null)
+        out = {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
+               "auto_tolerance": tolerance, "auto_objective": self.objective}
+        if self.times:  # objective=time: the planned layers' forward+backward, as measured at the plan
+            out["auto_planned_layers_s"] = sum(self.times.values())
+        return out
 
     def state_dict(self) -> dict:
         figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
-                "history": list(self.history), "why": dict(self.why)}
+                "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder),
+                "times": dict(self.times)}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("ladder")
+        if saved is not None and saved != self.ladder:
+            raise ConfigError(
+                f"precision.auto.formats changed on resume: the run chose among {saved[:-1] or saved} and is asked "
+                f"to choose among {self.ladder[:-1] or self.ladder} now; its plan was measured among its own: resume "
+                "with the run's precision.auto.formats, or start a new run directory with the new list")
         self.planned = state["planned"]
         self.figures = {m: {f: Figures.from_row(v) for f, v in per.items()} for m, per in state["figures"].items()}
         self.formats, self.history = dict(state["formats"]), list(state["history"])
         # checkpoints from before per-layer reasons: the last event's step for every layer
         last = self.history[-1]["step"] if self.history else 0
         self.why = dict(state.get("why") or dict.fromkeys(self.formats, f"auto (step {last})"))
+        self.times = dict(state.get("times") or {})

@@ -32,6 +32,7 @@ HYDRA_DIR = ".hydra"                      # Hydra's records of what the run was 
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"
 CONFIG = f"{HYDRA_DIR}/config.yaml"        # the composed config the run ran with (mptrain-eval/-sample/-export read it)
+HYDRA_SETTINGS = f"{HYDRA_DIR}/hydra.yaml"  # Hydra's own settings: where the run found its configs (a resume reads it)
 LOCK = ".lock"                            # the running process's flock
 TRAIN_LOG = "train.log"
 METRICS = "metrics.jsonl"                 # one row per logged step and per validation
@@ -62,6 +63,7 @@ EVAL = "eval_{}.json"                     # mptrain-eval's metrics of a checkpoi
 PREVIOUS = "previous_{}"                  # an earlier attempt's records, set aside by a fresh start
 ATTEMPT = "attempt_{}"                    # .hydra/attempt_<k>/: what an earlier attempt ran with
 # of a sweep directory
+MULTIRUN = "multirun.yaml"                # Hydra's record of the sweep; its jobs are the numbered folders beside it
 OPTUNA_DB = "optuna.db"
 COMPARISON = ("comparison.md", "comparison.csv", "comparison.png")  # mptrain-compare's outputs
 COMPARISON_ARTIFACTS = "comparison"       # their folder among a tracked run's MLflow artifacts

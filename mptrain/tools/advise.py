@@ -318,12 +318,14 @@ BASE_FORMAT = {"precision=bf16": BF16.name, "precision=static": FP16.name, "prec
                "precision=fp32": FP32.name}
 
 
-def plan_override(overrides: list[str], plan: dict[str, str]) -> list[str]:
+def plan_override(overrides: list[str], plan: dict[str, str], fits: dict[str, list[str]] | None = None) -> list[str]:
     """The verdict's overrides plus `precision.layers` for the layers the measurements put in another format than
     the verdict's (issue 23's per-layer plans); [] when every layer stays in it. Not recommended by itself:
-    verify it (mptrain-advise --verify --overrides ...)."""
+    verify it (mptrain-advise --verify --overrides ...). A module that cannot take the verdict's format at all
+    (`fits`: a norm under bf16 autocast computes fp32 whatever the rule) needs no rule."""
     base = next((BASE_FORMAT[o] for o in overrides if o in BASE_FORMAT), None)
-    other = {m: f for m, f in plan.items() if base is not None and f != base and m != "(model)"}
+    takes_base = lambda m: fits is None or m not in fits or base in fits[m]  # noqa: E731
+    other = {m: f for m, f in plan.items() if base is not None and f != base and m != "(model)" and takes_base(m)}
     if not other:
         return []
     return [*overrides, "precision.layers={" + ", ".join(f"{m}: {f}" for m, f in other.items()) + "}"]
@@ -386,7 +388,7 @@ def advise(meta: dict, samples: list[dict], events: list[dict], registry: Regist
     for per in per_layer.values():  # JSON has no inf: a non-finite figure is written "inf" (null: not measured)
         for fig in per.values():
             fig.update({k: "inf" for k, v in fig.items() if isinstance(v, float) and math.isinf(v)})
-    plan_by_layer_override = plan_override(overrides, plan_by_layer)
+    plan_by_layer_override = plan_override(overrides, plan_by_layer, meta.get("fits"))
     return {"probe": {"fp16_view": meta.get("fp16_view"), "samples": len(samples),
                       "steps": [samples[0]["step"], samples[-1]["step"]], "gradients": overall.nonzero,
                       "zero": overall.zero / max(overall.nonzero + overall.zero, 1), "nonfinite": overall.nonfinite,

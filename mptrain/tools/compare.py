@@ -27,6 +27,7 @@ from mptrain.run.layout import (
     COMPARISON,
     COMPARISON_ARTIFACTS,
     METRICS,
+    MULTIRUN,
     OPTUNA_DB,
     OVERRIDES,
     SUMMARY,
@@ -98,6 +99,9 @@ def find_jobs(paths: list[Path]) -> list[Job]:
         elif p.is_dir():
             dirs += sorted((d.parent.parent for d in p.glob(f"**/{OVERRIDES}")),
                            key=lambda d: (len(d.parts), int(d.name) if d.name.isdigit() else 0, str(d)))
+    for d in unrecorded_jobs(paths):  # never dropped silently
+        log.warning("%s is a job of the sweep without records (no %s): it stopped before mptrain could record "
+                    "it (killed, or an older mptrain); it is left out", d, OVERRIDES)
     if not dirs:
         raise SystemExit(f"mptrain-compare: error: no runs under {', '.join(map(str, paths))} "
                          "(a run holds .hydra/overrides.yaml); pass a multirun directory or run directories")
@@ -108,6 +112,15 @@ def find_jobs(paths: list[Path]) -> list[Job]:
         metrics = read_jsonl(d / METRICS, skip_damaged=True) if (d / METRICS).is_file() else []
         jobs.append(Job(d, [str(o) for o in overrides], summary, status, metrics=metrics))
     return jobs
+
+
+def unrecorded_jobs(paths: list[Path]) -> list[Path]:
+    """The numbered job folders of the given sweep directories (those with multirun.yaml) that hold no records."""
+    found = []
+    for p in paths:
+        if p.is_dir() and (p / MULTIRUN).is_file():
+            found += [d for d in sorted(p.iterdir()) if d.is_dir() and d.name.isdigit() and not (d / OVERRIDES).is_file()]
+    return found
 
 
 def read_summary(path: Path) -> tuple[dict | None, str]:

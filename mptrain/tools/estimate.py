@@ -1,10 +1,13 @@
-"""mptrain-estimate [OVERRIDES...]: the memory a run will need, per precision preset, before training it.
+"""mptrain-estimate [OVERRIDES...]: the memory and the step time a run will need, per precision preset, before
+training it.
 
 For each preset the run's components are built exactly as `mptrain OVERRIDES precision=<preset>` builds them
 and one training step is measured: weights, gradients, optimizer state and fp32 master copies from the
 tensors themselves (memory_per_param, after the step has created the optimizer state), and activations as
 the bytes autograd keeps for backward in that step (each storage once, weights excluded; on CUDA also the
-step's peak allocation). Nothing is written: no run directory, no checkpoint.
+step's peak allocation). Then `--steps` more steps are timed on this device (the median: the step time). With
+`--json`, each planned layer is also timed alone in its format (forward+backward on the input shape it saw).
+Nothing is written: no run directory, no checkpoint.
 
 A preset the run refuses (`precision.layers` under master, nomaster or bf16_pure; fp8 without torchao ...) gets
 a line under the table with training's own one-line reason; the others are estimated. Exit status 0 when at
@@ -17,6 +20,7 @@ least one preset was estimated; otherwise one error line (the reason, once, when
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -29,6 +33,7 @@ from mptrain.cli.keys import check_override_keys
 from mptrain.cli.register import CONFIG_NAME, register
 from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
+from mptrain.precision import timing
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.train.recipe import build
 from mptrain.train.step import train_step
@@ -37,8 +42,9 @@ PRESETS = ("fp32", "amp", "bf16", "dynamic", "master", "bf16_pure")
 MB = 2**20
 
 
-def measure(overrides: list[str]) -> dict:
-    """One preset: MB of weights, grads, optimizer state, masters, activations, and their total."""
+def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
+    """One preset: MB of weights, grads, optimizer state, masters, activations, and their total; the median
+    seconds of `steps` timed steps; with `layers`, each planned layer's format, time alone and (Linear) shape."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=register(), version_base="1.3"):
@@ -61,8 +67,26 @@ def measure(overrides: list[str]) -> dict:
         torch.cuda.synchronize(c.device)
         torch.cuda.reset_peak_memory_stats(c.device)
         before = torch.cuda.memory_allocated(c.device)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def pre_hook(module, args):
+            if name not in inputs and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                inputs[name] = args[0].detach().float().clone()
+        return pre_hook
+
+    plan = c.precision.plan or {}
+    hooks = [c.base_model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in plan] if layers else []
+    batches = iter(c.train_loader)
+    # one micro-batch: what backward keeps is freed after each micro-batch's backward, so the peak holds one
+    # micro-batch's activations whatever trainer.accumulate_grad_batches is (counting all k added them up); and
+    # within one micro-batch every saved tensor is alive at once, so no two share an address
+    micro, c.accumulate = c.accumulate, 1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), c.precision.backend_flags():
-        train_step(c, iter(c.train_loader), 1)
+        train_step(c, batches, 1)
+    c.accumulate = micro
+    for h in hooks:
+        h.remove()
     params = list(c.base_model.parameters())
     held = {p.untyped_storage().data_ptr() for p in params}
     held |= {m.untyped_storage().data_ptr() for m in getattr(getattr(c.precision, "master", None), "masters", [])}
@@ -75,15 +99,29 @@ def measure(overrides: list[str]) -> dict:
     if c.device.type == "cuda":
         row["cuda_step_peak"] = (torch.cuda.max_memory_allocated(c.device) - before) / MB
     row["params"] = n
+    row["device"] = str(c.device)
+    with c.precision.backend_flags():  # the step time: the median of `steps` more steps (the first warmed up)
+        row["step_time_s"] = timing.median_seconds(lambda: train_step(c, batches, 2), c.device, steps)
+    if layers:
+        row["layers"] = {}
+        for name, e in plan.items():
+            module = c.base_model.get_submodule(name)
+            x = inputs.get(name)
+            took = c.precision.time_formats(module, [e.format], x, steps) if x is not None else {}
+            layer = {"format": e.format, "time_s": took.get(e.format)}
+            if isinstance(module, torch.nn.Linear) and x is not None:
+                layer["shape"] = {"M": x.numel() // x.shape[-1], "K": module.in_features, "N": module.out_features}
+            row["layers"][name] = layer
     return row
 
 
-def estimate(presets: list[str], overrides: list[str]) -> tuple[dict[str, dict], dict[str, MptrainError]]:
+def estimate(presets: list[str], overrides: list[str], steps: int = 3, layers: bool = False
+             ) -> tuple[dict[str, dict], dict[str, MptrainError]]:
     """(rows of the presets that can run, {preset: its refusal} for the others), in the order given."""
     rows, refused = {}, {}
     for preset in presets:
         try:
-            rows[preset] = measure([*overrides, f"precision={preset}"])
+            rows[preset] = measure([*overrides, f"precision={preset}"], steps, layers)
         except MptrainError as e:  # this preset refuses the run as training would: the others still count
             refused[preset] = e
     return rows, refused
@@ -92,6 +130,9 @@ def estimate(presets: list[str], overrides: list[str]) -> tuple[dict[str, dict],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mptrain-estimate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated (default {','.join(PRESETS)})")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per preset after the measured one (default 3)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object: step time, memory and each layer's "
+                    "format, time and (Linear) shape, per preset")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for mptrain")
     args = ap.parse_intermixed_args(argv)  # options anywhere, as mptrain takes overrides: `model=gpt --presets fp32 k=v`
     log = logging.getLogger("mptrain")
@@ -99,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING)  # the builders' INFO lines, once per preset, say nothing here
     try:
         check_override_keys(args.overrides)  # a mistyped key or an unparsable rule: mptrain's own line
-        rows, refused = estimate(args.presets.split(","), args.overrides)
+        if args.steps < 1:
+            raise ConfigError(f"--steps {args.steps}: give at least 1")
+        rows, refused = estimate(args.presets.split(","), args.overrides, args.steps, args.json)
     except MptrainError as e:
         print(f"mptrain-estimate: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -111,15 +154,22 @@ def main(argv: list[str] | None = None) -> int:
             f"precision={p}: {e}" for p, e in refused.items())
         print(f"mptrain-estimate: error: {why}", file=sys.stderr)
         return next(iter(refused.values())).exit_code
+    if args.json:  # on this device: a target's model (--target) is not built yet (docs/training.md)
+        print(json.dumps({"target": None, "presets": {p: {"step_time_s": r["step_time_s"], "memory_mb": r["total"],
+                                                          "layers": r["layers"]} for p, r in rows.items()},
+                          "refused": {p: str(e) for p, e in refused.items()}}))
+        return 0
     n = next(iter(rows.values()))["params"]
     cuda = any("cuda_step_peak" in r for r in rows.values())
-    print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{', CUDA peak of the step' if cuda else ''})\n")
+    print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{', CUDA peak of the step' if cuda else ''})"
+          f", and the step time in seconds on {next(iter(rows.values()))['device']} (the median of {args.steps})\n")
     cols = ["weights", "grads", "optimizer_state", "master", "compensation",
             *(["ema"] if any("ema" in r for r in rows.values()) else []), "activations", "total"]
-    cols += ["cuda_step_peak"] if cuda else []
+    cols += (["cuda_step_peak"] if cuda else []) + ["step_time_s"]
     print("| preset | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for preset, r in rows.items():
-        print(f"| `{preset}` | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in cols) + " |")
+        print(f"| `{preset}` | " + " | ".join(f"{r.get(k, float('nan')):.{4 if k == 'step_time_s' else 1}f}"
+                                             for k in cols) + " |")
     if refused:
         print()
     for preset, e in refused.items():

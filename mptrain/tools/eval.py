@@ -12,6 +12,7 @@ was evaluated: the precision and its per-module plan, and whether the weights we
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from mptrain.tools.trained import (
     require_ema,
     restore_plan,
     run_config,
+    sets_precision,
     tool_main,
 )
 from mptrain.train.loop import validate
@@ -38,25 +40,38 @@ def default_name(checkpoint: Path, overrides: list[str], ema: bool = False) -> s
     """best, best-ema, or best-precision_bf16 when evaluated with overrides (one file per setting, none
     overwritten)."""
     parts = [checkpoint.stem] + ["ema"] * ema + [re.sub(r"[^A-Za-z0-9.+-]+", "_", o) for o in overrides]
-    return "-".join(parts)
+    name = "-".join(parts)
+    if len(name) > 200:  # a file name has at most 255 bytes: the overrides' start, and a digest of them all
+        name = f"{name[:180]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def check_name(name: str) -> None:
+    """--name makes eval_<name>.json, a file of the run directory itself: a name that is a path (`../../summary`
+    would replace summary.json, `x/../../metrics` would make a directory) is refused before anything is read."""
+    if not name or any(c in name for c in "/\\\0") or len(eval_file(name).encode()) > 255:
+        raise ConfigError(f"--name {name!r} is not a plain file name: give one without '/' of at most 240 "
+                          "characters (the result is eval_<name>.json in the run directory), e.g. --name bf16")
 
 
 def evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
              name: str | None = None, ema: bool = False) -> tuple[dict, Path]:
     """The checkpoint's validation metrics (of its EMA average with `ema`); returns (the record written, its path)."""
     run_dir, overrides = Path(run_dir), list(overrides or [])
+    if name is not None:
+        check_name(name)
     cfg = run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path)  # before any building: a bad file fails at once
     if ema:
         require_ema(ckpt, path)
     start = time.perf_counter()
-    c = build(cfg)
+    c = build(cfg, training=False)
     try:
         if c.val_loader is None:
             raise ConfigError(f"dataset {cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation set "
                               "to evaluate on; give a dataset with one as overrides (dataset=...)")
-        restore_plan(c.precision, ckpt)
+        restore_plan(c.precision, ckpt, own=not sets_precision(overrides))
         load_weights(c.base_model, ckpt, path, ema=ema)
         with c.precision.backend_flags(), backend_settings(cfg.trainer):
             metrics = validate(c)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,11 +29,12 @@ from torch import nn
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel import distributed
 from mptrain.precision import Precision
-from mptrain.run.layout import EXPORT
+from mptrain.run.layout import EXPORT, umask_mode
 from mptrain.tools.trained import (
     checkpoint_path,
     load_checkpoint,
     load_weights,
+    quiet,
     require_ema,
     restore_plan,
     run_config,
@@ -40,6 +44,9 @@ from mptrain.train.recipe import build, build_model
 
 FORMATS = ("safetensors", "torchscript", "onnx", "pt2")
 PROGRAM_FILE = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model_config.yaml"
+# every file an export may write (onnx keeps large weights in model.onnx.data): a new export replaces them all
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, *PROGRAM_FILE.values(), "model.onnx.data")
 RTOL, ATOL = 1e-4, 1e-5  # a program's float32 outputs against the module's (kernels may differ in order)
 EXAMPLE_BATCH = 8
 
@@ -117,10 +124,15 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
     """Write and check the export; returns what model_config.yaml records (plus the check's figures)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt} is not one of {', '.join(FORMATS)}")
-    st = require("safetensors")
+    require("safetensors")
     import safetensors.torch  # noqa: F401  (the torch helpers are a submodule)
 
     run_dir, overrides = Path(run_dir), list(overrides or [])
+    if fmt == "onnx":  # every module the format needs, before anything is written
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            require(module)
+    out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
+    check_out(out)
     if not any(o.lstrip("+").startswith("precision=") for o in overrides):
         overrides = ["precision=fp32", *overrides]  # the exported model is float32 (masters where the run kept them)
     cfg = run_config(run_dir, overrides)
@@ -129,7 +141,7 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
     if ema:
         require_ema(ckpt, path)
     start = time.perf_counter()
-    c = build(cfg)
+    c = build(cfg, training=False)
     try:
         model = c.base_model
         restore_plan(c.precision, ckpt)
@@ -138,56 +150,99 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
         x = example_input(c, c.task.name)
         with torch.no_grad():
             want = model(x)
-        out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
-        out.mkdir(parents=True, exist_ok=True)
-
-        # the weights, checked by loading them into a freshly built model
-        weights_file = out / "model.safetensors"
-        meta = {"checkpoint": str(path), "step": str(ckpt["train_state"]["step"]), "format": "mptrain",
-                "weights": "ema" if ema else "live"}
-        st.torch.save_model(model, str(weights_file), metadata=meta)
-        # its own Precision: one prepares a single model (a low-precision preset's input casts are hooked once)
-        fresh_precision = Precision(cfg.precision, c.device)
-        fresh = build_model(cfg, c.task, c.device, fresh_precision, c.model_facts).eval()
-        restore_plan(fresh_precision, ckpt)
-        missing, unexpected = st.torch.load_model(fresh, str(weights_file), strict=True)
-        with torch.no_grad():
-            weights_diff = check_close("model.safetensors", fresh(x), want, exact=True)
-
-        record = {
-            "model": {**OmegaConf.to_container(cfg.model, resolve=True), **c.model_facts},
-            "task": c.task.name,
-            "checkpoint": str(path.relative_to(run_dir)),
-            "step": ckpt["train_state"]["step"],
-            "trained_precision": ckpt["config"].get("precision", {}).get("mode"),
-            "ema": ema,
-            "dtype": weights_dtype(model),
-            "input": {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")},
-            "output": {"shape": list(want.shape)},
-            "files": {"weights": weights_file.name},
-            "check": {"weights_max_abs_diff": weights_diff},
-        }
-        if fmt != "safetensors":
-            program_file = out / PROGRAM_FILE[fmt]
-            try:
-                # the exporters' progress prints and deprecation notes are not the user's business
-                with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    got = write_program(fmt, model, x, program_file)
-            except MptrainError:
-                raise
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ExportError(f"{type(model).__name__} cannot be exported as {fmt} ({type(e).__name__}: {first}); "
-                                  "the weights and config were written, try another --format") from None
-            record["files"][fmt] = program_file.name
-            record["check"][f"{fmt}_max_abs_diff"] = check_close(program_file.name, got, want)
-        record["wall_s"] = round(time.perf_counter() - start, 3)
-        (out / "model_config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        made = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); give a writable directory") from None
+        try:
+            record = _write(fmt, model, x, want, stage, cfg, c, ckpt, path, run_dir, ema)
+            record["wall_s"] = round(time.perf_counter() - start, 3)
+            (stage / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+            commit(stage, out)
+        except BaseException:  # the export is all or nothing: out as it was (gone, if this call made it)
+            shutil.rmtree(out if made else stage, ignore_errors=True)
+            raise
         record["out_dir"] = str(out)
         return record
     finally:
         distributed.teardown(c.dist)
+
+
+def check_out(out: Path) -> None:
+    """--out is a directory, or a path where one can be made: one line otherwise, before anything is read."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (the export writes {WEIGHTS_FILE}, {CONFIG_FILE} "
+                          "and the program into it)")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file; give a directory")
+
+
+def commit(stage: Path, out: Path) -> None:
+    """Move a finished export in: an earlier export's files go (a model.onnx of another checkpoint must not stay
+    beside the new weights), each file gets an ordinary new file's mode (safetensors writes 0600), and
+    model_config.yaml, which describes the rest, comes last."""
+    for name in EXPORT_FILES:
+        if not (stage / name).exists():
+            (out / name).unlink(missing_ok=True)
+    mode = umask_mode()
+    names = sorted((p.name for p in stage.iterdir()), key=lambda n: n == CONFIG_FILE)
+    for name in names:
+        os.chmod(stage / name, mode)
+        os.replace(stage / name, out / name)
+    stage.rmdir()
+
+
+def _write(fmt: str, model: nn.Module, x: torch.Tensor, want: torch.Tensor, out: Path, cfg, c, ckpt: dict,
+           path: Path, run_dir: Path, ema: bool) -> dict:
+    """The weights (checked by loading them into a freshly built model), the program of `fmt`, and what
+    model_config.yaml records, all into `out` (the staging folder)."""
+    st = require("safetensors")
+    # the weights, checked by loading them into a freshly built model
+    weights_file = out / WEIGHTS_FILE
+    meta = {"checkpoint": str(path), "step": str(ckpt["train_state"]["step"]), "format": "mptrain",
+            "weights": "ema" if ema else "live"}
+    st.torch.save_model(model, str(weights_file), metadata=meta)
+    # its own Precision: one prepares a single model (a low-precision preset's input casts are hooked once)
+    with quiet():  # the same model and plan again: said once, above
+        fresh_precision = Precision(cfg.precision, c.device)
+        fresh = build_model(cfg, c.task, c.device, fresh_precision, c.model_facts).eval()
+        restore_plan(fresh_precision, ckpt)
+    missing, unexpected = st.torch.load_model(fresh, str(weights_file), strict=True)
+    with torch.no_grad():
+        weights_diff = check_close("model.safetensors", fresh(x), want, exact=True)
+
+    record = {
+        "model": {**OmegaConf.to_container(cfg.model, resolve=True), **c.model_facts},
+        "task": c.task.name,
+        "checkpoint": str(path.relative_to(run_dir)),
+        "step": ckpt["train_state"]["step"],
+        "trained_precision": ckpt["config"].get("precision", {}).get("mode"),
+        "ema": ema,
+        "dtype": weights_dtype(model),
+        "input": {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")},
+        "output": {"shape": list(want.shape)},
+        "files": {"weights": weights_file.name},
+        "check": {"weights_max_abs_diff": weights_diff},
+    }
+    if fmt != "safetensors":
+        program_file = out / PROGRAM_FILE[fmt]
+        try:
+            # the exporters' progress prints and deprecation notes are not the user's business
+            with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                got = write_program(fmt, model, x, program_file)
+        except MptrainError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{type(model).__name__} cannot be exported as {fmt} ({type(e).__name__}: {first}); "
+                              "nothing was written; try another --format") from None
+        record["files"][fmt] = program_file.name
+        record["check"][f"{fmt}_max_abs_diff"] = check_close(program_file.name, got, want)
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:

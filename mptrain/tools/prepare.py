@@ -20,8 +20,10 @@ from pathlib import Path
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.library.data.tokenize import TOKENIZER_FILE, VOCAB_FILE, build_tokenizer
 from mptrain.library.data.tokens import META
+from mptrain.run.layout import CHECKPOINTS, CONFIG, METRICS, SUMMARY
 
 CHUNK_BYTES = 16 * 2**20
+RUN_FILES = (CONFIG, CHECKPOINTS, METRICS, SUMMARY)  # any one marks a run directory
 
 
 def line_chunks(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
@@ -72,6 +74,21 @@ def first_bad_byte(path: Path) -> tuple[str, int]:
             pos += len(chunk)
 
 
+def check_out(out: Path) -> None:
+    """--out is a new directory, an empty one, or one this tool wrote: never a file, a run directory (its
+    tokenizer decodes the run's samples) or a directory whose tokenizer file came from elsewhere."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for train.bin, val.bin and meta.json")
+    if not out.is_dir():
+        return
+    if any((out / name).exists() for name in RUN_FILES):
+        raise ConfigError(f"--out {out} is an mptrain run directory: its {VOCAB_FILE}/{TOKENIZER_FILE} decodes the "
+                          "run's samples and would be replaced; give a directory of its own, e.g. --out data/")
+    if not (out / META).is_file() and any((out / name).exists() for name in (VOCAB_FILE, TOKENIZER_FILE)):
+        raise ConfigError(f"--out {out} holds a tokenizer that mptrain-prepare-text did not write (no {META}); "
+                          "it would be replaced: give a new or empty directory")
+
+
 def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_vocab: int = 10000) -> dict:
     """Write out/train.bin, out/val.bin, out/meta.json and the tokenizer file (removing the other kind's, left
     by an earlier preparation). Returns the meta."""
@@ -79,8 +96,12 @@ def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_voc
         raise MptrainError(f"{path} is not a file")
     if max_vocab < 2:  # dataset.max_vocab's rule: else every token is <unk> and the loss is trivially 0
         raise ConfigError(f"--max-vocab={max_vocab} is invalid: must be >= 2 (<unk> and at least one word)")
+    check_out(out)
     made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make the directory ({e.strerror or e}); give a writable directory") from None
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
         meta, tokenizer_file = _write(path, spec, stage, val_fraction, max_vocab)
@@ -99,6 +120,8 @@ def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_voc
 
 
 def _write(path: Path, spec: str, out: Path, val_fraction: float, max_vocab: int) -> tuple[dict, str]:
+    if not any(chunk.strip() for chunk in line_chunks(path)):  # dataset=text's rule (stops at the first text)
+        raise ConfigError(f"{path} holds no text (empty or only whitespace); give a text file")
     tok = build_tokenizer(spec, lambda: line_chunks(path), max_vocab)
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
     split = split_offset(path, val_fraction)
@@ -111,6 +134,10 @@ def _write(path: Path, spec: str, out: Path, val_fraction: float, max_vocab: int
                 ids.tofile(f)
                 n += len(ids)
         counts[f"{name}_tokens"] = n
+    if not all(counts.values()):  # the split falls at a line end: a text of one or few lines leaves a part empty
+        raise ConfigError(f"{path} gives {counts['train_tokens']} training and {counts['val_tokens']} validation "
+                          f"tokens at --val-fraction={val_fraction}: both parts need tokens, and the split falls at "
+                          "a line end; give a text of more lines (or another --val-fraction)")
     saved = tok.save(out)
     meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.to_dict()["level"], "source": str(path),
             "val_fraction": val_fraction, **counts}

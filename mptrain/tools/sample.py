@@ -33,6 +33,7 @@ from mptrain.tools.trained import (
     checkpoint_path,
     load_checkpoint,
     load_weights,
+    quiet,
     require_ema,
     restore_plan,
     run_config,
@@ -104,12 +105,13 @@ def load_model(run_dir: Path, overrides: list[str], checkpoint: str | None, fact
     ckpt = load_checkpoint(path)
     if ema:
         require_ema(ckpt, path)
-    device = resolve_device(cfg.trainer.device)
-    precision = Precision(cfg.precision, device)
-    task = build_task(cfg, model_target(cfg), None)
-    model = build_model(cfg, task, device, precision, facts)
-    restore_plan(precision, ckpt)
-    load_weights(model, ckpt, path, ema=ema)
+    with quiet():  # what is printed is the sample: the precision's plan would bury it
+        device = resolve_device(cfg.trainer.device)
+        precision = Precision(cfg.precision, device)
+        task = build_task(cfg, model_target(cfg), None)
+        model = build_model(cfg, task, device, precision, facts)
+        restore_plan(precision, ckpt)
+        load_weights(model, ckpt, path, ema=ema)
     return model.eval(), task, precision
 
 

@@ -9,21 +9,32 @@ checkpoint's averaged weights (trainer.ema), cast into the model's own dtypes as
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from mptrain.checkpoint.files import check_finite, load_file
 from mptrain.cli.register import config_dir, register
+from mptrain.config import (
+    CheckpointConfig,
+    DiagnosticsConfig,
+    OptimizerConfig,
+    PrecisionConfig,
+    SchedulerConfig,
+    TrainerConfig,
+)
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.run.layout import BEST, CHECKPOINTS, CONFIG, LAST
 
@@ -42,7 +53,7 @@ def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Di
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not an mptrain run directory (no .hydra/config.yaml)")
     register()  # the schemas, and the resolvers a saved config may use (${python_stdlib:...})
-    cfg = OmegaConf.load(path)
+    cfg = load_saved_config(path)
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as e:  # Hydra's OverrideParseException: its first line says what is wrong
@@ -57,8 +68,72 @@ def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Di
             continue
         if not o.is_add() and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(unknown_key_message(key, cfg))
-        OmegaConf.update(cfg, key, value, merge=False, force_add=o.is_add())
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=o.is_add())
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}={value}: {str(e).splitlines()[0]}") from None
+    check_types(cfg, path, {o.key_or_group for o in parsed})
     return cfg
+
+
+DAMAGED = "the run's config is damaged or was edited: restore it (a resumed run keeps earlier copies in .hydra/attempt_<k>/)"
+# the sections every run's config has, and the schemas of those whose keys are fixed
+SECTIONS = ("model", "dataset", "precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics")
+TYPED = {"precision": PrecisionConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
+         "trainer": TrainerConfig, "checkpoint": CheckpointConfig, "diagnostics": DiagnosticsConfig}
+
+
+def load_saved_config(path: Path) -> DictConfig:
+    """.hydra/config.yaml, checked: readable YAML, a mapping with every section, each typed section's values of
+    its schema's types. A key missing from a typed section (a config written by an older mptrain, or edited)
+    takes this mptrain's default, with a warning naming it; a required one is refused."""
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not readable YAML ({getattr(e, 'problem', None) or type(e).__name__}{where}); "
+                          f"{DAMAGED}") from None
+    except (OSError, ValueError, OmegaConfBaseException) as e:  # e.g. a file holding one number
+        raise ConfigError(f"{path} is not a run's config ({str(e).splitlines()[0]}); {DAMAGED}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} is not a run's config (a list, not a mapping); {DAMAGED}")
+    absent = [k for k in SECTIONS if not isinstance(cfg.get(k), DictConfig)]
+    if absent:
+        raise ConfigError(f"{path} is incomplete: no {', '.join(absent)} section{'s' * (len(absent) > 1)}; {DAMAGED}")
+    defaulted = []
+    for section, schema in TYPED.items():
+        default = OmegaConf.structured(schema)
+        for key in default:
+            if key in cfg[section]:
+                continue
+            if OmegaConf.is_missing(default, key):
+                raise ConfigError(f"{path} is incomplete: no {section}.{key}; {DAMAGED}")
+            cfg[section][key] = default[key]
+            defaulted.append(f"{section}.{key}")
+    if defaulted:
+        log.warning("%s lacks %s: this mptrain's defaults are used (the config is older, damaged or edited)",
+                    path, ", ".join(defaulted))
+    return cfg
+
+
+def check_types(cfg: DictConfig, path: Path, given: set[str]) -> None:
+    """Each typed section's values have its schema's types, and every interpolation resolves: what the builders
+    read fails here in one line, not in a traceback. `given`: the keys (and groups) the overrides set."""
+    for section, schema in TYPED.items():
+        default = OmegaConf.structured(schema)
+        OmegaConf.set_struct(default, False)  # keys an older mptrain wrote are kept
+        try:
+            OmegaConf.merge(default, cfg[section])
+        except OmegaConfBaseException as e:
+            key = f"{section}.{e.full_key}" if getattr(e, "full_key", None) else section
+            if key in given or section in given:
+                raise ConfigError(f"{key}: {str(e).splitlines()[0]}; fix the override") from None
+            raise ConfigError(f"{path}: {key}: {str(e).splitlines()[0]}; {DAMAGED}") from None
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path} cannot be resolved ({str(e).splitlines()[0]}); {DAMAGED}") from None
 
 
 def _group_entry(group: str, name: str) -> DictConfig:
@@ -154,16 +229,32 @@ def ema_weights(ckpt: dict, model: nn.Module, path: Path) -> dict[str, torch.Ten
     return dict(shadow)
 
 
-def restore_plan(precision, ckpt: dict) -> None:
+def restore_plan(precision, ckpt: dict, own: bool = True) -> None:
     """The run's precision as it stood when the checkpoint was saved, where the preset is the run's own:
-    precision=auto's measured plan (not the unmeasured start), and a switch to bf16 (loss_scale.on_min=bf16).
-    Call after the model is built (the precision converts it) and before its weights are loaded."""
+    precision=auto's measured plan (not the unmeasured start), a switch to bf16 (loss_scale.on_min=bf16), and
+    (`own`: no precision override given now) the per-module plan it trained under, which a later resume with
+    other precision.layers changed. Call after the model is built (the precision converts it) and before its
+    weights are loaded."""
     state = ckpt.get("precision") or {}
     if state.get("mode") != precision.mode:
         return  # another preset evaluates the weights as that preset computes
     kept = {k: state[k] for k in ("auto", "bf16_switch") if state.get(k)}
     if kept and (precision.measured_plan or "auto" not in kept):
         precision.load_state_dict(kept)
+    saved = state.get("plan")
+    if own and saved and precision.plan is not None and not precision.measured_plan \
+            and saved != precision.plan.formats() and set(saved) == set(precision.plan):
+        precision.restore_formats(saved, "the checkpoint's plan")
+
+
+def sets_precision(overrides: list[str]) -> bool:
+    """Some override changes the precision (the tool then computes as told, not as the checkpoint did)."""
+    return any(o.lstrip("+~").split("=", 1)[0].split(".")[0] == "precision" for o in overrides)
+
+
+# eval, sample and export rebuild the run's own model: a checkpoint that does not fit it means the overrides changed it
+TOOL_FIX = ("Drop the overrides that change the model (model.*, or the dataset's classes or vocabulary): the run's "
+            f"own model settings ({CONFIG}) are what it was written with")
 
 
 def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) -> None:
@@ -171,8 +262,21 @@ def load_weights(model: nn.Module, ckpt: dict, path: Path, ema: bool = False) ->
     copy_ casts each entry as the run's precision did, and as EMA.swap does for val_ema/..."""
     from mptrain.checkpoint.resume import check_model_fits
 
-    check_model_fits(ckpt["model"], model, path)
+    check_model_fits(ckpt["model"], model, path, fix=TOOL_FIX)
     model.load_state_dict(ema_weights(ckpt, model, path) if ema else weights(ckpt, model))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """mptrain's info lines held back (warnings and errors still show): for a second build of the same model
+    (export's check), or a tool whose output is the product (sample's text), not the set-up."""
+    logger = logging.getLogger("mptrain")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tool_main(prog: str, body: Callable[[], None]) -> None:

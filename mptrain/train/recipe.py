@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -29,11 +29,12 @@ from mptrain.config import check_warmup
 from mptrain.diagnostics import Diagnostics
 from mptrain.errors import ConfigError, Diverged, MptrainError, TrainingFailed
 from mptrain.library.data.loading import as_datasets, make_loader, overfit
+from mptrain.library.imports import import_failure, locate
 from mptrain.library.models import checkpointing, conv_wgrad
 from mptrain.library.optim import MultiOptimizer, MultiScheduler, build_scheduler
 from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
-from mptrain.precision import SHORT_DTYPE, LossScalingError, Precision, resolve_device
+from mptrain.precision import LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import (
@@ -52,6 +53,7 @@ from mptrain.train.callbacks.early_stopping import EarlyStopping, stopped_early
 from mptrain.train.callbacks.metrics import CompileNotice, MetricsLogger
 from mptrain.train.callbacks.profiler import ProfileSteps, anomaly_detection
 from mptrain.train.components import Components, Part
+from mptrain.train.diagnose import zero_gradient_error
 from mptrain.train.ema import EMA, EmaCallback
 from mptrain.train.loop import fit, probe_task
 from mptrain.train.state import TrainState
@@ -116,6 +118,9 @@ def _instantiate(node: DictConfig, group: str, **kwargs):
             raise cause from None
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         if isinstance(cause, ImportError) and str(cause).startswith("Error loading"):
+            failed = import_failure(group, target, cause)
+            if failed is not None:  # the module is there, an import inside it failed: that error, as itself
+                raise failed from None
             # Hydra could not import the target: its reasons follow the first line
             reason = " ".join(" ".join(str(cause).splitlines()[1:]).split()) or str(cause)
             raise ConfigError(f"{group}._target_={target} cannot be imported ({reason}); check the name and put "
@@ -149,11 +154,7 @@ def emulated_fp16(precision: Precision, device: torch.device) -> str | None:
 
 def model_target(cfg: DictConfig) -> object:
     """The class (or function) model._target_ names, imported."""
-    try:
-        return get_object(cfg.model._target_)
-    except Exception as e:
-        raise ConfigError(f"model._target_={cfg.model._target_} cannot be imported ({e}); "
-                          "put its module on PYTHONPATH") from None
+    return locate("model", cfg.model._target_, "put its module on PYTHONPATH")
 
 
 # model keys that must be at least the data's value: token ids index the embedding, windows the positions
@@ -202,8 +203,9 @@ def build_model(cfg: DictConfig, task: Task, device: torch.device, precision: Pr
     return model
 
 
-def build(cfg: DictConfig) -> Components:
-    """Every component of the run, each builder taking only its own sub-config."""
+def build(cfg: DictConfig, training: bool = True) -> Components:
+    """Every component of the run, each builder taking only its own sub-config. `training=False` (eval, export):
+    the same components, without the lines about the run's length and schedule, which are training's."""
     t = cfg.trainer
     deterministic_cublas(t)  # before CUDA initialises
     info = distributed.env_info()
@@ -273,10 +275,14 @@ def build(cfg: DictConfig) -> Components:
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
-    check_warmup(cfg.scheduler, total_steps)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
-             task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    if training:
+        check_warmup(cfg.scheduler, total_steps)
+        log.info("model %s, task %s: %.2fM parameters; %d steps (%d per epoch) on %s", type(base_model).__name__,
+                 task.name, n_params / 1e6, total_steps, steps_per_epoch, device)
+    else:
+        log.info("model %s, task %s: %.2fM parameters on %s", type(base_model).__name__, task.name, n_params / 1e6,
+                 device)
     if t.ema.enabled and t.strategy == "fsdp" and info.enabled:
         raise ConfigError("trainer.ema keeps a whole fp32 copy of the weights on every rank, which FSDP's sharding "
                           "exists to avoid; use trainer.strategy=ddp or trainer.ema.enabled=false")
@@ -320,8 +326,7 @@ def check_trained(c: Components, state: TrainState) -> None:
                              f"or NaN under precision={c.precision.mode}), so the weights are those the run started "
                              "from; check the loss for inf/NaN, or use precision=dynamic or fp32")
     if state.gradient_read and not state.gradient_seen:
-        raise TrainingFailed(f"the run did not train: the loss's gradient was zero at every logged step of "
-                             f"{state.step}, so the loss does not depend on the parameters' values; check the task's loss")
+        raise TrainingFailed(zero_gradient_error(c, state.step))  # the loss, or float16 flushing the gradients
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -349,7 +354,7 @@ def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, s
         p = c.precision
         mem, mem_kind = peak_memory_mb(c.device)
         summary.update({
-            "compute_dtype": SHORT_DTYPE[p.compute_dtype],
+            "compute_dtype": p.compute_name,
             "device": str(c.device),
             "steps": state.step,
             "epochs": round(state.epoch + state.step_in_epoch / c.steps_per_epoch, 4),

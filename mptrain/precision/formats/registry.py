@@ -34,6 +34,9 @@ from mptrain.precision.formats.element import ELEMENTS, Element, element
 from mptrain.precision.formats.format import SCALINGS, Format
 
 EMULATED_TYPES = (nn.Linear, nn.Conv2d)  # what the emulated converters (precision/convert.py) replace
+# autocast runs these in its low-precision dtype; everything else (norms, embeddings, losses) in fp32
+AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
 RECIPE_KEYS = ("weight_scaling", "wgrad_hadamard", "grad_rounding")  # the training recipe (Format's fields)
 SPEC_KEYS = ("element", "scaling", "block", "scale_element", "tensor_scale", *RECIPE_KEYS, "doc")
 ELEMENT_KEYS = ("ebits", "mbits", "bias", "max", "overflow")
@@ -89,12 +92,22 @@ class Registry(Mapping):
     def fits(self, fmt: Format | str, module: nn.Module, dim_multiple: int = 16,
              device: torch.device | None = None) -> str | None:
         """Why `module` cannot compute in `fmt` (None: it can). The one rule plans, the planner and the advisor
-        use. `device`: refuse a native format the device lacks (bf16 on a pre-Ampere GPU)."""
+        use. Native 16-bit formats run through autocast, which lowers only AUTOCAST_TYPES: a rule putting a norm
+        or an embedding in bf16 is refused, as its record would otherwise say what does not run. `device`: refuse a native format the device lacks (bf16 on a pre-Ampere GPU)."""
         fmt = self.get(fmt)
         if fmt.executor == "native":
+            if fmt != FP32 and not isinstance(module, AUTOCAST_TYPES):
+                return f"autocast does not lower {type(module).__name__}: it computes in fp32"
             if device is not None and device.type == "cuda" and fmt == BF16 and not torch.cuda.is_bf16_supported():
                 return f"{fmt.name} needs an Ampere-or-newer GPU"
+            if device is not None and device.type == "cpu" and fmt == FP16 and isinstance(module, nn.RNNBase):
+                # oneDNN has no float16 LSTM/GRU kernel; precision=dynamic's whole-run autocast leaves RNNs fp32
+                return f"{type(module).__name__} has no float16 kernel on a CPU"
             return None
+        if isinstance(module, EMULATED_TYPES) and "weight" not in module._parameters:
+            # weight_norm / torch.nn.utils.parametrize compute the weight in the forward: torchao's Float8Linear
+            # and the emulated layers need it as a plain parameter
+            return f"{type(module).__name__}'s weight is computed (weight_norm or a parametrization), not a parameter"
         if fmt.executor == "torchao":
             if isinstance(module, nn.Linear):
                 if module.in_features % dim_multiple or module.out_features % dim_multiple:

@@ -1,0 +1,61 @@
+"""Forward+backward time of one module in one format, measured on the running device (precision=auto's
+objective=time): the module's copy converted by the run's own applier, so the time is that of the executor the
+run would use (autocast kernels, torchao's Float8Linear, emulation), on an input of the shape the probe saw.
+
+Cost model: per (module, format) one warm-up and `repeats` timed forward+backward runs of that module alone, once,
+at the end of the probe; CUDA events on a GPU (one synchronisation per run), perf_counter on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """The median wall time of `fn` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()  # the one host synchronisation of a timed run
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` as its plain torch.nn class (a converted module's own forward dropped)."""
+    from mptrain.precision.convert import torch_base
+
+    base = torch_base(module)
+    plain = base.__new__(base)
+    plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt", "forward")})
+    return copy.deepcopy(plain)
+
+
+def forward_backward(wrapper: nn.Module, example: torch.Tensor, autocast) -> Callable[[], None]:
+    """One forward and backward of `wrapper` on `example` (a float input of the probe's shape), gradients dropped."""
+    x = example.detach().clone().requires_grad_(example.is_floating_point())
+
+    def run() -> None:
+        with autocast():
+            out = wrapper(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+        wrapper.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return run
