@@ -153,7 +153,7 @@ def test_e2m1_and_e8m0_value_sets():
 
 def test_formats_table_is_consistent():
     bits = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "mxfp8": 8, "mxfp8_e5m2": 8,
-            "mxfp6_e2m3": 6, "mxfp6_e3m2": 6, "mxfp4": 4, "nvfp4": 4, "fp8": 8, "fp8_row": 8, "fp8_row_hp": 8}
+            "mxfp6_e2m3": 6, "mxfp6_e3m2": 6, "mxfp4": 4, "nvfp4": 4, "nvfp4_recipe": 4, "fp8": 8, "fp8_row": 8, "fp8_row_hp": 8}
     assert {n: f.bits for n, f in FORMATS.items()} == bits
     for name, fmt in FORMATS.items():
         assert fmt.name == name

@@ -13,6 +13,13 @@ backward the output gradient is quantized the same way. Per (module, format), th
            formats, elements in the top binade of their scale group (tensor, row, block) that lost more than
            a rounding error (MX block scales put the block's largest value past the element's max)
     gerr, gflush, gsat   the same three for the output gradient (at the run's loss scale)
+    wgerr  a training-recipe format (nvfp4_recipe) on a Linear: ||dW_q - dW|| / ||dW|| of the weight gradient
+           computed as the recipe computes it (precision/gemms.py: its Hadamard transform, blocks along the
+           tokens, stochastic rounding), against dy^T x in float32. Plain formats quantize one output gradient
+           for both backward GEMMs, which gerr measures; they leave wgerr null (not measured)
+
+A recipe format's forward reads the weight as the recipe does (2D tiles), and its output gradient is rounded
+as the recipe rounds it (stochastically: from the shadow's own generator, never the run's streams).
 
 Scaling follows the format: fp8 is torchao's recipe (dynamic e4m3 per tensor forward and e5m2 per tensor
 gradients; `fp8_row`: e4m3 per row throughout), MX and NV formats their blocks; rows and blocks run along the
@@ -33,10 +40,11 @@ import torch
 from torch import nn
 
 from mptrain.errors import ConfigError
+from mptrain.precision import gemms
 from mptrain.precision.formats import BUILTINS, Format, Registry
 from mptrain.precision.master import inputs_as_given
 
-FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat")  # the order of a row in diagnostics.jsonl
+FIELDS = ("err", "flush", "sat", "gerr", "gflush", "gsat", "wgerr")  # the order of a row in diagnostics.jsonl
 
 
 def _worse(a, b):
@@ -60,6 +68,7 @@ class Figures:
     gerr: float | str | None = None
     gflush: float | str | None = None
     gsat: float | str | None = None
+    wgerr: float | str | None = None  # the weight gradient's (training-recipe formats only)
 
     @classmethod
     def from_row(cls, row) -> Figures:
@@ -74,8 +83,8 @@ class Figures:
 
     @property
     def error(self) -> float | None:
-        """The worse of the forward and gradient relative errors (None: neither measured)."""
-        errs = [f for f in (self.err, self.gerr) if f is not None]
+        """The worst of the forward, output-gradient and weight-gradient relative errors (None: none measured)."""
+        errs = [f for f in (self.err, self.gerr, self.wgerr) if f is not None]
         if not errs:
             return None
         return math.inf if "inf" in errs else max(errs)
@@ -108,6 +117,13 @@ def quantize(x: torch.Tensor, fmt: Format, dim: int = -1) -> torch.Tensor:
     if fmt.scaling in ("none", "tensor") or dim in (-1, x.dim() - 1) or x.dim() < 2:
         return fmt.quantize(x)
     return fmt.quantize(x.movedim(dim, -1)).movedim(-1, dim)
+
+
+def _weight(w: torch.Tensor, fmt: Format, owner: nn.Module, key: str) -> torch.Tensor:
+    """A parameter as the format's forward reads it: a recipe's Linear weight in 2D tiles, else `quantize`."""
+    if key == "weight" and fmt.weight_scaling == "2d" and isinstance(owner, nn.Linear):
+        return fmt.quantize_tiles(w)
+    return quantize(w, fmt, channel_dim(owner))
 
 
 def lost(x: torch.Tensor, q: torch.Tensor, fmt: Format, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +229,10 @@ class Shadow:
         # (forward, gradient) formats; an unknown name fails here, at start
         self.formats = {n: (registry.get(n), registry.get(n).grad_format) for n in self.names}
         self._rows: dict[str, dict[str, list]] = {}
+        # training recipes: the shadow's own random streams, and each Linear's inputs until its backward
+        self._random: gemms.RecipeRandom | None = None
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        self._recipes = any(f.three_gemms for f, _ in self.formats.values())
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -246,8 +266,7 @@ class Shadow:
         ref = run([f32(v) for _, _, v in own], _floats(args, f32), _floats(kwargs, f32))
         for fname, (fwd, _) in self.formats.items():
             q = lambda t, fwd=fwd: quantize(t.detach().float(), fwd, dim)  # noqa: E731
-            qp = [quantize(f32(v), fwd, channel_dim(m)) if v.dim() >= 2 or not fwd.scaled else f32(v)
-                  for m, _, v in own]
+            qp = [_weight(f32(v), fwd, m, k) if v.dim() >= 2 or not fwd.scaled else f32(v) for m, k, v in own]
             got = run(qp, _floats(args, q), _floats(kwargs, q))
             if not fwd.scaled:
                 got = fwd.quantize(got)  # the output is held in the format too
@@ -258,15 +277,34 @@ class Shadow:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng)
+        if self._recipes and isinstance(module, nn.Linear):
+            self._inputs.setdefault(name, []).append(x.detach().float().reshape(-1, x.shape[-1]))
+
+    def _generator(self, device: torch.device) -> gemms.RecipeRandom:
+        if self._random is None or self._random.device != device:
+            self._random = gemms.RecipeRandom(device)  # seed 0: a measurement, not the run's rounding
+        return self._random
 
     @torch.no_grad()
     def grad(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
         dim = channel_dim(module)
         g = g.detach().float()
-        for fname, (_, gfmt) in self.formats.items():
-            q = quantize(g, gfmt, dim)
+        inputs = self._inputs.get(name)
+        x = inputs.pop() if inputs else None  # the backward meets a module's calls in reverse order
+        for fname, (fwd, gfmt) in self.formats.items():
+            random = self._generator(g.device) if fwd.three_gemms else None
+            if random is not None and fwd.grad_rounding == "stochastic" and dim == -1:
+                q = gemms.round_grad(gfmt, g, random.generator)  # a recipe's Linear: blocks along out_features
+            else:
+                q = quantize(g, gfmt, dim)
             flush, sat = lost(g, q, gfmt, dim)
             self._keep(name, fname, 3, [rel_err(g, q), flush, sat])
+            if random is not None and x is not None:
+                dy = g.reshape(-1, g.shape[-1])
+                signs = random.signs(fwd.wgrad_hadamard, g.device) if fwd.wgrad_hadamard else None
+                generator = random.generator if fwd.grad_rounding == "stochastic" else None
+                dw = gemms.weight_gradient(fwd, dy, x, signs, generator)
+                self._keep(name, fname, 6, [rel_err(dy.t() @ x, dw)])
 
     def end(self) -> dict[str, dict[str, list[float | None]]]:
         """Every figure with one copy to the host; a figure not measured (no backward) is None."""
@@ -278,4 +316,5 @@ class Shadow:
             for (m, f, i), v in zip(keys, values):
                 out[m][f][i] = v if math.isfinite(v) else "inf"  # JSON has no inf; null = not measured
         self._rows = {}
+        self._inputs = {}
         return out

@@ -4,7 +4,8 @@
   buffers, so state_dicts stay the plain model's). Their forward quantizes the input and the weight to the
   format (blocks along the reduction dimension: a Linear's in_features, a Conv2d's input channels) and the
   backward quantizes the output gradient, straight-through; the matmul runs in float32 with autocast off, as an
-  accumulator in hardware would.
+  accumulator in hardware would. A training-recipe format (weight_scaling, wgrad_hadamard, grad_rounding set)
+  runs a Linear's three GEMMs each with its own operands' quantization instead (precision/gemms.py).
 - `float8`: torchao's Float8Linear (precision/fp8.py), for the Linear layers planned `fp8`.
 - a native format other than the run's: the module's forward runs under its own autocast (or with autocast off
   on float32 inputs for `fp32`), its floating outputs returned in float32.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mptrain.precision.formats import FP32, Format, Registry
+from mptrain.precision.gemms import RecipeLinear, RecipeRandom
 from mptrain.precision.plan import Plan
 
 
@@ -65,8 +67,12 @@ class EmulatedLinear(nn.Linear):
 
     fmt: Format
     grad_fmt: Format
+    random: RecipeRandom  # the recipe formats' own random streams (the Applier's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.three_gemms:
+            with torch.autocast(x.device.type, enabled=False):
+                return RecipeLinear.apply(x, self.weight, self.bias, self.fmt, self.random)
         with torch.autocast(x.device.type, enabled=False):
             w = _ste(self.weight, self.fmt)
             b = self.bias.float() if self.bias is not None else None
@@ -95,11 +101,11 @@ class EmulatedConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, format={self.fmt.name} (emulated)"
 
 
-def _emulated(module: nn.Module, fwd: Format, grad: Format) -> nn.Module:
+def _emulated(module: nn.Module, fwd: Format, grad: Format, random: RecipeRandom) -> nn.Module:
     cls = EmulatedLinear if isinstance(module, nn.Linear) else EmulatedConv2d
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)  # the same parameters, hooks and settings: nothing is copied
-    new.fmt, new.grad_fmt = fwd, grad
+    new.fmt, new.grad_fmt, new.random = fwd, grad, random
     return new
 
 
@@ -123,10 +129,13 @@ def _own_autocast(forward, device_type: str, dtype: torch.dtype | None, *args, *
 
 class Applier:
     """Converts modules in place as plan entries say: the same parameter objects (so the optimizer state carries
-    on), no buffers added. `fp8_emulate`: torchao's Float8Linear emulates its fp8 GEMMs (no fp8 kernels here)."""
+    on), no buffers added. `fp8_emulate`: torchao's Float8Linear emulates its fp8 GEMMs (no fp8 kernels here).
+    `random`: the recipe formats' random streams (stochastic rounding, Hadamard signs), shared by the modules."""
 
     def __init__(self, registry: Registry, device: torch.device, autocast: str | None, fp8_emulate: bool = True):
         self.registry, self.device, self.autocast, self.fp8_emulate = registry, device, autocast, fp8_emulate
+        self.random = RecipeRandom(device)
+        self.recipes = False  # some module runs a training recipe (its random streams go into the checkpoint)
 
     def apply(self, model: nn.Module, plan: Plan) -> list[str]:
         """Convert `model` as `plan` says; returns the names converted to Float8Linear. Call once, before the
@@ -151,7 +160,7 @@ class Applier:
             base = torch_base(module)
             if type(module) is not base:
                 plain = base.__new__(base)
-                plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt")})
+                plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt", "random")})
                 _replace(model, name, plain)
             if self._apply_entry(model, name, new[name]):
                 float8.append(name)
@@ -165,7 +174,8 @@ class Applier:
             return True
         fmt = self.registry.get(e.format)
         if e.kernel == "emulated":
-            _replace(model, name, _emulated(module, fmt, fmt.grad_format))
+            _replace(model, name, _emulated(module, fmt, fmt.grad_format, self.random))
+            self.recipes = self.recipes or fmt.three_gemms
         elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (self.autocast or FP32.name):
             # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
             dtype = None if e.kernel == "fp32" else fmt.torch_dtype

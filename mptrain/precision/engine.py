@@ -181,6 +181,11 @@ class Precision:
         return LossScaler(kind, ls.init, ls.growth_factor, ls.backoff_factor, ls.growth_interval, ls.hysteresis,
                           ls.min, ls.max, ls.on_min, consecutive_hysteresis=ls.get("consecutive_hysteresis", False))
 
+    def seed(self, seed: int, rank: int) -> None:
+        """The training recipes' random streams (stochastic rounding, Hadamard signs): the run's seed and this
+        process's rank; they never draw from the global generators (dropout, data order)."""
+        self.applier.random.configure(seed, rank)
+
     def agree_on_overflow(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """FSDP: `fn` reduces the overflow flag across ranks (each rank unscales only its gradient shard)."""
         self._agree = fn
@@ -370,6 +375,7 @@ class Precision:
     # ---- the step -----------------------------------------------------------------------------
     def begin_step(self, step: int, model: nn.Module) -> None:
         """Before the step's first forward: precision=auto's shadow measurement on its probe and re-check steps."""
+        self.applier.random.begin_step(step)  # stochastic rounding: a stream of its own per (seed, rank, step)
         if self.planner is not None:
             self.planner.begin_step(step, model)
 
@@ -518,10 +524,14 @@ class Precision:
             state["auto"] = self.planner.state_dict()
         if self.registry.user:
             state["formats"] = dict(self.registry.user)  # a resume checks they are defined the same way
+        if self.applier.recipes:
+            state["recipe_random"] = self.applier.random.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.registry.check_same(state.get("formats") or {})
+        if "recipe_random" in state:
+            self.applier.random.load_state_dict(state["recipe_random"])
         auto = state.get("auto")
         if auto is not None and self.measured_plan:  # precision=auto: rebuild the run's plan as it stood
             if self.planner is not None:

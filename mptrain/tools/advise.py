@@ -283,9 +283,10 @@ def shadow_figures(meta: dict, samples: list[dict]) -> dict[str, dict[str, dict]
 
 
 def fits(fig: dict) -> bool:
-    """Within ERR_MAX and LOST_MAX, forward and backward (a figure not measured does not count against it)."""
-    limits = {"err": ERR_MAX, "gerr": ERR_MAX, "flush": LOST_MAX, "gflush": LOST_MAX, "sat": LOST_MAX,
-              "gsat": LOST_MAX}
+    """Within ERR_MAX and LOST_MAX, forward and backward, and a training recipe's weight gradient (wgerr) within
+    ERR_MAX (a figure not measured does not count against it)."""
+    limits = {"err": ERR_MAX, "gerr": ERR_MAX, "wgerr": ERR_MAX, "flush": LOST_MAX, "gflush": LOST_MAX,
+              "sat": LOST_MAX, "gsat": LOST_MAX}
     return all(fig.get(k) is None or fig[k] <= lim for k, lim in limits.items())
 
 
@@ -526,6 +527,8 @@ def render(advice: dict, command: str | None = None) -> list[str]:
             for fmt, fig in per.items():
                 cells = " ".join(_fig(fig[k]) for k in ("err", "flush", "sat")) + " | " + " ".join(
                     _fig(fig[k]) for k in ("gerr", "gflush", "gsat"))
+                if fig.get("wgerr") is not None:  # a training recipe's weight-gradient GEMM
+                    cells += f" | wgrad {_fig(fig['wgerr']).strip()}"
                 lines.append(f"    {fmt:<10} {cells}  {'fits' if fig['fits'] else 'out'}")
     lines.append(f"verdict: {advice['verdict']}")
     lines.append("recommended overrides:")

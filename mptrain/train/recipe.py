@@ -224,6 +224,7 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
     info = distributed.setup(t, device)
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
+    precision.seed(t.seed, info.rank)  # the training recipes' own random streams (per rank)
     if precision.measured_plan:  # precision=auto: the measured plan (checked here, before the run directory changes)
         if info.world_size > 1:  # each rank would measure its own batches and could plan differently
             raise ConfigError(f"precision=auto with {info.world_size} processes: the plan is measured on one "

@@ -46,6 +46,11 @@ BUILTIN: tuple[Format, ...] = (
     Format("mxfp4", E2M1, "block", 32, E8M0, rate="fp4", doc="OCP MX: e2m1, e8m0 scale per 32"),
     Format("nvfp4", E2M1, "block", 16, E4M3, tensor_scale=True, rate="fp4",
            doc="NVIDIA: e2m1, e4m3 scale per 16, fp32 scale per tensor"),
+    # NVIDIA's NVFP4 pretraining recipe (arXiv 2509.25149, section 4): 16x16 weight scales, a 16-point random
+    # Hadamard transform on the weight-gradient GEMM's inputs, stochastic rounding of gradients
+    Format("nvfp4_recipe", E2M1, "block", 16, E4M3, tensor_scale=True, rate="fp4", weight_scaling="2d",
+           wgrad_hadamard=16, grad_rounding="stochastic",
+           doc="nvfp4 with NVIDIA's training recipe: 2D weight scales, RHT-16 on wgrad, stochastic gradients"),
     FP8, FP8_ROW, FP8_ROW_HP,
 )
 ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2",

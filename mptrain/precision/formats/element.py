@@ -46,8 +46,10 @@ class Element:
         """The exponent of the largest power of two the element holds (floor(log2(max)))."""
         return math.frexp(self.max)[1] - 1
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Round float32 `x` to this element, to nearest, ties to even; float32 out."""
+    def quantize(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Round float32 `x` to this element, to nearest, ties to even; float32 out. `noise` (uniform in [0, 1),
+        x's shape): round stochastically instead, up with probability equal to the fraction of the step that
+        |x| lies above the grid point below it (each value lands on one of its two neighbours; unbiased)."""
         x = x.float()
         if (self.ebits, self.mbits) == (8, 23):  # float32 itself
             return x.clone()
@@ -61,7 +63,12 @@ class Element:
         _, e = torch.frexp(a)  # a = m * 2^e, m in [0.5, 1): floor(log2 a) = e - 1, exact for subnormals too
         exp = torch.clamp(e - 1, min=1 - self.bias)  # below the normal range the step stays the subnormal one
         quantum = torch.ldexp(torch.ones_like(a), exp - self.mbits)
-        y = torch.round(a / quantum) * quantum  # a / quantum is exact (power of two); round() ties to even
+        if noise is None:
+            y = torch.round(a / quantum) * quantum  # a / quantum is exact (power of two); round() ties to even
+        else:  # the fraction r - floor(r) is exact, so P(up) is it to within noise's resolution (2^-24)
+            r = a / quantum
+            low = torch.floor(r)
+            y = (low + (noise < r - low).float()) * quantum
         if self.overflow == "saturate":
             y = torch.where(y > self.max, torch.full_like(y, self.max), y)
         else:

@@ -11,7 +11,8 @@ user format is defined in config alone:
 
     precision.formats.NAME={element: {ebits: E, mbits: M[, bias: B, max: X, overflow: saturate|inf]} | ELEMENT,
                             scaling: none|tensor|row|block, block: N, scale_element: ELEMENT | {...},
-                            tensor_scale: true|false}
+                            tensor_scale: true|false, weight_scaling: 1d|2d, wgrad_hadamard: 0|16|...,
+                            grad_rounding: nearest|stochastic}
     precision.formats.NAME={_target_: pkg.module.fn, ...}      # fn(**rest) returns a Format (or subclass)
 
 and runs emulated on Linear and Conv2d layers wherever a built-in can be named (docs/formats.md).
@@ -36,7 +37,8 @@ EMULATED_TYPES = (nn.Linear, nn.Conv2d)  # what the emulated converters (precisi
 # autocast runs these in its low-precision dtype; everything else (norms, embeddings, losses) in fp32
 AUTOCAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear)
-SPEC_KEYS = ("element", "scaling", "block", "scale_element", "tensor_scale", "doc")
+RECIPE_KEYS = ("weight_scaling", "wgrad_hadamard", "grad_rounding")  # the training recipe (Format's fields)
+SPEC_KEYS = ("element", "scaling", "block", "scale_element", "tensor_scale", *RECIPE_KEYS, "doc")
 ELEMENT_KEYS = ("ebits", "mbits", "bias", "max", "overflow")
 
 
@@ -117,6 +119,8 @@ class Registry(Mapping):
             return None
         if not isinstance(module, EMULATED_TYPES):
             return f"{fmt.name} emulation covers Linear and Conv2d, not {type(module).__name__}"
+        if fmt.three_gemms and not isinstance(module, nn.Linear):
+            return f"{fmt.name} is a training recipe: its three GEMMs are emulated for Linear layers only"
         return None
 
     def kernel(self, fmt: Format | str, module: nn.Module) -> str:
@@ -134,10 +138,14 @@ class Registry(Mapping):
     @staticmethod
     def scaling(fmt: Format) -> str:
         """The record's description of how `fmt` scales: none | tensor | row | block-N (scale element[ + fp32])."""
+        out = fmt.scaling
         if fmt.scaling == "block":
             extra = " + fp32 tensor" if fmt.tensor_scale else ""
-            return f"block-{fmt.block} ({fmt.scale_element.name}{extra})"
-        return fmt.scaling
+            out = f"block-{fmt.block} ({fmt.scale_element.name}{extra})"
+        recipe = [f"weights {fmt.block}x{fmt.block}" if fmt.weight_scaling == "2d" else "",
+                  f"wgrad RHT-{fmt.wgrad_hadamard}" if fmt.wgrad_hadamard else "",
+                  "stochastic gradients" if fmt.grad_rounding == "stochastic" else ""]
+        return out + "".join(f", {r}" for r in recipe if r)
 
     def cost(self, fmt: Format | str) -> float:
         """Bits per value: what "cheaper" means wherever formats are ranked (ties keep registry order)."""
@@ -217,7 +225,9 @@ def definition(fmt: Format) -> dict:
     return {"class": f"{type(fmt).__module__}.{type(fmt).__qualname__}", "element": elem(fmt.element),
             "scaling": fmt.scaling, "block": fmt.block, "scale_element": elem(fmt.scale_element),
             "tensor_scale": fmt.tensor_scale, "executor": fmt.executor,
-            "grad": None if fmt.grad is None else definition(fmt.grad)}
+            "grad": None if fmt.grad is None else definition(fmt.grad),
+            # the recipe only where set: a plain format's definition reads as it did before the recipe fields
+            **{k: getattr(fmt, k) for k in RECIPE_KEYS if fmt.three_gemms}}
 
 
 def _element(name: str, key: str, spec) -> Element:
@@ -263,6 +273,12 @@ def user_format(name: str, spec) -> Format:
         if not isinstance(fmt, Format):
             raise ConfigError(f"{key}: {spec['_target_']} returned {type(fmt).__name__}, not a "
                               "mptrain.precision.formats.Format")
+        missing = [m for m, needed in (("quantize_stochastic", fmt.grad_rounding == "stochastic"),
+                                       ("quantize_tiles", fmt.weight_scaling == "2d")) if needed
+                   and type(fmt).quantize is not Format.quantize and getattr(type(fmt), m) is getattr(Format, m)]
+        if missing:
+            raise ConfigError(f"{key}: {type(fmt).__name__} overrides quantize but not {' and '.join(missing)}, "
+                              "which its recipe fields use; override them too")
         return fmt if fmt.name == name else replace(fmt, name=name)
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
@@ -281,5 +297,9 @@ def user_format(name: str, spec) -> Format:
         scale = _element(f"{name}.scale", f"{key}.scale_element", scale)
     elif block is not None or scale is not None or spec.get("tensor_scale"):
         raise ConfigError(f"{key}: block, scale_element and tensor_scale go with scaling=block only")
-    return Format(name, elem, scaling, block if scaling == "block" else None, scale,
-                  bool(spec.get("tensor_scale", False)), doc=str(spec.get("doc", "config-defined")))
+    recipe = {k: spec[k] for k in RECIPE_KEYS if k in spec}
+    try:
+        return Format(name, elem, scaling, block if scaling == "block" else None, scale,
+                      bool(spec.get("tensor_scale", False)), doc=str(spec.get("doc", "config-defined")), **recipe)
+    except ValueError as e:  # a recipe field out of range: Format's own check, named by its key
+        raise ConfigError(f"{key}: {e}") from None
