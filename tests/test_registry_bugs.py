@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -78,6 +79,7 @@ def test_a_rule_autocast_cannot_run_is_refused_not_mislabelled():
     assert (plan["head"].format, plan["head"].kernel) == ("fp16", "autocast")
 
 
+@pytest.mark.slow
 def test_eval_of_an_old_checkpoint_runs_under_that_checkpoints_plan(tmp_path):
     """A run resumed with other precision.layers: mptrain-eval --checkpoint step_2.pt evaluated under the new plan
     (issue 37 case 6); it restores the checkpoint's own plan, names it in the record, and reproduces the val/loss
@@ -125,6 +127,7 @@ def test_auto_records_an_infinite_tolerance_and_an_all_fp32_plan_truthfully(tmp_
     assert summary["compute_dtype"] == "fp32" and set(summary["auto_plan"].values()) == {"fp32"}
 
 
+@pytest.mark.slow
 def test_resuming_auto_with_other_candidates_is_refused(tmp_path):
     from .conftest import run_cli
 

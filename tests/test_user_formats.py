@@ -89,6 +89,7 @@ def test_the_config_twin_trains_bit_identically_to_the_builtin(tmp_path):
     assert {e["format"] for e in plan.values() if e["kernel"] == "emulated"} == {"my6"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["my6", "int8"])
 def test_a_user_format_in_plan_shadow_auto_advisor_estimate_and_report(tmp_path, which, capsys, monkeypatch):
     define = TWIN if which == "my6" else INT8
@@ -121,6 +122,7 @@ def test_a_user_format_in_plan_shadow_auto_advisor_estimate_and_report(tmp_path,
     assert (planned / "report").is_dir() and which in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_definition_and_continues_the_same(tmp_path):
     args = [*MLP, "precision=bf16", TWIN, "precision.layers={head: my6}", "trainer.device=cpu",
             "trainer.progress_bar=false", "trainer.tensorboard=false"]

@@ -72,11 +72,11 @@ def zero_gradient_error(c: Components, steps: int) -> str:
     if fp16 and c.strategy != "fsdp":  # an FSDP forward needs every rank: no one-rank recomputation there
         shares = fp32_gradients(c, c.to_device(next(iter(c.train_loader))), p.loss_scale)
         if shares["output"] is not None or shares["params"] is not None:
-            scaling = "no loss scaling" if p.scaler is None else f"loss scale {p.loss_scale:g}"
+            scaling = "no loss scaling" if not p.scaler.enabled else f"loss scale {p.loss_scale:g}"
             where = [f"{s:.1%} of the {what}" for what, s in (("model output's", shares["output"]),
                                                                ("parameters'", shares["params"])) if s is not None]
             fix = ("use a loss-scaling preset: precision=dynamic (or precision=static with precision.loss_scale.init)"
-                   if p.scaler is None else
+                   if not p.scaler.enabled else
                    f"raise precision.loss_scale.init (now {p.loss_scale:g}), or use precision=dynamic")
             return (f"{head} under float16 with {scaling}, but in float32 (one batch recomputed) it is not: "
                     f"{' and '.join(where)} nonzero gradients lie below float16's smallest subnormal (2^-24), "
