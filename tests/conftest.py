@@ -67,3 +67,59 @@ def _restore_torch_globals():
              torch.backends.cudnn.allow_tf32)
     assert after == before, "a run leaked a global torch setting"
 
+
+# The longest fast cases, as measured in a fresh clone (`make test`'s --durations: each 2 s or more, 2.6 min in
+# all), run with the slow suite so that `make test` stays near 6 minutes on 2 cores; CI runs both.
+LONG = {
+    'tests/test_activation_checkpointing.py::test_a_run_with_checkpointed_blocks_trains_like_one_without',
+    'tests/test_advise.py::test_directory_without_diagnostics_is_one_line_and_exit_2',
+    'tests/test_advise.py::test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped',
+    'tests/test_aliases.py::test_every_alias_gives_the_same_run_as_its_preset[transformer-engine]',
+    'tests/test_bf16_pure.py::test_bf16_pure_run_holds_bf16_weights_and_state_with_fp32_norm_layers',
+    'tests/test_bf16_pure.py::test_memory_per_param_by_hand',
+    'tests/test_bf16_pure.py::test_stop_and_resume_is_bit_identical[kahan-sgd]',
+    'tests/test_bf16_pure.py::test_stop_and_resume_is_bit_identical[stochastic-adamw]',
+    'tests/test_checkpoint.py::test_bad_checkpoint_file_is_refused_and_nothing_is_overwritten[newer_format-format_version',
+    'tests/test_checkpoint.py::test_bad_checkpoint_file_is_refused_and_nothing_is_overwritten[truncated-truncated',
+    'tests/test_checkpoint.py::test_stop_and_resume_is_bit_identical[dynamic-extra1]',
+    'tests/test_checkpoint.py::test_stop_and_resume_is_bit_identical[fp32-extra0]',
+    'tests/test_checkpoint.py::test_stop_and_resume_is_bit_identical[master-extra2]',
+    'tests/test_cli.py::test_default_run_reaches_95_percent_on_digits',
+    'tests/test_configs.py::test_bad_override_fails_with_one_clear_message[optimizer.lr=-1-optimizer.lr=-1.0',
+    'tests/test_configs.py::test_bad_override_fails_with_one_clear_message[trainer.batch_size=0-trainer.batch_size=0',
+    'tests/test_data_defaults.py::test_num_workers_config_default_and_checks',
+    'tests/test_diagnostics.py::test_report_on_a_directory_that_is_not_a_run',
+    'tests/test_ema.py::test_a_decay_without_the_switch_is_refused_not_ignored',
+    'tests/test_ema.py::test_under_master_weights_the_average_follows_the_fp32_masters',
+    'tests/test_estimate.py::test_activations_are_one_micro_batchs_whatever_the_accumulation',
+    'tests/test_estimate.py::test_ema_counts_its_fp32_copy',
+    'tests/test_help.py::test_help_lists_each_group_its_purpose_and_only_the_real_choices',
+    'tests/test_help.py::test_help_lists_the_everyday_presets_apart_from_aliases_and_the_papers_ablations',
+    'tests/test_help.py::test_help_marks_the_current_choices',
+    'tests/test_help.py::test_help_shows_a_users_own_config_dir_entries',
+    'tests/test_hostile.py::test_a_run_that_applied_no_update_fails[ConstantLoss-fp32-the',
+    'tests/test_hostile.py::test_compare_skips_a_damaged_line_and_a_truncated_summary_before_writing',
+    'tests/test_loss_scaler.py::test_engine_resume_in_the_middle_of_a_hysteresis_run_is_bitwise',
+    'tests/test_optim.py::test_low_bit_adamw_equals_torchaos_own_loop[adamwfp8-AdamWFp8]',
+    'tests/test_plan.py::test_presets_produce_plans',
+    'tests/test_plan.py::test_static_preset_with_dynamic_scaling_is_refused_and_touches_nothing',
+    'tests/test_precision.py::test_accumulating_k_micro_batches_matches_one_big_batch[dynamic]',
+    'tests/test_precision.py::test_accumulating_k_micro_batches_matches_one_big_batch[fp32]',
+    'tests/test_precision.py::test_cuda_requested_without_gpu_fails_early',
+    'tests/test_precision.py::test_default_scale_trajectory_equals_gradscaler_with_growth_events',
+    'tests/test_precision.py::test_overflowing_step_is_skipped_bit_identically_and_backs_off[master]',
+    'tests/test_precision.py::test_update_of_2_pow_minus_12_is_lost_without_master_weights',
+    'tests/test_reliability.py::test_unwritable_metrics_or_summary_is_one_line_naming_the_file',
+    'tests/test_resume_any_run.py::test_a_gan_run_resumes_and_eval_sample_export_accept_it',
+    'tests/test_resume_any_run.py::test_every_built_in_model_resumes_where_it_stopped[gpt]',
+    'tests/test_resume_any_run.py::test_every_built_in_model_resumes_where_it_stopped[mlp]',
+    'tests/test_tokens.py::test_nanogpt_meta_pkl_gives_the_vocabulary_and_decodes_samples',
+    'tests/test_use.py::test_export_ema_writes_the_shadow_in_the_models_dtype',
+    'tests/test_wandb.py::test_offline_run_files_hold_the_config_every_metric_row_the_summary_and_the_plan',
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in LONG:
+            item.add_marker(pytest.mark.slow)
