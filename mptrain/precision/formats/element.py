@@ -77,19 +77,6 @@ class Element:
         return torch.copysign(y, x)
 
 
-# The elements (bias = 2^(ebits-1) - 1 throughout; the fp8/fp6/fp4 values follow the OCP MX spec v1.0 and
-# the OCP 8-bit floating point spec; e4m3 is the "fn" variant: no inf, one NaN, max 448)
-FP32 = Element("fp32", 8, 23, 127, torch.finfo(torch.float32).max, "inf")
-BF16 = Element("bf16", 8, 7, 127, torch.finfo(torch.bfloat16).max, "inf")
-FP16 = Element("fp16", 5, 10, 15, 65504.0, "inf")
-E4M3 = Element("e4m3", 4, 3, 7, 448.0, "saturate")
-E5M2 = Element("e5m2", 5, 2, 15, 57344.0, "inf")
-E3M2 = Element("e3m2", 3, 2, 3, 28.0, "saturate")
-E2M3 = Element("e2m3", 2, 3, 1, 7.5, "saturate")
-E2M1 = Element("e2m1", 2, 1, 1, 6.0, "saturate")
-E8M0 = Element("e8m0", 8, 0, 127, 2.0 ** 127, "saturate", signed=False)
-
-
 def default_max(ebits: int, mbits: int, bias: int, overflow: str) -> float:
     """The largest finite value when none is given: OCP's rule for `saturate` (every exponent code holds finite
     values: e2m1 6, e3m2 28, e2m3 7.5), IEEE's for `inf` (the top exponent code is inf/NaN: fp16 65504, e5m2
