@@ -23,10 +23,10 @@ def test_an_unexpected_error_in_a_sweep_job_is_recorded_and_compared(tmp_path, m
 
     real_build = recipe.build
 
-    def build(cfg):  # a library's TypeError during set-up, in the first job only (as torchao's on weight norm)
+    def build(cfg, *args, **kwargs):  # a library's TypeError during set-up, in the first job only
         if cfg.seed == 0:
             raise TypeError("unsupported operand type(s) for *: 'Parametrization' and 'Float8'")
-        return real_build(cfg)
+        return real_build(cfg, *args, **kwargs)
 
     monkeypatch.setattr(recipe, "build", build)
     sweep = tmp_path / "multi"
