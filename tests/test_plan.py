@@ -297,13 +297,9 @@ def test_trajectory_matches_the_code_before_the_plan(tmp_path, preset):
                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stderr[-2000:]
             runs[name] = tmp_path / name
-        strip = lambda rows: [{k: v for k, v in r.items() if k not in ("samples_per_s", "wall_s", "time")}  # noqa: E731
-                              for r in rows]
-        assert strip(read_jsonl(runs["old"] / "metrics.jsonl")) == strip(read_jsonl(runs["new"] / "metrics.jsonl"))
-        a = torch.load(runs["old"] / "checkpoints" / "last.pt", weights_only=True)
-        b = torch.load(runs["new"] / "checkpoints" / "last.pt", weights_only=True)
-        for k in a["model"]:
-            assert torch.equal(a["model"][k], b["model"][k]), k
+        from .test_registry_bitwise import assert_same_run
+
+        assert_same_run(runs["old"], runs["new"])
     finally:
         _git("worktree", "remove", "--force", str(old))
 

@@ -49,11 +49,16 @@ def test_every_preset_is_bitwise_the_code_before_the_registry(tmp_path, before, 
                              text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         runs[name] = tmp_path / name
+    assert_same_run(runs["old"], runs["new"])
+
+
+def assert_same_run(old, new) -> None:
+    """Two run directories trained alike: the same metrics rows (timings aside) and bitwise the same weights."""
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("samples_per_s", "wall_s", "time")}  # noqa: E731
                           for r in rows]
-    assert strip(read_jsonl(runs["old"] / "metrics.jsonl")) == strip(read_jsonl(runs["new"] / "metrics.jsonl"))
-    a = torch.load(runs["old"] / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(runs["new"] / "checkpoints" / "last.pt", weights_only=True)
+    assert strip(read_jsonl(old / "metrics.jsonl")) == strip(read_jsonl(new / "metrics.jsonl"))
+    a = torch.load(old / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(new / "checkpoints" / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

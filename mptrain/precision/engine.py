@@ -98,6 +98,12 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
                           "use on_min=raise or on_min=clamp")
 
 
+def _after_switch(record: dict) -> NoScaler:
+    """No scaling from an on_min=bf16 switch on, keeping the skipped steps and scale statistics it recorded."""
+    return NoScaler(int(record.get("skipped", 0)), {k: record[k] for k in (
+        "loss_scale_min", "loss_scale_max", "loss_scale_backoffs") if k in record})
+
+
 @dataclass
 class StepResult:
     applied: bool  # False when the step was skipped for non-finite gradients
@@ -480,8 +486,7 @@ class Precision:
         self.bf16_switch = record
         self.compute_dtype, self.dtype_reason = BF16.torch_dtype, "switched from float16 by loss_scale.on_min=bf16"
         self.use_autocast = True
-        self.scaler = NoScaler(int(record.get("skipped", 0)), {k: record[k] for k in (
-            "loss_scale_min", "loss_scale_max", "loss_scale_backoffs") if k in record})
+        self.scaler = _after_switch(record)
 
     @property
     def skipped_steps(self) -> int:
@@ -550,8 +555,7 @@ class Precision:
         if state.get("bf16_switch") is not None:  # the run had switched to bf16: continue in bf16
             self.switch_to_bf16()
             self.bf16_switch = dict(state["bf16_switch"])
-            self.scaler = NoScaler(int(self.bf16_switch.get("skipped", 0)), {k: self.bf16_switch[k] for k in (
-                "loss_scale_min", "loss_scale_max", "loss_scale_backoffs") if k in self.bf16_switch})
+            self.scaler = _after_switch(self.bf16_switch)
         if self.scaler.enabled and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.master is not None and "master" in state:
