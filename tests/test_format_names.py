@@ -1,13 +1,12 @@
 """A format's name is spelled only in the registry (mptrain/precision/formats/) and the preset table (issue 33):
 everything else asks the registry or refers to its named constants (FP32, BF16, FP16, FP8 ...).
 
-The modules not yet moved over are listed with the count they hold now: the count may only fall (a ratchet), and a
-module not listed may spell none."""
+Record keys and config values that are format names (a row's "fp8" layers, on_min=bf16, an advice's "fp16" plan)
+are spelled through those constants too, so a rename is one edit."""
 
 from __future__ import annotations
 
 import ast
-import collections
 from pathlib import Path
 
 from mptrain.precision.formats import BUILTINS
@@ -15,17 +14,8 @@ from mptrain.precision.formats import BUILTINS
 REPO = Path(__file__).resolve().parent.parent
 # the registry and the preset table (families.PRESETS; config.PRESET_FAMILIES and FP8_RECIPES mirror it)
 HOME = ("mptrain/precision/formats/", "mptrain/precision/families.py", "mptrain/config.py")
-# modules that still spell names, with today's count (lower it as each moves to the registry; never raise it)
-NOT_YET = {
-    "mptrain/diagnostics/collector.py": 1, "mptrain/library/optim.py": 2, "mptrain/parallel/distributed.py": 2,
-    "mptrain/precision/scaler.py": 2, "mptrain/tools/advise.py": 29, "mptrain/tools/compare.py": 2,
-    "mptrain/tools/estimate.py": 2, "mptrain/tools/report.py": 6, "mptrain/tools/verify.py": 5,
-    "mptrain/train/recipe.py": 1,
-    # kernel names that are also format names ("fp32": a plan entry's kernel), and the loss-scale switch's value
-    "mptrain/precision/convert.py": 2, "mptrain/precision/engine.py": 2, "mptrain/precision/judge.py": 1,
-}
 # format names and their short aliases, and torchao's recipe names (precision.dtype's float32 / float16 / bfloat16
-# are config values, and the kernel names of a plan entry are record vocabulary: neither is counted)
+# are config values, not names of the registry: not counted)
 NAMES = (set(BUILTINS) | {"e4m3", "e5m2", "mxfp6", "tensorwise", "rowwise", "rowwise_with_gw_hp"})
 
 
@@ -42,7 +32,6 @@ def spelled(source: str) -> list[tuple[int, str]]:
 
 
 def test_format_names_live_in_the_registry():
-    counts = collections.Counter()
     where = {}
     for path in sorted((REPO / "mptrain").rglob("*.py")):
         rel = str(path.relative_to(REPO))
@@ -50,9 +39,8 @@ def test_format_names_live_in_the_registry():
             continue
         hits = spelled(path.read_text())
         if hits:
-            counts[rel], where[rel] = len(hits), hits
-    over = {f: (n, NOT_YET.get(f, 0), where[f]) for f, n in counts.items() if n > NOT_YET.get(f, 0)}
-    assert not over, f"format names spelled outside the registry (ask it, or use its constants): {over}"
+            where[rel] = hits
+    assert not where, f"format names spelled outside the registry (ask it, or use its constants): {where}"
 
 
 def test_the_check_finds_a_spelled_name():

@@ -35,6 +35,7 @@ from mptrain.diagnostics.stats import (
 from mptrain.diagnostics.trace import trace_overflow
 from mptrain.errors import ConfigError
 from mptrain.precision import fp8
+from mptrain.precision.formats import FP8
 from mptrain.precision.plan import planned_modules
 from mptrain.run.layout import DIAGNOSTICS, json_safe
 
@@ -178,7 +179,7 @@ class Diagnostics:
             row["shadow"] = self.shadow.end()
         fp8_layers = self.fp8.end() if self.fp8 else {}
         if fp8_layers:
-            row["fp8"] = fp8_layers
+            row[FP8.name] = fp8_layers
         if self._before and applied:
             names = [n for n, _, _ in self._before]
             before, after = [b for _, _, b in self._before], [p for _, p, _ in self._before]

@@ -21,6 +21,7 @@ from torch import nn
 from mptrain.config import global_batch
 from mptrain.errors import ConfigError, HardwareError
 from mptrain.parallel.launch import DistInfo, env_info, first_host, rendezvous_env  # noqa: F401 (re-exported)
+from mptrain.precision.formats import BF16, FP16
 
 log = logging.getLogger("mptrain")
 
@@ -82,10 +83,10 @@ def wrap(model: nn.Module, t: DictConfig, info: DistInfo, device: torch.device) 
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         backend = dist.get_backend()
-        if t.grad_compression == "bf16" and backend != "nccl":
+        if t.grad_compression == BF16.name and backend != "nccl":
             raise ConfigError(f"trainer.grad_compression=bf16 needs the nccl backend ({backend} cannot all-reduce "
                               "bfloat16); use trainer.grad_compression=fp16 or none")
-        hook = default_hooks.fp16_compress_hook if t.grad_compression == "fp16" else default_hooks.bf16_compress_hook
+        hook = default_hooks.fp16_compress_hook if t.grad_compression == FP16.name else default_hooks.bf16_compress_hook
         ddp.register_comm_hook(state=None, hook=hook)
     return ddp
 

@@ -176,9 +176,9 @@ class Applier:
         if e.kernel == "emulated":
             _replace(model, name, _emulated(module, fmt, fmt.grad_format, self.random))
             self.recipes = self.recipes or fmt.three_gemms
-        elif e.by_rule and e.kernel in ("autocast", "fp32") and e.format != (self.autocast or FP32.name):
+        elif e.by_rule and e.kernel in ("autocast", FP32.name) and e.format != (self.autocast or FP32.name):
             # a rule moved it off the run's autocast dtype (the preset's own entries run as autocast decides)
-            dtype = None if e.kernel == "fp32" else fmt.torch_dtype
+            dtype = None if e.kernel == FP32.name else fmt.torch_dtype
             module.forward = functools.partial(_own_autocast, module.forward, self.device.type, dtype)
         return False
 

@@ -24,7 +24,7 @@ from mptrain.errors import ConfigError, HardwareError
 from mptrain.precision import fp8, timing
 from mptrain.precision.convert import Applier
 from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
-from mptrain.precision.formats import BF16, FP8_RECIPES, Registry
+from mptrain.precision.formats import BF16, FP8, FP8_RECIPES, Registry
 from mptrain.precision.master import CASTING, MasterWeights
 from mptrain.precision.plan import Plan, Rule, resolve, user_rules
 from mptrain.precision.planner import Planner
@@ -125,7 +125,7 @@ class Precision:
         self.compute_dtype, self.dtype_reason = resolve_dtype(cfg.mode, cfg.dtype, device)
         self.keep_norm_fp32 = cfg.keep_norm_fp32
         self.fp32_accumulation = cfg.fp32_accumulation
-        fp8_cfg = cfg.get("fp8") or OmegaConf.structured(Fp8Config)
+        fp8_cfg = cfg.get(FP8.name) or OmegaConf.structured(Fp8Config)
         # every format the run can name: the built-ins and precision.formats (checked here, before any work)
         self.registry = Registry.from_config(cfg.get("formats"), fp8_cfg.recipe)
         self.rules = user_rules(cfg.get("layers"), self.registry)
@@ -176,7 +176,7 @@ class Precision:
                               f"precision.loss_scale.kind={kind}, or precision={kind if kind != 'none' else 'noscale'})")
         if kind == "auto":
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
-        if ls.on_min == "bf16" and kind != "none":
+        if ls.on_min == BF16.name and kind != "none":
             check_bf16_fallback(self.mode, kind, self.compute_dtype, self.device)
         if kind == "static" and self.compute_dtype == torch.float16 and ls.init > FP16_MAX:
             log.warning("precision.loss_scale.init=%g is above float16's largest value (65504): unless the gradients "

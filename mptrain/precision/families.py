@@ -62,6 +62,8 @@ PRESETS = {
     # bf16 autocast where the device has it, else fp32 (engine.resolve_dtype); then a measured plan (planner.py)
     "auto": Preset("autocast", scaling="none", measured=True),
 }
+# the presets mptrain-estimate compares by default (the fp8 and auto ones need a plan or torchao)
+ESTIMATED = ("fp32", "amp", "bf16", "dynamic", "master", "bf16_pure")
 assert {k: p.family for k, p in PRESETS.items()} == PRESET_FAMILIES, "config.PRESET_FAMILIES and PRESETS disagree"
 
 

@@ -154,7 +154,7 @@ def _fp8_emulated(device: torch.device) -> bool:
 def _resolve(model: nn.Module, plan: Mapping[str, str], registry: Registry, dim_multiple: int,
              device: torch.device, autocast: str | None):
     """The plan as entries: every module fp32 (or the loop's autocast format) unless `plan` names it."""
-    base = {n: (autocast or FP32.name, "autocast" if autocast else "fp32", "your loop")
+    base = {n: (autocast or FP32.name, "autocast" if autocast else FP32.name, "your loop")
             for n, _ in planned_modules(model)}
     rules = [Rule(n, registry.canonical(str(f), f"plan[{n!r}]"), "measured") for n, f in plan.items()]
     return resolve(model, base, rules, autocast=autocast, registry=registry, dim_multiple=dim_multiple,

@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 
 from mptrain.errors import TrainingFailed
+from mptrain.precision.formats import BF16
 
 
 class LossScalingError(TrainingFailed):
@@ -72,7 +73,7 @@ class LossScaler:
     ):
         if kind not in ("static", "dynamic"):
             raise ValueError(f"loss scaler kind must be static or dynamic, not {kind!r}")
-        if on_min not in ("raise", "clamp", "bf16"):
+        if on_min not in ("raise", "clamp", BF16.name):
             raise ValueError(f"loss scaler on_min must be raise, clamp or bf16, not {on_min!r}")
         self.kind = kind
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
@@ -134,7 +135,7 @@ class LossScaler:
             if self.scale <= self.min:
                 if self.on_min == "raise":
                     raise LossScalingError(self._on_min_message())
-                if self.on_min == "bf16":
+                if self.on_min == BF16.name:
                     raise SwitchToBF16(self._at_min_facts(), {
                         "loss_scale": self.scale, "consecutive_overflows": self.consecutive_overflows,
                         "skipped": self.skipped})

@@ -33,7 +33,7 @@ import yaml
 
 from mptrain.diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN, ZERO
 from mptrain.errors import MptrainError
-from mptrain.precision.formats import BF16, BUILTINS, FP16, FP32, Registry
+from mptrain.precision.formats import BF16, BUILTINS, FP8, FP16, FP32, Registry
 from mptrain.precision.formats.builtin import FP8_E4M3, FP8_E5M2
 from mptrain.run.layout import ADVICE, CONFIG, DIAGNOSTICS, OVERRIDES, SUMMARY, read_jsonl, write_json_atomic
 
@@ -198,7 +198,7 @@ def update_fractions(hist: list[int]) -> dict:
     """From an update_ratio_hist: fractions of the nonzero updates below 2^-11 and 2^-8 of their weight."""
     updates = sum(hist) - hist[ZERO] - hist[NAN]
     below = lambda p: sum(hist[: p - LOW_EXP + 1])  # noqa: E731  bins "<2^-40" .. 2^(p-1)
-    return {"updates": updates, "fp16": below(-11) / max(updates, 1), "bf16": below(-8) / max(updates, 1)}
+    return {"updates": updates, FP16.name: below(-11) / max(updates, 1), BF16.name: below(-8) / max(updates, 1)}
 
 
 # ---- reading a run ---------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def advise(meta: dict, samples: list[dict], events: list[dict], registry: Regist
                       "overflow_events": len(events), "precision": meta.get("precision"),
                       "weights": meta.get("weights")},
             "rule": {"tail": TAIL, "floor_margin_binades": FLOOR_MARGIN, "master_threshold": MASTER_THRESHOLD},
-            "fp16": fp16_plan, "master_weights": masters, "formats": formats,
+            FP16.name: fp16_plan, "master_weights": masters, "formats": formats,
             "per_layer": per_layer, "recommended_plan": plan_by_layer, "plan_overrides": plan_by_layer_override,
             "thresholds": {"err": ERR_MAX, "lost": LOST_MAX},
             "verdict": verdict, "recommended_overrides": overrides}
@@ -413,8 +413,8 @@ def master_figures(meta: dict, samples: list[dict], ratio: list[int] | None) -> 
     if not fp16_rows:
         return None
     bf16_rows = [b["lost_nearest"] for r in samples for b in _as_list(r.get("bf16_update")) if isinstance(b, dict)]
-    return {"updates": None, "fp16": sum(fp16_rows) / len(fp16_rows),
-            "bf16": sum(bf16_rows) / len(bf16_rows) if bf16_rows else None,
+    return {"updates": None, FP16.name: sum(fp16_rows) / len(fp16_rows),
+            BF16.name: sum(bf16_rows) / len(bf16_rows) if bf16_rows else None,
             "source": "update_underflow (16-bit weights: the run's own losses)"}
 
 
@@ -434,7 +434,7 @@ def scale_value(s: int) -> str:
 def decide(fp16: dict, formats: dict) -> tuple[str, list[str]]:
     """The verdict and the overrides that run it."""
     s = fp16["s"]
-    bf16 = formats["bf16"]
+    bf16 = formats[BF16.name]
     bf16_holds = bf16["underflow"] + bf16["overflow"] <= TAIL
     if not fp16["viable"]:
         name, what, value = fp16["forward_overflow"][0]
@@ -472,7 +472,7 @@ def _fig(v: float | None) -> str:
 
 
 def render(advice: dict, command: str | None = None) -> list[str]:
-    p, f, m = advice["probe"], advice["fp16"], advice["master_weights"]
+    p, f, m = advice["probe"], advice[FP16.name], advice["master_weights"]
     lines = [f"probe: {p['samples']} sampled steps ({p['steps'][0]}..{p['steps'][1]}), {p['gradients']} nonzero "
              f"gradient values, fp16 view {p['fp16_view']}, {p['overflow_events']} skipped steps"]
     if p["fp16_view"] == "actual":
@@ -507,12 +507,12 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     if m is None:
         lines.append("  no update statistics recorded (no applied sampled step)")
     else:
-        need16 = "lost in fp16 weights (nomaster): keep FP32 master weights" if m["fp16"] > MASTER_THRESHOLD else "fp16 weights would keep them"
-        lines.append(f"  updates below 2^-11 of their weight: {m['fp16']:.2%}: {need16}")
-        if m["bf16"] is not None:
+        need16 = "lost in fp16 weights (nomaster): keep FP32 master weights" if m[FP16.name] > MASTER_THRESHOLD else "fp16 weights would keep them"
+        lines.append(f"  updates below 2^-11 of their weight: {m[FP16.name]:.2%}: {need16}")
+        if m[BF16.name] is not None:
             need = ("lost in bf16 weights (bf16_pure, update=nearest): use update=stochastic|kahan or FP32 weights"
-                    if m["bf16"] > MASTER_THRESHOLD else "bf16 weights (bf16_pure) would keep them")
-            lines.append(f"  updates below 2^-8 of their weight:  {m['bf16']:.2%}: {need}")
+                    if m[BF16.name] > MASTER_THRESHOLD else "bf16 weights (bf16_pure) would keep them")
+            lines.append(f"  updates below 2^-8 of their weight:  {m[BF16.name]:.2%}: {need}")
     lines.append("formats (lost = underflow + overflow at the format's scale; most at risk: keep in higher precision)")
     for name, r in advice["formats"].items():
         scale = r["scale"] if isinstance(r["scale"], str) else _p2(r["scale"])
@@ -631,7 +631,7 @@ def run_registry(run_dir: Path) -> Registry:
         precision = (yaml.safe_load(path.read_text()) or {}).get("precision") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return BUILTINS
-    return Registry.from_config(precision.get("formats"), (precision.get("fp8") or {}).get("recipe"))
+    return Registry.from_config(precision.get("formats"), (precision.get(FP8.name) or {}).get("recipe"))
 
 
 def main(argv: list[str] | None = None) -> None:

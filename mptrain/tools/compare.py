@@ -23,6 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from mptrain.precision.formats import BF16, FP32
 from mptrain.run.layout import (
     COMPARISON,
     COMPARISON_ARTIFACTS,
@@ -206,7 +207,7 @@ def kind_of(group: Group) -> tuple | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def baseline_for(group: Group, groups: list[Group], mode: str = "fp32") -> Group | None:
+def baseline_for(group: Group, groups: list[Group], mode: str = FP32.name) -> Group | None:
     """The `mode` (fp32) group with the same overrides apart from the precision ones, training the same task,
     model and dataset (an MLP's throughput is no baseline for a GAN's)."""
     kind = kind_of(group)
@@ -291,7 +292,7 @@ def rows(groups: list[Group], metric: str | None = None, trials: bool = False) -
         if any(x.values("fp8_layers") for x in groups):  # fp8 rows: how much ran in float8, what it lost
             row["fp8 layers"] = g.mean("fp8_layers")
             row["fp8-lost grads %"] = 100 * g.mean("diag/fp8_grad_underflow")
-            bf16 = baseline_for(g, groups, "bf16")
+            bf16 = baseline_for(g, groups, BF16.name)
             row["diff vs bf16"] = g.mean(metric) - bf16.mean(metric) if bf16 else math.nan
         if trials:
             value = trial["value"] if trial and trial["value"] is not None else math.nan

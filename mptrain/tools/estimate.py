@@ -35,10 +35,10 @@ from mptrain.config import validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.precision import timing
 from mptrain.precision.bf16_pure import memory_per_param
+from mptrain.precision.families import ESTIMATED
 from mptrain.train.recipe import build
 from mptrain.train.step import train_step
 
-PRESETS = ("fp32", "amp", "bf16", "dynamic", "master", "bf16_pure")
 MB = 2**20
 
 
@@ -129,7 +129,7 @@ def estimate(presets: list[str], overrides: list[str], steps: int = 3, layers: b
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mptrain-estimate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated (default {','.join(PRESETS)})")
+    ap.add_argument("--presets", default=",".join(ESTIMATED), help=f"comma-separated (default {','.join(ESTIMATED)})")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per preset after the measured one (default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object: step time, memory and each layer's "
                     "format, time and (Linear) shape, per preset")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mptrain.diagnostics.stats import EXPONENTS
+from mptrain.precision.formats import E4M3, E5M2, FP8
 from mptrain.run.layout import DIAGNOSTICS, METRICS, PRECISION_PLAN, REPORT, REPORT_ARTIFACTS, read_jsonl
 from mptrain.run.tracking import log_to_recorded_run
 
@@ -212,17 +213,17 @@ def risk_table(samples: list[dict], top: int = 10, plan: dict | None = None) -> 
     return table
 
 
-FP8_ROLES = (("input", "e4m3"), ("weight", "e4m3"), ("grad", "e5m2 (rowwise: e4m3)"))
+FP8_ROLES = (("input", E4M3.name), ("weight", E4M3.name), ("grad", f"{E5M2.name} (rowwise: {E4M3.name})"))
 
 
 def _fp8_series(samples: list[dict]) -> tuple[list[str], list[int], dict]:
     """Layer names, sampled steps, and (role, field) -> steps x layers matrix from the rows' "fp8" records."""
-    rows = [s for s in samples if s.get("fp8")]
-    names = list(dict.fromkeys(n for s in rows for n in s["fp8"]))  # model order, as first recorded
+    rows = [s for s in samples if s.get(FP8.name)]
+    names = list(dict.fromkeys(n for s in rows for n in s[FP8.name]))  # model order, as first recorded
     out = {}
     for role, _ in FP8_ROLES:
         for f in ("amax", "scale", "underflow", "underflow_unscaled", "overflow_unscaled"):
-            out[role, f] = np.array([[s["fp8"].get(n, {}).get(role, {}).get(f, np.nan) for n in names] for s in rows],
+            out[role, f] = np.array([[s[FP8.name].get(n, {}).get(role, {}).get(f, np.nan) for n in names] for s in rows],
                                     dtype=float)
     return names, [s["step"] for s in rows], out
 
@@ -323,7 +324,7 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     if plan:
         console.print(plan_table(plan))
     console.print(risk_table(samples, plan=plan))
-    if any(s.get("fp8") for s in samples):
+    if any(s.get(FP8.name) for s in samples):
         paths.append(out / "fp8.png")
         plot_fp8(samples, paths[-1])
         console.print(fp8_table(samples))

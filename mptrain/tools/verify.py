@@ -20,12 +20,13 @@ import torch
 from omegaconf import OmegaConf
 
 from mptrain.errors import MptrainError
+from mptrain.precision.formats import BF16, FP16
 from mptrain.run.layout import CHECKPOINTS, DIAGNOSTICS, LAST, METRICS, VERIFY, read_jsonl
 
 DEFAULT_STEPS = 50
 LOSS_TOLERANCE = 0.05  # relative, plus LOSS_SLACK absolute: the advised arm's mean loss may exceed the probe's by this
 LOSS_SLACK = 0.01
-FORMAT_OF = {"float16": "fp16", "bfloat16": "bf16"}  # the compute dtype a run reports -> the format its layers ran in
+FORMAT_OF = {"float16": FP16.name, "bfloat16": BF16.name}  # the compute dtype a run reports -> the format its layers ran in
 
 
 class VerifyError(MptrainError):
@@ -68,7 +69,7 @@ def trial_config(saved: dict, overrides: list[str], checkpoint: Path, steps: int
     cfg.diagnostics.enabled = True
     cfg.diagnostics.every = max(1, steps // 5)
     cfg.diagnostics.first_steps = 0
-    cfg.diagnostics.shadow = ["fp16", "bf16"]
+    cfg.diagnostics.shadow = [FP16.name, BF16.name]
     return cfg, start
 
 
@@ -97,7 +98,7 @@ def allowed_skips(advice: dict, overrides: list[str]) -> int:
     """Dynamic scaling from its initial scale backs off once per skipped step until it fits: the advice says how
     many. A static scale, or a dynamic one started where the advice put it, skips none."""
     dynamic = "precision=dynamic" in overrides and not any(o.startswith("precision.loss_scale.init=") for o in overrides)
-    return int(advice.get("fp16", {}).get("dynamic_skips_at_start") or 0) if dynamic else 0
+    return int(advice.get(FP16.name, {}).get("dynamic_skips_at_start") or 0) if dynamic else 0
 
 
 def verify(run_dir: Path, advice: dict, overrides: list[str], layers_over, steps: int = DEFAULT_STEPS) -> dict:

@@ -46,6 +46,7 @@ from mptrain.run.layout import (
     write_atomic,
     write_json_atomic,
 )
+from mptrain.run.summary import Progress, Summary
 from mptrain.run.tracking import check_trackers, trackers
 from mptrain.run.writer import RunWriter
 from mptrain.train.callbacks.console import Console
@@ -357,54 +358,36 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 def summarize(cfg: DictConfig, c: Components | None, state: TrainState | None, status: str, wall_s: float,
               diagnostics: Diagnostics | None = None, error: str | None = None) -> dict:
-    summary: dict = {
-        "status": status,
-        "precision": cfg.precision.mode,
-        **({"precision_alias": cfg.precision.alias} if cfg.precision.get("alias") else {}),  # precision=16-mixed
-        "task": c.task.name if c is not None else None,
-        "model": cfg.model.get("name") or cfg.model.get("_target_"),
-        "dataset": cfg.dataset.get("name") or cfg.dataset.get("_target_"),
-        "seed": cfg.trainer.seed,
-        # every attempt's (to the checkpoint the next one continued from), when the state is known
-        "wall_s": round(state.wall_s() if state is not None else wall_s, 3),
-        "mptrain_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
+    """summary.json's content (run/summary.py): the one place it is assembled."""
+    progress = None
     if c is not None and state is not None:
         p = c.precision
         mem, mem_kind = peak_memory_mb(c.device)
-        summary.update({
-            "compute_dtype": p.compute_name,
-            "device": str(c.device),
-            "steps": state.step,
-            "epochs": round(state.epoch + state.step_in_epoch / c.steps_per_epoch, 4),
-            "skipped_steps": p.skipped_steps,
-            **p.scaler_stats(),
-            "final_loss_scale": p.loss_scale,
-            "train_loss": state.train_loss,
-            **{k: v for k, v in state.last_val.items() if k != "step"},
-            "samples": state.samples * c.world_size,  # every rank trains on as many samples
+        progress = Progress(
+            compute_dtype=p.compute_name, device=str(c.device), steps=state.step,
+            epochs=round(state.epoch + state.step_in_epoch / c.steps_per_epoch, 4), skipped_steps=p.skipped_steps,
+            final_loss_scale=p.loss_scale, train_loss=state.train_loss,
+            samples=state.samples * c.world_size,  # every rank trains on as many samples
             # over the whole run: its samples over its training time, across attempts
-            "samples_per_s": (round((state.samples - state.all_untimed_samples()) * c.world_size / state.train_s(), 2)
-                              if state.train_s() > 0 else None),
-            "world_size": c.world_size,
-            "peak_memory_mb": round(mem, 1),
-            "peak_memory_kind": mem_kind,
-            **state.memory.summary(),  # CUDA: the training peak without the diagnostics' buffers, and theirs
-            **p.summary(),
-        })
-        if state.step > 0:  # optimizer state exists once a step has run
-            summary["memory_per_param"] = memory_per_param(list(c.base_model.parameters()), c.optimizer, p,
-                                                           c.ema.shadow if c.ema is not None else None)
-        if state.events:
-            summary["events"] = list(state.events)
-        if state.stop_reason is not None:
-            summary["stop_reason"] = state.stop_reason
-        if diagnostics is not None:
-            summary.update(diagnostics.summary())
-    if error is not None:
-        summary["error"] = error
-    return summary
+            samples_per_s=(round((state.samples - state.all_untimed_samples()) * c.world_size / state.train_s(), 2)
+                           if state.train_s() > 0 else None),
+            world_size=c.world_size, peak_memory_mb=round(mem, 1), peak_memory_kind=mem_kind,
+            # optimizer state exists once a step has run
+            memory_per_param=(memory_per_param(list(c.base_model.parameters()), c.optimizer, p,
+                                               c.ema.shadow if c.ema is not None else None)
+                              if state.step > 0 else None),
+            events=list(state.events) or None, stop_reason=state.stop_reason,
+            scaler=p.scaler_stats(), validation={k: v for k, v in state.last_val.items() if k != "step"},
+            memory=state.memory.summary(),  # CUDA: the training peak without the diagnostics' buffers, and theirs
+            precision=p.summary(), diagnostics=diagnostics.summary() if diagnostics is not None else {})
+    return Summary(
+        status=status, precision=cfg.precision.mode, precision_alias=cfg.precision.get("alias"),
+        task=c.task.name if c is not None else None,
+        model=cfg.model.get("name") or cfg.model.get("_target_"),
+        dataset=cfg.dataset.get("name") or cfg.dataset.get("_target_"), seed=cfg.trainer.seed,
+        wall_s=round(state.wall_s() if state is not None else wall_s, 3),
+        mptrain_version=__version__, torch_version=str(torch.__version__), progress=progress, error=error,
+    ).as_dict()
 
 
 def run(cfg: DictConfig, run_dir: RunDir | Path, given: Given | None = None) -> dict:
