@@ -16,8 +16,19 @@ from .conftest import TINY, compose_config
 HOLDS = Figures(err=1e-3, gerr=1e-3)
 
 
-def planned(formats: str, times: dict[str, dict[str, float]]):
-    cfg = compose_config([*TINY, "precision=auto", f"precision.auto.formats={formats}", "precision.auto.probe_steps=1"])
+def step(p: Precision, model: nn.Module, n: int) -> dict | None:
+    """One training step as train/step.py runs it, for the planner's sake (no optimizer: the weights stay)."""
+    p.begin_step(n, model)
+    with p.autocast():
+        out = model(torch.randn(4, 8, generator=torch.Generator().manual_seed(n)))
+    out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return p.end_step(n, model, overflow=False)
+
+
+def planned(formats: str, times: dict[str, dict[str, float]], probe_steps: int = 2):
+    cfg = compose_config([*TINY, "precision=auto", f"precision.auto.formats={formats}",
+                          f"precision.auto.probe_steps={probe_steps}"])
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
@@ -26,20 +37,25 @@ def planned(formats: str, times: dict[str, dict[str, float]]):
 
     def stub(module, fmts, example, repeats):  # what this device would measure: a CPU without bf16 units for "0"
         name = "0" if module is model[0] else "2"
-        asked.append((name, tuple(fmts)))
+        asked.append((name, tuple(fmts), tuple(example.shape)))
         return {f: times[name][f] for f in fmts}
 
     p.time_formats = stub
-    pl = p.planner
-    pl._examples = {"0": torch.randn(4, 8), "2": torch.randn(4, 8)}
-    pl.figures = {n: dict.fromkeys(("bf16", "mxfp4"), HOLDS) for n in ("0", "2")}
-    pl._plan(1, model, p)
-    return p, asked
+    events = {}
+    for n in range(1, probe_steps + 2):
+        events[n] = step(p, model, n)
+        if p.planner.planned:
+            break
+    return p, asked, events
 
 
 def test_each_layer_gets_the_fastest_format_that_holds():
-    p, asked = planned("[bf16]", {"0": {"bf16": 2e-3, "fp32": 1e-3}, "2": {"bf16": 1e-3, "fp32": 3e-3}})
+    p, asked, events = planned("[bf16]", {"0": {"bf16": 2e-3, "fp32": 1e-3}, "2": {"bf16": 1e-3, "fp32": 3e-3}})
     assert p.planner.formats == {"0": "fp32", "2": "bf16"}
+    assert asked == [("0", ("bf16", "fp32"), (4, 8)), ("2", ("bf16", "fp32"), (4, 8))]  # timed once, on step 1
+    # the error of bf16 was measured (step 2) on "2" only: on "0" it was slower than fp32, so it could not pay
+    errors = events[2]["errors"]
+    assert list(errors["2"]) == ["bf16"] and isinstance(errors["2"]["bf16"], float) and errors["0"] == {}
     assert p.plan["0"].kernel == "fp32" and p.plan["2"].kernel == "autocast"
     assert "fastest that holds (fp32 1 ms, bf16 2 ms)" in p.plan["0"].why
     summary = p.planner.summary()
@@ -49,9 +65,44 @@ def test_each_layer_gets_the_fastest_format_that_holds():
 
 def test_an_emulated_format_is_never_chosen_for_speed():
     """mxfp4 holds and has fewer bits, but runs emulated on this device: it is not even timed."""
-    p, asked = planned("[mxfp4,bf16]", {n: {"bf16": 1e-3, "fp32": 2e-3, "mxfp4": 1e-9} for n in ("0", "2")})
+    p, asked, _ = planned("[mxfp4,bf16]", {n: {"bf16": 1e-3, "fp32": 2e-3, "mxfp4": 1e-9} for n in ("0", "2")})
     assert p.planner.formats == {"0": "bf16", "2": "bf16"}
-    assert all("mxfp4" not in fmts for _, fmts in asked)
+    assert all("mxfp4" not in fmts for _, fmts, _ in asked)
+
+
+def test_where_fp32_is_fastest_everywhere_the_plan_needs_no_error_measurement():
+    """A CPU without bf16 units: fp32 wins every layer, so the plan is made on the first step, with no shadow
+    measurement at all (the probe's cost is one timing), and each layer says why."""
+    p, asked, events = planned("[bf16]", {n: {"bf16": 3e-3, "fp32": 1e-3} for n in ("0", "2")}, probe_steps=5)
+    assert p.planner.planned and list(events) == [1]
+    assert p.planner.formats == {"0": "fp32", "2": "fp32"} and events[1]["errors"] == {"0": {}, "2": {}}
+    assert all("fastest that holds (fp32 1 ms, bf16 3 ms)" in p.plan[n].why for n in ("0", "2"))
+
+
+def test_the_probe_resumes_between_its_timing_and_its_error_steps():
+    """A checkpoint taken after the timing step holds the times: the resumed probe measures errors, not times."""
+    times = {"0": {"bf16": 2e-3, "fp32": 1e-3}, "2": {"bf16": 1e-3, "fp32": 3e-3}}
+
+    def build(stub):
+        cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[bf16]", "precision.auto.probe_steps=1"])
+        validate(cfg)
+        p = Precision(cfg.precision, torch.device("cpu"))
+        model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+        p.prepare_model(model)
+        p.time_formats = stub
+        return p, model
+
+    p, model = build(lambda module, fmts, x, r: {f: times["0" if module is model[0] else "2"][f] for f in fmts})
+    assert step(p, model, 1) is None and not p.planner.planned  # timed; errors of bf16 on "2" come next
+    state = p.state_dict()
+
+    def again(*args):
+        raise AssertionError("timed again after the resume")
+
+    q, model = build(again)
+    q.load_state_dict(state)
+    event = step(q, model, 2)
+    assert event["event"] == "precision_plan" and q.planner.formats == {"0": "fp32", "2": "bf16"}
 
 
 def test_bits_keeps_the_fewest_bits_that_hold():

@@ -33,8 +33,9 @@ def _amax(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 class ModuleRanges:
     """Hooks every module on a sampled step; `end` returns {module: {in, out, w, grad}} (raw, unscaled)."""
 
-    def __init__(self, model: nn.Module, shadow: Shadow | None = None):
-        self.modules = module_names(model)
+    def __init__(self, model: nn.Module, shadow: Shadow | None = None, only: set[str] | None = None):
+        # `only`: the modules to hook (precision=auto measures its planned modules; diagnostics, every module)
+        self.modules = [(n, m) for n, m in module_names(model) if only is None or n in only]
         self.shadow = shadow  # also measure each candidate format on the modules that hold parameters
         self._handles: list = []
         self._peak: dict[str, dict[str, torch.Tensor]] = {}
@@ -61,7 +62,7 @@ class ModuleRanges:
             own = list(module.parameters(recurse=False))
             if own:
                 self._keep(name, "w", _amax(own))
-            shadowed = bool(own and self.shadow)
+            shadowed = bool(own and self.shadow and self.shadow.measures(name))
             if shadowed:
                 self._busy = True
                 try:

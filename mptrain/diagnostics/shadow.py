@@ -224,15 +224,23 @@ class Shadow:
     `grad(name, module, g)` from the output's gradient hook, `end()` -> {module: {format: [six figures]}}
     (rows in FIELDS order, as diagnostics.jsonl holds them; `Figures.from_row` reads one)."""
 
-    def __init__(self, formats: list[str] | tuple[str, ...], registry: Registry = BUILTINS):
+    def __init__(self, formats: list[str] | tuple[str, ...], registry: Registry = BUILTINS,
+                 only: dict[str, list[str]] | None = None):
         self.names = list(formats)
         # (forward, gradient) formats; an unknown name fails here, at start
         self.formats = {n: (registry.get(n), registry.get(n).grad_format) for n in self.names}
+        self.only = only  # module -> the formats measured on it (precision=auto: those that could pay); None: all
         self._rows: dict[str, dict[str, list]] = {}
         # training recipes: the shadow's own random streams, and each Linear's inputs until its backward
         self._random: gemms.RecipeRandom | None = None
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._recipes = any(f.three_gemms for f, _ in self.formats.values())
+
+    def measures(self, module: str) -> bool:
+        return self.only is None or bool(self.only.get(module))
+
+    def _formats(self, module: str) -> list[tuple[str, tuple]]:
+        return [(n, f) for n, f in self.formats.items() if self.only is None or n in self.only.get(module, ())]
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -264,7 +272,7 @@ class Shadow:
 
         f32 = lambda t: t.detach().float()  # noqa: E731
         ref = run([f32(v) for _, _, v in own], _floats(args, f32), _floats(kwargs, f32))
-        for fname, (fwd, _) in self.formats.items():
+        for fname, (fwd, _) in self._formats(name):
             q = lambda t, fwd=fwd: quantize(t.detach().float(), fwd, dim)  # noqa: E731
             qp = [_weight(f32(v), fwd, m, k) if v.dim() >= 2 or not fwd.scaled else f32(v) for m, k, v in own]
             got = run(qp, _floats(args, q), _floats(kwargs, q))
@@ -291,7 +299,7 @@ class Shadow:
         g = g.detach().float()
         inputs = self._inputs.get(name)
         x = inputs.pop() if inputs else None  # the backward meets a module's calls in reverse order
-        for fname, (fwd, gfmt) in self.formats.items():
+        for fname, (fwd, gfmt) in self._formats(name):
             random = self._generator(g.device) if fwd.three_gemms else None
             if random is not None and fwd.grad_rounding == "stochastic" and dim == -1:
                 q = gemms.round_grad(gfmt, g, random.generator)  # a recipe's Linear: blocks along out_features

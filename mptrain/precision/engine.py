@@ -268,22 +268,19 @@ class Precision:
     def time_formats(self, module: nn.Module, formats: list[str], example: torch.Tensor, repeats: int) -> dict:
         """Forward+backward seconds of `module` in each of `formats` on this device (precision=auto's objective=time),
         each on a copy converted as this run converts a module (its plan rule, its applier), on `example` (an input
-        of the probe's shape). A format the copy refuses is not timed."""
-        out: dict[str, float] = {}
+        of the probe's shape), the formats' runs interleaved. A format the copy refuses is not timed."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # a module's dropout in the timed runs leaves the run's RNG be
-            for fmt in formats:
-                out.update(self._time_one(module, fmt, example, repeats))
-        return out
+            runs = {fmt: run for fmt in formats if (run := self._timed_run(module, fmt, example)) is not None}
+            return timing.interleaved_medians(runs, self.device, repeats)
 
-    def _time_one(self, module: nn.Module, fmt: str, example: torch.Tensor, repeats: int) -> dict[str, float]:
+    def _timed_run(self, module: nn.Module, fmt: str, example: torch.Tensor):
         wrapper = nn.Sequential(timing.plain_copy(module))
         plan = self._resolve(wrapper, [Rule("0", fmt, "timing")])
         if plan["0"].format != fmt:
-            return {}
+            return None
         Applier(self.registry, self.device, self.autocast_format, self.fp8_emulated).apply(wrapper, plan)
-        run = timing.forward_backward(wrapper, example, self.autocast)
-        return {fmt: timing.median_seconds(run, self.device, repeats)}
+        return timing.forward_backward(wrapper, example, self.autocast)
 
     def restore_formats(self, formats: dict[str, str], why: str) -> list[str]:
         """The prepared model moved to `formats` (module -> format), every entry giving `why` (a checkpoint's own

@@ -1,13 +1,17 @@
 """precision=auto: a per-layer plan from measurement, applied in the running process.
 
-    probe     steps 1..probe_steps train in the safe preset (bf16 autocast; fp32 without bf16), with shadow
-              measurement (diagnostics/shadow.py) of every candidate format on every step
+    probe     steps 1..probe_steps train in the safe preset (bf16 autocast; fp32 without bf16) and measure:
+              objective=time: step 1 times each planned module's forward+backward in each candidate it fits, on
+              its own input, on this device (emulated formats are not real speed here: never timed or chosen for
+              it); the later steps measure the error (diagnostics/shadow.py) only of the formats clearly faster
+              than fp32 on a module, so where fp32 is fastest everywhere (a CPU without bf16 units) the plan is
+              made on step 1 with no error measurement at all;
+              objective=bits: every step measures the error of every candidate on every module
     plan      each module the safe preset computes in its own format gets, among the candidates that it fits (the
               registry's rule) and whose worst relative error, of its output and of its output gradient, stayed
-              within `tolerance` (fp32 always does), the fastest: its forward+backward measured on this device in
-              each of them (objective=time; emulated formats are not real speed here and are left out), or the
-              fewest bits per value (objective=bits, the registry's cost); the model is converted in place (the
-              applier: the same parameter objects, so the optimizer state carries on)
+              within `tolerance` (fp32 always does), the fastest as timed (objective=time), or the fewest bits
+              per value (objective=bits, the registry's cost); the model is converted in place (the applier: the
+              same parameter objects, so the optimizer state carries on)
     recheck   every `recheck_every` steps the formats in use are measured again; a layer over tolerance moves up
               its ladder to the next format it fits (e.g. fp8_e4m3 -> bf16 -> fp32) and the change is an event row
 
@@ -31,6 +35,9 @@ from mptrain.precision.formats import FP8_ROW, FP32, Registry
 from mptrain.precision.plan import planned_modules
 
 log = logging.getLogger(__name__)
+# objective=time: a format must time under this share of fp32's on a module to be worth measuring (and so choosing)
+# there: repeated timings on a shared machine differ by a few percent, and a format no faster only adds error
+CLEARLY_FASTER = 0.95
 
 
 def _json(v: float | None):
@@ -58,7 +65,9 @@ class Planner:
         self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
         self.objective, self.repeats = cfg.get("objective", "time"), cfg.get("timing_repeats", 3)
         self.device = device
-        self._examples: dict = {}  # module -> an input of the last probe step (objective=time times on its shape)
+        self._examples: dict = {}  # module -> an input of the first probe step (objective=time times on its shape)
+        self.probe_times: dict[str, dict[str, float]] = {}  # module -> format -> seconds, until the plan
+        self.timed = False  # objective=time: the probe's first step has timed the formats (errors come next)
         self._input_hooks: list = []
         self.planned = False
         self.figures: dict[str, dict[str, Figures]] = {}  # the probe's worst figures so far
@@ -79,25 +88,38 @@ class Planner:
         return [n for n, e in plan.items() if e.format == self.base]
 
     def measured(self, step: int) -> bool:
-        if not self.planned:
-            return step <= self.probe_steps
+        if not self.planned:  # objective=time: the probe goes on past its steps until an error was measured
+            return step <= self.probe_steps or self.objective == "time"
         return self.recheck_every > 0 and step % self.recheck_every == 0
 
     # ---- the step ------------------------------------------------------------------------------
     def begin_step(self, step: int, model: nn.Module) -> None:
         if not self.measured(step):
             return
+        only = None
         if self.planned:  # a recheck: the formats in use (fp32 has nothing to lose)
             names = self.registry.cheapest_first(f for f in self.formats.values() if f != self.fp32)
+        elif self.objective == "time" and not self.timed:
+            # time first: this step's inputs time every format on each module; errors are measured next, and
+            # only of the formats faster than fp32 there (the others can never be chosen)
+            self._keep_inputs(model)
+            return
+        elif self.objective == "time":  # an error step: the formats that could pay, on the modules where they could
+            only = self._worth()
+            names = [f for f in self.ladder if any(f in fs for fs in only.values())]
         else:
             names = [f for f in self.ladder if f != self.fp32]
-        if not self.planned and step == self.probe_steps and self.objective == "time":
-            self._keep_inputs(model)
         if not names:
             return
-        self._shadow = Shadow(names, self.registry)
-        self._ranges = ModuleRanges(model, self._shadow)
+        self._shadow = Shadow(names, self.registry, only)
+        self._ranges = ModuleRanges(model, self._shadow, set(only) if only is not None else None)
         self._ranges.begin()
+
+    def _worth(self) -> dict[str, list[str]]:
+        """objective=time: module -> the formats timed clearly faster than fp32 on it (the only ones worth an
+        error measurement); fp32 itself always holds. A module timed in one format only has none."""
+        return {name: [f for f, t in times.items() if f != self.fp32 and t < CLEARLY_FASTER * times.get(self.fp32, 0)]
+                for name, times in self.probe_times.items()}
 
     def _keep_inputs(self, model: nn.Module) -> None:
         """One floating input per planned module, from the step's own forward (the shadow's re-runs call forward
@@ -111,9 +133,31 @@ class Planner:
 
         self._input_hooks = [m.register_forward_pre_hook(keep(n)) for n, m in planned_modules(model)]
 
+    def _time(self, model: nn.Module, policy) -> None:
+        """objective=time: each planned module's forward+backward in each candidate it fits, on this device."""
+        for h in self._input_hooks:
+            h.remove()
+        self._input_hooks = []
+        for name in self.planned_modules(policy.plan):
+            real = [f for f in self.ladder if self._fits(model, name, f, policy.dim_multiple)
+                    and (f == self.fp32 or self.registry.execution(self.registry.get(f), self.device) != "emulated")]
+            # emulated formats are not real speed here: never chosen for it; a module without an input seen, or
+            # with one candidate, is timed in fp32 alone (nothing to compare)
+            x = self._examples.get(name)
+            times = (policy.time_formats(model.get_submodule(name), real, x, self.repeats)
+                     if x is not None and len(real) > 1 else {})
+            self.probe_times[name] = times
+        self._examples = {}
+        self.timed = True
+
     def end_step(self, step: int, model: nn.Module, policy) -> dict | None:
         """After the optimizer step: read the figures; at the probe's end build and apply the plan, on a recheck
         demote the layers over tolerance. Returns the event row (or None)."""
+        if not self.planned and self.objective == "time" and not self.timed:
+            self._time(model, policy)
+            if any(self._worth().values()):
+                return None  # errors next, of the formats that could pay
+            return self._plan(step, model, policy)  # fp32 is fastest everywhere: nothing to measure
         if self._ranges is None:  # nothing measured: not a probe step, or nothing to measure (a ladder of fp32)
             if self.planned or not self.measured(step):
                 return None
@@ -141,19 +185,16 @@ class Planner:
     def _fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
         return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
 
-    def _fastest(self, model: nn.Module, name: str, ok: list[str], policy) -> tuple[str, dict[str, float]]:
-        """objective=time: the fastest of `ok` on this device (ties: the cheaper), and the times measured."""
-        real = [f for f in ok if self.registry.execution(self.registry.get(f), self.device) != "emulated"
-                or f == self.fp32]
-        if name not in self._examples or len(real) < 2:
-            return (real or ok)[0], {}
-        times = policy.time_formats(model.get_submodule(name), real, self._examples[name], self.repeats)
-        return min(real, key=lambda f: (times.get(f, math.inf), real.index(f))), times
+    def _fastest(self, name: str, ok: list[str]) -> tuple[str, dict[str, float]]:
+        """objective=time: the fastest of `ok` as timed on the probe's first step (ties: the cheaper), and every
+        time measured; fp32 where the module was not timed (no evidence that another format is faster)."""
+        times = self.probe_times.get(name, {})
+        timed = [f for f in ok if f in times]
+        if not timed:
+            return self.fp32, times
+        return min(timed, key=lambda f: (times[f], ok.index(f))), times
 
     def _plan(self, step: int, model: nn.Module, policy) -> dict:
-        for h in self._input_hooks:
-            h.remove()
-        self._input_hooks = []
         chosen, errors, times, why = {}, {}, {}, {}
         for name in self.planned_modules(policy.plan):
             ok = [f for f in self.ladder
@@ -161,16 +202,18 @@ class Planner:
             errors[name] = {f: _json(v.error) for f, v in self.figures.get(name, {}).items()}
             why[name] = f"auto (step {step})"
             if self.objective == "time":
-                chosen[name], measured = self._fastest(model, name, ok, policy)
+                chosen[name], measured = self._fastest(name, ok)
                 if measured:
                     times[name] = measured
+                    fast = measured.get(chosen[name], math.inf)
                     why[name] += ": fastest that holds (" + ", ".join(
-                        f"{f} {t * 1e3:.3g} ms" for f, t in sorted(measured.items(), key=lambda kv: kv[1])) + ")"
+                        f"{f} {t * 1e3:.3g} ms" + (" over tolerance" if f not in ok and t < fast else "")
+                        for f, t in sorted(measured.items(), key=lambda kv: kv[1])) + ")"
             else:
                 chosen[name] = ok[0]
-        self._examples = {}
         self.planned = True
         self.figures = {}
+        self.probe_times, self.timed = {}, False
         self.formats = chosen
         self.why = why
         self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
@@ -220,7 +263,7 @@ class Planner:
         figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
                 "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder),
-                "times": dict(self.times)}
+                "times": dict(self.times), "probe_times": dict(self.probe_times), "timed": self.timed}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("ladder")
@@ -236,3 +279,4 @@ class Planner:
         last = self.history[-1]["step"] if self.history else 0
         self.why = dict(state.get("why") or dict.fromkeys(self.formats, f"auto (step {last})"))
         self.times = dict(state.get("times") or {})
+        self.probe_times, self.timed = dict(state.get("probe_times") or {}), bool(state.get("timed"))

@@ -3,7 +3,8 @@ objective=time): the module's copy converted by the run's own applier, so the ti
 run would use (autocast kernels, torchao's Float8Linear, emulation), on an input of the shape the probe saw.
 
 Cost model: per (module, format) one warm-up and `repeats` timed forward+backward runs of that module alone, once,
-at the end of the probe; CUDA events on a GPU (one synchronisation per run), perf_counter on a CPU.
+on the probe's first step; CUDA events on a GPU (one synchronisation per run), perf_counter on a CPU. The formats'
+runs are interleaved (a, b, a, b, ...), so a change of load on a shared machine falls on each format alike.
 """
 
 from __future__ import annotations
@@ -17,23 +18,34 @@ import torch
 from torch import nn
 
 
+def seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """The wall time of one run of `fn`."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()  # the one host synchronisation of a timed run
+        return start.elapsed_time(end) / 1000
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """The median wall time of `fn` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
+    return interleaved_medians({"fn": fn}, device, repeats)["fn"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Each of `fns` warmed once, then run `repeats` rounds of one run each: the median wall time per name."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()  # the one host synchronisation of a timed run
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
