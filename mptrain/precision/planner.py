@@ -97,8 +97,9 @@ class Planner:
         if not self.measured(step):
             return
         only = None
-        if self.planned:  # a recheck: the formats in use (fp32 has nothing to lose)
-            names = self.registry.cheapest_first(f for f in self.formats.values() if f != self.fp32)
+        if self.planned:  # a recheck: each module in its own format (fp32 has nothing to lose)
+            only = {n: [f] for n, f in self.formats.items() if f != self.fp32}
+            names = self.registry.cheapest_first({f for fs in only.values() for f in fs})
         elif self.objective == "time" and not self.timed:
             # time first: this step's inputs time every format on each module; errors are measured next, and
             # only of the formats faster than fp32 there (the others can never be chosen)
