@@ -409,9 +409,10 @@ class DiagnosticsConfig:
     activation_layers: list[str] | None = None  # modules whose output gradients are histogrammed; null: top-level children
     trace_after: int | None = 20  # consecutive skipped steps before the overflowing batch is traced (null: never)
     # candidate formats measured by shadow execution on every module with parameters (docs/diagnostics.md
-    # "Shadow measurement"): the format registry's names (built-ins, fp8 / fp8_row / fp8_row_hp among them, and precision.formats);
-    # null = the formats with real kernels on the device (CPU: bf16; CUDA: bf16 or fp16, plus fp8 from sm_89); [] = off
-    shadow: list[str] | None = None
+    # "Shadow measurement"): the format registry's names (built-ins, fp8 / fp8_row / fp8_row_hp, precision.formats);
+    # null = the formats with real kernels on the device (CPU: bf16; CUDA: bf16 or fp16, plus fp8 from sm_89).
+    # Off by default ([]): a sampled step with it costs several plain steps (docs/benchmarks.md), opt in to measure
+    shadow: list[str] | None = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "diagnostics.every", self.every, "must be >= 1")

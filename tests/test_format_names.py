@@ -12,8 +12,10 @@ from pathlib import Path
 from mptrain.precision.formats import BUILTINS
 
 REPO = Path(__file__).resolve().parent.parent
-# the registry and the preset table (families.PRESETS; config.PRESET_FAMILIES and FP8_RECIPES mirror it)
-HOME = ("mptrain/precision/formats/", "mptrain/precision/families.py", "mptrain/config.py")
+# the registry and the preset table (families.PRESETS; config.PRESET_FAMILIES and FP8_RECIPES mirror it), and
+# pyproject's extra names (library/extras.py: mptrain[fp8] installs torchao; the library layer imports no precision)
+HOME = ("mptrain/precision/formats/", "mptrain/precision/families.py", "mptrain/config.py",
+        "mptrain/library/extras.py")
 # format names and their short aliases, and torchao's recipe names (precision.dtype's float32 / float16 / bfloat16
 # are config values, not names of the registry: not counted)
 NAMES = (set(BUILTINS) | {"e4m3", "e5m2", "mxfp6", "tensorwise", "rowwise", "rowwise_with_gw_hp"})

@@ -63,6 +63,11 @@ class Diagnostics:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         registry = precision.registry
         self.shadow = Shadow(registry.default_candidates(device) if cfg.shadow is None else list(cfg.shadow), registry)
+        if self.shadow:  # opt-in, and dear: say why the sampled steps are slow
+            log.info("diagnostics.shadow=[%s]: each sampled step (the first %d, then every %d) runs every module "
+                     "with parameters again once in fp32 and once per format: those steps take several times a "
+                     "plain step's time (docs/benchmarks.md \"Shadow measurement\")", ", ".join(self.shadow.names),
+                     cfg.first_steps, cfg.every)
         self.path = Path(run_dir) / DIAGNOSTICS
         self._file = open(self.path, "a")
         if self.path.stat().st_size == 0:

@@ -8,6 +8,9 @@ from types import ModuleType
 from mptrain.errors import ConfigError
 
 
+TORCHAO = "fp8"  # pyproject's extra that installs torchao (named after precision=fp8, its first user)
+
+
 class MissingExtra(ConfigError):
     """An optional dependency a config needs is not installed."""
 

@@ -21,9 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mptrain.errors import ConfigError, MptrainError
-from mptrain.library.extras import require
+from mptrain.library.extras import TORCHAO, require
 from mptrain.library.imports import locate
-from mptrain.precision.formats import FP8
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamwfp8": "AdamWFp8"}  # torchao.optim classes
 # the tensor subclasses their states are saved as: torch.load(weights_only=True) reads them once torchao.optim
@@ -34,7 +33,7 @@ LOW_BIT_STATES = ("torchao.optim.subclass_8bit.OptimState8bit", "torchao.optim.s
 
 def allow_low_bit_states() -> None:
     """Let torch.load(weights_only=True) read torchao's low-bit optimizer states."""
-    require("torchao.optim", FP8.name, "a checkpoint holding torchao's low-bit optimizer state")
+    require("torchao.optim", TORCHAO, "a checkpoint holding torchao's low-bit optimizer state")
 
 
 def _target_class(target: str, key: str):
@@ -131,7 +130,7 @@ def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> t
                               "class such as torch.optim.RAdam")
         return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **given_settings(cfg, cls, kwargs), **kwargs)
     if cfg.name in LOW_BIT:
-        torchao_optim = require("torchao.optim", FP8.name, f"optimizer={cfg.name}")
+        torchao_optim = require("torchao.optim", TORCHAO, f"optimizer={cfg.name}")
         cls = getattr(torchao_optim, LOW_BIT[cfg.name])
         return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **kwargs)
 
