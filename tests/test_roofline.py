@@ -1,0 +1,150 @@
+"""The time model for a named target (precision/roofline.py) and `mptrain-estimate --target`, checked against
+torchao's own roofline (torchao.testing.training.roofline_utils, the independent reference) and by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchao.testing.training.roofline_utils import get_float8_mem_sympy, get_gemm_time_sympy, get_specs
+
+from mptrain.errors import ConfigError
+from mptrain.library.models.language import GPT
+from mptrain.precision import roofline
+from mptrain.precision.formats import BF16, FP8, FP8_ROW, FP32, get_format
+from mptrain.precision.formats.builtin import FP8_ROW_HP
+from mptrain.precision.formats.targets import Target
+from mptrain.tools.estimate import main
+from mptrain.tools.modeled import trace
+
+TORCHAO_GPU = "NVIDIA H100"
+
+
+def torchao_times(m: int, k: int, n: int, recipe: str) -> tuple[float, float]:
+    """(bf16, fp8) forward+backward seconds of an M x K x N Linear as torchao's float8_roofline.py sums them:
+    the three bf16 GEMMs, against the three fp8 GEMMs plus the fp8 casts (fusion modeling off)."""
+    bf16 = get_gemm_time_sympy(m, k, n, torch.bfloat16, None, None, TORCHAO_GPU)
+    fp8 = (get_gemm_time_sympy(m, k, n, torch.float8_e4m3fn, recipe, None, TORCHAO_GPU)
+           + get_float8_mem_sympy(m, k, n, recipe, None, False, TORCHAO_GPU))
+    return float(bf16), float(fp8)
+
+
+def test_one_gemm_by_hand():
+    """A compute-bound and a memory-bound Linear in bf16 on an H100 (989.5 TFLOP/s dense bf16, 3.35 TB/s), at
+    78% of the peak and 92% of the bandwidth; each of the three GEMMs moves and computes the same amount."""
+    peak, bandwidth = 1979e12 / 2 * 0.78, 3.35e12 * 0.92
+    # M = 8192, K = N = 4096: 2MKN = 2.75e11 flops -> 356 us; (MK + KN + MN) x 2 bytes = 168 MB -> 54 us
+    flops, moved = 2 * 8192 * 4096 * 4096, (8192 * 4096 + 4096 * 4096 + 8192 * 4096) * 2
+    assert flops / peak > moved / bandwidth
+    assert roofline.seconds(roofline.Shape(8192, 4096, 4096), BF16, "h100") == pytest.approx(3 * flops / peak)
+    # M = 65536, K = N = 256: 8.6e9 flops -> 11 us; (MK + KN + MN) x 2 bytes = 67 MB -> 22 us: memory-bound
+    flops, moved = 2 * 65536 * 256 * 256, (65536 * 256 + 256 * 256 + 65536 * 256) * 2
+    assert moved / bandwidth > flops / peak > 2e-6
+    assert roofline.seconds(roofline.Shape(65536, 256, 256), BF16, "h100") == pytest.approx(3 * moved / bandwidth)
+    # fp32 (67 TFLOP/s on CUDA cores) against tf32 (494.5 TFLOP/s) on the compute-bound shape
+    big = roofline.Shape(8192, 4096, 4096)
+    assert roofline.seconds(big, FP32, "h100") == pytest.approx(3 * 2 * 8192 * 4096**2 / (67e12 * 0.78))
+    assert roofline.seconds(big, FP32, "h100", tf32=True) == pytest.approx(3 * 2 * 8192 * 4096**2 / (494.5e12 * 0.78))
+
+
+@pytest.mark.parametrize("fmt", [FP8, FP8_ROW, FP8_ROW_HP], ids=lambda f: f.recipe)
+def test_same_as_torchao_given_torchao_figures(fmt):
+    """With torchao's own H100 figures (its 2.4 TB/s H100 variant) our model gives torchao's times exactly: GEMMs,
+    casts, kernel launches, for each torchao recipe; only the table's figures differ."""
+    specs = get_specs(TORCHAO_GPU)
+    theirs = Target("torchao-h100", TORCHAO_GPU, {BF16.rate: specs["bf16_peak_tops"], FP8.rate: specs["fp8_peak_tops"]},
+                    specs["peak_mem_bw_bytes_sec"], "torchao/testing/training/roofline_utils.py")
+    for m, k, n in [(8192, 1024, 1024), (8192, 4096, 4096), (8192, 4096, 16384), (8192, 64, 64), (1024, 8192, 512),
+                    (65536, 2048, 1024)]:
+        bf16, fp8 = torchao_times(m, k, n, fmt.recipe)
+        shape = roofline.Shape(m, k, n)
+        assert roofline.seconds(shape, BF16, theirs) == pytest.approx(bf16, rel=1e-12)
+        assert roofline.seconds(shape, fmt, theirs) == pytest.approx(fp8, rel=1e-12)
+
+
+def test_the_issues_reference_ratios_are_torchaos():
+    """issue 34's figures (H100, M = 8192, tensorwise): fp8 at 0.72x, 1.36x, 1.50x, 0.23x the speed of bf16."""
+    for (k, n), ratio in {(1024, 1024): 0.72, (4096, 4096): 1.36, (4096, 16384): 1.50, (64, 64): 0.23}.items():
+        bf16, fp8 = torchao_times(8192, k, n, FP8.recipe)
+        assert bf16 / fp8 == pytest.approx(ratio, abs=0.006)
+
+
+def gpt_linears(dim: int, heads: int, batch: int, seq: int) -> list[tuple[str, nn.Linear, tuple[int, ...]]]:
+    """(name, module, its input's shape) of each Linear in one forward of a one-block GPT on the meta device."""
+    with torch.device("meta"):
+        gpt = GPT(vocab_size=64, seq_len=seq, dim=dim, layers=1, heads=heads)
+    shapes, _ = trace(gpt, torch.empty(batch, seq, dtype=torch.long, device="meta"), 2)
+    return [(n, m, shapes[n]) for n, m in gpt.named_modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("dim,heads", [(4096, 32), (64, 4)])
+def test_fp8_or_bf16_agrees_with_torchao_per_linear(dim, heads):
+    """On an H100 (datasheet figures), the faster of bf16 and fp8 for each Linear of a GPT at M = 8192 is torchao's
+    choice wherever torchao's two times differ by more than 10%."""
+    compared = 0
+    for name, module, shape in gpt_linears(dim, heads, 4, 2048):
+        m = math.prod(shape[:-1])
+        assert m == 8192
+        for fmt in (FP8, FP8_ROW):
+            ours = roofline.layer_times(module, shape, [BF16.name, fmt.name], "h100")
+            bf16, fp8 = torchao_times(m, module.in_features, module.out_features, fmt.recipe)
+            if abs(bf16 - fp8) > 0.1 * max(bf16, fp8):
+                compared += 1
+                assert (ours[fmt.name] < ours[BF16.name]) == (fp8 < bf16), (name, fmt.recipe, bf16 / fp8)
+    assert compared >= 8  # most of the 5 Linears x 2 recipes differ by more than 10% in torchao's model
+
+
+def test_conv2d_as_implicit_gemm_and_what_is_not_modeled():
+    conv = nn.Conv2d(3, 16, 3, padding=1, stride=2)
+    shape = roofline.shape_of(conv, (8, 3, 32, 32))
+    assert shape == roofline.Shape(8 * 16 * 16, 3 * 9, 16, 1, 8 * 3 * 32 * 32)
+    grouped = roofline.shape_of(nn.Conv2d(32, 32, 3, padding=1, groups=4), (2, 32, 8, 8))
+    assert (grouped.M, grouped.K, grouped.N, grouped.groups) == (2 * 64, 8 * 9, 8, 4)
+    assert roofline.layer_times(nn.LayerNorm(64), (8, 64), [BF16.name], "h100") == {}
+
+
+def test_a_format_the_target_lacks_has_no_time_and_says_why():
+    linear = nn.Linear(1024, 1024, device="meta")
+    times = roofline.layer_times(linear, (8192, 1024), [BF16.name, FP8.name], "a100")
+    assert times[FP8.name] == math.inf and times[BF16.name] < math.inf
+    assert roofline.why_not(FP8, "a100").startswith("a100 has no fp8 rate")
+    nvfp4 = get_format("nvfp4")  # emulated here, native on a B200: modeled at the B200's fp4 rate
+    assert roofline.layer_times(linear, (8192, 1024), [nvfp4.name], "h100")[nvfp4.name] == math.inf
+    assert roofline.layer_times(linear, (8192, 1024), [nvfp4.name], "b200")[nvfp4.name] < math.inf
+
+
+def test_an_unknown_target_is_one_line_naming_the_known(capsys):
+    with pytest.raises(ConfigError, match=r"^unknown target 'h900'; known targets: h100, h200, b200, a100, l4$"):
+        roofline.target("h900")
+    assert main(["--target", "h900", "--presets", "bf16", "model=mlp"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mptrain-estimate: error: unknown target 'h900'; known targets: h100, h200, b200, a100, l4\n"
+
+
+GPT_4096 = ["model=gpt", "dataset=synthetic_tokens", "model.dim=4096", "model.layers=1", "model.heads=32",
+            "dataset.seq_len=2048", "trainer.batch_size=4"]
+
+
+@pytest.mark.slow
+def test_estimate_target_json_for_a_4096_wide_gpt(capsys):
+    """The whole run through the CLI, on the meta device: M = batch x sequence, each layer's time is the model's,
+    fp8 wins the wide layers at M = 8192, its layers say they execute emulated here, fp8 on an A100 is refused."""
+    assert main(["--json", "--target", "h100", "--presets", "bf16,fp8", *GPT_4096]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["target"] == "h100" and set(out["presets"]) == {"bf16", "fp8"}
+    bf16, fp8 = out["presets"][BF16.name], out["presets"][FP8.name]
+    proj = {"M": 8192, "K": 4096, "N": 4096}
+    assert bf16["layers"]["blocks.0.attn.proj"] == {"format": BF16.name, "emulated_here": False, "shape": proj,
+                                                    "time_s": pytest.approx(roofline.seconds(
+                                                        roofline.Shape(8192, 4096, 4096), BF16, "h100"))}
+    assert fp8["layers"]["blocks.0.attn.proj"]["format"] == FP8.name
+    assert fp8["layers"]["blocks.0.attn.proj"]["emulated_here"] or torch.cuda.is_available()
+    assert fp8["layers"]["blocks.0.attn.proj"]["time_s"] < bf16["layers"]["blocks.0.attn.proj"]["time_s"]
+    assert fp8["step_time_s"] < bf16["step_time_s"] and bf16["memory_mb"] > 0
+    assert "blocks.0.ln1" in bf16["not_modeled"]
+    assert main(["--json", "--target", "a100", "--presets", "bf16,fp8", *GPT_4096]) == 0
+    refused = json.loads(capsys.readouterr().out)["refused"]
+    assert refused[FP8.name].startswith("precision=fp8 on a100: a100 has no fp8 rate")
