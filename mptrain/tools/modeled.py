@@ -29,6 +29,7 @@ from mptrain.library.data.loading import as_datasets
 from mptrain.precision import roofline
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.engine import Precision, resolve_device
+from mptrain.precision.families import PRESETS
 
 MB = 2**20
 META = torch.device("meta")
@@ -106,6 +107,9 @@ def model_preset(overrides: list[str], where: str) -> dict:
 
     t = roofline.target(where)
     cfg = run_config(overrides)
+    preset = PRESETS[cfg.precision.mode]
+    if preset.fixed_dtype is None and not preset.measured and cfg.precision.dtype == "auto":
+        cfg.precision.dtype = "float16"  # amp's auto dtype on a GPU, as engine.resolve_dtype picks it on CUDA
     here = resolve_device(cfg.trainer.device)  # the plan's `emulated`: how this machine would run it
     precision = Precision(cfg.precision, here)
     x, facts = example_batch(cfg)
@@ -141,7 +145,7 @@ def model_preset(overrides: list[str], where: str) -> dict:
     row["activations"] = activations / MB
     row["total"] = sum(row.values())
     row["params"] = n
-    row["device"] = f"{t.name} (modeled: {t.part})"
+    row["device"] = f"{t.name} ({t.part})"
     optimizer_s = optimizer_bytes * MB / (t.bandwidth * roofline.MEMORY_EFFICIENCY)
     row["step_time_s"] = sum(v["time_s"] for v in layers.values()) + optimizer_s
     row["optimizer_s"] = optimizer_s
