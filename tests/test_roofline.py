@@ -14,7 +14,7 @@ from torchao.testing.training.roofline_utils import get_float8_mem_sympy, get_ge
 from mptrain.errors import ConfigError
 from mptrain.library.models.language import GPT
 from mptrain.precision import roofline
-from mptrain.precision.formats import BF16, FP8, FP8_ROW, FP32, get_format
+from mptrain.precision.formats import BF16, FP8, FP8_ROW, FP32, Registry, get_format
 from mptrain.precision.formats.builtin import FP8_ROW_HP
 from mptrain.precision.formats.targets import Target
 from mptrain.tools.estimate import main
@@ -111,6 +111,10 @@ def test_a_format_the_target_lacks_has_no_time_and_says_why():
     times = roofline.layer_times(linear, (8192, 1024), [BF16.name, FP8.name], "a100")
     assert times[FP8.name] == math.inf and times[BF16.name] < math.inf
     assert roofline.why_not(FP8, "a100").startswith("a100 has no fp8 rate")
+    registry = Registry.from_config({"mine": {"element": "e3m2"}})  # a user's format: no rate, modeled nowhere
+    assert roofline.layer_times(linear, (8192, 1024), ["mine"], "b200", registry) == {"mine": math.inf}
+    assert roofline.why_not(registry.get("mine"), "b200") == ("mine has no hardware rate: no GPU runs it natively, "
+                                                              "so no target models it")
     nvfp4 = get_format("nvfp4")  # emulated here, native on a B200: modeled at the B200's fp4 rate
     assert roofline.layer_times(linear, (8192, 1024), [nvfp4.name], "h100")[nvfp4.name] == math.inf
     assert roofline.layer_times(linear, (8192, 1024), [nvfp4.name], "b200")[nvfp4.name] < math.inf

@@ -92,9 +92,11 @@ def rate(fmt: Format, tf32: bool = False) -> str | None:
 def why_not(fmt: Format, where: str | Target, tf32: bool = False) -> str | None:
     """Why `where` cannot run `fmt`'s GEMMs (None: it can)."""
     t, r = target(where), rate(fmt, tf32)
+    if r is None:
+        return f"{fmt.name} has no hardware rate: no GPU runs it natively, so no target models it"
     if r in t.peak and (fmt.grad_format == fmt or rate(fmt.grad_format) in t.peak):
         return None
-    return f"{t.name} has no {r or fmt.name} rate (it has {', '.join(t.peak)})"
+    return f"{t.name} has no {r} rate (it has {', '.join(t.peak)})"
 
 
 def _gemm_s(m: int, k: int, n: int, a: Format, b: Format, a_numel: int, out_numel: int, out_bytes: float,

@@ -13,7 +13,11 @@ A preset the run refuses (`precision.layers` under master, nomaster or bf16_pure
 a line under the table with training's own one-line reason; the others are estimated. Exit status 0 when at
 least one preset was estimated; otherwise one error line (the reason, once, when every preset gave the same).
 
+With `--target NAME` (h100, h200, b200, a100, l4) nothing runs on this device: each preset's memory and step time
+are modeled for that GPU from the network built on the meta device (tools/modeled.py, precision/roofline.py).
+
     mptrain-estimate model=gpt dataset=synthetic_tokens optimizer=adamw trainer.batch_size=64
+    mptrain-estimate --target h100 --presets bf16,fp8 model=gpt model.dim=4096 dataset.seq_len=2048
     mptrain-estimate --presets fp32,bf16,bf16_pure model=hf_causal_lm dataset=tokens dataset.path=DIR
 """
 
