@@ -171,3 +171,17 @@ def test_estimate_target_json_and_refusal(capsys):
     assert main(["--json", "--target", "a100", "--presets", "bf16,fp8", *gpt(64, 4)]) == 0
     refused = json.loads(capsys.readouterr().out)["refused"]
     assert refused[FP8.name].startswith("precision=fp8 on a100: a100 has no fp8 rate")
+
+
+@pytest.mark.slow
+def test_estimate_target_models_a_cnns_convolutions_as_implicit_gemms(capsys):
+    """The default CNN: every Conv2d and Linear gets a modeled time (a Conv2d no `shape`: that is for Linear
+    layers), the step is at least their sum, and fp32 is slower than bf16 on an L4 (30.3 against 121 TFLOP/s)."""
+    assert main(["--json", "--target", "l4", "--presets", "fp32,bf16", "model=cnn", "trainer.batch_size=32"]) == 0
+    presets = json.loads(capsys.readouterr().out)["presets"]
+    for row in presets.values():
+        kinds = {("shape" in layer, layer["time_s"] > 0) for layer in row["layers"].values()}
+        assert kinds == {(True, True), (False, True)}  # Linear and Conv2d layers, all timed
+        assert row["step_time_s"] >= sum(layer["time_s"] for layer in row["layers"].values())
+        assert {layer["shape"]["M"] for layer in row["layers"].values() if "shape" in layer} == {32}  # the batch
+    assert presets[FP32.name]["step_time_s"] > presets[BF16.name]["step_time_s"]

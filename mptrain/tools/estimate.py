@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     n = next(iter(rows.values()))["params"]
     cuda = any("cuda_step_peak" in r for r in rows.values())
     if args.target is None:
-        print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{', CUDA peak of the step' if cuda else ''}"
-              f"), and the step time in seconds on {next(iter(rows.values()))['device']} (the median of {args.steps})\n")
+        peak = ", CUDA peak of the step" if cuda else ""
+        print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{peak}), and the step time in "
+              f"seconds on {next(iter(rows.values()))['device']} (the median of {args.steps})\n")
     else:
         print(f"{n / 1e6:.2f}M parameters; MB per component and the step time in seconds, modeled for "
               f"{next(iter(rows.values()))['device']} (the GEMMs of Linear and Conv2d layers and the optimizer pass; "

@@ -39,8 +39,7 @@ H200 = Target("h200", "NVIDIA H200 SXM 141GB", {"fp32": 67 * T, TF32: 989 * T / 
 B200 = Target("b200", "NVIDIA B200 (HGX, 1000 W)", {"fp32": 80 * T, TF32: 1100 * T, "bf16": 2250 * T, "fp16": 2250 * T,
                                                     "fp8": 4500 * T, "fp6": 4500 * T, "fp4": 9000 * T}, 8.0e12,
               "https://resources.nvidia.com/en-us-blackwell-architecture")
-# https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
-# (A100 80GB SXM: the dense figures are the ones without *; no fp8 tensor cores)
+# the A100 datasheet (the URL below; A100 80GB SXM: the dense figures are the ones without *; no fp8 tensor cores)
 A100 = Target("a100", "NVIDIA A100 SXM 80GB", {"fp32": 19.5 * T, TF32: 156 * T, "bf16": 312 * T, "fp16": 312 * T},
               2.039e12,
               "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
