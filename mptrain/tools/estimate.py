@@ -49,7 +49,7 @@ from mptrain.train.step import train_step
 MB = 2**20
 
 
-def run_config(overrides: list[str]):
+def composed(overrides: list[str]):
     """The run's config as `mptrain OVERRIDES` composes and checks it, with nothing written (no diagnostics,
     checkpoints, progress bar or TensorBoard)."""
     GlobalHydra.instance().clear()
@@ -68,7 +68,7 @@ def run_config(overrides: list[str]):
 def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
     """One preset: MB of weights, grads, optimizer state, masters, activations, and their total; the median
     seconds of `steps` timed steps; with `layers`, each planned layer's format, time alone and (Linear) shape."""
-    c = build(run_config(overrides))
+    c = build(composed(overrides))
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ def estimate(presets: list[str], overrides: list[str], steps: int = 3, layers: b
     for preset in presets:
         try:
             if target is not None:
-                rows[preset] = model_preset([*overrides, f"precision={preset}"], target)
+                rows[preset] = model_preset(composed([*overrides, f"precision={preset}"]), target)
                 continue
             rows[preset] = measure([*overrides, f"precision={preset}"], steps, layers)
         except MptrainError as e:  # this preset refuses the run as training would: the others still count

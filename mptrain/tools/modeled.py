@@ -102,13 +102,10 @@ def bytes_per_param(cfg) -> dict[str, float]:
     return memory_per_param(list(stand_in.parameters()), optimizer, precision)
 
 
-def model_preset(overrides: list[str], where: str) -> dict:
-    """One preset's row, modeled for target `where`: memory (MB), step_time_s, and per planned Linear / Conv2d
-    its format, time_s, shape (Linear: M, K, N) and whether this machine would emulate it."""
-    from mptrain.tools.estimate import run_config
-
+def model_preset(cfg, where: str) -> dict:
+    """The row of the run `cfg` (its preset chosen), modeled for target `where`: memory (MB), step_time_s, and per
+    planned Linear / Conv2d its format, time_s, shape (Linear: M, K, N) and whether this machine would emulate it."""
     t = roofline.target(where)
-    cfg = run_config(overrides)
     preset = PRESETS[cfg.precision.mode]
     if preset.fixed_dtype is None and not preset.measured and cfg.precision.dtype == "auto":
         cfg.precision.dtype = "float16"  # amp's auto dtype on a GPU, as engine.resolve_dtype picks it on CUDA
