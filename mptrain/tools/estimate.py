@@ -42,11 +42,9 @@ from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.families import ESTIMATED
 from mptrain.precision.roofline import target as known_target
 from mptrain.precision.roofline import targets
-from mptrain.tools.modeled import model_preset
+from mptrain.tools.modeled import MB, model_preset
 from mptrain.train.recipe import build
 from mptrain.train.step import train_step
-
-MB = 2**20
 
 
 def composed(overrides: list[str]):

@@ -10,11 +10,11 @@ module (norms, embeddings, activations), and attention's own matmuls (F.scaled_d
 module).
 
 Memory, without an allocator: weights, gradients, optimizer state and masters as the preset holds them (its bytes
-per parameter, times the meta model's parameters), and activations as the
-tensors autograd keeps in one micro-batch's forward, each counted once, weights excluded, floating ones at the
-preset's compute dtype (autocast's fp32 norms and losses are undercounted by that). On the meta device attention
-takes PyTorch's math path, which keeps the B x heads x T^2 attention matrices that a GPU's flash attention does not
-keep: there the activations are an upper bound.
+per parameter, times the meta model's parameters), and activations as the tensors autograd keeps in one
+micro-batch's forward, each counted once, weights excluded, floating ones at the preset's compute dtype
+(autocast's fp32 norms and losses are undercounted by that). On the meta device attention takes PyTorch's math
+path, which keeps the B x heads x T^2 attention matrices that a GPU's flash attention does not keep: there the
+activations are an upper bound.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.engine import Precision, resolve_device
 from mptrain.precision.families import PRESETS
 
-MB = 2**20
+MB = 2**20  # what every memory figure of mptrain-estimate is in
 META = torch.device("meta")
 
 
