@@ -13,7 +13,11 @@ A preset the run refuses (`precision.layers` under master, nomaster or bf16_pure
 a line under the table with training's own one-line reason; the others are estimated. Exit status 0 when at
 least one preset was estimated; otherwise one error line (the reason, once, when every preset gave the same).
 
+With `--target NAME` (h100, h200, b200, a100, l4) nothing runs on this device: each preset's memory and step time
+are modeled for that GPU from the network built on the meta device (tools/modeled.py, precision/roofline.py).
+
     mptrain-estimate model=gpt dataset=synthetic_tokens optimizer=adamw trainer.batch_size=64
+    mptrain-estimate --target h100 --presets bf16,fp8 model=gpt model.dim=4096 dataset.seq_len=2048
     mptrain-estimate --presets fp32,bf16,bf16_pure model=hf_causal_lm dataset=tokens dataset.path=DIR
 """
 
@@ -36,15 +40,16 @@ from mptrain.errors import ConfigError, MptrainError
 from mptrain.precision import timing
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.families import ESTIMATED
+from mptrain.precision.roofline import target as known_target
+from mptrain.precision.roofline import targets
+from mptrain.tools.modeled import MB, model_preset
 from mptrain.train.recipe import build
 from mptrain.train.step import train_step
 
-MB = 2**20
 
-
-def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
-    """One preset: MB of weights, grads, optimizer state, masters, activations, and their total; the median
-    seconds of `steps` timed steps; with `layers`, each planned layer's format, time alone and (Linear) shape."""
+def composed(overrides: list[str]):
+    """The run's config as `mptrain OVERRIDES` composes and checks it, with nothing written (no diagnostics,
+    checkpoints, progress bar or TensorBoard)."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=register(), version_base="1.3"):
@@ -55,7 +60,13 @@ def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
-    c = build(cfg)
+    return cfg
+
+
+def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
+    """One preset: MB of weights, grads, optimizer state, masters, activations, and their total; the median
+    seconds of `steps` timed steps; with `layers`, each planned layer's format, time alone and (Linear) shape."""
+    c = build(composed(overrides))
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -115,12 +126,16 @@ def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
     return row
 
 
-def estimate(presets: list[str], overrides: list[str], steps: int = 3, layers: bool = False
-             ) -> tuple[dict[str, dict], dict[str, MptrainError]]:
-    """(rows of the presets that can run, {preset: its refusal} for the others), in the order given."""
+def estimate(presets: list[str], overrides: list[str], steps: int = 3, layers: bool = False,
+             target: str | None = None) -> tuple[dict[str, dict], dict[str, MptrainError]]:
+    """(rows of the presets that can run, {preset: its refusal} for the others), in the order given; measured on
+    this device, or with `target` modeled for that GPU (tools/modeled.py)."""
     rows, refused = {}, {}
     for preset in presets:
         try:
+            if target is not None:
+                rows[preset] = model_preset(composed([*overrides, f"precision={preset}"]), target)
+                continue
             rows[preset] = measure([*overrides, f"precision={preset}"], steps, layers)
         except MptrainError as e:  # this preset refuses the run as training would: the others still count
             refused[preset] = e
@@ -133,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per preset after the measured one (default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object: step time, memory and each layer's "
                     "format, time and (Linear) shape, per preset")
+    ap.add_argument("--target", help=f"model the step for this GPU instead of measuring here: {', '.join(targets())} "
+                    "(the network built on the meta device; docs/precision.md \"Targets\")")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for mptrain")
     args = ap.parse_intermixed_args(argv)  # options anywhere, as mptrain takes overrides: `model=gpt --presets fp32 k=v`
     log = logging.getLogger("mptrain")
@@ -142,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         check_override_keys(args.overrides)  # a mistyped key or an unparsable rule: mptrain's own line
         if args.steps < 1:
             raise ConfigError(f"--steps {args.steps}: give at least 1")
-        rows, refused = estimate(args.presets.split(","), args.overrides, args.steps, args.json)
+        if args.target is not None:
+            known_target(args.target)  # an unknown name: one line naming the known ones
+        rows, refused = estimate(args.presets.split(","), args.overrides, args.steps, args.json, args.target)
     except MptrainError as e:
         print(f"mptrain-estimate: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -154,22 +173,35 @@ def main(argv: list[str] | None = None) -> int:
             f"precision={p}: {e}" for p, e in refused.items())
         print(f"mptrain-estimate: error: {why}", file=sys.stderr)
         return next(iter(refused.values())).exit_code
-    if args.json:  # on this device: a target's model (--target) is not built yet (docs/training.md)
-        print(json.dumps({"target": None, "presets": {p: {"step_time_s": r["step_time_s"], "memory_mb": r["total"],
-                                                          "layers": r["layers"]} for p, r in rows.items()},
-                          "refused": {p: str(e) for p, e in refused.items()}}))
+    if args.json:
+        print(json.dumps({"target": args.target, "presets": {p: {
+            "step_time_s": r["step_time_s"], "memory_mb": r["total"], "layers": r["layers"],
+            **({"not_modeled": r["not_modeled"]} if "not_modeled" in r else {})} for p, r in rows.items()},
+            "refused": {p: str(e) for p, e in refused.items()}}))
         return 0
     n = next(iter(rows.values()))["params"]
     cuda = any("cuda_step_peak" in r for r in rows.values())
-    print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{', CUDA peak of the step' if cuda else ''})"
-          f", and the step time in seconds on {next(iter(rows.values()))['device']} (the median of {args.steps})\n")
+    if args.target is None:
+        peak = ", CUDA peak of the step" if cuda else ""
+        print(f"{n / 1e6:.2f}M parameters; MB per component (one measured step{peak}), and the step time in "
+              f"seconds on {next(iter(rows.values()))['device']} (the median of {args.steps})\n")
+    else:
+        print(f"{n / 1e6:.2f}M parameters; MB per component and the step time in seconds, modeled for "
+              f"{next(iter(rows.values()))['device']} (the GEMMs of Linear and Conv2d layers and the optimizer pass; "
+              "--json lists what is not modeled)\n")
     cols = ["weights", "grads", "optimizer_state", "master", "compensation",
             *(["ema"] if any("ema" in r for r in rows.values()) else []), "activations", "total"]
     cols += (["cuda_step_peak"] if cuda else []) + ["step_time_s"]
     print("| preset | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for preset, r in rows.items():
-        print(f"| `{preset}` | " + " | ".join(f"{r.get(k, float('nan')):.{4 if k == 'step_time_s' else 1}f}"
+        time = ".4g" if args.target else ".4f"  # a target's steps take microseconds to seconds
+        print(f"| `{preset}` | " + " | ".join(f"{r.get(k, float('nan')):{time if k == 'step_time_s' else '.1f'}}"
                                              for k in cols) + " |")
+    for preset, r in rows.items():  # a target's model: the formats this machine itself would only emulate
+        emulated = sorted({v["format"] for v in r.get("layers", {}).values() if v.get("emulated_here")})
+        if args.target and emulated:
+            print(f"`{preset}`: {', '.join(emulated)} modeled at {args.target}'s native rate; a run of it here "
+                  f"executes emulated")
     if refused:
         print()
     for preset, e in refused.items():
