@@ -102,10 +102,13 @@ class AutoConfig:
     tolerance: float = 0.1  # largest relative error of a layer's output and of its output gradient (advisor's)
     formats: list[str] | None = None  # candidates; null: those with a real kernel on the device (CPU: bf16)
     recheck_every: int = 50  # re-measure every N steps after the plan (0: never)
-    # what "cheapest" means: time (each layer's forward+backward measured on the device, in each format that holds,
-    # on the last probe step: the fastest wins) | bits (the fewest bits per value that hold: format studies)
+    # what "cheapest" means: time (each layer's forward+backward timed on the device in each format, on the first
+    # probe step: the fastest that holds wins) | bits (the fewest bits per value that hold: format studies)
     objective: str = "time"
     timing_repeats: int = 3  # time: timed forward+backward runs per layer and format (the median; one warm-up)
+    # time on a named GPU instead of this device (h100, b200, ...: precision/roofline.py, modeled, not timed): what
+    # that GPU would choose; emulated formats may then be chosen, and run emulated here (a study)
+    target: str | None = None
 
     def __post_init__(self) -> None:
         p = "precision.auto"
@@ -114,6 +117,8 @@ class AutoConfig:
         _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
         _check(self.tolerance > 0, f"{p}.tolerance", self.tolerance, "must be > 0")
         _check(self.recheck_every >= 0, f"{p}.recheck_every", self.recheck_every, "must be >= 0 (0: never)")
+        _check(self.target is None or self.objective == "time", f"{p}.target", self.target,
+               "models time: leave precision.auto.objective=time (the default) or drop the target")
 
 
 @dataclass

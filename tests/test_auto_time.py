@@ -4,6 +4,7 @@ decision is tested with stubbed times (not this machine's luck), the measurement
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -128,3 +129,36 @@ def test_time_formats_measures_the_module_as_the_run_converts_it():
     assert set(times) == {"bf16", "fp32", "mxfp4"} and all(t > 0 for t in times.values())
     assert torch.equal(torch.get_rng_state(), before)
     assert type(model[0]) is nn.Linear and model[0].weight.grad is None  # the module itself is untouched
+
+
+@pytest.mark.slow
+def test_a_target_plans_by_the_roofline_and_may_choose_an_emulated_format():
+    """precision.auto.target=h100: times are modeled for that GPU, not measured here, so fp8 (emulated on this CPU)
+    is chosen where the roofline says an H100 runs it faster than bf16: a 2048-wide Linear at M = 2048 (1.27x),
+    not a 64-wide one. Checked against the roofline's own figures for each module."""
+    from mptrain.precision import roofline
+    from mptrain.precision.planner import CLEARLY_FASTER
+
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[fp8_e4m3,bf16]",
+                          "precision.auto.probe_steps=1", "precision.auto.target=h100", "precision.fp8.dim_multiple=1",
+                          "precision.auto.tolerance=inf"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2048), nn.Linear(2048, 2048))
+    p.prepare_model(model)
+    p.time_formats = lambda *a: (_ for _ in ()).throw(AssertionError("a target is modeled, not timed"))
+    x = torch.randn(2048, 64)
+    for n in (1, 2):
+        p.begin_step(n, model)
+        with p.autocast():
+            model(x).float().sum().backward()
+        p.end_step(n, model, overflow=False)
+        if p.planner.planned:
+            break
+    expected = {}
+    for name, width in (("0", 64), ("1", 64), ("2", 2048)):
+        t = roofline.layer_times(model.get_submodule(name), (2048, width), ["fp8_e4m3", "bf16", "fp32"], "h100")
+        faster = {f: v for f, v in t.items() if v < CLEARLY_FASTER * t["fp32"]}  # the planner's rule of worth
+        expected[name] = min(faster, key=faster.get) if faster else "fp32"
+    assert p.planner.formats == expected and expected["0"] != "fp8_e4m3" and expected["2"] == "fp8_e4m3"
+    assert "on h100, modeled" in p.plan["2"].why and p.plan["2"].emulated

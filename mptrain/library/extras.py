@@ -7,7 +7,6 @@ from types import ModuleType
 
 from mptrain.errors import ConfigError
 
-
 TORCHAO = "fp8"  # pyproject's extra that installs torchao (named after precision=fp8, its first user)
 
 

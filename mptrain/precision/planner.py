@@ -31,6 +31,7 @@ from torch import nn
 from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.shadow import Figures, Shadow, check_formats
 from mptrain.errors import ConfigError
+from mptrain.precision import roofline
 from mptrain.precision.formats import FP8_ROW, FP32, Registry
 from mptrain.precision.plan import planned_modules
 
@@ -64,6 +65,9 @@ class Planner:
         self.ladder = [*cheap, *([base] if base in formats and base != self.fp32 else []), self.fp32]
         self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
         self.objective, self.repeats = cfg.get("objective", "time"), cfg.get("timing_repeats", 3)
+        self.target = cfg.get("target")
+        if self.target is not None:
+            roofline.target(self.target)  # an unknown name stops here, at start
         self.device = device
         self._examples: dict = {}  # module -> an input of the first probe step (objective=time times on its shape)
         self.probe_times: dict[str, dict[str, float]] = {}  # module -> format -> seconds, until the plan
@@ -140,14 +144,19 @@ class Planner:
             h.remove()
         self._input_hooks = []
         for name in self.planned_modules(policy.plan):
-            real = [f for f in self.ladder if self._fits(model, name, f, policy.dim_multiple)
-                    and (f == self.fp32 or self.registry.execution(self.registry.get(f), self.device) != "emulated")]
+            fits = [f for f in self.ladder if self._fits(model, name, f, policy.dim_multiple)]
+            x = self._examples.get(name)
+            if self.target is not None:  # modeled on the target: every format it has a rate for, emulated here or not
+                times = roofline.layer_times(model.get_submodule(name), tuple(x.shape), fits, self.target,
+                                             self.registry) if x is not None else {}
+                self.probe_times[name] = {f: t for f, t in times.items() if math.isfinite(t)}
+                continue
             # emulated formats are not real speed here: never chosen for it; a module without an input seen, or
             # with one candidate, is timed in fp32 alone (nothing to compare)
-            x = self._examples.get(name)
-            times = (policy.time_formats(model.get_submodule(name), real, x, self.repeats)
-                     if x is not None and len(real) > 1 else {})
-            self.probe_times[name] = times
+            real = [f for f in fits
+                    if f == self.fp32 or self.registry.execution(self.registry.get(f), self.device) != "emulated"]
+            self.probe_times[name] = (policy.time_formats(model.get_submodule(name), real, x, self.repeats)
+                                      if x is not None and len(real) > 1 else {})
         self._examples = {}
         self.timed = True
 
@@ -207,7 +216,8 @@ class Planner:
                 if measured:
                     times[name] = measured
                     fast = measured.get(chosen[name], math.inf)
-                    why[name] += ": fastest that holds (" + ", ".join(
+                    on = f" on {self.target}, modeled" if self.target is not None else ""
+                    why[name] += f": fastest that holds{on} (" + ", ".join(
                         f"{f} {t * 1e3:.3g} ms" + (" over tolerance" if f not in ok and t < fast else "")
                         for f, t in sorted(measured.items(), key=lambda kv: kv[1])) + ")"
             else:
