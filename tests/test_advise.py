@@ -17,6 +17,7 @@ from mptrain.errors import TrainingFailed
 from mptrain.tools.advise import (
     FORMATS,
     advise_run,
+    decide,
     fits,
     from_recorded,
     layer_plan,
@@ -147,6 +148,11 @@ def test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped(t
     assert 1.0 <= fp16["S"] <= 2.0**16  # no extreme scale
     lines = proc.stdout.splitlines()
     assert lines[lines.index("recommended overrides:") + 1] == "precision=dynamic"
+    # the probe ran on this CPU, where fp16 is emulated: the run: line is what runs here (bf16 holds), the fp16
+    # advice a line for a GPU, and the note gives fp16's slowdown as measured on this machine
+    assert lines[lines.index("run:") + 1].endswith("precision=bf16")
+    assert "precision=dynamic" in lines[lines.index("on a GPU (fp16 is emulated on this CPU):") + 1]
+    assert advice["fp16_slowdown_here"] > 0 and f"{advice['fp16_slowdown_here']:.1f}x fp32's time" in proc.stdout
     # the CPU probe measured only bf16 per layer: the plan keeps the verdict's fp16 (bf16 would leave the loss
     # scale serving no layer), so there is no per-layer override to add
     assert set(advice["recommended_plan"].values()) == {"fp16"} and advice["plan_overrides"] == []
@@ -155,6 +161,17 @@ def test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped(t
     samples = [r for r in rows if r["event"] == "sample"]
     assert advice["master_weights"]["updates"] == sum(
         sum(r["update_ratio_hist"]) - r["update_ratio_hist"][-3] - r["update_ratio_hist"][-1] for r in samples)
+
+
+def test_a_scale_range_above_one_is_advised_as_dynamic_scaling_from_its_middle():
+    """The hand-worked range of docs/diagnostics.md: s in [7, 25], S = 2^16. Dynamic scaling started at S and held
+    at or above the floor 2^7 holds wherever static S does, and follows a drift: it is advised, not static."""
+    fp16 = {"viable": True, "workable": True, "feasible": True, "s": 16, "s_lo": 7, "s_hi": 25,
+            "dynamic_start_overflows": False}
+    formats = {"bf16": {"underflow": 0.0, "overflow": 0.0}}
+    verdict, overrides = decide(fp16, formats)
+    assert overrides == ["precision=dynamic", "precision.loss_scale.init=65536", "precision.loss_scale.min=128"]
+    assert verdict.startswith("fp16 needs a loss scale: S = 2^16")
 
 
 def test_directory_without_diagnostics_is_one_line_and_exit_2(tmp_path):
@@ -172,7 +189,7 @@ def test_advised_static_scale_matches_fp32_where_scale_1_fails(tmp_path):
     advice, lines = advise_run(probe)
     assert advice["verdict"].startswith("fp16 needs a loss scale")
     overrides = advice["recommended_overrides"]
-    assert overrides[0] == "precision=static" and all(o in lines for o in overrides)
+    assert overrides[0] == "precision=dynamic" and all(o in lines for o in overrides)
     assert advice["fp16"]["S"] >= 2.0**10 and advice["fp16"]["underflow_at_1"] > 0.5
     runs = {"fp32": ["precision=fp32"], "advised": overrides,
             "one": ["precision=static", "precision.loss_scale.init=1"]}
