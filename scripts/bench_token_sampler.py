@@ -46,6 +46,11 @@ def first_batch(epoch, start=0):
     return time.perf_counter() - t
 out = {"windows": len(d.train), "startup_s": first_batch(0), "resume_s": first_batch(0, len(d.train) // 2),
        "epoch1_s": first_batch(1)}
+loader.sampler.set_epoch(2)
+it, t = iter(loader.sampler), time.perf_counter()
+for _ in range(200_000):  # the order's own cost per index once started (a batch of 64 reads 64)
+    next(it)
+out["us_per_index"] = (time.perf_counter() - t) / 200_000 * 1e6
 print(json.dumps({**out, "base_peak_mb": base_peak, "peak_mb": peak(), "base_anon_mb": base_anon,
                   "anon_mb": status("RssAnon")}))
 """
@@ -72,16 +77,16 @@ def main() -> None:
                 runs[which].append(measure(root, args.seq_len, which))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    keys = ["startup_s", "resume_s", "epoch1_s", "base_peak_mb", "peak_mb", "base_anon_mb", "anon_mb"]
+    keys = ["startup_s", "resume_s", "epoch1_s", "us_per_index", "base_peak_mb", "peak_mb", "base_anon_mb", "anon_mb"]
     med = {w: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in keys} for w, rs in runs.items()}
     print(f"{args.size} uint16 train.bin, seq_len {args.seq_len}: {runs['old'][0]['windows']:,} windows; "
           f"median of {args.repeats} fresh processes each")
     print(f"{'sampler':>28} {'start-up s':>11} {'resume s':>9} {'epoch 1 s':>10} {'peak RSS MB':>12} "
-          f"{'(before order)':>15} {'RssAnon MB':>11}")
+          f"{'(before order)':>15} {'RssAnon MB':>11} {'us/index':>9}")
     names = {"old": "randperm list (before)", "new": "Feistel, streamed (after)"}
     for w, m in med.items():
         print(f"{names[w]:>28} {m['startup_s']:>11.3f} {m['resume_s']:>9.3f} {m['epoch1_s']:>10.3f} "
-              f"{m['peak_mb']:>12.0f} {m['base_peak_mb']:>15.0f} {m['anon_mb']:>11.0f}")
+              f"{m['peak_mb']:>12.0f} {m['base_peak_mb']:>15.0f} {m['anon_mb']:>11.0f} {m['us_per_index']:>9.2f}")
     o, n = med["old"], med["new"]
     print(f"\nold/new: start-up x{o['startup_s'] / n['startup_s']:.0f}, peak RSS "
           f"+{o['peak_mb'] - o['base_peak_mb']:.0f} MB vs +{n['peak_mb'] - n['base_peak_mb']:.0f} MB over the dataset alone")

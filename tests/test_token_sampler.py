@@ -18,15 +18,18 @@ from .test_tokens import GPT, write_bin
 def test_the_permutation_visits_each_index_exactly_once(n):
     for seed, epoch in [(0, 0), (1, 0), (0, 3)]:
         perm = FeistelPermutation(n, seed, epoch)
-        assert sorted(perm[i] for i in range(n)) == list(range(n))
+        order = list(perm.stream(0, n))  # in chunks of 4096 (4097: across one)
+        assert sorted(order) == list(range(n))
+        assert [perm[i] for i in range(0, n, max(1, n // 50))] == order[:: max(1, n // 50)]  # one position alone
+        assert list(perm.stream(1, 2 * n, 3)) == [order[k % n] for k in range(1, 2 * n, 3)]
 
 
 def test_the_permutation_is_fixed_by_seed_and_epoch_and_looks_shuffled():
     n = 10_000
-    order = [FeistelPermutation(n, 7, 2)[i] for i in range(n)]
-    assert order == [FeistelPermutation(n, 7, 2)[i] for i in range(n)]
-    assert order != [FeistelPermutation(n, 7, 3)[i] for i in range(n)]
-    assert order != [FeistelPermutation(n, 8, 2)[i] for i in range(n)]
+    order = list(FeistelPermutation(n, 7, 2).stream(0, n))
+    assert order == list(FeistelPermutation(n, 7, 2).stream(0, n))
+    assert order != list(FeistelPermutation(n, 7, 3).stream(0, n))
+    assert order != list(FeistelPermutation(n, 8, 2).stream(0, n))
     # no trace of the identity: rank correlation with the position ~0, as few fixed points as a random permutation
     assert abs(np.corrcoef(np.arange(n), order)[0, 1]) < 0.05
     assert sum(i == j for i, j in enumerate(order)) < 10
@@ -43,7 +46,8 @@ def test_any_position_of_a_huge_epoch_costs_no_memory():
     assert len(list(sampler)) == 3
 
 
-@pytest.mark.parametrize(("size", "world", "pad"), [(37, 1, True), (37, 4, True), (37, 4, False), (40, 3, True)])
+@pytest.mark.parametrize(("size", "world", "pad"), [(37, 1, True), (37, 4, True), (37, 4, False), (40, 3, True),
+                                                        (10_001, 3, True)])
 def test_streamed_ranks_cover_the_epoch_and_start_skips_exactly_the_seen_indices(size, world, pad):
     per_rank = {r: EpochSampler(size, seed=3, rank=r, world_size=world, pad=pad, lazy=True) for r in range(world)}
     for s in per_rank.values():
@@ -54,7 +58,7 @@ def test_streamed_ranks_cover_the_epoch_and_start_skips_exactly_the_seen_indices
     assert len(seen) == (-(-size // world) * world if pad else size)
     for r, s in per_rank.items():
         assert len(full[r]) == len(EpochSampler(size, seed=3, rank=r, world_size=world, pad=pad))
-        for start in (1, 5):
+        for start in (1, 5, size // world - 2):
             s.set_epoch(2, start=start)  # what a resume does: skip the indices already trained on
             assert list(s) == full[r][start:] and len(s) == len(full[r]) - start
 

@@ -199,10 +199,12 @@ class EpochSampler(Sampler[int]):
 
     def _streamed(self) -> Iterator[int]:
         """What _indices()[start:] gives, one index at a time: position k of the padded order is perm[k % size]."""
-        perm = FeistelPermutation(self.size, self.seed, self.epoch) if self.shuffle else range(self.size)
         end = -(-self.size // self.world_size) * self.world_size if self.pad else self.size
-        for k in range(self.rank + self.start * self.world_size, end, self.world_size):
-            yield perm[k % self.size]
+        first = self.rank + self.start * self.world_size
+        if self.shuffle:
+            yield from FeistelPermutation(self.size, self.seed, self.epoch).stream(first, end, self.world_size)
+        else:
+            yield from (k % self.size for k in range(first, end, self.world_size))
 
     def __iter__(self) -> Iterator[int]:
         if self.lazy or not self.shuffle:  # an unshuffled order is the same either way: never build its list
