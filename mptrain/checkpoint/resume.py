@@ -265,7 +265,7 @@ def reschedule(scheduler: Any) -> None:
         changed = True
     if changed:
         log.info("resume: the learning rate follows this run's schedule (lr %.3g from here)",
-                 _schedulers(scheduler)[0].optimizer.param_groups[0]["lr"])
+                 float(_schedulers(scheduler)[0].optimizer.param_groups[0]["lr"]))  # float: see apply_settings
 
 
 def settings_of(optimizer: Any, scheduler: Any) -> tuple[list[dict], list[float]]:
@@ -290,8 +290,10 @@ def apply_settings(optimizer: Any, scheduler: Any, fresh: tuple[list[dict], list
         s.base_lrs = list(base_lrs[i:i + n])
         s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
         i += n
+    # float(): torchao's lr is a tensor the scheduler later updates in place; a record that kept it (a handler that
+    # formats late, pytest's caplog) printed the run's last lr (0 at a cosine's end), not this one
     log.info("resume: the optimizer runs with this run's optimizer.* settings (lr %.3g from here)",
-             optimizer.param_groups[0]["lr"])
+             float(optimizer.param_groups[0]["lr"]))
 
 
 def config_container(cfg: DictConfig) -> dict:
