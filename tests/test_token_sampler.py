@@ -83,19 +83,45 @@ def test_token_loaders_stream_their_order_and_see_each_window_once_per_epoch(tmp
     assert batch[:, 0].tolist() == [d.train[i][0][0].item() for i in list(loader.sampler)[:8]]
 
 
-@pytest.mark.slow
-def test_a_token_run_resumed_mid_epoch_is_bitwise_the_uninterrupted_one(tmp_path):
-    from .test_checkpoint import assert_same_tensors, final_state
-
+def token_run_overrides(tmp_path) -> list[str]:
     data = tmp_path / "data"
     data.mkdir()
     write_bin(data / "train.bin", 6_000, np.uint16, 64)
     write_bin(data / "val.bin", 1_000, np.uint16, 64, seed=1)
-    base = [*[o for o in GPT if not o.startswith("checkpoint.")], "dataset=tokens", f"dataset.path={data}",
+    return [*[o for o in GPT if not o.startswith("checkpoint.")], "dataset=tokens", f"dataset.path={data}",
             "dataset.seq_len=16", "dataset.vocab_size=64", "trainer.max_steps=10", "checkpoint.every_steps=5",
             "trainer.log_every=1"]
+
+
+@pytest.mark.slow
+def test_a_token_run_resumed_mid_epoch_is_bitwise_the_uninterrupted_one(tmp_path, caplog):
+    from .test_checkpoint import assert_same_tensors, final_state
+
+    base = token_run_overrides(tmp_path)
     _, ref = train(tmp_path / "ref", base)  # 6000 tokens / 16 = 374 windows: 46 steps an epoch, so step 5 is mid-epoch
-    summary, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_5.pt'}"])
+    with caplog.at_level("WARNING"):
+        summary, cut = train(tmp_path / "cut", [*base, f"resume={ref / 'checkpoints' / 'step_5.pt'}"])
     assert summary["steps"] == 10
     assert_same_tensors(final_state(ref), final_state(cut))
     assert read_jsonl(ref / "metrics.jsonl")[5:] == read_jsonl(cut / "metrics.jsonl")
+    assert not any("data order" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_from_before_the_streamed_order_is_warned(tmp_path, caplog):
+    """A checkpoint without `data_order` was written when token files were ordered by torch.randperm: skipping
+    its positions in the streamed order skips other windows, which the resume says in one warning."""
+    import torch
+
+    base = token_run_overrides(tmp_path)
+    _, ref = train(tmp_path / "ref", [*base, "trainer.max_steps=5"])
+    ckpt = torch.load(ref / "checkpoints" / "step_5.pt", weights_only=False)
+    assert ckpt.pop("data_order") == "feistel"
+    torch.save(ckpt, tmp_path / "old.pt")
+    with caplog.at_level("WARNING"):
+        summary, _ = train(tmp_path / "cut", [*base, f"resume={tmp_path / 'old.pt'}"])
+    assert summary["steps"] == 10
+    said = [r.getMessage() for r in caplog.records if "data order" in r.getMessage()]
+    assert said == [f"resume: {tmp_path / 'old.pt'} was written under the randperm data order, this mptrain orders "
+                    "this dataset by feistel: the rest of epoch 0 sees other windows than the run would have (some "
+                    "twice, some not); resume from a checkpoint at an epoch's end to continue exactly"]

@@ -182,6 +182,12 @@ class EpochSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
+    @property
+    def order(self) -> str:
+        """The name of the training order, recorded in checkpoints: a resume in the middle of an epoch continues
+        the same order only if it is the same kind (token files used randperm before issue 37)."""
+        return "feistel" if self.lazy and self.shuffle else "randperm"
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch and skip its first `start` indices of this rank (already trained on)."""
         self.epoch, self.start = epoch, start
