@@ -171,7 +171,7 @@ class EpochSampler(Sampler[int]):
     So the order of epoch e is the same in every run with this seed, which makes resuming in the
     middle of an epoch exact (skip the batches already seen with `start`). Under data parallel each
     rank takes every world_size-th index of the same permutation (padded to equal length).
-    `lazy`: the permutation is a FeistelPermutation computed index by index (constant memory and start-up,
+    `lazy`: the permutation is a FeistelPermutation computed chunk by chunk (constant memory and start-up,
     for datasets of millions of windows) instead of torch.randperm's list (kept for the others: their
     orders, and so their runs' numbers, stay as they were).
     """

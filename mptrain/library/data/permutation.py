@@ -1,6 +1,6 @@
 """A seeded permutation of range(n) computed a chunk of positions at a time: constant memory whatever n.
 
-Why: torch.randperm(n).tolist() holds n Python ints (~36 bytes each) and takes O(n) time before the first batch;
+Why: torch.randperm(n).tolist() holds n Python ints (~47 bytes a window, measured) and takes O(n) time first;
 a 10B-token file cut into 256-token windows is ~40M windows, ~1.8 GB per epoch just for the order. Here
 position i maps to its index by an alternating (unbalanced) Feistel network over the smallest power of two
 >= n, cycle-walking past indices >= n. Each round is invertible, so the map is a bijection of the power-of-two
