@@ -21,6 +21,7 @@ from mptrain.tools.advise import (
     fits,
     from_recorded,
     layer_plan,
+    not_measured,
     overflow,
     overflow_cap,
     run_command,
@@ -112,7 +113,10 @@ def test_layer_plan_leaves_the_verdicts_16bit_format_only_where_it_was_measured_
     per_layer = {"a": {"bf16": FIT, "fp16": OUT}, "b": {"bf16": FIT}, "c": {"bf16": FIT, "fp8": FIT},
                  "d": {"bf16": OUT}}
     per_layer = {m: {f: {**fig, "fits": fits(fig)} for f, fig in per.items()} for m, per in per_layer.items()}
-    assert layer_plan(per_layer, fp16_viable=True, base=base) == expected
+    plan = layer_plan(per_layer, fp16_viable=True, base=base)
+    assert plan == expected
+    # issue 37: the one 16-bit choice no measurement backs is named, with what was measured
+    assert not_measured(plan, per_layer) == ({"b": ["bf16"]} if base == "fp16" else {})
 
 
 def test_the_printed_command_pastes_into_a_shell_as_the_overrides(tmp_path):
@@ -156,6 +160,9 @@ def test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped(t
     # the CPU probe measured only bf16 per layer: the plan keeps the verdict's fp16 (bf16 would leave the loss
     # scale serving no layer), so there is no per-layer override to add
     assert set(advice["recommended_plan"].values()) == {"fp16"} and advice["plan_overrides"] == []
+    # issue 37: and it says that fp16 rests on the verdict, naming the one format measured per layer
+    assert advice["plan_not_measured"] == dict.fromkeys(advice["recommended_plan"], ["bf16"])
+    assert "  head: planned fp16 (the verdict's format, not measured for this layer; measured: bf16)" in lines
     # the master-weight figures are the update statistics of the recorded samples
     rows = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()[:-1]]
     samples = [r for r in rows if r["event"] == "sample"]

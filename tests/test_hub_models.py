@@ -200,3 +200,36 @@ def test_hf_rmsnorm_is_kept_fp32_and_trains_under_16bit_weights(mode, tmp_path):
         assert not torch.equal(v, torch.ones_like(v)), k  # it trained
     plan = json.loads((run_dir / "precision_plan.json").read_text())
     assert all(plan[k.rsplit(".", 1)[0]]["format"] == "fp32" for k in norms), plan
+
+
+@pytest.mark.parametrize("ls_init_value", [1e-6, 1.0])
+def test_master_convnext_computes_in_fp16(ls_init_value):
+    """Issue 37: `master` on a timm ConvNeXt was reported to give fp32's val/loss to 16 digits. Its every
+    convolution and Linear takes and gives float16 (hooks), and its logits differ from the same weights'
+    float32 forward by fp16 rounding: not zero, and (with timm's 1e-6 layer scale, whose blocks barely reach
+    the output) not more than a few fp16 ulps of the logits."""
+    import copy
+
+    from mptrain.library.models.timm_models import timm_model
+    from mptrain.precision import Precision
+
+    torch.manual_seed(0)
+    kwargs = {"depths": [1, 1, 1, 1], "dims": [8, 16, 16, 16], "ls_init_value": ls_init_value}
+    model = timm_model("convnext_atto", num_classes=10, in_channels=1, kwargs=kwargs)
+    reference = copy.deepcopy(model)
+    precision = Precision(compose_config([*CONVNEXT, "precision=master"]).precision, torch.device("cpu"))
+    precision.prepare_model(model)
+    seen = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            m.register_forward_hook(lambda m, a, o, name=name: seen.update({name: (a[0].dtype, m.weight.dtype, o.dtype)}))
+    x = torch.randn(4, 1, 32, 32)
+    with precision.autocast():
+        out = model(x)
+    assert len(seen) == 1 + 3 + 4 * 3 + 1  # stem, 3 downsamples, dw conv + 2 MLP 1x1 convs per block, head
+    assert set(seen.values()) == {(torch.float16,) * 3}
+    with torch.no_grad():
+        expected = reference(x)
+    diff = (out.float() - expected).abs().max().item()
+    ulp = torch.finfo(torch.float16).eps * expected.abs().max().item()
+    assert 0 < diff < 8 * ulp, (diff, ulp)

@@ -158,6 +158,26 @@ def test_low_bit_resume_is_bitwise(name, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_low_bit_resume_logs_and_records_its_tensor_lr_as_a_number(tmp_path, caplog):
+    """Issue 37: resume logged torchao's tensor lr raw. Its records kept the live tensor, which the scheduler then
+    updated in place, so a handler formatting late (here caplog) said "lr 0 from here" (the cosine's end). The
+    records hold numbers now; metrics.jsonl's lr is a float."""
+    base = [*[o for o in MLP if o != "scheduler=none"], "scheduler=cosine", "scheduler.warmup_steps=2",
+            "optimizer=adamwfp8", "trainer.max_steps=4", "checkpoint.enabled=true", "checkpoint.every_steps=2",
+            "trainer.log_every=1"]
+    _, ref = train(tmp_path / "ref", base)
+    with caplog.at_level("INFO"):
+        train(tmp_path / "cut", [*base, "trainer.max_steps=6", "optimizer.lr=5e-3",
+                                 f"resume={ref / 'checkpoints' / 'step_2.pt'}"])
+    said = [r.getMessage() for r in caplog.records if "from here)" in r.getMessage()]
+    assert said == ["resume: the optimizer runs with this run's optimizer.* settings (lr 0.005 from here)",
+                    "resume: the learning rate follows this run's schedule (lr 0.005 from here)"]
+    assert not any("tensor(" in r.getMessage() for r in caplog.records)
+    rows = [r for r in read_jsonl(tmp_path / "cut" / "run" / "metrics.jsonl") if "lr" in r]
+    assert rows and all(type(r["lr"]) is float for r in rows)
+
+
+@pytest.mark.slow
 def test_a_fresh_process_reads_a_low_bit_checkpoint(tmp_path):
     """A resume starts in a new process, where torchao.optim (which registers its state classes as safe to
     load) is not imported yet: the checkpoint still loads, its state is torchao's; without torchao, one line."""
@@ -170,6 +190,35 @@ def test_a_fresh_process_reads_a_low_bit_checkpoint(tmp_path):
     hidden = "import sys; sys.modules['torchao'] = None; " + read  # torchao not installed
     p = subprocess.run([sys.executable, "-c", hidden, str(path)], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "pip install mptrain[fp8]" in p.stderr.splitlines()[-1], p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_a_target_schedule_of_a_tensor_lr_optimizer_follows_pytorchs_own(warmup):
+    """Issue 37: torchao's optimizers keep lr as a tensor, which the set-up probe of a scheduler._target_ shared and
+    stepped in place: the run started at lr 1e-3 * 0.5^20. Their lrs now equal a float-lr optimizer's under
+    PyTorch's own StepLR (after LinearLR's warm-up when given)."""
+    cfg = sched(_target_="torch.optim.lr_scheduler.StepLR", kwargs={"step_size": 1, "gamma": 0.5}, warmup_steps=warmup)
+
+    def ours(o):
+        return build_scheduler(cfg, o, 20)
+
+    def theirs(o):
+        main = torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+        if not warmup:
+            return main
+        ramp = torch.optim.lr_scheduler.LinearLR(o, start_factor=cfg.warmup_start_factor, total_iters=warmup)
+        return torch.optim.lr_scheduler.SequentialLR(o, [ramp, main], milestones=[warmup])
+
+    p = torch.nn.Parameter(torch.zeros(256, 256))
+    opt = torchao_optim.AdamWFp8([p], lr=0.1)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # what made it shared
+    s = ours(opt)
+    got = []
+    for _ in range(6):
+        got.append(float(opt.param_groups[0]["lr"]))
+        opt.step()
+        s.step()
+    assert got == pytest.approx(lrs_of(theirs, 6), rel=1e-6)  # the tensor lr is float32
 
 
 def sched(**kw) -> OmegaConf:

@@ -47,6 +47,9 @@ def gather(c: Any, state: Any, config: dict, weights: bool = True, rngs: list[di
     out.update({k: parts[k].state_dict() for k in STATEFUL})
     if getattr(c, "ema", None) is not None:  # trainer.ema
         out["ema"] = c.ema.state_dict()
+    order = getattr(getattr(getattr(c, "train_loader", None), "sampler", None), "order", None)
+    if isinstance(order, str):  # the data order's kind (EpochSampler.order): a mid-epoch resume needs the same
+        out["data_order"] = order
     out["timing"] = state.timing()  # beside the state: a summary's wall_s and samples/s cover every attempt
     if weights:
         out["model"] = {k: v.detach().clone() for k, v in c.base_model.state_dict().items()}

@@ -233,6 +233,7 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
         apply_settings(c.optimizer, c.scheduler, fresh)  # e.g. a lower optimizer.lr after a divergence
     if any(key.startswith(RESCHEDULE) for key, _, _ in config_differences(ckpt["config"], config)):
         reschedule(c.scheduler)  # e.g. a longer run: its cosine now ends later
+    warn_other_order(c, state, ckpt, path)
     restore_rng(own_rng(ckpt, c), c.device)
     timing = ckpt.get("timing")
     state.load_timing(timing if isinstance(timing, dict) else {})
@@ -241,6 +242,18 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
     state.events.extend({"event": "ema_change", "step": state.step, **change}
                         for change in average_changes(ckpt["config"], config))
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+
+
+def warn_other_order(c: Any, state: Any, ckpt: dict, path: Path) -> None:
+    """A token-file run checkpointed mid-epoch before issue 37 (no `data_order`: its order was torch.randperm's)
+    continues under the streamed order: skipping the positions already trained on then skips other windows."""
+    order = getattr(getattr(getattr(c, "train_loader", None), "sampler", None), "order", None)
+    saved = ckpt.get("data_order", "randperm")
+    if order is None or saved == order or not state.step_in_epoch:
+        return
+    log.warning("resume: %s was written under the %s data order, this mptrain orders this dataset by %s: the rest of "
+                "epoch %d sees other windows than the run would have (some twice, some not); resume from a "
+                "checkpoint at an epoch's end to continue exactly", path, saved, order, state.epoch)
 
 
 def _schedulers(scheduler: Any) -> list:
@@ -265,7 +278,7 @@ def reschedule(scheduler: Any) -> None:
         changed = True
     if changed:
         log.info("resume: the learning rate follows this run's schedule (lr %.3g from here)",
-                 _schedulers(scheduler)[0].optimizer.param_groups[0]["lr"])
+                 float(_schedulers(scheduler)[0].optimizer.param_groups[0]["lr"]))  # float: see apply_settings
 
 
 def settings_of(optimizer: Any, scheduler: Any) -> tuple[list[dict], list[float]]:
@@ -290,8 +303,10 @@ def apply_settings(optimizer: Any, scheduler: Any, fresh: tuple[list[dict], list
         s.base_lrs = list(base_lrs[i:i + n])
         s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
         i += n
+    # float(): torchao's lr is a tensor the scheduler later updates in place; a record that kept it (a handler that
+    # formats late, pytest's caplog) printed the run's last lr (0 at a cosine's end), not this one
     log.info("resume: the optimizer runs with this run's optimizer.* settings (lr %.3g from here)",
-             optimizer.param_groups[0]["lr"])
+             float(optimizer.param_groups[0]["lr"]))
 
 
 def config_container(cfg: DictConfig) -> dict:

@@ -176,12 +176,19 @@ def lr_factor(cfg: DictConfig, step: int, total_steps: int) -> float:
 PROBE_STEPS = 5000
 
 
+def _own(value):
+    """A copy of a tensor hyper-parameter: torchao's optimizers keep lr as a tensor, which a scheduler updates in
+    place (fill_), so a shared one let the probe's thousands of steps set the real run's lr (1e-3 -> 1e-9)."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 class _StandIn(torch.optim.Optimizer):
     """An optimizer with another's param_groups hyper-parameters and no work: a scheduler's test bench."""
 
     def __init__(self, like: torch.optim.Optimizer):
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [torch.zeros(1)]} for g in like.param_groups]
-        super().__init__(groups, dict(like.defaults))
+        groups = [{k: _own(v) for k, v in g.items() if k != "params"} | {"params": [torch.zeros(1)]}
+                  for g in like.param_groups]
+        super().__init__(groups, {k: _own(v) for k, v in like.defaults.items()})
 
     def step(self, closure=None) -> None:
         return None

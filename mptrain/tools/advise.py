@@ -314,6 +314,13 @@ def layer_plan(per_layer: dict[str, dict[str, dict]], fp16_viable: bool, base: s
     return plan
 
 
+def not_measured(plan: dict[str, str], per_layer: dict[str, dict[str, dict]]) -> dict[str, list[str]]:
+    """module -> the formats the shadow did measure, for each module planned in a 16-bit format it did not measure
+    (the verdict's, kept by layer_plan): a CPU probe measures only bf16, so an fp16 plan there rests on the
+    whole-run gradient figures, not on this layer's, and the advice must say so."""
+    return {m: sorted(per_layer.get(m, {})) for m, f in plan.items() if f in SIXTEEN and f not in per_layer.get(m, {})}
+
+
 BASE_FORMAT = {"precision=bf16": BF16.name, "precision=static": FP16.name, "precision=dynamic": FP16.name,
                "precision=fp32": FP32.name}
 
@@ -397,6 +404,7 @@ def advise(meta: dict, samples: list[dict], events: list[dict], registry: Regist
             "rule": {"tail": TAIL, "floor_margin_binades": FLOOR_MARGIN, "master_threshold": MASTER_THRESHOLD},
             FP16.name: fp16_plan, "master_weights": masters, "formats": formats,
             "per_layer": per_layer, "recommended_plan": plan_by_layer, "plan_overrides": plan_by_layer_override,
+            "plan_not_measured": not_measured(plan_by_layer, per_layer),
             "thresholds": {"err": ERR_MAX, "lost": LOST_MAX},
             "verdict": verdict, "recommended_overrides": overrides}
 
@@ -526,7 +534,12 @@ def render(advice: dict, command: str | None = None) -> list[str]:
         lines.append(f"per layer (shadow execution, worst sample; fits: error <= {ERR_MAX:g}, flushed and saturated "
                      f"<= {LOST_MAX:.0%}; forward err/flush/sat | gradient err/flush/sat)")
         for module, per in advice["per_layer"].items():
-            lines.append(f"  {module}: planned {advice['recommended_plan'][module]}")
+            planned = advice["recommended_plan"][module]
+            unmeasured = advice.get("plan_not_measured", {}).get(module)
+            if unmeasured is not None:  # kept at the verdict's format: nothing measured this layer in it
+                planned += (f" (the verdict's format, not measured for this layer; measured: "
+                            f"{', '.join(unmeasured) or 'nothing'})")
+            lines.append(f"  {module}: planned {planned}")
             for fmt, fig in per.items():
                 cells = " ".join(_fig(fig[k]) for k in ("err", "flush", "sat")) + " | " + " ".join(
                     _fig(fig[k]) for k in ("gerr", "gflush", "gsat"))

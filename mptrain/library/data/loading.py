@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from mptrain.config import DigitsDatasetConfig as DIGITS
 from mptrain.config import SyntheticDatasetConfig as SYN
+from mptrain.library.data.permutation import FeistelPermutation
 
 
 @dataclass
@@ -143,6 +144,14 @@ def in_memory(dataset: Dataset) -> bool:
     return isinstance(dataset, TensorDataset) or getattr(dataset, "in_memory", False)
 
 
+def lazy_order(dataset: Dataset) -> bool:
+    """Whether the dataset asks for a streamed order (see EpochSampler): its window count may be too large
+    to hold a permutation list per epoch."""
+    while isinstance(dataset, Subset | RepeatedSamples):
+        dataset = dataset.dataset
+    return getattr(dataset, "lazy_order", False)
+
+
 def resolve_num_workers(num_workers: int | str, dataset: Dataset) -> int:
     """trainer.num_workers: an integer as given; `auto` = 0 for in-memory datasets (a worker would only
     copy tensors between processes), else min(8, this process's share of the CPUs - 1), so a GPU is
@@ -162,12 +171,22 @@ class EpochSampler(Sampler[int]):
     So the order of epoch e is the same in every run with this seed, which makes resuming in the
     middle of an epoch exact (skip the batches already seen with `start`). Under data parallel each
     rank takes every world_size-th index of the same permutation (padded to equal length).
+    `lazy`: the permutation is a FeistelPermutation computed chunk by chunk (constant memory and start-up,
+    for datasets of millions of windows) instead of torch.randperm's list (kept for the others: their
+    orders, and so their runs' numbers, stay as they were).
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, pad: bool = True):
-        self.size, self.seed, self.shuffle, self.pad = size, seed, shuffle, pad
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, pad: bool = True,
+                 lazy: bool = False):
+        self.size, self.seed, self.shuffle, self.pad, self.lazy = size, seed, shuffle, pad, lazy
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
+
+    @property
+    def order(self) -> str:
+        """The name of the training order, recorded in checkpoints: a resume in the middle of an epoch continues
+        the same order only if it is the same kind (token files used randperm before issue 37)."""
+        return "feistel" if self.lazy and self.shuffle else "randperm"
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch and skip its first `start` indices of this rank (already trained on)."""
@@ -184,7 +203,18 @@ class EpochSampler(Sampler[int]):
             order += order[: per_rank * self.world_size - self.size]
         return order[self.rank :: self.world_size]
 
+    def _streamed(self) -> Iterator[int]:
+        """What _indices()[start:] gives, one index at a time: position k of the padded order is perm[k % size]."""
+        end = -(-self.size // self.world_size) * self.world_size if self.pad else self.size
+        first = self.rank + self.start * self.world_size
+        if self.shuffle:
+            yield from FeistelPermutation(self.size, self.seed, self.epoch).stream(first, end, self.world_size)
+        else:
+            yield from (k % self.size for k in range(first, end, self.world_size))
+
     def __iter__(self) -> Iterator[int]:
+        if self.lazy or not self.shuffle:  # an unshuffled order is the same either way: never build its list
+            return self._streamed()
         return iter(self._indices()[self.start :])
 
     def __len__(self) -> int:
@@ -210,7 +240,7 @@ def make_loader(
     `num_workers` may be `auto` (see resolve_num_workers); workers persist across epochs."""
     num_workers = resolve_num_workers(num_workers, dataset)
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world_size=world_size,
-                           pad=train if pad is None else pad)
+                           pad=train if pad is None else pad, lazy=lazy_order(dataset))
     return DataLoader(
         dataset,
         batch_size=batch_size,

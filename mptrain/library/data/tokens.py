@@ -50,6 +50,7 @@ class TokenWindows(Dataset):
     what is pickled to it is the path)."""
 
     in_memory = False  # page-cache reads: loader workers overlap them with the step (trainer.num_workers=auto)
+    lazy_order = True  # millions of windows: the loader streams a Feistel permutation instead of a list per epoch
 
     def __init__(self, path: Path, dtype: str, seq_len: int, windows: str = "contiguous", samples: int | None = None,
                  seed: int = 0, stride: int = 1):
