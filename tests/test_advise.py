@@ -138,7 +138,10 @@ def advise_cli(run_dir):
 
 
 def test_ordinary_task_is_safe_with_dynamic_scaling_and_a_torn_line_is_skipped(tmp_path):
-    _, run_dir = train(tmp_path, ["model=mlp", "precision=fp32", "trainer.max_steps=6", "diagnostics.every=1"])
+    own = ["model=mlp", "precision=fp32", "trainer.max_steps=6", "diagnostics.every=1", "diagnostics.shadow=null"]
+    _, run_dir = train(tmp_path, own)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(own))  # as the CLI records them
     with open(run_dir / "diagnostics.jsonl", "a") as f:
         f.write('{"event": "sample", "step": 7, "grads": {"ove')  # an interrupted write
     proc = advise_cli(run_dir)
