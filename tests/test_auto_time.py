@@ -61,6 +61,8 @@ def test_each_layer_gets_the_fastest_format_that_holds():
     assert "fastest that holds (fp32 1 ms, bf16 2 ms)" in p.plan["0"].why
     summary = p.planner.summary()
     assert summary["auto_objective"] == "time" and summary["auto_planned_layers_s"] == 2e-3
+    # the same layers all in one format: fp32 1 + 3 ms, bf16 2 + 1 ms; the plan's 2 ms beats both
+    assert summary["auto_planned_layers_s_if_all"] == {"bf16": 3e-3, "fp32": 4e-3}
     assert p.planner.history[-1]["times"]["0"] == {"bf16": 2e-3, "fp32": 1e-3}
 
 

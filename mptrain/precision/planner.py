@@ -235,6 +235,11 @@ class Planner:
                                                    for f, e in errs.items()) for n, errs in errors.items())
         log.info("precision=auto: plan after %d probe steps (tolerance %g; worst error per format: %s):\n%s", step,
                  self.tolerance, measured, policy.plan.table())
+        if times:
+            totals = self.totals(times)
+            log.info("precision=auto: the planned layers' forward+backward %s: %.3g ms in the plan; %s",
+                     f"on {self.target}, modeled" if self.target else "as timed here", sum(self.times.values()) * 1e3,
+                     ", ".join(f"{t * 1e3:.3g} ms all {f}" for f, t in totals.items()))
         return {"event": "precision_plan", "formats": dict(chosen), "errors": errors,
                 **({"times": times} if times else {})}
 
@@ -268,7 +273,16 @@ class Planner:
                "auto_tolerance": tolerance, "auto_objective": self.objective}
         if self.times:  # objective=time: the planned layers' forward+backward, as measured at the plan
             out["auto_planned_layers_s"] = sum(self.times.values())
+            plan = next((h for h in reversed(self.history) if h["event"] == "plan"), {})
+            # the same layers all in one format, where every one was timed in it: the plan's predicted gain
+            out["auto_planned_layers_s_if_all"] = self.totals(plan.get("times") or {})
         return out
+
+    @staticmethod
+    def totals(times: dict[str, dict[str, float]]) -> dict[str, float]:
+        """format -> the planned layers' summed time all in it, for the formats every timed layer was timed in."""
+        common = set.intersection(*(set(t) for t in times.values())) if times else set()
+        return {f: sum(t[f] for t in times.values()) for f in sorted(common)}
 
     def state_dict(self) -> dict:
         figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
