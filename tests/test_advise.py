@@ -231,3 +231,27 @@ def test_from_a_run_that_skips_every_step_to_one_that_skips_none(tmp_path):
     summary, _ = train(tmp_path / "good", ["model=mlp", "trainer.max_steps=4", "diagnostics=off",
                                            *advice["recommended_overrides"]])
     assert summary["skipped_steps"] == 0 and summary["status"] == "completed"
+
+
+def test_verify_trains_at_the_runs_median_lr_not_its_schedules_tail(tmp_path):
+    """A finished cosine ends near zero: a trial continuing its schedule would be weak evidence. The trial holds
+    the run's median logged lr constant (both arms), and its line says so."""
+    from mptrain.config import validate
+    from mptrain.tools import verify
+
+    _, run_dir = train(tmp_path, ["model=mlp", "trainer.max_steps=12", "trainer.log_every=1", "scheduler=cosine",
+                                  "scheduler.warmup_steps=0", "diagnostics=off"])
+    lrs = [r["lr"] for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert lrs[-1] < 0.1 * max(lrs)  # the tail of the schedule
+    lr = verify.representative_lr(run_dir)
+    assert min(lrs) < lr < max(lrs) and sum(x < lr for x in lrs) == sum(x > lr for x in lrs)  # the median
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+    cfg, start = verify.trial_config(saved, ["precision=bf16"], checkpoint, 4, lr)
+    validate(cfg)
+    assert start == 12 and cfg.optimizer.lr == lr and cfg.scheduler.name == "none" and cfg.precision.mode == "bf16"
+    arm = verify.run_arm(saved, [], checkpoint, 4, tmp_path / "arm", lambda *a: [], lr)
+    ran = [r["lr"] for r in (json.loads(x) for x in (tmp_path / "arm" / "metrics.jsonl").read_text().splitlines())
+           if r.get("step", 0) > 12 and "lr" in r]
+    assert arm["steps"] == 4 and ran and all(x == pytest.approx(lr) for x in ran)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import torch
@@ -52,14 +53,26 @@ def _compose(overrides: list[str]):
         GlobalHydra.instance().clear()
 
 
-def trial_config(saved: dict, overrides: list[str], checkpoint: Path, steps: int):
+def representative_lr(run_dir: Path) -> float | None:
+    """The median of the learning rates the run logged: the trial trains at it, held constant, so that it is
+    evidence for the run's body, not for its schedule's tail (a finished cosine ends near zero). None when the run
+    logged none."""
+    lrs = [r["lr"] for r in read_jsonl(Path(run_dir) / METRICS) if isinstance(r.get("lr"), (int, float))]
+    return statistics.median(lrs) if lrs else None
+
+
+def trial_config(saved: dict, overrides: list[str], checkpoint: Path, steps: int, lr: float | None = None):
     """The probe's own config, the top-level groups the overrides touch replaced by theirs, resumed from
-    `checkpoint` for `steps` more steps, sampling diagnostics (fp16/bf16 shadow figures) five times."""
+    `checkpoint` for `steps` more steps, sampling diagnostics (fp16/bf16 shadow figures) five times; at the
+    constant learning rate `lr` when given (no schedule: both arms alike)."""
     cfg = OmegaConf.create(saved)
     if overrides:
         new = _compose(overrides)
         for key in {o.lstrip("+~").split("=")[0].split(".")[0] for o in overrides}:
             cfg[key] = new[key]
+    if lr is not None and "lr" in cfg.get("optimizer", {}):
+        cfg.optimizer.lr = lr
+        cfg.scheduler = OmegaConf.merge(cfg.scheduler, {"name": "none", "_target_": None, "warmup_steps": 0})
     start = torch.load(checkpoint, map_location="cpu", weights_only=True)["train_state"]["step"]
     cfg.resume = str(checkpoint)
     cfg.trainer.max_steps = start + steps
@@ -73,13 +86,14 @@ def trial_config(saved: dict, overrides: list[str], checkpoint: Path, steps: int
     return cfg, start
 
 
-def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out: Path, layers_over) -> dict:
+def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out: Path, layers_over,
+            lr: float | None = None) -> dict:
     """One arm of the trial. `layers_over(run_dir, format)`: the layers whose measured error in `format` exceeds
     the advisor's thresholds (advise.layers_over: the same reading and the same thresholds as the advice)."""
     from mptrain.config import validate
     from mptrain.train.recipe import run
 
-    cfg, start = trial_config(saved, overrides, checkpoint, steps)
+    cfg, start = trial_config(saved, overrides, checkpoint, steps, lr)
     if out.exists():
         shutil.rmtree(out)  # a trial of its own, never mixed with an earlier one
     validate(cfg)
@@ -107,8 +121,9 @@ def verify(run_dir: Path, advice: dict, overrides: list[str], layers_over, steps
         raise VerifyError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to continue from; probe with checkpoint.enabled=true")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     base = Path(run_dir) / VERIFY
-    probe = run_arm(saved, [], checkpoint, steps, base / "probe", layers_over)
-    trial = run_arm(saved, overrides, checkpoint, steps, base / "advised", layers_over)
+    lr = representative_lr(run_dir) if "lr" in (saved.get("optimizer") or {}) else None
+    probe = run_arm(saved, [], checkpoint, steps, base / "probe", layers_over, lr)
+    trial = run_arm(saved, overrides, checkpoint, steps, base / "advised", layers_over, lr)
     reasons = []
     allowed = allowed_skips(advice, overrides)
     if trial["skipped"] > allowed:
@@ -122,12 +137,14 @@ def verify(run_dir: Path, advice: dict, overrides: list[str], layers_over, steps
     for layer in trial["layers_over"]:
         reasons.append(f"{layer['module']} in {layer['format']} past its thresholds")
     return {"verified": not reasons, "steps": steps, "overrides": overrides, "reasons": reasons,
-            "probe": probe, "advised": trial, "loss_tolerance": LOSS_TOLERANCE, "allowed_skips": allowed}
+            "probe": probe, "advised": trial, "loss_tolerance": LOSS_TOLERANCE, "allowed_skips": allowed, "lr": lr}
 
 
 def render(v: dict) -> list[str]:
     p, a = v["probe"], v["advised"]
-    lines = [f"verify: {v['steps']} steps from step {p['from_step']}, the probe's continuation "
+    at = (f" at lr {v['lr']:.3g} held constant (the run's median logged lr)" if v.get("lr") is not None
+          else " on the run's own schedule")
+    lines = [f"verify: {v['steps']} steps from step {p['from_step']}{at}, the probe's continuation "
              f"({p['precision']}) against {' '.join(v['overrides'])}",
              f"  continuation: mean loss {p['mean_loss']:.4g}, {p['skipped']} skipped",
              f"  advised:      mean loss {a['mean_loss']:.4g}, {a['skipped']} skipped (allowed {v['allowed_skips']}), "
