@@ -54,7 +54,9 @@ def plain_stepper(model, loader, device, recipe: str, dtype: torch.dtype, lr: fl
         model = model.to(memory_format=torch.channels_last)
     if recipe == "master":
         cast_model(model, dtype)
-        masters = [p.detach().clone().float().requires_grad_() if p.dtype != torch.float32 else p for p in model.parameters()]
+        masters = [
+            p.detach().clone().float().requires_grad_() if p.dtype != torch.float32 else p for p in model.parameters()
+        ]
         pairs = [(p, m) for p, m in zip(model.parameters(), masters) if p is not m]
         opt = torch.optim.SGD(masters, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     else:
@@ -390,13 +392,17 @@ def main() -> None:
     if args.only == "speedup":
         with initialize_config_dir(config_dir=register(), version_base="1.3"):
             for label, ov in speedup_arms:
-                r = [run_lockstep_precisions(base + ov[1:], ov[:1], n, args.warmup) for _ in range(args.lockstep_repeats)]
+                r = [
+                    run_lockstep_precisions(base + ov[1:], ov[:1], n, args.warmup) for _ in range(args.lockstep_repeats)
+                ]
                 print(f"{label} vs fp32, lockstep: {statistics.median(r):.2f}x [{min(r):.2f}, {max(r):.2f}]")
         return
     if args.only == "lockstep":
         with initialize_config_dir(config_dir=register(), version_base="1.3"):
             for label, ov, recipe, dtype in recipes:
-                pairs = [run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)]
+                pairs = [
+                    run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)
+                ]
                 ratios = [m / p for p, m in pairs]
                 print(f"{label}: plain {statistics.median(p for p, _ in pairs):.3f} steps/s, mptrain "
                       f"{statistics.median(m for _, m in pairs):.3f}, mptrain / plain {statistics.median(ratios):.3f} "
@@ -415,11 +421,20 @@ def main() -> None:
                     runs["lightning"].append(lightning)
                 if label == "amp":
                     # sample every step here and scale the cost to the default interval (1 in 100) below
-                    runs["diag"].append(run_mptrain(base + ov + same + ["diagnostics.every=1", "diagnostics.first_steps=0"],
-                                                    n, args.warmup, True, Path(tmp) / f"d{label}{r}"))
+                    runs["diag"].append(
+                        run_mptrain(
+                            base + ov + same + ["diagnostics.every=1", "diagnostics.first_steps=0"],
+                            n,
+                            args.warmup,
+                            True,
+                            Path(tmp) / f"d{label}{r}",
+                        )
+                    )
             if not default_differs:
                 runs["default"] = runs["mptrain"]
-            lockstep = [run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)]
+            lockstep = [
+                run_lockstep(base + ov + same, n, args.warmup, recipe, dtype) for _ in range(args.lockstep_repeats)
+            ]
             lock_ratios = [m / p for p, m in lockstep]
             paired = [m / p for m, p in zip(runs["mptrain"], runs["plain"])]
             res = {k: statistics.median(v) if v else math.nan for k, v in runs.items()}
@@ -438,33 +453,50 @@ def main() -> None:
             print("speedup", label, speedups[label], file=sys.stderr)
 
     fp32 = results["fp32"]
-    lines = [f"Machine: {machine()}.",
-             f"Workload: {args.model}, synthetic {args.image_size}x{args.image_size} images, batch {args.batch_size}, "
-             f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} alternating repeats"
-             f"{', channels_last' if args.channels_last else ''}. Steps/s = 1 / median step time, median over repeats; "
-             "mptrain / plain = median of the per-repeat ratios [lowest, highest]; lockstep = the two loops taking "
-             f"turns step by step inside one run, median of {args.lockstep_repeats} runs [lowest, highest].", "",
-             "| recipe | plain loop steps/s | mptrain, same kernels | mptrain / plain | mptrain / plain, lockstep "
-             "| Lightning steps/s | mptrain / Lightning | mptrain default steps/s | vs fp32: plain | vs fp32: mptrain default "
-             "| activation MB | vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine()}.",
+        f"Workload: {args.model}, synthetic {args.image_size}x{args.image_size} images, batch {args.batch_size}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} alternating repeats"
+        f"{', channels_last' if args.channels_last else ''}. Steps/s = 1 / median step time, median over repeats; "
+        "mptrain / plain = median of the per-repeat ratios [lowest, highest]; lockstep = the two loops taking "
+        f"turns step by step inside one run, median of {args.lockstep_repeats} runs [lowest, highest].",
+        "",
+        "| recipe | plain loop steps/s | mptrain, same kernels | mptrain / plain | mptrain / plain, lockstep "
+        "| Lightning steps/s | mptrain / Lightning | mptrain default steps/s | vs fp32: plain | vs fp32: mptrain "
+        "default "
+        "| activation MB | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, r in results.items():
         peer_cells = ("n/a | n/a" if math.isnan(r["lightning"]) else f"{r['lightning']:.3f} | {r['vs_lightning']:.3f}")
-        lines.append(f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['ratio']:.3f} [{r['ratio_lo']:.3f}, "
-                     f"{r['ratio_hi']:.3f}] | **{r['lock']:.3f}** [{r['lock_lo']:.3f}, {r['lock_hi']:.3f}] | {peer_cells} | {r['default']:.3f} | {r['plain'] / fp32['plain']:.2f}x | "
-                     f"{r['default'] / fp32['default']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |")
-    lines += ["", "The loop's own cost per step, on a 48->16->10 MLP at batch 8 (a step is framework overhead and "
-              f"little else; {args.overhead_repeats} alternating runs of 300 steps each; the median and the largest of the "
-              "per-run differences; the largest as a share of this page's mptrain step above):", "",
-              "| recipe | plain loop us/step | mptrain us/step | mptrain - plain, median | largest | largest / big step |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| `{label}` | {r['plain']:.3f} | {r['mptrain']:.3f} | {r['ratio']:.3f} [{r['ratio_lo']:.3f}, "
+            f"{r['ratio_hi']:.3f}] | **{r['lock']:.3f}** [{r['lock_lo']:.3f}, {r['lock_hi']:.3f}] | {peer_cells} | "
+            f"{r['default']:.3f} | {r['plain'] / fp32['plain']:.2f}x | "
+            f"{r['default'] / fp32['default']:.2f}x | {mem[label] / 2**20:.1f} | {mem[label] / mem['fp32']:.2f} |"
+        )
+    lines += [
+        "",
+        "The loop's own cost per step, on a 48->16->10 MLP at batch 8 (a step is framework overhead and "
+        f"little else; {args.overhead_repeats} alternating runs of 300 steps each; the median and the largest of the "
+        "per-run differences; the largest as a share of this page's mptrain step above):",
+        "",
+        "| recipe | plain loop us/step | mptrain us/step | mptrain - plain, median | largest | largest / big step |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, (p_us, m_us, diff, worst) in overhead.items():
         big_step_us = 1e6 / results[label]["mptrain"]
         lines.append(f"| `{label}` | {p_us:.0f} | {m_us:.0f} | {diff:+.0f} us | {worst:+.0f} us | "
                      f"{100 * worst / big_step_us:+.3f}% |")
-    lines += ["", "Low precision against fp32, both mptrain, taking turns step by step (lockstep; the fp32 arm uses the "
-              "same conv_wgrad setting): median of "
-              f"{args.lockstep_repeats} runs [lowest, highest].", "", "| recipe | speed vs fp32 |", "|---|---|"]
+    lines += [
+        "",
+        "Low precision against fp32, both mptrain, taking turns step by step (lockstep; the fp32 arm uses the "
+        "same conv_wgrad setting): median of "
+        f"{args.lockstep_repeats} runs [lowest, highest].",
+        "",
+        "| recipe | speed vs fp32 |",
+        "|---|---|",
+    ]
     for label, (mid, lo, hi) in speedups.items():
         lines.append(f"| `{label}` | **{mid:.2f}x** [{lo:.2f}, {hi:.2f}] |")
     every, amp = results["amp"]["diag"], results["amp"]["mptrain"]

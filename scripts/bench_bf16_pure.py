@@ -56,7 +56,9 @@ def make_arms(name: str, n: int, k: int, device: torch.device, compile: bool) ->
     for update in UPDATES:
         arms[f"bf16_pure {update}"] = pure_cls(params(torch.bfloat16), update=update, seed=0, **kw)
     for update in UPDATES if compile else ():
-        arms[f"bf16_pure {update} compiled"] = pure_cls(params(torch.bfloat16), update=update, seed=0, compile=True, **kw)
+        arms[f"bf16_pure {update} compiled"] = pure_cls(
+            params(torch.bfloat16), update=update, seed=0, compile=True, **kw
+        )
     return arms
 
 
@@ -104,7 +106,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also the compile=True optimizers (needs a C++ compiler)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    )
     print(f"# {args.optimizer} step alone, {where}, torch {torch.__version__}, mptrain from {mptrain.__file__}")
     print(f"# {args.repeats} repeats x {args.steps} steps per arm, arms in turn; ratio = time / torch fp32 foreach time"
           " (lower is faster): median of the ratios within a repeat, and best / best")

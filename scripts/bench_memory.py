@@ -9,7 +9,7 @@ Part 2, activations: the bytes autograd keeps for backward in one training forwa
 weights excluded) plus the inputs the checkpointed regions hold for their recomputation, for
 trainer.activation_checkpointing=none|blocks|all, fp32 and bf16 autocast; the gradients are checked equal.
 
-    python scripts/bench_memory.py                           # GPT dim 256, 6 layers, seq 256, batch 8 (CPU: torch.compile of torchao's updates takes minutes)
+    python scripts/bench_memory.py     # GPT dim 256, 6 layers, seq 256, batch 8 (CPU: compiling torchao takes minutes)
     python scripts/bench_memory.py --dim 512 --layers 12 --device cuda
 """
 
@@ -91,14 +91,22 @@ def main() -> None:
 
     tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=device)
     n = sum(p.numel() for p in model_fn().parameters())
-    print(f"GPT dim {args.dim}, {args.layers} layers, seq {args.seq_len}, batch {args.batch_size}: {n / 1e6:.2f}M params\n")
+    print(
+        f"GPT dim {args.dim}, {args.layers} layers, seq {args.seq_len}, batch {args.batch_size}: {n / 1e6:.2f}M "
+        "params\n"
+    )
     if args.only != "activations":
         print("| optimizer | weights | grads | optimizer state | total (B/param) |\n|---|---|---|---|---|")
         for name, m in optimizer_rows(model_fn, tokens, device):
-            print(f"| `{name}` | {m['weights']:.2f} | {m['grads']:.2f} | {m['optimizer_state']:.3f} | {m['total']:.2f} |")
+            print(
+                f"| `{name}` | {m['weights']:.2f} | {m['grads']:.2f} | {m['optimizer_state']:.3f} | {m['total']:.2f} |"
+            )
     if args.only == "optimizers":
         return
-    print("\n| activation_checkpointing | compute | kept for backward (MB) | vs none | max grad difference |\n|---|---|---|---|---|")
+    print(
+        "\n| activation_checkpointing | compute | kept for backward (MB) | vs none | max grad difference "
+        "|\n|---|---|---|---|---|"
+    )
     for dtype in (torch.float32, torch.bfloat16):
         base, ref = None, None
         for mode in checkpointing.MODES:
@@ -108,7 +116,10 @@ def main() -> None:
             if base is None:
                 base, ref = kept, grads
             diff = max(float((grads[k] - ref[k]).abs().max()) for k in ref)
-            print(f"| `{mode}` | {str(dtype).removeprefix('torch.')} | {kept / 2**20:.1f} | {kept / base:.2f} | {diff:.1e} |")
+            print(
+                f"| `{mode}` | {str(dtype).removeprefix('torch.')} | {kept / 2**20:.1f} | {kept / base:.2f} | "
+                f"{diff:.1e} |"
+            )
 
 
 if __name__ == "__main__":

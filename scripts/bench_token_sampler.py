@@ -88,8 +88,11 @@ def main() -> None:
         print(f"{names[w]:>28} {m['startup_s']:>11.3f} {m['resume_s']:>9.3f} {m['epoch1_s']:>10.3f} "
               f"{m['peak_mb']:>12.0f} {m['base_peak_mb']:>15.0f} {m['anon_mb']:>11.0f} {m['us_per_index']:>9.2f}")
     o, n = med["old"], med["new"]
-    print(f"\nold/new: start-up x{o['startup_s'] / n['startup_s']:.0f}, peak RSS "
-          f"+{o['peak_mb'] - o['base_peak_mb']:.0f} MB vs +{n['peak_mb'] - n['base_peak_mb']:.0f} MB over the dataset alone")
+    print(
+        f"\nold/new: start-up x{o['startup_s'] / n['startup_s']:.0f}, peak RSS "
+        f"+{o['peak_mb'] - o['base_peak_mb']:.0f} MB vs +{n['peak_mb'] - n['base_peak_mb']:.0f} MB over the dataset "
+        "alone"
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Writes a small and a large uint16 train.bin (default 10 MB and 1 GB) into a temp
 one, in a fresh process: builds the datasets and the training loader exactly as a run does, times the first
 batch (start-up), reads `--batches` more batches of random windows, and reports the peak resident memory
 (ru_maxrss), split at the end into the process's own memory (RssAnon) and mapped file pages (RssFile,
-page cache the kernel can drop at any time). The files are deleted afterwards. A file read window by window costs neither start-up time nor memory
-in proportion to its size: the large/small ratios should be ~1.
+page cache the kernel can drop at any time). The files are deleted afterwards. A file read window by window costs
+neither start-up time nor memory in proportion to its size: the large/small ratios should be ~1.
 
     python scripts/bench_tokens.py                      # 10 MB vs 1 GB
     python scripts/bench_tokens.py --sizes 10M,4G --batches 500
@@ -41,8 +41,9 @@ first = time.perf_counter()
 for _ in range(int(sys.argv[2])):
     next(it)
 done = time.perf_counter()
-print(json.dumps({"startup_s": first - imported, "import_s": imported - t0, "batches_per_s": int(sys.argv[2]) / (done - first),
-                  "rss_after_import_mb": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"startup_s": first - imported, "import_s": imported - t0,
+                  "batches_per_s": int(sys.argv[2]) / (done - first), "rss_after_import_mb": rss0 / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "anon_mb": status("RssAnon"), "file_mb": status("RssFile"),
                   "windows": len(d.train)}))
 """
@@ -84,12 +85,17 @@ def main() -> None:
     print(f"{'file':>6} {'windows':>10} {'start-up s':>11} {'batches/s':>10} {'RSS after import MB':>20} "
           f"{'peak RSS MB':>12} {'RssAnon MB':>11} {'RssFile MB':>11}")
     for r in rows:
-        print(f"{r['size']:>6} {r['windows']:>10} {r['startup_s']:>11.3f} {r['batches_per_s']:>10.0f} "
-              f"{r['rss_after_import_mb']:>20.0f} {r['peak_rss_mb']:>12.0f} {r['anon_mb']:>11.0f} {r['file_mb']:>11.0f}")
+        print(
+            f"{r['size']:>6} {r['windows']:>10} {r['startup_s']:>11.3f} {r['batches_per_s']:>10.0f} "
+            f"{r['rss_after_import_mb']:>20.0f} {r['peak_rss_mb']:>12.0f} {r['anon_mb']:>11.0f} {r['file_mb']:>11.0f}"
+        )
     small, large = rows[0], rows[-1]
-    print(f"\n{large['size']} vs {small['size']}: start-up x{large['startup_s'] / small['startup_s']:.2f}, "
-          f"peak RSS x{large['peak_rss_mb'] / small['peak_rss_mb']:.3f} "
-          f"(+{large['peak_rss_mb'] - small['peak_rss_mb']:.0f} MB) for x{parse_size(large['size']) / parse_size(small['size']):.0f} the tokens")
+    print(
+        f"\n{large['size']} vs {small['size']}: start-up x{large['startup_s'] / small['startup_s']:.2f}, "
+        f"peak RSS x{large['peak_rss_mb'] / small['peak_rss_mb']:.3f} "
+        f"(+{large['peak_rss_mb'] - small['peak_rss_mb']:.0f} MB) for "
+        f"x{parse_size(large['size']) / parse_size(small['size']):.0f} the tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -194,7 +194,9 @@ def main() -> None:
     with initialize_config_dir(config_dir=register(), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "smoke" in only:
-            rows = {p: guarded(f"smoke {p}", lambda p=p: smoke(p, args, tmp), deadline) for p in args.presets.split(",")}
+            rows = {
+                p: guarded(f"smoke {p}", lambda p=p: smoke(p, args, tmp), deadline) for p in args.presets.split(",")
+            }
             results["smoke"] = rows
             out.append(table(f"Smoke run of every preset: GPT {' '.join(SMOKE_CPU if args.cpu else SMOKE)}, "
                              f"{args.smoke_steps} steps, diagnostics on, sync debug mode 'warn'",

@@ -32,12 +32,18 @@ def main(extra: list[str]) -> None:
             rows.append(s)
             print(f"{mode}: val/acc {s['val/acc']:.4f}", file=sys.stderr)
     ref = rows[0]["val/acc"]
-    print("| mode | compute | val/acc % | Δ vs fp32 (points) | val/loss | skipped | final scale | zero grads % | update underflow % | samples/s |")
+    print(
+        "| mode | compute | val/acc % | Δ vs fp32 (points) | val/loss | skipped | final scale | zero grads % | "
+        "update underflow % | samples/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, s in zip(MODES, rows):
-        print(f"| `{mode}` | {s['compute_dtype']} | {100 * s['val/acc']:.2f} | {100 * (s['val/acc'] - ref):+.2f} | "
-              f"{s['val/loss']:.4f} | {s['skipped_steps']} | {s['final_loss_scale']:g} | "
-              f"{100 * s.get('diag/grad_zero', 0):.2f} | {100 * s.get('diag/update_underflow', 0):.1f} | {s['samples_per_s']:.0f} |")
+        print(
+            f"| `{mode}` | {s['compute_dtype']} | {100 * s['val/acc']:.2f} | {100 * (s['val/acc'] - ref):+.2f} | "
+            f"{s['val/loss']:.4f} | {s['skipped_steps']} | {s['final_loss_scale']:g} | "
+            f"{100 * s.get('diag/grad_zero', 0):.2f} | {100 * s.get('diag/update_underflow', 0):.1f} | "
+            f"{s['samples_per_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

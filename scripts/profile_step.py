@@ -62,7 +62,10 @@ def main() -> None:
     print("| op (self time) | ms per step | share |")
     print("|---|---|---|")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
-        print(f"| `{e.key}` | {e.self_cpu_time_total / args.steps / 1e3:.1f} | {100 * e.self_cpu_time_total / total:.1f}% |")
+        print(
+            f"| `{e.key}` | {e.self_cpu_time_total / args.steps / 1e3:.1f} | "
+            f"{100 * e.self_cpu_time_total / total:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -195,7 +195,9 @@ def test_directory_without_diagnostics_is_one_line_and_exit_2(tmp_path):
 def test_advised_static_scale_matches_fp32_where_scale_1_fails(tmp_path):
     """Gradients 2^17 below their usual size: the advice from a 20-step fp32 probe trains static fp16 to
     fp32's accuracy within a point; S = 1 loses most gradients and fails."""
-    _, probe = train(tmp_path / "probe", SMALL_GRADS + ["precision=fp32", "trainer.max_steps=20", "diagnostics.every=1"])
+    _, probe = train(
+        tmp_path / "probe", SMALL_GRADS + ["precision=fp32", "trainer.max_steps=20", "diagnostics.every=1"]
+    )
     advice, lines = advise_run(probe)
     assert advice["verdict"].startswith("fp16 needs a loss scale")
     overrides = advice["recommended_overrides"]

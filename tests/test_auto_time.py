@@ -109,7 +109,9 @@ def test_the_probe_resumes_between_its_timing_and_its_error_steps():
 
 
 def test_bits_keeps_the_fewest_bits_that_hold():
-    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,bf16]", "precision.auto.objective=bits"])
+    cfg = compose_config(
+        [*TINY, "precision=auto", "precision.auto.formats=[mxfp4,bf16]", "precision.auto.objective=bits"]
+    )
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))

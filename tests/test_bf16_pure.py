@@ -151,7 +151,9 @@ def test_nearest_equals_pytorch_with_weights_and_state_rounded_to_bf16_after_eve
             for k, v in opt_b.state[b].items():
                 if k != "step":
                     v.copy_(v.bfloat16().float())
-    assert a.dtype == torch.bfloat16 and all(v.dtype == torch.bfloat16 for k, v in opt_a.state[a].items() if k != "step")
+    assert a.dtype == torch.bfloat16 and all(
+        v.dtype == torch.bfloat16 for k, v in opt_a.state[a].items() if k != "step"
+    )
     same = (a.float() == b).float().mean().item()
     ulp = (b.abs() * 2.0**-7).clamp_min(1e-30)
     assert same > 0.995 and bool(((a.float() - b).abs() <= ulp).all()), same  # rarely one ulp apart (summation order)
@@ -284,7 +286,14 @@ def test_memory_per_param_by_hand():
     n_norm, n = 40, 10 * 20 + 20 + 40 + 20 * 3  # LayerNorm keeps fp32 weights in every mode
     n_low = n - n_norm
     fp32 = memory_after_one_step("fp32", "adamw")
-    assert fp32 == {"weights": 4.0, "grads": 4.0, "optimizer_state": 8.0, "master": 0.0, "compensation": 0.0, "total": 16.0}
+    assert fp32 == {
+        "weights": 4.0,
+        "grads": 4.0,
+        "optimizer_state": 8.0,
+        "master": 0.0,
+        "compensation": 0.0,
+        "total": 16.0,
+    }
     master = memory_after_one_step("master", "adamw", "precision.loss_scale.init=1")
     low = (2 * n_low + 4 * n_norm) / n  # fp16 weights, fp32 norm
     assert master == pytest.approx({"weights": low, "grads": 4.0, "optimizer_state": 8.0, "master": 4 * n_low / n,
@@ -317,13 +326,19 @@ def test_bf16_pure_run_holds_bf16_weights_and_state_with_fp32_norm_layers(tmp_pa
     n = sum(v.numel() for k, v in ckpt["model"].items() if "running" not in k and "num_batches" not in k)
     weights = sum(v.numel() * v.element_size() for k, v in ckpt["model"].items()
                   if "running" not in k and "num_batches" not in k)
-    comp = sum(s["compensation"].numel() * s["compensation"].element_size() for s in state.values() if "compensation" in s)
+    comp = sum(
+        s["compensation"].numel() * s["compensation"].element_size() for s in state.values() if "compensation" in s
+    )
     mem = summary["memory_per_param"]
-    assert mem["weights"] == pytest.approx(weights / n, abs=1e-3) and mem["compensation"] == pytest.approx(comp / n, abs=1e-3)
+    assert mem["weights"] == pytest.approx(weights / n, abs=1e-3) and mem["compensation"] == pytest.approx(
+        comp / n, abs=1e-3
+    )
     # sampled diagnostics rows carry what rounding did to the update; the summary its mean
     rows = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "sample"]
     assert rows and all(0 <= r["bf16_update"]["lost_nearest"] <= 1 for r in rows)
-    assert summary["diag/bf16_lost_nearest"] == pytest.approx(sum(r["bf16_update"]["lost_nearest"] for r in rows) / len(rows))
+    assert summary["diag/bf16_lost_nearest"] == pytest.approx(
+        sum(r["bf16_update"]["lost_nearest"] for r in rows) / len(rows)
+    )
     # mptrain-report draws them: the series it plots are the rows' own figures
     from mptrain.tools.report import bf16_update_series, make_report
 
@@ -351,7 +366,9 @@ def test_stop_and_resume_is_bit_identical(tmp_path, monkeypatch, update, optimiz
     assert_same_tensors(final_state(tmp_path / "ref" / "run"), final_state(tmp_path / "cut" / "run"))
 
 
-@pytest.mark.parametrize("arm", ["fp32", "master", "nomaster", "bf16_pure_nearest", "bf16_pure_stochastic", "bf16_pure_kahan"])
+@pytest.mark.parametrize(
+    "arm", ["fp32", "master", "nomaster", "bf16_pure_nearest", "bf16_pure_stochastic", "bf16_pure_kahan"]
+)
 def test_master_weights_ablation_arms(arm):
     cfg = compose_config(["experiment=master_weights_ablation", f"+arm={arm}"])
     validate(cfg)
@@ -399,7 +416,11 @@ def grouped_run(name: str, update: str, chunk_numel: int | None, alone: bool = F
     torch.manual_seed(0)
     shapes = [(33, 7), (5,), (8, 3, 3, 3), (1000,), (17,), (4, 4)]
     ps = [nn.Parameter(torch.randn(s) if i == 1 else torch.randn(s).bfloat16()) for i, s in enumerate(shapes)]
-    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01) if name == "sgd" else dict(lr=0.01, weight_decay=0.1)
+    kw = (
+        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+        if name == "sgd"
+        else dict(lr=0.01, weight_decay=0.1)
+    )
     cls = PureBf16SGD if name == "sgd" else PureBf16AdamW
     if alone:
         opts = [cls([{"params": [p], "lr": kw["lr"] * (0.5 if i >= 3 else 1)}], update=update, seed=0, **kw)

@@ -107,7 +107,16 @@ def test_checkpoint_contents_are_plain_containers(tmp_path):
     _, run_dir = train(tmp_path, [*SMALL, "trainer.max_steps=2", "precision=master", "trainer.batch_size=16"])
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["format_version"] == 1 and ckpt["torch_version"] == str(torch.__version__)
-    assert {"model", "precision", "optimizer", "scheduler", "train_state", "rng", "config", "mptrain_version"} <= ckpt.keys()
+    assert {
+        "model",
+        "precision",
+        "optimizer",
+        "scheduler",
+        "train_state",
+        "rng",
+        "config",
+        "mptrain_version",
+    } <= ckpt.keys()
     assert {"python", "numpy", "torch"} <= ckpt["rng"].keys()
     assert ckpt["config"]["precision"]["mode"] == "master"
     assert ckpt["precision"]["scaler"]["scale"] == 2.0**16
@@ -175,8 +184,10 @@ def test_checkpoint_of_another_model_names_the_shapes(tmp_path):
 def test_damaged_last_falls_back_to_newest_step_file(tmp_path):
     overrides = [*SMALL, "trainer.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
     ref, ref_dir = train(tmp_path / "ref", overrides)
-    _, run_dir = train(tmp_path / "cut", [*SMALL, "trainer.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-                                          "scheduler=none"])
+    _, run_dir = train(
+        tmp_path / "cut",
+        [*SMALL, "trainer.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "scheduler=none"],
+    )
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_2.pt", "step_4.pt"]
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"\0" * 100)
     summary, _ = train(tmp_path / "cut", [*SMALL, "trainer.max_steps=6", "checkpoint.every_steps=2", "resume=auto",
@@ -210,8 +221,16 @@ def test_failed_save_stops_cleanly_with_the_previous_checkpoint_intact(tmp_path,
 
 # ---- real processes and real signals ---------------------------------------------------------------
 
-CLI = ["trainer.device=cpu", "model.width=4", "trainer.log_every=1", "trainer.max_steps=300", "trainer.tensorboard=false",
-       "trainer.progress_bar=false", "precision=fp32", "scheduler=none"]
+CLI = [
+    "trainer.device=cpu",
+    "model.width=4",
+    "trainer.log_every=1",
+    "trainer.max_steps=300",
+    "trainer.tensorboard=false",
+    "trainer.progress_bar=false",
+    "precision=fp32",
+    "scheduler=none",
+]
 
 
 def start(run_dir: Path, cwd: Path, *extra: str) -> subprocess.Popen:

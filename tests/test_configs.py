@@ -23,10 +23,16 @@ def test_every_group_has_entries():
 @pytest.mark.parametrize(("group", "name"), ENTRIES, ids=[f"{g}/{n}" for g, n in ENTRIES])
 def test_entry_composes_and_validates(group, name):
     # entries that need a partner: token models need a token dataset; a text dataset needs a file
-    partner = {("model", "lstm"): ["dataset=synthetic_tokens"], ("model", "gru"): ["dataset=synthetic_tokens"],
-               ("model", "gpt"): ["dataset=synthetic_tokens"], ("dataset", "text"): ["dataset.path=/etc/hostname", "model=lstm"],
-               ("dataset", "synthetic_tokens"): ["model=gpt"], ("model", "hf_causal_lm"): ["dataset=synthetic_tokens"],
-               ("dataset", "tokens"): ["dataset.path=/tmp", "model=gpt"], ("dataset", "hf"): ["dataset.path=/tmp"]}.get((group, name), [])
+    partner = {
+        ("model", "lstm"): ["dataset=synthetic_tokens"],
+        ("model", "gru"): ["dataset=synthetic_tokens"],
+        ("model", "gpt"): ["dataset=synthetic_tokens"],
+        ("dataset", "text"): ["dataset.path=/etc/hostname", "model=lstm"],
+        ("dataset", "synthetic_tokens"): ["model=gpt"],
+        ("model", "hf_causal_lm"): ["dataset=synthetic_tokens"],
+        ("dataset", "tokens"): ["dataset.path=/tmp", "model=gpt"],
+        ("dataset", "hf"): ["dataset.path=/tmp"],
+    }.get((group, name), [])
     cfg = compose_config([f"{group}={name}", *partner])
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -23,7 +23,9 @@ RUN = ["model=mlp", "model.width=16", "model.depth=2", "trainer.device=cpu", "tr
 
 def logged_rows(run_dir) -> list[str]:
     """The steps of the metrics rows in train.log, each in the plain line format."""
-    return re.findall(r"\[mptrain\]\[INFO\] - step (\d+)  loss [\d.]+  lr [\d.e-]+  scale \d+", (run_dir / "train.log").read_text())
+    return re.findall(
+        r"\[mptrain\]\[INFO\] - step (\d+)  loss [\d.]+  lr [\d.e-]+  scale \d+", (run_dir / "train.log").read_text()
+    )
 
 
 @pytest.mark.slow

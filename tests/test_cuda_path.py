@@ -79,8 +79,9 @@ def test_deterministic_sets_the_cublas_workspace_before_the_device_is_touched(mo
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seen = []
     real = recipe.resolve_device
-    monkeypatch.setattr(recipe, "resolve_device", lambda d: seen.append(recipe.os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-                        or real(d))
+    monkeypatch.setattr(
+        recipe, "resolve_device", lambda d: seen.append(recipe.os.environ.get("CUBLAS_WORKSPACE_CONFIG")) or real(d)
+    )
     recipe.build(compose_config(["trainer.device=cpu", "trainer.deterministic=true", "trainer.max_steps=1"]))
     assert seen == [":4096:8"]
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
@@ -99,7 +100,9 @@ def test_deterministic_warn_only_reaches_torch_and_is_restored(warn_only):
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled() == warn_only
         assert not torch.backends.cudnn.benchmark  # autotuning picks kernels by timing: not reproducible
-    assert not torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (
+        not torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    )
 
 
 # ---- 5. distributed: units, seeding, per-rank RNG --------------------------------------------------
@@ -197,8 +200,11 @@ def test_each_rank_resumes_its_own_generator(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / "conf" / "model" / "draws.yaml").write_text(
             f"_target_: drawmodel.Draws\nnum_classes: ${{dataset.num_classes}}\nlog_dir: {tmp_path / name}\n")
-        proc = torchrun([*args, "trainer.max_steps=4", *extra, f"hydra.run.dir={tmp_path}/{name}/run"],
-                        cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+        proc = torchrun(
+            [*args, "trainer.max_steps=4", *extra, f"hydra.run.dir={tmp_path}/{name}/run"],
+            cwd=tmp_path,
+            env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = [(tmp_path / name / f"draws{r}.txt").read_text().split() for r in (0, 1)]
     straight, resumed = runs["straight"], runs["resumed"]

@@ -1,4 +1,5 @@
-"""debug= presets: fast, overfit, profile, anomaly (conf/debug/, mptrain/train/callbacks/profiler.py, mptrain/library/data/loading.py)."""
+"""debug= presets: fast, overfit, profile, anomaly (conf/debug/, mptrain/train/callbacks/profiler.py,
+mptrain/library/data/loading.py)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,9 @@ def check(ours: dict, ref: dict) -> None:
     assert ours["hist"] == ref["hist"]
     for key in ("zero", "underflow", "subnormal", "overflow", "nonfinite"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
-    assert ours["headroom"] == pytest.approx(ref["headroom"]) or (math.isinf(ours["headroom"]) and math.isinf(ref["headroom"]))
+    assert ours["headroom"] == pytest.approx(ref["headroom"]) or (
+        math.isinf(ours["headroom"]) and math.isinf(ref["headroom"])
+    )
 
 
 @pytest.mark.parametrize("scale", [1.0, 1024.0, 65536.0])
@@ -138,8 +140,18 @@ def test_run_traces_an_overflowing_run_and_reports_it(tmp_path):
     """Dynamic scaling with a scale that cannot back off: the run stops, the trace names the head's
     input gradient (the first place the scaled gradient leaves fp16's range)."""
     with pytest.raises(Exception, match="minimum"):
-        train(tmp_path, ["precision=dynamic", "model.width=4", "trainer.max_steps=5", "trainer.batch_size=16",
-                         "precision.loss_scale.init=1e10", "precision.loss_scale.min=1e10", "precision.loss_scale.max=1e10"])
+        train(
+            tmp_path,
+            [
+                "precision=dynamic",
+                "model.width=4",
+                "trainer.max_steps=5",
+                "trainer.batch_size=16",
+                "precision.loss_scale.init=1e10",
+                "precision.loss_scale.min=1e10",
+                "precision.loss_scale.max=1e10",
+            ],
+        )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed"
     trace = summary["overflow_trace"]
@@ -160,7 +172,12 @@ def test_sampled_steps_write_rows_with_every_statistic(tmp_path):
     samples = [r for r in rows if r["event"] == "sample"]
     assert [r["step"] for r in samples] == [1, 4, 8]
     cfg = compose_config([])
-    n_params = sum(1 for p in __import__("mptrain.library.models.vision", fromlist=["SmallCNN"]).SmallCNN(width=cfg.model.width).parameters())
+    n_params = sum(
+        1
+        for p in __import__("mptrain.library.models.vision", fromlist=["SmallCNN"])
+        .SmallCNN(width=cfg.model.width)
+        .parameters()
+    )
     for r in samples:
         assert len(r["grads"]["params"]) == n_params
         assert set(r["activations"]) == {"block1", "pool1", "block2", "pool2", "head"}
@@ -207,8 +224,18 @@ def test_report_renders_pngs_and_a_risk_table_from_a_real_run(tmp_path):
 
     from PIL import Image
 
-    _, run_dir = train(tmp_path, ["model=mlp", "precision=noscale", "trainer.max_steps=20", "diagnostics.every=5",
-                                  "trainer.loss_weight=6.103515625e-05", "optimizer.lr=819.2", "optimizer.weight_decay=0"])
+    _, run_dir = train(
+        tmp_path,
+        [
+            "model=mlp",
+            "precision=noscale",
+            "trainer.max_steps=20",
+            "diagnostics.every=5",
+            "trainer.loss_weight=6.103515625e-05",
+            "optimizer.lr=819.2",
+            "optimizer.weight_decay=0",
+        ],
+    )
     proc = subprocess.run([sys.executable, "-m", "mptrain.tools.report", str(run_dir)], capture_output=True,
                           text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,16 @@ BASE = ["model=mlp", "trainer.device=cpu", "trainer.batch_size=32", "trainer.log
 
 
 def torchrun(args: list[str], cwd: Path, env: dict | None = None, nproc: int = 2, timeout: int = 600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mptrain", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mptrain",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -118,7 +127,9 @@ def test_torchrun_resume_continues_the_run(tmp_path):
 
 @pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_batch_not_divisible_by_world_size_fails_with_one_line(tmp_path):
-    proc = torchrun([*BASE, "trainer.batch_size=33", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    proc = torchrun(
+        [*BASE, "trainer.batch_size=33", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert "trainer.batch_size=33 (the global batch) is not divisible by the 2 processes" in proc.stderr
 
@@ -126,7 +137,9 @@ def test_batch_not_divisible_by_world_size_fails_with_one_line(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
 @pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_nccl_without_gpus_fails_with_one_line(tmp_path):
-    proc = torchrun([*BASE, "trainer.dist_backend=nccl", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    proc = torchrun(
+        [*BASE, "trainer.dist_backend=nccl", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert "trainer.dist_backend=nccl needs CUDA GPUs" in proc.stderr
 
@@ -134,7 +147,9 @@ def test_nccl_without_gpus_fails_with_one_line(tmp_path):
 @pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_mismatched_configs_across_ranks_fail(tmp_path):
     # a rank-dependent value through an environment interpolation: each rank resolves its own seed
-    proc = torchrun([*BASE, "trainer.max_steps=2", "seed=${oc.env:RANK}", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    proc = torchrun(
+        [*BASE, "trainer.max_steps=2", "seed=${oc.env:RANK}", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert "ranks run different configs" in proc.stderr
 
@@ -185,17 +200,32 @@ def test_fsdp_trains_and_round_trips_a_sharded_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_needs_torchrun(tmp_path):
-    proc = run_cli([*BASE, "trainer.strategy=fsdp", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    proc = run_cli(
+        [*BASE, "trainer.strategy=fsdp", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path
+    )
     assert proc.returncode == 2 and "trainer.strategy=fsdp shards the model across processes" in proc.stderr
 
 
 @pytest.mark.slow  # a torchrun or multi-run case: CI's slow suite runs it
 def test_fsdp_with_fp16_loss_scaling_trains(tmp_path):
-    proc = torchrun([*BASE, "trainer.strategy=fsdp", "precision=dynamic", "trainer.max_steps=3", "trainer.clip_grad_norm=1.0",
-                     f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    proc = torchrun(
+        [
+            *BASE,
+            "trainer.strategy=fsdp",
+            "precision=dynamic",
+            "trainer.max_steps=3",
+            "trainer.clip_grad_norm=1.0",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["compute_dtype"] == "fp16" and summary["final_loss_scale"] == 2.0**16
+    assert (
+        summary["status"] == "completed"
+        and summary["compute_dtype"] == "fp16"
+        and summary["final_loss_scale"] == 2.0**16
+    )
     assert summary["world_size"] == 2
 
 
@@ -218,7 +248,9 @@ def test_overflow_trace_on_rank_zero_does_not_reach_the_other_rank(tmp_path):
                      "diagnostics.trace_after=2", "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     # every step overflows, so the run applied no update: it ends failed with one line (not `completed`), after
     # writing its records on both ranks' behalf
-    assert proc.returncode == 1 and "no update was applied: all 4 steps were skipped" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "no update was applied: all 4 steps were skipped" in proc.stderr, proc.stderr[
+        -3000:
+    ]
     traces = [r for r in read_jsonl(tmp_path / "run" / "diagnostics.jsonl") if r.get("event") == "trace"]
     assert len(traces) == 1 and traces[0]["step"] == 2 and traces[0]["backward"] is not None
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]

@@ -13,8 +13,18 @@ from mptrain.errors import ConfigError
 
 from .conftest import read_jsonl, train
 
-RUN = ["model=mlp", "model.width=16", "model.depth=1", "trainer.batch_size=64", "optimizer.lr=0.5", "trainer.max_steps=60",
-       "trainer.eval_every=3", "trainer.log_every=3", "diagnostics=off", "scheduler=none"]
+RUN = [
+    "model=mlp",
+    "model.width=16",
+    "model.depth=1",
+    "trainer.batch_size=64",
+    "optimizer.lr=0.5",
+    "trainer.max_steps=60",
+    "trainer.eval_every=3",
+    "trainer.log_every=3",
+    "diagnostics=off",
+    "scheduler=none",
+]
 
 
 def expected_stop(values: list[tuple[int, float]], patience: int, min_delta: float, mode: str) -> int | None:
@@ -53,9 +63,14 @@ def test_stops_where_the_rule_says(monitor, mode, min_delta, tmp_path):
 
 @pytest.mark.slow
 def test_resume_before_the_stop_stops_at_the_same_step(tmp_path):
-    es = ["trainer.early_stopping.enabled=true", "trainer.early_stopping.patience=2",
-          "trainer.early_stopping.min_delta=0.02", "trainer.early_stopping.monitor=val/loss", "checkpoint.every_steps=6",
-          "checkpoint.keep_last=20"]
+    es = [
+        "trainer.early_stopping.enabled=true",
+        "trainer.early_stopping.patience=2",
+        "trainer.early_stopping.min_delta=0.02",
+        "trainer.early_stopping.monitor=val/loss",
+        "checkpoint.every_steps=6",
+        "checkpoint.keep_last=20",
+    ]
     straight, ref = train(tmp_path / "ref", [*RUN, *es])
     assert straight["steps"] > 12
     resumed, _ = train(tmp_path / "cut", [*RUN, *es, f"resume={ref / 'checkpoints' / 'step_12.pt'}"])
@@ -80,8 +95,12 @@ def test_an_early_stop_before_any_logged_row_is_completed(tmp_path):
 
 def test_an_unknown_monitor_is_refused_before_the_run_directory_changes(tmp_path):
     # found by a hostile pass: monitor=val/nope trained to the end and never stopped, silently
-    with pytest.raises(ConfigError, match=r"trainer.early_stopping.monitor='val/nope' is not a metric this run reports \(val/"):
-        train(tmp_path / "run", [*RUN, "trainer.early_stopping.enabled=true", "trainer.early_stopping.monitor=val/nope"])
+    with pytest.raises(
+        ConfigError, match=r"trainer.early_stopping.monitor='val/nope' is not a metric this run reports \(val/"
+    ):
+        train(
+            tmp_path / "run", [*RUN, "trainer.early_stopping.enabled=true", "trainer.early_stopping.monitor=val/nope"]
+        )
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 

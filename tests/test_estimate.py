@@ -17,7 +17,9 @@ MLP = ["model=mlp", "model.width=64", "model.depth=2", "trainer.batch_size=64", 
 def test_components_equal_the_tensor_sizes_by_hand():
     fp32 = measure([*MLP, "precision=fp32"])
     n = fp32["params"]
-    assert fp32["weights"] == pytest.approx(4 * n / MB, rel=1e-3) and fp32["grads"] == pytest.approx(4 * n / MB, rel=1e-3)
+    assert fp32["weights"] == pytest.approx(4 * n / MB, rel=1e-3) and fp32["grads"] == pytest.approx(
+        4 * n / MB, rel=1e-3
+    )
     assert fp32["optimizer_state"] == pytest.approx(8 * n / MB, rel=1e-3) and fp32["master"] == 0
     # batch 64 x flattened 8x8 digits: at least the input and each hidden layer's activations are kept
     assert fp32["activations"] > (64 * 64 * 4 * 3) / MB
@@ -40,7 +42,14 @@ def test_bad_override_is_one_line(capsys):
     assert capsys.readouterr().err.startswith("mptrain-estimate: error: optimizer.lr=-1.0 is invalid")
 
 
-WIDE = ["model=mlp", "model.width=256", "model.depth=2", "trainer.batch_size=16", "optimizer=adamw", "trainer.device=cpu"]  # rows large enough that the printed MB differ by preset
+WIDE = [
+    "model=mlp",
+    "model.width=256",
+    "model.depth=2",
+    "trainer.batch_size=16",
+    "optimizer=adamw",
+    "trainer.device=cpu",
+]  # rows large enough that the printed MB differ by preset
 RULE = "precision.layers={head: fp32}"  # master and bf16_pure hold their weights in one dtype: they refuse rules
 
 
@@ -103,8 +112,10 @@ def test_the_run_tools_take_options_among_overrides(tool, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main_of([str(tmp_path / "nope"), "precision=fp32", "--ema", "trainer.device=cpu"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (f"mptrain-{tool}: error: {tmp_path / 'nope'} is not a "
-                                                        "directory; pass a run directory, e.g. outputs/<date>/<time>-<id>")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mptrain-{tool}: error: {tmp_path / 'nope'} is not a "
+        "directory; pass a run directory, e.g. outputs/<date>/<time>-<id>"
+    )
 
 
 def test_ema_counts_its_fp32_copy():

@@ -100,10 +100,30 @@ def test_a_mistyped_key_gets_did_you_mean(arg, suggestion):
 
 
 def test_valid_overrides_pass_the_key_check():
-    check_override_keys(["trainer.max_steps=5", "precision=bf16", "model.width=3", "dataset.root=/d", "+foo=1",
-                         "++trainer.seed=2", "~task", "hydra.run.dir=x", "hydra/launcher=slurm", "seed=1", "resume=auto",
-                         "precision.loss_scale.init=8", "trainer.profile.wait=1", "precision.fp8.recipe=rowwise",
-                         "-m", "--cfg", "job", "experiment=paper_parity", "debug=fast", "mygroup.key=1"])
+    check_override_keys(
+        [
+            "trainer.max_steps=5",
+            "precision=bf16",
+            "model.width=3",
+            "dataset.root=/d",
+            "+foo=1",
+            "++trainer.seed=2",
+            "~task",
+            "hydra.run.dir=x",
+            "hydra/launcher=slurm",
+            "seed=1",
+            "resume=auto",
+            "precision.loss_scale.init=8",
+            "trainer.profile.wait=1",
+            "precision.fp8.recipe=rowwise",
+            "-m",
+            "--cfg",
+            "job",
+            "experiment=paper_parity",
+            "debug=fast",
+            "mygroup.key=1",
+        ]
+    )
 
 
 def test_the_cli_names_the_key_instead_of_hydras_plus_advice(tmp_path):
@@ -157,7 +177,9 @@ def fake_job(path, precision, seed, acc):
 
 
 def test_compare_keeps_its_columns_when_piped(tmp_path, capsys):
-    for i, (precision, seed, acc) in enumerate([("fp32", 0, 0.9), ("fp32", 1, 0.92), ("amp", 0, 0.91), ("amp", 1, 0.9)]):
+    for i, (precision, seed, acc) in enumerate(
+        [("fp32", 0, 0.9), ("fp32", 1, 0.92), ("amp", 0, 0.91), ("amp", 1, 0.9)]
+    ):
         fake_job(tmp_path / str(i), precision, seed, acc)
     compare_main([str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()

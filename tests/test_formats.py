@@ -148,12 +148,27 @@ def test_nvfp4_block_scale_rounds_in_e4m3():
 def test_e2m1_and_e8m0_value_sets():
     grid = torch.linspace(-7, 7, 2801)
     assert sorted(set(E2M1.quantize(grid).abs().tolist())) == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-    assert E8M0.quantize(torch.tensor([1.0, 1.4, 1.5, 3.0, 0.0, 1e39])).tolist() == [1, 1, 2, 4, 2.0 ** -127, 2.0 ** 127]
+    assert E8M0.quantize(torch.tensor([1.0, 1.4, 1.5, 3.0, 0.0, 1e39])).tolist() == [1, 1, 2, 4, 2.0**-127, 2.0**127]
 
 
 def test_formats_table_is_consistent():
-    bits = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "mxfp8": 8, "mxfp8_e5m2": 8,
-            "mxfp6_e2m3": 6, "mxfp6_e3m2": 6, "mxfp4": 4, "nvfp4": 4, "nvfp4_recipe": 4, "fp8": 8, "fp8_row": 8, "fp8_row_hp": 8}
+    bits = {
+        "fp32": 32,
+        "bf16": 16,
+        "fp16": 16,
+        "fp8_e4m3": 8,
+        "fp8_e5m2": 8,
+        "mxfp8": 8,
+        "mxfp8_e5m2": 8,
+        "mxfp6_e2m3": 6,
+        "mxfp6_e3m2": 6,
+        "mxfp4": 4,
+        "nvfp4": 4,
+        "nvfp4_recipe": 4,
+        "fp8": 8,
+        "fp8_row": 8,
+        "fp8_row_hp": 8,
+    }
     assert {n: f.bits for n, f in FORMATS.items()} == bits
     for name, fmt in FORMATS.items():
         assert fmt.name == name

@@ -78,7 +78,14 @@ def test_convert_swaps_exactly_the_planned_layers_and_keeps_the_parameters():
     p = convert(model)
     assert (p.fp8_layers, p.fp8_emulated) == (["1", "5"], True)
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert kinds == {"0": "Linear", "1": "Float8Linear", "2": "Linear", "4": "Linear", "5": "Float8Linear", "6": "Linear"}
+    assert kinds == {
+        "0": "Linear",
+        "1": "Float8Linear",
+        "2": "Linear",
+        "4": "Linear",
+        "5": "Float8Linear",
+        "6": "Linear",
+    }
     assert all(p is params[k] for k, p in model.named_parameters())  # same tensors: an optimizer sees no change
     assert p.applier.apply(model, p.plan) == []  # again (FSDP): nothing more converts
 
@@ -140,7 +147,9 @@ def test_cast_stats_scale_matches_torchao():
 @needs_torchao
 def test_fp8_stats_record_every_converted_layer_on_sampled_steps_only():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 4)
+    )
     convert(model)
     stats = fp8.Fp8Stats(model)
     assert set(stats.modules) == {"2", "4"}
@@ -251,18 +260,31 @@ def test_missing_torchao_from_the_cli(tmp_path):
     code = ("import sys; sys.modules['torchao'] = None; sys.modules['torchao.float8'] = None; "
             "from mptrain.cli.main import main; main()")
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", code, "precision=fp8", "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "precision=fp8", "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "mptrain: error: precision=fp8 needs torchao: pip install mptrain[fp8]"
+    assert (
+        proc.stderr.strip().splitlines()[-1] == "mptrain: error: precision=fp8 needs torchao: pip install mptrain[fp8]"
+    )
     assert not run_dir.exists() or not any(run_dir.iterdir())  # refused before the run directory changed
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("precision.fp8.recipe=blockwise", "precision.fp8.recipe='blockwise' is invalid: choose tensorwise, rowwise, rowwise_with_gw_hp"),
-    ("precision.fp8.dim_multiple=0", "precision.fp8.dim_multiple=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "precision.fp8.recipe=blockwise",
+            "precision.fp8.recipe='blockwise' is invalid: choose tensorwise, rowwise, rowwise_with_gw_hp",
+        ),
+        ("precision.fp8.dim_multiple=0", "precision.fp8.dim_multiple=0 is invalid"),
+    ],
+)
 def test_bad_fp8_settings(override, message):
     from mptrain.config import validate
 

@@ -43,7 +43,9 @@ def test_saved_dataset_dict_with_images_trains_a_classifier(tmp_path):
     imgs = [Image.fromarray((im * 16).astype(np.uint8)) for im in digits.images[:300]]
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
     ds = datasets.Dataset.from_dict({"image": imgs, "label": digits.target[:300].tolist()}, features=feats)
-    datasets.DatasetDict({"train": ds.select(range(240)), "test": ds.select(range(240, 300))}).save_to_disk(tmp_path / "d")
+    datasets.DatasetDict({"train": ds.select(range(240)), "test": ds.select(range(240, 300))}).save_to_disk(
+        tmp_path / "d"
+    )
     summary, _ = train(tmp_path, ["dataset=hf", f"dataset.path={tmp_path / 'd'}", "dataset.column=image",
                                   "dataset.channels=1", "dataset.image_size=8", "model=cnn", "model.width=4",
                                   "trainer.batch_size=32", "trainer.max_steps=4", "checkpoint.enabled=false",
@@ -51,10 +53,15 @@ def test_saved_dataset_dict_with_images_trains_a_classifier(tmp_path):
     assert summary["status"] == "completed" and 0 <= summary["val/acc"] <= 1
 
 
-@pytest.mark.parametrize(("path", "message"), [
-    pytest.param("wikitext/wikitext-2-raw-v1", r"looks like a hub name: mptrain never downloads", marks=pytest.mark.slow),
-    pytest.param("{tmp}", r"holds no save_to_disk dataset", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        pytest.param(
+            "wikitext/wikitext-2-raw-v1", r"looks like a hub name: mptrain never downloads", marks=pytest.mark.slow
+        ),
+        pytest.param("{tmp}", r"holds no save_to_disk dataset", marks=pytest.mark.slow),
+    ],
+)
 def test_bad_paths_fail_in_one_line(tmp_path, path, message):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path, ["dataset=hf", f"dataset.path={path.format(tmp=tmp_path)}", *GPT])

@@ -84,22 +84,33 @@ def _texts(tmp_path: Path) -> dict[str, Path]:
 
 
 BAD_INPUTS = {  # case: (overrides, what the one line must say)
-    "gpt vocab smaller than the data's": ([*GPT, "model.vocab_size=8"],
-                                          "model.vocab_size=8 is smaller than the data's 64 token ids"),
-    "gpt window shorter than the data's": ([*GPT, "model.seq_len=8"],
-                                           "model.seq_len=8 is smaller than the data's 16 tokens per sample"),
+    "gpt vocab smaller than the data's": (
+        [*GPT, "model.vocab_size=8"],
+        "model.vocab_size=8 is smaller than the data's 64 token ids",
+    ),
+    "gpt window shorter than the data's": (
+        [*GPT, "model.seq_len=8"],
+        "model.seq_len=8 is smaller than the data's 16 tokens per sample",
+    ),
     "no training tokens": ([*GPT, "dataset.train_tokens=0"], "dataset.train_tokens=0 is invalid: must exceed"),
     "vocab 0": ([*GPT, "dataset.vocab_size=0"], "dataset.vocab_size=0 is invalid"),
     "seq_len 0": ([*GPT, "dataset.seq_len=0", "model.seq_len=4"], "dataset.seq_len=0 is invalid"),
     "seed 10**20": ([*MLP, f"seed={10**20}"], f"seed={10**20} is invalid: must be an integer in [0, 2**32)"),
     "dcgan latent 0": (["model=dcgan", "model.latent_dim=0", *TINY], "model.latent_dim=0 is invalid: must be >= 1"),
-    "cnn on 1x1 images": (["model=cnn", "dataset=synthetic", "dataset.image_size=1", *TINY],
-                          "model=cnn needs dataset.image_size >= 2"),
+    "cnn on 1x1 images": (
+        ["model=cnn", "dataset=synthetic", "dataset.image_size=1", *TINY],
+        "model=cnn needs dataset.image_size >= 2",
+    ),
     "mlp on 0x0 images": ([*MLP, "dataset=synthetic", "dataset.image_size=0"], "dataset.image_size=0 is invalid"),
-    "empty text file": ([*GPT_MODEL, "dataset=text", "dataset.path={empty}"], "holds no text (empty or only whitespace)"),
+    "empty text file": (
+        [*GPT_MODEL, "dataset=text", "dataset.path={empty}"],
+        "holds no text (empty or only whitespace)",
+    ),
     "whitespace text file": ([*GPT_MODEL, "dataset=text", "dataset.path={blank}"], "holds no text"),
-    "word level, max_vocab 0": ([*GPT_MODEL, "dataset=text", "dataset.path={words}", "dataset.level=word",
-                                 "dataset.max_vocab=0"], "dataset.max_vocab=0 is invalid: must be >= 2"),
+    "word level, max_vocab 0": (
+        [*GPT_MODEL, "dataset=text", "dataset.path={words}", "dataset.level=word", "dataset.max_vocab=0"],
+        "dataset.max_vocab=0 is invalid: must be >= 2",
+    ),
 }
 
 
@@ -596,7 +607,9 @@ def test_resume_as_the_readme_shows_it_continues_the_run_that_was_started(tmp_pa
     code, err = cli(["resume=auto", f"hydra.run.dir={run_dir}"], tmp_path)  # the README's command, nothing else
     assert code == 0, err
     ref, got = read_jsonl(ref_dir / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
-    assert [(r["step"], r.get("loss"), r.get("lr")) for r in got] == [(r["step"], r.get("loss"), r.get("lr")) for r in ref]
+    assert [(r["step"], r.get("loss"), r.get("lr")) for r in got] == [
+        (r["step"], r.get("loss"), r.get("lr")) for r in ref
+    ]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 8 and "events" not in summary  # nothing was changed
     # a change given now is applied, logged, and recorded in the summary

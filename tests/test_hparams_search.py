@@ -63,7 +63,9 @@ def test_study_beats_a_bad_learning_rate_and_resumes(tmp_path):
     assert [t.number for t in done] == [0, 1, 2] and all(t.state.name == "COMPLETE" for t in done)
     for t in done:  # job <n> ran trial <n>; the objective is that job's val/acc
         job = sweep / str(t.number)
-        assert f"optimizer.lr={t.params['optimizer.lr']}" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert f"optimizer.lr={t.params['optimizer.lr']}" in yaml.safe_load(
+            (job / ".hydra" / "overrides.yaml").read_text()
+        )
         assert t.value == json.loads((job / "summary.json").read_text())["val/acc"]
     best = max(done, key=lambda t: t.value)
     assert best.value > bad_acc + 0.1 and best.params["optimizer.lr"] > BAD_LR
@@ -85,5 +87,9 @@ def test_study_beats_a_bad_learning_rate_and_resumes(tmp_path):
     table = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
     assert sorted(int(r["trial"]) for r in table) == [0, 1, 2, 3]
     for r in table:
-        assert float(r["objective"]) == pytest.approx(done[int(r["trial"])].value) == pytest.approx(float(r["val/acc mean"]))
+        assert (
+            float(r["objective"])
+            == pytest.approx(done[int(r["trial"])].value)
+            == pytest.approx(float(r["val/acc mean"]))
+        )
     assert int(table[0]["trial"]) == max(done, key=lambda t: t.value).number

@@ -114,14 +114,30 @@ def test_timm_checkpoint_path_loads_a_local_state_dict(tmp_path):
     assert_same_tensors(first.state_dict(), second.state_dict())
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["model=hf_causal_lm", "model.config=null", "model.path=meta-llama/Llama-3.2-1B", "dataset=synthetic_tokens"],
-     r"^model.path=meta-llama/Llama-3.2-1B is not a local model directory: .*never downloads; fetch it first"),
-    (["model=timm", "model.name=convnxt_atto"], r"^model.name='convnxt_atto' is not a timm architecture; close names: "
-                                                  r"convnext_atto"),
-    (["model=timm", "model.checkpoint_path=/nonexistent.pth"], r"^model.checkpoint_path=/nonexistent.pth is not a file"),
-    (["model=hf_causal_lm", "model.path=/tmp", "dataset=synthetic_tokens"], r"^model.config=.*give exactly one of"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [
+                "model=hf_causal_lm",
+                "model.config=null",
+                "model.path=meta-llama/Llama-3.2-1B",
+                "dataset=synthetic_tokens",
+            ],
+            r"^model.path=meta-llama/Llama-3.2-1B is not a local model directory: .*never downloads; fetch it first",
+        ),
+        (
+            ["model=timm", "model.name=convnxt_atto"],
+            r"^model.name='convnxt_atto' is not a timm architecture; close names: "
+            r"convnext_atto",
+        ),
+        (
+            ["model=timm", "model.checkpoint_path=/nonexistent.pth"],
+            r"^model.checkpoint_path=/nonexistent.pth is not a file",
+        ),
+        (["model=hf_causal_lm", "model.path=/tmp", "dataset=synthetic_tokens"], r"^model.config=.*give exactly one of"),
+    ],
+)
 def test_bad_model_settings_fail_in_one_line_before_the_run_dir(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path, overrides)
@@ -222,7 +238,9 @@ def test_master_convnext_computes_in_fp16(ls_init_value):
     seen = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
-            m.register_forward_hook(lambda m, a, o, name=name: seen.update({name: (a[0].dtype, m.weight.dtype, o.dtype)}))
+            m.register_forward_hook(
+                lambda m, a, o, name=name: seen.update({name: (a[0].dtype, m.weight.dtype, o.dtype)})
+            )
     x = torch.randn(4, 1, 32, 32)
     with precision.autocast():
         out = model(x)

@@ -88,7 +88,9 @@ def test_case1_scale_is_bounded_by_the_output_gradient_not_only_the_weights(tmp_
     skipped = {}
     for name, extra in runs.items():
         try:
-            train(tmp_path / name, CASE1 + ["trainer.max_steps=4", "diagnostics=off", "checkpoint.enabled=false", *extra])
+            train(
+                tmp_path / name, CASE1 + ["trainer.max_steps=4", "diagnostics=off", "checkpoint.enabled=false", *extra]
+            )
         except TrainingFailed as e:  # every step skipped: the run applied no update, so it ends failed
             assert "no update was applied" in str(e)
         skipped[name] = json.loads((tmp_path / name / "run" / "summary.json").read_text())["skipped_steps"]
@@ -178,7 +180,8 @@ def test_shadow_outlier_flushes_the_rest_under_fp8_and_overflows_fp16():
     """One row: a 1e8 outlier and 32 ones through an identity Linear. e4m3 per tensor (and per row: one row)
     scales by 448/1e8, so every 1 becomes 4.5e-6, below e4m3's smallest subnormal 2^-9: 32 of the 33 nonzero
     inputs flush, and the output keeps only the outlier: relative error sqrt(32)/sqrt(1e16 + 32). fp16 holds
-    the ones but not 1e8 (one of 33 overflows, the output is inf). bf16 rounds 1e8 = 190.7 * 2^19 to 191 * 2^19 (8 significant bits)."""
+    the ones but not 1e8 (one of 33 overflows, the output is inf). bf16 rounds 1e8 = 190.7 * 2^19 to 191 * 2^19
+    (8 significant bits)."""
     x = torch.ones(1, 33)
     x[0, 0] = 1e8
     fig = shadow_figures_of(identity_linear(33), x, ["fp8", "fp8_row", "fp16", "bf16"])
@@ -224,9 +227,19 @@ def test_shadow_does_not_change_training(tmp_path):
     a net with dropout inside attention and batch norm trains bitwise the same with and without it."""
     runs = {}
     for name, shadow in (("on", "[bf16,fp8,mxfp8]"), ("off", "[]")):
-        _, run = train(tmp_path / name, ["model=mlp", "model._target_=tests.judge_nets.DropNorm", "precision=fp32", "trainer.max_steps=2",
-                                         "diagnostics.every=1", f"diagnostics.shadow={shadow}", "trainer.log_every=1",
-                                         "checkpoint.enabled=false"])
+        _, run = train(
+            tmp_path / name,
+            [
+                "model=mlp",
+                "model._target_=tests.judge_nets.DropNorm",
+                "precision=fp32",
+                "trainer.max_steps=2",
+                "diagnostics.every=1",
+                f"diagnostics.shadow={shadow}",
+                "trainer.log_every=1",
+                "checkpoint.enabled=false",
+            ],
+        )
         runs[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
         rows = [r for r in read_jsonl(run / "diagnostics.jsonl") if r["event"] == "sample"]
         assert all(("shadow" in r) == (name == "on") for r in rows)

@@ -100,8 +100,13 @@ def spelled_names(path: Path, names: set[str]) -> list[str]:
 def name_sources() -> set[str]:
     """Modules whose names run/layout.py re-exports (a tokenizer's own file names): they define them."""
     tree = ast.parse((PACKAGE / "run" / "layout.py").read_text())
-    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mptrain.")
-            and any(a.name.isupper() for a in n.names)}
+    return {
+        n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+        and (n.module or "").startswith("mptrain.")
+        and any(a.name.isupper() for a in n.names)
+    }
 
 
 def test_no_module_outside_run_spells_a_run_directory_file_name():
@@ -163,8 +168,12 @@ def test_conf_entries_name_only_what_differs_from_their_schema():
         if not names or (group, names[0]) not in schemas:
             continue
         defaults = flat(schema_defaults(schemas[(group, names[0])]))
-        restated += [f"{path.relative_to(REPO)}: {k}: {v!r}" for k, v in flat(data).items()
-                     if k in defaults and (v == defaults[k] or (isinstance(defaults[k], (list, tuple)) and list(defaults[k]) == v))]
+        restated += [
+            f"{path.relative_to(REPO)}: {k}: {v!r}"
+            for k, v in flat(data).items()
+            if k in defaults
+            and (v == defaults[k] or (isinstance(defaults[k], (list, tuple)) and list(defaults[k]) == v))
+        ]
     assert not restated, "the schema states these already:\n" + "\n".join(restated)
 
 

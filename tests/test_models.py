@@ -23,14 +23,46 @@ PYTHON_LICENSE = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
 FAMILIES = {
     "cnn": ["model=cnn", "model.width=4", "trainer.batch_size=16"],
     "resnet18": ["model=resnet18", "model.small_input=true", "dataset.image_size=16", "trainer.batch_size=8"],
-    "lstm": ["model=lstm", "dataset=synthetic_tokens", "dataset.seq_len=16", "model.embed_dim=32", "model.hidden_dim=32",
-             "model.tie_weights=true", "trainer.batch_size=8", "optimizer=adamw", "optimizer.lr=1e-2"],
-    "gru": ["model=gru", "dataset=synthetic_tokens", "dataset.seq_len=16", "model.embed_dim=32", "model.hidden_dim=48",
-            "trainer.batch_size=8", "optimizer=adamw", "optimizer.lr=1e-2"],
-    "gpt": ["model=gpt", "dataset=synthetic_tokens", "dataset.seq_len=16", "model.dim=32", "model.layers=2",
-            "model.heads=2", "trainer.batch_size=8", "optimizer=adamw", "optimizer.lr=1e-2"],
-    "dcgan": ["model=dcgan", "model.width=8", "model.latent_dim=16", "trainer.batch_size=16", "optimizer=adamw",
-              "optimizer.lr=2e-3"],
+    "lstm": [
+        "model=lstm",
+        "dataset=synthetic_tokens",
+        "dataset.seq_len=16",
+        "model.embed_dim=32",
+        "model.hidden_dim=32",
+        "model.tie_weights=true",
+        "trainer.batch_size=8",
+        "optimizer=adamw",
+        "optimizer.lr=1e-2",
+    ],
+    "gru": [
+        "model=gru",
+        "dataset=synthetic_tokens",
+        "dataset.seq_len=16",
+        "model.embed_dim=32",
+        "model.hidden_dim=48",
+        "trainer.batch_size=8",
+        "optimizer=adamw",
+        "optimizer.lr=1e-2",
+    ],
+    "gpt": [
+        "model=gpt",
+        "dataset=synthetic_tokens",
+        "dataset.seq_len=16",
+        "model.dim=32",
+        "model.layers=2",
+        "model.heads=2",
+        "trainer.batch_size=8",
+        "optimizer=adamw",
+        "optimizer.lr=1e-2",
+    ],
+    "dcgan": [
+        "model=dcgan",
+        "model.width=8",
+        "model.latent_dim=16",
+        "trainer.batch_size=16",
+        "optimizer=adamw",
+        "optimizer.lr=2e-3",
+    ],
 }
 
 
@@ -60,8 +92,11 @@ CASES += [("resnet18", "fp32"), ("resnet18", "amp")]  # fp16 convolutions are em
 SLOW_CASES = {("resnet18", "fp32"), ("resnet18", "amp")}  # the longest on a CPU
 
 
-@pytest.mark.parametrize(("family", "mode"), [pytest.param(f, m, marks=pytest.mark.slow) if (f, m) in SLOW_CASES else (f, m)
-                                             for f, m in CASES], ids=[f"{f}-{m}" for f, m in CASES])
+@pytest.mark.parametrize(
+    ("family", "mode"),
+    [pytest.param(f, m, marks=pytest.mark.slow) if (f, m) in SLOW_CASES else (f, m) for f, m in CASES],
+    ids=[f"{f}-{m}" for f, m in CASES],
+)
 def test_family_learns_a_fixed_batch(family, mode):
     losses, c = fixed_batch_losses([*FAMILIES[family], f"precision={mode}"], 20)
     assert all(np.isfinite(losses))
@@ -166,7 +201,9 @@ def test_cifar10_integrity_check_gives_the_one_line_error(tmp_path):
     with open(batches / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
     cfg = compose_config([*TINY, "dataset=cifar10", f"dataset.root={tmp_path}", "model=resnet18"])
-    with pytest.raises(ConfigError, match=r"dataset cifar10 not found or corrupt .*cifar-10-batches-py.*dataset.download=true"):
+    with pytest.raises(
+        ConfigError, match=r"dataset cifar10 not found or corrupt .*cifar-10-batches-py.*dataset.download=true"
+    ):
         build(cfg)
 
 

@@ -64,9 +64,20 @@ def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, exact: bool = Tru
 
 TARGETS = [
     ("torch.optim.RAdam", None, 0.0, lambda m: torch.optim.RAdam(m.parameters(), lr=3e-3)),
-    ("torch.optim.NAdam", "{momentum_decay: 0.004, betas: [0.8, 0.99]}", 0.01,
-     lambda m: torch.optim.NAdam(m.parameters(), lr=3e-3, weight_decay=0.01, momentum_decay=0.004, betas=(0.8, 0.99))),
-    ("torch.optim.Adagrad", "{lr_decay: 0.01}", 0.0, lambda m: torch.optim.Adagrad(m.parameters(), lr=3e-3, lr_decay=0.01)),
+    (
+        "torch.optim.NAdam",
+        "{momentum_decay: 0.004, betas: [0.8, 0.99]}",
+        0.01,
+        lambda m: torch.optim.NAdam(
+            m.parameters(), lr=3e-3, weight_decay=0.01, momentum_decay=0.004, betas=(0.8, 0.99)
+        ),
+    ),
+    (
+        "torch.optim.Adagrad",
+        "{lr_decay: 0.01}",
+        0.0,
+        lambda m: torch.optim.Adagrad(m.parameters(), lr=3e-3, lr_decay=0.01),
+    ),
     # AdamW by _target_ groups like the built-in: no decay on biases (nanoGPT's groups, built here by hand)
     ("torch.optim.AdamW", None, 0.1, lambda m: torch.optim.AdamW(nanogpt_groups(m, 0.1), lr=3e-3)),
 ]
@@ -273,46 +284,111 @@ def test_scheduler_by_target_resumes_from_its_state_dict():
     assert rest == pytest.approx(straight[5:], rel=1e-12)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["optimizer=torch", "optimizer._target_=torch.optim.Nope"], r"^optimizer._target_=torch.optim.Nope cannot be imported"),
-    (["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.kwargs={bogus: 1}"],
-     r"^optimizer._target_=torch.optim.SGD: .*bogus.*optimizer.kwargs"),
-    (["optimizer=adamw8bit", "precision=bf16_pure"], r"^precision=bf16_pure updates bf16 weights with its own"),
-    (["scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau"], r"is not a step-driven LR scheduler"),
-    (["optimizer.name=lion"], r"^optimizer.name='lion' is invalid: choose one of sgd, adamw, adamw8bit"),
-    # a given key the class does not take is refused, never dropped (issue 37 case 4)
-    (["optimizer=torch", "optimizer._target_=torch.optim.RAdam", "optimizer.momentum=0.5"],
-     r"^optimizer.momentum=0.5: torch.optim.RAdam takes no momentum \(it takes lr, betas, eps, weight_decay, .*\); "
-     r"remove optimizer.momentum"),
-    (["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.betas=[0.5,0.6]"],
-     r"^optimizer.betas=\[0.5, 0.6\]: torch.optim.SGD takes no betas"),
-    (["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.eps=1e-3", "optimizer.kwargs={eps: 1e-4}"],
-     r"^optimizer.eps is given twice"),
-    (["optimizer=sgd", "optimizer._target_=torch.optim.Adam"],
-     r"^optimizer._target_='torch.optim.Adam' is invalid: a class goes with optimizer=torch, not optimizer=sgd"),
-    (["optimizer=torch", "optimizer._target_=null"], r"^optimizer._target_=None is invalid: optimizer=torch builds"),
-    (["optimizer=adamw", "optimizer.betas=null"], r"^optimizer.betas=None is invalid: null .* is for optimizer=torch"),
-    # the classes' own ValueErrors and TypeErrors, and targets that are not optimizers / schedulers
-    (["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.kwargs={betas: [2.0, 0.9]}"],
-     r"^optimizer._target_=torch.optim.Adam: Invalid beta parameter at index 0: 2.0; .*optimizer.kwargs$"),
-    (["optimizer=adamw", "optimizer.kwargs={bogus: 1}"], r"^optimizer=adamw: .*'bogus'; .*optimizer.kwargs$"),
-    (["optimizer=sgd", "optimizer.kwargs={dampening: 0.5}", "optimizer.nesterov=true", "optimizer.momentum=0.9"],
-     r"^optimizer=sgd: Nesterov momentum requires a momentum and zero dampening; .*optimizer.kwargs$"),
-    (["optimizer=torch", "optimizer._target_=builtins.dict"], r"^optimizer._target_=builtins.dict is not a torch.optim.Optimizer"),
-    (["scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "scheduler.kwargs={max_lr: 0.01}"],
-     r"^scheduler._target_=torch.optim.lr_scheduler.OneCycleLR: You must define either total_steps.*scheduler.kwargs$"),
-    (["scheduler._target_=torch.optim.SGD"], r"^scheduler._target_=torch.optim.SGD is not a step-driven LR scheduler"),
-    # failures that would come only within the run: found at set-up
-    (["trainer.max_steps=5", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
-      "scheduler.kwargs={max_lr: 0.01, total_steps: 4}"],
-     r"^scheduler._target_=.*OneCycleLR lasts total_steps=4, fewer than the run's 5 steps.*total_steps to 5"),
-    (["trainer.max_steps=9", "scheduler.warmup_steps=3", "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
-      "scheduler.kwargs={max_lr: 0.01, total_steps: 5}"], r"fewer than the run's 6 steps after 3 of warm-up"),
-    (["trainer.max_steps=2", "scheduler._target_=torch.optim.lr_scheduler.StepLR", "scheduler.kwargs={step_size: 0}"],
-     r"^scheduler._target_=.*StepLR fails at step 1 of the run's 2: ZeroDivisionError"),
-    (["optimizer.lr=0.01", "scheduler._target_=torch.optim.lr_scheduler.ExponentialLR", "scheduler.kwargs={gamma: -1.0}"],
-     r"^scheduler._target_=.*ExponentialLR sets lr=-0.01 at step 1; fix scheduler.kwargs"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["optimizer=torch", "optimizer._target_=torch.optim.Nope"],
+            r"^optimizer._target_=torch.optim.Nope cannot be imported",
+        ),
+        (
+            ["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.kwargs={bogus: 1}"],
+            r"^optimizer._target_=torch.optim.SGD: .*bogus.*optimizer.kwargs",
+        ),
+        (["optimizer=adamw8bit", "precision=bf16_pure"], r"^precision=bf16_pure updates bf16 weights with its own"),
+        (["scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau"], r"is not a step-driven LR scheduler"),
+        (["optimizer.name=lion"], r"^optimizer.name='lion' is invalid: choose one of sgd, adamw, adamw8bit"),
+        # a given key the class does not take is refused, never dropped (issue 37 case 4)
+        (
+            ["optimizer=torch", "optimizer._target_=torch.optim.RAdam", "optimizer.momentum=0.5"],
+            r"^optimizer.momentum=0.5: torch.optim.RAdam takes no momentum "
+            r"\(it takes lr, betas, eps, weight_decay, .*\); "
+            r"remove optimizer.momentum",
+        ),
+        (
+            ["optimizer=torch", "optimizer._target_=torch.optim.SGD", "optimizer.betas=[0.5,0.6]"],
+            r"^optimizer.betas=\[0.5, 0.6\]: torch.optim.SGD takes no betas",
+        ),
+        (
+            [
+                "optimizer=torch",
+                "optimizer._target_=torch.optim.Adam",
+                "optimizer.eps=1e-3",
+                "optimizer.kwargs={eps: 1e-4}",
+            ],
+            r"^optimizer.eps is given twice",
+        ),
+        (
+            ["optimizer=sgd", "optimizer._target_=torch.optim.Adam"],
+            r"^optimizer._target_='torch.optim.Adam' is invalid: a class goes with optimizer=torch, not optimizer=sgd",
+        ),
+        (
+            ["optimizer=torch", "optimizer._target_=null"],
+            r"^optimizer._target_=None is invalid: optimizer=torch builds",
+        ),
+        (
+            ["optimizer=adamw", "optimizer.betas=null"],
+            r"^optimizer.betas=None is invalid: null .* is for optimizer=torch",
+        ),
+        # the classes' own ValueErrors and TypeErrors, and targets that are not optimizers / schedulers
+        (
+            ["optimizer=torch", "optimizer._target_=torch.optim.Adam", "optimizer.kwargs={betas: [2.0, 0.9]}"],
+            r"^optimizer._target_=torch.optim.Adam: Invalid beta parameter at index 0: 2.0; .*optimizer.kwargs$",
+        ),
+        (["optimizer=adamw", "optimizer.kwargs={bogus: 1}"], r"^optimizer=adamw: .*'bogus'; .*optimizer.kwargs$"),
+        (
+            ["optimizer=sgd", "optimizer.kwargs={dampening: 0.5}", "optimizer.nesterov=true", "optimizer.momentum=0.9"],
+            r"^optimizer=sgd: Nesterov momentum requires a momentum and zero dampening; .*optimizer.kwargs$",
+        ),
+        (
+            ["optimizer=torch", "optimizer._target_=builtins.dict"],
+            r"^optimizer._target_=builtins.dict is not a torch.optim.Optimizer",
+        ),
+        (
+            ["scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "scheduler.kwargs={max_lr: 0.01}"],
+            r"^scheduler._target_=torch.optim.lr_scheduler.OneCycleLR: "
+            r"You must define either total_steps.*scheduler.kwargs$",
+        ),
+        (
+            ["scheduler._target_=torch.optim.SGD"],
+            r"^scheduler._target_=torch.optim.SGD is not a step-driven LR scheduler",
+        ),
+        # failures that would come only within the run: found at set-up
+        (
+            [
+                "trainer.max_steps=5",
+                "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+                "scheduler.kwargs={max_lr: 0.01, total_steps: 4}",
+            ],
+            r"^scheduler._target_=.*OneCycleLR lasts total_steps=4, fewer than the run's 5 steps.*total_steps to 5",
+        ),
+        (
+            [
+                "trainer.max_steps=9",
+                "scheduler.warmup_steps=3",
+                "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+                "scheduler.kwargs={max_lr: 0.01, total_steps: 5}",
+            ],
+            r"fewer than the run's 6 steps after 3 of warm-up",
+        ),
+        (
+            [
+                "trainer.max_steps=2",
+                "scheduler._target_=torch.optim.lr_scheduler.StepLR",
+                "scheduler.kwargs={step_size: 0}",
+            ],
+            r"^scheduler._target_=.*StepLR fails at step 1 of the run's 2: ZeroDivisionError",
+        ),
+        (
+            [
+                "optimizer.lr=0.01",
+                "scheduler._target_=torch.optim.lr_scheduler.ExponentialLR",
+                "scheduler.kwargs={gamma: -1.0}",
+            ],
+            r"^scheduler._target_=.*ExponentialLR sets lr=-0.01 at step 1; fix scheduler.kwargs",
+        ),
+    ],
+)
 def test_bad_optimizer_settings_fail_before_the_run_dir(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path, [*MLP, *overrides])

@@ -267,7 +267,12 @@ def test_the_walk_finds_a_comparison():
            'if any(precision_of(x) == "fp8" for x in groups):\n    pass\n'
            'if self.update == "nearest" or self.mode == "bf16_pure":\n    pass\n'
            'if t.grad_compression == "bf16" or key == "master":\n    pass\n')
-    assert sorted(preset_comparisons(old)) == [(1, ["master", "nomaster"]), (3, ["fp32"]), (4, ["fp8"]), (6, ["bf16_pure"])]
+    assert sorted(preset_comparisons(old)) == [
+        (1, ["master", "nomaster"]),
+        (3, ["fp32"]),
+        (4, ["fp8"]),
+        (6, ["bf16_pure"]),
+    ]
 
 
 # ---- one preset's trajectory against the code before the plan ---------------------------------------------
@@ -340,7 +345,10 @@ def test_a_quoted_or_bracketed_key_names_the_form_hydra_parses(written, as_yaml,
     with pytest.raises(ConfigError) as e:
         check_override_keys([written])
     message = str(e.value)
-    assert message.startswith("precision.layers: Hydra's override grammar takes dict keys unquoted") and "\n" not in message
+    assert (
+        message.startswith("precision.layers: Hydra's override grammar takes dict keys unquoted")
+        and "\n" not in message
+    )
     suggested = message.split("write '", 1)[1][:-1]
     check_override_keys([suggested])  # takes it as written
     cfg = compose_config(["precision=bf16", suggested])

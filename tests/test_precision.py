@@ -81,9 +81,15 @@ def test_scale_trajectory_equals_gradscaler_with_custom_settings():
     # (kept below fp16's 65504 so that only the injected overflows happen)
     ref = scale_trajectory_reference(overflow_at, 40, init_scale=8.0, growth_factor=3.0, backoff_factor=0.25,
                                      growth_interval=3)
-    ours = scale_trajectory_mptrain(overflow_at, 40, "precision.loss_scale.init=8", "precision.loss_scale.growth_factor=3",
-                                    "precision.loss_scale.backoff_factor=0.25", "precision.loss_scale.growth_interval=3",
-                                    "precision.loss_scale.min=0.001")
+    ours = scale_trajectory_mptrain(
+        overflow_at,
+        40,
+        "precision.loss_scale.init=8",
+        "precision.loss_scale.growth_factor=3",
+        "precision.loss_scale.backoff_factor=0.25",
+        "precision.loss_scale.growth_interval=3",
+        "precision.loss_scale.min=0.001",
+    )
     assert ours == ref
     assert len(set(ref)) > 4
 
@@ -186,7 +192,9 @@ def test_update_of_2_pow_minus_12_accumulates_in_fp32_master_weights():
 
 def test_master_mode_keeps_norm_layers_fp32_and_trains_with_adamw():
     p, _ = make_precision("master")
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 36), nn.Linear(4 * 36, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 36), nn.Linear(4 * 36, 3)
+    )
     p.prepare_model(model)
     assert model[0].weight.dtype == torch.float16 and model[5].weight.dtype == torch.float16
     assert model[1].weight.dtype == torch.float32 and model[1].running_mean.dtype == torch.float32
@@ -335,10 +343,19 @@ def test_skipped_first_step_does_not_advance_the_schedule_and_is_counted(tmp_pat
     """Scale 2^100 overflows on step 1, then backs off to 2^10: no lr_scheduler warning, one skip."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary, run_dir = train(tmp_path, [
-            "precision=dynamic", "model.width=4", "trainer.max_steps=3", "trainer.log_every=1",
-            "precision.loss_scale.init=1.2676506002282294e30", "precision.loss_scale.backoff_factor=8.077935669463161e-28",
-            "scheduler=step", "scheduler.warmup_steps=0"])
+        summary, run_dir = train(
+            tmp_path,
+            [
+                "precision=dynamic",
+                "model.width=4",
+                "trainer.max_steps=3",
+                "trainer.log_every=1",
+                "precision.loss_scale.init=1.2676506002282294e30",
+                "precision.loss_scale.backoff_factor=8.077935669463161e-28",
+                "scheduler=step",
+                "scheduler.warmup_steps=0",
+            ],
+        )
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert [r["skipped"] for r in rows] == [1, 0, 0]

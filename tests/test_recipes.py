@@ -237,7 +237,10 @@ def test_a_bad_recipe_field_is_one_line(extra, message):
 @pytest.mark.slow
 def test_the_config_twin_of_nvfp4_recipe_trains_bit_identically(tmp_path):
     runs = {}
-    for name, extra in (("builtin", ["precision.layers={*: nvfp4_recipe}"]), ("twin", [TWIN, "precision.layers={*: my4}"])):
+    for name, extra in (
+        ("builtin", ["precision.layers={*: nvfp4_recipe}"]),
+        ("twin", [TWIN, "precision.layers={*: my4}"]),
+    ):
         summary, run = train(tmp_path / name, [*MLP, "trainer.max_steps=4", *extra])
         assert summary["status"] == "completed"
         runs[name] = run
@@ -291,8 +294,9 @@ def test_the_shadow_measures_a_recipe_forward_output_gradient_and_weight_gradien
     assert rows["nvfp4_recipe"]["err"] == pytest.approx(
         rel_err(y, RECIPE.quantize(x) @ RECIPE.quantize_tiles(w).t() + b).item(), rel=1e-5)
     g2, x2 = g.reshape(32, 24), x.reshape(32, 48)
-    assert rows["nvfp4_recipe"]["gerr"] == pytest.approx(rel_err(g2, RECIPE.quantize_stochastic(g2, ref.generator)).item(),
-                                                         rel=1e-5)
+    assert rows["nvfp4_recipe"]["gerr"] == pytest.approx(
+        rel_err(g2, RECIPE.quantize_stochastic(g2, ref.generator)).item(), rel=1e-5
+    )
     h = torch.block_diag(*[torch.tensor(scipy.linalg.hadamard(16), dtype=torch.float32) * ref.signs(16) / 4] * 2)
     dw = RECIPE.quantize_stochastic((h @ g2).t(), ref.generator) @ RECIPE.quantize((h @ x2).t()).t()
     assert rows["nvfp4_recipe"]["wgerr"] == pytest.approx(rel_err(g2.t() @ x2, dw).item(), rel=1e-4)

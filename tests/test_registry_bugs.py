@@ -18,8 +18,16 @@ from .conftest import TINY, compose_config
 def test_a_demotion_skips_a_format_the_layer_cannot_run():
     """auto.formats=[mxfp4,fp8,bf16] on a Linear with 20 inputs (not a multiple of fp8's 16): mxfp4 over tolerance must
     demote to bf16, which it runs, not to fp8, which it would not (it was recorded "mxfp4 -> fp8" and ran bf16)."""
-    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,fp8,bf16]", "precision.auto.objective=bits",
-                          "precision.auto.probe_steps=1", "precision.auto.recheck_every=1"])
+    cfg = compose_config(
+        [
+            *TINY,
+            "precision=auto",
+            "precision.auto.formats=[mxfp4,fp8,bf16]",
+            "precision.auto.objective=bits",
+            "precision.auto.probe_steps=1",
+            "precision.auto.recheck_every=1",
+        ]
+    )
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32))
@@ -68,7 +76,9 @@ def test_auto_never_plans_a_format_that_is_not_a_candidate():
 def test_a_rule_autocast_cannot_run_is_refused_not_mislabelled():
     """A bf16/fp16 rule on an Embedding or a LayerNorm was recorded "fp16 autocast" while the module computed fp32
     (issue 37 case 7): the registry refuses it, and the entry says fp32 and why."""
-    cfg = compose_config([*TINY, "precision=amp", "precision.dtype=float16", "precision.layers={emb: fp16, norm: bf16}"])
+    cfg = compose_config(
+        [*TINY, "precision=amp", "precision.dtype=float16", "precision.layers={emb: fp16, norm: bf16}"]
+    )
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.ModuleDict({"emb": nn.Embedding(10, 8), "norm": nn.LayerNorm(8), "head": nn.Linear(8, 4)})
@@ -159,7 +169,9 @@ def test_an_fp8_rule_without_torchao_names_the_rule(monkeypatch):
 
     from mptrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^precision.layers names torchao's float8 training .*pip install mptrain\[fp8\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^precision.layers names torchao's float8 training .*pip install mptrain\[fp8\]$"
+    ):
         Precision(cfg.precision, torch.device("cpu"))
 
 
@@ -221,7 +233,9 @@ def test_every_format_the_advisor_can_name_is_one_a_rule_takes():
 
 def test_a_demotion_relabels_only_the_demoted_layer():
     """After one demotion every layer's reason read "auto (demoted at step N)" (issue 37 case 11)."""
-    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[mxfp4,bf16]", "precision.auto.objective=bits"])
+    cfg = compose_config(
+        [*TINY, "precision=auto", "precision.auto.formats=[mxfp4,bf16]", "precision.auto.objective=bits"]
+    )
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))

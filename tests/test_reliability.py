@@ -149,7 +149,9 @@ def test_torn_metrics_line_does_not_block_resume_auto(tmp_path):
     assert first.returncode == 0, first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 0.')
-    again = run_cli([*QUICK, "trainer.log_every=1", "trainer.max_steps=3", f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)
+    again = run_cli(
+        [*QUICK, "trainer.log_every=1", "trainer.max_steps=3", f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path
+    )
     assert again.returncode == 0, again.stderr
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
@@ -382,7 +384,9 @@ def test_resume_with_another_lr_applies_it_at_the_schedules_position(tmp_path):
     train(tmp_path, [*RUN, *sched, "trainer.max_steps=3", "optimizer.lr=0.05"])
     summary, run_dir = train(tmp_path, [*RUN, *sched, "optimizer.lr=0.2", "resume=auto"])
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
-    expected = {s: 0.05 * 0.5 * (1 + math.cos(math.pi * s / 3)) if s <= 3 else 0.2 * 0.5 * (1 + math.cos(math.pi * s / 6))
-                for s in range(1, 7)}
+    expected = {
+        s: 0.05 * 0.5 * (1 + math.cos(math.pi * s / 3)) if s <= 3 else 0.2 * 0.5 * (1 + math.cos(math.pi * s / 6))
+        for s in range(1, 7)
+    }
     assert {r["step"]: r["lr"] for r in rows} == pytest.approx(expected, rel=1e-12)
     assert summary["status"] == "completed"

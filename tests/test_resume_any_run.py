@@ -65,7 +65,9 @@ def two_attempts(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
     load_file(run_dir / "checkpoints" / "last.pt")  # the structure check passes
     summary, _ = train(tmp_path, [*SHORT, *overrides, "trainer.max_steps=3", "resume=auto"])
     (run_dir / ".hydra").mkdir(exist_ok=True)  # what the CLI keeps, for eval, sample and export
-    OmegaConf.save(compose_config([*TINY, *SHORT, *overrides, "trainer.max_steps=3"]), run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        compose_config([*TINY, *SHORT, *overrides, "trainer.max_steps=3"]), run_dir / ".hydra" / "config.yaml"
+    )
     return summary, run_dir
 
 
@@ -226,9 +228,17 @@ def test_checkpoint_disabled_writes_last_pt_alone_on_a_stop_signal_and_the_run_r
 
     from .test_checkpoint import stop_at
 
-    overrides = ["model.width=4", "trainer.max_steps=6", "trainer.batch_size=32", "trainer.log_every=1",
-                 "trainer.eval_every=2", "checkpoint.enabled=false", "checkpoint.keep_last=2", "checkpoint.every_steps=1",
-                 "diagnostics=off"]
+    overrides = [
+        "model.width=4",
+        "trainer.max_steps=6",
+        "trainer.batch_size=32",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "checkpoint.enabled=false",
+        "checkpoint.keep_last=2",
+        "checkpoint.every_steps=1",
+        "diagnostics=off",
+    ]
     stop_at(monkeypatch, 3)
     with pytest.raises(Interrupted):
         train(tmp_path, overrides)

@@ -48,8 +48,13 @@ def test_multirun_gives_one_directory_per_job_and_reports_the_failures(sweep):
 @pytest.mark.slow
 def test_compare_numbers_equal_those_from_the_summaries(sweep, tmp_path):
     sweep_dir, _ = sweep
-    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", str(sweep_dir), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "250"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mptrain.tools.compare", str(sweep_dir), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "COLUMNS": "250"},
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {r["group"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
     # overrides shared by every job (the QUICK settings) are left out of the group names
@@ -93,8 +98,9 @@ def test_compare_accepts_a_list_of_run_directories(sweep, tmp_path):
 
 
 def test_compare_on_a_directory_without_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mptrain.tools.compare", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mptrain.tools.compare", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "no runs under" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -113,7 +119,9 @@ def test_presets_compose_and_declare_their_sweeps(preset):
         assert cfg.model._target_ == "mptrain.library.models.vision.MLP"
 
 
-@pytest.mark.parametrize("arm", ["fp32", "noscale", "static_1", "static_8", "static_128", "static_1024", "static_32768", "dynamic"])
+@pytest.mark.parametrize(
+    "arm", ["fp32", "noscale", "static_1", "static_8", "static_128", "static_1024", "static_32768", "dynamic"]
+)
 def test_loss_scale_arms_select_the_right_scaling(arm):
     cfg = compose_config(["experiment=loss_scale_ablation", f"+arm={arm}"])
     mode, _, scale = arm.partition("_")

@@ -42,8 +42,14 @@ REGRESSION = ["task=regression", "model.num_classes=1", "optimizer=adamw", "opti
               "checkpoint.monitor=val/mse", "checkpoint.mode=min", "trainer.batch_size=32"]
 
 
-@pytest.mark.parametrize("mode", [pytest.param("fp32", marks=pytest.mark.slow), pytest.param("bf16", marks=pytest.mark.slow),
-                                  pytest.param("dynamic", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("fp32", marks=pytest.mark.slow),
+        pytest.param("bf16", marks=pytest.mark.slow),
+        pytest.param("dynamic", marks=pytest.mark.slow),
+    ],
+)
 def test_user_task_trains_from_the_cli(tmp_path, mode):
     conf = user_conf(tmp_path)
     run_dir = tmp_path / "run"
@@ -192,12 +198,20 @@ class MeanLoss(Task):
         return F.cross_entropy(model(x).float(), y, reduction="none").mean()  # the same number, shape ()
 
 
-@pytest.mark.parametrize("task, message", [
-    pytest.param("ElementwiseLoss", r"loss\(\) returned a tensor of shape \(8,\), not a scalar", marks=pytest.mark.slow),
-    pytest.param("FloatLoss", r"loss\(\) returned a float, not a tensor", marks=pytest.mark.slow),
-    pytest.param("CountLoss", r"loss\(\) returned a int64 tensor that does not depend on the model's parameters",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        pytest.param(
+            "ElementwiseLoss", r"loss\(\) returned a tensor of shape \(8,\), not a scalar", marks=pytest.mark.slow
+        ),
+        pytest.param("FloatLoss", r"loss\(\) returned a float, not a tensor", marks=pytest.mark.slow),
+        pytest.param(
+            "CountLoss",
+            r"loss\(\) returned a int64 tensor that does not depend on the model's parameters",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_a_task_loss_that_cannot_train_is_one_line(tmp_path, task, message):
     conf = tmp_path / "myconf" / "task"
     conf.mkdir(parents=True)
@@ -328,5 +342,9 @@ def test_a_user_module_whose_own_import_fails_shows_that_error(tmp_path, monkeyp
 
 
 def test_a_user_module_that_is_not_there_still_names_pythonpath(tmp_path):
-    with pytest.raises(ConfigError, match=r"^model._target_=no_such_module.Net cannot be imported \(No module named 'no_such_module'\); put its module on PYTHONPATH$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model._target_=no_such_module.Net cannot be imported \(No module named 'no_such_module'\); "
+        r"put its module on PYTHONPATH$",
+    ):
         train(tmp_path, ["model=mlp", "model._target_=no_such_module.Net", "trainer.max_steps=1"])

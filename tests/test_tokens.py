@@ -99,18 +99,35 @@ def prepared_dir(d: Path, dtype: str = "uint16", vocab: int = 50) -> None:
     (d / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": dtype}))
 
 
-@pytest.mark.parametrize(("setup", "overrides", "message"), [
-    # what meta.json says, contradicted: uint32 ids read as uint16 (halves, zeros), or an embedding too small
-    (lambda d: prepared_dir(d, "uint32"), ["dataset.dtype=uint16"],
-     r"^dataset.dtype=uint16 contradicts .*meta.json \(dtype uint32, as the files were written\); leave"),
-    (lambda d: prepared_dir(d, vocab=50), ["dataset.vocab_size=20"],
-     r"^dataset.vocab_size=20 is smaller than the 50 token ids of .*meta.json"),
-    # no meta.json: an id the vocabulary cannot hold, wherever it is in the file (here: the last token)
-    (lambda d: np.append(write_bin(d / "train.bin", 3000, np.uint16, 10), 10).astype(np.uint16).tofile(d / "train.bin"),
-     ["dataset.vocab_size=10"], r"train.bin holds token id 10 \(in \d+ uint16 ids sampled\), beyond dataset.vocab_size=10"),
-    (lambda d: (prepared_dir(d, vocab=50), write_bin(d / "val.bin", 3000, np.uint16, 60)), [],
-     r"val.bin holds token id 5\d .*beyond dataset.vocab_size=50"),
-])
+@pytest.mark.parametrize(
+    ("setup", "overrides", "message"),
+    [
+        # what meta.json says, contradicted: uint32 ids read as uint16 (halves, zeros), or an embedding too small
+        (
+            lambda d: prepared_dir(d, "uint32"),
+            ["dataset.dtype=uint16"],
+            r"^dataset.dtype=uint16 contradicts .*meta.json \(dtype uint32, as the files were written\); leave",
+        ),
+        (
+            lambda d: prepared_dir(d, vocab=50),
+            ["dataset.vocab_size=20"],
+            r"^dataset.vocab_size=20 is smaller than the 50 token ids of .*meta.json",
+        ),
+        # no meta.json: an id the vocabulary cannot hold, wherever it is in the file (here: the last token)
+        (
+            lambda d: (
+                np.append(write_bin(d / "train.bin", 3000, np.uint16, 10), 10).astype(np.uint16).tofile(d / "train.bin")
+            ),
+            ["dataset.vocab_size=10"],
+            r"train.bin holds token id 10 \(in \d+ uint16 ids sampled\), beyond dataset.vocab_size=10",
+        ),
+        (
+            lambda d: (prepared_dir(d, vocab=50), write_bin(d / "val.bin", 3000, np.uint16, 60)),
+            [],
+            r"val.bin holds token id 5\d .*beyond dataset.vocab_size=50",
+        ),
+    ],
+)
 def test_token_files_contradicting_the_vocabulary_fail_in_one_line(tmp_path, setup, overrides, message):
     setup(tmp_path)
     with pytest.raises(ConfigError, match=message):
@@ -200,7 +217,10 @@ def test_prepare_text_refuses_bad_input_in_one_line_and_leaves_dir_as_it_was(tmp
     old = tmp_path / "old"
     assert main([str(TEXT), "--tokenizer", "char", "--out", str(old)]) == 0
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    for args in ([str(bad), "--out", str(old)], [str(TEXT), "--tokenizer", "word", "--max-vocab", "0", "--out", str(old)]):
+    for args in (
+        [str(bad), "--out", str(old)],
+        [str(TEXT), "--tokenizer", "word", "--max-vocab", "0", "--out", str(old)],
+    ):
         capsys.readouterr()
         assert main(args) == 2
         err = capsys.readouterr().err.splitlines()
@@ -247,7 +267,9 @@ def test_prepare_text_into_a_dir_of_another_tokenizer_keeps_only_the_new_one(tmp
     assert load_saved(out).decode(ids.tolist()) == text
 
 
-@pytest.mark.parametrize("data", [b"abc\xc3\xa9d\n\xff", b"abc\xc3", b"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\xed\xa0\x80x"])
+@pytest.mark.parametrize(
+    "data", [b"abc\xc3\xa9d\n\xff", b"abc\xc3", b"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\xed\xa0\x80x"]
+)
 def test_first_bad_byte_is_the_file_offset_across_chunks(tmp_path, monkeypatch, data):
     from mptrain.tools import prepare as prep
 

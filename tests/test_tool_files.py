@@ -145,11 +145,13 @@ def damage(text: str, kind: str) -> str:
 DAMAGES = {
     "truncated": r"is incomplete: no \w+(, \w+)* sections?; the run's config is damaged or was edited",
     "bad yaml": r"is not readable YAML \(expected the node content, but found '<stream end>' at line 2, column 7\)",
-    "empty": r"is incomplete: no model, dataset, precision, optimizer, scheduler, trainer, checkpoint, diagnostics sections",
+    "empty": r"is incomplete: no model, dataset, precision, optimizer, scheduler, trainer, checkpoint, "
+    r"diagnostics sections",
     "a number": r"is not a run's config \(Invalid loaded object type: int\)",
     "a list": r"is not a run's config \(a list, not a mapping\)",
     "no trainer": r"is incomplete: no trainer section",
-    "wrong type": r": trainer.batch_size: Value 'abc' of type 'str' could not be converted to Integer; the run's config",
+    "wrong type": r": trainer.batch_size: Value 'abc' of type 'str' could not be converted to Integer; "
+    r"the run's config",
     "no precision.mode": r"is incomplete: no precision.mode;",
     "dangling interpolation": r"cannot be resolved \(Interpolation key 'seed' not found\)",
 }
@@ -261,7 +263,11 @@ def test_a_failed_export_leaves_the_earlier_export_as_it_was(cnn_run, tmp_path, 
     with pytest.raises(SystemExit) as stopped:
         exp.main([str(cnn_run), "--format", "torchscript", "--checkpoint", "last", "--out", str(out)])
     assert stopped.value.code == 1
-    assert capsys.readouterr().err.strip().endswith("(RuntimeError: exporter failed); nothing was written; try another --format")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("(RuntimeError: exporter failed); nothing was written; try another --format")
+    )
     assert tree(out) == before  # no model.ts, no staging folder, the earlier files untouched
     fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit):

@@ -69,8 +69,13 @@ def test_mlflow_run_holds_the_config_every_metric_row_and_the_summary(tmp_path, 
     assert mlrun.data.metrics["summary/val/acc"] == pytest.approx(on_disk["val/acc"])
     assert mlrun.data.metrics["summary/steps"] == on_disk["steps"] == 6
     assert mlrun.data.tags["summary.status"] == "completed" and mlrun.data.tags["summary.precision"] == "fp32"
-    logged = json.loads(open(mlflow.artifacts.download_artifacts(run_id=mlrun.info.run_id, artifact_path="summary.json",
-                                                                 tracking_uri=uri, dst_path=str(tmp_path / "dl"))).read())
+    logged = json.loads(
+        open(
+            mlflow.artifacts.download_artifacts(
+                run_id=mlrun.info.run_id, artifact_path="summary.json", tracking_uri=uri, dst_path=str(tmp_path / "dl")
+            )
+        ).read()
+    )
     assert logged == on_disk
 
     # mptrain-report attaches its PNGs to the recorded run

@@ -82,7 +82,9 @@ def test_eval_refuses_bad_input_in_one_line_and_writes_nothing(digits_run):
     before = sorted(p.name for p in run_dir.iterdir())
     with pytest.raises(ConfigError, match=r"trainer.max_step is not a key .*did you mean trainer.max_steps\?"):
         evaluate(run_dir, overrides=["trainer.max_step=3"])
-    with pytest.raises(ConfigError, match=r"nope.pt does not exist; this run has best.pt, last.pt, step_11.pt, step_22.pt"):
+    with pytest.raises(
+        ConfigError, match=r"nope.pt does not exist; this run has best.pt, last.pt, step_11.pt, step_22.pt"
+    ):
         evaluate(run_dir, "nope")
     with pytest.raises(ConfigError, match="not an mptrain run directory"):
         evaluate(run_dir / "checkpoints")
@@ -159,7 +161,9 @@ def test_export_safetensors_loads_without_mptrain_and_matches_bitwise(digits_run
     config = yaml.safe_load((out / "model_config.yaml").read_text())
     assert config["task"] == "classification" and config["input"]["shape"] == [8, 1, 8, 8]
     module, name = config["model"]["_target_"].rsplit(".", 1)
-    model = getattr(importlib.import_module(module), name)(**{k: v for k, v in config["model"].items() if k != "_target_"})
+    model = getattr(importlib.import_module(module), name)(
+        **{k: v for k, v in config["model"].items() if k != "_target_"}
+    )
     model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
     x = val_inputs()
     with torch.no_grad():
@@ -477,7 +481,9 @@ def test_export_ema_writes_the_shadow_in_the_models_dtype(ema_run):
     assert r16["dtype"] == "float16"
     for k, v in saved.items():
         assert torch.equal(v, shadow[k].to(torch.float16)), k
-    live = load_file(export(run_dir, "safetensors", "last", out_dir=run_dir / "export_live")["out_dir"] + "/model.safetensors")
+    live = load_file(
+        export(run_dir, "safetensors", "last", out_dir=run_dir / "export_live")["out_dir"] + "/model.safetensors"
+    )
     assert any(not torch.equal(live[k], saved[k].float()) for k in live)
 
 

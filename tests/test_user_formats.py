@@ -76,7 +76,10 @@ def test_a_builtin_name_cannot_be_redefined():
 
 def test_the_config_twin_trains_bit_identically_to_the_builtin(tmp_path):
     runs = {}
-    for name, extra in (("builtin", ["precision.layers={*: mxfp6_e3m2}"]), ("twin", [TWIN, "precision.layers={*: my6}"])):
+    for name, extra in (
+        ("builtin", ["precision.layers={*: mxfp6_e3m2}"]),
+        ("twin", [TWIN, "precision.layers={*: my6}"]),
+    ):
         summary, run = train(tmp_path / name, [*MLP, "precision=bf16", "trainer.max_steps=4", *extra])
         assert summary["status"] == "completed"
         runs[name] = run
@@ -107,9 +110,19 @@ def test_a_user_format_in_plan_shadow_auto_advisor_estimate_and_report(tmp_path,
     advice, _ = advise_run(planned, None, None)
     assert which in {f for per in advice["per_layer"].values() for f in per}
     # precision=auto with the user format as a candidate (tolerance wide enough that it holds)
-    summary, run = train(tmp_path / "auto", [*MLP, "precision=auto", "precision.auto.objective=bits", "trainer.max_steps=4", define,
-                                             f"precision.auto.formats=[{which},bf16]", "precision.auto.probe_steps=2",
-                                             "precision.auto.tolerance=0.5"])
+    summary, run = train(
+        tmp_path / "auto",
+        [
+            *MLP,
+            "precision=auto",
+            "precision.auto.objective=bits",
+            "trainer.max_steps=4",
+            define,
+            f"precision.auto.formats=[{which},bf16]",
+            "precision.auto.probe_steps=2",
+            "precision.auto.tolerance=0.5",
+        ],
+    )
     assert which in summary["auto_plan"].values()
     # estimate (a plan with the format) and report (on the planned run)
     from mptrain.tools import estimate, report

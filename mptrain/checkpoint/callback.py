@@ -118,7 +118,11 @@ class Checkpointer:
             return
         # checkpoint.enabled=false: a stop signal writes last.pt alone, and leaves step files of earlier attempts be
         step, keep = state.step, self.cfg.keep_last if self.cfg.enabled else None
-        save_atomic(gather(c, state, self.config, rngs=rngs), self.dir / LAST, also=self.dir / STEP_CKPT.format(step) if keep else None)
+        save_atomic(
+            gather(c, state, self.config, rngs=rngs),
+            self.dir / LAST,
+            also=self.dir / STEP_CKPT.format(step) if keep else None,
+        )
         self.saved.append(step)
         for old in [p for p in candidates(self.dir) if STEP_CKPT_RE.match(p.name)][keep:] if keep is not None else []:
             old.unlink(missing_ok=True)
@@ -143,9 +147,14 @@ class Checkpointer:
             else:
                 os.replace(last, dest / STEP_CKPT.format(bad[-1]))
         found = find_resumable(self.dir)
-        log.warning("checkpoints written after step %d (steps %s) hold weights never seen to give a finite loss: moved to %s; "
-                    "resume=auto continues from %s", verified, ", ".join(map(str, bad)), dest,
-                    f"step {found[1]['train_state']['step']}" if found else "the start (none is left)")
+        log.warning(
+            "checkpoints written after step %d (steps %s) hold weights never seen to give a finite loss: moved to %s; "
+            "resume=auto continues from %s",
+            verified,
+            ", ".join(map(str, bad)),
+            dest,
+            f"step {found[1]['train_state']['step']}" if found else "the start (none is left)",
+        )
 
     def close(self) -> None:
         """Nothing to release: every save is complete when it returns."""

@@ -33,7 +33,9 @@ def _float_tensors(tree: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor) and type(tree) is not torch.Tensor and hasattr(tree, "__tensor_flatten__"):
         # a tensor subclass (torchao's low-bit optimizer state): its inner tensors (codes, scales) hold the values
         inner = [(name, getattr(tree, name)) for name in tree.__tensor_flatten__()[0]]
-        inner = [(n, t.float() if t.is_floating_point() and t.element_size() == 1 else t) for n, t in inner]  # fp8: no norm
+        inner = [
+            (n, t.float() if t.is_floating_point() and t.element_size() == 1 else t) for n, t in inner
+        ]  # fp8: no norm
         return [pair for name, t in inner for pair in _float_tensors(t, f"{prefix}.{name}")]
     if isinstance(tree, torch.Tensor):
         return [(prefix, tree)] if tree.is_floating_point() or tree.is_complex() else []
@@ -105,8 +107,10 @@ def save_atomic(obj: Any, path: Path, also: Path | None = None, check: bool = Tr
         cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and isinstance(cause, OSError)):
             reason = getattr(cause, "strerror", None) or str(e).splitlines()[0]
-            raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous "
-                                  "checkpoint is intact. Free disk space or fix permissions, then resume=auto") from None
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {reason}; the previous "
+                "checkpoint is intact. Free disk space or fix permissions, then resume=auto"
+            ) from None
         raise
 
 
@@ -202,8 +206,10 @@ def _code_reference(path: Path) -> str | None:
 def _refuse_code(path: Path) -> None:
     name = _code_reference(path)
     if name is not None:
-        raise CheckpointError(f"refused to load {path}: it holds Python objects that would run code when loaded ({name}); "
-                              "mptrain checkpoints never hold code. Use a checkpoint written by mptrain")
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that would run code when loaded ({name}); "
+            "mptrain checkpoints never hold code. Use a checkpoint written by mptrain"
+        )
 
 
 def candidates(ckpt_dir: Path) -> list[Path]:

@@ -304,7 +304,9 @@ def main() -> None:
         # mptrain's work is done (files written, exit code chosen): a Ctrl-C during the interpreter's
         # shutdown exits at once instead of raising KeyboardInterrupt inside an atexit callback
         with contextlib.suppress(ValueError):  # not the main thread: leave signals to the host program
-            signal.signal(signal.SIGINT, lambda *_: exit_at_once("interrupted while exiting; the run's files are complete"))
+            signal.signal(
+                signal.SIGINT, lambda *_: exit_at_once("interrupted while exiting; the run's files are complete")
+            )
 
 
 def _main() -> None:

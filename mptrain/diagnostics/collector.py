@@ -95,7 +95,9 @@ class Diagnostics:
         self.totals: dict[str, float] = {}
         # every module's largest |input|, |output|, |weight|, |output grad|, and the shadow figures
         self.ranges = ModuleRanges(model, self.shadow)
-        self.fp8 = fp8.Fp8Stats(model)  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
+        self.fp8 = fp8.Fp8Stats(
+            model
+        )  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
 
     @property
     def samples(self) -> int:
@@ -109,7 +111,9 @@ class Diagnostics:
         check_formats(list(cfg.shadow or []), *([registry] if registry is not None else []))
         model = getattr(model, "_orig_mod", model)
         model = getattr(model, "module", model)
-        layers = list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
+        layers = (
+            list(cfg.activation_layers) if cfg.activation_layers is not None else [n for n, _ in model.named_children()]
+        )
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules]
         if missing:
@@ -248,7 +252,9 @@ class Diagnostics:
             self.totals["bf16_lost"] = self.totals.get("bf16_lost", 0.0) + row["bf16_update"]["lost_nearest"]
             self.totals["bf16_samples"] = self.totals.get("bf16_samples", 0) + 1
         if "update_underflow" in row:
-            self.totals["update_underflow"] = self.totals.get("update_underflow", 0.0) + row["update_underflow"]["overall"]
+            self.totals["update_underflow"] = (
+                self.totals.get("update_underflow", 0.0) + row["update_underflow"]["overall"]
+            )
             self.totals["update_samples"] = self.totals.get("update_samples", 0) + 1
 
     def summary(self) -> dict:

@@ -58,7 +58,9 @@ def _preserved(model: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def trace_overflow(model: nn.Module, run_batch: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]) -> dict:
+def trace_overflow(
+    model: nn.Module, run_batch: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]
+) -> dict:
     """Forward and backward one batch with hooks on every leaf module.
 
     `run_batch()` returns the loss (it does the forward under the run's autocast); `backward(loss)`

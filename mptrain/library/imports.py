@@ -58,6 +58,8 @@ def locate(key: str, target: str, fix: str) -> Any:
         failed = import_failure(key, target, e)
         if failed is not None:
             raise failed from None
-        raise ConfigError(f"{key}._target_={target} cannot be imported ({_first_line(e.__cause__ or e)}); {fix}") from None
+        raise ConfigError(
+            f"{key}._target_={target} cannot be imported ({_first_line(e.__cause__ or e)}); {fix}"
+        ) from None
     finally:
         quiet.disabled = before

@@ -40,7 +40,9 @@ def _target_class(target: str, key: str):
     like = {"optimizer": "torch.optim.RAdam", "scheduler": "torch.optim.lr_scheduler.StepLR"}[key]
     cls = locate(key, target, f"give a class such as {like}, or put its module on PYTHONPATH")
     if not isinstance(cls, type):
-        raise ConfigError(f"{key}._target_={target} is a {type(cls).__name__}, not a class; give a class such as {like}")
+        raise ConfigError(
+            f"{key}._target_={target} is a {type(cls).__name__}, not a class; give a class such as {like}"
+        )
     return cls
 
 
@@ -71,8 +73,10 @@ def param_groups(cfg: DictConfig, params: list[torch.Tensor]) -> list[dict] | li
 def check_bf16_pure(cfg: DictConfig) -> None:
     """precision=bf16_pure rounds into bf16 with its own SGD/AdamW: another optimizer cannot."""
     if cfg.get("_target_") or cfg.name in LOW_BIT:
-        raise ConfigError(f"precision=bf16_pure updates bf16 weights with its own SGD/AdamW; optimizer="
-                          f"{optimizer_name(cfg)} cannot round into bf16: use optimizer=adamw|sgd, or another precision")
+        raise ConfigError(
+            f"precision=bf16_pure updates bf16 weights with its own SGD/AdamW; optimizer="
+            f"{optimizer_name(cfg)} cannot round into bf16: use optimizer=adamw|sgd, or another precision"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -152,7 +156,9 @@ def _construct_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> t
             return make(fused=True)
         except (RuntimeError, ValueError):
             return make()
-    return make(**{"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[cfg.implementation])
+    return make(
+        **{"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[cfg.implementation]
+    )
 
 
 def lr_factor(cfg: DictConfig, step: int, total_steps: int) -> float:
@@ -194,7 +200,9 @@ class _StandIn(torch.optim.Optimizer):
         return None
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """A LambdaLR stepped once per *applied* optimizer step (skipped steps do not advance it); with
     scheduler._target_, that class (its arguments from scheduler.kwargs) after scheduler.warmup_steps of
     linear warm-up from warmup_start_factor (SequentialLR: the class counts its steps from the warm-up's end).
@@ -219,7 +227,9 @@ def _target_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_s
     try:
         main = cls(optimizer, **kwargs)
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ConfigError(f"scheduler._target_={target}: {_first_line(e)}; give its arguments in scheduler.kwargs") from None
+        raise ConfigError(
+            f"scheduler._target_={target}: {_first_line(e)}; give its arguments in scheduler.kwargs"
+        ) from None
     after_warmup = total_steps - cfg.warmup_steps
     if isinstance(getattr(main, "total_steps", None), int) and main.total_steps < after_warmup:  # OneCycleLR
         raise ConfigError(f"scheduler._target_={target} lasts total_steps={main.total_steps}, fewer than the run's "
@@ -246,7 +256,9 @@ def _step_through(cfg: DictConfig, scheduler, optimizer: torch.optim.Optimizer, 
                               f"{type(e).__name__}: {_first_line(e)}; fix scheduler.kwargs") from None
         bad = [g["lr"] for g in optimizer.param_groups if not (math.isfinite(g["lr"]) and g["lr"] >= 0)]
         if bad:
-            raise ConfigError(f"scheduler._target_={cfg._target_} sets lr={bad[0]} at step {step}; fix scheduler.kwargs")
+            raise ConfigError(
+                f"scheduler._target_={cfg._target_} sets lr={bad[0]} at step {step}; fix scheduler.kwargs"
+            )
 
 
 class MultiOptimizer:

@@ -240,6 +240,8 @@ def check_task(task: object, dataset_task: str) -> Task:
                           "(default ('model',): one optimizer over the whole model)")
     accepted = getattr(task, "datasets", None)
     if accepted is not None and dataset_task not in accepted:
-        raise ConfigError(f"the model trains a {getattr(task, 'name', type(task).__name__)} task but the dataset serves "
-                          f"{dataset_task}; use {DATASET_HINT.get(accepted[0], 'a matching dataset')}")
+        raise ConfigError(
+            f"the model trains a {getattr(task, 'name', type(task).__name__)} task but the dataset serves "
+            f"{dataset_task}; use {DATASET_HINT.get(accepted[0], 'a matching dataset')}"
+        )
     return task

@@ -43,22 +43,32 @@ class Preset:
 
 
 PRESETS = {
-    "fp32": Preset("autocast", fixed_dtype="float32",
-                   dtype_why="computes in float32; precision.dtype={dtype} contradicts it (pick precision=amp or "
-                             "precision=bf16 instead)"),
+    "fp32": Preset(
+        "autocast",
+        fixed_dtype="float32",
+        dtype_why="computes in float32; precision.dtype={dtype} contradicts it (pick precision=amp or "
+        "precision=bf16 instead)",
+    ),
     "amp": Preset("autocast"),
     "dynamic": Preset("autocast", scaling="dynamic"),
     "static": Preset("autocast", scaling="static"),
     "bf16": Preset("autocast"),
     "noscale": Preset("autocast", scaling="none"),
-    "fp8": Preset("autocast", fixed_dtype="bfloat16", fp8=True,
-                  dtype_why="runs the layers it does not convert in bfloat16; precision.dtype={dtype} contradicts it "
-                            "(leave it auto or bfloat16)"),
+    "fp8": Preset(
+        "autocast",
+        fixed_dtype="bfloat16",
+        fp8=True,
+        dtype_why="runs the layers it does not convert in bfloat16; precision.dtype={dtype} contradicts it "
+        "(leave it auto or bfloat16)",
+    ),
     "master": Preset("fp16_weights", master=True),
     "nomaster": Preset("fp16_weights"),
-    "bf16_pure": Preset("pure_bf16", fixed_dtype="bfloat16",
-                        dtype_why="holds bfloat16 weights; precision.dtype={dtype} contradicts it (use precision=master "
-                                  "or nomaster for float16 weights)"),
+    "bf16_pure": Preset(
+        "pure_bf16",
+        fixed_dtype="bfloat16",
+        dtype_why="holds bfloat16 weights; precision.dtype={dtype} contradicts it (use precision=master "
+        "or nomaster for float16 weights)",
+    ),
     # bf16 autocast where the device has it, else fp32 (engine.resolve_dtype); then a measured plan (planner.py)
     "auto": Preset("autocast", scaling="none", measured=True),
 }
@@ -150,7 +160,9 @@ def optimizer_state_kind(mode: str) -> str:
     """What the optimizer of a preset keeps: PyTorch's own state, or pure bf16's (bfloat16 moments and its
     update rule's buffers). A resume maps one preset's state onto another's only within a kind."""
     preset = PRESETS.get(mode)
-    return "bfloat16 optimizer state" if preset is not None and preset.family == "pure_bf16" else "PyTorch optimizer state"
+    return (
+        "bfloat16 optimizer state" if preset is not None and preset.family == "pure_bf16" else "PyTorch optimizer state"
+    )
 
 
 def family_for(mode: str, cfg):

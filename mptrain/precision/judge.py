@@ -77,7 +77,9 @@ class Report:
             if objective == "bits" or name not in self.inputs:
                 out[name] = ok[0]
                 continue
-            real = [f for f in ok if self.registry.execution(self.registry.get(f), device) != "emulated" or f == FP32.name]
+            real = [
+                f for f in ok if self.registry.execution(self.registry.get(f), device) != "emulated" or f == FP32.name
+            ]
             times = time_formats(module, real, self.inputs[name], self.registry, self.dim_multiple, repeats)
             out[name] = min(real, key=lambda f: (times.get(f, math.inf), real.index(f)))
         return out

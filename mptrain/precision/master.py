@@ -89,7 +89,9 @@ class MasterWeights:
 
     @torch.no_grad()
     def master_to_model(self, params: list[torch.Tensor] | None = None) -> None:
-        pairs = [(self._model_of[id(m)], m) for m in (self.masters if params is None else params) if id(m) in self._model_of]
+        pairs = [
+            (self._model_of[id(m)], m) for m in (self.masters if params is None else params) if id(m) in self._model_of
+        ]
         if pairs:
             torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
 

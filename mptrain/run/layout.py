@@ -1,4 +1,5 @@
-"""The run directory's contract (docs/design.md; README "The run directory"): every file name, the one atomic writer, the one JSONL reader.
+"""The run directory's contract (docs/design.md; README "The run directory"): every file name, the one atomic
+writer, the one JSONL reader.
 
 No module outside mptrain/run spells a run-directory file name: they import these constants. The atomic
 writer (`write_atomic`) is the only way a run file is replaced: a temp file in the same directory, fsynced,

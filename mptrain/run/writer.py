@@ -1,4 +1,5 @@
-"""What a run writes as it trains: metrics.jsonl rows, TensorBoard scalars, summary.json (and the sinks, e.g. MLflow)."""
+"""What a run writes as it trains: metrics.jsonl rows, TensorBoard scalars, summary.json (and the sinks, e.g.
+MLflow)."""
 
 from __future__ import annotations
 

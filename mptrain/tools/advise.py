@@ -510,15 +510,21 @@ def render(advice: dict, command: str | None = None) -> list[str]:
                  f"{f['overflow']:.3%} overflow; headroom {f['s_hi'] - f['s'] if f['s_hi'] is not None else 'n/a'} "
                  f"binades above, {f['s'] - f['s_lo'] if f['s_lo'] is not None else 'n/a'} above the floor")
     if f["dynamic_start_overflows"]:
-        lines.append(f"  dynamic scaling from 2^{DYNAMIC_START} overflows at first: about {f['dynamic_skips_at_start']} "
-                     "skipped steps before it backs off into range")
+        lines.append(
+            f"  dynamic scaling from 2^{DYNAMIC_START} overflows at first: about {f['dynamic_skips_at_start']} "
+            "skipped steps before it backs off into range"
+        )
     else:
         lines.append(f"  dynamic scaling from 2^{DYNAMIC_START} does not overflow at first")
     lines.append("master weights")
     if m is None:
         lines.append("  no update statistics recorded (no applied sampled step)")
     else:
-        need16 = "lost in fp16 weights (nomaster): keep FP32 master weights" if m[FP16.name] > MASTER_THRESHOLD else "fp16 weights would keep them"
+        need16 = (
+            "lost in fp16 weights (nomaster): keep FP32 master weights"
+            if m[FP16.name] > MASTER_THRESHOLD
+            else "fp16 weights would keep them"
+        )
         lines.append(f"  updates below 2^-11 of their weight: {m[FP16.name]:.2%}: {need16}")
         if m[BF16.name] is not None:
             need = ("lost in bf16 weights (bf16_pure, update=nearest): use update=stochastic|kahan or FP32 weights"
@@ -553,7 +559,9 @@ def render(advice: dict, command: str | None = None) -> list[str]:
         lines.append("per-layer plan from the shadow figures (not verified; mptrain-advise --verify --overrides ...):")
         lines.append("  " + " ".join(shlex.quote(o) for o in advice["plan_overrides"]))
     if advice.get("rejected_overrides"):
-        lines.append(f"  not recommended (the verification failed): {' '.join(map(shlex.quote, advice['rejected_overrides']))}")
+        lines.append(
+            f"  not recommended (the verification failed): {' '.join(map(shlex.quote, advice['rejected_overrides']))}"
+        )
     if command:
         lines.append("run:")
         lines.append(command)
@@ -697,8 +705,11 @@ def run_registry(run_dir: Path) -> Registry:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mptrain-advise", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help=f"a run directory with {DIAGNOSTICS}")
-    parser.add_argument("--verify", action="store_true",
-                        help="train a short trial of the advice from the probe's last checkpoint before recommending it")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="train a short trial of the advice from the probe's last checkpoint before recommending it",
+    )
     parser.add_argument("--steps", type=int, default=None, help="steps of the --verify trial (default 50)")
     parser.add_argument("--overrides", nargs="+", default=None,
                         help="verify these overrides instead of the advised ones (implies --verify)")

@@ -120,7 +120,9 @@ def unrecorded_jobs(paths: list[Path]) -> list[Path]:
     found = []
     for p in paths:
         if p.is_dir() and (p / MULTIRUN).is_file():
-            found += [d for d in sorted(p.iterdir()) if d.is_dir() and d.name.isdigit() and not (d / OVERRIDES).is_file()]
+            found += [
+                d for d in sorted(p.iterdir()) if d.is_dir() and d.name.isdigit() and not (d / OVERRIDES).is_file()
+            ]
     return found
 
 
@@ -274,7 +276,8 @@ def rows(groups: list[Group], metric: str | None = None, trials: bool = False) -
             "precision": precision_of(g),
             "seeds": ",".join(j.seed for j in g.jobs),
             "completed": f"{statuses.count('completed')}/{len(statuses)}",
-            "status": ", ".join(sorted({f"{s} ({j.path.name})" for s, j in zip(statuses, g.jobs) if s != "completed"})) or "ok",
+            "status": ", ".join(sorted({f"{s} ({j.path.name})" for s, j in zip(statuses, g.jobs) if s != "completed"}))
+            or "ok",
             "metric": metric,
             f"{column} mean": g.mean(metric),
             f"{column} std": g.std(metric),
@@ -285,8 +288,12 @@ def rows(groups: list[Group], metric: str | None = None, trials: bool = False) -
             "samples/s vs fp32": g.mean("samples_per_s") / base.mean("samples_per_s") if base else math.nan,
             "peak memory vs fp32": g.mean("peak_memory_mb") / base.mean("peak_memory_mb") if base else math.nan,
             "samples/s": g.mean("samples_per_s"),
-            "loss scaling": " | ".join(dict.fromkeys(str((j.summary or {}).get("loss_scaling")) for j in g.jobs
-                                                     if (j.summary or {}).get("loss_scaling"))) or "–",
+            "loss scaling": " | ".join(
+                dict.fromkeys(
+                    str((j.summary or {}).get("loss_scaling")) for j in g.jobs if (j.summary or {}).get("loss_scaling")
+                )
+            )
+            or "–",
             "plan": plan_of(g),
         }
         if any(x.values("fp8_layers") for x in groups):  # fp8 rows: how much ran in float8, what it lost
@@ -372,7 +379,9 @@ def plot(path: Path, groups: list[Group], table_rows: list[dict], metric: str) -
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mptrain-compare", description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", type=Path, help="a multirun directory, or run directories")
-    ap.add_argument("--metric", default=None, help="the metric to compare (default: val/acc, else val/ppl, else val/loss)")
+    ap.add_argument(
+        "--metric", default=None, help="the metric to compare (default: val/acc, else val/ppl, else val/loss)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="where to write comparison.* (default: the sweep directory)")
     args = ap.parse_args(argv)
     jobs = find_jobs(args.paths)  # everything is read before anything is written
@@ -382,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     metric = next(k for k in table_rows[0] if k.endswith(" mean")).removesuffix(" mean")
     if direction is not None:  # best trial first, failed ones last
         sign = -1 if direction == "maximize" else 1
-        table_rows.sort(key=lambda r: (math.isnan(r["objective"]), sign * r["objective"] if not math.isnan(r["objective"]) else 0))
+        table_rows.sort(
+            key=lambda r: (math.isnan(r["objective"]), sign * r["objective"] if not math.isnan(r["objective"]) else 0)
+        )
     out_dir = args.out or (args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else Path.cwd())
     table = Table(title=f"mptrain-compare: {metric} over seeds, {len(jobs)} jobs in {len(groups)} groups")
     shown = ["group", "completed", f"{metric} mean", f"{metric} std", "diff vs fp32", "skipped %", "final loss scale",
@@ -399,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(*(fmt(r[c]) for c in shown))
     console = Console()
     if not console.is_terminal:  # piped or redirected: every column at its full width, no 80-column squeeze
-        console = Console(width=max(console.width, console.measure(table, options=console.options.update_width(100_000)).maximum))
+        console = Console(
+            width=max(console.width, console.measure(table, options=console.options.update_width(100_000)).maximum)
+        )
     console.print(table)
     written = write_outputs(out_dir, table_rows, groups, metric)
     for p in written:

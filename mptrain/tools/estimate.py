@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", help=f"model the step for this GPU instead of measuring here: {', '.join(targets())} "
                     "(the network built on the meta device; docs/precision.md \"Targets\")")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for mptrain")
-    args = ap.parse_intermixed_args(argv)  # options anywhere, as mptrain takes overrides: `model=gpt --presets fp32 k=v`
+    args = ap.parse_intermixed_args(
+        argv
+    )  # options anywhere, as mptrain takes overrides: `model=gpt --presets fp32 k=v`
     log = logging.getLogger("mptrain")
     level = log.level
     log.setLevel(logging.WARNING)  # the builders' INFO lines, once per preset, say nothing here

@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> None:
         record, out = evaluate(args.run_dir, args.checkpoint, args.overrides, args.name, args.ema)
-        print(f"{record['checkpoint']} (step {record['step']}{', EMA weights' * record['ema']}) in precision={record['precision']} "
-              f"({record['compute_dtype']}) on {record['dataset']}, {record['samples']} samples:")
+        print(
+            f"{record['checkpoint']} (step {record['step']}{', EMA weights' * record['ema']}) in "
+            f"precision={record['precision']} "
+            f"({record['compute_dtype']}) on {record['dataset']}, {record['samples']} samples:"
+        )
         for key, value in record.items():
             if key.startswith("val/"):
                 print(f"  {key} {value:.6g}")

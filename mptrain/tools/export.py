@@ -155,7 +155,9 @@ def export(run_dir: Path, fmt: str = "safetensors", checkpoint: str | None = Non
             out.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
         except OSError as e:
-            raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); give a writable directory") from None
+            raise ConfigError(
+                f"--out {out}: cannot write there ({e.strerror or e}); give a writable directory"
+            ) from None
         try:
             record = _write(fmt, model, x, want, stage, cfg, c, ckpt, path, run_dir, ema)
             record["wall_s"] = round(time.perf_counter() - start, 3)
@@ -260,8 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         r = export(args.run_dir, args.format, args.checkpoint, args.overrides, args.out, args.ema)
         checks = ", ".join(f"{k.removesuffix('_max_abs_diff')} max |diff| {v:.3g}" for k, v in r["check"].items())
-        print(f"exported {r['checkpoint']} (step {r['step']}{', EMA weights' * r['ema']}) to {r['out_dir']}: {', '.join(r['files'].values())}, "
-              f"model_config.yaml; checked on a batch of {r['input']['shape']}: {checks}")
+        print(
+            f"exported {r['checkpoint']} (step {r['step']}{', EMA weights' * r['ema']}) to {r['out_dir']}: "
+            f"{', '.join(r['files'].values())}, "
+            f"model_config.yaml; checked on a batch of {r['input']['shape']}: {checks}"
+        )
 
     tool_main("mptrain-export", body)
 

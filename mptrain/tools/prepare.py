@@ -101,7 +101,9 @@ def prepare(path: Path, spec: str, out: Path, val_fraction: float = 0.1, max_voc
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot make the directory ({e.strerror or e}); give a writable directory") from None
+        raise ConfigError(
+            f"--out {out}: cannot make the directory ({e.strerror or e}); give a writable directory"
+        ) from None
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
         meta, tokenizer_file = _write(path, spec, stage, val_fraction, max_vocab)

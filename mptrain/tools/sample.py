@@ -58,7 +58,9 @@ def _load(directory: Path) -> Tokenizer | None:
     try:
         return load_saved(directory)
     except (ValueError, KeyError, TypeError) as e:  # a damaged vocab.json (tokenizer.json: ConfigError already)
-        raise ConfigError(f"{directory / VOCAB} is damaged ({e}); it holds {{\"level\": ..., \"tokens\": [...]}}") from None
+        raise ConfigError(
+            f"{directory / VOCAB} is damaged ({e}); it holds {{\"level\": ..., \"tokens\": [...]}}"
+        ) from None
 
 
 def read_tokenizer(run_dir: Path, cfg: DictConfig | None = None) -> Tokenizer:
@@ -133,7 +135,9 @@ def generate(model: nn.Module, prompt: list[int], tokens: int, temperature: floa
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     # a GPT's positions end at seq_len, a Hugging Face model's at max_position_embeddings; a recurrent model takes any
-    context = getattr(model, "seq_len", None) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = getattr(model, "seq_len", None) or getattr(
+        getattr(model, "config", None), "max_position_embeddings", None
+    )
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     for _ in range(tokens):
         window = ids[:, -context:] if context else ids
@@ -216,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         cfg = run_config(args.run_dir, args.overrides)
         if build_task(cfg, model_target(cfg), None).name == "gan":
-            print(f"written: {sample_images(args.run_dir, args.seed, args.count, args.checkpoint, args.overrides, args.ema)}")
+            print(
+                "written: "
+                f"{sample_images(args.run_dir, args.seed, args.count, args.checkpoint, args.overrides, args.ema)}"
+            )
             return
         text = sample_text(args.run_dir, args.prompt, args.tokens, args.temperature, args.top_k, args.seed,
                            args.checkpoint, args.overrides, args.ema)

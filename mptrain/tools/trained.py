@@ -76,7 +76,9 @@ def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Di
     return cfg
 
 
-DAMAGED = "the run's config is damaged or was edited: restore it (a resumed run keeps earlier copies in .hydra/attempt_<k>/)"
+DAMAGED = (
+    "the run's config is damaged or was edited: restore it (a resumed run keeps earlier copies in .hydra/attempt_<k>/)"
+)
 # the sections every run's config has, and the schemas of those whose keys are fixed
 SECTIONS = ("model", "dataset", "precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics")
 TYPED = {"precision": PrecisionConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,

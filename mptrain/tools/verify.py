@@ -27,7 +27,10 @@ from mptrain.run.layout import CHECKPOINTS, DIAGNOSTICS, LAST, METRICS, VERIFY, 
 DEFAULT_STEPS = 50
 LOSS_TOLERANCE = 0.05  # relative, plus LOSS_SLACK absolute: the advised arm's mean loss may exceed the probe's by this
 LOSS_SLACK = 0.01
-FORMAT_OF = {"float16": FP16.name, "bfloat16": BF16.name}  # the compute dtype a run reports -> the format its layers ran in
+FORMAT_OF = {
+    "float16": FP16.name,
+    "bfloat16": BF16.name,
+}  # the compute dtype a run reports -> the format its layers ran in
 
 
 class VerifyError(MptrainError):
@@ -111,7 +114,9 @@ def run_arm(saved: dict, overrides: list[str], checkpoint: Path, steps: int, out
 def allowed_skips(advice: dict, overrides: list[str]) -> int:
     """Dynamic scaling from its initial scale backs off once per skipped step until it fits: the advice says how
     many. A static scale, or a dynamic one started where the advice put it, skips none."""
-    dynamic = "precision=dynamic" in overrides and not any(o.startswith("precision.loss_scale.init=") for o in overrides)
+    dynamic = "precision=dynamic" in overrides and not any(
+        o.startswith("precision.loss_scale.init=") for o in overrides
+    )
     return int(advice.get(FP16.name, {}).get("dynamic_skips_at_start") or 0) if dynamic else 0
 
 

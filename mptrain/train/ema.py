@@ -3,7 +3,8 @@
 
 After every applied optimizer step: ema <- ema + (1 - decay) * (w - ema), over every floating-point entry of
 the model's state_dict (parameters and float buffers such as batch-norm statistics, as timm's ModelEmaV2);
-integer buffers are copied. Under master weights a parameter is averaged from its fp32 master. Validation also runs with the averaged weights (`val_ema/...`); the average is
+integer buffers are copied. Under master weights a parameter is averaged from its fp32 master. Validation also
+runs with the averaged weights (`val_ema/...`); the average is
 saved in checkpoints (`ema`) and resumed bitwise.
 """
 

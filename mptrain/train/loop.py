@@ -33,7 +33,9 @@ def fit(c: Components, state: TrainState, callbacks: Sequence[Callback] = (), di
     state.train_started = None
     while state.step < c.total_steps and state.stop_reason is None:
         # the epoch's order depends on (seed, epoch) only; skip what this epoch already trained on
-        c.train_loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size)
+        c.train_loader.sampler.set_epoch(
+            state.epoch, start=state.step_in_epoch * c.accumulate * c.train_loader.batch_size
+        )
         batches = iter(c.train_loader)
         epoch = state.epoch
         while state.epoch == epoch and state.step < c.total_steps and state.stop_reason is None:

@@ -146,9 +146,17 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         device = self.window_loss.device
         for key, value in state.items():
-            if key in self.__dataclass_fields__ and key not in ("train_time", "untimed_samples", "past_untimed_samples", "verified_step",
-                                                                "memory", "attempt_start", "train_started",
-                                                                "past_wall_s", "past_train_s"):
+            if key in self.__dataclass_fields__ and key not in (
+                "train_time",
+                "untimed_samples",
+                "past_untimed_samples",
+                "verified_step",
+                "memory",
+                "attempt_start",
+                "train_started",
+                "past_wall_s",
+                "past_train_s",
+            ):
                 setattr(self, key, value)
         self.verified_step = self.step - 1  # the checkpoint's own weights are checked by the next step's loss
         self.window_loss = torch.as_tensor(self.window_loss, dtype=torch.float32).to(device)

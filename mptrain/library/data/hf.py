@@ -58,7 +58,13 @@ class ImageColumn(Dataset):
     """(image, label) from an image column: a float tensor in [0, 1], resized to image_size, channels fixed."""
 
     def __init__(self, ds, column: str, label_column: str, image_size: int, channels: int):
-        self.ds, self.column, self.label_column, self.image_size, self.channels = ds, column, label_column, image_size, channels
+        self.ds, self.column, self.label_column, self.image_size, self.channels = (
+            ds,
+            column,
+            label_column,
+            image_size,
+            channels,
+        )
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -80,7 +86,9 @@ def hf(path: str, column: str = HFD.column, label_column: str = HFD.label_column
     ds = load(path)
     train, val = splits(ds, split, val_split, val_fraction)
     if column not in train.column_names:
-        raise ConfigError(f"dataset.column={column!r} is not a column of {path} (columns: {', '.join(train.column_names)})")
+        raise ConfigError(
+            f"dataset.column={column!r} is not a column of {path} (columns: {', '.join(train.column_names)})"
+        )
     feature = type(train.features[column]).__name__
     if feature == "Image":
         if label_column not in train.column_names:
@@ -100,5 +108,10 @@ def hf(path: str, column: str = HFD.column, label_column: str = HFD.label_column
     vocab = tok.to_dict() if isinstance(tok, VocabTokenizer) else None  # byte/char/word: the run's vocab.json
     if vocab is None:
         facts["tokenizer"] = tok  # tokenizer.json in the run directory
-    return Datasets(train=Contiguous(train_ids, seq_len), val=Contiguous(val_ids, seq_len) if val_ids is not None else None,
-                    task="language_modeling", facts=facts, vocab=vocab)
+    return Datasets(
+        train=Contiguous(train_ids, seq_len),
+        val=Contiguous(val_ids, seq_len) if val_ids is not None else None,
+        task="language_modeling",
+        facts=facts,
+        vocab=vocab,
+    )

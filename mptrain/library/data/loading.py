@@ -70,7 +70,10 @@ def digits(
             return F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False)
         x_train, x_val = up(x_train), up(x_val)
     if channels != 1:
-        x_train, x_val = x_train.expand(-1, channels, -1, -1).contiguous(), x_val.expand(-1, channels, -1, -1).contiguous()
+        x_train, x_val = (
+            x_train.expand(-1, channels, -1, -1).contiguous(),
+            x_val.expand(-1, channels, -1, -1).contiguous(),
+        )
     return Datasets(train=TensorDataset(x_train, y_train), val=TensorDataset(x_val, y_val))
 
 

@@ -53,7 +53,9 @@ def text(path: str, level: str = TXT.level, seq_len: int = TXT.seq_len, val_frac
     tok = build_tokenizer(spec, [content], max_vocab)
     tokens = torch.from_numpy(tok.encode(content))
     if vocab_size is not None and vocab_size < tok.vocab_size:
-        raise ConfigError(f"dataset.vocab_size={vocab_size} is smaller than the {tok.vocab_size} {spec} tokens of {path}")
+        raise ConfigError(
+            f"dataset.vocab_size={vocab_size} is smaller than the {tok.vocab_size} {spec} tokens of {path}"
+        )
     split = int(len(tokens) * (1 - val_fraction))
     train, val = Contiguous(tokens[:split], seq_len), Contiguous(tokens[split:], seq_len)
     if len(train) == 0 or len(val) == 0:

@@ -132,7 +132,9 @@ class HFTokenizer:
         try:
             return cls(tk.Tokenizer.from_file(path), "json")
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise ConfigError(f"dataset.tokenizer={path} is not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+            raise ConfigError(
+                f"dataset.tokenizer={path} is not a tokenizers JSON file ({str(e).splitlines()[0]})"
+            ) from None
 
     @property
     def vocab_size(self) -> int:

@@ -58,7 +58,9 @@ class TokenWindows(Dataset):
         itemsize = np.dtype(DTYPES[dtype]).itemsize
         size = self.path.stat().st_size
         if size % itemsize:
-            raise ConfigError(f"{self.path} has {size} bytes, not a whole number of {dtype} tokens; check dataset.dtype")
+            raise ConfigError(
+                f"{self.path} has {size} bytes, not a whole number of {dtype} tokens; check dataset.dtype"
+            )
         self.tokens = size // itemsize
         if self.tokens < seq_len + 1:
             raise ConfigError(f"{self.path} holds {self.tokens} tokens: too few for dataset.seq_len={seq_len}")

@@ -20,8 +20,12 @@ class Generator(nn.Module):
         super().__init__()
         steps = int(math.log2(image_size)) - 2  # 4x4 -> image_size, doubling each step
         c = width * 2 ** (steps - 1) if steps > 0 else width
-        layers: list[nn.Module] = [nn.Unflatten(1, (latent_dim, 1, 1)),
-                                   nn.ConvTranspose2d(latent_dim, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.Unflatten(1, (latent_dim, 1, 1)),
+            nn.ConvTranspose2d(latent_dim, c, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+        ]
         for _ in range(steps - 1):
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True)]
             c //= 2

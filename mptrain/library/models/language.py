@@ -29,7 +29,9 @@ class RecurrentLM(nn.Module):
                  tie_weights: bool = LM.tie_weights):
         super().__init__()
         if tie_weights and embed_dim != hidden_dim:
-            raise ConfigError(f"model.tie_weights=true needs model.embed_dim == model.hidden_dim ({embed_dim} != {hidden_dim})")
+            raise ConfigError(
+                f"model.tie_weights=true needs model.embed_dim == model.hidden_dim ({embed_dim} != {hidden_dim})"
+            )
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         rnn = nn.LSTM if cell == "lstm" else nn.GRU
         self.rnn = rnn(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True,

@@ -22,8 +22,14 @@ class SmallCNN(nn.Module):
     Small enough to train on digits in seconds on a CPU; big enough to reach ~98% there.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = CNN.width, dropout: float = CNN.dropout,
-                 image_size: int | None = None):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = CNN.width,
+        dropout: float = CNN.dropout,
+        image_size: int | None = None,
+    ):
         super().__init__()
         if image_size is not None and image_size < 2:  # the first block pools by 2
             raise ConfigError(f"model=cnn needs dataset.image_size >= 2 (it pools by 2), not {image_size}")
@@ -86,8 +92,10 @@ def torchvision_model(
     """
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ConfigError(f"model.name={name!r} is not a torchvision classification model; try one of: "
-                         f"{', '.join(sorted(m for m in available if m.startswith(('resnet', 'mobilenet', 'vgg'))))}, ...")
+        raise ConfigError(
+            f"model.name={name!r} is not a torchvision classification model; try one of: "
+            f"{', '.join(sorted(m for m in available if m.startswith(('resnet', 'mobilenet', 'vgg'))))}, ..."
+        )
     if weights is not None:
         raise ConfigError("model.weights must be null: pretrained weights need a download; load them yourself "
                          "and pass a checkpoint instead")

@@ -16,9 +16,32 @@ from mptrain.precision.formats.registry import BUILTINS, Registry, definition, u
 FORMATS = BUILTINS  # name -> Format, the built-ins (a read-only mapping)
 
 __all__ = [
-    "ALIASES", "BF16", "BUILTINS", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "E8M0", "ELEMENTS", "FORMATS", "FP8", "FP8_RECIPES", "FP8_ROW", "FP16",
-    "FP32", "SCALINGS", "Element", "Format", "Registry", "accepted_names", "definition", "element", "get_format",
-    "quantize", "user_format",
+    "ALIASES",
+    "BF16",
+    "BUILTINS",
+    "E2M1",
+    "E2M3",
+    "E3M2",
+    "E4M3",
+    "E5M2",
+    "E8M0",
+    "ELEMENTS",
+    "FORMATS",
+    "FP8",
+    "FP8_RECIPES",
+    "FP8_ROW",
+    "FP16",
+    "FP32",
+    "SCALINGS",
+    "Element",
+    "Format",
+    "Registry",
+    "accepted_names",
+    "definition",
+    "element",
+    "get_format",
+    "quantize",
+    "user_format",
 ]
 
 

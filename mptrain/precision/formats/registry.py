@@ -93,7 +93,8 @@ class Registry(Mapping):
              device: torch.device | None = None) -> str | None:
         """Why `module` cannot compute in `fmt` (None: it can). The one rule plans, the planner and the advisor
         use. Native 16-bit formats run through autocast, which lowers only AUTOCAST_TYPES: a rule putting a norm
-        or an embedding in bf16 is refused, as its record would otherwise say what does not run. `device`: refuse a native format the device lacks (bf16 on a pre-Ampere GPU)."""
+        or an embedding in bf16 is refused, as its record would otherwise say what does not run. `device`: refuse a
+        native format the device lacks (bf16 on a pre-Ampere GPU)."""
         fmt = self.get(fmt)
         if fmt.executor == "native":
             if fmt != FP32 and not isinstance(module, AUTOCAST_TYPES):

@@ -74,7 +74,9 @@ def print_config_tree(cfg: DictConfig, choices: dict | None = None, overrides: l
     """The run's config in a few lines: each group's choice and the command-line overrides. The whole
     composed config is in <run>/.hydra/config.yaml (and `mptrain --cfg job` prints it)."""
     console = console or RichConsole()
-    tree = Tree("[bold]config[/bold] [dim](in full: <run>/.hydra/config.yaml; mptrain --cfg job)[/dim]", guide_style="dim")
+    tree = Tree(
+        "[bold]config[/bold] [dim](in full: <run>/.hydra/config.yaml; mptrain --cfg job)[/dim]", guide_style="dim"
+    )
     # Hydra lists the choices last group first: show them in the defaults list's order, what is trained first
     # (conf/config.yaml lists optimizer and scheduler before model, so that a model's entry can choose them)
     groups = {k: v for k, v in reversed(list((choices or {}).items()))

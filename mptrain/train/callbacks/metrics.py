@@ -74,10 +74,16 @@ class MetricsLogger(Callback):
         if math.isfinite(mean_loss):
             state.train_loss = mean_loss
             state.verified_step = state.step - 1  # every loss of the window was finite: so were the weights before
-        row = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": float(c.optimizer.param_groups[0]["lr"]),  # a CPU tensor in torchao's optimizers
-               "loss_scale": p.loss_scale, "skipped": skipped,
-               "skipped_total": p.skipped_steps,
-               "grad_norm": grad_norm if out.applied and math.isfinite(grad_norm) else None}
+        row = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": mean_loss,
+            "lr": float(c.optimizer.param_groups[0]["lr"]),  # a CPU tensor in torchao's optimizers
+            "loss_scale": p.loss_scale,
+            "skipped": skipped,
+            "skipped_total": p.skipped_steps,
+            "grad_norm": grad_norm if out.applied and math.isfinite(grad_norm) else None,
+        }
         self.writer.log(row)
         if self.console is not None:
             self.console.row(row)
