@@ -133,6 +133,11 @@ def rank_rngs(c: Any) -> list[dict]:
     return all_gather_objects(capture_rng(c.device), c.dist)
 
 
+def written_by(ckpt: dict) -> int:
+    """How many processes wrote the checkpoint (one generator state per rank is kept when there were several)."""
+    return len(ckpt.get("rng_ranks") or [ckpt.get("rng")])
+
+
 def own_rng(ckpt: dict, c: Any) -> dict:
     """This rank's generator states from a checkpoint (rank 0's where another world size wrote it)."""
     ranks = ckpt.get("rng_ranks")

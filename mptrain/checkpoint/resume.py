@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mptrain.checkpoint.contents import PARTS, own_rng, restore_rng, stateful
+from mptrain.checkpoint.contents import PARTS, own_rng, restore_rng, stateful, written_by
 from mptrain.checkpoint.files import (
     CheckpointError,
     candidates,
@@ -235,6 +235,12 @@ def apply_checkpoint(c: Any, state: Any, ckpt: dict, path: Path, config: dict) -
         reschedule(c.scheduler)  # e.g. a longer run: its cosine now ends later
     warn_other_order(c, state, ckpt, path)
     restore_rng(own_rng(ckpt, c), c.device)
+    before, now = written_by(ckpt), c.dist.world_size
+    if before != now:  # the global batch, the data order and the precision plan carry over; the ranks' RNG cannot
+        log.warning("resume: the checkpoint was written by %d processes and this run has %d: every rank continues "
+                    "from rank 0's random state; the global batch, the data order and the precision plan are the "
+                    "run's", before, now)
+        state.events.append({"event": "world_size_change", "step": state.step, "old": before, "new": now})
     timing = ckpt.get("timing")
     state.load_timing(timing if isinstance(timing, dict) else {})
     # a change of course is part of the run's record (summary.json's events, kept by later checkpoints)

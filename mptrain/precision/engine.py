@@ -196,6 +196,12 @@ class Precision:
         """FSDP: `fn` reduces the overflow flag across ranks (each rank unscales only its gradient shard)."""
         self._agree = fn
 
+    def agree_across_ranks(self, gather: Callable[[object], list]) -> None:
+        """Data parallel: precision=auto decides on every rank's figures (`gather(obj)`: every rank's `obj`, in
+        rank order), so all ranks apply one plan."""
+        if self.planner is not None:
+            self.planner.agree_across_ranks(gather)
+
     def on_plan_change(self, fn: Callable[[], None]) -> None:
         """`fn` runs whenever the plan changes in the running process (the run rewrites precision_plan.json)."""
         self._on_plan = fn

@@ -15,6 +15,11 @@
     recheck   every `recheck_every` steps the formats in use are measured again; a layer over tolerance moves up
               its ladder to the next format it fits (e.g. fp8_e4m3 -> bf16 -> fp32) and the change is an event row
 
+Across ranks (DDP, FSDP2) every rank measures its own shard of the batch; before a decision (what to measure
+after timing, the plan, a recheck) the figures are reduced over the ranks — the worst error, the slowest rank's
+time — through the gather the run injects (`agree_across_ranks`; the planner itself knows no process group), so
+every rank applies one plan. The plan's history says how many ranks measured each decision.
+
 The planner's state (phase, the probe's worst figures so far, the plan, its history) is part of the precision
 checkpoint, so a resume rebuilds the same plan. It never reads the precision's insides: the model and the
 policy (`plan`, `apply_formats`, `dim_multiple`) are passed to each call.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -81,6 +87,32 @@ class Planner:
         self.history: list[dict] = []
         self._ranges: ModuleRanges | None = None
         self._shadow: Shadow | None = None
+        # every rank's copy of a picklable object, in rank order (a collective); one process: [obj]
+        self._gather: Callable[[object], list] = lambda obj: [obj]
+
+    def agree_across_ranks(self, gather: Callable[[object], list]) -> None:
+        """Data parallel: `gather(obj)` returns every rank's `obj`; decisions then rest on all ranks' figures."""
+        self._gather = gather
+
+    def _worst_over_ranks(self, figures: dict[str, dict[str, Figures]]) -> tuple[dict, int]:
+        """The worst of every rank's figures per module and format (one gather), and how many ranks measured."""
+        rows = {m: {f: v.as_row() for f, v in per.items()} for m, per in figures.items()}
+        out: dict[str, dict[str, Figures]] = {}
+        gathered = self._gather(rows)
+        for rank_rows in gathered:
+            for m, per in rank_rows.items():
+                for f, row in per.items():
+                    out.setdefault(m, {})[f] = out.get(m, {}).get(f, Figures()).worst(Figures.from_row(row))
+        return out, len(gathered)
+
+    def _slowest_over_ranks(self, times: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Each module's and format's time on the slowest rank (the step waits for it)."""
+        out: dict[str, dict[str, float]] = {}
+        for rank_times in self._gather(times):
+            for m, per in rank_times.items():
+                for f, t in per.items():
+                    out.setdefault(m, {})[f] = max(t, out.get(m, {}).get(f, t))
+        return out
 
     @property
     def uses_torchao(self) -> bool:
@@ -157,6 +189,8 @@ class Planner:
                     if f == self.fp32 or self.registry.execution(self.registry.get(f), self.device) != "emulated"]
             self.probe_times[name] = (policy.time_formats(model.get_submodule(name), real, x, self.repeats)
                                       if x is not None and len(real) > 1 else {})
+        # the slowest rank's times: what is measured next, and the plan, are then the same on every rank
+        self.probe_times = self._slowest_over_ranks(self.probe_times)
         self._examples = {}
         self.timed = True
 
@@ -205,6 +239,7 @@ class Planner:
         return min(timed, key=lambda f: (times[f], ok.index(f))), times
 
     def _plan(self, step: int, model: nn.Module, policy) -> dict:
+        self.figures, ranks = self._worst_over_ranks(self.figures)
         chosen, errors, times, why = {}, {}, {}, {}
         for name in self.planned_modules(policy.plan):
             ok = [f for f in self.ladder
@@ -229,21 +264,22 @@ class Planner:
         self.why = why
         self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
         self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors,
-                             **({"times": times} if times else {})})
+                             **({"times": times} if times else {}), "ranks": ranks})
         policy.apply_formats(model, self.formats, self.why)
         measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
                                                    for f, e in errs.items()) for n, errs in errors.items())
-        log.info("precision=auto: plan after %d probe steps (tolerance %g; worst error per format: %s):\n%s", step,
-                 self.tolerance, measured, policy.plan.table())
+        log.info("precision=auto: plan after %d probe steps on %d rank(s) (tolerance %g; worst error per format: "
+                 "%s):\n%s", step, ranks, self.tolerance, measured, policy.plan.table())
         if times:
             totals = self.totals(times)
             log.info("precision=auto: the planned layers' forward+backward %s: %.3g ms in the plan; %s",
                      f"on {self.target}, modeled" if self.target else "as timed here", sum(self.times.values()) * 1e3,
                      ", ".join(f"{t * 1e3:.3g} ms all {f}" for f, t in totals.items()))
         return {"event": "precision_plan", "formats": dict(chosen), "errors": errors,
-                **({"times": times} if times else {})}
+                **({"times": times} if times else {}), "ranks": ranks}
 
     def _recheck(self, step: int, model: nn.Module, policy, figures: dict) -> dict | None:
+        figures, ranks = self._worst_over_ranks(figures)  # every rank demotes alike
         changes = []
         for name, fmt in self.formats.items():
             if self._holds(figures, name, fmt):
@@ -261,9 +297,9 @@ class Planner:
             self.why[c["layer"]] = f"auto (demoted at step {step})"
             log.warning("precision=auto: step %d: %s demoted %s -> %s (error %s over tolerance %g)", step,
                         c["layer"], c["old"], c["new"], c["err"], self.tolerance)
-        self.history.append({"step": step, "event": "demote", "changes": changes})
+        self.history.append({"step": step, "event": "demote", "changes": changes, "ranks": ranks})
         policy.apply_formats(model, self.formats, self.why)
-        return {"event": "precision_demote", "changes": changes}
+        return {"event": "precision_demote", "changes": changes, "ranks": ranks}
 
     # ---- records -------------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -271,6 +307,9 @@ class Planner:
         tolerance = self.tolerance if math.isfinite(self.tolerance) else "inf"  # JSON has no inf (it read null)
         out = {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
                "auto_tolerance": tolerance, "auto_objective": self.objective}
+        plans = [h for h in self.history if h["event"] == "plan"]
+        if plans:  # how many ranks measured the plan (older checkpoints did not say: one)
+            out["auto_ranks"] = plans[-1].get("ranks", 1)
         if self.times:  # objective=time: the planned layers' forward+backward, as measured at the plan
             out["auto_planned_layers_s"] = sum(self.times.values())
             plan = next((h for h in reversed(self.history) if h["event"] == "plan"), {})

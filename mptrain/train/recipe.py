@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -226,11 +227,8 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
     seed_everything(t.seed)
     precision = Precision(cfg.precision, device)
     precision.seed(t.seed, info.rank)  # the training recipes' own random streams (per rank)
-    if precision.measured_plan:  # precision=auto: the measured plan (checked here, before the run directory changes)
-        if info.world_size > 1:  # each rank would measure its own batches and could plan differently
-            raise ConfigError(f"precision=auto with {info.world_size} processes: the plan is measured on one "
-                              "process only for now; run it on one, then pass its plan as precision=bf16 "
-                              "'precision.layers={...}' (precision_plan.json)")
+    if info.enabled:  # precision=auto: each rank measures its shard; one plan from all ranks' figures
+        precision.agree_across_ranks(functools.partial(distributed.all_gather_objects, info=info))
     log.info(precision.describe())
     for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.fp8_cfg is not None, device, t.compile)):
         if slow:
