@@ -86,6 +86,9 @@ class Fp8Config:
     dim_multiple: int = 16  # convert only layers whose in and out features are multiples of this (fp8 GEMMs need 16)
     include: list[str] = field(default_factory=list)  # fnmatch patterns: only these layers may convert (empty: all)
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns: these layers never convert
+    # FSDP2: all-gather the Float8Linear weights in fp8, not in their param dtype (torchao's
+    # enable_fsdp_float8_all_gather; tensorwise recipe, real fp8 kernels, trainer.strategy=fsdp): half the bytes of bf16
+    fsdp_all_gather: bool = False
 
     def __post_init__(self) -> None:
         p = "precision.fp8"

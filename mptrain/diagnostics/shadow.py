@@ -190,6 +190,12 @@ def _own_tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]
     return [(m, k, p) for m in module.modules() for k, p in m._parameters.items() if p is not None]
 
 
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: FSDP2's shard (a DTensor, once the module's forward has resharded it) all-gathered for
+    the measurement only (a collective: every rank's hooks meet the modules in the same order)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 @contextlib.contextmanager
 def _swapped(module: nn.Module, params: list[torch.Tensor]):
     """The module and the modules inside it compute with `params` (in `_own_tensors` order), fresh copies of
@@ -258,7 +264,7 @@ class Shadow:
         if y is None or x is None or not y.is_floating_point():
             return
         dim = channel_dim(module)
-        own = _own_tensors(module)
+        own = [(m, k, _whole(v)) for m, k, v in _own_tensors(module)]
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if y.is_cuda else None
 

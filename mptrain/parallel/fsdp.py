@@ -52,7 +52,9 @@ def shard(model: nn.Module, precision: Any) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     precision.check_strategy("fsdp")  # master weights: FSDP2 keeps float32 shards itself
-    low = precision.compute_dtype if precision.use_autocast else torch.float32
+    # a per-layer plan gathers float32 weights: autocast (or the module's own format) casts them per layer, as in
+    # one process; a whole-model param_dtype of bf16 would feed bf16 weights to an fp32 or fp8 layer
+    low = precision.compute_dtype if precision.use_autocast and not precision.per_layer else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     if low != torch.float32:
         # batch norm keeps float32 parameters beside its float32 running statistics (the kernels refuse bf16

@@ -132,8 +132,10 @@ class Applier:
     on), no buffers added. `fp8_emulate`: torchao's Float8Linear emulates its fp8 GEMMs (no fp8 kernels here).
     `random`: the recipe formats' random streams (stochastic rounding, Hadamard signs), shared by the modules."""
 
-    def __init__(self, registry: Registry, device: torch.device, autocast: str | None, fp8_emulate: bool = True):
+    def __init__(self, registry: Registry, device: torch.device, autocast: str | None, fp8_emulate: bool = True,
+                 fp8_all_gather: bool = False):
         self.registry, self.device, self.autocast, self.fp8_emulate = registry, device, autocast, fp8_emulate
+        self.fp8_all_gather = fp8_all_gather  # FSDP2 all-gathers the Float8Linear weights in fp8 (torchao)
         self.random = RecipeRandom(device)
         self.recipes = False  # some module runs a training recipe (its random streams go into the checkpoint)
 
@@ -191,10 +193,23 @@ class Applier:
         by_recipe: dict[str, set[str]] = {}
         for n in names:
             by_recipe.setdefault(self.registry.get(plan[n].format).recipe, set()).add(n)
+        before = {n: model.get_submodule(n) for n in names}
         for recipe, chosen in by_recipe.items():
             fp8.require_torchao().convert_to_float8_training(
-                model, config=fp8.float8_config(recipe, self.fp8_emulate),
+                model, config=fp8.float8_config(recipe, self.fp8_emulate, self.fp8_all_gather),
                 module_filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
+        for name, old in before.items():
+            _keep_hooks(old, model.get_submodule(name))
+
+
+def _keep_hooks(old: nn.Module, new: nn.Module) -> None:
+    """torchao's swap builds a new module: give it the old one's hooks and parameter table, as `_emulated` does,
+    so what was attached to the module (FSDP2's gathers, when a plan changes on a sharded model) carries on."""
+    if new is old:
+        return
+    for key, value in vars(old).items():
+        if key == "_parameters" or key.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")):
+            new.__dict__[key] = value
 
 
 def torch_base(module: nn.Module) -> type:

@@ -164,7 +164,9 @@ class Precision:
                 raise fp8.Fp8MissingError(f"{where} names torchao's float8 training (fp8, fp8_row, fp8_row_hp), "
                                           "which needs torchao: pip install mptrain[fp8]") from None
             self.fp8_emulated, self.fp8_reason = fp8.resolve_emulate(self.fp8_cfg.emulate, device)
-        self.applier = Applier(self.registry, device, self.autocast_format, self.fp8_emulated)
+            fp8.check_all_gather(self.fp8_cfg, self.fp8_emulated, self.fp8_reason, FP8.recipe)
+        self.applier = Applier(self.registry, device, self.autocast_format, self.fp8_emulated,
+                               bool(self.fp8_cfg is not None and self.fp8_cfg.get("fsdp_all_gather")))
         self.plan: Plan | None = None
         self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
 
@@ -238,6 +240,12 @@ class Precision:
         if self.plan and all(e.format == short(torch.float32) for e in self.plan.values()):
             return short(torch.float32)
         return short(self.compute_dtype)
+
+    @property
+    def per_layer(self) -> bool:
+        """The plan may put modules in formats other than the run's autocast dtype (precision=auto or
+        precision.layers): FSDP2 then gathers float32 weights, and each module casts them as its format says."""
+        return self.planner is not None or bool(self.rules)
 
     @property
     def dim_multiple(self) -> int:

@@ -92,10 +92,23 @@ def plan(model: nn.Module, cfg) -> dict[str, str | None]:
     return out
 
 
-def float8_config(recipe: str, emulate: bool):
-    """torchao's Float8LinearConfig for a recipe name, with emulation on or off."""
+def float8_config(recipe: str, emulate: bool, fsdp_all_gather: bool = False):
+    """torchao's Float8LinearConfig for a recipe name, with emulation on or off, and FSDP2's fp8 all-gather."""
     float8 = require_torchao()
-    return dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    return dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
+                               enable_fsdp_float8_all_gather=fsdp_all_gather)
+
+
+def check_all_gather(cfg, emulated: bool, reason: str, tensorwise: str) -> None:
+    """precision.fp8.fsdp_all_gather=true where torchao cannot do it: one line, before any work."""
+    if not cfg.get("fsdp_all_gather"):
+        return
+    if emulated:
+        raise ConfigError(f"precision.fp8.fsdp_all_gather=true needs real fp8 kernels ({reason}); drop it here "
+                          "(the weights are all-gathered in their param dtype)")
+    if cfg.recipe != tensorwise:
+        raise ConfigError(f"precision.fp8.fsdp_all_gather=true works with precision.fp8.recipe={tensorwise} only "
+                          f"(torchao), not {cfg.recipe}; use that recipe or drop the flag")
 
 
 def converted_modules(model: nn.Module) -> dict[str, nn.Module]:

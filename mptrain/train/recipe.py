@@ -229,6 +229,9 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
     precision.seed(t.seed, info.rank)  # the training recipes' own random streams (per rank)
     if info.enabled:  # precision=auto: each rank measures its shard; one plan from all ranks' figures
         precision.agree_across_ranks(functools.partial(distributed.all_gather_objects, info=info))
+    if precision.applier.fp8_all_gather and t.strategy != "fsdp":
+        raise ConfigError("precision.fp8.fsdp_all_gather=true all-gathers FSDP2's weights in fp8: it needs "
+                          "trainer.strategy=fsdp; drop it, or shard the model")
     log.info(precision.describe())
     for slow in (emulated_fp16(precision, device), fp8_eager_warning(precision.fp8_cfg is not None, device, t.compile)):
         if slow:
