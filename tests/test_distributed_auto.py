@@ -163,6 +163,25 @@ def test_fsdp_plans_once_for_both_ranks(tmp_path):
 # may then round the other way: close, not bitwise (measured: weights within 2.7e-4, val/loss within 5e-6 relative)
 WEIGHTS_ATOL, LOSS_RTOL = 1e-3, 1e-4
 
+@pytest.mark.slow  # torchrun
+def test_fsdp_plan_by_time_is_the_slowest_ranks(tmp_path):
+    """objective=time under FSDP2: every rank times each module (its weights all-gathered into a plain copy) in
+    bf16 and fp32; one rank's times alone could choose differently (they are close on a CPU), so the plan takes
+    the slowest rank's time per module and format, and both ranks apply the same plan."""
+    args, env = setup(tmp_path, tmp_path / "logs")
+    args = [a for a in args if not a.startswith(("precision.auto.objective", "precision.auto.formats"))]
+    run = tmp_path / "run"
+    proc = torchrun([*args, "precision.auto.timing_repeats=1", "trainer.strategy=fsdp", "trainer.max_steps=4",
+                     "checkpoint.enabled=false", f"hydra.run.dir={run}"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (made,) = plan_of(run)["history"]
+    assert made["ranks"] == 2 and sorted(made["times"]) == ["head", "inp", "mid1", "mid2"]
+    for name, times in made["times"].items():
+        assert made["formats"][name] == min(times, key=times.get)  # the fastest, by the agreed times
+    rank0, rank1 = per_rank(tmp_path / "logs")
+    assert len(rank0) == 4 and rank0 == rank1
+
+
 BLOCKS = textwrap.dedent("""
     import torch
     from torch import nn

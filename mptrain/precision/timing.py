@@ -48,14 +48,30 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], device: torch.device
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+# what fully_shard attaches to a module: its state, and hooks that gather and reduce-scatter for the real model
+FSDP_STATE = ("__composable_api_state_key", "_fsdp", "_is_fsdp")
+
+
 def plain_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of `module` as its plain torch.nn class (a converted module's own forward dropped)."""
+    """A deep copy of `module` as its plain torch.nn class (a converted module's own forward dropped). An FSDP2
+    module's copy has whole parameters (all-gathered: a collective, every rank times the same modules in the same
+    order), and neither FSDP's state nor its hooks."""
     from mptrain.precision.convert import torch_base
 
     base = torch_base(module)
     plain = base.__new__(base)
     plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt", "forward")})
-    return copy.deepcopy(plain)
+    sharded = [p for p in module.parameters() if hasattr(p, "full_tensor")]
+    if not sharded:
+        return copy.deepcopy(plain)
+    for k, v in module.__dict__.items():
+        if k.startswith(FSDP_STATE):
+            del plain.__dict__[k]
+        elif k.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")):
+            plain.__dict__[k] = type(v)()
+    # deepcopy takes the memo's objects for these: the whole weights in place of the shards
+    memo = {id(p): nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad) for p in sharded}
+    return copy.deepcopy(plain, memo)
 
 
 def forward_backward(wrapper: nn.Module, example: torch.Tensor, autocast) -> Callable[[], None]:
