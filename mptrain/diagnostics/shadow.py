@@ -231,8 +231,11 @@ class Shadow:
     (rows in FIELDS order, as diagnostics.jsonl holds them; `Figures.from_row` reads one)."""
 
     def __init__(self, formats: list[str] | tuple[str, ...], registry: Registry = BUILTINS,
-                 only: dict[str, list[str]] | None = None):
+                 only: dict[str, list[str]] | None = None, gather: bool = False):
         self.names = list(formats)
+        # FSDP2: all-gather a sharded module's weights for the measurement; only where every rank measures (the
+        # planner), since a gather on one rank alone (diagnostics run on rank 0) would wait forever
+        self.gather = gather
         # (forward, gradient) formats; an unknown name fails here, at start
         self.formats = {n: (registry.get(n), registry.get(n).grad_format) for n in self.names}
         self.only = only  # module -> the formats measured on it (precision=auto: those that could pay); None: all
@@ -264,7 +267,11 @@ class Shadow:
         if y is None or x is None or not y.is_floating_point():
             return
         dim = channel_dim(module)
-        own = [(m, k, _whole(v)) for m, k, v in _own_tensors(module)]
+        own = _own_tensors(module)
+        if any(hasattr(v, "full_tensor") for _, _, v in own):
+            if not self.gather:
+                return  # a sharded module measured on one rank only: its weights cannot be gathered here
+            own = [(m, k, _whole(v)) for m, k, v in own]
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if y.is_cuda else None
 

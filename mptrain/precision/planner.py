@@ -148,7 +148,8 @@ class Planner:
             names = [f for f in self.ladder if f != self.fp32]
         if not names:
             return
-        self._shadow = Shadow(names, self.registry, only)
+        # every rank measures: FSDP2 may gather a sharded module's weights (the same modules on every rank)
+        self._shadow = Shadow(names, self.registry, only, gather=True)
         self._ranges = ModuleRanges(model, self._shadow, set(only) if only is not None else None)
         self._ranges.begin()
 

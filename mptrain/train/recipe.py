@@ -263,6 +263,10 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
                           "gradient all-reduce; train it in one process (no torchrun)")
     check_model_fits(cfg.model, datasets.facts)  # before a model that cannot fit the data is built
+    if t.strategy == "fsdp" and info.enabled and cfg.diagnostics.enabled:
+        # diagnostics run on rank 0 alone; reading a sharded tensor needs every rank (the run would hang)
+        raise ConfigError("diagnostics under trainer.strategy=fsdp: rank 0 alone cannot read the sharded weights and "
+                          "gradients; add diagnostics=off (precision=auto still measures, on every rank)")
     facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
     model = build_model(cfg, task, device, precision, facts, given.model)
     if t.strategy == "fsdp" and info.enabled:
