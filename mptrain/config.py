@@ -102,6 +102,8 @@ class AutoConfig:
     tolerance: float = 0.1  # largest relative error of a layer's output and of its output gradient (advisor's)
     formats: list[str] | None = None  # candidates; null: those with a real kernel on the device (CPU: bf16)
     recheck_every: int = 50  # re-measure every N steps after the plan (0: never)
+    # a demoted layer moves back one format after this many consecutive re-checks within tolerance in it (0: never)
+    promote_after: int = 3
     # what "cheapest" means: time (each layer's forward+backward measured on the device, in each format that holds,
     # on the last probe step: the fastest wins) | bits (the fewest bits per value that hold: format studies)
     objective: str = "time"
@@ -114,6 +116,7 @@ class AutoConfig:
         _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
         _check(self.tolerance > 0, f"{p}.tolerance", self.tolerance, "must be > 0")
         _check(self.recheck_every >= 0, f"{p}.recheck_every", self.recheck_every, "must be >= 0 (0: never)")
+        _check(self.promote_after >= 0, f"{p}.promote_after", self.promote_after, "must be >= 0 (0: never)")
 
 
 @dataclass

@@ -10,6 +10,10 @@
               applier: the same parameter objects, so the optimizer state carries on)
     recheck   every `recheck_every` steps the formats in use are measured again; a layer over tolerance moves up
               its ladder to the next format it fits (e.g. fp8_e4m3 -> bf16 -> fp32) and the change is an event row
+    promote   a demoted layer is also measured, at each re-check, in the rungs between its planned format and its
+              current one; after `promote_after` consecutive re-checks within tolerance in the next cheaper rung
+              it fits, it moves back down one rung (never below the plan's choice), an event row too. The count
+              restarts on any miss and on every move: the hysteresis that keeps a layer from flapping
 
 The planner's state (phase, the probe's worst figures so far, the plan, its history) is part of the precision
 checkpoint, so a resume rebuilds the same plan. It never reads the precision's insides: the model and the
@@ -56,6 +60,7 @@ class Planner:
                                         and registry.cost(f) <= registry.cost(base))
         self.ladder = [*cheap, *([base] if base in formats and base != self.fp32 else []), self.fp32]
         self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
+        self.promote_after = cfg.promote_after
         self.objective, self.repeats = cfg.get("objective", "time"), cfg.get("timing_repeats", 3)
         self.device = device
         self._examples: dict = {}  # module -> an input of the last probe step (objective=time times on its shape)
@@ -64,6 +69,8 @@ class Planner:
         self.figures: dict[str, dict[str, Figures]] = {}  # the probe's worst figures so far
         self.formats: dict[str, str] = {}  # the plan: module -> format (the modules auto plans)
         self.why: dict[str, str] = {}  # module -> why it has its format (the step that chose it)
+        self.chosen: dict[str, str] = {}  # module -> the plan's format: the floor a promotion returns to
+        self.streak: dict[str, int] = {}  # demoted module -> consecutive re-checks within tolerance one rung down
         self.times: dict[str, float] = {}  # module -> its measured forward+backward seconds in its format
         self.history: list[dict] = []
         self._ranges: ModuleRanges | None = None
@@ -87,8 +94,9 @@ class Planner:
     def begin_step(self, step: int, model: nn.Module) -> None:
         if not self.measured(step):
             return
-        if self.planned:  # a recheck: the formats in use (fp32 has nothing to lose)
-            names = self.registry.cheapest_first(f for f in self.formats.values() if f != self.fp32)
+        if self.planned:  # a recheck: the formats in use (fp32 has nothing to lose), and a demoted layer's way back
+            names = self.registry.cheapest_first(f for f in [*self.formats.values(), *self._way_back()]
+                                                 if f != self.fp32)
         else:
             names = [f for f in self.ladder if f != self.fp32]
         if not self.planned and step == self.probe_steps and self.objective == "time":
@@ -138,6 +146,21 @@ class Planner:
         err = figures.get(module, {}).get(fmt, Figures()).error
         return err is not None and err <= self.tolerance
 
+    def _way_back(self) -> list[str]:
+        """The rungs between each demoted layer's planned format and its current one (the candidates to promote to)."""
+        out = []
+        for name, fmt in self.formats.items():
+            floor = self.chosen.get(name, fmt)
+            if self.promote_after and fmt != floor:
+                out += self.ladder[self.ladder.index(floor):self.ladder.index(fmt)]
+        return out
+
+    def _below(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> str | None:
+        """The next cheaper rung `name` fits, no cheaper than its planned format (None: it is at its plan)."""
+        floor = self.chosen.get(name, fmt)
+        lower = self.ladder[self.ladder.index(floor):self.ladder.index(fmt)]
+        return next((f for f in reversed(lower) if self._fits(model, name, f, dim_multiple)), None)
+
     def _fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
         return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
 
@@ -172,6 +195,7 @@ class Planner:
         self.planned = True
         self.figures = {}
         self.formats = chosen
+        self.chosen, self.streak = dict(chosen), {}
         self.why = why
         self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
         self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors,
@@ -185,32 +209,55 @@ class Planner:
                 **({"times": times} if times else {})}
 
     def _recheck(self, step: int, model: nn.Module, policy, figures: dict) -> dict | None:
-        changes = []
+        """Demote each layer over tolerance one rung up; promote each demoted layer whose next cheaper rung held
+        for `promote_after` re-checks in a row. Returns the event row (a demotion, with a promotion at the same
+        step under "also")."""
+        demoted, promoted = [], []
         for name, fmt in self.formats.items():
-            if self._holds(figures, name, fmt):
+            if not self._holds(figures, name, fmt):
+                # one format up the ladder: the next one the module can compute in (a constraint skips a rung)
+                higher = self.ladder[self.ladder.index(fmt) + 1:]
+                new = next(f for f in higher if self._fits(model, name, f, policy.dim_multiple))
+                demoted.append(self._change(figures, name, fmt, new, fmt))
                 continue
-            # one format up the ladder: the next one the module can compute in (a constraint skips a rung)
-            higher = self.ladder[self.ladder.index(fmt) + 1:]
-            new = next(f for f in higher if self._fits(model, name, f, policy.dim_multiple))
-            f = figures.get(name, {}).get(fmt, Figures())
-            changes.append({"layer": name, "old": fmt, "new": new, "err": f.err, "gerr": f.gerr, "flush": f.flush,
-                            "sat": f.sat})
-        if not changes:
+            below = self._below(model, name, fmt, policy.dim_multiple) if self.promote_after else None
+            if below is None:
+                continue
+            streak = self.streak.get(name, 0) + 1 if self._holds(figures, name, below) else 0
+            self.streak[name] = streak
+            if streak >= self.promote_after:
+                promoted.append(self._change(figures, name, fmt, below, below))
+        if not demoted and not promoted:
             return None
-        for c in changes:
-            self.formats[c["layer"]] = c["new"]
-            self.why[c["layer"]] = f"auto (demoted at step {step})"
-            log.warning("precision=auto: step %d: %s demoted %s -> %s (error %s over tolerance %g)", step,
-                        c["layer"], c["old"], c["new"], c["err"], self.tolerance)
-        self.history.append({"step": step, "event": "demote", "changes": changes})
+        rows = []
+        for kind, changes in (("demote", demoted), ("promote", promoted)):
+            if not changes:
+                continue
+            for c in changes:
+                self.formats[c["layer"]] = c["new"]
+                self.streak.pop(c["layer"], None)  # every move restarts the count
+                self.why[c["layer"]] = f"auto ({kind}d at step {step})"
+                log.warning("precision=auto: step %d: %s %sd %s -> %s (error %s in %s, tolerance %g)", step,
+                            c["layer"], kind, c["old"], c["new"], c["err"], c["measured"], self.tolerance)
+            self.history.append({"step": step, "event": kind, "changes": changes})
+            rows.append({"event": f"precision_{kind}", "changes": changes})
         policy.apply_formats(model, self.formats, self.why)
-        return {"event": "precision_demote", "changes": changes}
+        return {**rows[0], "also": rows[1]} if len(rows) == 2 else rows[0]
+
+    @staticmethod
+    def _change(figures: dict, name: str, old: str, new: str, measured: str) -> dict:
+        """One move's record: the layer, its formats, and the figures of the format that decided it."""
+        f = figures.get(name, {}).get(measured, Figures())
+        return {"layer": name, "old": old, "new": new, "measured": measured, "err": f.err, "gerr": f.gerr,
+                "flush": f.flush, "sat": f.sat}
 
     # ---- records -------------------------------------------------------------------------------
     def summary(self) -> dict:
         demotions = sum(len(h["changes"]) for h in self.history if h["event"] == "demote")
+        promotions = sum(len(h["changes"]) for h in self.history if h["event"] == "promote")
         tolerance = self.tolerance if math.isfinite(self.tolerance) else "inf"  # JSON has no inf (it read null)
         out = {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
+               "auto_promotions": promotions,
                "auto_tolerance": tolerance, "auto_objective": self.objective}
         if self.times:  # objective=time: the planned layers' forward+backward, as measured at the plan
             out["auto_planned_layers_s"] = sum(self.times.values())
@@ -220,7 +267,7 @@ class Planner:
         figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
                 "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder),
-                "times": dict(self.times)}
+                "times": dict(self.times), "chosen": dict(self.chosen), "streak": dict(self.streak)}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("ladder")
@@ -236,3 +283,7 @@ class Planner:
         last = self.history[-1]["step"] if self.history else 0
         self.why = dict(state.get("why") or dict.fromkeys(self.formats, f"auto (step {last})"))
         self.times = dict(state.get("times") or {})
+        # checkpoints from before promotion: the plan's own record holds the formats it chose
+        plans = [h["formats"] for h in self.history if h["event"] == "plan"]
+        self.chosen = dict(state.get("chosen") or (plans[-1] if plans else self.formats))
+        self.streak = dict(state.get("streak") or {})
