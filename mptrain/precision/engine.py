@@ -23,12 +23,19 @@ from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
 from mptrain.precision import fp8, timing
 from mptrain.precision.convert import Applier
-from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
+from mptrain.precision.families import (
+    PRESETS,
+    family_for,
+    optimizer_state_kind,
+    request_update_stats,
+    update_stats,
+)
 from mptrain.precision.formats import BF16, FP8_RECIPES, Registry
 from mptrain.precision.master import CASTING, MasterWeights
 from mptrain.precision.plan import Plan, Rule, resolve, user_rules
 from mptrain.precision.planner import Planner
 from mptrain.precision.scaler import LossScaler, NoScaler, SwitchToBF16
+from mptrain.precision.schedule import Switch
 
 FP16_MAX = 65504.0  # the largest finite float16
 
@@ -96,6 +103,29 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{key} needs bfloat16, which {torch.cuda.get_device_name(device)} lacks (pre-Ampere): "
                           "use on_min=raise or on_min=clamp")
+
+
+def _refused(mode: str, new: Precision, strategy: str) -> str | None:
+    """Why a switch from precision=`mode` to `new` cannot be made in the running process (None: it can)."""
+    if optimizer_state_kind(mode) != optimizer_state_kind(new.mode):  # the resume's rule (check_precision_change)
+        return (f"the optimizer state of precision={mode} ({optimizer_state_kind(mode)}) does not map onto "
+                f"precision={new.mode}'s ({optimizer_state_kind(new.mode)}), as a resume into it would refuse")
+    if new.measured_plan:
+        return "precision=auto probes from the run's first step; start the run in auto and switch out of it"
+    if PRESETS[mode].family != "autocast" or new.preset.family != "autocast":
+        return (f"an in-process switch converts between autocast presets (fp32, amp, bf16, dynamic, static, noscale, "
+                f"fp8, auto); precision={mode} -> {new.mode} needs a stop and a resume (resume=auto precision="
+                f"{new.mode})")
+    if strategy == "fsdp":
+        return "trainer.strategy=fsdp: the sharded model is converted once; stop and resume into the new precision"
+    return None
+
+
+def _join(event: dict | None, other: dict | None) -> dict | None:
+    """One event row for a step: `event`, with `other` (made at the same step) under "also"."""
+    if event is None or other is None:
+        return event or other
+    return {**event, "also": other}
 
 
 def _after_switch(record: dict) -> NoScaler:
@@ -167,6 +197,12 @@ class Precision:
         self.applier = Applier(self.registry, device, self.autocast_format, self.fp8_emulated)
         self.plan: Plan | None = None
         self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
+        # precision.schedule: the switches still to come (set_schedule), the one made at this step's start (its
+        # event row), and the record of those made (precision_plan.json's history, the checkpoint)
+        self.switches: list[Switch] = []
+        self._switched: dict | None = None
+        self.history: list[dict] = []
+        self._seeded: tuple[int, int] | None = None
 
     def _build_scaler(self, ls) -> LossScaler | NoScaler:
         kind = ls.kind
@@ -190,6 +226,7 @@ class Precision:
     def seed(self, seed: int, rank: int) -> None:
         """The training recipes' random streams (stochastic rounding, Hadamard signs): the run's seed and this
         process's rank; they never draw from the global generators (dropout, data order)."""
+        self._seeded = (seed, rank)
         self.applier.random.configure(seed, rank)
 
     def agree_on_overflow(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -302,9 +339,62 @@ class Precision:
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
         out: dict = self.plan.records()
-        if self.planner is not None:
-            out["history"] = list(self.planner.history)
+        history = [*self.history, *(self.planner.history if self.planner is not None else [])]
+        if history or self.planner is not None:
+            out["history"] = sorted(history, key=lambda h: h["step"])
         return out
+
+    # ---- precision.schedule -------------------------------------------------------------------
+    def set_schedule(self, switches: list[Switch], strategy: str) -> None:
+        """Check every switch as a resume into its precision would be checked, before the run directory changes
+        (each target is built: a format or a dependency it lacks fails here), and keep them."""
+        mode = self.mode
+        for sw in switches:
+            new = Precision(sw.cfg, self.device)  # its own checks (torchao for fp8, bf16 on this GPU, ...)
+            why = _refused(mode, new, strategy)
+            if why is not None:
+                raise ConfigError(f"precision.schedule: the switch after step {sw.step} ({sw.what}) is refused: {why}")
+            mode = new.mode
+        self.switches = list(switches)
+
+    def catch_up(self, step: int, model: nn.Module) -> None:
+        """A resume from step `step`: make the switches the run made before it (each after a step < `step`), so that
+        the checkpoint's precision state loads into the precision it was saved from."""
+        while self.switches and self.switches[0].step < step:
+            self.switch(self.switches[0], model)
+        self._switched = None
+
+    def switch(self, sw: Switch, model: nn.Module) -> dict:
+        """Switch to `sw`'s precision between two steps, in place, exactly as a stop after step `sw.step` and a
+        resume into it: the model goes back to its plain modules and converts as the new plan says (the same
+        parameter objects, so the optimizer and its state carry on); the precision state loads by the resume's
+        rules (checkpoint/resume.py: no masters, on_min=bf16's switch only within its own preset). This object
+        becomes the new precision (the step, diagnostics and callbacks hold it). Returns the event row."""
+        new = Precision(sw.cfg, self.device)
+        new.applier.random = self.applier.random  # the recipes' streams: one per (seed, rank, step), carried
+        new._seeded, new._agree, new._on_plan = self._seeded, self._agree, self._on_plan
+        Applier.revert(model, self.plan)
+        new.prepare_model(model)
+        state = self.state_dict()
+        new.load_state_dict({k: v for k, v in state.items()  # the old plan is this switch's record, not a change
+                             if k not in ("master", "plan") and not (k == "bf16_switch" and self.mode != new.mode)})
+        if self.scaler.enabled and not new.scaler.enabled:  # the skips so far stay counted (as on_min=bf16)
+            new.scaler = _after_switch({**self.scaler.stats(), "skipped": self.scaler.skipped})
+        new.plan_changed = dict(self.plan_changed)
+        record = {"step": sw.step, "event": "switch", "from": self.mode, "to": new.mode, "what": sw.what,
+                  "formats": new.plan.formats()}
+        new.history = [*self.history, *(self.planner.history if self.planner is not None else []), record]
+        new.switches = [s for s in self.switches if s.step > sw.step]
+        log.warning("precision.schedule: after step %d, %s -> %s (%s):\n%s", sw.step, self.mode, new.mode, sw.what,
+                    new.plan.table())
+        vars(self).clear()
+        vars(self).update(vars(new))
+        if self._on_plan is not None:
+            self._on_plan()
+        # the row is logged at the first step in the new precision (its "step"); the switch came after `after_step`
+        self._switched = {"event": "precision_switch", "after_step": sw.step,
+                          **{k: v for k, v in record.items() if k not in ("event", "step")}}
+        return self._switched
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Resolve the plan and convert the model to it: float8 / emulated / per-layer autocast modules, fp16 or bf16
@@ -381,6 +471,8 @@ class Precision:
     # ---- the step -----------------------------------------------------------------------------
     def begin_step(self, step: int, model: nn.Module) -> None:
         """Before the step's first forward: precision=auto's shadow measurement on its probe and re-check steps."""
+        if self.switches and self.switches[0].step == step - 1:  # precision.schedule: between the two steps
+            self.switch(self.switches[0], model)
         self.applier.random.begin_step(step)  # stochastic rounding: a stream of its own per (seed, rank, step)
         if self.planner is not None:
             self.planner.begin_step(step, model)
@@ -389,9 +481,9 @@ class Precision:
         """After the step's optimizer updates: advance the loss scale once for the iteration (may raise
         LossScalingError, or switch to bf16), then let precision=auto plan or re-check (a new plan takes effect
         from the next step). Returns the event row of what changed the run's course, or None."""
-        event = None
+        event, self._switched = self._switched, None
         if self.update_scale(overflow):
-            event = {"event": "switch_to_bf16", **self.bf16_switch}
+            event = _join({"event": "switch_to_bf16", **self.bf16_switch}, event)
         if self.planner is not None:
             planned = self.planner.end_step(step, model, self)
             if planned is not None:
@@ -509,6 +601,9 @@ class Precision:
             out.update(self.planner.summary())
         if self.plan_changed:
             out["plan_changed_on_resume"] = dict(self.plan_changed)
+        switches = [h for h in self.history if h["event"] == "switch"]
+        if switches:
+            out["precision_switches"] = [{k: h[k] for k in ("step", "from", "to", "what")} for h in switches]
         if self.fp8_cfg is not None:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
@@ -531,10 +626,13 @@ class Precision:
             state["formats"] = dict(self.registry.user)  # a resume checks they are defined the same way
         if self.applier.recipes:
             state["recipe_random"] = self.applier.random.state_dict()
+        if self.history:
+            state["history"] = [dict(h) for h in self.history]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.registry.check_same(state.get("formats") or {})
+        self.history = [dict(h) for h in state.get("history") or []]
         if "recipe_random" in state:
             self.applier.random.load_state_dict(state["recipe_random"])
         auto = state.get("auto")

@@ -36,6 +36,7 @@ from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
 from mptrain.precision import LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
+from mptrain.precision.schedule import resolve as resolve_schedule
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import (
     PRECISION_PLAN,
@@ -290,6 +291,8 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    if cfg.precision.get("schedule"):  # checked here, before the run directory changes
+        precision.set_schedule(resolve_schedule(cfg.precision, total_steps), t.strategy)
     n_params = sum(p.numel() for p in model.parameters())
     if training:
         check_warmup(cfg.scheduler, total_steps)
@@ -442,6 +445,7 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = sharded.load(c, path)
+        c.precision.catch_up(ckpt["train_state"]["step"], c.base_model)  # precision.schedule's switches so far
         apply_checkpoint(c, state, ckpt, path, config)
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model, c.precision.registry)
