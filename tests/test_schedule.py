@@ -27,7 +27,8 @@ def schedule(at, preset: str) -> str:
 
 def weights_and_optimizer(run) -> dict:
     state = final_state(run)
-    return {k: state[k] for k in ("model", "optimizer", "scheduler")} | {"step": state["train_state"]["step"]}
+    return ({k: state[k] for k in ("model", "optimizer", "scheduler")} | {"step": state["train_state"]["step"]}
+            | {k: state["precision"].get(k) for k in ("master", "scaler")})  # the fp32 masters, the loss scale
 
 
 def restart(tmp_path, monkeypatch, start: list[str], target: str, step: int):
@@ -47,6 +48,7 @@ CASES = [
     pytest.param(["precision=fp8", "precision.fp8.dim_multiple=1"], 3, "bf16", marks=needs_torchao, id="fp8-bf16"),
     pytest.param(["precision=bf16"], 0.5, "fp32", id="bf16-fp32-fraction"),
     pytest.param([*AUTO, "precision.fp8.dim_multiple=1"], 3, "bf16", marks=needs_torchao, id="auto-bf16"),
+    pytest.param(["precision=amp"], 3, "master", id="amp-master"),  # a new optimizer over the fp32 masters
 ]
 
 
@@ -65,16 +67,20 @@ def test_switch_equals_a_restart_into_the_new_precision(tmp_path, monkeypatch, s
     assert [e["event"] for e in summary["events"] if e["event"] == "precision_switch"] == ["precision_switch"]
     plan = json.loads((run / "precision_plan.json").read_text())
     assert plan["history"][-1]["event"] == "switch" and plan["history"][-1]["step"] == step
-    assert {e["format"] for n, e in plan.items() if n != "history" and e["kernel"] != "fp32"} <= {target}
-    assert summary["compute_dtype"] == target
+    compute = {"master": "fp16"}.get(target, target)
+    assert {e["format"] for n, e in plan.items() if n != "history" and e["kernel"] != "fp32"} <= {compute}
+    assert summary["compute_dtype"] == compute
 
 
 @pytest.mark.slow
-@needs_torchao
-def test_resume_across_a_switch_is_bitwise(tmp_path, monkeypatch):
-    """fp8 until step 2, then bf16: stopped at 4 and resumed, the run equals the uninterrupted one (the resume
-    makes the switch before loading the checkpoint's bf16 state)."""
-    overrides = BASE + ["precision=fp8", "precision.fp8.dim_multiple=1", schedule(2, "bf16")]
+@pytest.mark.parametrize("start", [
+    pytest.param(["precision=fp8", "precision.fp8.dim_multiple=1", schedule(2, "bf16")], marks=needs_torchao, id="fp8"),
+    pytest.param(["precision=amp", schedule(2, "master")], id="master"),
+])
+def test_resume_across_a_switch_is_bitwise(tmp_path, monkeypatch, start):
+    """Switched after step 2, stopped at 4 and resumed: the run equals the uninterrupted one (the resume makes
+    the switch before loading the checkpoint's state into the precision it was saved from)."""
+    overrides = BASE + start
     ref, (summary, cut) = cut_and_resumed(tmp_path, monkeypatch, overrides, 4)
     assert summary["precision_switches"][0]["step"] == 2 and "plan_changed_on_resume" not in summary
     assert_same_tensors(final_state(ref), final_state(cut))
@@ -84,7 +90,7 @@ def test_resume_across_a_switch_is_bitwise(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("overrides", "match"), [
     # bf16_pure's optimizer keeps its own bf16 state: a resume into it is refused, so is the switch
     (["precision=bf16", schedule(2, "bf16_pure")], r"switch after step 2 \(preset=bf16_pure\) is refused: the optimizer"),
-    (["precision=amp", schedule(2, "master")], r"precision=amp -> master needs a stop and a resume"),
+    (["precision=bf16", schedule(2, "nomaster")], r"precision=bf16 -> nomaster needs a stop and a resume"),
     (["precision=bf16", schedule(2, "auto")], "precision=auto probes from the run's first step"),
     (["precision=bf16", schedule(6, "fp32")], r"at=6 switches after step 6, outside the run's 6 steps"),
     (["precision=bf16", schedule(1.5, "fp32")], r"precision.schedule\[0\].at=1.5 is invalid"),

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,19 +106,21 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
                           "use on_min=raise or on_min=clamp")
 
 
-def _refused(mode: str, new: Precision, strategy: str) -> str | None:
+def _refused(mode: str, new: Precision, strategy: str, parts: int) -> str | None:
     """Why a switch from precision=`mode` to `new` cannot be made in the running process (None: it can)."""
     if optimizer_state_kind(mode) != optimizer_state_kind(new.mode):  # the resume's rule (check_precision_change)
         return (f"the optimizer state of precision={mode} ({optimizer_state_kind(mode)}) does not map onto "
                 f"precision={new.mode}'s ({optimizer_state_kind(new.mode)}), as a resume into it would refuse")
     if new.measured_plan:
         return "precision=auto probes from the run's first step; start the run in auto and switch out of it"
-    if PRESETS[mode].family != "autocast" or new.preset.family != "autocast":
-        return (f"an in-process switch converts between autocast presets (fp32, amp, bf16, dynamic, static, noscale, "
-                f"fp8, auto); precision={mode} -> {new.mode} needs a stop and a resume (resume=auto precision="
-                f"{new.mode})")
+    if PRESETS[mode].family != "autocast" or not (new.preset.family == "autocast" or new.preset.master):
+        return (f"an in-process switch goes from an autocast preset (fp32, amp, bf16, dynamic, static, noscale, fp8, "
+                f"auto) to another or to master; precision={mode} -> {new.mode} needs a stop and a resume "
+                f"(resume=auto precision={new.mode})")
     if strategy == "fsdp":
         return "trainer.strategy=fsdp: the sharded model is converted once; stop and resume into the new precision"
+    if new.preset.master and parts > 1:
+        return "master weights for a task with several optimizers (a GAN): stop and resume into precision=master"
     return None
 
 
@@ -203,6 +206,7 @@ class Precision:
         self._switched: dict | None = None
         self.history: list[dict] = []
         self._seeded: tuple[int, int] | None = None
+        self.params_changed = False  # the last switch gave the optimizer other tensors (master weights): rebuild it
 
     def _build_scaler(self, ls) -> LossScaler | NoScaler:
         kind = ls.kind
@@ -345,13 +349,13 @@ class Precision:
         return out
 
     # ---- precision.schedule -------------------------------------------------------------------
-    def set_schedule(self, switches: list[Switch], strategy: str) -> None:
+    def set_schedule(self, switches: list[Switch], strategy: str, parts: int) -> None:
         """Check every switch as a resume into its precision would be checked, before the run directory changes
         (each target is built: a format or a dependency it lacks fails here), and keep them."""
         mode = self.mode
         for sw in switches:
             new = Precision(sw.cfg, self.device)  # its own checks (torchao for fp8, bf16 on this GPU, ...)
-            why = _refused(mode, new, strategy)
+            why = _refused(mode, new, strategy, parts)
             if why is not None:
                 raise ConfigError(f"precision.schedule: the switch after step {sw.step} ({sw.what}) is refused: {why}")
             mode = new.mode
@@ -367,28 +371,35 @@ class Precision:
     def switch(self, sw: Switch, model: nn.Module) -> dict:
         """Switch to `sw`'s precision between two steps, in place, exactly as a stop after step `sw.step` and a
         resume into it: the model goes back to its plain modules and converts as the new plan says (the same
-        parameter objects, so the optimizer and its state carry on); the precision state loads by the resume's
-        rules (checkpoint/resume.py: no masters, on_min=bf16's switch only within its own preset). This object
-        becomes the new precision (the step, diagnostics and callbacks hold it). Returns the event row."""
-        new = Precision(sw.cfg, self.device)
-        new.applier.random = self.applier.random  # the recipes' streams: one per (seed, rank, step), carried
-        new._seeded, new._agree, new._on_plan = self._seeded, self._agree, self._on_plan
-        Applier.revert(model, self.plan)
-        new.prepare_model(model)
-        state = self.state_dict()
-        new.load_state_dict({k: v for k, v in state.items()  # the old plan is this switch's record, not a change
-                             if k not in ("master", "plan") and not (k == "bf16_switch" and self.mode != new.mode)})
-        if self.scaler.enabled and not new.scaler.enabled:  # the skips so far stay counted (as on_min=bf16)
-            new.scaler = _after_switch({**self.scaler.stats(), "skipped": self.scaler.skipped})
-        new.plan_changed = dict(self.plan_changed)
-        record = {"step": sw.step, "event": "switch", "from": self.mode, "to": new.mode, "what": sw.what,
-                  "formats": new.plan.formats()}
-        new.history = [*self.history, *(self.planner.history if self.planner is not None else []), record]
-        new.switches = [s for s in self.switches if s.step > sw.step]
-        log.warning("precision.schedule: after step %d, %s -> %s (%s):\n%s", sw.step, self.mode, new.mode, sw.what,
-                    new.plan.table())
-        vars(self).clear()
-        vars(self).update(vars(new))
+        parameter objects, so an optimizer over them carries on); into master weights, the model is cast to fp16
+        and the masters are the fp32 weights of now (the resume's full-precision weights), and `params_changed`
+        tells the run to rebuild its optimizer over them; the precision state loads by the resume's rules
+        (checkpoint/resume.py: no masters, on_min=bf16's switch only within its own preset). This object becomes
+        the new precision: the step, the diagnostics and the callbacks hold it. Returns the event row."""
+        old = copy.copy(self)  # the precision until now: its attribute values
+        self.__init__(sw.cfg, old.device)
+        self.applier.random = old.applier.random  # the recipes' streams: one per (seed, rank, step), carried
+        self._seeded, self._agree, self._on_plan = old._seeded, old._agree, old._on_plan
+        Applier.revert(model, old.plan)
+        fp32 = {id(p): p.detach().clone() for p in model.parameters()} if self.preset.master else {}
+        self.prepare_model(model)
+        if self.master is not None:
+            with torch.no_grad():
+                for p, m in zip(self.master.model_params, self.master.masters):
+                    m.copy_(fp32[id(p)])
+        self.params_changed = [id(p) for p in self._params] != [id(p) for p in old._params]
+        state = old.state_dict()
+        self.load_state_dict({k: v for k, v in state.items()  # the old plan is this switch's record, not a change
+                              if k not in ("master", "plan") and not (k == "bf16_switch" and old.mode != self.mode)})
+        if old.scaler.enabled and not self.scaler.enabled:  # the skips so far stay counted (as on_min=bf16)
+            self.scaler = _after_switch({**old.scaler.stats(), "skipped": old.scaler.skipped})
+        self.plan_changed = dict(old.plan_changed)
+        record = {"step": sw.step, "event": "switch", "from": old.mode, "to": self.mode, "what": sw.what,
+                  "formats": self.plan.formats()}
+        self.history = [*old.history, *(old.planner.history if old.planner is not None else []), record]
+        self.switches = [s for s in old.switches if s.step > sw.step]
+        log.warning("precision.schedule: after step %d, %s -> %s (%s):\n%s", sw.step, old.mode, self.mode, sw.what,
+                    self.plan.table())
         if self._on_plan is not None:
             self._on_plan()
         # the row is logged at the first step in the new precision (its "step"); the switch came after `after_step`
