@@ -395,7 +395,7 @@ class Precision:
             self.scaler = _after_switch({**old.scaler.stats(), "skipped": old.scaler.skipped})
         self.plan_changed = dict(old.plan_changed)
         record = {"step": sw.step, "event": "switch", "from": old.mode, "to": self.mode, "what": sw.what,
-                  "formats": self.plan.formats()}
+                  "before": old.plan.formats(), "formats": self.plan.formats()}
         self.history = [*old.history, *(old.planner.history if old.planner is not None else []), record]
         self.switches = [s for s in old.switches if s.step > sw.step]
         log.warning("precision.schedule: after step %d, %s -> %s (%s):\n%s", sw.step, old.mode, self.mode, sw.what,
@@ -404,7 +404,7 @@ class Precision:
             self._on_plan()
         # the row is logged at the first step in the new precision (its "step"); the switch came after `after_step`
         self._switched = {"event": "precision_switch", "after_step": sw.step,
-                          **{k: v for k, v in record.items() if k not in ("event", "step")}}
+                          **{k: v for k, v in record.items() if k not in ("event", "step", "before")}}
         return self._switched
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

@@ -198,7 +198,7 @@ class Planner:
         self.chosen, self.streak = dict(chosen), {}
         self.why = why
         self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
-        self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors,
+        self.history.append({"step": step, "event": "plan", "probe": self.base, "formats": dict(chosen), "errors": errors,
                              **({"times": times} if times else {})})
         policy.apply_formats(model, self.formats, self.why)
         measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
