@@ -114,3 +114,19 @@ def test_a_layers_entry_moves_one_layer_and_keeps_the_preset(tmp_path):
     assert summary["precision_switches"] == [{"step": 2, "from": "bf16", "to": "bf16",
                                               "what": "layers={'head': 'fp32'}"}]
 
+
+
+def test_on_min_bf16_is_recorded_as_a_switch(tmp_path):
+    """The scaler's switch to bf16 (loss scale at its minimum, step 1) is a switch of the schedule's kind: in
+    precision_plan.json's history, whose plan says bf16 from then on, and in the summary."""
+    summary, run = train(tmp_path, [
+        "model=mlp", "model.width=16", "model.depth=2", "precision=dynamic", "precision.loss_scale.init=1",
+        "precision.loss_scale.min=1", "precision.loss_scale.on_min=bf16", "trainer.loss_weight=1e6",
+        "trainer.clip_grad_norm=1.0", "trainer.max_steps=3", "trainer.batch_size=32", "diagnostics=off",
+        "checkpoint.enabled=false"])
+    assert summary["precision_switches"] == [{"step": 1, "from": "fp16", "to": "bf16",
+                                              "what": "loss_scale.on_min=bf16"}]
+    plan = json.loads((run / "precision_plan.json").read_text())
+    (switch,) = plan["history"]
+    assert set(switch["before"].values()) == {"fp16"} and set(switch["formats"].values()) == {"bf16"}
+    assert {e["format"] for n, e in plan.items() if n != "history"} == {"bf16"}

@@ -493,8 +493,17 @@ class Precision:
         LossScalingError, or switch to bf16), then let precision=auto plan or re-check (a new plan takes effect
         from the next step). Returns the event row of what changed the run's course, or None."""
         event, self._switched = self._switched, None
+        before = self.plan  # replaced, not changed, by a switch
         if self.update_scale(overflow):
             event = _join({"event": "switch_to_bf16", **self.bf16_switch}, event)
+            # recorded as a switch of the schedule's (precision_plan.json's history, the summary, the timeline),
+            # made by the scaler: the step's overflow at the minimum scale was skipped, bf16 from the next step
+            self.history.append({"step": step, "event": "switch", "from": self.bf16_switch["from_dtype"],
+                                 "to": short(self.compute_dtype), "what": "loss_scale.on_min=bf16",
+                                 "before": before.formats() if before is not None else {},
+                                 "formats": self.plan.formats() if self.plan is not None else {}})
+            if self._on_plan is not None:
+                self._on_plan()
         if self.planner is not None:
             planned = self.planner.end_step(step, model, self)
             if planned is not None:
@@ -590,6 +599,12 @@ class Precision:
         self.compute_dtype, self.dtype_reason = BF16.torch_dtype, "switched from float16 by loss_scale.on_min=bf16"
         self.use_autocast = True
         self.scaler = _after_switch(record)
+        if self.plan is not None and getattr(self, "_model", None) is not None:  # the plan says what now runs
+            before, random, recipes = self.plan, self.applier.random, self.applier.recipes
+            self.applier = Applier(self.registry, self.device, self.autocast_format, self.fp8_emulated)
+            self.applier.random, self.applier.recipes = random, recipes  # a rule's own autocast follows the new one
+            self.plan = self.resolve_plan(self._model)
+            self.applier.replan(self._model, before, self.plan)
 
     @property
     def skipped_steps(self) -> int:
