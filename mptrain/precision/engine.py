@@ -341,7 +341,8 @@ class Precision:
                         len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()))
 
     def plan_record(self) -> dict:
-        """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
+        """precision_plan.json: module -> entry, and "history": precision=auto's plan, demotions and promotions, and
+        the switches (precision.schedule, on_min=bf16), in step order."""
         out: dict = self.plan.records()
         history = [*self.history, *(self.planner.history if self.planner is not None else [])]
         if history or self.planner is not None:
