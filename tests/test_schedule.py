@@ -130,3 +130,16 @@ def test_on_min_bf16_is_recorded_as_a_switch(tmp_path):
     (switch,) = plan["history"]
     assert set(switch["before"].values()) == {"fp16"} and set(switch["formats"].values()) == {"bf16"}
     assert {e["format"] for n, e in plan.items() if n != "history"} == {"bf16"}
+
+
+def test_eval_of_a_switched_run_computes_in_the_precision_it_ended_in(tmp_path):
+    """mptrain-eval rebuilds the run's model in its first preset, then makes the switches made by the checkpoint's
+    step (as a resume does): bf16 -> fp32 after step 3, so the final checkpoint evaluates in fp32, as the run's own
+    last validation did."""
+    from mptrain.tools.eval import evaluate
+
+    from .test_use import trained_run
+
+    run, summary = trained_run(tmp_path, BASE + ["precision=bf16", schedule(3, "fp32")])
+    record, _ = evaluate(run, "last")
+    assert record["compute_dtype"] == "fp32" and record["val/loss"] == summary["val/loss"]

@@ -362,11 +362,12 @@ class Precision:
             mode = new.mode
         self.switches = list(switches)
 
-    def catch_up(self, step: int, model: nn.Module) -> None:
-        """A resume from step `step`: make the switches the run made before it (each after a step < `step`), so that
-        the checkpoint's precision state loads into the precision it was saved from."""
+    def catch_up(self, step: int, model: nn.Module | None = None) -> None:
+        """A resume from step `step` (or a tool reading its checkpoint): make the switches the run made before it
+        (each after a step < `step`) on the prepared `model`, so that the checkpoint's precision state loads into
+        the precision it was saved from."""
         while self.switches and self.switches[0].step < step:
-            self.switch(self.switches[0], model)
+            self.switch(self.switches[0], model if model is not None else self._model)
         self._switched = None
 
     def switch(self, sw: Switch, model: nn.Module) -> dict:
