@@ -116,6 +116,7 @@ def test_a_layers_entry_moves_one_layer_and_keeps_the_preset(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_on_min_bf16_is_recorded_as_a_switch(tmp_path):
     """The scaler's switch to bf16 (loss scale at its minimum, step 1) is a switch of the schedule's kind: in
     precision_plan.json's history, whose plan says bf16 from then on, and in the summary."""
@@ -132,6 +133,7 @@ def test_on_min_bf16_is_recorded_as_a_switch(tmp_path):
     assert {e["format"] for n, e in plan.items() if n != "history"} == {"bf16"}
 
 
+@pytest.mark.slow
 def test_eval_of_a_switched_run_computes_in_the_precision_it_ended_in(tmp_path):
     """mptrain-eval rebuilds the run's model in its first preset, then makes the switches made by the checkpoint's
     step (as a resume does): bf16 -> fp32 after step 3, so the final checkpoint evaluates in fp32, as the run's own

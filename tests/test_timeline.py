@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mptrain.tools.report import make_report
 from mptrain.tools.timeline import formats_over_steps
 
@@ -26,6 +28,7 @@ def test_segments_follow_the_history():
     }
 
 
+@pytest.mark.slow
 def test_report_draws_the_timeline_of_a_switched_run_without_diagnostics(tmp_path):
     _, run = train_switched(tmp_path)
     (path,) = make_report(run)
