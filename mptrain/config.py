@@ -11,6 +11,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -105,6 +106,8 @@ class AutoConfig:
     tolerance: float = 0.1  # largest relative error of a layer's output and of its output gradient (advisor's)
     formats: list[str] | None = None  # candidates; null: those with a real kernel on the device (CPU: bf16)
     recheck_every: int = 50  # re-measure every N steps after the plan (0: never)
+    # a demoted layer moves back one format after this many consecutive re-checks within tolerance in it (0: never)
+    promote_after: int = 3
     # what "cheapest" means: time (each layer's forward+backward timed on the device in each format, on the first
     # probe step: the fastest that holds wins) | bits (the fewest bits per value that hold: format studies)
     objective: str = "time"
@@ -122,6 +125,39 @@ class AutoConfig:
         _check(self.recheck_every >= 0, f"{p}.recheck_every", self.recheck_every, "must be >= 0 (0: never)")
         _check(self.target is None or self.objective == "time", f"{p}.target", self.target,
                "models time: leave precision.auto.objective=time (the default) or drop the target")
+        _check(self.promote_after >= 0, f"{p}.promote_after", self.promote_after, "must be >= 0 (0: never)")
+
+
+SCHEDULE_EXAMPLE = "e.g. 'precision.schedule=[{at: 0.8, preset: bf16}]'"
+
+
+def check_schedule(schedule: Any) -> None:
+    """precision.schedule's shape: a list of {at, preset and/or layers}; `at` a step (int >= 1) or a fraction of
+    the run (a float in (0, 1))."""
+    key = "precision.schedule"
+    _check(schedule is None or isinstance(schedule, list), key, schedule, f"must be a list, {SCHEDULE_EXAMPLE}")
+    for i, entry in enumerate(schedule or []):
+        where = f"{key}[{i}]"
+        _check(isinstance(entry, dict) and "at" in entry and set(entry) <= {"at", "preset", "layers"}
+               and ("preset" in entry or "layers" in entry), where, entry,
+               f"must be {{at: STEP | FRACTION, preset: NAME}} and/or layers: {{glob: format}}, {SCHEDULE_EXAMPLE}")
+        at = entry["at"]
+        _check(not isinstance(at, bool) and ((isinstance(at, int) and at >= 1) or (isinstance(at, float) and 0 < at < 1)),
+               f"{where}.at", at, "must be a step (an integer >= 1) or a fraction of the run (a float in (0, 1))")
+        preset = entry.get("preset")
+        _check(preset is None or PRECISION_ALIASES.get(preset, preset) in PRECISION_MODES, f"{where}.preset", preset,
+               f"choose one of {', '.join(PRECISION_MODES)}")
+        _check(entry.get("layers") is None or isinstance(entry["layers"], dict), f"{where}.layers", entry.get("layers"),
+               "must be a mapping {module glob: format}")
+
+
+def config_dir() -> str:
+    """conf/ inside the installed package (wheel), else the repository's top-level conf/ (source tree)."""
+    here = Path(__file__).resolve().parent  # the mptrain package
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"mptrain's conf/ was not found next to {here}; reinstall mptrain")
 
 
 @dataclass
@@ -151,6 +187,10 @@ class PrecisionConfig:
     # so that a command-line mapping replaces it (a typed dict refuses new keys under Hydra's struct mode)
     layers: Any = None
     alias: str | None = None  # the familiar name the preset was chosen by (precision=16-mixed), PRECISION_ALIASES
+    # switches in the running process (docs/precision.md "Schedules"): a list of {at: STEP | FRACTION of the run,
+    # preset: NAME} and/or {at: ..., layers: {glob: format}}; each equals a stop at that step and a resume into
+    # it; typed Any (null) for the same reason as `layers`
+    schedule: Any = None
 
     def __post_init__(self) -> None:
         _check(self.mode in PRECISION_MODES, "precision.mode", self.mode, f"choose one of {', '.join(PRECISION_MODES)}")
@@ -161,6 +201,7 @@ class PrecisionConfig:
         _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
         _check(self.layers is None or isinstance(self.layers, dict), "precision.layers", self.layers,
                "must be a mapping {module glob: format}, e.g. 'precision.layers={head: bf16}'")
+        check_schedule(self.schedule)
         rounds = PRESET_FAMILIES[self.mode] == "pure_bf16"  # the one family that rounds updates to bf16
         _check(self.update == "nearest" or rounds, "precision.update", self.update,
                f"applies only to precision=bf16_pure (precision={self.mode} does not round updates to bf16)")

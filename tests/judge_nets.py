@@ -40,19 +40,30 @@ class TinyUnits(nn.Module):
 
 class MassiveChannel(nn.Module):
     """Appends one channel of constant `value` to its input (from step `after` of training on: a channel that
-    appears as training goes on). The step count is a buffer, so it is checkpointed."""
+    appears as training goes on; until step `until`, when given: a transient). The step count is a buffer, so it
+    is checkpointed."""
 
-    def __init__(self, value: float, after: int = 0):
+    def __init__(self, value: float, after: int = 0, until: int | None = None):
         super().__init__()
-        self.value, self.after = value, after
+        self.value, self.after, self.until = value, after, until
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
-        on = float(self.value) if int(self.calls) > self.after else 0.0
+        calls = int(self.calls)
+        on = float(self.value) if calls > self.after and (self.until is None or calls <= self.until) else 0.0
         # made in float32 and cast: in an fp16 model the channel becomes inf, as an overflowing activation does
         return torch.cat([x, torch.full_like(x[:, :1], on, dtype=torch.float32).to(x.dtype)], dim=1)
+
+
+def read_massive(layer: nn.Linear, massive: float) -> None:
+    """`layer` reads its last input, the massive channel, through a fixed weight of 1/massive: a bias of 1."""
+    with torch.no_grad():
+        layer.weight[:, -1] = 1.0 / massive
+    mask = torch.ones_like(layer.weight)
+    mask[:, -1] = 0.0
+    layer.weight.register_hook(lambda g: g * mask.to(g.dtype))  # the outlier's weight stays fixed
 
 
 class Outlier(nn.Module):
@@ -73,11 +84,7 @@ class Outlier(nn.Module):
         self.mid2 = nn.Linear(width, width)
         self.act2 = nn.Tanh()
         self.head = nn.Linear(width, num_classes)
-        with torch.no_grad():
-            self.mid1.weight[:, -1] = 1.0 / massive
-        mask = torch.ones_like(self.mid1.weight)
-        mask[:, -1] = 0.0
-        self.mid1.weight.register_hook(lambda g: g * mask.to(g.dtype))  # the outlier's weight stays fixed
+        read_massive(self.mid1, massive)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act0(self.inp(self.flat(x)))
@@ -118,3 +125,25 @@ class LayerScaled(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inp(self.flat(x)))
         return self.head(h + self.gamma * self.mlp(h))
+
+
+class Transient(nn.Module):
+    """A tanh MLP whose `fc2` reads a 1e8 channel through a fixed weight of 1e-8 (Outlier's construction) only
+    during training steps `after`+1 .. `until`: a transient outlier (a warm-up spike), gone afterwards."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, width: int = 32,
+                 massive: float = 1e8, after: int = 0, until: int | None = None, **_):
+        super().__init__()
+        n = in_channels * image_size * image_size
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(n, width)
+        self.act1 = nn.Tanh()
+        self.massive = MassiveChannel(massive, after, until)
+        self.fc2 = nn.Linear(width + 1, width)
+        self.act2 = nn.Tanh()
+        self.head = nn.Linear(width, num_classes)
+        read_massive(self.fc2, massive)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.fc1(self.flat(x)))
+        return self.head(self.act2(self.fc2(self.massive(h))))

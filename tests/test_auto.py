@@ -31,6 +31,20 @@ def events(run, name):
     return [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == name]
 
 
+def cut_and_resumed(tmp_path, monkeypatch, overrides: list[str], at: int) -> tuple:
+    """The uninterrupted run's directory, and (summary, directory) of the same run stopped at step `at` (as by
+    SIGTERM) and resumed."""
+    from mptrain.checkpoint.signals import Interrupted
+
+    _, ref = train(tmp_path / "ref", overrides)
+    stop_at(monkeypatch, at)
+    with pytest.raises(Interrupted) as stopped:
+        train(tmp_path / "cut", overrides)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    return ref, train(tmp_path / "cut", [*overrides, "resume=auto"])
+
+
 def test_auto_keeps_the_outlier_layer_out_of_fp8(tmp_path):
     """(a) mid1 reads the 1e8 channel: per-tensor e4m3 flushes its other 32 inputs, error ~1; mid2 sees tanh
     outputs and takes fp8. The plan is applied (mid2 becomes a Float8Linear), logged, written and summarised."""
@@ -96,16 +110,7 @@ def test_auto_demotes_a_layer_when_the_channel_appears(tmp_path):
 def test_auto_resume_across_a_demotion_is_bitwise(tmp_path, monkeypatch):
     """(c) Stopped at step 7 (after the demotion at 6), resumed to 10: weights, optimizer, precision state and
     metrics rows equal the uninterrupted run's."""
-    from mptrain.checkpoint.signals import Interrupted
-
-    overrides = AUTO + ["+model.after=5", "trainer.max_steps=10"]
-    _, ref = train(tmp_path / "ref", overrides)
-    stop_at(monkeypatch, 7)
-    with pytest.raises(Interrupted) as stopped:
-        train(tmp_path / "cut", overrides)
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
-    monkeypatch.undo()
-    summary, cut = train(tmp_path / "cut", [*overrides, "resume=auto"])
+    ref, (summary, cut) = cut_and_resumed(tmp_path, monkeypatch, AUTO + ["+model.after=5", "trainer.max_steps=10"], 7)
     assert summary["status"] == "completed" and summary["auto_plan"]["mid1"] == "bf16"
     assert events(ref, "precision_demote")[0]["step"] <= 7  # the cut is after the demotion
     assert_same_tensors(final_state(ref), final_state(cut))

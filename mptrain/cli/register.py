@@ -16,18 +16,10 @@ from omegaconf import OmegaConf
 
 from mptrain import config as schema
 from mptrain.cli.help import config_groups
+from mptrain.config import config_dir
 from mptrain.parallel.launch import env_info
 
 CONFIG_NAME = "config"  # conf/config.yaml, the primary config
-
-
-def config_dir() -> str:
-    """conf/ inside the installed package (wheel), else the repository's top-level conf/ (source tree)."""
-    here = Path(__file__).resolve().parent.parent  # the mptrain package
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"mptrain's conf/ was not found next to {here}; reinstall mptrain")
 
 
 def run_name() -> str:

@@ -157,17 +157,19 @@ class Applier:
         changed = [n for n, e in new.items() if key(old.get(n)) != key(e)]
         float8 = []
         for name in changed:
-            module = model.get_submodule(name)
-            module.__dict__.pop("forward", None)  # an own-autocast wrapper
-            base = torch_base(module)
-            if type(module) is not base:
-                plain = base.__new__(base)
-                plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt", "random")})
-                _replace(model, name, plain)
+            _plain(model, name)
             if self._apply_entry(model, name, new[name]):
                 float8.append(name)
         self._float8(model, float8, new)
         return changed
+
+    @staticmethod
+    def revert(model: nn.Module, plan: Plan) -> None:
+        """Every module of `plan` back to its plain torch.nn class, as a freshly built model holds it (the same
+        parameter objects): what a switch of preset starts from, so that it converts as a resume would."""
+        for name in plan:
+            _plain(model, name)
+        model.__dict__.pop("_mptrain_planned", None)
 
     def _apply_entry(self, model: nn.Module, name: str, e) -> bool:
         """Convert one module as its entry says; True where it is to become a Float8Linear (done in one pass)."""
@@ -210,6 +212,17 @@ def _keep_hooks(old: nn.Module, new: nn.Module) -> None:
     for key, value in vars(old).items():
         if key == "_parameters" or key.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")):
             new.__dict__[key] = value
+
+
+def _plain(model: nn.Module, name: str) -> None:
+    """Module `name` back to its plain torch.nn class, the same parameter objects, no own-autocast wrapper."""
+    module = model.get_submodule(name)
+    module.__dict__.pop("forward", None)  # an own-autocast wrapper
+    base = torch_base(module)
+    if type(module) is not base:
+        plain = base.__new__(base)
+        plain.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("fmt", "grad_fmt", "random")})
+        _replace(model, name, plain)
 
 
 def torch_base(module: nn.Module) -> type:

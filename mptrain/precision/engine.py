@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,12 +24,19 @@ from mptrain.config import Fp8Config
 from mptrain.errors import ConfigError, HardwareError
 from mptrain.precision import fp8, timing
 from mptrain.precision.convert import Applier
-from mptrain.precision.families import PRESETS, family_for, request_update_stats, update_stats
+from mptrain.precision.families import (
+    PRESETS,
+    family_for,
+    optimizer_state_kind,
+    request_update_stats,
+    update_stats,
+)
 from mptrain.precision.formats import BF16, FP8, FP8_RECIPES, Registry
 from mptrain.precision.master import CASTING, MasterWeights
 from mptrain.precision.plan import Plan, Rule, resolve, user_rules
 from mptrain.precision.planner import Planner
 from mptrain.precision.scaler import LossScaler, NoScaler, SwitchToBF16
+from mptrain.precision.schedule import Switch
 
 FP16_MAX = 65504.0  # the largest finite float16
 
@@ -96,6 +104,31 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{key} needs bfloat16, which {torch.cuda.get_device_name(device)} lacks (pre-Ampere): "
                           "use on_min=raise or on_min=clamp")
+
+
+def _refused(mode: str, new: Precision, strategy: str, parts: int) -> str | None:
+    """Why a switch from precision=`mode` to `new` cannot be made in the running process (None: it can)."""
+    if optimizer_state_kind(mode) != optimizer_state_kind(new.mode):  # the resume's rule (check_precision_change)
+        return (f"the optimizer state of precision={mode} ({optimizer_state_kind(mode)}) does not map onto "
+                f"precision={new.mode}'s ({optimizer_state_kind(new.mode)}), as a resume into it would refuse")
+    if new.measured_plan:
+        return "precision=auto probes from the run's first step; start the run in auto and switch out of it"
+    if PRESETS[mode].family != "autocast" or not (new.preset.family == "autocast" or new.preset.master):
+        return (f"an in-process switch goes from an autocast preset (fp32, amp, bf16, dynamic, static, noscale, fp8, "
+                f"auto) to another or to master; precision={mode} -> {new.mode} needs a stop and a resume "
+                f"(resume=auto precision={new.mode})")
+    if strategy == "fsdp":
+        return "trainer.strategy=fsdp: the sharded model is converted once; stop and resume into the new precision"
+    if new.preset.master and parts > 1:
+        return "master weights for a task with several optimizers (a GAN): stop and resume into precision=master"
+    return None
+
+
+def _join(event: dict | None, other: dict | None) -> dict | None:
+    """One event row for a step: `event`, with `other` (made at the same step) under "also"."""
+    if event is None or other is None:
+        return event or other
+    return {**event, "also": other}
 
 
 def _after_switch(record: dict) -> NoScaler:
@@ -169,6 +202,13 @@ class Precision:
                                bool(self.fp8_cfg is not None and self.fp8_cfg.get("fsdp_all_gather")))
         self.plan: Plan | None = None
         self.plan_changed: dict[str, str] = {}  # module -> "old -> new" when resumed from another plan
+        # precision.schedule: the switches still to come (set_schedule), the one made at this step's start (its
+        # event row), and the record of those made (precision_plan.json's history, the checkpoint)
+        self.switches: list[Switch] = []
+        self._switched: dict | None = None
+        self.history: list[dict] = []
+        self._seeded: tuple[int, int] | None = None
+        self.params_changed = False  # the last switch gave the optimizer other tensors (master weights): rebuild it
 
     def _build_scaler(self, ls) -> LossScaler | NoScaler:
         kind = ls.kind
@@ -192,6 +232,7 @@ class Precision:
     def seed(self, seed: int, rank: int) -> None:
         """The training recipes' random streams (stochastic rounding, Hadamard signs): the run's seed and this
         process's rank; they never draw from the global generators (dropout, data order)."""
+        self._seeded = (seed, rank)
         self.applier.random.configure(seed, rank)
 
     def agree_on_overflow(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -311,11 +352,73 @@ class Precision:
                         len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()))
 
     def plan_record(self) -> dict:
-        """precision_plan.json: module -> entry; precision=auto adds "history" (the plan and each demotion)."""
+        """precision_plan.json: module -> entry, and "history": precision=auto's plan, demotions and promotions, and
+        the switches (precision.schedule, on_min=bf16), in step order."""
         out: dict = self.plan.records()
-        if self.planner is not None:
-            out["history"] = list(self.planner.history)
+        history = [*self.history, *(self.planner.history if self.planner is not None else [])]
+        if history or self.planner is not None:
+            out["history"] = sorted(history, key=lambda h: h["step"])
         return out
+
+    # ---- precision.schedule -------------------------------------------------------------------
+    def set_schedule(self, switches: list[Switch], strategy: str, parts: int) -> None:
+        """Check every switch as a resume into its precision would be checked, before the run directory changes
+        (each target is built: a format or a dependency it lacks fails here), and keep them."""
+        mode = self.mode
+        for sw in switches:
+            new = Precision(sw.cfg, self.device)  # its own checks (torchao for fp8, bf16 on this GPU, ...)
+            why = _refused(mode, new, strategy, parts)
+            if why is not None:
+                raise ConfigError(f"precision.schedule: the switch after step {sw.step} ({sw.what}) is refused: {why}")
+            mode = new.mode
+        self.switches = list(switches)
+
+    def catch_up(self, step: int, model: nn.Module | None = None) -> None:
+        """A resume from step `step` (or a tool reading its checkpoint): make the switches the run made before it
+        (each after a step < `step`) on the prepared `model`, so that the checkpoint's precision state loads into
+        the precision it was saved from."""
+        while self.switches and self.switches[0].step < step:
+            self.switch(self.switches[0], model if model is not None else self._model)
+        self._switched = None
+
+    def switch(self, sw: Switch, model: nn.Module) -> dict:
+        """Switch to `sw`'s precision between two steps, in place, exactly as a stop after step `sw.step` and a
+        resume into it: the model goes back to its plain modules and converts as the new plan says (the same
+        parameter objects, so an optimizer over them carries on); into master weights, the model is cast to fp16
+        and the masters are the fp32 weights of now (the resume's full-precision weights), and `params_changed`
+        tells the run to rebuild its optimizer over them; the precision state loads by the resume's rules
+        (checkpoint/resume.py: no masters, on_min=bf16's switch only within its own preset). This object becomes
+        the new precision: the step, the diagnostics and the callbacks hold it. Returns the event row."""
+        old = copy.copy(self)  # the precision until now: its attribute values
+        self.__init__(sw.cfg, old.device)
+        self.applier.random = old.applier.random  # the recipes' streams: one per (seed, rank, step), carried
+        self._seeded, self._agree, self._on_plan = old._seeded, old._agree, old._on_plan
+        Applier.revert(model, old.plan)
+        fp32 = {id(p): p.detach().clone() for p in model.parameters()} if self.preset.master else {}
+        self.prepare_model(model)
+        if self.master is not None:
+            with torch.no_grad():
+                for p, m in zip(self.master.model_params, self.master.masters):
+                    m.copy_(fp32[id(p)])
+        self.params_changed = [id(p) for p in self._params] != [id(p) for p in old._params]
+        state = old.state_dict()
+        self.load_state_dict({k: v for k, v in state.items()  # the old plan is this switch's record, not a change
+                              if k not in ("master", "plan") and not (k == "bf16_switch" and old.mode != self.mode)})
+        if old.scaler.enabled and not self.scaler.enabled:  # the skips so far stay counted (as on_min=bf16)
+            self.scaler = _after_switch({**old.scaler.stats(), "skipped": old.scaler.skipped})
+        self.plan_changed = dict(old.plan_changed)
+        record = {"step": sw.step, "event": "switch", "from": old.mode, "to": self.mode, "what": sw.what,
+                  "before": old.plan.formats(), "formats": self.plan.formats()}
+        self.history = [*old.history, *(old.planner.history if old.planner is not None else []), record]
+        self.switches = [s for s in old.switches if s.step > sw.step]
+        log.warning("precision.schedule: after step %d, %s -> %s (%s):\n%s", sw.step, old.mode, self.mode, sw.what,
+                    self.plan.table())
+        if self._on_plan is not None:
+            self._on_plan()
+        # the row is logged at the first step in the new precision (its "step"); the switch came after `after_step`
+        self._switched = {"event": "precision_switch", "after_step": sw.step,
+                          **{k: v for k, v in record.items() if k not in ("event", "step", "before")}}
+        return self._switched
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Resolve the plan and convert the model to it: float8 / emulated / per-layer autocast modules, fp16 or bf16
@@ -392,6 +495,8 @@ class Precision:
     # ---- the step -----------------------------------------------------------------------------
     def begin_step(self, step: int, model: nn.Module) -> None:
         """Before the step's first forward: precision=auto's shadow measurement on its probe and re-check steps."""
+        if self.switches and self.switches[0].step == step - 1:  # precision.schedule: between the two steps
+            self.switch(self.switches[0], model)
         self.applier.random.begin_step(step)  # stochastic rounding: a stream of its own per (seed, rank, step)
         if self.planner is not None:
             self.planner.begin_step(step, model)
@@ -400,9 +505,18 @@ class Precision:
         """After the step's optimizer updates: advance the loss scale once for the iteration (may raise
         LossScalingError, or switch to bf16), then let precision=auto plan or re-check (a new plan takes effect
         from the next step). Returns the event row of what changed the run's course, or None."""
-        event = None
+        event, self._switched = self._switched, None
+        before = self.plan  # replaced, not changed, by a switch
         if self.update_scale(overflow):
-            event = {"event": "switch_to_bf16", **self.bf16_switch}
+            event = _join({"event": "switch_to_bf16", **self.bf16_switch}, event)
+            # recorded as a switch of the schedule's (precision_plan.json's history, the summary, the timeline),
+            # made by the scaler: the step's overflow at the minimum scale was skipped, bf16 from the next step
+            self.history.append({"step": step, "event": "switch", "from": self.bf16_switch["from_dtype"],
+                                 "to": short(self.compute_dtype), "what": "loss_scale.on_min=bf16",
+                                 "before": before.formats() if before is not None else {},
+                                 "formats": self.plan.formats() if self.plan is not None else {}})
+            if self._on_plan is not None:
+                self._on_plan()
         if self.planner is not None:
             planned = self.planner.end_step(step, model, self)
             if planned is not None:
@@ -498,6 +612,12 @@ class Precision:
         self.compute_dtype, self.dtype_reason = BF16.torch_dtype, "switched from float16 by loss_scale.on_min=bf16"
         self.use_autocast = True
         self.scaler = _after_switch(record)
+        if self.plan is not None and getattr(self, "_model", None) is not None:  # the plan says what now runs
+            before, random, recipes = self.plan, self.applier.random, self.applier.recipes
+            self.applier = Applier(self.registry, self.device, self.autocast_format, self.fp8_emulated)
+            self.applier.random, self.applier.recipes = random, recipes  # a rule's own autocast follows the new one
+            self.plan = self.resolve_plan(self._model)
+            self.applier.replan(self._model, before, self.plan)
 
     @property
     def skipped_steps(self) -> int:
@@ -520,6 +640,9 @@ class Precision:
             out.update(self.planner.summary())
         if self.plan_changed:
             out["plan_changed_on_resume"] = dict(self.plan_changed)
+        switches = [h for h in self.history if h["event"] == "switch"]
+        if switches:
+            out["precision_switches"] = [{k: h[k] for k in ("step", "from", "to", "what")} for h in switches]
         if self.fp8_cfg is not None:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
@@ -542,10 +665,13 @@ class Precision:
             state["formats"] = dict(self.registry.user)  # a resume checks they are defined the same way
         if self.applier.recipes:
             state["recipe_random"] = self.applier.random.state_dict()
+        if self.history:
+            state["history"] = [dict(h) for h in self.history]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.registry.check_same(state.get("formats") or {})
+        self.history = [dict(h) for h in state.get("history") or []]
         if "recipe_random" in state:
             self.applier.random.load_state_dict(state["recipe_random"])
         auto = state.get("auto")

@@ -14,6 +14,10 @@
               same parameter objects, so the optimizer state carries on)
     recheck   every `recheck_every` steps the formats in use are measured again; a layer over tolerance moves up
               its ladder to the next format it fits (e.g. fp8_e4m3 -> bf16 -> fp32) and the change is an event row
+    promote   a demoted layer is also measured, at each re-check, in the rungs between its planned format and its
+              current one; after `promote_after` consecutive re-checks within tolerance in the next cheaper rung
+              it fits, it moves back down one rung (never below the plan's choice), an event row too. The count
+              restarts on any miss and on every move: the hysteresis that keeps a layer from flapping
 
 Across ranks (DDP, FSDP2) every rank measures its own shard of the batch; before a decision (what to measure
 after timing, the plan, a recheck) the figures are reduced over the ranks — the worst error, the slowest rank's
@@ -70,6 +74,7 @@ class Planner:
                                         and registry.cost(f) <= registry.cost(base))
         self.ladder = [*cheap, *([base] if base in formats and base != self.fp32 else []), self.fp32]
         self.probe_steps, self.tolerance, self.recheck_every = cfg.probe_steps, cfg.tolerance, cfg.recheck_every
+        self.promote_after = cfg.promote_after
         self.objective, self.repeats = cfg.get("objective", "time"), cfg.get("timing_repeats", 3)
         self.target = cfg.get("target")
         if self.target is not None:
@@ -83,6 +88,8 @@ class Planner:
         self.figures: dict[str, dict[str, Figures]] = {}  # the probe's worst figures so far
         self.formats: dict[str, str] = {}  # the plan: module -> format (the modules auto plans)
         self.why: dict[str, str] = {}  # module -> why it has its format (the step that chose it)
+        self.chosen: dict[str, str] = {}  # module -> the plan's format: the floor a promotion returns to
+        self.streak: dict[str, int] = {}  # demoted module -> consecutive re-checks within tolerance one rung down
         self.times: dict[str, float] = {}  # module -> its measured forward+backward seconds in its format
         self.history: list[dict] = []
         self._ranges: ModuleRanges | None = None
@@ -133,8 +140,10 @@ class Planner:
         if not self.measured(step):
             return
         only = None
-        if self.planned:  # a recheck: each module in its own format (fp32 has nothing to lose)
-            only = {n: [f] for n, f in self.formats.items() if f != self.fp32}
+        if self.planned:  # a recheck: each module in its own format (fp32 has nothing to lose) and, demoted, in
+            # the rungs of its way back (promotion)
+            only = {n: [x for x in [f, *self._way_back(n, f)] if x != self.fp32] for n, f in self.formats.items()}
+            only = {n: fs for n, fs in only.items() if fs}
             names = self.registry.cheapest_first({f for fs in only.values() for f in fs})
         elif self.objective == "time" and not self.timed:
             # time first: this step's inputs time every format on each module; errors are measured next, and
@@ -227,6 +236,20 @@ class Planner:
         err = figures.get(module, {}).get(fmt, Figures()).error
         return err is not None and err <= self.tolerance
 
+    def _way_back(self, name: str, fmt: str) -> list[str]:
+        """The rungs between a demoted layer's planned format and its current one `fmt` (the candidates to promote
+        it to); none for a layer at its plan."""
+        floor = self.chosen.get(name, fmt)
+        if not self.promote_after or fmt == floor:
+            return []
+        return self.ladder[self.ladder.index(floor):self.ladder.index(fmt)]
+
+    def _below(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> str | None:
+        """The next cheaper rung `name` fits, no cheaper than its planned format (None: it is at its plan)."""
+        floor = self.chosen.get(name, fmt)
+        lower = self.ladder[self.ladder.index(floor):self.ladder.index(fmt)]
+        return next((f for f in reversed(lower) if self._fits(model, name, f, dim_multiple)), None)
+
     def _fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
         return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
 
@@ -262,10 +285,11 @@ class Planner:
         self.figures = {}
         self.probe_times, self.timed = {}, False
         self.formats = chosen
+        self.chosen, self.streak = dict(chosen), {}
         self.why = why
         self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
-        self.history.append({"step": step, "event": "plan", "formats": dict(chosen), "errors": errors,
-                             **({"times": times} if times else {}), "ranks": ranks})
+        self.history.append({"step": step, "event": "plan", "probe": self.base, "formats": dict(chosen),
+                             "errors": errors, **({"times": times} if times else {}), "ranks": ranks})
         policy.apply_formats(model, self.formats, self.why)
         measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
                                                    for f, e in errs.items()) for n, errs in errors.items())
@@ -280,33 +304,56 @@ class Planner:
                 **({"times": times} if times else {}), "ranks": ranks}
 
     def _recheck(self, step: int, model: nn.Module, policy, figures: dict) -> dict | None:
-        figures, ranks = self._worst_over_ranks(figures)  # every rank demotes alike
-        changes = []
+        """Demote each layer over tolerance one rung up; promote each demoted layer whose next cheaper rung held
+        for `promote_after` re-checks in a row. Returns the event row (a demotion, with a promotion at the same
+        step under "also")."""
+        figures, ranks = self._worst_over_ranks(figures)  # every rank demotes and promotes alike
+        demoted, promoted = [], []
         for name, fmt in self.formats.items():
-            if self._holds(figures, name, fmt):
+            if not self._holds(figures, name, fmt):
+                # one format up the ladder: the next one the module can compute in (a constraint skips a rung)
+                higher = self.ladder[self.ladder.index(fmt) + 1:]
+                new = next(f for f in higher if self._fits(model, name, f, policy.dim_multiple))
+                demoted.append(self._change(figures, name, fmt, new, fmt))
                 continue
-            # one format up the ladder: the next one the module can compute in (a constraint skips a rung)
-            higher = self.ladder[self.ladder.index(fmt) + 1:]
-            new = next(f for f in higher if self._fits(model, name, f, policy.dim_multiple))
-            f = figures.get(name, {}).get(fmt, Figures())
-            changes.append({"layer": name, "old": fmt, "new": new, "err": f.err, "gerr": f.gerr, "flush": f.flush,
-                            "sat": f.sat})
-        if not changes:
+            below = self._below(model, name, fmt, policy.dim_multiple) if self.promote_after else None
+            if below is None:
+                continue
+            streak = self.streak.get(name, 0) + 1 if self._holds(figures, name, below) else 0
+            self.streak[name] = streak
+            if streak >= self.promote_after:
+                promoted.append(self._change(figures, name, fmt, below, below))
+        if not demoted and not promoted:
             return None
-        for c in changes:
-            self.formats[c["layer"]] = c["new"]
-            self.why[c["layer"]] = f"auto (demoted at step {step})"
-            log.warning("precision=auto: step %d: %s demoted %s -> %s (error %s over tolerance %g)", step,
-                        c["layer"], c["old"], c["new"], c["err"], self.tolerance)
-        self.history.append({"step": step, "event": "demote", "changes": changes, "ranks": ranks})
+        rows = []
+        for kind, changes in (("demote", demoted), ("promote", promoted)):
+            if not changes:
+                continue
+            for c in changes:
+                self.formats[c["layer"]] = c["new"]
+                self.streak.pop(c["layer"], None)  # every move restarts the count
+                self.why[c["layer"]] = f"auto ({kind}d at step {step})"
+                log.warning("precision=auto: step %d: %s %sd %s -> %s (error %s in %s, tolerance %g)", step,
+                            c["layer"], kind, c["old"], c["new"], c["err"], c["measured"], self.tolerance)
+            self.history.append({"step": step, "event": kind, "changes": changes, "ranks": ranks})
+            rows.append({"event": f"precision_{kind}", "changes": changes, "ranks": ranks})
         policy.apply_formats(model, self.formats, self.why)
-        return {"event": "precision_demote", "changes": changes, "ranks": ranks}
+        return {**rows[0], "also": rows[1]} if len(rows) == 2 else rows[0]
+
+    @staticmethod
+    def _change(figures: dict, name: str, old: str, new: str, measured: str) -> dict:
+        """One move's record: the layer, its formats, and the figures of the format that decided it."""
+        f = figures.get(name, {}).get(measured, Figures())
+        return {"layer": name, "old": old, "new": new, "measured": measured, "err": f.err, "gerr": f.gerr,
+                "flush": f.flush, "sat": f.sat}
 
     # ---- records -------------------------------------------------------------------------------
     def summary(self) -> dict:
         demotions = sum(len(h["changes"]) for h in self.history if h["event"] == "demote")
+        promotions = sum(len(h["changes"]) for h in self.history if h["event"] == "promote")
         tolerance = self.tolerance if math.isfinite(self.tolerance) else "inf"  # JSON has no inf (it read null)
         out = {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
+               "auto_promotions": promotions,
                "auto_tolerance": tolerance, "auto_objective": self.objective}
         plans = [h for h in self.history if h["event"] == "plan"]
         if plans:  # how many ranks measured the plan (older checkpoints did not say: one)
@@ -328,7 +375,8 @@ class Planner:
         figures = {m: {f: v.as_row() for f, v in per.items()} for m, per in self.figures.items()}
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
                 "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder),
-                "times": dict(self.times), "probe_times": dict(self.probe_times), "timed": self.timed}
+                "times": dict(self.times), "probe_times": dict(self.probe_times), "timed": self.timed,
+                "chosen": dict(self.chosen), "streak": dict(self.streak)}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("ladder")
@@ -345,3 +393,7 @@ class Planner:
         self.why = dict(state.get("why") or dict.fromkeys(self.formats, f"auto (step {last})"))
         self.times = dict(state.get("times") or {})
         self.probe_times, self.timed = dict(state.get("probe_times") or {}), bool(state.get("timed"))
+        # checkpoints from before promotion: the plan's own record holds the formats it chose
+        plans = [h["formats"] for h in self.history if h["event"] == "plan"]
+        self.chosen = dict(state.get("chosen") or (plans[-1] if plans else self.formats))
+        self.streak = dict(state.get("streak") or {})

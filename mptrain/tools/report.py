@@ -6,6 +6,8 @@
 (d) update_underflow.png      per-layer fraction of weight updates too small to change an FP16 weight
 (e) fp8.png                   precision=fp8: per converted layer, amax and the fractions fp8 flushes to zero
 (f) bf16_update.png           precision=bf16_pure: updates round-to-nearest would lose, what compensation carries
+(g) precision_timeline.png    each layer's format over the steps, switches and demotions/promotions marked, where
+                              the plan changed during the run (precision=auto, precision.schedule; tools/timeline.py)
 and a table of the layers at most risk (and, for fp8, of the converted layers).
 """
 
@@ -24,6 +26,7 @@ from mptrain.diagnostics.stats import EXPONENTS
 from mptrain.precision.formats import E4M3, E5M2, FP8
 from mptrain.run.layout import DIAGNOSTICS, METRICS, PRECISION_PLAN, REPORT, REPORT_ARTIFACTS, read_jsonl
 from mptrain.run.tracking import log_to_recorded_run
+from mptrain.tools.timeline import plot_timeline
 
 
 class NotARun(Exception):
@@ -307,7 +310,15 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
 
     matplotlib.use("Agg")
     console = console or Console()
-    metrics, diag = load_run(run_dir)
+    # each layer's format over the steps: from precision_plan.json alone, so a run without diagnostics has it too
+    timeline = plot_timeline(run_dir, run_dir / REPORT / "precision_timeline.png")
+    try:
+        metrics, diag = load_run(run_dir)
+    except NotARun as e:
+        if timeline is None or not (run_dir / METRICS).is_file():
+            raise
+        console.print(f"{e}: only the precision timeline, {timeline}")
+        return [timeline]
     meta = next((r for r in diag if r.get("event") == "meta"), {})
     samples = [r for r in diag if r.get("event") == "sample"]
     if not samples:
@@ -331,6 +342,8 @@ def make_report(run_dir: Path, console: Console | None = None) -> list[Path]:
     if any(s.get("bf16_update") for s in samples):
         paths.append(out / "bf16_update.png")
         plot_bf16_update(samples, paths[-1])
+    if timeline is not None:
+        paths.append(timeline)
     for trace in (r for r in diag if r.get("event") == "trace"):
         console.print(f"[bold red]overflow trace[/] at step {trace['step']} ({trace['reason']}): "
                       f"forward {trace['forward']}, backward {trace['backward']}")

@@ -233,11 +233,14 @@ def ema_weights(ckpt: dict, model: nn.Module, path: Path) -> dict[str, torch.Ten
 
 def restore_plan(precision, ckpt: dict, own: bool = True) -> None:
     """The run's precision as it stood when the checkpoint was saved, where the preset is the run's own:
-    precision=auto's measured plan (not the unmeasured start), a switch to bf16 (loss_scale.on_min=bf16), and
+    precision=auto's measured plan (not the unmeasured start), the switches of precision.schedule made by then, a
+    switch to bf16 (loss_scale.on_min=bf16), and
     (`own`: no precision override given now) the per-module plan it trained under, which a later resume with
     other precision.layers changed. Call after the model is built (the precision converts it) and before its
     weights are loaded."""
     state = ckpt.get("precision") or {}
+    if own and precision.switches:  # precision.schedule: the precision the run had switched to by that step
+        precision.catch_up(int((ckpt.get("train_state") or {}).get("step", 0)))
     if state.get("mode") != precision.mode:
         return  # another preset evaluates the weights as that preset computes
     kept = {k: state[k] for k in ("auto", "bf16_switch") if state.get(k)}

@@ -1,10 +1,12 @@
 """What a run builds once (docs/design.md): the model, its precision, optimizers, loaders, device.
 
-Nothing here changes during the run; counters, windows and metrics live in TrainState.
+Nothing here changes during the run (but the optimizer after a switch into master weights: rebuild_optimizer);
+counters, windows and metrics live in TrainState.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +51,9 @@ class Components:
     model_facts: dict = field(default_factory=dict)  # model keys the data filled in (e.g. vocab_size)
     vocab: dict | None = None  # a text dataset's vocabulary: written to the run directory as vocab.json
     callbacks: list = field(default_factory=list)  # the user's (config `callbacks`, or passed to mptrain.train)
+    # a new optimizer (and schedule) over the precision's tensors, its state carried: after a precision.schedule
+    # switch into master weights (recipe.rebuild_optimizer); the one thing here a run changes after it is built
+    rebuild_optimizer: Callable[[Components], None] | None = None
 
     @property
     def base_model(self) -> nn.Module:

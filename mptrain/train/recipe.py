@@ -37,6 +37,7 @@ from mptrain.library.tasks import BUILTIN, Task, check_task
 from mptrain.parallel import distributed, fsdp
 from mptrain.precision import LossScalingError, Precision, resolve_device
 from mptrain.precision.bf16_pure import memory_per_param
+from mptrain.precision.schedule import resolve as resolve_schedule
 from mptrain.run.directory import RunDir
 from mptrain.run.layout import (
     PRECISION_PLAN,
@@ -296,6 +297,8 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    if cfg.precision.get("schedule"):  # checked here, before the run directory changes
+        precision.set_schedule(resolve_schedule(cfg.precision, total_steps), t.strategy, len(task.parts))
     n_params = sum(p.numel() for p in model.parameters())
     if training:
         check_warmup(cfg.scheduler, total_steps)
@@ -319,7 +322,23 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         loss_weight=t.loss_weight, channels_last=t.channels_last, dist=info,
         strategy=t.strategy if info.enabled else "single", model_facts=facts,
         vocab=datasets.vocab, tokenizer=datasets.facts.get("tokenizer"), callbacks=callbacks,
+        rebuild_optimizer=lambda c: rebuild_optimizer(c, cfg.optimizer, cfg.scheduler, total_steps),
     )
+
+
+def rebuild_optimizer(c: Components, opt_cfg: DictConfig, sched_cfg: DictConfig, total_steps: int) -> None:
+    """After a precision.schedule switch into master weights the optimizer updates the fp32 masters: a new one
+    over them, built and loaded in a resume's order (optimizer, schedule, then their states: building the schedule
+    sets the lr), so the switch equals a resume into that precision. One network (checked at set-up)."""
+    params = c.precision.optimizer_params()
+    optimizer = c.precision.build_optimizer(opt_cfg, params)
+    scheduler = build_scheduler(sched_cfg, optimizer, total_steps)
+    optimizer.load_state_dict(c.optimizer.state_dict())
+    scheduler.load_state_dict(c.scheduler.state_dict())
+    c.optimizer, c.scheduler, c.parts = optimizer, scheduler, [Part(c.parts[0].name, optimizer, params)]
+    if c.ema is not None:  # a parameter is averaged from its master from now on
+        c.ema.masters = c.precision.master
+    c.precision.params_changed = False
 
 
 def early_stopping(cfg: DictConfig, checkpointer: Checkpointer) -> EarlyStopping:
@@ -430,6 +449,9 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = sharded.load(c, path)
+        c.precision.catch_up(ckpt["train_state"]["step"], c.base_model)  # precision.schedule's switches so far
+        if c.precision.params_changed:
+            c.rebuild_optimizer(c)
         apply_checkpoint(c, state, ckpt, path, config)
     if cfg.diagnostics.enabled:
         Diagnostics.check_layers(cfg.diagnostics, c.base_model, c.precision.registry)

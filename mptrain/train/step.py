@@ -41,7 +41,9 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
     p, task = c.precision, c.task
     micro = [c.to_device(next(batches)) for _ in range(c.accumulate)]
     inspect = diagnostics.begin_step(step_no) if diagnostics is not None else None
-    p.begin_step(step_no, c.base_model)  # precision=auto: shadow measurement on its probe and re-check steps
+    p.begin_step(step_no, c.base_model)  # precision=auto's shadow measurement; precision.schedule's switches
+    if p.params_changed:  # a switch into master weights: the optimizer updates the masters from now on
+        c.rebuild_optimizer(c)
     sampled = diagnostics is not None and diagnostics.sampled(step_no)
     weight = c.loss_weight / c.accumulate
     single = len(c.parts) == 1
