@@ -30,7 +30,8 @@ def compose(overrides: Sequence[str] = ()):
 
     from mptrain.cli.keys import check_override_keys
     from mptrain.cli.main import continue_the_run
-    from mptrain.cli.register import CONFIG_NAME, register
+    from mptrain.cli.register import register
+    from mptrain.config import CONFIG_NAME
 
     overrides = [str(o) for o in overrides]
     if any(o in ("-m", "--multirun") or o.startswith("-") for o in overrides):

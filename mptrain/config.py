@@ -151,11 +151,14 @@ def check_schedule(schedule: Any) -> None:
                "must be a mapping {module glob: format}")
 
 
+CONFIG_NAME = "config"  # conf/config.yaml, the primary config
+
+
 def config_dir() -> str:
     """conf/ inside the installed package (wheel), else the repository's top-level conf/ (source tree)."""
     here = Path(__file__).resolve().parent  # the mptrain package
     for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
             return str(candidate)
     raise RuntimeError(f"mptrain's conf/ was not found next to {here}; reinstall mptrain")
 

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from mptrain.cli.hydra_callbacks import CheckRunDir
 from mptrain.cli.keys import check_override_keys
-from mptrain.cli.register import CONFIG_NAME, register
-from mptrain.config import validate
+from mptrain.cli.register import register
+from mptrain.config import CONFIG_NAME, validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.parallel.launch import env_info
 from mptrain.run.directory import RunDir, write_hydra_records

@@ -19,8 +19,6 @@ from mptrain.cli.help import config_groups
 from mptrain.config import config_dir
 from mptrain.parallel.launch import env_info
 
-CONFIG_NAME = "config"  # conf/config.yaml, the primary config
-
 
 def run_name() -> str:
     """The run directory's name: <time>-<pid>, which keeps two runs started in the same second apart.

@@ -34,8 +34,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 
 from mptrain.cli.keys import check_override_keys
-from mptrain.cli.register import CONFIG_NAME, register
-from mptrain.config import validate
+from mptrain.cli.register import register
+from mptrain.config import CONFIG_NAME, validate
 from mptrain.errors import ConfigError, MptrainError
 from mptrain.precision import timing
 from mptrain.precision.bf16_pure import memory_per_param
