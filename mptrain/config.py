@@ -142,8 +142,12 @@ def check_schedule(schedule: Any) -> None:
                and ("preset" in entry or "layers" in entry), where, entry,
                f"must be {{at: STEP | FRACTION, preset: NAME}} and/or layers: {{glob: format}}, {SCHEDULE_EXAMPLE}")
         at = entry["at"]
-        _check(not isinstance(at, bool) and ((isinstance(at, int) and at >= 1) or (isinstance(at, float) and 0 < at < 1)),
-               f"{where}.at", at, "must be a step (an integer >= 1) or a fraction of the run (a float in (0, 1))")
+        _check(
+            not isinstance(at, bool) and ((isinstance(at, int) and at >= 1) or (isinstance(at, float) and 0 < at < 1)),
+            f"{where}.at",
+            at,
+            "must be a step (an integer >= 1) or a fraction of the run (a float in (0, 1))",
+        )
         preset = entry.get("preset")
         _check(preset is None or PRECISION_ALIASES.get(preset, preset) in PRECISION_MODES, f"{where}.preset", preset,
                f"choose one of {', '.join(PRECISION_MODES)}")
@@ -200,7 +204,9 @@ class PrecisionConfig:
         _check(self.alias is None or PRECISION_ALIASES.get(self.alias) == self.mode, "precision.alias", self.alias,
                f"names precision={PRECISION_ALIASES.get(self.alias)}, not precision.mode={self.mode}; choose a preset "
                "by one name (precision=<preset or alias>) and leave precision.mode and precision.alias unset")
-        _check(self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}")
+        _check(
+            self.dtype in COMPUTE_DTYPES, "precision.dtype", self.dtype, f"choose one of {', '.join(COMPUTE_DTYPES)}"
+        )
         _check(self.update in BF16_UPDATES, "precision.update", self.update, f"choose one of {', '.join(BF16_UPDATES)}")
         _check(self.layers is None or isinstance(self.layers, dict), "precision.layers", self.layers,
                "must be a mapping {module glob: format}, e.g. 'precision.layers={head: bf16}'")
@@ -280,7 +286,12 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("none", "cosine", "step"), "scheduler.name", self.name, "choose none, cosine or step")
         _check(self.warmup_steps >= 0, "scheduler.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(0 < self.warmup_start_factor <= 1, "scheduler.warmup_start_factor", self.warmup_start_factor, "must be in (0, 1]")
+        _check(
+            0 < self.warmup_start_factor <= 1,
+            "scheduler.warmup_start_factor",
+            self.warmup_start_factor,
+            "must be in (0, 1]",
+        )
         _check(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.step_size >= 1, "scheduler.step_size", self.step_size, "must be >= 1")
         _check(0 < self.gamma <= 1, "scheduler.gamma", self.gamma, "must be in (0, 1]")
@@ -400,7 +411,9 @@ class TrainerConfig:
     activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
-        _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null")
+        _check(
+            self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1 or null"
+        )
         _check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "must be >= 1")
         _check(self.batch_size is None or self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
         _check(self.per_device_batch_size is None or self.per_device_batch_size >= 1, "trainer.per_device_batch_size",
@@ -408,12 +421,27 @@ class TrainerConfig:
         _check(self.batch_size is None or self.per_device_batch_size is None, "trainer.batch_size", self.batch_size,
                f"so is trainer.per_device_batch_size={self.per_device_batch_size}: give one of them (batch_size: the "
                "global batch over all processes; per_device_batch_size: each process's)")
-        _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "must be >= 1")
-        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm", self.clip_grad_norm, "must be > 0 or null")
+        _check(
+            self.accumulate_grad_batches >= 1,
+            "trainer.accumulate_grad_batches",
+            self.accumulate_grad_batches,
+            "must be >= 1",
+        )
+        _check(
+            self.clip_grad_norm is None or self.clip_grad_norm > 0,
+            "trainer.clip_grad_norm",
+            self.clip_grad_norm,
+            "must be > 0 or null",
+        )
         _check(self.loss_weight > 0 and math.isfinite(self.loss_weight), "trainer.loss_weight", self.loss_weight,
                "must be finite and > 0")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
-        _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1 or null")
+        _check(
+            self.eval_every is None or self.eval_every >= 1,
+            "trainer.eval_every",
+            self.eval_every,
+            "must be >= 1 or null",
+        )
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "trainer.device", self.device, "choose auto, cpu, cuda or cuda:N")
         _check(self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
@@ -424,7 +452,12 @@ class TrainerConfig:
         _check(self.activation_checkpointing in ("none", "blocks", "all"), "trainer.activation_checkpointing",
                self.activation_checkpointing, "choose none, blocks or all")
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy", self.strategy, "choose ddp or fsdp")
-        _check(self.dist_backend in ("auto", "gloo", "nccl"), "trainer.dist_backend", self.dist_backend, "choose auto, gloo or nccl")
+        _check(
+            self.dist_backend in ("auto", "gloo", "nccl"),
+            "trainer.dist_backend",
+            self.dist_backend,
+            "choose auto, gloo or nccl",
+        )
         _check(self.grad_compression in ("none", "fp16", "bf16"), "trainer.grad_compression", self.grad_compression,
                "choose none, fp16 or bf16")
         # numpy takes seeds below 2**32, and the epoch sampler derives int64 seeds from this one
@@ -445,8 +478,18 @@ class CheckpointConfig:
     save_best: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, "must be >= 1 or null")
-        _check(self.every_epochs is None or self.every_epochs >= 1, "checkpoint.every_epochs", self.every_epochs, "must be >= 1 or null")
+        _check(
+            self.every_steps is None or self.every_steps >= 1,
+            "checkpoint.every_steps",
+            self.every_steps,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.every_epochs is None or self.every_epochs >= 1,
+            "checkpoint.every_epochs",
+            self.every_epochs,
+            "must be >= 1 or null",
+        )
         _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "must be >= 0")
         _check(self.mode in ("max", "min"), "checkpoint.mode", self.mode, "choose max or min")
 
@@ -458,7 +501,9 @@ class DiagnosticsConfig:
     enabled: bool = True
     every: int = 100  # sample every N-th optimizer step ...
     first_steps: int = 3  # ... and the first few
-    activation_layers: list[str] | None = None  # modules whose output gradients are histogrammed; null: top-level children
+    activation_layers: list[str] | None = (
+        None  # modules whose output gradients are histogrammed; null: top-level children
+    )
     trace_after: int | None = 20  # consecutive skipped steps before the overflowing batch is traced (null: never)
     # candidate formats measured by shadow execution on every module with parameters (docs/diagnostics.md
     # "Shadow measurement"): the format registry's names (built-ins, fp8 / fp8_row / fp8_row_hp, precision.formats);
@@ -469,7 +514,12 @@ class DiagnosticsConfig:
     def __post_init__(self) -> None:
         _check(self.every >= 1, "diagnostics.every", self.every, "must be >= 1")
         _check(self.first_steps >= 0, "diagnostics.first_steps", self.first_steps, "must be >= 0")
-        _check(self.trace_after is None or self.trace_after >= 1, "diagnostics.trace_after", self.trace_after, "must be >= 1 or null")
+        _check(
+            self.trace_after is None or self.trace_after >= 1,
+            "diagnostics.trace_after",
+            self.trace_after,
+            "must be >= 1 or null",
+        )
 
 
 @dataclass
@@ -536,7 +586,9 @@ class RecurrentLMConfig:
         _check(self.cell in ("lstm", "gru"), "model.cell", self.cell, "choose lstm or gru")
         for key in ("embed_dim", "hidden_dim", "num_layers"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
-        _check(self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1 or null")
+        _check(
+            self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1 or null"
+        )
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
@@ -555,7 +607,9 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for key in ("dim", "layers", "heads", "seq_len"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
-        _check(self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1 or null")
+        _check(
+            self.vocab_size is None or self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1 or null"
+        )
         _check(self.dim % self.heads == 0, "model.dim", self.dim, f"must be divisible by model.heads={self.heads}")
 
 
@@ -672,7 +726,12 @@ class TextDatasetConfig:
         _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
         # word level: <unk> plus at least one word, else every token is <unk> and the loss is trivially 0
         _check(self.max_vocab >= 2, "dataset.max_vocab", self.max_vocab, "must be >= 2 (<unk> and at least one word)")
-        _check(self.vocab_size is None or self.vocab_size >= 1, "dataset.vocab_size", self.vocab_size, "must be >= 1 or null")
+        _check(
+            self.vocab_size is None or self.vocab_size >= 1,
+            "dataset.vocab_size",
+            self.vocab_size,
+            "must be >= 1 or null",
+        )
 
 
 @dataclass
@@ -693,7 +752,9 @@ class TokensDatasetConfig:
     seed: int = "${trainer.seed}"  # type: ignore[assignment]  # the random windows' seed
 
     def __post_init__(self) -> None:
-        _check(self.path is not None, "dataset.path", self.path, "dataset=tokens needs dataset.path=<dir with train.bin>")
+        _check(
+            self.path is not None, "dataset.path", self.path, "dataset=tokens needs dataset.path=<dir with train.bin>"
+        )
         _check(self.seq_len >= 1, "dataset.seq_len", self.seq_len, "must be >= 1")
         _check(self.windows in ("random", "contiguous"), "dataset.windows", self.windows, "choose random or contiguous")
         _check(self.dtype in (None, "uint16", "uint32"), "dataset.dtype", self.dtype, "choose uint16 or uint32")
@@ -723,7 +784,12 @@ class HFDatasetConfig:
     num_classes: int | None = None  # null: the label feature's, else max label + 1
 
     def __post_init__(self) -> None:
-        _check(self.path is not None, "dataset.path", self.path, "dataset=hf needs dataset.path=<local dataset dir or file>")
+        _check(
+            self.path is not None,
+            "dataset.path",
+            self.path,
+            "dataset=hf needs dataset.path=<local dataset dir or file>",
+        )
         _check(0 < self.val_fraction < 1, "dataset.val_fraction", self.val_fraction, "must be in (0, 1)")
         for key in ("seq_len", "image_size", "channels"):
             _check(getattr(self, key) >= 1, f"dataset.{key}", getattr(self, key), "must be >= 1")
@@ -830,7 +896,17 @@ class Config:
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ConfigError naming the key and the fix."""
-    for key in ("precision", "optimizer", "scheduler", "trainer", "checkpoint", "diagnostics", "dataset", "model", "logger"):  # data first: a model key often interpolates it
+    for key in (
+        "precision",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "checkpoint",
+        "diagnostics",
+        "dataset",
+        "model",
+        "logger",
+    ):  # data first: a model key often interpolates it
         node = cfg.get(key)
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # instantiates the dataclass, so __post_init__ runs

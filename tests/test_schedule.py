@@ -87,16 +87,22 @@ def test_resume_across_a_switch_is_bitwise(tmp_path, monkeypatch, start):
     assert read_jsonl(ref / "metrics.jsonl") == read_jsonl(cut / "metrics.jsonl")
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    # bf16_pure's optimizer keeps its own bf16 state: a resume into it is refused, so is the switch
-    (["precision=bf16", schedule(2, "bf16_pure")], r"switch after step 2 \(preset=bf16_pure\) is refused: the optimizer"),
-    (["precision=bf16", schedule(2, "nomaster")], r"precision=bf16 -> nomaster needs a stop and a resume"),
-    (["precision=bf16", schedule(2, "auto")], "precision=auto probes from the run's first step"),
-    (["precision=bf16", schedule(6, "fp32")], r"at=6 switches after step 6, outside the run's 6 steps"),
-    (["precision=bf16", schedule(1.5, "fp32")], r"precision.schedule\[0\].at=1.5 is invalid"),
-    (["precision=bf16", schedule(2, "fp9")], r"precision.schedule\[0\].preset='fp9' is invalid"),
-    (["precision=bf16", "precision.schedule=[{at: 2, layers: {head: fp9}}]"], "fp9"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        # bf16_pure's optimizer keeps its own bf16 state: a resume into it is refused, so is the switch
+        (
+            ["precision=bf16", schedule(2, "bf16_pure")],
+            r"switch after step 2 \(preset=bf16_pure\) is refused: the optimizer",
+        ),
+        (["precision=bf16", schedule(2, "nomaster")], r"precision=bf16 -> nomaster needs a stop and a resume"),
+        (["precision=bf16", schedule(2, "auto")], "precision=auto probes from the run's first step"),
+        (["precision=bf16", schedule(6, "fp32")], r"at=6 switches after step 6, outside the run's 6 steps"),
+        (["precision=bf16", schedule(1.5, "fp32")], r"precision.schedule\[0\].at=1.5 is invalid"),
+        (["precision=bf16", schedule(2, "fp9")], r"precision.schedule\[0\].preset='fp9' is invalid"),
+        (["precision=bf16", "precision.schedule=[{at: 2, layers: {head: fp9}}]"], "fp9"),
+    ],
+)
 def test_a_refused_switch_is_one_line_and_touches_nothing(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match) as refused:
         train(tmp_path, BASE + overrides)

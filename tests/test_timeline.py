@@ -16,12 +16,21 @@ from .test_schedule import BASE
 def test_segments_follow_the_history():
     """auto probes in bf16, plans fp8 at step 3; fc2 demoted at 8, promoted at 18; a switch to bf16 after 20:
     each change takes effect from the next step."""
-    plan = {"fc1": {"format": "bf16"}, "fc2": {"format": "bf16"}, "history": [
-        {"step": 3, "event": "plan", "probe": "bf16", "formats": {"fc1": "fp8", "fc2": "fp8"}},
-        {"step": 8, "event": "demote", "changes": [{"layer": "fc2", "old": "fp8", "new": "bf16"}]},
-        {"step": 18, "event": "promote", "changes": [{"layer": "fc2", "old": "bf16", "new": "fp8"}]},
-        {"step": 20, "event": "switch", "before": {"fc1": "fp8", "fc2": "fp8"}, "formats": {"fc1": "bf16", "fc2": "bf16"}},
-    ]}
+    plan = {
+        "fc1": {"format": "bf16"},
+        "fc2": {"format": "bf16"},
+        "history": [
+            {"step": 3, "event": "plan", "probe": "bf16", "formats": {"fc1": "fp8", "fc2": "fp8"}},
+            {"step": 8, "event": "demote", "changes": [{"layer": "fc2", "old": "fp8", "new": "bf16"}]},
+            {"step": 18, "event": "promote", "changes": [{"layer": "fc2", "old": "bf16", "new": "fp8"}]},
+            {
+                "step": 20,
+                "event": "switch",
+                "before": {"fc1": "fp8", "fc2": "fp8"},
+                "formats": {"fc1": "bf16", "fc2": "bf16"},
+            },
+        ],
+    }
     assert formats_over_steps(plan, 30) == {
         "fc1": [(1, 3, "bf16"), (4, 20, "fp8"), (21, 30, "bf16")],
         "fc2": [(1, 3, "bf16"), (4, 8, "fp8"), (9, 18, "bf16"), (19, 20, "fp8"), (21, 30, "bf16")],

@@ -83,8 +83,11 @@ def check_model_fits(state: dict, model: torch.nn.Module, path: Path, fix: str =
     shapes = [f"{k} {list(state[k].shape)} in the checkpoint vs {list(own[k].shape)} in the model"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]  # model order
     if missing or extra or shapes:
-        detail = f"{len(shapes)} tensors differ in shape, e.g. " * bool(shapes) + "; ".join(shapes[:3] + [f"missing {', '.join(missing[:3])}"] * bool(missing)
-                           + [f"unexpected {', '.join(extra[:3])}"] * bool(extra))
+        detail = f"{len(shapes)} tensors differ in shape, e.g. " * bool(shapes) + "; ".join(
+            shapes[:3]
+            + [f"missing {', '.join(missing[:3])}"] * bool(missing)
+            + [f"unexpected {', '.join(extra[:3])}"] * bool(extra)
+        )
         raise CheckpointError(f"checkpoint {path} was written for another model: {detail}. {fix}")
 
 

@@ -213,9 +213,11 @@ class Precision:
     def _build_scaler(self, ls) -> LossScaler | NoScaler:
         kind = ls.kind
         if self.preset.scaling is not None and kind not in ("auto", self.preset.scaling):
-            raise ConfigError(f"precision={self.mode} means {self.preset.scaling} loss scaling; "
-                              f"precision.loss_scale.kind={kind} contradicts it (use precision=amp "
-                              f"precision.loss_scale.kind={kind}, or precision={kind if kind != 'none' else 'noscale'})")
+            raise ConfigError(
+                f"precision={self.mode} means {self.preset.scaling} loss scaling; "
+                f"precision.loss_scale.kind={kind} contradicts it (use precision=amp "
+                f"precision.loss_scale.kind={kind}, or precision={kind if kind != 'none' else 'noscale'})"
+            )
         if kind == "auto":
             kind = "dynamic" if self.compute_dtype == torch.float16 else "none"
         if ls.on_min == BF16.name and kind != "none":
@@ -561,7 +563,11 @@ class Precision:
         tensor, not read here); clipping always returns it.
         """
         params = self._params if params is None else params
-        grads = self.master.grads_to_master(params) if self.master is not None else [p.grad for p in params if p.grad is not None]
+        grads = (
+            self.master.grads_to_master(params)
+            if self.master is not None
+            else [p.grad for p in params if p.grad is not None]
+        )
         overflow = False
         if self.scaler.enabled:
             # FSDP2: gradients are DTensors; unscale each rank's local shard in place

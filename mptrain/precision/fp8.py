@@ -62,8 +62,10 @@ def resolve_emulate(emulate: bool | None, device: torch.device) -> tuple[bool, s
             return False, f"fp8 kernels on {where}"
         return True, f"emulated: {where} has no fp8 kernels (CUDA capability 8.9+ needed)"
     if not emulate and not native:
-        raise HardwareError(f"precision.fp8.emulate=false needs fp8 kernels (a CUDA GPU of capability 8.9+, e.g. H100); "
-                            f"{where} lacks them: use precision.fp8.emulate=null")
+        raise HardwareError(
+            f"precision.fp8.emulate=false needs fp8 kernels (a CUDA GPU of capability 8.9+, e.g. H100); "
+            f"{where} lacks them: use precision.fp8.emulate=null"
+        )
     return emulate, "emulated (precision.fp8.emulate=true)" if emulate else f"fp8 kernels on {where}"
 
 
@@ -247,8 +249,10 @@ def overall(layers: dict[str, dict[str, dict]]) -> dict[str, dict]:
     for role in ROLES:
         recs = [rec[role] for rec in layers.values() if role in rec]
         if recs:
-            out[role] = {"amax": max(r["amax"] for r in recs),
-                         **{k: sum(r[k] for r in recs) / len(recs) for k in ("underflow", "overflow", "underflow_unscaled")}}
+            out[role] = {
+                "amax": max(r["amax"] for r in recs),
+                **{k: sum(r[k] for r in recs) / len(recs) for k in ("underflow", "overflow", "underflow_unscaled")},
+            }
     return out
 
 

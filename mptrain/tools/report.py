@@ -38,7 +38,9 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not run_dir.is_dir() or not metrics.is_file():
         raise NotARun(f"{run_dir} is not an mptrain run directory (no metrics.jsonl); pass outputs/<date>/<time>-<id>")
     if not diag.is_file():
-        raise NotARun(f"{run_dir} has no diagnostics.jsonl: it ran with diagnostics=off; rerun with diagnostics=default")
+        raise NotARun(
+            f"{run_dir} has no diagnostics.jsonl: it ran with diagnostics=off; rerun with diagnostics=default"
+        )
     return read_jsonl(metrics, skip_damaged=True), read_jsonl(diag, skip_damaged=True)
 
 
@@ -60,7 +62,9 @@ def plot_activation_gradients(samples: list[dict], path: Path, meta: dict) -> No
     total = None
     zero_all, count_all = 0, 0
     for layer in layers:
-        hists = [np.array(s["activations"][layer]["hist"][: len(x)]) for s in samples if layer in s.get("activations", {})]
+        hists = [
+            np.array(s["activations"][layer]["hist"][: len(x)]) for s in samples if layer in s.get("activations", {})
+        ]
         if not hists:
             continue
         h = np.sum(hists, axis=0)
@@ -206,7 +210,13 @@ def risk_table(samples: list[dict], top: int = 10, plan: dict | None = None) -> 
     order = np.argsort(-lost)[:top]
     table = Table(title="Layers at most risk in fp16 (mean over sampled steps)")
     plan = plan or {}
-    for col in ("parameter", "planned format", "zero or underflow", "overflow headroom (log2, min)", "update underflow"):
+    for col in (
+        "parameter",
+        "planned format",
+        "zero or underflow",
+        "overflow headroom (log2, min)",
+        "update underflow",
+    ):
         table.add_column(col)
     for i in order:
         h = np.nanmin(np.where(np.isfinite(head[:, i]), head[:, i], np.nan)) if head.size else np.nan
@@ -226,8 +236,9 @@ def _fp8_series(samples: list[dict]) -> tuple[list[str], list[int], dict]:
     out = {}
     for role, _ in FP8_ROLES:
         for f in ("amax", "scale", "underflow", "underflow_unscaled", "overflow_unscaled"):
-            out[role, f] = np.array([[s[FP8.name].get(n, {}).get(role, {}).get(f, np.nan) for n in names] for s in rows],
-                                    dtype=float)
+            out[role, f] = np.array(
+                [[s[FP8.name].get(n, {}).get(role, {}).get(f, np.nan) for n in names] for s in rows], dtype=float
+            )
     return names, [s["step"] for s in rows], out
 
 

@@ -251,8 +251,10 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         val_loader = make_loader(datasets.val, batch, train=False, seed=t.seed, pad=t.strategy == "fsdp", **shard)
     steps_per_epoch = len(train_loader) // t.accumulate_grad_batches
     if steps_per_epoch == 0:
-        raise ConfigError(f"trainer.batch_size={global_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
-                          f"exceeds the {len(datasets.train)} training samples; lower the batch size")
+        raise ConfigError(
+            f"trainer.batch_size={global_size} x trainer.accumulate_grad_batches={t.accumulate_grad_batches} "
+            f"exceeds the {len(datasets.train)} training samples; lower the batch size"
+        )
 
     target = model_target(cfg, given.model)
     if given.task is not None:
@@ -294,7 +296,9 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         seed_everything(t.seed + info.rank)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
     if isinstance(optimizer, MultiOptimizer):
-        scheduler = MultiScheduler({k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()})
+        scheduler = MultiScheduler(
+            {k: build_scheduler(cfg.scheduler, o, total_steps) for k, o in optimizer.optimizers.items()}
+        )
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     if cfg.precision.get("schedule"):  # checked here, before the run directory changes
@@ -458,9 +462,11 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     # the task's contract on one batch (its metric names, when it does not declare them)
     probed = probe_task(c) if not t.compile else None
     if t.early_stopping.enabled and c.val_loader is None:  # no validation: the rule could never fire
-        raise ConfigError(f"trainer.early_stopping watches validation metrics, but dataset "
-                          f"{cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation data; give it "
-                          "validation data (e.g. a val.bin beside train.bin) or set trainer.early_stopping.enabled=false")
+        raise ConfigError(
+            f"trainer.early_stopping watches validation metrics, but dataset "
+            f"{cfg.dataset.get('name') or cfg.dataset.get('_target_')} has no validation data; give it "
+            "validation data (e.g. a val.bin beside train.bin) or set trainer.early_stopping.enabled=false"
+        )
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, config, signals, t.log_every,
                                 metrics=c.task.metrics if c.task.metrics is not None else probed,
                                 save_sharded=sharded.save if c.strategy == "fsdp" else None,
@@ -508,7 +514,9 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
     diagnostics = None
     if cfg.diagnostics.enabled and c.is_main:
         diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
-        diagnostics.totals = state.diag_totals  # one dict: checkpoints carry the sums, so the summary covers every attempt
+        diagnostics.totals = (
+            state.diag_totals
+        )  # one dict: checkpoints carry the sums, so the summary covers every attempt
     if c.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(c.device)
     console = Console(enabled=t.progress_bar and c.is_main, total=c.total_steps, initial=state.step)
