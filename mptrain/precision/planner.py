@@ -46,8 +46,9 @@ from mptrain.precision.formats import FP8_ROW, FP32, Registry
 from mptrain.precision.plan import planned_modules
 
 log = logging.getLogger(__name__)
-# objective=time: a format must time under this share of fp32's on a module to be worth measuring (and so choosing)
-# there: repeated timings on a shared machine differ by a few percent, and a format no faster only adds error
+# objective=time: a format must time under this share of the layer's default (the safe preset's format, or fp32) to
+# replace it: repeated timings on a shared machine differ by a few percent, and a format no faster only adds error
+# and casts between layers
 CLEARLY_FASTER = 0.95
 
 
@@ -163,10 +164,17 @@ class Planner:
         self._ranges.begin()
 
     def _worth(self) -> dict[str, list[str]]:
-        """objective=time: module -> the formats timed clearly faster than fp32 on it (the only ones worth an
-        error measurement); fp32 itself always holds. A module timed in one format only has none."""
-        return {name: [f for f, t in times.items() if f != self.fp32 and t < CLEARLY_FASTER * times.get(self.fp32, 0)]
-                for name, times in self.probe_times.items()}
+        """objective=time: module -> the formats worth an error measurement on it: those timed clearly faster than
+        fp32, and the safe preset's own format unless it is clearly slower than fp32 (it is the default a layer
+        keeps, so that a plan equal to the preset runs as the preset does: a mix of formats adds casts between
+        layers that no single layer's timing shows). fp32 itself always holds; a module timed in one format only
+        has none."""
+        out = {}
+        for name, times in self.probe_times.items():
+            fp32 = times.get(self.fp32, 0)
+            out[name] = [f for f, t in times.items() if f != self.fp32 and (
+                t < CLEARLY_FASTER * fp32 or (f == self.base and CLEARLY_FASTER * t <= fp32))]
+        return out
 
     def _keep_inputs(self, model: nn.Module) -> None:
         """One floating input per planned module, from the step's own forward (the shadow's re-runs call forward
@@ -254,13 +262,16 @@ class Planner:
         return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
 
     def _fastest(self, name: str, ok: list[str]) -> tuple[str, dict[str, float]]:
-        """objective=time: the fastest of `ok` as timed on the probe's first step (ties: the cheaper), and every
-        time measured; fp32 where the module was not timed (no evidence that another format is faster)."""
+        """objective=time: the layer's default, the safe preset's format where it holds (else fp32), unless a
+        format that holds was timed clearly faster than it on the probe's first step (then the fastest such, ties:
+        the cheaper); and every time measured. fp32 where the module was not timed (no evidence either way)."""
         times = self.probe_times.get(name, {})
         timed = [f for f in ok if f in times]
         if not timed:
             return self.fp32, times
-        return min(timed, key=lambda f: (times[f], ok.index(f))), times
+        default = self.base if self.base in timed else self.fp32
+        fastest = min(timed, key=lambda f: (times[f], ok.index(f)))
+        return (fastest if times[fastest] < CLEARLY_FASTER * times[default] else default), times
 
     def _plan(self, step: int, model: nn.Module, policy) -> dict:
         self.figures, ranks = self._worst_over_ranks(self.figures)
