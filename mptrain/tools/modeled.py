@@ -30,7 +30,7 @@ from mptrain.errors import ConfigError
 from mptrain.library.data.loading import as_datasets
 from mptrain.precision import roofline
 from mptrain.precision.bf16_pure import memory_per_param
-from mptrain.precision.engine import Precision, resolve_device
+from mptrain.precision.engine import DTYPES, Precision, resolve_device
 from mptrain.precision.families import PRESETS
 
 MB = 2**20  # what every memory figure of mptrain-estimate is in
@@ -107,7 +107,7 @@ def model_preset(cfg, where: str) -> dict:
     planned Linear / Conv2d its format, time_s, shape (Linear: M, K, N) and whether this machine would emulate it."""
     t = roofline.target(where)
     preset = PRESETS[cfg.precision.mode]
-    if preset.fixed_dtype is None and not preset.measured and cfg.precision.dtype == "auto":
+    if preset.fixed_dtype is None and not preset.measured and cfg.precision.dtype not in DTYPES:  # dtype auto
         cfg.precision.dtype = "float16"  # amp's auto dtype on a GPU, as engine.resolve_dtype picks it on CUDA
     here = resolve_device(cfg.trainer.device)  # the plan's `emulated`: how this machine would run it
     precision = Precision(cfg.precision, here)
