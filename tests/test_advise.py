@@ -257,3 +257,16 @@ def test_verify_trains_at_the_runs_median_lr_not_its_schedules_tail(tmp_path):
     ran = [r["lr"] for r in (json.loads(x) for x in (tmp_path / "arm" / "metrics.jsonl").read_text().splitlines())
            if r.get("step", 0) > 12 and "lr" in r]
     assert arm["steps"] == 4 and ran and all(x == pytest.approx(lr) for x in ran)
+
+
+def test_verify_refuses_a_run_with_a_schedule(tmp_path):
+    """Both arms would resume through the run's own switches into the same precision and 'verify' the advice by
+    comparing a run with itself: refused in one line, nothing written."""
+    from mptrain.tools import verify
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"config": {"precision": {"mode": "amp", "schedule": [{"at": 0.5, "preset": "master"}]}}},
+               tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(verify.VerifyError, match="ran with precision.schedule"):
+        verify.verify(tmp_path, {}, ["precision=dynamic"], lambda *a: [], steps=2)
+    assert not (tmp_path / "verify").exists()

@@ -125,6 +125,10 @@ def verify(run_dir: Path, advice: dict, overrides: list[str], layers_over, steps
     if not checkpoint.is_file():
         raise VerifyError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to continue from; probe with checkpoint.enabled=true")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+    if (saved.get("precision") or {}).get("schedule"):
+        # both arms would resume through the run's own switches and train the same precision: no comparison
+        raise VerifyError(f"{run_dir} ran with precision.schedule, which both trial arms would follow from its "
+                          "checkpoint; verify a probe run without a schedule")
     base = Path(run_dir) / VERIFY
     lr = representative_lr(run_dir) if "lr" in (saved.get("optimizer") or {}) else None
     probe = run_arm(saved, [], checkpoint, steps, base / "probe", layers_over, lr)
