@@ -116,8 +116,8 @@ from mptrain.parallel import distributed
 from mptrain.train.recipe import build
 
 out = {}
-base = ["trainer.device=cpu", "trainer.strategy=fsdp", "precision=bf16", "trainer.batch_size=8", "seed=5",
-        "trainer.max_steps=1", "optimizer=adamw"]
+base = ["trainer.device=cpu", "trainer.strategy=fsdp", "diagnostics=off", "precision=bf16", "trainer.batch_size=8",
+        "seed=5", "trainer.max_steps=1", "optimizer=adamw"]
 models = {"gpt": ["model=gpt", "model.dim=16", "model.layers=2", "model.heads=2", "dataset=synthetic_tokens",
                   "dataset.seq_len=8", "dataset.vocab_size=32", "dataset.train_tokens=1024", "dataset.val_tokens=64"],
           "resnet18": ["model=resnet18", "dataset=synthetic", "dataset.image_size=16", "dataset.train_size=32",
