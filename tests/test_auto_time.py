@@ -178,3 +178,21 @@ def test_a_target_plans_by_the_roofline_and_may_choose_an_emulated_format():
         expected[name] = fastest if t[fastest] < CLEARLY_FASTER * t[default] else default
     assert p.planner.formats == expected and expected["0"] != "fp8_e4m3" and expected["2"] == "fp8_e4m3"
     assert "on h100, modeled" in p.plan["2"].why and p.plan["2"].emulated
+
+
+def test_a_faster_format_over_tolerance_is_not_chosen():
+    """The case time-first could get wrong: bf16 timed twice as fast everywhere, but its measured error is over
+    the tolerance (here a tolerance no 8-bit mantissa meets). Speed never outranks accuracy: every layer fp32,
+    and each layer's why marks the faster format as over tolerance."""
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[bf16]", "precision.auto.probe_steps=2",
+                          "precision.auto.tolerance=1e-9"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    p.prepare_model(model)
+    p.time_formats = lambda module, fmts, x, r: {f: {"bf16": 1e-3, "fp32": 2e-3}[f] for f in fmts}
+    for n in (1, 2):
+        event = step(p, model, n)
+    assert event["event"] == "precision_plan" and p.planner.formats == {"0": "fp32", "2": "fp32"}
+    assert all(event["errors"][n]["bf16"] > 1e-9 for n in ("0", "2"))  # measured, and over
+    assert all("bf16 1 ms over tolerance" in p.plan[n].why for n in ("0", "2"))
