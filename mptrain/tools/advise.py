@@ -615,13 +615,10 @@ def fp16_slowdown_here() -> float | None:
         return None
     from mptrain.precision import timing
 
-    layer, x = torch.nn.Linear(256, 256), torch.randn(256, 256)
+    layer, x = torch.nn.Sequential(torch.nn.Linear(256, 256)), torch.randn(256, 256)
 
-    def run(dtype):
-        def fn():
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                layer(x).float().sum().backward()
-        return fn
+    def run(dtype):  # the forward+backward precision=auto times, under fp16 autocast or none
+        return timing.forward_backward(layer, x, lambda: torch.autocast("cpu", dtype=dtype, enabled=dtype is not None))
 
     t = timing.interleaved_medians({FP32.name: run(None), FP16.name: run(torch.float16)}, torch.device("cpu"), 5)
     return t[FP16.name] / t[FP32.name]
