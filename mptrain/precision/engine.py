@@ -308,10 +308,15 @@ class Precision:
         """The preset's plan for `model` with precision.layers applied (the model is not changed)."""
         return self._resolve(model, self.rules)
 
+    def plan_for(self, model: nn.Module, formats: dict[str, str], why: dict[str, str]) -> Plan:
+        """The plan of `model` with each module of `formats` (module -> format; `why`: module -> reason) in that
+        format (the model is not changed)."""
+        return self._resolve(model, [Rule(n, f, why[n]) for n, f in formats.items()])
+
     def apply_formats(self, model: nn.Module, formats: dict[str, str], why: dict[str, str]) -> list[str]:
         """Move `model` to the plan `formats` (module -> format; `why`: module -> reason) in place, the parameters
         (and so the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
-        new = self._resolve(model, [Rule(n, f, why[n]) for n, f in formats.items()])
+        new = self.plan_for(model, formats, why)
         changed = self.applier.replan(model, self.plan, new)
         emulated_before = {n for n, e in self.plan.items() if e.emulated}
         self.plan = new

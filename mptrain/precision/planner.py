@@ -194,12 +194,11 @@ class Planner:
             h.remove()
         self._input_hooks = []
         for name in self.planned_modules(policy.plan):
-            fits = [f for f in self.ladder if self._fits(model, name, f, policy.dim_multiple)]
+            fits = [f for f in self.ladder if self.fits(model, name, f, policy.dim_multiple)]
             x = self._examples.get(name)
             if self.target is not None:  # modeled on the target: every format it has a rate for, emulated here or not
-                times = roofline.layer_times(model.get_submodule(name), tuple(x.shape), fits, self.target,
-                                             self.registry) if x is not None else {}
-                self.probe_times[name] = {f: t for f, t in times.items() if math.isfinite(t)}
+                self.probe_times[name] = (self.target_times(model.get_submodule(name), tuple(x.shape), fits)
+                                          if x is not None else {})
                 continue
             # emulated formats are not real speed here: never chosen for it; a module without an input seen, or
             # with one candidate, is timed in fp32 alone (nothing to compare)
@@ -256,33 +255,45 @@ class Planner:
         """The next cheaper rung `name` fits, no cheaper than its planned format (None: it is at its plan)."""
         floor = self.chosen.get(name, fmt)
         lower = self.ladder[self.ladder.index(floor):self.ladder.index(fmt)]
-        return next((f for f in reversed(lower) if self._fits(model, name, f, dim_multiple)), None)
+        return next((f for f in reversed(lower) if self.fits(model, name, f, dim_multiple)), None)
 
-    def _fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
+    def fits(self, model: nn.Module, name: str, fmt: str, dim_multiple: int) -> bool:
         return fmt == self.fp32 or self.registry.fits(fmt, model.get_submodule(name), dim_multiple) is None
 
-    def _fastest(self, name: str, ok: list[str]) -> tuple[str, dict[str, float]]:
+    def target_times(self, module: nn.Module, input_shape, formats: list[str], where=None) -> dict[str, float]:
+        """The roofline's forward+backward seconds of `module` (input of `input_shape`) in each of `formats` on the
+        target (`where`, else precision.auto.target), emulated here or not; a format the target lacks the rate of
+        is left out (why: `lacking`)."""
+        times = roofline.layer_times(module, input_shape, formats, where or self.target, self.registry)
+        return {f: t for f, t in times.items() if math.isfinite(t)}
+
+    def lacking(self, where=None) -> dict[str, str]:
+        """format -> why the target cannot run it, for the candidates it lacks the rate of (they are never chosen)."""
+        why = {f: roofline.why_not(self.registry.get(f), where or self.target) for f in self.ladder if f != self.fp32}
+        return {f: w for f, w in why.items() if w is not None}
+
+    def fastest(self, ok: list[str], times: dict[str, float]) -> str:
         """objective=time: the layer's default, the safe preset's format where it holds (else fp32), unless a
-        format that holds was timed clearly faster than it on the probe's first step (then the fastest such, ties:
-        the cheaper); and every time measured. fp32 where the module was not timed (no evidence either way)."""
-        times = self.probe_times.get(name, {})
+        format that holds was timed clearly faster than it (then the fastest such, ties: the cheaper). fp32 where
+        the module was not timed (no evidence either way). `ok`: the formats that fit and hold, ladder order."""
         timed = [f for f in ok if f in times]
         if not timed:
-            return self.fp32, times
+            return self.fp32
         default = self.base if self.base in timed else self.fp32
         fastest = min(timed, key=lambda f: (times[f], ok.index(f)))
-        return (fastest if times[fastest] < CLEARLY_FASTER * times[default] else default), times
+        return fastest if times[fastest] < CLEARLY_FASTER * times[default] else default
 
     def _plan(self, step: int, model: nn.Module, policy) -> dict:
         self.figures, ranks = self._worst_over_ranks(self.figures)
         chosen, errors, times, why = {}, {}, {}, {}
         for name in self.planned_modules(policy.plan):
             ok = [f for f in self.ladder
-                  if self._fits(model, name, f, policy.dim_multiple) and self._holds(self.figures, name, f)]
+                  if self.fits(model, name, f, policy.dim_multiple) and self._holds(self.figures, name, f)]
             errors[name] = {f: _json(v.error) for f, v in self.figures.get(name, {}).items()}
             why[name] = f"auto (step {step})"
             if self.objective == "time":
-                chosen[name], measured = self._fastest(name, ok)
+                measured = self.probe_times.get(name, {})
+                chosen[name] = self.fastest(ok, measured)
                 if measured:
                     times[name] = measured
                     fast = measured.get(chosen[name], math.inf)
@@ -292,6 +303,9 @@ class Planner:
                         for f, t in sorted(measured.items(), key=lambda kv: kv[1])) + ")"
             else:
                 chosen[name] = ok[0]
+        not_chosen = self._not_chosen(chosen) if self.target is not None else {}
+        for name in chosen:  # a candidate the target cannot run has no time in the layer's reason: say why
+            why[name] += "".join(f"; {f}: {w}" for f, w in not_chosen.items() if f not in times.get(name, {}))
         self.planned = True
         self.figures = {}
         self.probe_times, self.timed = {}, False
@@ -300,12 +314,15 @@ class Planner:
         self.why = why
         self.times = {n: t[chosen[n]] for n, t in times.items() if chosen[n] in t}
         self.history.append({"step": step, "event": "plan", "probe": self.base, "formats": dict(chosen),
-                             "errors": errors, **({"times": times} if times else {}), "ranks": ranks})
+                             "errors": errors, **({"times": times} if times else {}), "ranks": ranks,
+                             **({"not_chosen": not_chosen} if not_chosen else {})})
         policy.apply_formats(model, self.formats, self.why)
         measured = "; ".join(f"{n} " + ", ".join(f"{f} {e:.3g}" if isinstance(e, float) else f"{f} {e}"
                                                    for f, e in errs.items()) for n, errs in errors.items())
         log.info("precision=auto: plan after %d probe steps on %d rank(s) (tolerance %g; worst error per format: "
                  "%s):\n%s", step, ranks, self.tolerance, measured, policy.plan.table())
+        for f, w in not_chosen.items():
+            log.warning("precision=auto: %s is chosen for no layer on %s: %s", f, self.target, w)
         if times:
             totals = self.totals(times)
             log.info("precision=auto: the planned layers' forward+backward %s: %.3g ms in the plan; %s",
@@ -313,6 +330,15 @@ class Planner:
                      ", ".join(f"{t * 1e3:.3g} ms all {f}" for f, t in totals.items()))
         return {"event": "precision_plan", "formats": dict(chosen), "errors": errors,
                 **({"times": times} if times else {}), "ranks": ranks}
+
+    def _not_chosen(self, chosen: dict[str, str]) -> dict[str, str]:
+        """precision.auto.target: format -> why, for each candidate the plan gives to no layer (fp32 aside): the
+        target lacks its rate, or it was modeled no faster than the layer's choice (or faster, over tolerance)."""
+        lacking, used = self.lacking(), set(chosen.values())
+        slower = (f"modeled no faster on {self.target} than the format chosen, or over tolerance, on every layer it "
+                  "fits (each layer's reason has its times)")
+        return {f: lacking.get(f, slower)
+                for f in self.ladder if f not in used and f != self.fp32}
 
     def _recheck(self, step: int, model: nn.Module, policy, figures: dict) -> dict | None:
         """Demote each layer over tolerance one rung up; promote each demoted layer whose next cheaper rung held
@@ -324,7 +350,7 @@ class Planner:
             if not self._holds(figures, name, fmt):
                 # one format up the ladder: the next one the module can compute in (a constraint skips a rung)
                 higher = self.ladder[self.ladder.index(fmt) + 1:]
-                new = next(f for f in higher if self._fits(model, name, f, policy.dim_multiple))
+                new = next(f for f in higher if self.fits(model, name, f, policy.dim_multiple))
                 demoted.append(self._change(figures, name, fmt, new, fmt))
                 continue
             below = self._below(model, name, fmt, policy.dim_multiple) if self.promote_after else None
@@ -366,6 +392,8 @@ class Planner:
         out = {"auto_planned": self.planned, "auto_plan": dict(self.formats), "auto_demotions": demotions,
                "auto_promotions": promotions,
                "auto_tolerance": tolerance, "auto_objective": self.objective}
+        if self.target is not None:  # the times were modeled for this GPU, not measured here
+            out["auto_target"] = self.target
         plans = [h for h in self.history if h["event"] == "plan"]
         if plans:  # how many ranks measured the plan (older checkpoints did not say: one)
             out["auto_ranks"] = plans[-1].get("ranks", 1)

@@ -32,6 +32,7 @@ from mptrain.precision import roofline
 from mptrain.precision.bf16_pure import memory_per_param
 from mptrain.precision.engine import DTYPES, Precision, resolve_device
 from mptrain.precision.families import PRESETS
+from mptrain.precision.formats import BF16, FP8
 
 MB = 2**20  # what every memory figure of mptrain-estimate is in
 META = torch.device("meta")
@@ -102,6 +103,20 @@ def bytes_per_param(cfg) -> dict[str, float]:
     return memory_per_param(list(stand_in.parameters()), optimizer, precision)
 
 
+def auto_plan(precision: Precision, model: nn.Module, plan, shapes: dict, t) -> dict:
+    """precision=auto's plan on target `t`: each module auto plans gets the planner's choice (planner.fastest) among
+    the candidates it fits, timed by the roofline on its traced input. Errors are not measured here: every
+    candidate is taken to hold (a run may still keep a layer in a wider format for its error)."""
+    planner = precision.planner
+    formats, why = {}, {}
+    for name in planner.planned_modules(plan):
+        fits = [f for f in planner.ladder if planner.fits(model, name, f, precision.dim_multiple)]
+        times = planner.target_times(model.get_submodule(name), shapes[name], fits, t) if name in shapes else {}
+        formats[name] = planner.fastest(fits, times)
+        why[name] = f"auto: fastest on {t.name}, modeled (errors not measured)"
+    return precision.plan_for(model, formats, why)
+
+
 def model_preset(cfg, where: str) -> dict:
     """The row of the run `cfg` (its preset chosen), modeled for target `where`: memory (MB), step_time_s, and per
     planned Linear / Conv2d its format, time_s, shape (Linear: M, K, N) and whether this machine would emulate it."""
@@ -109,6 +124,8 @@ def model_preset(cfg, where: str) -> dict:
     preset = PRESETS[cfg.precision.mode]
     if preset.fixed_dtype is None and not preset.measured and cfg.precision.dtype not in DTYPES:  # dtype auto
         cfg.precision.dtype = "float16"  # amp's auto dtype on a GPU, as engine.resolve_dtype picks it on CUDA
+    if preset.measured and cfg.precision.auto.formats is None:  # a GPU's default candidates, as on CUDA
+        cfg.precision.auto.formats = [f.name for f in (BF16, FP8) if roofline.why_not(f, t) is None]
     here = resolve_device(cfg.trainer.device)  # the plan's `emulated`: how this machine would run it
     precision = Precision(cfg.precision, here)
     x, facts = example_batch(cfg)
@@ -117,6 +134,8 @@ def model_preset(cfg, where: str) -> dict:
         model = instantiate(cfg.model, **facts)
     plan = precision.resolve_plan(model)
     shapes, activations = trace(model, x, torch.empty((), dtype=precision.compute_dtype).element_size())
+    if precision.planner is not None:
+        plan = auto_plan(precision, model, plan, shapes, t)
     tf32 = bool(cfg.trainer.allow_tf32)
     micro = cfg.trainer.accumulate_grad_batches
     layers, not_modeled = {}, {}
