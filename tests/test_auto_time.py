@@ -180,6 +180,36 @@ def test_a_target_plans_by_the_roofline_and_may_choose_an_emulated_format():
     assert "on h100, modeled" in p.plan["2"].why and p.plan["2"].emulated
 
 
+def test_a_target_without_the_format_says_why_it_is_chosen_for_no_layer(caplog):
+    """precision.auto.target=a100 with formats=[fp8]: an A100 has no fp8 tensor cores, so every layer is fp32 (the
+    ladder's only other rung). Not silently: one log line and each layer's reason give the target's reason
+    (roofline.why_not's own words), the plan's history records it, and the summary names the target."""
+    import logging
+
+    from mptrain.precision import roofline
+    from mptrain.precision.formats import FP8
+
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[fp8]", "precision.auto.probe_steps=1",
+                          "precision.auto.target=a100", "precision.fp8.dim_multiple=1"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    p.prepare_model(model)
+    with caplog.at_level(logging.INFO, logger="mptrain"):
+        for n in (1, 2):
+            step(p, model, n)
+            if p.planner.planned:
+                break
+    why = roofline.why_not(FP8, "a100")
+    assert why.startswith("a100 has no fp8 rate")
+    assert p.planner.formats == {"0": "fp32", "2": "fp32"}
+    said = [r.getMessage() for r in caplog.records if "chosen for no layer" in r.getMessage()]
+    assert said == [f"precision=auto: {FP8.name} is chosen for no layer on a100: {why}"]
+    assert all(f"; {FP8.name}: {why}" in p.plan[n].why for n in ("0", "2"))
+    assert p.planner.history[-1]["not_chosen"] == {FP8.name: why}
+    assert p.planner.summary()["auto_target"] == "a100"
+
+
 def test_a_faster_format_over_tolerance_is_not_chosen():
     """The case time-first could get wrong: bf16 timed twice as fast everywhere, but its measured error is over
     the tolerance (here a tolerance no 8-bit mantissa meets). Speed never outranks accuracy: every layer fp32,

@@ -216,3 +216,28 @@ def test_fp8_or_bf16_agrees_with_torchao_on_a_grid_wherever_clear():
                     ours = roofline.seconds(shape, fmt, "h100") < roofline.seconds(shape, BF16, "h100")
                     assert ours == (fp8 < bf16), (fmt.recipe, m, k, n, bf16 / fp8)
     assert compared > 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim,heads", [(4096, 32), (64, 4)])
+def test_estimate_target_models_autos_choice_per_linear(dim, heads, capsys):
+    """precision=auto on h100 is modeled as auto would choose there, not as all-bf16: among its candidates
+    (formats=null: bf16 and fp8, what an H100 runs) each Linear gets fp8 where the roofline times it clearly
+    faster than bf16 (the planner's 0.95), else bf16; at M = 8192 the 4096-wide GPT's big Linears are fp8, the
+    64-wide one keeps bf16 throughout. The times are the roofline's own for each Linear."""
+    from mptrain.precision.planner import CLEARLY_FASTER
+
+    assert main(["--json", "--target", "h100", "--presets", "auto", *gpt(dim, heads)]) == 0
+    layers = json.loads(capsys.readouterr().out)["presets"]["auto"]["layers"]
+    linears = {n: v for n, v in layers.items() if "shape" in v}
+    assert len(linears) == 5
+    for name, layer in linears.items():
+        shape = roofline.Shape(*layer["shape"].values())
+        bf16, fp8 = roofline.seconds(shape, BF16, "h100"), roofline.seconds(shape, FP8, "h100")
+        assert layer["format"] == (FP8.name if fp8 < CLEARLY_FASTER * bf16 else BF16.name), name
+        assert layer["time_s"] == pytest.approx(min(bf16, fp8) if layer["format"] == FP8.name else bf16)
+    chosen = {n: v["format"] for n, v in linears.items()}
+    if dim == 4096:  # qkv, proj and the MLP (K, N >= 4096); the head (N = 64) stays bf16
+        assert chosen == {**dict.fromkeys(list(chosen)[:4], FP8.name), "head": BF16.name}
+    else:
+        assert set(chosen.values()) == {BF16.name}
