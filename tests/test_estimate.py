@@ -153,3 +153,10 @@ def test_activations_are_one_micro_batchs_whatever_the_accumulation():
     assert four["activations"] == pytest.approx(one["activations"], rel=1e-6)
     bigger = measure([*MLP, "precision=fp32", "trainer.batch_size=128"], steps=1)
     assert bigger["activations"] > 3 * one["activations"]  # and the count does grow with the micro-batch
+
+
+def test_more_timed_steps_than_an_epoch_has_batches():
+    """The README's GPT on LICENSE.txt has fewer batches an epoch than estimate's steps: StopIteration escaped.
+    Digits at batch 1000 give one or two batches an epoch; 1 measured and 4 timed steps go on into the next."""
+    row = measure([*MLP, "precision=fp32", "trainer.batch_size=1000"], steps=4)
+    assert row["step_time_s"] > 0 and row["params"] > 0

@@ -63,6 +63,18 @@ def composed(overrides: list[str]):
     return cfg
 
 
+def endless(loader):
+    """The loader's batches, epoch after epoch: a small dataset (the README's GPT on LICENSE.txt) has fewer batches
+    in an epoch than the measured and timed steps take."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
 def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
     """One preset: MB of weights, grads, optimizer state, masters, activations, and their total; the median
     seconds of `steps` timed steps; with `layers`, each planned layer's format, time alone and (Linear) shape."""
@@ -88,7 +100,7 @@ def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
 
     plan = c.precision.plan or {}
     hooks = [c.base_model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in plan] if layers else []
-    batches = iter(c.train_loader)
+    batches = endless(c.train_loader)
     # one micro-batch: what backward keeps is freed after each micro-batch's backward, so the peak holds one
     # micro-batch's activations whatever trainer.accumulate_grad_batches is (counting all k added them up); and
     # within one micro-batch every saved tensor is alive at once, so no two share an address
