@@ -115,6 +115,9 @@ class AutoConfig:
     # time on a named GPU instead of this device (h100, b200, ...: precision/roofline.py, modeled, not timed): what
     # that GPU would choose; emulated formats may then be chosen, and run emulated here (a study)
     target: str | None = None
+    # a memory budget in GB (null: none): the fastest plan whose predicted memory (weights, grads, optimizer state,
+    # activations) fits; layers move to smaller formats that hold, most bytes saved per second lost first
+    memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         p = "precision.auto"
@@ -126,6 +129,10 @@ class AutoConfig:
         _check(self.target is None or self.objective == "time", f"{p}.target", self.target,
                "models time: leave precision.auto.objective=time (the default) or drop the target")
         _check(self.promote_after >= 0, f"{p}.promote_after", self.promote_after, "must be >= 0 (0: never)")
+        _check(self.memory_gb is None or self.memory_gb > 0, f"{p}.memory_gb", self.memory_gb,
+               "must be > 0 (null: no budget)")
+        _check(self.memory_gb is None or self.objective == "time", f"{p}.memory_gb", self.memory_gb,
+               "trades time for memory: leave precision.auto.objective=time (the default) or drop the budget")
 
 
 SCHEDULE_EXAMPLE = "e.g. 'precision.schedule=[{at: 0.8, preset: bf16}]'"

@@ -226,3 +226,55 @@ def test_a_faster_format_over_tolerance_is_not_chosen():
     assert event["event"] == "precision_plan" and p.planner.formats == {"0": "fp32", "2": "fp32"}
     assert all(event["errors"][n]["bf16"] > 1e-9 for n in ("0", "2"))  # measured, and over
     assert all("bf16 1 ms over tolerance" in p.plan[n].why for n in ("0", "2"))
+
+
+def budgeted(memory_gb: float) -> Precision:
+    """precision=auto on two 64-wide Linears at 2048 rows, where fp32 is timed faster than bf16 (stubbed: a CPU
+    without bf16 units), bf16 costing layer "0" 2 ms more and layer "2" 0.5 ms more; every format holds."""
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[bf16]", "precision.auto.probe_steps=2",
+                          "precision.auto.tolerance=inf", f"precision.auto.memory_gb={memory_gb!r}"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    p.prepare_model(model)
+    p.count_state_with(lambda: 1e6)  # the run's weights, grads and optimizer state: 1 MB here
+    times = {"0": {"bf16": 3e-3, "fp32": 1e-3}, "2": {"bf16": 1.5e-3, "fp32": 1e-3}}
+    p.time_formats = lambda module, fmts, x, r: {f: times["0" if module is model[0] else "2"][f] for f in fmts}
+    for n in range(1, 5):
+        p.begin_step(n, model)
+        with p.autocast():
+            out = model(torch.randn(2048, 64, generator=torch.Generator().manual_seed(n)))
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+        p.end_step(n, model, overflow=False)
+        if p.planner.planned:
+            return p
+    raise AssertionError("no plan")
+
+
+@pytest.mark.slow
+def test_a_memory_budget_moves_the_layer_that_costs_least_time_per_byte():
+    """precision.auto.memory_gb between two plans' predicted memory: the fastest plan (all fp32) is over it, so one
+    layer moves to bf16, the one losing least time per byte saved ("2": 0.5 ms against 2 ms, the same bytes).
+    What a layer saves, by hand: its fp32 input (2048 x 64 x 4 bytes) against bf16's input and weight copy
+    (2 x (2048 x 64 + 64 x 64)). Under the smallest plan's memory: one line naming the budget, that memory and
+    the fix."""
+    from mptrain.errors import ConfigError
+
+    gb = 2**30
+    saved = 2048 * 64 * 4 - 2 * (2048 * 64 + 64 * 64)
+    fastest = budgeted(1000.0)
+    assert fastest.planner.formats == {"0": "fp32", "2": "fp32"}
+    full = fastest.planner.summary()["auto_memory_gb"] * gb
+    assert full > 1e6  # the state and the activations
+    one = budgeted((full - saved / 2) / gb)
+    assert one.planner.formats == {"0": "fp32", "2": "bf16"}
+    assert one.planner.summary()["auto_memory_gb"] * gb == pytest.approx(full - saved, rel=1e-9)
+    assert "for precision.auto.memory_gb=" in one.plan["2"].why and "memory_gb" not in one.plan["0"].why
+    both = budgeted((full - 1.5 * saved) / gb)
+    assert both.planner.formats == {"0": "bf16", "2": "bf16"}
+    with pytest.raises(ConfigError) as refused:
+        budgeted((full - 2 * saved - 1000) / gb)
+    message = str(refused.value)
+    assert message.startswith("precision.auto.memory_gb=") and "\n" not in message
+    assert f"predicted at {(full - 2 * saved) / gb:.3g} GB" in message and "raise precision.auto.memory_gb" in message

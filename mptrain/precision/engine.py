@@ -241,6 +241,11 @@ class Precision:
         """FSDP: `fn` reduces the overflow flag across ranks (each rank unscales only its gradient shard)."""
         self._agree = fn
 
+    def count_state_with(self, fn: Callable[[], float]) -> None:
+        """precision.auto.memory_gb: `fn()` gives the bytes of the run's weights, grads, optimizer state, masters."""
+        if self.planner is not None:
+            self.planner.count_state_with(fn)
+
     def agree_across_ranks(self, gather: Callable[[object], list]) -> None:
         """Data parallel: precision=auto decides on every rank's figures (`gather(obj)`: every rank's `obj`, in
         rank order), so all ranks apply one plan."""

@@ -41,7 +41,7 @@ from torch import nn
 from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.shadow import Figures, Shadow, check_formats
 from mptrain.errors import ConfigError
-from mptrain.precision import roofline
+from mptrain.precision import budget, roofline
 from mptrain.precision.formats import FP8_ROW, FP32, Registry
 from mptrain.precision.plan import planned_modules
 
@@ -81,6 +81,13 @@ class Planner:
         if self.target is not None:
             roofline.target(self.target)  # an unknown name stops here, at start
         self.device = device
+        # precision.auto.memory_gb (bytes; None: no budget): the plan's predicted memory must fit (budget.py)
+        self.budget = cfg.memory_gb * budget.GB if cfg.get("memory_gb") is not None else None
+        self._state_bytes: Callable[[], float] = lambda: 0.0  # weights, grads, optimizer state: the run's count
+        self._saved: budget.SavedBytes | None = None
+        self.activations = 0  # bytes kept for backward in the probe's first step (memory_gb)
+        self.sizes: dict[str, tuple[int, int]] = {}  # module -> (input, weight) elements (memory_gb)
+        self.memory = None  # the plan's predicted bytes (memory_gb)
         self._examples: dict = {}  # module -> an input of the first probe step (objective=time times on its shape)
         self.probe_times: dict[str, dict[str, float]] = {}  # module -> format -> seconds, until the plan
         self.timed = False  # objective=time: the probe's first step has timed the formats (errors come next)
@@ -97,6 +104,11 @@ class Planner:
         self._shadow: Shadow | None = None
         # every rank's copy of a picklable object, in rank order (a collective); one process: [obj]
         self._gather: Callable[[object], list] = lambda obj: [obj]
+
+    def count_state_with(self, fn: Callable[[], float]) -> None:
+        """memory_gb: `fn()` gives the bytes of the run's weights, gradients, optimizer state and masters (called at
+        the plan, after the optimizer state exists)."""
+        self._state_bytes = fn
 
     def agree_across_ranks(self, gather: Callable[[object], list]) -> None:
         """Data parallel: `gather(obj)` returns every rank's `obj`; decisions then rest on all ranks' figures."""
@@ -150,6 +162,9 @@ class Planner:
             # time first: this step's inputs time every format on each module; errors are measured next, and
             # only of the formats faster than fp32 there (the others can never be chosen)
             self._keep_inputs(model)
+            if self.budget is not None:
+                self._saved = budget.SavedBytes(model)
+                self._saved.begin()
             return
         elif self.objective == "time":  # an error step: the formats that could pay, on the modules where they could
             only = self._worth()
@@ -173,7 +188,8 @@ class Planner:
         for name, times in self.probe_times.items():
             fp32 = times.get(self.fp32, 0)
             out[name] = [f for f, t in times.items() if f != self.fp32 and (
-                t < CLEARLY_FASTER * fp32 or (f == self.base and CLEARLY_FASTER * t <= fp32))]
+                t < CLEARLY_FASTER * fp32 or (f == self.base and CLEARLY_FASTER * t <= fp32)
+                or self.budget is not None)]  # a memory budget may need a slower, smaller format
         return out
 
     def _keep_inputs(self, model: nn.Module) -> None:
@@ -196,6 +212,9 @@ class Planner:
         for name in self.planned_modules(policy.plan):
             fits = [f for f in self.ladder if self.fits(model, name, f, policy.dim_multiple)]
             x = self._examples.get(name)
+            if x is not None:
+                weight = getattr(model.get_submodule(name), "weight", None)
+                self.sizes[name] = (x.numel(), weight.numel() if isinstance(weight, torch.Tensor) else 0)
             if self.target is not None:  # modeled on the target: every format it has a rate for, emulated here or not
                 self.probe_times[name] = (self.target_times(model.get_submodule(name), tuple(x.shape), fits)
                                           if x is not None else {})
@@ -215,6 +234,8 @@ class Planner:
         """After the optimizer step: read the figures; at the probe's end build and apply the plan, on a recheck
         demote the layers over tolerance. Returns the event row (or None)."""
         if not self.planned and self.objective == "time" and not self.timed:
+            if self._saved is not None:  # before the timing runs, which would count too
+                self.activations, self._saved = self._saved.end(), None
             self._time(model, policy)
             if any(self._worth().values()):
                 return None  # errors next, of the formats that could pay
@@ -303,6 +324,8 @@ class Planner:
                         for f, t in sorted(measured.items(), key=lambda kv: kv[1])) + ")"
             else:
                 chosen[name] = ok[0]
+        if self.budget is not None:
+            self._fit(chosen, why, model, policy)
         not_chosen = self._not_chosen(chosen) if self.target is not None else {}
         for name in chosen:  # a candidate the target cannot run has no time in the layer's reason: say why
             why[name] += "".join(f"; {f}: {w}" for f, w in not_chosen.items() if f not in times.get(name, {}))
@@ -330,6 +353,26 @@ class Planner:
                      ", ".join(f"{t * 1e3:.3g} ms all {f}" for f, t in totals.items()))
         return {"event": "precision_plan", "formats": dict(chosen), "errors": errors,
                 **({"times": times} if times else {}), "ranks": ranks}
+
+    def _fit(self, chosen: dict[str, str], why: dict[str, str], model: nn.Module, policy) -> None:
+        """memory_gb: move layers of the fastest plan `chosen` (in place) to smaller formats that hold until its
+        predicted memory fits the budget (budget.fit), each move in its layer's reason and the log."""
+        sized = {n: f for n, f in chosen.items() if n in self.sizes}
+        sizes = {n: {f: budget.layer_bytes(self.registry, f, *self.sizes[n]) for f in self.ladder} for n in sized}
+        options = {}
+        for n in sized:  # the formats that fit, hold and were timed, with their times
+            times = self.probe_times.get(n, {})
+            options[n] = {f: times[f] for f in self.ladder if f in times
+                          and self.fits(model, n, f, policy.dim_multiple) and self._holds(self.figures, n, f)}
+        # the probe computed the planned layers in the safe preset's format: their share is counted per format
+        fixed = self._state_bytes() + self.activations - sum(sizes[n][self.base] for n in sized)
+        fitted, self.memory = budget.fit(sized, options, sizes, fixed, self.budget)
+        for n, f in fitted.items():
+            if f != chosen[n]:
+                why[n] += f"; {f}, not {chosen[n]}, for precision.auto.memory_gb={self.budget / budget.GB:g}"
+                chosen[n] = f
+        log.info("precision=auto: the plan's predicted memory %.3g GB, within precision.auto.memory_gb=%g",
+                 self.memory / budget.GB, self.budget / budget.GB)
 
     def _not_chosen(self, chosen: dict[str, str]) -> dict[str, str]:
         """precision.auto.target: format -> why, for each candidate the plan gives to no layer (fp32 aside): the
@@ -394,6 +437,8 @@ class Planner:
                "auto_tolerance": tolerance, "auto_objective": self.objective}
         if self.target is not None:  # the times were modeled for this GPU, not measured here
             out["auto_target"] = self.target
+        if self.memory is not None:  # memory_gb: the plan's predicted bytes (weights, grads, optimizer, activations)
+            out["auto_memory_gb"] = self.memory / budget.GB
         plans = [h for h in self.history if h["event"] == "plan"]
         if plans:  # how many ranks measured the plan (older checkpoints did not say: one)
             out["auto_ranks"] = plans[-1].get("ranks", 1)

@@ -315,6 +315,8 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         raise ConfigError("trainer.ema keeps a whole fp32 copy of the weights on every rank, which FSDP's sharding "
                           "exists to avoid; use trainer.strategy=ddp or trainer.ema.enabled=false")
     ema = EMA(base_model, t.ema.decay, precision.master) if t.ema.enabled else None
+    params = list(base_model.parameters())  # precision.auto.memory_gb's state: as summary.json's memory_per_param
+    precision.count_state_with(lambda: memory_per_param(params, optimizer, precision)["total"] * n_params)
     # the user's callbacks: from config (callbacks=[{_target_: ...}]), then the objects passed from Python
     callbacks = [as_callback(_instantiate(node, "callbacks"), f"callbacks[{i}]")
                  for i, node in enumerate(cfg.get("callbacks") or [])]
