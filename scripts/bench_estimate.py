@@ -5,9 +5,9 @@ For each model and preset, in turn, each round: `mptrain-estimate --json` (devic
 then the median of --estimate-steps timed steps) and a short real run, `mptrain` from the command line with the same
 overrides and the settings estimate composes (diagnostics, checkpoints, the progress bar and TensorBoard off), so
 that the two time the same training step. The measured step time is the run's samples per step over its samples/s
-(summary.json: samples a step over samples/s, the run's training time, validation and the first, warm-up step excluded). The arms are
-interleaved round by round, so that a change of the machine's load falls on all of them; the table gives the
-medians over rounds and predicted / measured.
+(summary.json: the run's training time, validation and the first, warm-up step excluded). The arms are interleaved
+round by round, so that a change of the machine's load falls on all of them; the table gives the medians over
+rounds and predicted / measured.
 
     python scripts/bench_estimate.py                       # the default CNN and the README's GPT, fp32 and bf16
     python scripts/bench_estimate.py --models cnn --rounds 5 --steps 300
@@ -71,7 +71,7 @@ def main() -> None:
                 row["measured"].append(measured(overrides, preset, args.steps, Path(tmp) / f"{model}-{preset}-{r}"))
                 print(f"round {r}: {model} {preset}: predicted {row['predicted'][-1] * 1e3:.2f} ms, "
                       f"measured {row['measured'][-1] * 1e3:.2f} ms", flush=True)
-    print(f"\n| model | preset | predicted ms | measured ms | predicted / measured |\n|---|---|---|---|---|")
+    print("\n| model | preset | predicted ms | measured ms | predicted / measured |\n|---|---|---|---|---|")
     for (model, preset), row in rows.items():
         p, m = statistics.median(row["predicted"]), statistics.median(row["measured"])
         print(f"| {model} | {preset} | {p * 1e3:.2f} | {m * 1e3:.2f} | {p / m:.2f} |")
