@@ -26,7 +26,7 @@ from pathlib import Path
 MODELS = {
     "cnn": [],  # the default run: the small CNN on digits
     "gpt": ["model=gpt", "model.dim=64", "model.layers=2", "dataset=text",  # the README's GPT
-            "dataset.path=${python_stdlib:LICENSE.txt}"],
+            "dataset.path=${python_stdlib:LICENSE.txt}", "trainer.eval_every=100"],
 }
 QUIET = ["diagnostics.enabled=false", "checkpoint.enabled=false", "trainer.progress_bar=false",
          "trainer.tensorboard=false"]  # what mptrain-estimate composes: both time the same step
