@@ -4,7 +4,8 @@ The network is built on the meta device (no weights allocated, no data computed 
 estimates on a laptop) and traced once with a meta batch of the run's shape (trainer.batch_size samples of the
 dataset's own shape), which gives every Linear its M (batch x sequence) and every Conv2d its implicit GEMM. The
 preset's plan (precision.layers applied) gives each layer's format (precision=auto: the planner's own choice
-on the target's modeled times, `auto_plan`); precision/roofline.py gives its forward+backward time on the target. The step: every micro-batch's modeled layers, plus the optimizer as one
+on the target's modeled times, `auto_plan`); precision/roofline.py gives its forward+backward time on the target.
+The step: every micro-batch's modeled layers, plus the optimizer as one
 memory-bound pass over weights, gradients, optimizer state and masters. Not modeled (and listed): every other
 module (norms, embeddings, activations), and attention's own matmuls (F.scaled_dot_product_attention is no
 module).
