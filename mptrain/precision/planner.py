@@ -460,7 +460,7 @@ class Planner:
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
                 "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder),
                 "times": dict(self.times), "probe_times": dict(self.probe_times), "timed": self.timed,
-                "chosen": dict(self.chosen), "streak": dict(self.streak)}
+                "chosen": dict(self.chosen), "streak": dict(self.streak), "memory": self.memory}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("ladder")
@@ -481,3 +481,4 @@ class Planner:
         plans = [h["formats"] for h in self.history if h["event"] == "plan"]
         self.chosen = dict(state.get("chosen") or (plans[-1] if plans else self.formats))
         self.streak = dict(state.get("streak") or {})
+        self.memory = state.get("memory")  # memory_gb: the plan's predicted bytes (older checkpoints: none)
