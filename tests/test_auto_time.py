@@ -278,3 +278,19 @@ def test_a_memory_budget_moves_the_layer_that_costs_least_time_per_byte():
     message = str(refused.value)
     assert message.startswith("precision.auto.memory_gb=") and "\n" not in message
     assert f"predicted at {(full - 2 * saved) / gb:.3g} GB" in message and "raise precision.auto.memory_gb" in message
+
+
+def test_a_budget_with_the_safe_format_not_listed():
+    """formats=[fp8] leaves bf16 (the probe's format) off the ladder: the budget still counts the probe's share of
+    each layer in it (a KeyError before), and with a target lacking fp8 every layer is fp32 within the budget."""
+    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[fp8]", "precision.auto.probe_steps=1",
+                          "precision.auto.target=a100", "precision.fp8.dim_multiple=1", "precision.auto.memory_gb=1"])
+    validate(cfg)
+    p = Precision(cfg.precision, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    p.prepare_model(model)
+    for n in (1, 2):
+        step(p, model, n)
+        if p.planner.planned:
+            break
+    assert p.planner.formats == {"0": "fp32", "2": "fp32"} and 0 < p.planner.summary()["auto_memory_gb"] < 1

@@ -358,7 +358,8 @@ class Planner:
         """memory_gb: move layers of the fastest plan `chosen` (in place) to smaller formats that hold until its
         predicted memory fits the budget (budget.fit), each move in its layer's reason and the log."""
         sized = {n: f for n, f in chosen.items() if n in self.sizes}
-        sizes = {n: {f: budget.layer_bytes(self.registry, f, *self.sizes[n]) for f in self.ladder} for n in sized}
+        formats = [*self.ladder, *([] if self.base in self.ladder else [self.base])]  # the probe's, listed or not
+        sizes = {n: {f: budget.layer_bytes(self.registry, f, *self.sizes[n]) for f in formats} for n in sized}
         options = {}
         for n in sized:  # the formats that fit, hold and were timed, with their times
             times = self.probe_times.get(n, {})
@@ -460,7 +461,8 @@ class Planner:
         return {"planned": self.planned, "figures": figures, "formats": dict(self.formats),
                 "history": list(self.history), "why": dict(self.why), "ladder": list(self.ladder),
                 "times": dict(self.times), "probe_times": dict(self.probe_times), "timed": self.timed,
-                "chosen": dict(self.chosen), "streak": dict(self.streak), "memory": self.memory}
+                "chosen": dict(self.chosen), "streak": dict(self.streak), "memory": self.memory,
+                "activations": self.activations, "sizes": {n: list(v) for n, v in self.sizes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("ladder")
@@ -481,4 +483,6 @@ class Planner:
         plans = [h["formats"] for h in self.history if h["event"] == "plan"]
         self.chosen = dict(state.get("chosen") or (plans[-1] if plans else self.formats))
         self.streak = dict(state.get("streak") or {})
-        self.memory = state.get("memory")  # memory_gb: the plan's predicted bytes (older checkpoints: none)
+        # memory_gb: the probe's figures and the plan's predicted bytes (older checkpoints: none)
+        self.memory, self.activations = state.get("memory"), state.get("activations", 0)
+        self.sizes = {n: tuple(v) for n, v in (state.get("sizes") or {}).items()}
