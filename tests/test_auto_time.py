@@ -183,14 +183,15 @@ def test_a_target_plans_by_the_roofline_and_may_choose_an_emulated_format():
 def test_a_target_without_the_format_says_why_it_is_chosen_for_no_layer(caplog):
     """precision.auto.target=a100 with formats=[fp8]: an A100 has no fp8 tensor cores, so every layer is fp32 (the
     ladder's only other rung). Not silently: one log line and each layer's reason give the target's reason
-    (roofline.why_not's own words), the plan's history records it, and the summary names the target."""
+    (roofline.why_not's own words), the plan's history records it, and the summary names the target. A memory
+    budget there still counts the probe's bf16, which is no candidate (a KeyError before)."""
     import logging
 
     from mptrain.precision import roofline
     from mptrain.precision.formats import FP8
 
     cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[fp8]", "precision.auto.probe_steps=1",
-                          "precision.auto.target=a100", "precision.fp8.dim_multiple=1"])
+                          "precision.auto.target=a100", "precision.fp8.dim_multiple=1", "precision.auto.memory_gb=1"])
     validate(cfg)
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
@@ -207,7 +208,7 @@ def test_a_target_without_the_format_says_why_it_is_chosen_for_no_layer(caplog):
     assert said == [f"precision=auto: {FP8.name} is chosen for no layer on a100: {why}"]
     assert all(f"; {FP8.name}: {why}" in p.plan[n].why for n in ("0", "2"))
     assert p.planner.history[-1]["not_chosen"] == {FP8.name: why}
-    assert p.planner.summary()["auto_target"] == "a100"
+    assert p.planner.summary()["auto_target"] == "a100" and 0 < p.planner.summary()["auto_memory_gb"] < 1
 
 
 def test_a_faster_format_over_tolerance_is_not_chosen():
@@ -279,18 +280,3 @@ def test_a_memory_budget_moves_the_layer_that_costs_least_time_per_byte():
     assert message.startswith("precision.auto.memory_gb=") and "\n" not in message
     assert f"predicted at {(full - 2 * saved) / gb:.3g} GB" in message and "raise precision.auto.memory_gb" in message
 
-
-def test_a_budget_with_the_safe_format_not_listed():
-    """formats=[fp8] leaves bf16 (the probe's format) off the ladder: the budget still counts the probe's share of
-    each layer in it (a KeyError before), and with a target lacking fp8 every layer is fp32 within the budget."""
-    cfg = compose_config([*TINY, "precision=auto", "precision.auto.formats=[fp8]", "precision.auto.probe_steps=1",
-                          "precision.auto.target=a100", "precision.fp8.dim_multiple=1", "precision.auto.memory_gb=1"])
-    validate(cfg)
-    p = Precision(cfg.precision, torch.device("cpu"))
-    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
-    p.prepare_model(model)
-    for n in (1, 2):
-        step(p, model, n)
-        if p.planner.planned:
-            break
-    assert p.planner.formats == {"0": "fp32", "2": "fp32"} and 0 < p.planner.summary()["auto_memory_gb"] < 1
