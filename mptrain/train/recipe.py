@@ -302,7 +302,8 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     if cfg.precision.get("schedule"):  # checked here, before the run directory changes
-        precision.set_schedule(resolve_schedule(cfg.precision, total_steps), t.strategy, len(task.parts))
+        precision.set_schedule(resolve_schedule(cfg.precision, total_steps), t.strategy, len(task.parts),
+                               base_model)
     n_params = sum(p.numel() for p in model.parameters())
     if training:
         check_warmup(cfg.scheduler, total_steps)
@@ -453,7 +454,8 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = sharded.load(c, path)
-        c.precision.catch_up(ckpt["train_state"]["step"], c.base_model)  # precision.schedule's switches so far
+        # the switches so far (precision.schedule's; on_min=bf16's the checkpoint records)
+        c.precision.catch_up(ckpt["train_state"]["step"], c.base_model, ckpt.get("precision"))
         if c.precision.params_changed:
             c.rebuild_optimizer(c)
         apply_checkpoint(c, state, ckpt, path, config)
