@@ -498,8 +498,13 @@ class Precision:
         return model
 
     def check_strategy(self, strategy: str) -> None:
-        """Refuse a parallel strategy the family cannot run under (master weights under FSDP)."""
+        """Refuse a parallel strategy the family cannot run under (master weights under FSDP), or the scaler's
+        switch cannot (FSDP2 casts the shards to the param_dtype chosen at set-up: fp16 would stay)."""
         self.family.check_strategy(strategy, self.mode)
+        if strategy == "fsdp" and getattr(self.scaler, "on_min", None) == BF16.name:
+            raise ConfigError("precision.loss_scale.on_min=bf16 with trainer.strategy=fsdp: FSDP2 casts the "
+                              "sharded weights to float16 as set up, so a switch to bf16 cannot apply; use "
+                              "on_min=raise or on_min=clamp, or precision=bf16 from the start")
 
     def optimizer_params(self, module: nn.Module | None = None) -> list[torch.Tensor]:
         """The tensors an optimizer updates (of `module`, default the whole model): FP32 masters in
