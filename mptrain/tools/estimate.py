@@ -63,6 +63,12 @@ def composed(overrides: list[str]):
     return cfg
 
 
+def endless(loader):
+    """The loader's batches, epoch after epoch (a timing loop may outrun one epoch of a small dataset)."""
+    while True:
+        yield from loader
+
+
 def measure(overrides: list[str], steps: int = 3, layers: bool = False) -> dict:
     """One preset: MB of weights, grads, optimizer state, masters, activations, and their total; the median
     seconds of `steps` timed steps; with `layers`, each planned layer's format, time alone and (Linear) shape."""
