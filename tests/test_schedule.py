@@ -63,7 +63,17 @@ def test_switch_equals_a_restart_into_the_new_precision(tmp_path, monkeypatch, s
     (row,) = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "precision_switch"]
     first = start[0].removeprefix("precision=")
     assert (row["step"], row["after_step"], row["from"], row["to"]) == (step + 1, step, first, target)
-    assert summary["precision_switches"] == [{"step": step, "from": first, "to": target, "what": f"preset={target}"}]
+    (switch,) = summary["precision_switches"]
+    assert {k: switch[k] for k in ("step", "from", "to", "what")} == {"step": step, "from": first, "to": target,
+                                                                     "what": f"preset={target}"}
+    # what the precision switched out of did stays in the summary: auto's plan, fp8's layers
+    ran = switch.get("ran", {})
+    if first == "auto":
+        assert ran["auto_planned"] is True and set(ran["auto_plan"].values()) <= {"fp8", "bf16"}
+    if first == "fp8":
+        assert ran["fp8_layers"] == 3 and ran["fp8_emulated"] is True
+    if first in ("bf16", "amp"):
+        assert "ran" not in switch
     assert [e["event"] for e in summary["events"] if e["event"] == "precision_switch"] == ["precision_switch"]
     plan = json.loads((run / "precision_plan.json").read_text())
     assert plan["history"][-1]["event"] == "switch" and plan["history"][-1]["step"] == step

@@ -454,9 +454,11 @@ class Precision:
         if old.scaler.enabled and not self.scaler.enabled:  # the skips so far stay counted (as on_min=bf16)
             self.scaler = _after_switch({**old.scaler.stats(), "skipped": old.scaler.skipped})
         self.plan_changed = dict(old.plan_changed)
+        # what the precision switched out of did, which the summary's own keys (this precision's) no longer say
+        ran = {k: v for k, v in old.summary().items() if k.startswith(("auto_", "fp8_"))}
         record = {"step": sw.step, "event": "switch", "from": old.mode, "to": self.mode, "what": sw.what,
                   "before": old.plan.formats(), "formats": self.plan.formats(),
-                  **({"index": sw.index} if sw.index is not None else {})}
+                  **({"index": sw.index} if sw.index is not None else {}), **({"ran": ran} if ran else {})}
         self.history = [*old.history, *(old.planner.history if old.planner is not None else []), record]
         self.switches = [s for s in old.switches if s.step > sw.step]
         log.warning("%s: after step %d, %s -> %s (%s):\n%s", "precision.schedule" if sw.entry else "precision",
@@ -687,7 +689,8 @@ class Precision:
             out["plan_changed_on_resume"] = dict(self.plan_changed)
         switches = [h for h in self.history if h["event"] == "switch"]
         if switches:
-            out["precision_switches"] = [{k: h[k] for k in ("step", "from", "to", "what")} for h in switches]
+            out["precision_switches"] = [{k: h[k] for k in ("step", "from", "to", "what", "ran") if k in h}
+                                         for h in switches]
         if self.fp8_cfg is not None:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
