@@ -204,3 +204,18 @@ def test_a_shorter_run_at_resume_makes_a_passed_switch_at_the_resume(tmp_path, m
     assert summary["precision_switches"] == [{"step": 4, "from": "bf16", "to": "fp32", "what": "preset=fp32"}]
     assert summary["compute_dtype"] == "fp32"
     assert "falls after step 3 now (trainer.max_steps changed at resume)" in caplog.text
+
+
+@pytest.mark.slow
+def test_diagnostics_follow_a_switch_into_master_weights(tmp_path):
+    """After amp -> master the optimizer updates fp32 masters, other tensors than the model's: the sampled rows
+    still name every gradient by its parameter (read again at the switch), not param0, param1, ..."""
+    from mptrain.run.layout import read_jsonl as rows_of
+
+    overrides = [o for o in BASE if o != "diagnostics=off"] + ["diagnostics.every=1", "checkpoint.enabled=false",
+                                                               "precision=amp", schedule(2, "master")]
+    _, run = train(tmp_path, overrides)
+    samples = [r for r in rows_of(run / "diagnostics.jsonl") if r.get("event") == "sample" and "grads" in r]
+    names = [set(r["grads"]["params"]) for r in samples]
+    assert [r["step"] for r in samples][-1] == STEPS and all(n == names[0] for n in names)
+    assert "head.weight" in names[0] and not any(n.startswith("param") for n in names[0])

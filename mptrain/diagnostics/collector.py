@@ -49,14 +49,10 @@ class Diagnostics:
         model = getattr(model, "_orig_mod", model)  # hooks go on the plain modules under torch.compile
         model = getattr(model, "module", model)  # and under DDP (a trace must not trigger its all-reduce)
         self.cfg, self.model, self.precision, self.tb = cfg, model, precision, tb
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        # what the optimizer updates (FP32 masters in master mode), in model order: name them by identity so
-        # that a step over a subset (one part of a GAN) is named right
-        self.name_of = {id(t): n for n, t in zip(names, precision.optimizer_params())}
+        self._read_precision()
         layers = self.check_layers(cfg, model, precision.registry)
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
-        self.hypothetical = precision.compute_dtype != torch.float16
         # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
         # what each candidate format does to each layer (names checked at start)
@@ -152,8 +148,24 @@ class Diagnostics:
                 output.register_hook(lambda g: self._act[name].append(_device_hist(g)))
         return forward_hook
 
+    def _read_precision(self) -> None:
+        """What the diagnostics take from the run's precision: the names of what the optimizer updates (FP32
+        masters in master mode, in model order: named by identity, so that a step over a subset, one part of a
+        GAN, is named right) and whether fp16 values are actual; read again after a switch of precision."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.name_of = {id(t): n for n, t in zip(names, self.precision.optimizer_params())}
+        self.hypothetical = self.precision.compute_dtype != torch.float16
+        self._precision_seen = (self.precision.mode, self.precision.compute_dtype, len(self.precision.history))
+
     def inspect(self, params: list[torch.Tensor], overflow: bool, scale: float) -> None:
         """Called by the precision step after unscaling, before clipping and the update (once per part)."""
+        p = self.precision
+        if (p.mode, p.compute_dtype, len(p.history)) != self._precision_seen:  # a switch (precision.schedule)
+            was = self.hypothetical
+            self._read_precision()
+            if was != self.hypothetical:  # the rows from here on are of the other fp16 view: said in the file
+                self._write({"event": "fp16_view", "step": self._step,
+                             "fp16_view": "hypothetical" if self.hypothetical else "actual"})
         if self._row is None and not overflow:
             return  # not sampled: nothing to do
         pairs = [(self.name_of.get(id(p), f"param{i}"), p) for i, p in enumerate(params) if p.grad is not None]
