@@ -124,13 +124,19 @@ def test_fsdp_sharded_checkpoint_with_a_layers_plan_resumes_on_four_ranks(tmp_pa
     dcp_to_torch_save(step6, tmp_path / "resumed.pt")
     dcp_to_torch_save(tmp_path / "straight" / "checkpoints" / "sharded" / "step_6", tmp_path / "straight.pt")
     resumed, want = (torch.load(tmp_path / f, weights_only=True) for f in ("resumed.pt", "straight.pt"))
-    for part in ("model", "optim"):
+    for part, atol in (("model", WEIGHTS_ATOL), ("optim", MOMENTUM_ATOL)):
         flat_r, flat_w = flatten(resumed[part]), flatten(want[part])
         assert sorted(flat_r) == sorted(flat_w)
         for k in flat_w:
-            torch.testing.assert_close(flat_r[k], flat_w[k], rtol=0, atol=WEIGHTS_ATOL)
+            torch.testing.assert_close(flat_r[k], flat_w[k], rtol=0, atol=atol, msg=k)
     ref = json.loads((tmp_path / "straight" / "summary.json").read_text())
     assert summary["val/loss"] == pytest.approx(ref["val/loss"], rel=LOSS_RTOL)
+
+
+# fp8 scales each rank's activations by that rank's own amax: 8 samples a rank quantize (a little) otherwise than
+# 16, so the gradients of steps 5 and 6 differ at fp8's resolution. Measured: weights within 1.1e-4, SGD momentum
+# (the gradients, |g| < 0.4) within 1.4e-3
+MOMENTUM_ATOL = 5e-3
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
