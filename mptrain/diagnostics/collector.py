@@ -171,9 +171,9 @@ class Diagnostics:
         if self._row is None and not overflow:
             return  # not sampled: nothing to do
         pairs = [(self.name_of.get(id(p), f"param{i}"), p) for i, p in enumerate(params) if p.grad is not None]
-        grads = [whole(p.grad) for _, p in pairs]  # FSDP2: the reduced gradient's shards, gathered on every rank
+        full = [whole(p.grad) for _, p in pairs]  # FSDP2: the reduced gradient's shards, gathered on every rank
         if self._row is not None and pairs:
-            stats = range_stats(grads, [n for n, _ in pairs], scale=scale)
+            stats = range_stats(full, [n for n, _ in pairs], scale=scale)
             self._row["loss_scale"] = scale
             grads = self._row.setdefault("grads", {"params": {}})
             grads["params"].update(stats.per_tensor())
@@ -181,7 +181,7 @@ class Diagnostics:
             if not overflow:
                 self._before += [(n, p, whole(p.detach()).clone()) for n, p in pairs]
         if overflow:
-            bad = [n for (n, _), g in zip(pairs, grads) if not bool(torch.isfinite(g).all())]
+            bad = [n for (n, _), g in zip(pairs, full) if not bool(torch.isfinite(g).all())]
             self._write({"event": "overflow", "step": self._step, "loss_scale": scale, "nonfinite_params": bad})
 
     def record(self, key: str, value: dict) -> None:
