@@ -11,6 +11,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+
+from mptrain.diagnostics.collector import merge_ranks
 
 from .conftest import read_jsonl, run_cli
 from .test_distributed import torchrun
@@ -79,3 +82,18 @@ def test_fsdp_diagnostics_equal_one_process_on_the_global_batch(tmp_path):
     sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "fsdp"))
     assert sb["diag/samples"] == 3
     assert sb["diag/update_underflow"] == pytest.approx(sa["diag/update_underflow"], abs=FRACTION_ATOL)
+
+
+def test_ranks_figures_merge_into_the_global_batchs():
+    """merge_ranks by hand: the largest range (a non-finite None wins), the worse shadow figure (an "inf" worst, a
+    None only where no rank measured), summed bin counts with the larger peak."""
+    rank0 = ({"a": {"in": 1.0, "grad": 0.5}, "b": {"out": 2.0}},
+             {"a": {"x": [0.1, 0.0, None, 0.2, 0.01, 0.0, None]}},
+             {"a": torch.tensor([1.0, 2.0, 0.0, 0.25])})
+    rank1 = ({"a": {"in": 3.0, "grad": None}, "b": {"out": 1.5}},
+             {"a": {"x": [0.05, "inf", None, 0.3, 0.0, 0.0, None]}},
+             {"a": torch.tensor([0.0, 1.0, 4.0, 0.5])})
+    ranges, shadow, hists = merge_ranks([rank0, rank1])
+    assert ranges == {"a": {"in": 3.0, "grad": None}, "b": {"out": 2.0}}
+    assert shadow == {"a": {"x": [0.1, "inf", None, 0.3, 0.01, 0.0, None]}}
+    assert hists["a"].tolist() == [1.0, 3.0, 4.0, 0.5]
