@@ -106,8 +106,9 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
                           "use on_min=raise or on_min=clamp")
 
 
-def _refused(mode: str, new: Precision, strategy: str, parts: int) -> str | None:
-    """Why a switch from precision=`mode` to `new` cannot be made in the running process (None: it can)."""
+def _refused(old: Precision, new: Precision, strategy: str, parts: int) -> str | None:
+    """Why a switch from the precision `old` to `new` cannot be made in the running process (None: it can)."""
+    mode = old.mode
     if optimizer_state_kind(mode) != optimizer_state_kind(new.mode):  # the resume's rule (check_precision_change)
         return (f"the optimizer state of precision={mode} ({optimizer_state_kind(mode)}) does not map onto "
                 f"precision={new.mode}'s ({optimizer_state_kind(new.mode)}), as a resume into it would refuse")
@@ -117,8 +118,13 @@ def _refused(mode: str, new: Precision, strategy: str, parts: int) -> str | None
         return (f"an in-process switch goes from an autocast preset (fp32, amp, bf16, dynamic, static, noscale, fp8, "
                 f"auto) to another or to master; precision={mode} -> {new.mode} needs a stop and a resume "
                 f"(resume=auto precision={new.mode})")
-    if strategy == "fsdp":
-        return "trainer.strategy=fsdp: the sharded model is converted once; stop and resume into the new precision"
+    if strategy == "fsdp" and new.preset.master:
+        return "trainer.strategy=fsdp keeps float32 shards itself and takes no master weights"
+    if strategy == "fsdp" and new.gather_dtype != old.gather_dtype:
+        gathered, wanted = (str(p.gather_dtype).removeprefix("torch.") for p in (old, new))
+        return (f"trainer.strategy=fsdp gathers the weights in {gathered} (FSDP2's param_dtype, fixed when the model "
+                f"was sharded) and precision={new.mode} needs them in {wanted}; stop and resume into it "
+                f"(resume=auto precision={new.mode})")
     if new.preset.master and parts > 1:
         return "master weights for a task with several optimizers (a GAN): stop and resume into precision=master"
     return None
@@ -303,6 +309,14 @@ class Precision:
         return self.planner is not None or bool(self.rules)
 
     @property
+    def gather_dtype(self) -> torch.dtype:
+        """The dtype FSDP2 gathers the weights in (MixedPrecisionPolicy.param_dtype, fixed when the model is
+        sharded): the compute dtype under one autocast for the whole model; float32 for a per-layer plan (each
+        module casts as its format says; a bf16 gather would feed bf16 weights to an fp32 or fp8 layer) and
+        without autocast."""
+        return self.compute_dtype if self.use_autocast and not self.per_layer else torch.float32
+
+    @property
     def dim_multiple(self) -> int:
         return (self.fp8_cfg or OmegaConf.structured(Fp8Config)).dim_multiple
 
@@ -379,7 +393,7 @@ class Precision:
         """Check every switch as a resume into its precision would be checked, before the run directory changes
         (each target is built, and its plan resolved on `model`: a format or a dependency it lacks, a layers glob
         that matches no module, fails here), and keep them."""
-        mode = self.mode
+        old = self
         for sw in switches:
             where = f"precision.schedule[{sw.index}]" if sw.index is not None else "precision.schedule"
             try:
@@ -389,10 +403,10 @@ class Precision:
             except ConfigError as e:  # the check names the key as a run's own precision.layers would
                 raise ConfigError(f"{where} (after step {sw.step}, {sw.what}): "
                                   f"{str(e).replace('precision.layers', 'its layers')}") from None
-            why = _refused(mode, new, strategy, parts)
+            why = _refused(old, new, strategy, parts)
             if why is not None:
                 raise ConfigError(f"{where}: the switch after step {sw.step} ({sw.what}) is refused: {why}")
-            mode = new.mode
+            old = new
         self.switches = list(switches)
 
     def catch_up(self, step: int, model: nn.Module | None = None, state: dict | None = None) -> None:
