@@ -254,15 +254,3 @@ def test_fp8_all_gather_is_refused_where_fp8_is_emulated(tmp_path):
     assert not (tmp_path / "run").exists()
     assert fp8.float8_config(FP8.recipe, emulate=False, fsdp_all_gather=True).enable_fsdp_float8_all_gather
     assert not fp8.float8_config(FP8.recipe, emulate=False).enable_fsdp_float8_all_gather
-
-
-@pytest.mark.slow  # torchrun
-def test_fsdp_with_diagnostics_is_refused_in_one_line(tmp_path):
-    """Diagnostics run on rank 0 alone, and a sharded tensor is read only by all ranks together: the run hung.
-    Now one line at start, before the run directory changes."""
-    proc = torchrun(["model=mlp", "trainer.device=cpu", "trainer.batch_size=32", "trainer.strategy=fsdp",
-                     "precision=bf16", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
-                    timeout=300)
-    assert proc.returncode != 0
-    assert "diagnostics under trainer.strategy=fsdp" in proc.stderr and "add diagnostics=off" in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -505,3 +505,11 @@ def test_on_min_raise_stops_with_a_checkpoint_summary_and_trace(tmp_path):
     fresh = MLP(num_classes=10, in_channels=1, image_size=8, width=8, depth=2)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in ckpt["model"].items())
     assert [r["event"] for r in read_jsonl(run_dir / "diagnostics.jsonl") if r.get("event") == "trace"] == ["trace"]
+
+
+def test_on_min_bf16_under_fsdp_is_refused_in_one_line():
+    """FSDP2 casts the shards to the param_dtype of set-up (fp16): a switch of autocast to bf16 could not apply."""
+    with pytest.raises(ConfigError, match=r"on_min=bf16 with trainer.strategy=fsdp") as refused:
+        bf16_precision().check_strategy("fsdp")
+    assert "\n" not in str(refused.value)
+    bf16_precision().check_strategy("ddp")  # DDP keeps whole fp32 weights: the switch applies

@@ -179,6 +179,31 @@ def test_second_run_into_a_held_directory_is_refused_naming_the_pid(tmp_path):
         holder.wait()
 
 
+# the holder forks a child (as a DataLoader worker is forked) that outlives it: the lock must end with the holder
+HOLD_AND_FORK = ("import os, sys, time; from pathlib import Path; from mptrain.run.lock import RunLock; "
+                 "RunLock(Path(sys.argv[1])).acquire(); child = os.fork(); "
+                 "(time.sleep(60), os._exit(0)) if child == 0 else None; print('held', child, flush=True); "
+                 "time.sleep(60)")
+
+
+def test_a_killed_runs_lock_ends_with_it_not_with_its_forked_children(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        word, child = holder.stdout.readline().split()
+        child = int(child)
+        holder.kill()  # kill -9 of the run; its forked child lives on
+        os.kill(child, 0)  # still alive
+        lock = RunLock(tmp_path).acquire()  # at once, not reaped yet: the dead holder's lock is waited for
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+        if child:
+            os.kill(child, 9)
+
+
 # ---- 9. file modes --------------------------------------------------------------------------------------------
 
 def test_summary_and_checkpoints_follow_the_umask(tmp_path):

@@ -63,7 +63,17 @@ def test_switch_equals_a_restart_into_the_new_precision(tmp_path, monkeypatch, s
     (row,) = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "precision_switch"]
     first = start[0].removeprefix("precision=")
     assert (row["step"], row["after_step"], row["from"], row["to"]) == (step + 1, step, first, target)
-    assert summary["precision_switches"] == [{"step": step, "from": first, "to": target, "what": f"preset={target}"}]
+    (switch,) = summary["precision_switches"]
+    assert {k: switch[k] for k in ("step", "from", "to", "what")} == {"step": step, "from": first, "to": target,
+                                                                     "what": f"preset={target}"}
+    # what the precision switched out of did stays in the summary: auto's plan, fp8's layers
+    ran = switch.get("ran", {})
+    if first == "auto":
+        assert ran["auto_planned"] is True and set(ran["auto_plan"].values()) <= {"fp8", "bf16"}
+    if first == "fp8":
+        assert ran["fp8_layers"] == 3 and ran["fp8_emulated"] is True
+    if first in ("bf16", "amp"):
+        assert "ran" not in switch
     assert [e["event"] for e in summary["events"] if e["event"] == "precision_switch"] == ["precision_switch"]
     plan = json.loads((run / "precision_plan.json").read_text())
     assert plan["history"][-1]["event"] == "switch" and plan["history"][-1]["step"] == step
@@ -101,6 +111,11 @@ def test_resume_across_a_switch_is_bitwise(tmp_path, monkeypatch, start):
         (["precision=bf16", schedule(1.5, "fp32")], r"precision.schedule\[0\].at=1.5 is invalid"),
         (["precision=bf16", schedule(2, "fp9")], r"precision.schedule\[0\].preset='fp9' is invalid"),
         (["precision=bf16", "precision.schedule=[{at: 2, layers: {head: fp9}}]"], "fp9"),
+        # a glob that matches no module fails at set-up, naming the schedule's entry (not precision.layers)
+        (["precision=bf16", "precision.schedule=[{at: 2, layers: {nope: fp32}}]"],
+         r"^precision.schedule\[0\] \(after step 2, layers=\{'nope': 'fp32'\}\): its layers: nope matches no module"),
+        ([*AUTO, "precision.schedule=[{at: 2, layers: {head: fp32}}]"], r"^precision.schedule\[0\] .*its layers with "
+         "precision=auto"),
     ],
 )
 def test_a_refused_switch_is_one_line_and_touches_nothing(tmp_path, overrides, match):
@@ -122,17 +137,23 @@ def test_a_layers_entry_moves_one_layer_and_keeps_the_preset(tmp_path):
 
 
 
+ON_MIN = ["model=mlp", "model.width=16", "model.depth=2", "precision=dynamic", "precision.loss_scale.init=1",
+          "precision.loss_scale.min=1", "precision.loss_scale.on_min=bf16", "trainer.loss_weight=1e6",
+          "trainer.clip_grad_norm=1.0", "trainer.max_steps=4", "trainer.batch_size=32", "diagnostics=off",
+          "scheduler.warmup_steps=0"]
+
+
 @pytest.mark.slow
-def test_on_min_bf16_is_recorded_as_a_switch(tmp_path):
-    """The scaler's switch to bf16 (loss scale at its minimum, step 1) is a switch of the schedule's kind: in
-    precision_plan.json's history, whose plan says bf16 from then on, and in the summary."""
-    summary, run = train(tmp_path, [
-        "model=mlp", "model.width=16", "model.depth=2", "precision=dynamic", "precision.loss_scale.init=1",
-        "precision.loss_scale.min=1", "precision.loss_scale.on_min=bf16", "trainer.loss_weight=1e6",
-        "trainer.clip_grad_norm=1.0", "trainer.max_steps=3", "trainer.batch_size=32", "diagnostics=off",
-        "checkpoint.enabled=false"])
-    assert summary["precision_switches"] == [{"step": 1, "from": "fp16", "to": "bf16",
+def test_on_min_bf16_is_a_switch_of_the_schedules(tmp_path, monkeypatch):
+    """The scaler's switch to bf16 (loss scale at its minimum, step 1) is made by the schedule's mechanism: into
+    precision=bf16, recorded in precision_plan.json's history (whose plan says bf16 from then on) and the summary,
+    and equal, bitwise, to stopping after step 1 and resuming with precision=bf16."""
+    summary, run = train(tmp_path / "switch", ON_MIN)
+    assert summary["precision_switches"] == [{"step": 1, "from": "dynamic", "to": "bf16",
                                               "what": "loss_scale.on_min=bf16"}]
+    assert summary["compute_dtype"] == "bf16" and summary["precision"] == "dynamic"
+    _, ref = restart(tmp_path, monkeypatch, ON_MIN, "bf16", 1)
+    assert_same_tensors(weights_and_optimizer(run), weights_and_optimizer(ref))
     plan = json.loads((run / "precision_plan.json").read_text())
     (switch,) = plan["history"]
     assert set(switch["before"].values()) == {"fp16"} and set(switch["formats"].values()) == {"bf16"}
@@ -151,3 +172,50 @@ def test_eval_of_a_switched_run_computes_in_the_precision_it_ended_in(tmp_path):
     run, summary = trained_run(tmp_path, BASE + ["precision=bf16", schedule(3, "fp32")])
     record, _ = evaluate(run, "last")
     assert record["compute_dtype"] == "fp32" and record["val/loss"] == summary["val/loss"]
+
+
+def cut_then_resumed(tmp_path, monkeypatch, overrides: list[str], cut: int, steps: int) -> dict:
+    """The run stopped after step `cut` (SIGTERM), then resumed with trainer.max_steps=`steps`: the summary."""
+    from mptrain.checkpoint.signals import Interrupted
+
+    stop_at(monkeypatch, cut)
+    with pytest.raises(Interrupted):
+        train(tmp_path, overrides)
+    monkeypatch.undo()
+    summary, _ = train(tmp_path, [*overrides, f"trainer.max_steps={steps}", "resume=auto"])
+    return summary
+
+
+@pytest.mark.slow
+def test_a_longer_run_at_resume_does_not_switch_twice(tmp_path, monkeypatch):
+    """at=0.5 of 6 steps switched after step 3; resumed at step 4 with max_steps=10 (0.5 is step 5 now): the switch
+    made stays made, once, and the run ends in its precision."""
+    summary = cut_then_resumed(tmp_path, monkeypatch, BASE + ["precision=bf16", schedule(0.5, "fp32")], 4, 10)
+    assert summary["precision_switches"] == [{"step": 3, "from": "bf16", "to": "fp32", "what": "preset=fp32"}]
+    assert summary["compute_dtype"] == "fp32" and summary["steps"] == 10
+
+
+@pytest.mark.slow
+def test_a_shorter_run_at_resume_makes_a_passed_switch_at_the_resume(tmp_path, monkeypatch, caplog):
+    """at=0.5 of 10 steps (after step 5), stopped at step 4; resumed with max_steps=6 (0.5 is step 3 now, already
+    passed): the switch is made at the resume, after step 4, recorded there, and said."""
+    overrides = [o for o in BASE if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=10"]
+    summary = cut_then_resumed(tmp_path, monkeypatch, overrides + ["precision=bf16", schedule(0.5, "fp32")], 4, 6)
+    assert summary["precision_switches"] == [{"step": 4, "from": "bf16", "to": "fp32", "what": "preset=fp32"}]
+    assert summary["compute_dtype"] == "fp32"
+    assert "falls after step 3 now (trainer.max_steps changed at resume)" in caplog.text
+
+
+@pytest.mark.slow
+def test_diagnostics_follow_a_switch_into_master_weights(tmp_path):
+    """After amp -> master the optimizer updates fp32 masters, other tensors than the model's: the sampled rows
+    still name every gradient by its parameter (read again at the switch), not param0, param1, ..."""
+    from mptrain.run.layout import read_jsonl as rows_of
+
+    overrides = [o for o in BASE if o != "diagnostics=off"] + ["diagnostics.every=1", "checkpoint.enabled=false",
+                                                               "precision=amp", schedule(2, "master")]
+    _, run = train(tmp_path, overrides)
+    samples = [r for r in rows_of(run / "diagnostics.jsonl") if r.get("event") == "sample" and "grads" in r]
+    names = [set(r["grads"]["params"]) for r in samples]
+    assert [r["step"] for r in samples][-1] == STEPS and all(n == names[0] for n in names)
+    assert "head.weight" in names[0] and not any(n.startswith("param") for n in names[0])

@@ -3,6 +3,12 @@ histograms, and overflow provenance. Writes diagnostics.jsonl and TensorBoard.
 
 Cost model: on steps that are not sampled nothing happens here (no hooks are registered, nothing is
 read from the device). On a sampled step the statistics take a few kernels and one host copy.
+
+Under FSDP2 (`ranks` given) every rank runs the diagnostics and rank 0 writes: each sharded gradient and weight
+is all-gathered for the statistics, the shadow gathers each module's weights for its measurement, and each
+rank's per-module figures of its own micro-batch are merged into the global batch's with one gather per sampled
+step (largest ranges, summed histograms, the worst shadow error). All ranks meet these collectives in the same
+order.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch import nn
 
 from mptrain.diagnostics.ranges import ModuleRanges
 from mptrain.diagnostics.shadow import FIELDS as SHADOW_FIELDS
-from mptrain.diagnostics.shadow import Shadow, check_formats
+from mptrain.diagnostics.shadow import Figures, Shadow, check_formats, whole
 from mptrain.diagnostics.stats import (
     BIN_LABELS,
     EXPONENTS,
@@ -45,32 +51,36 @@ log = logging.getLogger("mptrain")
 class Diagnostics:
     """Owned by the loop; one per run."""
 
-    def __init__(self, cfg: DictConfig, model: nn.Module, precision, run_dir: Path, tb=None):
+    def __init__(self, cfg: DictConfig, model: nn.Module, precision, run_dir: Path, tb=None, ranks=None):
+        """`ranks` (FSDP2): every rank runs these diagnostics; `ranks.gather(obj)` returns every rank's obj (a
+        collective), `ranks.world_size` and `ranks.writes` (rank 0) say how many there are and who writes."""
+        self.ranks = ranks
+        self.writes = ranks is None or ranks.writes
+        # a rank's loss is the mean over its own micro-batch, so its output gradients are world_size times the
+        # global batch's: scaled back, the figures are those of one process on the global batch
+        self.grad_share = 1.0 / ranks.world_size if ranks is not None else 1.0
         model = getattr(model, "_orig_mod", model)  # hooks go on the plain modules under torch.compile
         model = getattr(model, "module", model)  # and under DDP (a trace must not trigger its all-reduce)
         self.cfg, self.model, self.precision, self.tb = cfg, model, precision, tb
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        # what the optimizer updates (FP32 masters in master mode), in model order: name them by identity so
-        # that a step over a subset (one part of a GAN) is named right
-        self.name_of = {id(t): n for n, t in zip(names, precision.optimizer_params())}
+        self._read_precision()
         layers = self.check_layers(cfg, model, precision.registry)
         modules = dict(model.named_modules())
         self.layers = {n: modules[n] for n in layers}
-        self.hypothetical = precision.compute_dtype != torch.float16
         # 16-bit weights (nomaster, bf16_pure): an update that rounded away is an exact zero in the applied update
         weights = sorted({str(t.dtype).removeprefix("torch.") for t in precision.optimizer_params()})
         # what each candidate format does to each layer (names checked at start)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         registry = precision.registry
-        self.shadow = Shadow(registry.default_candidates(device) if cfg.shadow is None else list(cfg.shadow), registry)
-        if self.shadow:  # opt-in, and dear: say why the sampled steps are slow
+        self.shadow = Shadow(registry.default_candidates(device) if cfg.shadow is None else list(cfg.shadow), registry,
+                             gather=ranks is not None)
+        if self.shadow and self.writes:  # opt-in, and dear: say why the sampled steps are slow
             log.info("diagnostics.shadow=[%s]: each sampled step (the first %d, then every %d) runs every module "
                      "with parameters again once in fp32 and once per format: those steps take several times a "
                      "plain step's time (docs/benchmarks.md \"Shadow measurement\")", ", ".join(self.shadow.names),
                      cfg.first_steps, cfg.every)
         self.path = Path(run_dir) / DIAGNOSTICS
-        self._file = open(self.path, "a")
-        if self.path.stat().st_size == 0:
+        self._file = open(self.path, "a") if self.writes else None
+        if self._file is not None and self.path.stat().st_size == 0:
             self._write({"event": "meta", "bins": BIN_LABELS, "exponents": EXPONENTS,
                          "fp16_view": "hypothetical" if self.hypothetical else "actual",
                          "note": ("statistics show what fp16 would do to these values at the current loss scale"
@@ -94,7 +104,7 @@ class Diagnostics:
         # run's summary covers every attempt): the recipe shares this dict with the train state
         self.totals: dict[str, float] = {}
         # every module's largest |input|, |output|, |weight|, |output grad|, and the shadow figures
-        self.ranges = ModuleRanges(model, self.shadow)
+        self.ranges = ModuleRanges(model, self.shadow, grad_share=self.grad_share)
         self.fp8 = fp8.Fp8Stats(
             model
         )  # precision=fp8: per converted layer amax, scale and e4m3/e5m2 range (else empty)
@@ -149,24 +159,41 @@ class Diagnostics:
                 output = output[0]
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 # counts stay on the device: one bincount per layer per micro-batch, read at the end
-                output.register_hook(lambda g: self._act[name].append(_device_hist(g)))
+                output.register_hook(lambda g: self._act[name].append(_device_hist(g * self.grad_share)))
         return forward_hook
+
+    def _read_precision(self) -> None:
+        """What the diagnostics take from the run's precision: the names of what the optimizer updates (FP32
+        masters in master mode, in model order: named by identity, so that a step over a subset, one part of a
+        GAN, is named right) and whether fp16 values are actual; read again after a switch of precision."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.name_of = {id(t): n for n, t in zip(names, self.precision.optimizer_params())}
+        self.hypothetical = self.precision.compute_dtype != torch.float16
+        self._precision_seen = (self.precision.mode, self.precision.compute_dtype, len(self.precision.history))
 
     def inspect(self, params: list[torch.Tensor], overflow: bool, scale: float) -> None:
         """Called by the precision step after unscaling, before clipping and the update (once per part)."""
+        p = self.precision
+        if (p.mode, p.compute_dtype, len(p.history)) != self._precision_seen:  # a switch (precision.schedule)
+            was = self.hypothetical
+            self._read_precision()
+            if was != self.hypothetical:  # the rows from here on are of the other fp16 view: said in the file
+                self._write({"event": "fp16_view", "step": self._step,
+                             "fp16_view": "hypothetical" if self.hypothetical else "actual"})
         if self._row is None and not overflow:
             return  # not sampled: nothing to do
         pairs = [(self.name_of.get(id(p), f"param{i}"), p) for i, p in enumerate(params) if p.grad is not None]
+        full = [whole(p.grad) for _, p in pairs]  # FSDP2: the reduced gradient's shards, gathered on every rank
         if self._row is not None and pairs:
-            stats = range_stats([p.grad for _, p in pairs], [n for n, _ in pairs], scale=scale)
+            stats = range_stats(full, [n for n, _ in pairs], scale=scale)
             self._row["loss_scale"] = scale
             grads = self._row.setdefault("grads", {"params": {}})
             grads["params"].update(stats.per_tensor())
             grads["overall"] = merge_overall(grads.get("overall"), stats.overall)
             if not overflow:
-                self._before += [(n, p, p.detach().clone()) for n, p in pairs]
+                self._before += [(n, p, whole(p.detach()).clone()) for n, p in pairs]
         if overflow:
-            bad = [n for n, p in pairs if not bool(torch.isfinite(p.grad).all())]
+            bad = [n for (n, _), g in zip(pairs, full) if not bool(torch.isfinite(g).all())]
             self._write({"event": "overflow", "step": self._step, "loss_scale": scale, "nonfinite_params": bad})
 
     def record(self, key: str, value: dict) -> None:
@@ -186,21 +213,22 @@ class Diagnostics:
         row["modules"] = self.ranges.end(row.get("loss_scale", 1.0))
         if self.shadow:
             row["shadow"] = self.shadow.end()
+        hists = {name: torch.stack(h).sum(0).cpu() for name, h in self._act.items() if h}
+        if self.ranks is not None:  # every rank's figures of its micro-batch: those of the global batch
+            row["modules"], shadow, hists = merge_ranks(self.ranks.gather((row["modules"], row.get("shadow"), hists)))
+            if self.shadow:
+                row["shadow"] = shadow
         fp8_layers = self.fp8.end() if self.fp8 else {}
         if fp8_layers:
             row[FP8.name] = fp8_layers
         if self._before and applied:
             names = [n for n, _, _ in self._before]
-            before, after = [b for _, _, b in self._before], [p for _, p, _ in self._before]
+            before, after = [b for _, _, b in self._before], [whole(p.detach()) for _, p, _ in self._before]
             per, overall = update_underflow(before, after)
             row["update_underflow"] = {"overall": overall, "params": dict(zip(names, per))}
             row["update_ratio_hist"] = update_ratio_hist(before, after)
         row["applied"] = applied
-        row["activations"] = {}
-        for name, hists in self._act.items():
-            if hists:
-                h = torch.stack(hists).sum(0).cpu()
-                row["activations"][name] = _hist_fractions(h)
+        row["activations"] = {name: _hist_fractions(h) for name, h in hists.items()}
         self._write(row)
         self._to_tensorboard(row)
         self._accumulate(row)
@@ -223,6 +251,8 @@ class Diagnostics:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _write(self, row: dict) -> None:
+        if self._file is None:
+            return  # another rank than 0: it measured its share, rank 0 writes
         self._file.write(json.dumps(json_safe(row)) + "\n")
         self._file.flush()
 
@@ -278,7 +308,33 @@ class Diagnostics:
             h.remove()
         self._handles.clear()
         self.ranges.remove()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def merge_ranks(gathered: list[tuple[dict, dict | None, dict]]) -> tuple[dict, dict, dict]:
+    """Every rank's (module ranges, shadow figures, activation-gradient histograms) of its own micro-batch, as
+    one process would measure the global batch: the largest range (None, a non-finite value, wins), the worst
+    shadow figure (the planner's rule across ranks), the summed bin counts with the largest peak."""
+    ranges: dict[str, dict] = {}
+    shadow: dict[str, dict] = {}
+    hists: dict[str, torch.Tensor] = {}
+    for rank_ranges, rank_shadow, rank_hists in gathered:
+        for m, row in rank_ranges.items():
+            out = ranges.setdefault(m, {})
+            for field, v in row.items():
+                w = out.get(field, v)
+                out[field] = None if v is None or w is None else max(v, w)
+        for m, per in (rank_shadow or {}).items():
+            for f, figures in per.items():
+                seen = shadow.setdefault(m, {}).get(f)
+                mine = Figures.from_row(figures)
+                shadow[m][f] = (mine if seen is None else Figures.from_row(seen).worst(mine)).as_row()
+        for name, h in rank_hists.items():
+            if name in hists:
+                h = torch.cat([hists[name][:-1] + h[:-1], torch.maximum(hists[name][-1:], h[-1:])])
+            hists[name] = h
+    return ranges, shadow, hists
 
 
 def _as_list(value) -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mptrain.diagnostics.shadow import Shadow
+from mptrain.diagnostics.shadow import Shadow, whole
 from mptrain.diagnostics.trace import _tensors
 
 ROOT = "(model)"  # the name under which the model itself (its output, its own parameters) is recorded
@@ -33,8 +33,12 @@ def _amax(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 class ModuleRanges:
     """Hooks every module on a sampled step; `end` returns {module: {in, out, w, grad}} (raw, unscaled)."""
 
-    def __init__(self, model: nn.Module, shadow: Shadow | None = None, only: set[str] | None = None):
+    def __init__(self, model: nn.Module, shadow: Shadow | None = None, only: set[str] | None = None,
+                 grad_share: float = 1.0):
         # `only`: the modules to hook (precision=auto measures its planned modules; diagnostics, every module)
+        # `grad_share`: what the output gradients are multiplied by (FSDP2's diagnostics: 1 / world_size, a rank's
+        # loss being the mean of its own micro-batch)
+        self.grad_share = grad_share
         self.modules = [(n, m) for n, m in module_names(model) if only is None or n in only]
         self.shadow = shadow  # also measure each candidate format on the modules that hold parameters
         self._handles: list = []
@@ -60,8 +64,8 @@ class ModuleRanges:
             outs = _tensors(output)
             self._keep(name, "out", _amax(outs))
             own = list(module.parameters(recurse=False))
-            if own:
-                self._keep(name, "w", _amax(own))
+            if own:  # a sharded module's own weights (FSDP2 resharded them after its forward): gathered
+                self._keep(name, "w", _amax([whole(p) for p in own]))
             shadowed = bool(own and self.shadow and self.shadow.measures(name))
             if shadowed:
                 self._busy = True
@@ -76,6 +80,7 @@ class ModuleRanges:
 
     def _grad_hook(self, name: str, module: nn.Module, shadowed: bool):
         def hook(g: torch.Tensor) -> None:
+            g = g * self.grad_share if self.grad_share != 1.0 else g
             self._keep(name, "grad", _amax([g]))
             if shadowed:
                 self.shadow.grad(name, module, g)

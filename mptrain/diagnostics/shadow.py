@@ -190,7 +190,7 @@ def _own_tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]
     return [(m, k, p) for m in module.modules() for k, p in m._parameters.items() if p is not None]
 
 
-def _whole(p: torch.Tensor) -> torch.Tensor:
+def whole(p: torch.Tensor) -> torch.Tensor:
     """A parameter whole: FSDP2's shard (a DTensor, once the module's forward has resharded it) all-gathered for
     the measurement only (a collective: every rank's hooks meet the modules in the same order)."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -271,7 +271,7 @@ class Shadow:
         if any(hasattr(v, "full_tensor") for _, _, v in own):
             if not self.gather:
                 return  # a sharded module measured on one rank only: its weights cannot be gathered here
-            own = [(m, k, _whole(v)) for m, k, v in own]
+            own = [(m, k, whole(v)) for m, k, v in own]
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if y.is_cuda else None
 

@@ -117,6 +117,17 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+class Ranks:
+    """What a component run on every rank (FSDP2's diagnostics) needs of the process group: every rank's copy
+    of an object (a collective), how many ranks there are, and whether this one writes (rank 0)."""
+
+    def __init__(self, info: DistInfo):
+        self.info, self.world_size, self.writes = info, info.world_size, info.is_main
+
+    def gather(self, obj) -> list:
+        return all_gather_objects(obj, self.info)
+
+
 def sum_across_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Element-wise sum over every rank (validation sums); the tensor itself in one process."""
     if info.enabled:

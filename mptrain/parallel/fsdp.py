@@ -52,9 +52,7 @@ def shard(model: nn.Module, precision: Any) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     precision.check_strategy("fsdp")  # master weights: FSDP2 keeps float32 shards itself
-    # a per-layer plan gathers float32 weights: autocast (or the module's own format) casts them per layer, as in
-    # one process; a whole-model param_dtype of bf16 would feed bf16 weights to an fp32 or fp8 layer
-    low = precision.compute_dtype if precision.use_autocast and not precision.per_layer else torch.float32
+    low = precision.gather_dtype  # float32 under a per-layer plan: each module casts as its format says
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     if low != torch.float32:
         # batch norm keeps float32 parameters beside its float32 running statistics (the kernels refuse bf16

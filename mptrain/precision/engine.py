@@ -36,7 +36,7 @@ from mptrain.precision.master import CASTING, MasterWeights
 from mptrain.precision.plan import Plan, Rule, resolve, user_rules
 from mptrain.precision.planner import Planner
 from mptrain.precision.scaler import LossScaler, NoScaler, SwitchToBF16
-from mptrain.precision.schedule import Switch
+from mptrain.precision.schedule import ON_MIN, Switch, on_min_switch, rechain, retime
 
 FP16_MAX = 65504.0  # the largest finite float16
 
@@ -106,8 +106,9 @@ def check_bf16_fallback(mode: str, kind: str, compute_dtype: torch.dtype, device
                           "use on_min=raise or on_min=clamp")
 
 
-def _refused(mode: str, new: Precision, strategy: str, parts: int) -> str | None:
-    """Why a switch from precision=`mode` to `new` cannot be made in the running process (None: it can)."""
+def _refused(old: Precision, new: Precision, strategy: str, parts: int) -> str | None:
+    """Why a switch from the precision `old` to `new` cannot be made in the running process (None: it can)."""
+    mode = old.mode
     if optimizer_state_kind(mode) != optimizer_state_kind(new.mode):  # the resume's rule (check_precision_change)
         return (f"the optimizer state of precision={mode} ({optimizer_state_kind(mode)}) does not map onto "
                 f"precision={new.mode}'s ({optimizer_state_kind(new.mode)}), as a resume into it would refuse")
@@ -117,8 +118,13 @@ def _refused(mode: str, new: Precision, strategy: str, parts: int) -> str | None
         return (f"an in-process switch goes from an autocast preset (fp32, amp, bf16, dynamic, static, noscale, fp8, "
                 f"auto) to another or to master; precision={mode} -> {new.mode} needs a stop and a resume "
                 f"(resume=auto precision={new.mode})")
-    if strategy == "fsdp":
-        return "trainer.strategy=fsdp: the sharded model is converted once; stop and resume into the new precision"
+    if strategy == "fsdp" and new.preset.master:
+        return "trainer.strategy=fsdp keeps float32 shards itself and takes no master weights"
+    if strategy == "fsdp" and new.gather_dtype != old.gather_dtype:
+        gathered, wanted = (str(p.gather_dtype).removeprefix("torch.") for p in (old, new))
+        return (f"trainer.strategy=fsdp gathers the weights in {gathered} (FSDP2's param_dtype, fixed when the model "
+                f"was sharded) and precision={new.mode} needs them in {wanted}; stop and resume into it "
+                f"(resume=auto precision={new.mode})")
     if new.preset.master and parts > 1:
         return "master weights for a task with several optimizers (a GAN): stop and resume into precision=master"
     return None
@@ -129,6 +135,16 @@ def _join(event: dict | None, other: dict | None) -> dict | None:
     if event is None or other is None:
         return event or other
     return {**event, "also": other}
+
+
+def _on_min_of(state: dict | None) -> tuple[int, dict] | None:
+    """The scaler's switch (on_min=bf16) a checkpoint's precision `state` records: (the step after which it was
+    made, its facts; the history's record gives the step where the facts, from an older checkpoint, lack it)."""
+    record = (state or {}).get("bf16_switch")
+    if record is None:
+        return None
+    steps = [h["step"] for h in state.get("history") or [] if h.get("what") == ON_MIN]
+    return int(record.get("step", steps[0] if steps else 0)), {"from_mode": state.get("mode"), **record}
 
 
 def _after_switch(record: dict) -> NoScaler:
@@ -151,7 +167,9 @@ class Precision:
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.mode = cfg.mode
+        self.cfg = cfg  # what a switch of the scaler's (on_min=bf16) starts from
         self.device = device
+        self._step = 0  # the step running (begin_step): the scaler's switch is made after it
         self.preset, self.family = family_for(self.mode, cfg)
         self.use_autocast = self.family.uses_autocast
         self.low_precision_params = self.family.low_precision_params
@@ -296,6 +314,14 @@ class Precision:
         return self.planner is not None or bool(self.rules)
 
     @property
+    def gather_dtype(self) -> torch.dtype:
+        """The dtype FSDP2 gathers the weights in (MixedPrecisionPolicy.param_dtype, fixed when the model is
+        sharded): the compute dtype under one autocast for the whole model; float32 for a per-layer plan (each
+        module casts as its format says; a bf16 gather would feed bf16 weights to an fp32 or fp8 layer) and
+        without autocast."""
+        return self.compute_dtype if self.use_autocast and not self.per_layer else torch.float32
+
+    @property
     def dim_multiple(self) -> int:
         return (self.fp8_cfg or OmegaConf.structured(Fp8Config)).dim_multiple
 
@@ -373,24 +399,51 @@ class Precision:
         return out
 
     # ---- precision.schedule -------------------------------------------------------------------
-    def set_schedule(self, switches: list[Switch], strategy: str, parts: int) -> None:
+    def set_schedule(self, switches: list[Switch], strategy: str, parts: int, model: nn.Module | None = None) -> None:
         """Check every switch as a resume into its precision would be checked, before the run directory changes
-        (each target is built: a format or a dependency it lacks fails here), and keep them."""
-        mode = self.mode
+        (each target is built, and its plan resolved on `model`: a format or a dependency it lacks, a layers glob
+        that matches no module, fails here), and keep them."""
+        old = self
         for sw in switches:
-            new = Precision(sw.cfg, self.device)  # its own checks (torchao for fp8, bf16 on this GPU, ...)
-            why = _refused(mode, new, strategy, parts)
+            where = f"precision.schedule[{sw.index}]" if sw.index is not None else "precision.schedule"
+            try:
+                new = Precision(sw.cfg, self.device)  # its own checks (torchao for fp8, bf16 on this GPU, ...)
+                if model is not None:
+                    new.resolve_plan(model)
+            except ConfigError as e:  # the check names the key as a run's own precision.layers would
+                raise ConfigError(f"{where} (after step {sw.step}, {sw.what}): "
+                                  f"{str(e).replace('precision.layers', 'its layers')}") from None
+            why = _refused(old, new, strategy, parts)
             if why is not None:
-                raise ConfigError(f"precision.schedule: the switch after step {sw.step} ({sw.what}) is refused: {why}")
-            mode = new.mode
+                raise ConfigError(f"{where}: the switch after step {sw.step} ({sw.what}) is refused: {why}")
+            old = new
         self.switches = list(switches)
 
-    def catch_up(self, step: int, model: nn.Module | None = None) -> None:
+    def catch_up(self, step: int, model: nn.Module | None = None, state: dict | None = None) -> None:
         """A resume from step `step` (or a tool reading its checkpoint): make the switches the run made before it
         (each after a step < `step`) on the prepared `model`, so that the checkpoint's precision state loads into
-        the precision it was saved from."""
-        while self.switches and self.switches[0].step < step:
-            self.switch(self.switches[0], model if model is not None else self._model)
+        the precision it was saved from: the schedule's, and the scaler's (on_min=bf16) that checkpoint `state`
+        records, in the order they were made. The scaler's is made only where this run is in the precision it
+        was made from (an explicit other precision at resume is what it says)."""
+        model = model if model is not None else getattr(self, "_model", None)
+        on_min = _on_min_of(state)
+        if state is not None and self.switches:
+            switches, late = retime(self.switches, state.get("history") or [], step)
+            for sw in late:
+                log.warning("precision.schedule: the switch %s falls after step %d now (trainer.max_steps changed at "
+                            "resume), before this resume from step %d: it is made now, after step %d", sw.what,
+                            sw.step, step, step)
+            self.switches = rechain(self.cfg, switches)
+        while True:
+            due = self.switches[0] if self.switches and self.switches[0].step < step else None
+            if on_min is not None and on_min[0] < step and (due is None or on_min[0] <= due.step):
+                if self.mode == on_min[1].get("from_mode", state.get("mode")) and self.bf16_switch is None:
+                    self._switch_on_min(on_min[1], on_min[0])
+                on_min = None
+            elif due is not None:
+                self.switch(due, model)
+            else:
+                break
         self._switched = None
 
     def switch(self, sw: Switch, model: nn.Module) -> dict:
@@ -404,7 +457,13 @@ class Precision:
         old = copy.copy(self)  # the precision until now: its attribute values
         self.__init__(sw.cfg, old.device)
         self.applier.random = old.applier.random  # the recipes' streams: one per (seed, rank, step), carried
-        self._seeded, self._agree, self._on_plan = old._seeded, old._agree, old._on_plan
+        self._seeded, self._agree, self._on_plan, self._step = old._seeded, old._agree, old._on_plan, old._step
+        if model is None:  # no model prepared yet (a precision state read alone): the precision alone switches
+            self.load_state_dict({k: v for k, v in old.state_dict().items() if k not in ("master", "plan", "scaler")})
+            self.history = [*old.history, {"step": sw.step, "event": "switch", "from": old.mode, "to": self.mode,
+                                           "what": sw.what, **({"index": sw.index} if sw.index is not None else {})}]
+            self.switches = [s for s in old.switches if s.step > sw.step]
+            return {}
         Applier.revert(model, old.plan)
         fp32 = {id(p): p.detach().clone() for p in model.parameters()} if self.preset.master else {}
         self.prepare_model(model)
@@ -419,12 +478,15 @@ class Precision:
         if old.scaler.enabled and not self.scaler.enabled:  # the skips so far stay counted (as on_min=bf16)
             self.scaler = _after_switch({**old.scaler.stats(), "skipped": old.scaler.skipped})
         self.plan_changed = dict(old.plan_changed)
+        # what the precision switched out of did, which the summary's own keys (this precision's) no longer say
+        ran = {k: v for k, v in old.summary().items() if k.startswith(("auto_", "fp8_"))}
         record = {"step": sw.step, "event": "switch", "from": old.mode, "to": self.mode, "what": sw.what,
-                  "before": old.plan.formats(), "formats": self.plan.formats()}
+                  "before": old.plan.formats(), "formats": self.plan.formats(),
+                  **({"index": sw.index} if sw.index is not None else {}), **({"ran": ran} if ran else {})}
         self.history = [*old.history, *(old.planner.history if old.planner is not None else []), record]
         self.switches = [s for s in old.switches if s.step > sw.step]
-        log.warning("precision.schedule: after step %d, %s -> %s (%s):\n%s", sw.step, old.mode, self.mode, sw.what,
-                    self.plan.table())
+        log.warning("%s: after step %d, %s -> %s (%s):\n%s", "precision.schedule" if sw.entry else "precision",
+                    sw.step, old.mode, self.mode, sw.what, self.plan.table())
         if self._on_plan is not None:
             self._on_plan()
         # the row is logged at the first step in the new precision (its "step"); the switch came after `after_step`
@@ -462,8 +524,13 @@ class Precision:
         return model
 
     def check_strategy(self, strategy: str) -> None:
-        """Refuse a parallel strategy the family cannot run under (master weights under FSDP)."""
+        """Refuse a parallel strategy the family cannot run under (master weights under FSDP), or the scaler's
+        switch cannot (FSDP2 casts the shards to the param_dtype chosen at set-up: fp16 would stay)."""
         self.family.check_strategy(strategy, self.mode)
+        if strategy == "fsdp" and getattr(self.scaler, "on_min", None) == BF16.name:
+            raise ConfigError("precision.loss_scale.on_min=bf16 with trainer.strategy=fsdp: FSDP2 casts the "
+                              "sharded weights to float16 as set up, so a switch to bf16 cannot apply; use "
+                              "on_min=raise or on_min=clamp, or precision=bf16 from the start")
 
     def optimizer_params(self, module: nn.Module | None = None) -> list[torch.Tensor]:
         """The tensors an optimizer updates (of `module`, default the whole model): FP32 masters in
@@ -509,6 +576,7 @@ class Precision:
         """Before the step's first forward: precision=auto's shadow measurement on its probe and re-check steps."""
         if self.switches and self.switches[0].step == step - 1:  # precision.schedule: between the two steps
             self.switch(self.switches[0], model)
+        self._step = step
         self.applier.random.begin_step(step)  # stochastic rounding: a stream of its own per (seed, rank, step)
         if self.planner is not None:
             self.planner.begin_step(step, model)
@@ -518,17 +586,9 @@ class Precision:
         LossScalingError, or switch to bf16), then let precision=auto plan or re-check (a new plan takes effect
         from the next step). Returns the event row of what changed the run's course, or None."""
         event, self._switched = self._switched, None
-        before = self.plan  # replaced, not changed, by a switch
-        if self.update_scale(overflow):
-            event = _join({"event": "switch_to_bf16", **self.bf16_switch}, event)
-            # recorded as a switch of the schedule's (precision_plan.json's history, the summary, the timeline),
-            # made by the scaler: the step's overflow at the minimum scale was skipped, bf16 from the next step
-            self.history.append({"step": step, "event": "switch", "from": self.bf16_switch["from_dtype"],
-                                 "to": short(self.compute_dtype), "what": "loss_scale.on_min=bf16",
-                                 "before": before.formats() if before is not None else {},
-                                 "formats": self.plan.formats() if self.plan is not None else {}})
-            if self._on_plan is not None:
-                self._on_plan()
+        if self.update_scale(overflow):  # the step's overflow at the minimum scale was skipped, bf16 from the next
+            event = _join({"event": "switch_to_bf16", **{k: v for k, v in self.bf16_switch.items()
+                                                         if k not in ("step", "from_mode")}}, event)
         if self.planner is not None:
             planned = self.planner.end_step(step, model, self)
             if planned is not None:
@@ -611,29 +671,24 @@ class Precision:
         except SwitchToBF16 as switch:
             log.warning("%s: switching to bfloat16 autocast, without loss scaling, for the rest of the run "
                         "(precision.loss_scale.on_min=bf16)", switch)
-            self.switch_to_bf16(switch.facts)
+            record = {"from_dtype": short(self.compute_dtype), **switch.facts, **self.scaler.stats(),
+                      "skipped": self.scaler.skipped, "scaling": self.scaler.kind}
+            self._switch_on_min(record, self._step)
             return True
         return False
 
-    def switch_to_bf16(self, facts: dict | None = None) -> None:
-        """Compute in bfloat16 autocast from now on, without loss scaling; all else stays.
-
-        `facts` (plain numbers) describe why; they are kept in `bf16_switch` and the state_dict."""
-        if self.low_precision_params:
-            raise ConfigError(f"precision={self.mode} holds float16 parameters: it cannot switch to bfloat16")
-        record = {"from_dtype": short(self.compute_dtype), **(facts or {})}
-        if self.scaler.enabled:
-            record.update(self.scaler.stats(), skipped=self.scaler.skipped, scaling=self.scaler.kind)
+    def _switch_on_min(self, record: dict, step: int) -> None:
+        """The scaler's switch (on_min=bf16) after `step`: a switch into precision=bf16 (Precision.switch, as a
+        schedule's: equal to a stop and a resume into it), the skips so far kept; `record` (plain numbers: why)
+        is kept in `bf16_switch` and the state_dict. The schedule's later switches apply over bf16 from now on."""
+        record = {**record, "step": step, "from_mode": record.get("from_mode", self.mode)}
+        later = self.switches
+        self.switch(on_min_switch(self.cfg, step), getattr(self, "_model", None))
+        self._switched = None  # its row is the step's own switch_to_bf16 event (end_step)
         self.bf16_switch = record
-        self.compute_dtype, self.dtype_reason = BF16.torch_dtype, "switched from float16 by loss_scale.on_min=bf16"
-        self.use_autocast = True
+        self.dtype_reason = f"switched from {record['from_dtype']} by {ON_MIN}"
         self.scaler = _after_switch(record)
-        if self.plan is not None and getattr(self, "_model", None) is not None:  # the plan says what now runs
-            before, random, recipes = self.plan, self.applier.random, self.applier.recipes
-            self.applier = Applier(self.registry, self.device, self.autocast_format, self.fp8_emulated)
-            self.applier.random, self.applier.recipes = random, recipes  # a rule's own autocast follows the new one
-            self.plan = self.resolve_plan(self._model)
-            self.applier.replan(self._model, before, self.plan)
+        self.switches = rechain(self.cfg, later)
 
     @property
     def skipped_steps(self) -> int:
@@ -658,7 +713,8 @@ class Precision:
             out["plan_changed_on_resume"] = dict(self.plan_changed)
         switches = [h for h in self.history if h["event"] == "switch"]
         if switches:
-            out["precision_switches"] = [{k: h[k] for k in ("step", "from", "to", "what")} for h in switches]
+            out["precision_switches"] = [{k: h[k] for k in ("step", "from", "to", "what", "ran") if k in h}
+                                         for h in switches]
         if self.fp8_cfg is not None:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
@@ -686,6 +742,10 @@ class Precision:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        on_min = _on_min_of(state)
+        if on_min is not None and self.bf16_switch is None and state.get("mode") != self.mode \
+                and on_min[1]["from_mode"] == self.mode:  # the run had switched to bf16 (on_min): so does this
+            self._switch_on_min(on_min[1], on_min[0])
         self.registry.check_same(state.get("formats") or {})
         self.history = [dict(h) for h in state.get("history") or []]
         if "recipe_random" in state:
@@ -705,9 +765,9 @@ class Precision:
             self.plan_changed = changed
             log.warning("resuming into another precision plan: %s (summary.json's plan_changed_on_resume)",
                         ", ".join(f"{n}: {c}" for n, c in changed.items()))
-        if state.get("bf16_switch") is not None:  # the run had switched to bf16: continue in bf16
-            self.switch_to_bf16()
-            self.bf16_switch = dict(state["bf16_switch"])
+        switched = state.get("bf16_switch")
+        if switched is not None:
+            self.bf16_switch = dict(switched)
             self.scaler = _after_switch(self.bf16_switch)
         if self.scaler.enabled and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

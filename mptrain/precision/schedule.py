@@ -10,13 +10,14 @@ the run directory changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from mptrain.config import PRECISION_ALIASES, PrecisionConfig, config_dir
 from mptrain.errors import ConfigError
+from mptrain.precision.formats import BF16
 
 # the keys a preset's file sets (conf/precision/<name>.yaml); a switch of preset resets them to that file's values
 # or the schema's defaults: everything else the run was given (precision.fp8.*, precision.auto.*) stays
@@ -28,6 +29,28 @@ class Switch:
     step: int  # the switch happens after this step, before the next
     cfg: DictConfig  # the precision config from then on (no schedule of its own)
     what: str  # the entry as given, for records: "preset=bf16", "layers={...}"
+    entry: dict | None = None  # the schedule's entry (None: the scaler's on_min=bf16), to re-chain after a switch
+    index: int | None = None  # its place in precision.schedule (records name it: a resume knows which were made)
+
+
+# the scaler's switch (loss_scale.on_min=bf16): a switch into the bf16 preset, made when the loss scale cannot back
+# off any further, recorded as a schedule's switch is
+ON_MIN = "loss_scale.on_min=bf16"
+
+
+def on_min_switch(current: DictConfig, step: int) -> Switch:
+    """The switch loss_scale.on_min=bf16 makes after `step`: into precision=bf16, the run's other settings kept."""
+    return Switch(step, target(current, {"preset": BF16.name}), ON_MIN)
+
+
+def rechain(current: DictConfig, switches: list[Switch]) -> list[Switch]:
+    """`switches` made from `current` (after a switch the schedule did not plan: on_min=bf16's): each entry over the
+    precision in force before it."""
+    out = []
+    for sw in switches:
+        current = target(current, sw.entry)
+        out.append(Switch(sw.step, current, sw.what, sw.entry, sw.index))
+    return out
 
 
 def preset_file(name: str) -> dict:
@@ -91,5 +114,24 @@ def resolve(cfg: DictConfig, total_steps: int) -> list[Switch]:
                               "with both preset and layers")
         current = target(current, entry)
         what = ", ".join(f"{k}={entry[k]}" for k in ("preset", "layers") if k in entry)
-        switches.append(Switch(step, current, what))
+        switches.append(Switch(step, current, what, entry, i))
     return switches
+
+
+def retime(switches: list[Switch], history: list[dict], step: int) -> tuple[list[Switch], list[Switch]]:
+    """A resume after `step`: the run's switches at the steps a checkpoint's `history` says they were made (a
+    fraction of trainer.max_steps moves when max_steps changes at resume; a switch made stays made, once), and
+    those due before the resume but not made (returned second: they are made at the resume, after `step`)."""
+    records = [h for h in history if h.get("event") == "switch" and h.get("what") != ON_MIN]
+    if any(h.get("index") is None for h in records):  # an older checkpoint: its switches by their own steps
+        return switches, []
+    made = {h["index"]: h["step"] for h in records}
+    out, late = [], []
+    for sw in switches:
+        if sw.index in made:
+            sw = replace(sw, step=made[sw.index])
+        elif sw.step < step:
+            late.append(sw)
+            sw = replace(sw, step=step)
+        out.append(sw)
+    return sorted(out, key=lambda s: s.step), late

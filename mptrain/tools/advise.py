@@ -35,8 +35,10 @@ from mptrain.diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN
 from mptrain.errors import MptrainError
 from mptrain.precision.formats import BF16, BUILTINS, FP8, FP16, FP32, Registry
 from mptrain.precision.formats.builtin import FP8_E4M3, FP8_E5M2
+from mptrain.precision.planner import CLEARLY_FASTER
 from mptrain.run.layout import ADVICE, CONFIG, DIAGNOSTICS, OVERRIDES, SUMMARY, read_jsonl, write_json_atomic
 
+ADVISED = "advised"  # step_times' label of the advice's own overrides
 TAIL = 1e-3  # the bulk: all but this fraction of the nonzero gradients (the smallest ones)
 FLOOR_MARGIN = 1  # binades the bulk must clear above the smallest subnormal
 MASTER_THRESHOLD = 0.01  # more updates than this lost in 16-bit weights -> keep FP32 weights
@@ -552,6 +554,9 @@ def render(advice: dict, command: str | None = None) -> list[str]:
                 if fig.get("wgerr") is not None:  # a training recipe's weight-gradient GEMM
                     cells += f" | wgrad {_fig(fig['wgerr']).strip()}"
                 lines.append(f"    {fmt:<10} {cells}  {'fits' if fig['fits'] else 'out'}")
+    else:
+        lines.append("per layer: not measured (the probe ran without shadow execution: rerun it with "
+                     "diagnostics.shadow=null to measure each layer in this device's formats)")
     lines.append(f"verdict: {advice['verdict']}")
     lines.append("recommended overrides:")
     lines.extend(advice["recommended_overrides"])
@@ -568,15 +573,67 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     return lines
 
 
-def run_command(run_dir: Path, overrides: list[str]) -> str | None:
-    """`mptrain` with the run's own overrides (less precision, diagnostics, hydra, resume) plus the advice."""
+def own_overrides(run_dir: Path) -> list[str] | None:
+    """The run's own overrides, less precision, diagnostics, hydra and resume (None: not recorded)."""
     path = run_dir / OVERRIDES
     if not path.is_file():
         return None
     own = yaml.safe_load(path.read_text()) or []
     drop = ("precision", "diagnostics", "hydra", "resume")
-    keep = [o for o in own if o.lstrip("+~").split("=")[0].split(".")[0] not in drop]
+    return [o for o in own if o.lstrip("+~").split("=")[0].split(".")[0] not in drop]
+
+
+def run_command(run_dir: Path, overrides: list[str]) -> str | None:
+    """`mptrain` with the run's own overrides (less precision, diagnostics, hydra, resume) plus the advice."""
+    keep = own_overrides(run_dir)
+    if keep is None:
+        return None
     return " ".join(["mptrain", *(shlex.quote(o) for o in [*keep, *overrides])])  # pasted into a shell as it is
+
+
+def step_times(run_dir: Path, options: dict[str, list[str]], repeats: int = 5) -> dict[str, float]:
+    """Each option's (label -> overrides) training step time on this device, the run's own config under it: the
+    components built as mptrain-estimate builds them, each warmed by two steps, then timed in interleaved rounds
+    (a, b, c, a, b, c, ...: a change of load falls on each alike), the median per option. An option the run
+    refuses, or a run whose config cannot be rebuilt here, is left out."""
+    from mptrain.precision import timing
+    from mptrain.tools import estimate
+    from mptrain.train.recipe import build
+    from mptrain.train.step import train_step
+
+    own = own_overrides(run_dir)
+    if own is None:
+        return {}
+    steps, device = {}, None
+    for label, overrides in options.items():
+        try:
+            c = build(estimate.composed([*own, *overrides]))
+        except MptrainError:
+            continue
+        batches = estimate.endless(c.train_loader)
+        steps[label] = lambda c=c, batches=batches: train_step(c, batches, 2)
+        steps[label]()  # the second warm-up step (interleaved_medians runs the first)
+        device = c.device
+    return timing.interleaved_medians(steps, device, repeats) if steps else {}
+
+
+def fastest_here(run_here: list[str], times: dict[str, float]) -> tuple[list[str], str | None]:
+    """The run: line's overrides: the advice's own, unless fp32 (which always holds) measured clearly faster here
+    (then fp32, and why)."""
+    if ADVISED in times and FP32.name in times and times[FP32.name] < CLEARLY_FASTER * times[ADVISED]:
+        return [f"precision={FP32.name}"], (f"fp32 runs a step in {times[FP32.name] * 1e3:.3g} ms here, "
+                                            f"{' '.join(run_here)} in {times[ADVISED] * 1e3:.3g} ms: fp32 is "
+                                            "faster on this device, and holds")
+    return run_here, None
+
+
+def speed_line(times: dict[str, float], label: str) -> str | None:
+    """The predicted speed of the run: line's precision against bf16's and fp32's, measured here."""
+    if label not in times:
+        return None
+    mine = times[label]
+    against = ", ".join(f"{times[k] / mine:.2f}x {k}'s speed" for k in (BF16.name, FP32.name) if k in times)
+    return f"predicted here: {mine * 1e3:.3g} ms a training step ({against}; measured as mptrain-estimate does)"
 
 
 FP16_PRESETS = ("dynamic", "static", "master", "noscale", "nomaster")
@@ -637,9 +694,12 @@ def layers_over(run_dir: Path, fmt: str) -> list[dict]:
             for module, per in shadow_figures(meta, samples).items() if fmt in per and not fits(per[fmt])]
 
 
-def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[str] | None = None
-               ) -> tuple[dict, list[str]]:
+def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[str] | None = None,
+               timed: bool = False) -> tuple[dict, list[str]]:
     """Advice for one run directory; writes RUN_DIR/advice.json and returns (advice, printed lines).
+
+    `timed`: measure the run's step time on this device in the advised precision, bf16 and fp32 (the run: line
+    is then the fastest that holds, with its predicted speed-up against bf16 and fp32).
 
     `verify_steps`: prove the advised overrides (or `overrides`) by a trial of that many steps from the
     probe's checkpoint (tools/verify.py); a failure moves them to `rejected_overrides`."""
@@ -671,6 +731,17 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
     on_cpu = advice["device"] is not None and advice["device"].startswith("cpu")
     run_here = here_overrides(advice) if on_cpu and is_fp16(recommended) else recommended
     # the run: line is what holds and runs fastest where the probe ran; fp16 advice on a CPU is for a GPU
+    speed, why_fp32 = None, None
+    if timed and run_here:
+        options = {ADVISED: run_here, BF16.name: [f"precision={BF16.name}"], FP32.name: [f"precision={FP32.name}"]}
+        if here_overrides(advice) != options[BF16.name] or run_here == options[BF16.name]:
+            options.pop(BF16.name)  # bf16 does not hold here (not a choice), or is the advice itself
+        times = step_times(run_dir, options)
+        if run_here == [f"precision={BF16.name}"] and ADVISED in times:
+            times[BF16.name] = times[ADVISED]
+        advice["step_time_s"] = times
+        run_here, why_fp32 = fastest_here(run_here, times)
+        speed = speed_line(times, FP32.name if why_fp32 else ADVISED)
     advice["command"] = run_command(run_dir, run_here) if run_here else None
     if run_here is not recommended:
         advice["command_gpu"] = run_command(run_dir, recommended)
@@ -678,6 +749,10 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
     advice["fp16_slowdown_here"] = slowdown
     advice["device_note"] = device_note(recommended, advice["device"], slowdown)
     lines = render(advice, advice["command"]) + trial_lines
+    if why_fp32:
+        lines.append(f"  ({why_fp32})")
+    if speed:
+        lines.append(speed)
     if advice.get("command_gpu"):
         lines.append("on a GPU (fp16 is emulated on this CPU):")
         lines.append(advice["command_gpu"])
@@ -708,6 +783,8 @@ def main(argv: list[str] | None = None) -> None:
         help="train a short trial of the advice from the probe's last checkpoint before recommending it",
     )
     parser.add_argument("--steps", type=int, default=None, help="steps of the --verify trial (default 50)")
+    parser.add_argument("--no-time", action="store_true",
+                        help="skip timing the advised precision, bf16 and fp32 on this device (a few steps each)")
     parser.add_argument("--overrides", nargs="+", default=None,
                         help="verify these overrides instead of the advised ones (implies --verify)")
     args = parser.parse_args(argv)
@@ -719,7 +796,7 @@ def main(argv: list[str] | None = None) -> None:
         if steps < 1:
             parser.error("--steps must be >= 1")
     try:
-        advice, lines = advise_run(args.run_dir, steps, args.overrides)
+        advice, lines = advise_run(args.run_dir, steps, args.overrides, timed=not args.no_time)
     except MptrainError as e:
         print(f"mptrain-advise: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -239,8 +239,8 @@ def restore_plan(precision, ckpt: dict, own: bool = True) -> None:
     other precision.layers changed. Call after the model is built (the precision converts it) and before its
     weights are loaded."""
     state = ckpt.get("precision") or {}
-    if own and precision.switches:  # precision.schedule: the precision the run had switched to by that step
-        precision.catch_up(int((ckpt.get("train_state") or {}).get("step", 0)))
+    if own:  # precision.schedule and on_min=bf16: the precision the run had switched to by that step
+        precision.catch_up(int((ckpt.get("train_state") or {}).get("step", 0)), state=state)
     if state.get("mode") != precision.mode:
         return  # another preset evaluates the weights as that preset computes
     kept = {k: state[k] for k in ("auto", "bf16_switch") if state.get(k)}

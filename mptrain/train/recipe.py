@@ -266,10 +266,6 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
         raise ConfigError(f"task {task.name} steps {len(task.parts)} networks separately, which would bypass DDP's "
                           "gradient all-reduce; train it in one process (no torchrun)")
     check_model_fits(cfg.model, datasets.facts)  # before a model that cannot fit the data is built
-    if t.strategy == "fsdp" and info.enabled and cfg.diagnostics.enabled:
-        # diagnostics run on rank 0 alone; reading a sharded tensor needs every rank (the run would hang)
-        raise ConfigError("diagnostics under trainer.strategy=fsdp: rank 0 alone cannot read the sharded weights and "
-                          "gradients; add diagnostics=off (precision=auto still measures, on every rank)")
     facts = {k: v for k, v in datasets.facts.items() if k in cfg.model and cfg.model.get(k) is None}
     model = build_model(cfg, task, device, precision, facts, given.model)
     if t.strategy == "fsdp" and info.enabled:
@@ -302,7 +298,8 @@ def build(cfg: DictConfig, given: Given | None = None, training: bool = True) ->
     else:
         scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     if cfg.precision.get("schedule"):  # checked here, before the run directory changes
-        precision.set_schedule(resolve_schedule(cfg.precision, total_steps), t.strategy, len(task.parts))
+        precision.set_schedule(resolve_schedule(cfg.precision, total_steps), t.strategy, len(task.parts),
+                               base_model)
     n_params = sum(p.numel() for p in model.parameters())
     if training:
         check_warmup(cfg.scheduler, total_steps)
@@ -455,7 +452,8 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         path, ckpt = resume
         if ckpt is None:  # sharded: the weights and optimizer load into the sharded model first
             ckpt = sharded.load(c, path)
-        c.precision.catch_up(ckpt["train_state"]["step"], c.base_model)  # precision.schedule's switches so far
+        # the switches so far (precision.schedule's; on_min=bf16's the checkpoint records)
+        c.precision.catch_up(ckpt["train_state"]["step"], c.base_model, ckpt.get("precision"))
         if c.precision.params_changed:
             c.rebuild_optimizer(c)
         apply_checkpoint(c, state, ckpt, path, config)
@@ -514,8 +512,10 @@ def _run(cfg: DictConfig, job: RunDir, config: dict, resume, c: Components, star
         writer.write_json(PRECISION_PLAN, c.precision.plan_record())
         c.precision.on_plan_change(lambda: writer.write_json(PRECISION_PLAN, c.precision.plan_record()))
     diagnostics = None
-    if cfg.diagnostics.enabled and c.is_main:
-        diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb)
+    sharded_model = c.strategy == "fsdp"  # every rank reads its shards: every rank runs the diagnostics
+    if cfg.diagnostics.enabled and (c.is_main or sharded_model):
+        diagnostics = Diagnostics(cfg.diagnostics, c.base_model, c.precision, run_dir, tb=writer.tb,
+                                  ranks=distributed.Ranks(c.dist) if sharded_model else None)
         diagnostics.totals = (
             state.diag_totals
         )  # one dict: checkpoints carry the sums, so the summary covers every attempt

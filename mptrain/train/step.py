@@ -90,13 +90,15 @@ def train_step(c: Components, batches: Iterator, step_no: int, diagnostics=None,
 
 
 def trace(c: Components, batch, step_no: int, diagnostics, reason: str) -> None:
-    """Re-run a micro-batch with hooks to name the module where the overflow starts. Diagnostics live on
-    rank 0 only, so the re-run must not reach the other ranks: under DDP it runs in no_sync (no gradient
-    all-reduce); an FSDP forward needs every rank, so there it is left out."""
+    """Re-run a micro-batch with hooks to name the module where the overflow starts. Under DDP diagnostics live
+    on rank 0 only, so the re-run must not reach the other ranks: it runs in no_sync (no gradient all-reduce).
+    Under FSDP2 the re-run's forward and backward would all-gather and reduce-scatter outside the step, so there
+    it is left out."""
     task, p = c.task, c.precision
     if c.strategy == "fsdp":
         diagnostics.traced = True  # once: say why there is no trace
-        log.warning("overflow trace (%s) left out: an FSDP forward needs every rank, diagnostics run on rank 0",
+        log.warning("overflow trace (%s) left out under trainer.strategy=fsdp: its re-run would start FSDP's "
+                    "collectives outside the step",
                     reason)
         return
 
