@@ -105,7 +105,9 @@ class AutoConfig:
     probe_steps: int = 5  # ordinary training steps measured on every step before the plan is built
     tolerance: float = 0.1  # largest relative error of a layer's output and of its output gradient (advisor's)
     formats: list[str] | None = None  # candidates; null: those with a real kernel on the device (CPU: bf16)
-    recheck_every: int = 50  # re-measure every N steps after the plan (0: never)
+    # re-measure every N steps after the plan (0: never); each re-check costs a few steps of shadow measurement, so
+    # every 200 keeps them near 1-2% of a run (every 50 cost ~5% of the default CNN's 1000 steps: docs/benchmarks.md)
+    recheck_every: int = 200
     # a demoted layer moves back one format after this many consecutive re-checks within tolerance in it (0: never)
     promote_after: int = 3
     # what "cheapest" means: time (each layer's forward+backward timed on the device in each format, on the first

@@ -280,3 +280,31 @@ def test_a_memory_budget_moves_the_layer_that_costs_least_time_per_byte():
     assert message.startswith("precision.auto.memory_gb=") and "\n" not in message
     assert f"predicted at {(full - 2 * saved) / gb:.3g} GB" in message and "raise precision.auto.memory_gb" in message
 
+
+def test_where_bf16_is_slower_auto_runs_the_fp32_presets_own_path():
+    """A CPU without bf16 units (stubbed: bf16 3x fp32 on every layer): auto plans fp32 everywhere, and after the
+    probe the model runs exactly as precision=fp32 runs it: autocast off, the plain torch.nn modules (no per-module
+    wrapper casting back from bf16), the same outputs and gradients bit for bit."""
+    p, _, _ = planned("[bf16]", {n: {"bf16": 3e-3, "fp32": 1e-3} for n in ("0", "2")})
+    model = p._model
+    assert p.planner.formats == {"0": "fp32", "2": "fp32"}
+    assert all(type(m) is nn.Linear and "forward" not in vars(m) for m in (model[0], model[2]))
+    cfg = compose_config([*TINY, "precision=fp32"])
+    validate(cfg)
+    fixed = Precision(cfg.precision, torch.device("cpu"))
+    twin = fixed.prepare_model(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)))
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
+    outs, grads = [], []
+    for prec, m in ((p, model), (fixed, twin)):
+        with prec.autocast():
+            y = m(x)
+        y.sum().backward()
+        outs.append(y)
+        grads.append([q.grad.clone() for q in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    assert outs[0].dtype == torch.float32 and torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    # the plain path is the plan's, not the run's: a layer demoted back into bf16 brings autocast back
+    p.apply_formats(model, {"0": "bf16", "2": "fp32"}, {"0": "test", "2": "test"})
+    assert p.autocast_format == "bf16" and "forward" in vars(model[2]) and p.plan["2"].kernel == "fp32"

@@ -198,6 +198,9 @@ class Precision:
             raise ConfigError("precision.layers with precision=auto: auto chooses every layer's format itself; "
                               "drop precision.layers, or use another preset (e.g. precision=bf16) with it")
         # precision=auto: the planner (precision/planner.py), fed by the step through begin_step / end_step
+        # precision=auto planned every module fp32: the run then computes exactly as precision=fp32 does (autocast
+        # off, no per-module wrappers), not as bf16 autocast with each module wrapped back to fp32 (set by the plan)
+        self.plain_fp32 = False
         self.planner = (Planner(cfg.auto, device, self.autocast_format or short(torch.float32), self.registry)
                         if self.measured_plan else None)
         uses_fp8 = (self.preset.fp8 or any(self.registry.get(r.format).executor == "torchao" for r in self.rules)
@@ -295,7 +298,7 @@ class Precision:
     @property
     def autocast_format(self) -> str | None:
         """The run's autocast format (None: no autocast, the model computes in its parameters' dtype)."""
-        if not self.use_autocast or self.compute_dtype == torch.float32:
+        if not self.use_autocast or self.compute_dtype == torch.float32 or self.plain_fp32:
             return None
         return short(self.compute_dtype)
 
@@ -347,8 +350,13 @@ class Precision:
     def apply_formats(self, model: nn.Module, formats: dict[str, str], why: dict[str, str]) -> list[str]:
         """Move `model` to the plan `formats` (module -> format; `why`: module -> reason) in place, the parameters
         (and so the optimizer state) kept; precision_plan.json is written again. Returns the modules changed."""
+        old = self.plan
+        fp32 = bool(formats) and self.planner is not None and all(f == short(torch.float32) for f in formats.values())
+        if fp32 != self.plain_fp32:  # into or out of the fp32 preset's own path: every module converts again
+            self.plain_fp32, old = fp32, Plan()
+            self.applier.autocast = self.autocast_format
         new = self.plan_for(model, formats, why)
-        changed = self.applier.replan(model, self.plan, new)
+        changed = self.applier.replan(model, old, new)
         emulated_before = {n for n, e in self.plan.items() if e.emulated}
         self.plan = new
         self.fp8_layers = [n for n, e in new.items() if e.kernel == "float8"]
@@ -598,7 +606,7 @@ class Precision:
         return event
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.use_autocast or self.compute_dtype == torch.float32:
+        if not self.use_autocast or self.compute_dtype == torch.float32 or self.plain_fp32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
