@@ -118,6 +118,7 @@ LONG = {
     'tests/test_use.py::test_export_ema_writes_the_shadow_in_the_models_dtype',
     'tests/test_wandb.py::test_offline_run_files_hold_the_config_every_metric_row_the_summary_and_the_plan',
     'tests/test_advise.py::test_verify_trains_at_the_runs_median_lr_not_its_schedules_tail',
+    'tests/test_auto_time.py::test_a_target_without_the_format_says_why_it_is_chosen_for_no_layer',
     'tests/test_aliases.py::test_every_alias_gives_the_same_run_as_its_preset[16-mixed]',
     'tests/test_auto.py::test_auto_demotes_a_layer_when_the_channel_appears',
     'tests/test_auto.py::test_auto_resume_across_a_demotion_is_bitwise',
