@@ -80,6 +80,18 @@ def plan_of(run: Path) -> dict:
 
 
 @pytest.mark.slow  # torchrun
+def assert_resumed_with_the_plan(run: Path, made: dict, steps: int, at: int, old: int, new: int) -> dict:
+    """A run resumed at step `at` from `old` processes onto `new`: auto's plan `made` kept (no probe again, no
+    plan change), the change of world size an event and a log line. Returns the summary."""
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["world_size"] == new and summary["auto_plan"] == made["formats"]
+    assert "plan_changed_on_resume" not in summary and plan_of(run)["history"] == [made]
+    (change,) = [e for e in summary["events"] if e["event"] == "world_size_change"]
+    assert (change["step"], change["old"], change["new"]) == (at, old, new)
+    assert f"the checkpoint was written by {old} processes and this run has {new}" in (run / "train.log").read_text()
+    return summary
+
+
 def test_ddp_plans_once_for_both_ranks_and_resumes_on_one(tmp_path):
     """The outlier reaches mid1 on rank 1 only. Alone, rank 0 puts mid1 in fp8 (the single-process run below);
     under DDP both ranks keep it in bf16 and put mid2 in fp8, from step 4 on, at every step alike. Resumed on one
@@ -107,12 +119,7 @@ def test_ddp_plans_once_for_both_ranks_and_resumes_on_one(tmp_path):
 
     one = run_cli([*args, "trainer.max_steps=7", "resume=auto", f"hydra.run.dir={run}"], cwd=tmp_path, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 7 and summary["world_size"] == 1 and summary["auto_plan"] == made["formats"]
-    assert "plan_changed_on_resume" not in summary and plan_of(run)["history"] == [made]
-    (change,) = [e for e in summary["events"] if e["event"] == "world_size_change"]
-    assert (change["step"], change["old"], change["new"]) == (5, 2, 1)
-    assert "the checkpoint was written by 2 processes and this run has 1" in (run / "train.log").read_text()
+    assert_resumed_with_the_plan(run, made, steps=7, at=5, old=2, new=1)
     resumed = read_jsonl(tmp_path / "ddp" / "rank0.jsonl")[5:]
     assert len(resumed) == 2 and all(r == rank0[4] for r in resumed)  # the plan, restored before the first step
 

@@ -15,7 +15,15 @@ import torch
 
 from .conftest import read_jsonl
 from .test_distributed import torchrun
-from .test_distributed_auto import BLOCKS, LOSS_RTOL, WEIGHTS_ATOL, per_rank, plan_of, setup
+from .test_distributed_auto import (
+    BLOCKS,
+    LOSS_RTOL,
+    WEIGHTS_ATOL,
+    assert_resumed_with_the_plan,
+    per_rank,
+    plan_of,
+    setup,
+)
 
 # every training forward appends the sums of its samples' pixels (one per sample, a fingerprint of which samples
 # this rank holds) to <log_dir>/batch<r>.jsonl
@@ -70,12 +78,7 @@ def test_ddp_auto_plan_resumes_on_four_ranks_with_the_same_plan_and_batches(tmp_
                     nproc=4)
     assert four.returncode == 0, four.stderr[-3000:]
 
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["world_size"] == 4 and summary["auto_plan"] == made["formats"]
-    assert "plan_changed_on_resume" not in summary and plan_of(run)["history"] == [made]
-    (change,) = [e for e in summary["events"] if e["event"] == "world_size_change"]
-    assert (change["step"], change["old"], change["new"]) == (5, 2, 4)
-    assert "the checkpoint was written by 2 processes and this run has 4" in (run / "train.log").read_text()
+    assert_resumed_with_the_plan(run, made, steps=8, at=5, old=2, new=4)
     layers = [read_jsonl(tmp_path / "logs" / f"rank{r}.jsonl") for r in range(4)]
     rank0, _ = per_rank(tmp_path / "logs")
     assert [len(rows) for rows in layers] == [8, 8, 3, 3]  # ranks 2 and 3 joined at step 6
