@@ -34,11 +34,12 @@ def planned(formats: str, times: dict[str, dict[str, float]], probe_steps: int =
     p = Precision(cfg.precision, torch.device("cpu"))
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     p.prepare_model(model)
-    asked = []
+    asked, dtypes = [], {}
 
     def stub(module, fmts, example, repeats):  # what this device would measure: a CPU without bf16 units for "0"
         name = "0" if module is model[0] else "2"
         asked.append((name, tuple(fmts), tuple(example.shape)))
+        dtypes[name] = example.dtype
         return {f: times[name][f] for f in fmts}
 
     p.time_formats = stub
@@ -47,6 +48,7 @@ def planned(formats: str, times: dict[str, dict[str, float]], probe_steps: int =
         events[n] = step(p, model, n)
         if p.planner.planned:
             break
+    p.timed_dtypes = dtypes
     return p, asked, events
 
 
@@ -64,6 +66,9 @@ def test_each_layer_gets_the_fastest_format_that_holds():
     # the same layers all in one format: fp32 1 + 3 ms, bf16 2 + 1 ms; the plan's 2 ms beats both
     assert summary["auto_planned_layers_s_if_all"] == {"bf16": 3e-3, "fp32": 4e-3}
     assert p.planner.history[-1]["times"]["0"] == {"bf16": 2e-3, "fp32": 1e-3}
+    # each layer timed on the input it got in the probe (the bf16 preset's run): the batch in fp32 into "0", the
+    # bf16 output of "0" (through Tanh) into "2", so that bf16 there is timed without an input cast it never has
+    assert p.timed_dtypes == {"0": torch.float32, "2": torch.bfloat16}
 
 
 def test_an_emulated_format_is_never_chosen_for_speed():

@@ -79,6 +79,16 @@ def test_edges_zero_subnormals_max_and_past_it(name, dtype):
         assert past == math.inf and got[12] == math.inf  # the tie at max + ulp/2 rounds to even: past max
 
 
+@pytest.mark.parametrize(("name", "dtype"), CASTS)
+def test_the_float32_arithmetic_rounding_matches_torch_cast_too(name, dtype):
+    """`quantize` takes PyTorch's cast where PyTorch has the encoding; the rounding every other element uses
+    (`Element.rounded`) must agree with it on the same sweep, edges included."""
+    fi = torch.finfo(dtype)
+    edges = torch.tensor([fi.max * 4, math.inf, -math.inf, math.nan, fi.tiny / 3], dtype=torch.float32)
+    x = torch.cat([dense_fp32(), edges])
+    same_bits(get_format(name).element.rounded(x), x.to(dtype).float())
+
+
 def test_fp32_is_identity():
     x = dense_fp32()
     same_bits(quantize(x, "fp32"), x)

@@ -194,12 +194,13 @@ class Planner:
 
     def _keep_inputs(self, model: nn.Module) -> None:
         """One floating input per planned module, from the step's own forward (the shadow's re-runs call forward
-        directly and are not seen)."""
+        directly and are not seen), in the dtype the module received: a module inside a bf16 chain is timed
+        without an input cast in bf16 and with one in fp32, as it runs in a plan that keeps its neighbours."""
         def keep(name):
             def pre_hook(module, args):
                 x = args[0] if args else None
                 if name not in self._examples and isinstance(x, torch.Tensor) and x.is_floating_point():
-                    self._examples[name] = x.detach().float().clone()
+                    self._examples[name] = x.detach().clone()
             return pre_hook
 
         self._input_hooks = [m.register_forward_pre_hook(keep(n)) for n, m in planned_modules(model)]

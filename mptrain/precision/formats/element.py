@@ -8,6 +8,7 @@ and saturate to +-max (as PyTorch's e4m3 cast and the OCP spec's conversion do).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,15 @@ class Element:
         x = x.float()
         if (self.ebits, self.mbits) == (8, 23):  # float32 itself
             return x.clone()
+        native = _native(self)
+        if native is not None and noise is None:  # the same rounding as below, in one kernel (the shadow's cost)
+            return x.to(native).float()
+        return self.rounded(x, noise)
+
+    def rounded(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """`quantize` computed in float32 arithmetic for any element (bit-exact against PyTorch's casts where
+        PyTorch has the dtype: tests/test_formats.py)."""
+        x = x.float()
         if self.mbits == 0:  # e8m0 (a scale, never data): the nearest power of two, ties up; 0 -> 2^-127
             m, e = torch.frexp(x.abs())
             k = torch.clamp(torch.where(m >= 0.75, e, e - 1), min=-self.bias, max=self.emax)
@@ -75,6 +85,16 @@ class Element:
             y = torch.where(y > self.max, torch.full_like(y, math.inf), y)
         y = torch.where(torch.isnan(a), a, y)
         return torch.copysign(y, x)
+
+
+@functools.cache
+def _native(e: Element) -> torch.dtype | None:
+    """PyTorch's dtype of exactly this encoding (its cast rounds to nearest even and overflows as `e` does)."""
+    for dtype, (ebits, mbits, overflow) in NATIVE.items():
+        if (e.ebits, e.mbits, e.overflow) == (ebits, mbits, overflow) and e.bias == (1 << (ebits - 1)) - 1 \
+                and e.max == torch.finfo(dtype).max:
+            return dtype
+    return None
 
 
 def default_max(ebits: int, mbits: int, bias: int, overflow: str) -> float:
@@ -113,4 +133,7 @@ E3M2 = Element("e3m2", 3, 2, 3, 28.0, "saturate")
 E2M3 = Element("e2m3", 2, 3, 1, 7.5, "saturate")
 E2M1 = Element("e2m1", 2, 1, 1, 6.0, "saturate")
 E8M0 = Element("e8m0", 8, 0, 127, 2.0 ** 127, "saturate", signed=False)
+# PyTorch's own dtypes of the same encodings (`_native`): e4m3fn's cast saturates, as E4M3 does
+NATIVE = {torch.bfloat16: (8, 7, "inf"), torch.float16: (5, 10, "inf"), torch.float8_e4m3fn: (4, 3, "saturate"),
+          torch.float8_e5m2: (5, 2, "inf")}
 ELEMENTS = {e.name: e for e in (FP32, BF16, FP16, E4M3, E5M2, E3M2, E2M3, E2M1, E8M0)}
