@@ -313,3 +313,29 @@ def test_where_bf16_is_slower_auto_runs_the_fp32_presets_own_path():
     # the plain path is the plan's, not the run's: a layer demoted back into bf16 brings autocast back
     p.apply_formats(model, {"0": "bf16", "2": "fp32"}, {"0": "test", "2": "test"})
     assert p.autocast_format == "bf16" and "forward" in vars(model[2]) and p.plan["2"].kernel == "fp32"
+
+
+def test_timing_stops_after_one_round_only_where_the_order_is_plain():
+    """precision=auto's timing (timing.interleaved_medians with `apart`): a format 10x slower than the other in
+    the warm-up and in the first round alike is not timed twice more; a near tie (1.1x) gets every round."""
+    import time
+
+    from mptrain.precision import timing
+
+    calls: dict[str, int] = {}
+
+    def sleeper(name: str, seconds: float):
+        def run():
+            calls[name] = calls.get(name, 0) + 1
+            time.sleep(seconds)
+        return run
+
+    cpu = torch.device("cpu")
+    t = timing.interleaved_medians({"fast": sleeper("fast", 0.002), "slow": sleeper("slow", 0.02)}, cpu, 3, apart=1.5)
+    assert calls == {"fast": 2, "slow": 2} and t["slow"] > 1.5 * t["fast"]  # the warm-up and one round
+    calls.clear()
+    timing.interleaved_medians({"a": sleeper("a", 0.010), "b": sleeper("b", 0.011)}, cpu, 3, apart=1.5)
+    assert calls == {"a": 4, "b": 4}
+    calls.clear()
+    timing.interleaved_medians({"fast": sleeper("fast", 0.002), "slow": sleeper("slow", 0.02)}, cpu, 3)
+    assert calls == {"fast": 4, "slow": 4}  # without `apart`: every round

@@ -126,6 +126,12 @@ def test_case2_massive_channel_rules_out_fp16_and_names_the_layer(tmp_path):
     assert layers[0] == "precision=bf16" and layers[1].startswith("precision.layers={") and "mid2: fp8" in layers[1]
     assert "mid1" not in layers[1]  # mid1 stays in the verdict's bf16
     assert any(line.strip().startswith("mid1: planned bf16") for line in lines)
+    # issue 34: every format of the plan but bf16 and fp32 runs emulated on this CPU; the advice names each with
+    # its slowdown measured here (fp8's emulation does the fp32 GEMM and casts around it: slower than fp32)
+    slow = advice["emulated_slowdown_vs_fp32"]
+    assert set(slow) == set(plan.values()) - {"bf16", "fp32"} and slow["fp8"] > 1
+    assert (f"note: fp8 in the per-layer plan is emulated on this CPU (measured here: {slow['fp8']:.1f}x fp32's time"
+            in "\n".join(lines))
     from mptrain.precision.scaler import LossScalingError
     with pytest.raises(LossScalingError, match="minimum"):
         train(tmp_path / "fp16", CASE2 + ["precision=dynamic", "precision.loss_scale.init=8", "trainer.max_steps=8",

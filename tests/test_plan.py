@@ -365,3 +365,31 @@ def test_a_quoted_key_from_the_cli_is_one_line(tmp_path):
                                                 "keys unquoted, with [ and ] escaped; write "
                                                 "'precision.layers={blocks.*.mlp: fp32}'"]
     assert os.listdir(tmp_path) == []
+
+
+def test_an_emulated_format_is_named_with_its_slowdown_measured_here(tmp_path, caplog):
+    """A plan with an emulated format says so with a figure measured on this device, and the summary keeps it;
+    the figure is the same layer's forward+backward in the format over fp32's, as an independent timing of the
+    emulated module against a plain Linear gives it (within a factor of 2.5: two timings of a noisy machine)."""
+    from mptrain.precision import timing
+
+    with caplog.at_level("WARNING"):
+        summary, _ = train(tmp_path, ["precision=bf16", "precision.layers={body.3: mxfp4}", "trainer.max_steps=1",
+                                      "checkpoint.enabled=false", *MLP])
+    slow = summary["emulated_slowdown_vs_fp32"]
+    assert list(slow) == ["mxfp4"]
+    line = next(r.getMessage() for r in caplog.records if "compute emulated" in r.getMessage())
+    assert "1 of" in line and "(mxfp4 x1)" in line and f"{slow['mxfp4']:.1f}x fp32's time in mxfp4" in line
+    cfg = compose_config(["precision=bf16", "precision.layers={0: mxfp4}"])
+    p = Precision(cfg.precision, torch.device("cpu"))
+    torch.manual_seed(0)
+    emulated, plain = nn.Sequential(nn.Linear(256, 256)), nn.Linear(256, 256)
+    p.prepare_model(emulated)
+    assert isinstance(emulated[0], EmulatedLinear)
+    x = torch.randn(256, 256)
+    none = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    t = timing.interleaved_medians({"mxfp4": timing.forward_backward(emulated, x, none),
+                                    "fp32": timing.forward_backward(plain, x, none)}, torch.device("cpu"), 5)
+    mine = t["mxfp4"] / t["fp32"]
+    assert mine > 1 and slow["mxfp4"] > 1  # the emulation does the fp32 GEMM and quantizes around it
+    assert mine / 2.5 < slow["mxfp4"] < mine * 2.5

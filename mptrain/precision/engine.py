@@ -31,7 +31,7 @@ from mptrain.precision.families import (
     request_update_stats,
     update_stats,
 )
-from mptrain.precision.formats import BF16, FP8, FP8_RECIPES, Registry
+from mptrain.precision.formats import BF16, FP8, FP8_RECIPES, FP32, Registry
 from mptrain.precision.master import CASTING, MasterWeights
 from mptrain.precision.plan import Plan, Rule, resolve, user_rules
 from mptrain.precision.planner import Planner
@@ -230,6 +230,7 @@ class Precision:
         self.history: list[dict] = []
         self._seeded: tuple[int, int] | None = None
         self.params_changed = False  # the last switch gave the optimizer other tensors (master weights): rebuild it
+        self.slowdown: dict[str, float] = {}  # emulated format -> measured time over fp32's (emulated_slowdown)
 
     def _build_scaler(self, ls) -> LossScaler | NoScaler:
         kind = ls.kind
@@ -373,7 +374,7 @@ class Precision:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # a module's dropout in the timed runs leaves the run's RNG be
             runs = {fmt: run for fmt in formats if (run := self._timed_run(module, fmt, example)) is not None}
-            return timing.interleaved_medians(runs, self.device, repeats)
+            return timing.interleaved_medians(runs, self.device, repeats, apart=timing.APART)
 
     def _timed_run(self, module: nn.Module, fmt: str, example: torch.Tensor):
         wrapper = nn.Sequential(timing.plain_copy(module))
@@ -388,14 +389,31 @@ class Precision:
         plan restored for evaluation)."""
         return self.apply_formats(self._model, formats, dict.fromkeys(formats, why))
 
+    def emulated_slowdown(self, formats: list[str]) -> dict[str, float]:
+        """format -> its forward+backward time over fp32's on this device, measured on a 256 x 256 Linear (256
+        rows in) converted as this run converts a module: the figure a run, auto's plan and the advisor give for
+        an emulated format. Measured once per format (a few ms each); the run's random streams are left be."""
+        todo = [f for f in dict.fromkeys(formats) if f not in self.slowdown and f != FP32.name]
+        if todo:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                layer = nn.Linear(256, 256).to(self.device)
+                x = torch.randn(256, 256, device=self.device)
+                times = self.time_formats(layer, [*todo, FP32.name], x, repeats=3)
+            self.slowdown.update({f: times[f] / times[FP32.name] for f in todo if f in times})
+        return {f: self.slowdown[f] for f in formats if f in self.slowdown}
+
     def warn_emulated(self) -> None:
-        """Say it when some planned module computes emulated on this device: the format's numerics, not its speed."""
+        """Say it when some planned module computes emulated on this device: the format's numerics, not its speed,
+        with each format's slowdown measured here."""
         emulated = {n: e.format for n, e in self.plan.items() if e.emulated}
         if emulated:
             counts = {f: list(emulated.values()).count(f) for f in dict.fromkeys(emulated.values())}
-            log.warning("%d of %d planned modules compute emulated on %s (%s): the formats' numerics, without their "
-                        "kernels, several times slower than bf16 here (docs/benchmarks.md)", len(emulated),
-                        len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()))
+            slow = self.emulated_slowdown(list(counts))
+            log.warning("%d of %d planned modules compute emulated on %s (%s): the formats' numerics without their "
+                        "kernels; measured here, a 256-wide Linear's forward+backward takes %s", len(emulated),
+                        len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()),
+                        ", ".join(f"{x:.1f}x fp32's time in {f}" for f, x in slow.items()) or "(not measured)")
 
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry, and "history": precision=auto's plan, demotions and promotions, and
@@ -726,6 +744,8 @@ class Precision:
         if self.fp8_cfg is not None:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
+        if self.slowdown:  # every emulated format the run computed in, at any point of it
+            out["emulated_slowdown_vs_fp32"] = {f: round(x, 3) for f, x in self.slowdown.items()}
         return out
 
     # ---- checkpoints --------------------------------------------------------------------------
