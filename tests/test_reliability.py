@@ -204,6 +204,27 @@ def test_a_killed_runs_lock_ends_with_it_not_with_its_forked_children(tmp_path):
             os.kill(child, 9)
 
 
+def test_a_lock_leaves_nothing_behind_in_the_process_once_released(tmp_path):
+    """A long multirun process takes one lock per job: a released lock is not kept alive by a fork callback, and
+    a child forked after the release has no lock to close (the next job's lock still closes in a child)."""
+    import gc
+    import weakref
+
+    lock = RunLock(tmp_path).acquire()
+    lock.release()
+    ref = weakref.ref(lock)
+    del lock
+    gc.collect()
+    assert ref() is None
+    held = RunLock(tmp_path).acquire()
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the held lock's file is closed at the fork
+        os._exit(0 if held._fd is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and held._fd is not None  # the parent still holds it
+    held.release()
+
+
 # ---- 9. file modes --------------------------------------------------------------------------------------------
 
 def test_summary_and_checkpoints_follow_the_umask(tmp_path):

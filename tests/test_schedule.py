@@ -219,3 +219,11 @@ def test_diagnostics_follow_a_switch_into_master_weights(tmp_path):
     names = [set(r["grads"]["params"]) for r in samples]
     assert [r["step"] for r in samples][-1] == STEPS and all(n == names[0] for n in names)
     assert "head.weight" in names[0] and not any(n.startswith("param") for n in names[0])
+    # fp16 weights from the switch on (a CPU's amp is bf16 autocast): the advisor reads both views, not the first
+    from mptrain.tools.advise import advise_run
+
+    view = next(r for r in rows_of(run / "diagnostics.jsonl") if r.get("event") == "fp16_view")
+    assert view["fp16_view"] == "actual"
+    advice, lines = advise_run(run)
+    assert advice["probe"]["fp16_view"] == f"hypothetical, actual from step {view['step']}"
+    assert "  note: this run computed in fp16 in the steps of the actual view, so gradients it flushed" in "\n".join(lines)

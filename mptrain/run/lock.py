@@ -68,7 +68,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
-        os.register_at_fork(after_in_child=self._close_in_child)
+        _HELD.add(self)
         return self
 
     def _close_in_child(self) -> None:
@@ -86,6 +86,21 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+        _HELD.discard(self)
+
+
+# the locks this process holds (until released, referenced or not): a forked child closes its copies; one fork
+# callback for the process, not one per lock, which a long multirun process would pile up
+_HELD: set[RunLock] = set()
+
+
+def _close_held_in_child() -> None:
+    for lock in list(_HELD):
+        lock._close_in_child()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _alive(pid: str) -> bool:

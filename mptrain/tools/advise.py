@@ -214,6 +214,9 @@ def read_diagnostics(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
                             "mptrain precision=fp32 trainer.max_steps=50 diagnostics.every=1")
     rows = read_jsonl(path)  # a torn final line is dropped with a warning; a damaged one before it is an error
     meta = next((r for r in rows if r.get("event") == "meta"), {})
+    views = [f"{r['fp16_view']} from step {r['step']}" for r in rows if r.get("event") == "fp16_view"]
+    if views:  # a switch (precision.schedule, on_min=bf16) changed the view mid-run: every view, in order
+        meta = {**meta, "fp16_view": ", ".join([str(meta.get("fp16_view")), *views])}
     samples = [r for r in rows if r.get("event") == "sample" and "grads" in r]
     if not samples:
         raise NoDiagnostics(f"{path} has no sampled gradients; run longer or with diagnostics.every=1")
@@ -489,8 +492,9 @@ def render(advice: dict, command: str | None = None) -> list[str]:
     p, f, m = advice["probe"], advice[FP16.name], advice["master_weights"]
     lines = [f"probe: {p['samples']} sampled steps ({p['steps'][0]}..{p['steps'][1]}), {p['gradients']} nonzero "
              f"gradient values, fp16 view {p['fp16_view']}, {p['overflow_events']} skipped steps"]
-    if p["fp16_view"] == "actual":
-        lines.append("  note: this run computed in fp16, so gradients it flushed to zero are not seen; "
+    if "actual" in str(p["fp16_view"]):
+        part = "" if p["fp16_view"] == "actual" else " in the steps of the actual view"
+        lines.append(f"  note: this run computed in fp16{part}, so gradients it flushed to zero are not seen; "
                      "an fp32 or bf16 probe sees them all")
         if p["overflow_events"]:
             lines.append("  note: gradients that overflowed were inf and are not seen either: the top of the "
