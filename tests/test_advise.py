@@ -291,3 +291,20 @@ def test_the_run_line_is_fp32_where_fp32_steps_clearly_faster_than_the_advice():
         "predicted here: 11 ms a training step (2.73x bf16's speed, 1.00x fp32's speed")
     assert fastest_here(bf16, {ADVISED: 0.010, "fp32": 0.0096}) == (bf16, None)  # 0.96: not clearly faster
     assert fastest_here(bf16, {ADVISED: 0.010}) == (bf16, None)  # fp32 not measured: the advice stands
+
+
+def test_a_damaged_recorded_config_is_one_line_not_a_traceback(tmp_path):
+    """The advisor reads the run's precision.formats from .hydra/config.yaml: a precision that is not a mapping
+    leaves the built-ins; formats that are not a mapping are a one-line error naming the file."""
+    from mptrain.errors import ConfigError
+    from mptrain.precision.formats import BUILTINS
+    from mptrain.tools.advise import run_registry
+
+    (tmp_path / ".hydra").mkdir()
+    config = tmp_path / ".hydra" / "config.yaml"
+    config.write_text("precision: bf16\n")
+    assert run_registry(tmp_path) is BUILTINS
+    for bad in ("oops", "[1, 2]"):
+        config.write_text(f"precision:\n  formats: {bad}\n")
+        with pytest.raises(ConfigError, match=r"config.yaml: precision.formats is .* not a mapping of format names"):
+            run_registry(tmp_path)

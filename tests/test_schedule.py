@@ -226,4 +226,5 @@ def test_diagnostics_follow_a_switch_into_master_weights(tmp_path):
     assert view["fp16_view"] == "actual"
     advice, lines = advise_run(run)
     assert advice["probe"]["fp16_view"] == f"hypothetical, actual from step {view['step']}"
-    assert "  note: this run computed in fp16 in the steps of the actual view, so gradients it flushed" in "\n".join(lines)
+    note = "  note: this run computed in fp16 in the steps of the actual view, so gradients it flushed"
+    assert note in "\n".join(lines)

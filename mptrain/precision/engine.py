@@ -370,11 +370,16 @@ class Precision:
     def time_formats(self, module: nn.Module, formats: list[str], example: torch.Tensor, repeats: int) -> dict:
         """Forward+backward seconds of `module` in each of `formats` on this device (precision=auto's objective=time),
         each on a copy converted as this run converts a module (its plan rule, its applier), on `example` (an input
-        of the probe's shape), the formats' runs interleaved. A format the copy refuses is not timed."""
+        of the probe's shape), the formats' runs interleaved, stopped early where the order is plain (timing.APART).
+        A format the copy refuses is not timed."""
+        return self._time(module, formats, example, repeats, timing.APART)
+
+    def _time(self, module: nn.Module, formats: list[str], example: torch.Tensor, repeats: int,
+              apart: float | None) -> dict:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # a module's dropout in the timed runs leaves the run's RNG be
             runs = {fmt: run for fmt in formats if (run := self._timed_run(module, fmt, example)) is not None}
-            return timing.interleaved_medians(runs, self.device, repeats, apart=timing.APART)
+            return timing.interleaved_medians(runs, self.device, repeats, apart=apart)
 
     def _timed_run(self, module: nn.Module, fmt: str, example: torch.Tensor):
         wrapper = nn.Sequential(timing.plain_copy(module))
@@ -392,14 +397,15 @@ class Precision:
     def emulated_slowdown(self, formats: list[str]) -> dict[str, float]:
         """format -> its forward+backward time over fp32's on this device, measured on a 256 x 256 Linear (256
         rows in) converted as this run converts a module: the figure a run, auto's plan and the advisor give for
-        an emulated format. Measured once per format (a few ms each); the run's random streams are left be."""
+        an emulated format. Measured once per format, every one of 5 rounds (no early stop: the figure itself is
+        the point, not an order), a few ms each; the run's random streams are left be."""
         todo = [f for f in dict.fromkeys(formats) if f not in self.slowdown and f != FP32.name]
         if todo:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(0)
                 layer = nn.Linear(256, 256).to(self.device)
                 x = torch.randn(256, 256, device=self.device)
-                times = self.time_formats(layer, [*todo, FP32.name], x, repeats=3)
+                times = self._time(layer, [*todo, FP32.name], x, 5, apart=None)
             self.slowdown.update({f: times[f] / times[FP32.name] for f in todo if f in times})
         return {f: self.slowdown[f] for f in formats if f in self.slowdown}
 
@@ -410,10 +416,12 @@ class Precision:
         if emulated:
             counts = {f: list(emulated.values()).count(f) for f in dict.fromkeys(emulated.values())}
             slow = self.emulated_slowdown(list(counts))
+            measured = ("; measured here, a 256-wide Linear's forward+backward takes "
+                        + ", ".join(f"{x:.1f}x fp32's time in {f}" for f, x in slow.items())) if slow else (
+                "; no slowdown measured (no 256-wide Linear takes the format)")
             log.warning("%d of %d planned modules compute emulated on %s (%s): the formats' numerics without their "
-                        "kernels; measured here, a 256-wide Linear's forward+backward takes %s", len(emulated),
-                        len(self.plan), self.device.type, ", ".join(f"{f} x{k}" for f, k in counts.items()),
-                        ", ".join(f"{x:.1f}x fp32's time in {f}" for f, x in slow.items()) or "(not measured)")
+                        "kernels%s", len(emulated), len(self.plan), self.device.type,
+                        ", ".join(f"{f} x{k}" for f, k in counts.items()), measured)
 
     def plan_record(self) -> dict:
         """precision_plan.json: module -> entry, and "history": precision=auto's plan, demotions and promotions, and
@@ -745,7 +753,7 @@ class Precision:
             out.update({"fp8_layers": len(self.fp8_layers), "fp8_recipe": self.fp8_cfg.recipe,
                         "fp8_emulated": self.fp8_emulated})
         if self.slowdown:  # every emulated format the run computed in, at any point of it
-            out["emulated_slowdown_vs_fp32"] = {f: round(x, 3) for f, x in self.slowdown.items()}
+            out["emulated_slowdown_vs_fp32"] = {f: round(x, 1) for f, x in self.slowdown.items()}
         return out
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import yaml
 from omegaconf import open_dict
 
 from mptrain.diagnostics.stats import ABOVE, BELOW, EXPONENTS, INF, LOW_EXP, NAN, ZERO
-from mptrain.errors import MptrainError
+from mptrain.errors import ConfigError, MptrainError
 from mptrain.precision.formats import BF16, BUILTINS, FP8, FP16, FP32, Registry
 from mptrain.precision.formats.builtin import FP8_E4M3, FP8_E5M2
 from mptrain.precision.planner import CLEARLY_FASTER
@@ -805,9 +805,10 @@ def advise_run(run_dir: Path, verify_steps: int | None = None, overrides: list[s
 def run_precision(run_dir: Path) -> dict | None:
     """The run's precision config as recorded (.hydra/config.yaml); None when unreadable."""
     try:
-        return (yaml.safe_load((run_dir / CONFIG).read_text()) or {}).get("precision") or {}
+        precision = (yaml.safe_load((run_dir / CONFIG).read_text()) or {}).get("precision") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return None
+    return precision if isinstance(precision, dict) else None
 
 
 def run_formats(run_dir: Path) -> dict | None:
@@ -820,6 +821,10 @@ def run_registry(run_dir: Path) -> Registry:
     precision = run_precision(run_dir)
     if precision is None:
         return BUILTINS
+    formats = precision.get("formats")
+    if formats is not None and not isinstance(formats, dict):
+        raise ConfigError(f"{run_dir / CONFIG}: precision.formats is {formats!r}, not a mapping of format names; "
+                          "fix the recorded config or advise a run that recorded it")
     return Registry.from_config(precision.get("formats"), (precision.get(FP8.name) or {}).get("recipe"))
 
 

@@ -55,7 +55,8 @@ class Element:
         if (self.ebits, self.mbits) == (8, 23):  # float32 itself
             return x.clone()
         native = _native(self)
-        if native is not None and noise is None:  # the same rounding as below, in one kernel (the shadow's cost)
+        if native is not None and noise is None:  # the same values as below, in one kernel (the shadow's cost); a
+            # NaN stays NaN, with the sign and payload PyTorch's cast gives it (nothing here reads a NaN's bits)
             return x.to(native).float()
         return self.rounded(x, noise)
 
