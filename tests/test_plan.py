@@ -393,3 +393,12 @@ def test_an_emulated_format_is_named_with_its_slowdown_measured_here(tmp_path, c
     mine = t["mxfp4"] / t["fp32"]
     assert mine > 1 and slow["mxfp4"] > 1  # the emulation does the fp32 GEMM and quantizes around it
     assert mine / 2.5 < slow["mxfp4"] < mine * 2.5
+
+
+def test_the_start_up_line_says_which_modules_compute_in_float8():
+    """precision=fp8 converts Linear layers; precision.layers may name fp8 for a Conv2d alone (emulated): the
+    start-up line must not promise Linear layers there."""
+    describe = lambda o: Precision(compose_config(o).precision, torch.device("cpu")).describe()  # noqa: E731
+    assert "Linear layers in float8" in describe(["precision=fp8"])
+    line = describe(["precision=bf16", "precision.layers={block1.3: fp8}"])
+    assert "Linear layers in float8" not in line and "the modules precision.layers puts in fp8" in line

@@ -289,7 +289,9 @@ class Precision:
                       f"(objective {self.planner.objective})")
         elif self.fp8_cfg is not None:
             fmt = FP8_RECIPES[self.fp8_cfg.recipe]
-            extra += (f", Linear layers in float8 ({fmt.element.name} forward, {fmt.grad_format.element.name} "
+            which = ("Linear layers" if self.preset.fp8  # else precision.layers named fp8 for some modules
+                     else "the modules precision.layers puts in fp8 (a Linear through torchao, a Conv2d emulated)")
+            extra += (f", {which} in float8 ({fmt.element.name} forward, {fmt.grad_format.element.name} "
                       f"gradients, {self.fp8_cfg.recipe} dynamic scales; {self.fp8_reason})")
         if self.rules:
             extra += f", per-layer rules {', '.join(f'{r.pattern}: {r.format}' for r in self.rules)}"
